@@ -1,0 +1,1 @@
+"""yapctl: the operator's CLI and TUI for yapd."""

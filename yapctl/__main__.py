@@ -1,0 +1,3 @@
+from yapctl.cli import main
+
+raise SystemExit(main())

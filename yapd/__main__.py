@@ -1,0 +1,3 @@
+from yapd.cli import main
+
+raise SystemExit(main())

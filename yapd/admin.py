@@ -1,0 +1,232 @@
+"""The admin socket: JSON lines over a local Unix stream socket, for yapctl.
+
+One request per line, ``{"cmd": ..., ...}``; one reply line ``{"ok": ...}``, or for
+``logs --follow`` and job progress a stream of ``{"event": ...}`` lines. Only root, the
+daemon's own uid and members of its admin group may talk to it (checked with
+SO_PEERCRED, besides the socket file's 0660 mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import logging
+import os
+import pwd
+import socket
+import stat
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from yapd.paths import default_admin_socket
+
+if TYPE_CHECKING:
+    from yapd.daemon import Daemon
+
+log = logging.getLogger("yapd.admin")
+
+MAX_REQUEST_BYTES = 64 * 1024
+COMMANDS = ("status", "connections", "logs", "reload", "restart", "drain", "awq", "stats", "ping")
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+class AdminError(Exception):
+    pass
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class AdminServer:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        cfg = daemon.cfg.admin
+        self.path = Path(cfg.socket) if cfg.socket else default_admin_socket()
+        self._server: asyncio.AbstractServer | None = None
+        self._clients: set[asyncio.Task[Any]] = set()
+        self._gid = os.getgid()
+        if cfg.group:
+            try:
+                self._gid = grp.getgrnam(cfg.group).gr_gid
+            except KeyError:
+                log.warning("admin.group %r does not exist; using the daemon's group", cfg.group)
+
+    async def start(self) -> None:
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise OSError(f"admin socket path {path} exists and is not a socket")
+            # A live daemon answers; a stale file from a crash does not and is removed.
+            if await _answers(path):
+                raise OSError(f"another yapd is serving the admin socket {path}")
+            path.unlink()
+        self._server = await asyncio.start_unix_server(self._client, path=str(path), limit=MAX_REQUEST_BYTES)
+        os.chmod(path, self.daemon.cfg.admin.mode)
+        if self._gid != os.getgid():
+            with contextlib.suppress(PermissionError):
+                os.chown(path, -1, self._gid)
+        log.info("admin socket listening path=%s", path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._clients):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _allowed(self, uid: int, gid: int) -> bool:
+        if uid in (0, os.getuid()) or gid == self._gid:
+            return True
+        try:
+            members = grp.getgrgid(self._gid).gr_mem
+            return pwd.getpwuid(uid).pw_name in members
+        except KeyError:
+            return False
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        try:
+            sock = writer.get_extra_info("socket")
+            _, uid, gid = peer_credentials(sock)
+            if not self._allowed(uid, gid):
+                log.warning("admin connection refused uid=%d gid=%d", uid, gid)
+                await _write(writer, {"ok": False, "error": "permission denied: not root, the daemon's user "
+                                      "or a member of its group"})
+                return
+            while True:
+                try:
+                    line = await reader.readline()
+                except (asyncio.LimitOverrunError, ValueError):
+                    await _write(writer, {"ok": False, "error": f"request longer than {MAX_REQUEST_BYTES} bytes"})
+                    return
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                        raise AdminError('a request is a JSON object with a "cmd" string')
+                    await self._dispatch(req, writer)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    await _write(writer, {"ok": False, "error": "request is not valid JSON"})
+                except AdminError as exc:
+                    await _write(writer, {"ok": False, "error": str(exc)})
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            log.exception("admin client failed")
+        finally:
+            self._clients.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _dispatch(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        d = self.daemon
+        cmd = req["cmd"]
+        if cmd == "ping":
+            await _write(writer, {"ok": True, "pid": os.getpid()})
+        elif cmd == "status":
+            await _write(writer, {"ok": True, **self.status()})
+        elif cmd == "connections":
+            await _write(writer, {"ok": True, "connections": [s.info() for s in d.rt.sessions]})
+        elif cmd == "stats":
+            await _write(writer, {"ok": True, **d.rt.recent.snapshot()})
+        elif cmd == "logs":
+            await self._logs(req, writer)
+        elif cmd == "reload":
+            await _write(writer, await d.reload())
+        elif cmd == "restart":
+            target = req.get("target", "both")
+            if target not in ("chat", "tool", "both"):
+                raise AdminError("restart target must be chat, tool or both")
+            roles = ["chat", "tool"] if target == "both" else [target]
+            await _write(writer, {"event": "progress", "message": f"draining and restarting {target}"})
+            await _write(writer, await d.restart_engines(roles))
+        elif cmd == "drain":
+            on = req.get("on", True)
+            if not isinstance(on, bool):
+                raise AdminError('"on" must be true or false')
+            await _write(writer, await d.drain(on))
+        elif cmd == "awq":
+            await self._awq(req, writer)
+        else:
+            raise AdminError(f"unknown command {cmd[:40]!r} (known: {', '.join(COMMANDS)})")
+
+    def status(self) -> dict[str, Any]:
+        d = self.daemon
+        return {**d.rt.status(), "pid": os.getpid(), "port": d.server.port if d.server._server else None,
+                "admin_socket": str(self.path), "systemd_status": d.notifier.last_status,
+                "pending_restart_keys": d.pending_keys, "config": d.cfg.source}
+
+    async def _logs(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        n = req.get("n", 100)
+        follow = req.get("follow", False)
+        level = req.get("level", "debug")
+        grep = req.get("grep")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise AdminError('"n" must be a non-negative integer')
+        if level not in LEVELS:
+            raise AdminError(f'"level" must be one of {", ".join(LEVELS)}')
+        if grep is not None and not isinstance(grep, str):
+            raise AdminError('"grep" must be a string')
+        floor = LEVELS[level]
+
+        def keep(rec: Any) -> bool:
+            return LEVELS.get(rec.level, 0) >= floor and (not grep or grep.lower() in rec.message.lower())
+
+        ring = self.daemon.ring
+        queue = ring.follow() if follow else None
+        try:
+            lines = [r for r in ring.ring if keep(r)][-n:] if n else []
+            for rec in lines:
+                await _write(writer, {"event": "log", **rec.as_json()})
+            if queue is None:
+                await _write(writer, {"ok": True, "count": len(lines)})
+                return
+            last = lines[-1].seq if lines else 0
+            while True:
+                rec = await queue.get()
+                if rec.seq > last and keep(rec):
+                    await _write(writer, {"event": "log", **rec.as_json()})
+        finally:
+            if queue is not None:
+                ring.unfollow(queue)
+
+    async def _awq(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        action = req.get("action", "status")
+        jobs = getattr(self.daemon, "awq_jobs", None)
+        if jobs is None:
+            raise AdminError("AWQ jobs are not available in this build")
+        await jobs.handle(action, req, lambda msg: _write(writer, msg))
+
+
+async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+    writer.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+    await writer.drain()
+
+
+async def _answers(path: Path) -> bool:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 1.0)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+    return True

@@ -1,0 +1,62 @@
+"""``yapd [--config PATH] [--demo] [--host H] [--port P] [--admin-socket PATH] [--log-level L]``"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from yapd import __version__
+from yapd.config import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/yapd/config.toml")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="yapd", description="Realtime text inference daemon for voice agents.")
+    p.add_argument("--config", "-c", metavar="PATH",
+                   help=f"TOML config (default: $YAPD_CONFIG, else {DEFAULT_CONFIG} when it exists)")
+    p.add_argument("--demo", action="store_true", default=None,
+                   help="serve tiny random-weight demo models on the CPU (random text; no GPU, no network)")
+    p.add_argument("--host", help="listen address (server.host)")
+    p.add_argument("--port", type=int, help="listen port (server.port; 0 picks a free one)")
+    p.add_argument("--admin-socket", metavar="PATH", help="admin Unix socket path (admin.socket)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="logging.level")
+    p.add_argument("--check-config", action="store_true", help="validate the config, print it, and exit")
+    p.add_argument("--version", action="version", version=f"yapd {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    path = args.config or os.environ.get("YAPD_CONFIG")
+    if path is None and DEFAULT_CONFIG.exists():
+        path = str(DEFAULT_CONFIG)
+    overrides = {"server.host": args.host, "server.port": args.port, "admin.socket": args.admin_socket,
+                 "logging.level": args.log_level, "demo": args.demo}
+    from yapd import config, daemon
+
+    try:
+        cfg = config.load(path, overrides=overrides)
+    except ConfigError as exc:
+        print(f"yapd: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        import dataclasses
+        import json
+
+        shown = dataclasses.asdict(cfg)
+        shown["server"]["api_keys"] = [f"<{len(k)} chars>" for k in cfg.server.api_keys]
+        shown["awq"]["hf_token"] = "<set>" if cfg.awq.hf_token else ""
+        print(json.dumps(shown, indent=2))
+        return 0
+    daemon.cache_env(cfg)
+    try:
+        cfg = daemon.prepare(cfg)
+    except Exception as exc:  # noqa: BLE001 - building demo models can fail in many ways
+        print(f"yapd: cannot prepare models: {exc}", file=sys.stderr)
+        return 1
+    d = daemon.Daemon(cfg, path, overrides)
+    return asyncio.run(d.run())

@@ -1,0 +1,527 @@
+"""Typed settings: TOML file, then environment overrides, then command-line flags.
+
+Every key has a typed field here; unknown keys and ill-typed values are errors that
+name the file (or variable), the key and the reason. :func:`diff_keys` tells a reload
+which changes apply live and which need new engines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DeployMode = Literal["both", "chat", "tool"]
+Backend = Literal["auto", "vllm", "cpu"]
+Quantization = Literal["auto", "none", "fp8", "awq", "gptq"]
+
+DEFAULT_CHAT_MODEL = "SicariusSicariiStuff/Impish_Nemo_12B"
+DEFAULT_TOOL_MODEL = "MadeAgents/Hammer2.1-3b"
+DEFAULT_API_KEY = "yap_token"
+# Connection caps of the original server, by deploy mode.
+DEFAULT_MAX_CONNECTIONS = {"tool": 32, "chat": 24, "both": 16}
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or invalid; the message says where and why."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=lambda: [DEFAULT_API_KEY])
+    # 0 means "the default of the deploy mode" (32 tool / 24 chat / 16 both).
+    max_connections: int = 0
+    max_connections_per_key: int = 0
+    max_frame_bytes: int = 1 << 20
+    idle_timeout_s: float = 150.0
+    rate_limit_per_s: float = 20.0
+    rate_limit_burst: int = 40
+    send_timeout_s: float = 10.0
+    write_buffer_bytes: int = 1 << 20
+    allowed_origins: list[str] = field(default_factory=list)
+    metrics_require_auth: bool = True
+    drain_timeout_s: float = 10.0
+
+
+@dataclass
+class EngineConfig:
+    model: str = ""
+    revision: str = ""
+    tokenizer: str = ""
+    # "auto": vLLM when CUDA and vllm are present, else the CPU engine.
+    backend: Backend = "auto"
+    quantization: Quantization = "auto"
+    kv_cache_dtype: str = "auto"
+    # 0 means "the default of the deploy mode" (0.90 alone, 0.70 chat / 0.20 tool together).
+    gpu_memory_utilization: float = 0.0
+    max_model_len: int = 5760
+    max_num_seqs: int = 64
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    load_format: str = "auto"
+    # A pre-quantized AWQ repo used instead of ``model`` when quantization is "awq".
+    awq_model: str = ""
+    # CPU engine only: generations computed at once.
+    cpu_workers: int = 4
+    extra_engine_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EnginesConfig:
+    deploy: DeployMode = "both"
+    # Hugging Face, compile and AWQ caches; "" means $CACHE_DIRECTORY or ~/.cache/yapd.
+    cache_dir: str = ""
+    start_in_parallel: bool = True
+
+
+@dataclass
+class TurnConfig:
+    concurrent: bool = False
+    stream_flush_ms: float = 0.0
+    chat_max_out: int = 200
+    history_max_tokens: int = 3000
+    # History is cut in steps of this many tokens so the prompt prefix stays identical
+    # for several turns once the cap is reached (a cut every turn defeats prefix caching).
+    history_trim_step: int = 256
+    user_utt_max_tokens: int = 350
+    exact_token_trim: bool = True
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    tool_timeout_s: float = 10.0
+    tool_max_tokens: int = 96
+    tool_history_tokens: int = 256
+    default_persona_style: str = "wholesome"
+    default_gender: str = "woman"
+    default_user_identity: str = ""
+
+
+@dataclass
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AdminConfig:
+    enabled: bool = True
+    # "" means $RUNTIME_DIRECTORY/admin.sock, else /run/yapd/admin.sock when writable,
+    # else $XDG_RUNTIME_DIR/yapd/admin.sock.
+    socket: str = ""
+    mode: int = 0o660
+    # Unix group allowed besides root and the daemon's own uid ("" = the daemon's group).
+    group: str = ""
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "info"
+    file: str = ""
+    file_max_bytes: int = 100 * 1024 * 1024
+    file_backups: int = 3
+    ring_lines: int = 5000
+    # "auto": no timestamps when stderr is journald (JOURNAL_STREAM set).
+    timestamps: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass
+class AwqConfig:
+    method: Literal["llmcompressor", "autoawq"] = "llmcompressor"
+    group_size: int = 128
+    bits: int = 4
+    calibration_file: str = ""
+    calibration_samples: int = 128
+    calibration_max_len: int = 512
+    push: bool = False
+    hf_token: str = ""
+    chat_repo: str = ""
+    tool_repo: str = ""
+    branch: str = "main"
+    private: bool = True
+    allow_create: bool = False
+    commit_message_chat: str = "yapd: AWQ W4A16 chat model"
+    commit_message_tool: str = "yapd: AWQ W4A16 tool model"
+    hub_endpoint: str = ""
+
+
+DEFAULT_TOOLS = [
+    ToolSpec(
+        name="take_screenshot",
+        description="The user wants to show you something visual right now: look at their screen or camera.",
+        parameters={},
+    )
+]
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    engines: EnginesConfig = field(default_factory=EnginesConfig)
+    chat: EngineConfig = field(default_factory=lambda: EngineConfig(model=DEFAULT_CHAT_MODEL))
+    tool: EngineConfig = field(default_factory=lambda: EngineConfig(model=DEFAULT_TOOL_MODEL))
+    turn: TurnConfig = field(default_factory=TurnConfig)
+    personas: dict[str, str] = field(default_factory=dict)
+    tools: list[ToolSpec] = field(default_factory=lambda: list(DEFAULT_TOOLS))
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    awq: AwqConfig = field(default_factory=AwqConfig)
+    demo: bool = False
+    source: str = "<defaults>"
+
+    # Derived values: defaults that depend on the deploy mode.
+
+    @property
+    def max_connections(self) -> int:
+        return self.server.max_connections or DEFAULT_MAX_CONNECTIONS[self.engines.deploy]
+
+    def gpu_fraction(self, role: Literal["chat", "tool"]) -> float:
+        frac = getattr(self, role).gpu_memory_utilization
+        if frac:
+            return float(frac)
+        if self.engines.deploy == "both":
+            return 0.70 if role == "chat" else 0.20
+        return 0.90
+
+    def deployed(self, role: Literal["chat", "tool"]) -> bool:
+        return self.engines.deploy in ("both", role)
+
+    def cache_dir(self) -> Path:
+        if self.engines.cache_dir:
+            return Path(self.engines.cache_dir).expanduser()
+        env = os.environ.get("CACHE_DIRECTORY")  # set by systemd's CacheDirectory=
+        if env:
+            return Path(env.split(":")[0])
+        return Path.home() / ".cache" / "yapd"
+
+
+# Sections whose changes need new engines; everything else applies live.
+ENGINE_SECTIONS = ("engines", "chat", "tool", "awq")
+# Keys that need the listening socket or admin socket recreated: a daemon restart.
+RESTART_KEYS = ("server.host", "server.port", "admin.socket", "admin.enabled", "logging.file")
+
+
+# --- loading ----------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {value!r} is not one of {allowed}")
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for alt in args:
+            try:
+                return _coerce(value, alt, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {type(value).__name__}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _fill(obj: Any, table: Mapping[str, Any], where: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in table.items():
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{where}.{key}: unknown key (known keys: {known})")
+        setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+
+
+def _tools_from(value: Any, where: str) -> list[ToolSpec]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected an array of tables ([[tools]])")
+    tools = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}[{i}]: expected a table")
+        spec = ToolSpec(name="", description="")
+        _fill(spec, item, f"{where}[{i}]")
+        if not spec.name:
+            raise ConfigError(f"{where}[{i}].name: a tool needs a name")
+        tools.append(spec)
+    return tools
+
+
+def from_mapping(data: Mapping[str, Any], source: str) -> Config:
+    cfg = Config(source=source)
+    for key, value in data.items():
+        where = f"{source}: {key}"
+        if key == "tools":
+            cfg.tools = _tools_from(value, where)
+        elif key == "personas":
+            cfg.personas = _coerce(value, dict[str, str], where)
+        elif key == "demo":
+            cfg.demo = _coerce(value, bool, where)
+        elif key in ("server", "engines", "chat", "tool", "turn", "admin", "logging", "awq"):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a table [{key}]")
+            _fill(getattr(cfg, key), value, where)
+        else:
+            raise ConfigError(
+                f"{where}: unknown section or key (known: server, engines, chat, tool, turn, "
+                "personas, tools, admin, logging, awq, demo)"
+            )
+    return cfg
+
+
+def _bool_env(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use 1/0, true/false)")
+
+
+def _list_env(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# The original server's environment variables, and where each lands.
+ENV_OVERRIDES: dict[str, tuple[tuple[str, str], ...]] = {
+    "YAP_API_KEY": (("server", "api_keys"),),
+    "YAP_API_KEYS": (("server", "api_keys"),),
+    "YAP_HOST": (("server", "host"),),
+    "YAP_PORT": (("server", "port"),),
+    "MAX_CONCURRENT_CONNECTIONS": (("server", "max_connections"),),
+    "DEPLOY_MODELS": (("engines", "deploy"),),
+    "YAP_CACHE_DIR": (("engines", "cache_dir"),),
+    "CHAT_MODEL": (("chat", "model"),),
+    "TOOL_MODEL": (("tool", "model"),),
+    "CHAT_GPU_FRAC": (("chat", "gpu_memory_utilization"),),
+    "TOOL_GPU_FRAC": (("tool", "gpu_memory_utilization"),),
+    "QUANTIZATION": (("chat", "quantization"),),
+    "KV_DTYPE": (("chat", "kv_cache_dtype"), ("tool", "kv_cache_dtype")),
+    "CHAT_MAX_LEN": (("chat", "max_model_len"),),
+    "CHAT_TENSOR_PARALLEL_SIZE": (("chat", "tensor_parallel_size"),),
+    "AWQ_CHAT_MODEL": (("chat", "awq_model"),),
+    "AWQ_TOOL_MODEL": (("tool", "awq_model"),),
+    "CONCURRENT_MODEL_CALL": (("turn", "concurrent"),),
+    "STREAM_FLUSH_MS": (("turn", "stream_flush_ms"),),
+    "CHAT_MAX_OUT": (("turn", "chat_max_out"),),
+    "HISTORY_MAX_TOKENS": (("turn", "history_max_tokens"),),
+    "USER_UTT_MAX_TOKENS": (("turn", "user_utt_max_tokens"),),
+    "EXACT_TOKEN_TRIM": (("turn", "exact_token_trim"),),
+    "TOOL_TIMEOUT_S": (("turn", "tool_timeout_s"),),
+    "YAP_LOG_LEVEL": (("logging", "level"),),
+    "YAP_ADMIN_SOCKET": (("admin", "socket"),),
+    "HF_AWQ_PUSH": (("awq", "push"),),
+    "HF_TOKEN": (("awq", "hf_token"),),
+    "HF_AWQ_CHAT_REPO": (("awq", "chat_repo"),),
+    "HF_AWQ_TOOL_REPO": (("awq", "tool_repo"),),
+    "HF_AWQ_BRANCH": (("awq", "branch"),),
+    "HF_AWQ_PRIVATE": (("awq", "private"),),
+    "HF_AWQ_ALLOW_CREATE": (("awq", "allow_create"),),
+    "HF_AWQ_COMMIT_MSG_CHAT": (("awq", "commit_message_chat"),),
+    "HF_AWQ_COMMIT_MSG_TOOL": (("awq", "commit_message_tool"),),
+}
+
+
+def _parse_env(name: str, text: str, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    try:
+        if origin is list:
+            return _list_env(text)
+        if tp is bool:
+            return _bool_env(text)
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        return text
+    except ValueError as exc:
+        raise ConfigError(f"environment {name}: {exc}") from None
+
+
+def apply_env(cfg: Config, env: Mapping[str, str]) -> None:
+    for name, targets in ENV_OVERRIDES.items():
+        if name not in env:
+            continue
+        for section, key in targets:
+            obj = getattr(cfg, section)
+            tp = typing.get_type_hints(type(obj))[key]
+            value = _parse_env(name, env[name], tp)
+            setattr(obj, key, _coerce(value, tp, f"environment {name} ({section}.{key})"))
+        # QUANTIZATION=awq means the original's "awq" mode: both engines 4-bit.
+        if name == "QUANTIZATION" and env[name] == "awq":
+            cfg.tool.quantization = "awq"
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; raises ConfigError naming the key."""
+    src = cfg.source
+    s = cfg.server
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"{src}: server.port: {s.port} is not a TCP port (0-65535)")
+    if not s.api_keys or any(not k for k in s.api_keys):
+        raise ConfigError(f"{src}: server.api_keys: at least one non-empty key is required")
+    for key in ("max_connections", "max_connections_per_key"):
+        if getattr(s, key) < 0:
+            raise ConfigError(f"{src}: server.{key}: must be >= 0 (0 = default)")
+    if s.max_frame_bytes < 1024:
+        raise ConfigError(f"{src}: server.max_frame_bytes: must be at least 1024")
+    for key in ("idle_timeout_s", "rate_limit_per_s", "send_timeout_s", "drain_timeout_s"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"{src}: server.{key}: must be > 0")
+    if s.rate_limit_burst < 1:
+        raise ConfigError(f"{src}: server.rate_limit_burst: must be >= 1")
+    for role in ("chat", "tool"):
+        e: EngineConfig = getattr(cfg, role)
+        if cfg.deployed(role) and not e.model and not cfg.demo:  # type: ignore[arg-type]
+            raise ConfigError(f"{src}: {role}.model: required when deploy is {cfg.engines.deploy!r}")
+        if not 0 <= e.gpu_memory_utilization < 1:
+            raise ConfigError(f"{src}: {role}.gpu_memory_utilization: must be in (0, 1), got "
+                              f"{e.gpu_memory_utilization}")
+        if e.max_model_len < 256:
+            raise ConfigError(f"{src}: {role}.max_model_len: must be at least 256")
+        for key in ("tensor_parallel_size", "data_parallel_size", "max_num_seqs", "cpu_workers"):
+            if getattr(e, key) < 1:
+                raise ConfigError(f"{src}: {role}.{key}: must be >= 1")
+    if cfg.engines.deploy == "both":
+        total = cfg.gpu_fraction("chat") + cfg.gpu_fraction("tool")
+        if total > 0.98:
+            raise ConfigError(f"{src}: chat + tool gpu_memory_utilization = {total:.2f} leaves no room (> 0.98)")
+    t = cfg.turn
+    for key in ("chat_max_out", "history_trim_step", "user_utt_max_tokens", "tool_max_tokens"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"{src}: turn.{key}: must be >= 1")
+    for key in ("history_max_tokens", "tool_history_tokens"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"{src}: turn.{key}: must be >= 0")
+    if t.stream_flush_ms < 0 or t.tool_timeout_s <= 0:
+        raise ConfigError(f"{src}: turn.stream_flush_ms must be >= 0 and turn.tool_timeout_s > 0")
+    if not 0 <= t.temperature <= 5 or not 0 < t.top_p <= 1:
+        raise ConfigError(f"{src}: turn.temperature must be in [0, 5] and turn.top_p in (0, 1]")
+    from yapd.prompts import GENDERS, persona_styles
+
+    if t.default_gender not in GENDERS:
+        raise ConfigError(f"{src}: turn.default_gender: {t.default_gender!r} is not one of {sorted(GENDERS)}")
+    styles = persona_styles(cfg.personas)
+    if t.default_persona_style not in styles:
+        raise ConfigError(
+            f"{src}: turn.default_persona_style: {t.default_persona_style!r} is not a style "
+            f"(known: {', '.join(sorted(styles))})"
+        )
+    names = [tool.name for tool in cfg.tools]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{src}: tools: duplicate tool names in {names}")
+    if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"{src}: logging.level: {cfg.logging.level!r} is not a log level")
+    if cfg.awq.bits != 4 or cfg.awq.group_size not in (32, 64, 128):
+        raise ConfigError(f"{src}: awq: only bits = 4 with group_size 32, 64 or 128 are supported")
+
+
+def load(
+    path: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read ``path`` (None: defaults only), apply ``env`` and dotted ``overrides``, validate."""
+    env = os.environ if env is None else env
+    if path is None:
+        cfg = Config()
+    else:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such file") from None
+        except PermissionError:
+            raise ConfigError(f"{p}: permission denied") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text ({exc.reason})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+        cfg = from_mapping(data, str(p))
+    apply_env(cfg, env)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        if not key:
+            setattr(cfg, section, value)
+            continue
+        obj = getattr(cfg, section)
+        tp = typing.get_type_hints(type(obj))[key]
+        setattr(obj, key, _coerce(value, tp, f"command line ({dotted})"))
+    validate(cfg)
+    return cfg
+
+
+def diff_keys(old: Config, new: Config) -> tuple[list[str], list[str], list[str]]:
+    """Changed keys split into (live, engine, restart): what a reload can apply now,
+    what needs an engine restart, and what needs the daemon restarted."""
+    live: list[str] = []
+    engine: list[str] = []
+    restart: list[str] = []
+    for section in ("server", "engines", "chat", "tool", "turn", "admin", "logging", "awq"):
+        a, b = getattr(old, section), getattr(new, section)
+        for f in dataclasses.fields(a):
+            if getattr(a, f.name) == getattr(b, f.name):
+                continue
+            dotted = f"{section}.{f.name}"
+            if dotted in RESTART_KEYS:
+                restart.append(dotted)
+            elif section in ENGINE_SECTIONS:
+                engine.append(dotted)
+            else:
+                live.append(dotted)
+    if old.personas != new.personas:
+        live.append("personas")
+    if old.tools != new.tools:
+        live.append("tools")
+    return live, engine, restart

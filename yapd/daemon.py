@@ -1,0 +1,323 @@
+"""The daemon's life: start, tell systemd the truth, reload, restart engines, stop.
+
+Order at start: listen first (so /healthz can say 503 while loading), load engines
+(in parallel), then READY=1. SIGHUP reloads, SIGTERM/SIGINT drain and exit 0, a
+second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import sdnotify
+
+from yapd import __version__, config, logs
+from yapd.config import Config, ConfigError
+from yapd.engines import EngineError, create_engine
+from yapd.runtime import Runtime
+from yapd.server import YapServer
+
+log = logging.getLogger("yapd.daemon")
+
+
+class Notifier:
+    """sd_notify through the ``sdnotify`` package; without NOTIFY_SOCKET it does nothing."""
+
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self._n = sdnotify.SystemdNotifier() if self.enabled else None
+        self.last_status = ""
+
+    def send(self, *lines: str) -> None:
+        if self._n is not None:
+            self._n.notify("\n".join(lines))
+
+    def status(self, text: str) -> None:
+        self.last_status = text
+        self.send(f"STATUS={text}")
+
+    def watchdog_interval(self) -> float | None:
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        if not self.enabled or not usec or (pid and pid != str(os.getpid())):
+            return None
+        try:
+            return int(usec) / 2e6
+        except ValueError:
+            return None
+
+
+def monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def prepare(cfg: Config) -> Config:
+    """Resolve what the config names but does not hold: the demo models' paths."""
+    if cfg.demo:
+        from yapd import demo
+
+        paths = demo.build(cfg.cache_dir() / "demo")
+        cfg.chat.model, cfg.tool.model = str(paths["chat"]), str(paths["tool"])
+        cfg.chat.backend = cfg.tool.backend = "cpu"
+    return cfg
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: str | None, overrides: Mapping[str, Any]) -> None:
+        self.config_path = config_path
+        self.overrides = dict(overrides)
+        self.notifier = Notifier()
+        self.ring = logs.setup(cfg.logging)
+        self.rt = Runtime(cfg, version=__version__)
+        self.rt.metrics.max_connections.set(cfg.max_connections)
+        self.server = YapServer(self.rt)
+        self.admin: Any = None
+        self.pending: Config | None = None  # a reloaded config whose engine keys wait for a restart
+        self.pending_keys: list[str] = []
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._engine_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.exit_code = 0
+
+    @property
+    def cfg(self) -> Config:
+        return self.rt.cfg
+
+    # --- start ---------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        s = self.cfg.server
+        log.info("yapd %s starting deploy=%s config=%s", __version__, self.cfg.engines.deploy, self.cfg.source)
+        try:
+            await self.server.start(s.host, s.port)
+            await self._start_admin()
+            await self._start_engines(self._deployed_roles())
+        except (OSError, EngineError, ConfigError) as exc:
+            log.error("start failed: %s", exc)
+            self.notifier.status(f"start failed: {exc}")
+            await self._shutdown()
+            return 1
+        if not self._stop.is_set():
+            self.notifier.send("READY=1", f"STATUS={self._serving_status()}")
+            self.notifier.last_status = self._serving_status()
+            log.info("ready port=%d", self.server.port)
+            self._spawn(self._status_loop())
+            interval = self.notifier.watchdog_interval()
+            if interval:
+                self._spawn(self._watchdog(interval))
+        await self._stop.wait()
+        await self._shutdown()
+        return self.exit_code
+
+    def _deployed_roles(self) -> list[str]:
+        return [r for r in ("chat", "tool") if self.cfg.deployed(r)]  # type: ignore[arg-type]
+
+    async def _start_admin(self) -> None:
+        if not self.cfg.admin.enabled:
+            return
+        from yapd.admin import AdminServer
+
+        self.admin = AdminServer(self)
+        await self.admin.start()
+
+    async def _start_engines(self, roles: list[str]) -> None:
+        engines = {role: create_engine(role, self.cfg) for role in roles}
+        for role, eng in engines.items():
+            self.rt.engines[role] = eng
+            self.rt.metrics.engine_up.labels(role).set(0)
+        self.notifier.status(f"loading engines: {', '.join(f'{r}={e.model}' for r, e in engines.items())}")
+        # A cold vLLM start compiles for minutes: keep pushing systemd's start timeout out.
+        extender = asyncio.create_task(self._extend_timeout())
+        try:
+            if self.cfg.engines.start_in_parallel:
+                results = await asyncio.gather(*(self._start_one(r, e) for r, e in engines.items()),
+                                               return_exceptions=True)
+            else:
+                results = [await self._start_one(r, e) for r, e in engines.items()]
+        finally:
+            extender.cancel()
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res if isinstance(res, EngineError) else EngineError(str(res))
+
+    async def _start_one(self, role: str, eng: Any) -> None:
+        t0 = time.perf_counter()
+        self.notifier.status(f"loading {role} engine: {eng.model}")
+        await eng.start()
+        self.rt.metrics.engine_up.labels(role).set(1)
+        log.info("engine started role=%s backend=%s model=%s seconds=%.1f", role, eng.backend, eng.model,
+                 time.perf_counter() - t0)
+
+    async def _extend_timeout(self) -> None:
+        while True:
+            self.notifier.send("EXTEND_TIMEOUT_USEC=60000000")
+            await asyncio.sleep(20)
+
+    # --- running -------------------------------------------------------------------
+
+    def _serving_status(self) -> str:
+        cap = self.rt.capacity()
+        engines = ",".join(f"{r}={e.health().state}" for r, e in self.rt.engines.items())
+        extra = f"; pending restart for {', '.join(self.pending_keys)}" if self.pending_keys else ""
+        mode = "draining" if self.rt.draining else "serving"
+        return f"{mode}: {cap.active}/{cap.max} connections, {engines}{extra}"
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            text = self._serving_status()
+            if text != self.notifier.last_status:
+                self.notifier.status(text)
+
+    async def _watchdog(self, interval: float) -> None:
+        """Ping only while this loop runs and every engine is healthy: a wedged loop
+        or a dead engine stops the pings, and systemd restarts us."""
+        while True:
+            if self.rt.engines_ready() or self._engine_lock.locked():
+                self.notifier.send("WATCHDOG=1")
+            else:
+                log.error("engine unhealthy: withholding watchdog ping")
+            await asyncio.sleep(interval)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    # --- reload --------------------------------------------------------------------
+
+    def load_config(self) -> Config:
+        return prepare(config.load(self.config_path, overrides=self.overrides))
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config. Live keys apply now; engine keys wait for a restart."""
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
+        try:
+            new = await asyncio.to_thread(self.load_config)
+        except (ConfigError, OSError) as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            self.notifier.send("READY=1", f"STATUS=reload failed, running config kept: {exc}")
+            return {"ok": False, "error": str(exc)}
+        old = self.cfg
+        live, engine, restart = config.diff_keys(old, new)
+        self.pending = copy.deepcopy(new) if engine else None
+        self.pending_keys = engine
+        # Engine sections stay as running until an engine restart applies them.
+        for section in config.ENGINE_SECTIONS:
+            setattr(new, section, getattr(old, section))
+        for key in config.RESTART_KEYS:
+            section, _, name = key.partition(".")
+            setattr(getattr(new, section), name, getattr(getattr(old, section), name))
+        self.rt.cfg = new
+        logs.set_level(new.logging.level)
+        self.rt.metrics.max_connections.set(new.max_connections)
+        if live:
+            log.info("reload applied live keys: %s", ", ".join(live))
+        if engine:
+            log.warning("reload: these keys need an engine restart (yapctl restart): %s", ", ".join(engine))
+        if restart:
+            log.warning("reload: these keys need a daemon restart: %s", ", ".join(restart))
+        if not (live or engine or restart):
+            log.info("reload: no changes")
+        self.notifier.send("READY=1", f"STATUS={self._serving_status()}")
+        return {"ok": True, "applied": live, "needs_engine_restart": engine, "needs_daemon_restart": restart}
+
+    # --- engine restart and drain ------------------------------------------------------
+
+    async def wait_idle(self, roles: list[str], timeout: float) -> bool:
+        """Wait until no request runs on ``roles`` (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all((e := self.rt.engines.get(r)) is None or e.in_flight == 0 for r in roles):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def restart_engines(self, roles: list[str]) -> dict[str, Any]:
+        async with self._engine_lock:
+            if self.pending is not None:
+                # Apply the reloaded engine sections now.
+                for section in config.ENGINE_SECTIONS:
+                    setattr(self.rt.cfg, section, getattr(self.pending, section))
+                self.pending, self.pending_keys = None, []
+            roles = [r for r in roles if self.cfg.deployed(r)]  # type: ignore[arg-type]
+            drained = await self.wait_idle(roles, self.cfg.server.drain_timeout_s)
+            self.notifier.status(f"restarting engines: {', '.join(roles)}")
+            for role in roles:
+                old = self.rt.engines.pop(role, None)
+                self.rt.metrics.engine_up.labels(role).set(0)
+                if old is not None:
+                    await old.shutdown()
+            try:
+                await self._start_engines(roles)
+            except EngineError as exc:
+                log.error("engine restart failed: %s", exc)
+                self.notifier.status(f"engine restart failed: {exc}")
+                return {"ok": False, "error": str(exc), "roles": roles}
+            self.notifier.status(self._serving_status())
+            return {"ok": True, "roles": roles, "drained": drained}
+
+    async def drain(self, on: bool = True) -> dict[str, Any]:
+        """Refuse new turns and answer 503 on /healthz so a balancer sends new sessions
+        elsewhere; turns in flight finish."""
+        self.rt.draining = on
+        self.notifier.status(self._serving_status())
+        return {"ok": True, "draining": on, "active": self.rt.capacity().active}
+
+    # --- stop ----------------------------------------------------------------------
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second %s: exiting at once", sig.name)
+            os._exit(1)
+        log.info("%s received: draining and stopping", sig.name)
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        self.rt.stopping = True
+        self.notifier.send("STOPPING=1", "STATUS=stopping")
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        self.rt.stopping = True
+        self.server.stop_accepting()
+        timeout = self.cfg.server.drain_timeout_s
+        try:
+            await asyncio.wait_for(self.server.close_all(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain took over %.1fs; closing the rest", timeout)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.server.wait_closed(), 5)
+        for task in list(self._tasks):
+            task.cancel()
+        if self.admin is not None:
+            await self.admin.close()
+        for role, eng in list(self.rt.engines.items()):
+            try:
+                await asyncio.wait_for(eng.shutdown(), timeout)
+            except Exception as exc:  # noqa: BLE001 - stopping anyway
+                log.warning("engine %s shutdown: %s", role, exc)
+        log.info("stopped")
+
+
+def cache_env(cfg: Config) -> None:
+    """Point Hugging Face and vLLM caches at the daemon's cache dir unless set already."""
+    root = cfg.cache_dir()
+    for var, sub in (("HF_HOME", "huggingface"), ("VLLM_CACHE_ROOT", "vllm"),
+                     ("TRITON_CACHE_DIR", "triton"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+        os.environ.setdefault(var, str(Path(root) / sub))

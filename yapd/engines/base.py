@@ -1,0 +1,83 @@
+"""The engine interface every backend implements (vLLM on GPUs, transformers on CPUs)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+EngineState = Literal["stopped", "starting", "ready", "failed", "stopping"]
+
+
+class EngineError(RuntimeError):
+    """The engine cannot serve the request (dead, stopped, or the request was refused)."""
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    max_tokens: int
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class Delta:
+    """New text since the last delta of one request."""
+
+    text: str
+    n_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    prompt_tokens: int = 0
+    cached_tokens: int | None = None
+
+
+@dataclass
+class EngineHealth:
+    ok: bool
+    state: EngineState
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """One model. ``stream`` yields :class:`Delta` objects; closing the iterator early
+    (or cancelling the task that reads it) aborts the request in the engine."""
+
+    role: str
+    model: str
+    backend: str
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self) -> Any: ...
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec, request_id: str) -> AsyncIterator[Delta]: ...
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...
+
+    @abc.abstractmethod
+    def health(self) -> EngineHealth: ...
+
+    @property
+    @abc.abstractmethod
+    def in_flight(self) -> int: ...
+
+    def describe(self) -> dict[str, Any]:
+        h = self.health()
+        return {"role": self.role, "model": self.model, "backend": self.backend, "state": h.state,
+                "ok": h.ok, "detail": h.detail, "in_flight": self.in_flight, **h.extra}

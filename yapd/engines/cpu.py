@@ -1,0 +1,229 @@
+"""The CPU engine: Hugging Face checkpoints run with transformers and torch.
+
+For development, tests and the demo. Each request decodes step by step in a worker
+thread with its own KV cache; the thread checks the request's abort flag before every
+forward pass, so a cancelled generation stops computing within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineState, SamplingSpec
+
+log = logging.getLogger("yapd.engine.cpu")
+
+_END = object()
+
+
+@dataclass
+class _Request:
+    request_id: str
+    queue: asyncio.Queue[Any]
+    abort: threading.Event = field(default_factory=threading.Event)
+
+
+class CpuEngine(Engine):
+    backend = "cpu"
+
+    def __init__(self, role: str, model: str, *, revision: str = "", workers: int = 4,
+                 max_model_len: int = 5760) -> None:
+        self.role = role
+        self.model = model
+        self.revision = revision or None
+        self.max_model_len = max_model_len
+        self._workers = workers
+        self._tok: Any = None
+        self._model: Any = None
+        self._eos: set[int] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._requests: dict[str, _Request] = {}
+        self._state: EngineState = "stopped"
+        self._detail = ""
+        # Test and fault-injection hook: fail the Nth generation step from now (see yapd.faults).
+        self.fail_after_steps: int | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tok is None:
+            raise EngineError(f"{self.role} engine is not started")
+        return self._tok
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._requests)
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(self._state == "ready", self._state, self._detail)
+
+    async def start(self) -> None:
+        self._state = "starting"
+        t0 = time.perf_counter()
+        try:
+            await asyncio.to_thread(self._load)
+        except Exception as exc:
+            self._state, self._detail = "failed", f"load failed: {exc}"
+            raise EngineError(f"{self.role} engine could not load {self.model}: {exc}") from exc
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix=f"yapd-{self.role}")
+        self._state, self._detail = "ready", ""
+        log.info("engine ready role=%s backend=cpu model=%s load_s=%.2f", self.role, self.model,
+                 time.perf_counter() - t0)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # Two cores shared by several generations: one intra-op thread each avoids thrashing.
+        torch.set_num_threads(max(1, min(4, (os.cpu_count() or 2) // 2)))
+        self._tok = AutoTokenizer.from_pretrained(self.model, revision=self.revision)
+        model = AutoModelForCausalLM.from_pretrained(self.model, revision=self.revision, dtype=torch.float32)
+        model.eval()
+        self._model = model
+        eos = model.generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        if self._tok.eos_token_id is not None:
+            eos_ids.append(self._tok.eos_token_id)
+        self._eos = {int(e) for e in eos_ids if e is not None}
+
+    async def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec,
+                     request_id: str) -> AsyncIterator[Delta]:
+        if self._state != "ready" or self._pool is None:
+            raise EngineError(f"{self.role} engine is {self._state}")
+        if request_id in self._requests:
+            raise EngineError(f"request id {request_id!r} is already running")
+        if len(prompt_ids) + spec.max_tokens > self.max_model_len:
+            raise EngineError(f"prompt of {len(prompt_ids)} tokens + {spec.max_tokens} new tokens "
+                              f"exceeds max_model_len {self.max_model_len}")
+        loop = asyncio.get_running_loop()
+        req = _Request(request_id, asyncio.Queue())
+        self._requests[request_id] = req
+        future = loop.run_in_executor(self._pool, self._generate, loop, req, list(prompt_ids), spec)
+        ids: list[int] = []
+        sent = ""
+        try:
+            while True:
+                item = await req.queue.get()
+                if item is _END:
+                    finish = "abort" if req.abort.is_set() else "length"
+                    yield Delta(self._flush(ids, sent), 0, True, finish, len(prompt_ids))
+                    return
+                if isinstance(item, BaseException):
+                    raise EngineError(f"{self.role} engine failed: {item}") from item
+                token_id, is_eos = item
+                if is_eos and not spec.ignore_eos:
+                    yield Delta(self._flush(ids, sent), 0, True, "stop", len(prompt_ids))
+                    return
+                ids.append(token_id)
+                text = self._tok.decode(ids, skip_special_tokens=True)
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its rest
+                    continue
+                new = text[len(sent):]
+                for stop in spec.stop:
+                    at = text.find(stop, max(0, len(sent) - len(stop)))
+                    if at >= 0:
+                        req.abort.set()
+                        yield Delta(text[len(sent):at], 1, True, "stop", len(prompt_ids))
+                        return
+                sent = text
+                yield Delta(new, 1, False, None, len(prompt_ids))
+        finally:
+            req.abort.set()
+            self._requests.pop(request_id, None)
+            # The worker notices the flag before its next step; don't wait for it here.
+            future.add_done_callback(_swallow)
+
+    def _flush(self, ids: list[int], sent: str) -> str:
+        if not ids:
+            return ""
+        text = self._tok.decode(ids, skip_special_tokens=True)
+        return text[len(sent):].replace("\ufffd", "")
+
+    def _generate(self, loop: asyncio.AbstractEventLoop, req: _Request, prompt: list[int],
+                  spec: SamplingSpec) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(req.queue.put_nowait, item)
+            except RuntimeError:  # the loop closed under us (daemon exit): nobody is reading
+                req.abort.set()
+
+        try:
+            gen = torch.Generator()
+            gen.manual_seed(spec.seed if spec.seed is not None else int.from_bytes(os.urandom(4), "little"))
+            with torch.inference_mode():
+                cache = DynamicCache()
+                input_ids = torch.tensor([prompt], dtype=torch.long)
+                seen: list[int] = []
+                for _ in range(spec.max_tokens):
+                    if req.abort.is_set():
+                        break
+                    if self.fail_after_steps is not None:
+                        self.fail_after_steps -= 1
+                        if self.fail_after_steps < 0:
+                            self.fail_after_steps = None
+                            raise RuntimeError("injected engine fault")
+                    out = self._model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+                    logits = out.logits[0, -1].float()
+                    token_id = _sample(logits, spec, seen, gen, torch)
+                    seen.append(token_id)
+                    is_eos = token_id in self._eos
+                    put((token_id, is_eos))
+                    if is_eos and not spec.ignore_eos:
+                        return
+                    input_ids = torch.tensor([[token_id]], dtype=torch.long)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+            log.exception("generation failed role=%s request=%s", self.role, req.request_id)
+            put(exc)
+            return
+        put(_END)
+
+    async def abort(self, request_id: str) -> None:
+        req = self._requests.get(request_id)
+        if req is not None:
+            req.abort.set()
+
+    async def shutdown(self) -> None:
+        self._state = "stopping"
+        for req in list(self._requests.values()):
+            req.abort.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self._model = None
+        self._state = "stopped"
+
+
+def _swallow(future: Any) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _sample(logits: Any, spec: SamplingSpec, seen: list[int], gen: Any, torch: Any) -> int:
+    if spec.repetition_penalty != 1.0 and seen:
+        idx = torch.tensor(sorted(set(seen)), dtype=torch.long)
+        vals = logits[idx]
+        logits[idx] = torch.where(vals > 0, vals / spec.repetition_penalty, vals * spec.repetition_penalty)
+    if spec.temperature <= 1e-5 or spec.top_k == 1:
+        return int(torch.argmax(logits))
+    logits = logits / spec.temperature
+    if spec.top_k > 0:
+        kth = torch.topk(logits, min(spec.top_k, logits.numel())).values[-1]
+        logits = torch.where(logits < kth, torch.full_like(logits, float("-inf")), logits)
+    probs = torch.softmax(logits, dim=-1)
+    if spec.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < spec.top_p
+        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=gen))

@@ -1,0 +1,142 @@
+"""Logging: one line per event to stderr (journald adds its own timestamps), an
+optional rotating file, and an in-memory ring that yapctl reads and follows."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import logging.handlers
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from yapd.config import LoggingConfig
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    seq: int
+    ts: float
+    level: str
+    logger: str
+    message: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "ts": self.ts, "level": self.level, "logger": self.logger, "message": self.message}
+
+
+class RingHandler(logging.Handler):
+    """Keeps the last N records and feeds followers; safe to call from any thread."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.ring: collections.deque[LogRecord] = collections.deque(maxlen=size)
+        self._seq = 0
+        self._followers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[LogRecord]]] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            if record.exc_info:
+                msg += "\n" + logging.Formatter().formatException(record.exc_info)
+        except Exception:  # pragma: no cover - a broken format string must not kill logging
+            msg = str(record.msg)
+        self._seq += 1
+        rec = LogRecord(self._seq, record.created, record.levelname.lower(), record.name, msg)
+        self.ring.append(rec)
+        for loop, queue in list(self._followers):
+            try:
+                loop.call_soon_threadsafe(_offer, queue, rec)
+            except RuntimeError:
+                self._followers.discard((loop, queue))
+
+    def tail(self, n: int) -> list[LogRecord]:
+        if n <= 0:
+            return []
+        return list(self.ring)[-n:]
+
+    def follow(self, maxsize: int = 1000) -> asyncio.Queue[LogRecord]:
+        queue: asyncio.Queue[LogRecord] = asyncio.Queue(maxsize)
+        self._followers.add((asyncio.get_running_loop(), queue))
+        return queue
+
+    def unfollow(self, queue: asyncio.Queue[LogRecord]) -> None:
+        self._followers = {f for f in self._followers if f[1] is not queue}
+
+
+def _offer(queue: asyncio.Queue[LogRecord], rec: LogRecord) -> None:
+    # A follower that cannot keep up loses lines rather than stalling the daemon.
+    if not queue.full():
+        queue.put_nowait(rec)
+
+
+class LineFormatter(logging.Formatter):
+    def __init__(self, timestamps: bool) -> None:
+        super().__init__()
+        self.timestamps = timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage().replace("\n", "\\n")
+        line = f"{record.levelname.lower()} {record.name}: {msg}"
+        if record.exc_info:
+            line += " | " + self.formatException(record.exc_info).replace("\n", "\\n")
+        if self.timestamps:
+            t = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+            line = f"{t}.{int(record.msecs):03d} {line}"
+        return line
+
+
+class SafeRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A full disk or a vanished log directory must not take the daemon down: report
+    the first failure on stderr, drop file lines until writing works again."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's API
+        if not self.failed:
+            self.failed = True
+            print(f"yapd: log file {self.baseFilename} unwritable; continuing on stderr only",
+                  file=sys.stderr, flush=True)
+
+
+_ours: list[logging.Handler] = []
+
+
+def setup(cfg: LoggingConfig, ring: RingHandler | None = None) -> RingHandler:
+    """(Re)configure the root logger; returns the ring handler (kept across reloads)."""
+    root = logging.getLogger()
+    for h in _ours:
+        root.removeHandler(h)
+        if not isinstance(h, RingHandler):
+            h.close()
+    _ours.clear()
+    ts = cfg.timestamps == "on" or (cfg.timestamps == "auto" and not os.environ.get("JOURNAL_STREAM"))
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(LineFormatter(ts))
+    _ours.append(stderr)
+    if cfg.file:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.file)), exist_ok=True)
+            fh = SafeRotatingFileHandler(cfg.file, maxBytes=cfg.file_max_bytes, backupCount=cfg.file_backups,
+                                         delay=True)
+            fh.setFormatter(LineFormatter(True))
+            _ours.append(fh)
+        except OSError as exc:
+            print(f"yapd: cannot open log file {cfg.file}: {exc}", file=sys.stderr, flush=True)
+    if ring is None:
+        ring = RingHandler(cfg.ring_lines)
+    _ours.append(ring)
+    for h in _ours:
+        root.addHandler(h)
+    set_level(cfg.level)
+    # Libraries that log per request at INFO would drown the daemon's own lines.
+    for noisy in ("yapd.websockets", "httpx", "transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return ring
+
+
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())

@@ -1,0 +1,39 @@
+"""Prometheus metrics, on a registry of the daemon's own (no import-time globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Voice latency lives between a few ms and a few seconds.
+LATENCY_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                   0.75, 1.0, 2.0, 5.0, 10.0)
+ITL_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("yapd_ttft_seconds", "Start received to first token sent", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.tool_decision = Histogram("yapd_tool_decision_seconds", "Start received to tool decision sent",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("yapd_inter_token_seconds", "Gap between token messages of one turn",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.turn_total = Histogram("yapd_turn_seconds", "Start received to done sent", buckets=LATENCY_BUCKETS,
+                                    registry=r)
+        self.cancel_latency = Histogram("yapd_cancel_seconds", "Cancel or barge-in to done sent",
+                                        buckets=ITL_BUCKETS, registry=r)
+        self.active = Gauge("yapd_active_connections", "Open WebSocket connections", registry=r)
+        self.max_connections = Gauge("yapd_max_connections", "Connection cap", registry=r)
+        self.turns = Counter("yapd_turns", "Turns by outcome", ["outcome"], registry=r)
+        self.cancels = Counter("yapd_cancels", "Turns cancelled, by cause", ["cause"], registry=r)
+        self.errors = Counter("yapd_errors", "Error messages sent, by code", ["code"], registry=r)
+        self.tool_decisions = Counter("yapd_tool_decisions", "Tool decisions by status and reason",
+                                      ["status", "reason"], registry=r)
+        self.connections = Counter("yapd_connections", "Connections by outcome", ["outcome"], registry=r)
+        self.tokens = Counter("yapd_generated_tokens", "Tokens generated", ["role"], registry=r)
+        self.engine_up = Gauge("yapd_engine_up", "1 when the engine serves", ["role"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,209 @@
+"""Personas, chat prompt layout and token trimming.
+
+A chat prompt is three token segments, in this order, so the engine's prefix cache
+reuses the first two across turns:
+
+    [persona: template head + persona] [history] [utterance + template tail]
+
+Each segment is tokenized on its own and cached per session; a client that resends a
+longer history_text each turn costs only the tokenization of what it appended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+GENDERS = ("woman", "man")
+
+# Our own styles. Each is a short instruction about how the assistant talks; voice
+# agents speak the reply aloud, so every style asks for plain spoken sentences.
+BUILTIN_STYLES: dict[str, str] = {
+    "wholesome": "You are warm, kind and encouraging. You notice the good in people and say so sincerely.",
+    "savage": "You are blunt and quick-witted. You roast the user playfully, never cruelly, and never "
+               "pretend to agree when you don't.",
+    "flirty": "You are charming and playful, with light teasing and compliments, always respectful.",
+    "sarcastic": "You answer with dry, deadpan sarcasm, but you still give the real answer.",
+    "chill": "You are relaxed and easygoing. You keep things low-key and short.",
+    "nerdy": "You love details, facts and fun trivia, and you get excited explaining how things work.",
+    "cheerful": "You are upbeat and energetic, quick to laugh and full of enthusiasm.",
+    "mentor": "You are a calm, thoughtful mentor. You ask good questions and give practical advice.",
+}
+
+SPOKEN_RULES = (
+    "You are speaking out loud in a live voice conversation. Reply in one to three short spoken "
+    "sentences: no lists, no markdown, no emojis, no stage directions."
+)
+
+
+def persona_styles(custom: Mapping[str, str]) -> dict[str, str]:
+    """Built-in styles overlaid with the config's [personas] table."""
+    styles = dict(BUILTIN_STYLES)
+    styles.update({k.strip().lower(): v for k, v in custom.items()})
+    return styles
+
+
+def compose_persona(style_text: str, gender: str, user_identity: str) -> str:
+    who = "a woman" if gender == "woman" else "a man"
+    parts = [f"You are {who} talking with the user.", style_text, SPOKEN_RULES]
+    if user_identity.strip():
+        parts.append(f"About the user: {user_identity.strip()}")
+    return " ".join(parts)
+
+
+class Tokenizer(Protocol):
+    """The slice of a Hugging Face tokenizer that prompts use."""
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ChatLayout:
+    """The literal text a chat template puts around the system and user contents."""
+
+    head: str  # before the persona (BOS, system header)
+    middle: str  # between history and utterance (system footer, user header)
+    tail: str  # after the utterance (user footer, assistant header)
+    system_role: bool
+
+    @classmethod
+    def from_tokenizer(cls, tok: Tokenizer) -> ChatLayout:
+        sys_mark, usr_mark = "\x00YAPSYS\x00", "\x00YAPUSR\x00"
+        if getattr(tok, "chat_template", None):
+            try:
+                text = tok.apply_chat_template(
+                    [{"role": "system", "content": sys_mark}, {"role": "user", "content": usr_mark}],
+                    tokenize=False, add_generation_prompt=True,
+                )
+                if isinstance(text, str) and sys_mark in text and usr_mark in text:
+                    head, rest = text.split(sys_mark, 1)
+                    middle, tail = rest.split(usr_mark, 1)
+                    return cls(head, middle, tail, True)
+            except Exception:  # noqa: S110 - templates that refuse a system role raise
+                pass
+            text = tok.apply_chat_template([{"role": "user", "content": usr_mark}], tokenize=False,
+                                           add_generation_prompt=True)
+            if isinstance(text, str) and usr_mark in text:
+                head, tail = text.split(usr_mark, 1)
+                return cls(head, "\n\nUser: ", tail, False)
+        # No template: a plain transcript layout.
+        return cls("", "\nUser: ", "\nAssistant:", False)
+
+
+def trim_history(ids: Sequence[int], max_tokens: int, step: int = 1) -> list[int]:
+    """The most recent ``max_tokens`` tokens at most, cut in whole ``step``s from the
+    front: while the history grows by less than ``step`` tokens, the cut point stays
+    put and so does the prompt prefix."""
+    excess = len(ids) - max_tokens
+    if excess <= 0:
+        return list(ids)
+    if max_tokens <= 0:
+        return []
+    step = max(1, min(step, max_tokens))
+    cut = -(-excess // step) * step
+    return list(ids[cut:])
+
+
+def trim_utterance(ids: Sequence[int], max_tokens: int) -> list[int]:
+    """The first ``max_tokens`` tokens: what the user said first is what they asked."""
+    return list(ids[:max_tokens])
+
+
+# A token covers at most this many characters of ordinary text; cutting the text to
+# limit * this before tokenizing bounds the work on a 1 MiB history.
+MAX_CHARS_PER_TOKEN = 16
+APPROX_CHARS_PER_TOKEN = 4
+
+
+@dataclass
+class _Segment:
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+
+
+class PromptCache:
+    """One session's tokenized segments for one model (chat or tool)."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+        self._persona = _Segment(text="\x00unset")
+        self._history = _Segment()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def persona_ids(self, text: str) -> list[int]:
+        if text != self._persona.text:
+            self._persona = _Segment(text, self.encode(text))
+        return self._persona.ids
+
+    def history_ids(self, text: str, max_tokens: int, *, exact: bool = True) -> list[int]:
+        """Token ids of ``text``'s tail; only the part appended since the last call is
+        tokenized when ``text`` extends the previous history."""
+        if max_tokens <= 0 or not text:
+            return []
+        limit = max_tokens * (MAX_CHARS_PER_TOKEN if exact else APPROX_CHARS_PER_TOKEN)
+        if len(text) > limit:
+            text = text[-limit:]
+        prev = self._history
+        if prev.text and text.startswith(prev.text):
+            ids = prev.ids + self.encode(text[len(prev.text):]) if len(text) > len(prev.text) else prev.ids
+        else:
+            ids = self.encode(text)
+        self._history = _Segment(text, ids)
+        return ids
+
+
+def clip_text(text: str, max_tokens: int, *, from_end: bool, exact: bool = True) -> str:
+    """Bound raw text before tokenizing it (see MAX_CHARS_PER_TOKEN)."""
+    limit = max_tokens * (MAX_CHARS_PER_TOKEN if exact else APPROX_CHARS_PER_TOKEN)
+    if len(text) <= limit:
+        return text
+    return text[-limit:] if from_end else text[:limit]
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    ids: list[int]
+    persona_tokens: int
+    history_tokens: int
+    utterance_tokens: int
+
+
+def build_chat_prompt(
+    cache: PromptCache,
+    layout: ChatLayout,
+    persona: str,
+    history_text: str,
+    utterance: str,
+    *,
+    history_max_tokens: int,
+    history_step: int,
+    utterance_max_tokens: int,
+    max_model_len: int,
+    max_out: int,
+    exact: bool = True,
+) -> ChatPrompt:
+    persona_ids = cache.persona_ids(layout.head + persona)
+    history_ids: list[int] = []
+    if history_text.strip():
+        raw = cache.history_ids("\n\nConversation so far:\n" + history_text.strip(), history_max_tokens,
+                                exact=exact)
+        history_ids = trim_history(raw, history_max_tokens, history_step)
+    utt_ids = trim_utterance(
+        cache.encode(clip_text(utterance.strip(), utterance_max_tokens, from_end=False, exact=exact)),
+        utterance_max_tokens,
+    )
+    middle = cache.encode(layout.middle)
+    tail = cache.encode(layout.tail)
+    # What must fit: the reply. History gives way first (in whole steps), then the persona.
+    budget = max_model_len - max_out - len(middle) - len(tail) - len(utt_ids)
+    if len(persona_ids) + len(history_ids) > budget:
+        history_ids = trim_history(history_ids, max(0, budget - len(persona_ids)), history_step)
+    if len(persona_ids) > budget:
+        persona_ids = persona_ids[: max(0, budget)]
+    ids = persona_ids + history_ids + middle + utt_ids + tail
+    return ChatPrompt(ids, len(persona_ids), len(history_ids), len(utt_ids))

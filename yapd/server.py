@@ -1,0 +1,238 @@
+"""The network edge: one asyncio ``websockets`` server on one port.
+
+``/ws`` carries the protocol; plain HTTP ``GET /healthz``, ``/status`` and ``/metrics``
+are answered from websockets' own ``process_request`` hook, before any upgrade. All
+protocol decisions live in :mod:`yapd.session`; this module reads frames, enforces
+limits, and writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import json
+import logging
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from yapd import protocol
+from yapd.runtime import Runtime
+from yapd.session import Session
+
+log = logging.getLogger("yapd.server")
+
+WS_PATHS = ("/ws", "/")
+
+
+def _json_response(conn: ServerConnection, status: int, body: Any) -> Response:
+    resp = conn.respond(status, json.dumps(body, separators=(",", ":")) + "\n")
+    del resp.headers["Content-Type"]
+    resp.headers["Content-Type"] = "application/json"
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def request_key(request: Request) -> str | None:
+    """The API key of a request: ``X-API-Key``, ``Authorization: Bearer``, or ``?api_key=``."""
+    key = request.headers.get("X-API-Key")
+    if key:
+        return key
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    values = parse_qs(urlsplit(request.path).query).get("api_key")
+    return values[0] if values else None
+
+
+class YapServer:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self._server: Server | None = None
+        self._conns: dict[Session, ServerConnection] = {}
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self, host: str, port: int) -> None:
+        s = self.rt.cfg.server
+        # Frames up to max_frame_bytes are served; bigger ones up to the hard cap get a
+        # message_too_large error and the connection stays; past the cap websockets closes 1009.
+        hard_cap = max(4 * s.max_frame_bytes, s.max_frame_bytes + (1 << 20))
+        self._server = await serve(
+            self._handle, host, port,
+            process_request=self._process_request,
+            max_size=hard_cap,
+            # Token frames are tiny and latency-bound: compression costs more than it saves.
+            compression=None,
+            write_limit=s.write_buffer_bytes,
+            ping_interval=20, ping_timeout=20, close_timeout=5,
+            server_header=f"yapd/{self.rt.version}",
+            logger=logging.getLogger("yapd.websockets"),
+        )
+        log.info("listening host=%s port=%d", host, self.port)
+
+    # --- HTTP ----------------------------------------------------------------------
+
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        rt = self.rt
+        if path == "/healthz":
+            ok = rt.engines_ready() and not rt.stopping and not rt.draining
+            state = "stopping" if rt.stopping else "draining" if rt.draining else "ok" if ok else "unavailable"
+            body = {"status": state,
+                    "engines": {r: e.health().state for r, e in rt.engines.items()}}
+            return _json_response(conn, 200 if ok else 503, body)
+        origin = request.headers.get("Origin")
+        allowed = rt.cfg.server.allowed_origins
+        if origin is not None and allowed and origin not in allowed:
+            rt.metrics.errors.labels(protocol.ORIGIN_NOT_ALLOWED).inc()
+            return _json_response(conn, 403, {"error_code": protocol.ORIGIN_NOT_ALLOWED,
+                                              "message": "this Origin is not allowed"})
+        if path in ("/status", "/metrics"):
+            needs_auth = path == "/status" or rt.cfg.server.metrics_require_auth
+            if needs_auth and rt.check_key(request_key(request)) is None:
+                rt.metrics.errors.labels(protocol.AUTHENTICATION_FAILED).inc()
+                return _json_response(conn, 401, {"error_code": protocol.AUTHENTICATION_FAILED,
+                                                  "message": "a valid API key is required"})
+            if path == "/status":
+                return _json_response(conn, 200, rt.status())
+            resp = conn.respond(http.HTTPStatus.OK, rt.metrics.render().decode())
+            del resp.headers["Content-Type"]
+            resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+            return resp
+        if path in WS_PATHS:
+            return None
+        return _json_response(conn, 404, {"error_code": "not_found", "message": f"no route {path}"})
+
+    # --- WebSocket -----------------------------------------------------------------
+
+    async def _refuse(self, ws: ServerConnection, code: int, msg: dict[str, Any]) -> None:
+        self.rt.metrics.errors.labels(msg["error_code"]).inc()
+        self.rt.metrics.connections.labels(msg["error_code"]).inc()
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(protocol.dumps(msg))
+            await ws.close(code, msg["error_code"])
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        rt = self.rt
+        assert ws.request is not None
+        key = rt.check_key(request_key(ws.request))
+        if key is None:
+            log.info("auth failed remote=%s", _peer(ws))
+            await self._refuse(ws, protocol.CLOSE_POLICY, protocol.error(
+                protocol.AUTHENTICATION_FAILED, "missing or invalid API key (api_key query or X-API-Key header)"))
+            return
+        cap = rt.capacity()
+        per_key = rt.cfg.server.max_connections_per_key
+        if cap.active >= cap.max or (per_key and rt.sessions_for_key(key) >= per_key) or rt.stopping:
+            await self._refuse(ws, protocol.CLOSE_TRY_AGAIN, protocol.error(
+                protocol.SERVER_AT_CAPACITY, "the server is at capacity; try again shortly",
+                capacity=cap.as_json()))
+            return
+        send = self._sender(ws)
+        session = Session(rt, send, remote=_peer(ws), api_key=key)
+        # Taking the slot and checking the cap happen with no await between: no race.
+        rt.sessions.add(session)
+        self._conns[session] = ws
+        rt.metrics.active.set(len(rt.sessions))
+        rt.metrics.connections.labels("accepted").inc()
+        try:
+            await self._serve(ws, session)
+        except ConnectionClosed:
+            pass
+        finally:
+            rt.sessions.discard(session)
+            self._conns.pop(session, None)
+            rt.metrics.active.set(len(rt.sessions))
+            await session.close()
+
+    def _sender(self, ws: ServerConnection) -> Any:
+        s = self.rt.cfg.server
+
+        async def send(text: str) -> None:
+            transport = ws.transport
+            if transport is not None and transport.get_write_buffer_size() >= s.write_buffer_bytes:
+                # The client stopped reading. Give it send_timeout_s, then cut it off so
+                # one stuck reader never holds an engine request or memory hostage.
+                try:
+                    await asyncio.wait_for(ws.send(text), s.send_timeout_s)
+                except asyncio.TimeoutError:
+                    log.warning("slow client cut off remote=%s", _peer(ws))
+                    self.rt.metrics.connections.labels("slow_client").inc()
+                    transport.abort()
+                    raise ConnectionClosed(None, None) from None
+                return
+            await ws.send(text)
+
+        return send
+
+    async def _serve(self, ws: ServerConnection, session: Session) -> None:
+        s = self.rt.cfg.server
+        while True:
+            try:
+                frame = await asyncio.wait_for(ws.recv(), s.idle_timeout_s)
+            except asyncio.TimeoutError:
+                await session.send(protocol.error(protocol.IDLE_TIMEOUT,
+                                                  f"no message for {s.idle_timeout_s:g} s; closing"))
+                await ws.close(protocol.CLOSE_NORMAL, "idle timeout")
+                return
+            if isinstance(frame, bytes):
+                await session.send(protocol.error(protocol.BINARY_FRAME, "binary frames are not supported; "
+                                                  "send JSON text frames"))
+                continue
+            # len() counts characters; UTF-8 is at least as long, so only measure when it may matter.
+            if len(frame) > s.max_frame_bytes or (4 * len(frame) > s.max_frame_bytes
+                                                 and len(frame.encode()) > s.max_frame_bytes):
+                await session.send(protocol.error(protocol.MESSAGE_TOO_LARGE,
+                                                  f"frame larger than {s.max_frame_bytes} bytes"))
+                continue
+            if not session.limiter.allow():
+                await session.send(protocol.error(protocol.RATE_LIMITED, "too many messages; slow down"))
+                continue
+            try:
+                await session.handle(protocol.parse_client_message(frame))
+            except protocol.ProtocolError as exc:
+                await session.send_error(exc)
+            except ConnectionClosed:
+                raise
+            except Exception as exc:
+                log.exception("message handling failed remote=%s", session.remote)
+                await session.send(protocol.error(protocol.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
+
+    # --- shutdown ------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close(close_connections=False)
+
+    async def close_all(self, code: int = protocol.CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
+        """End every turn with its done (cancelled), then close every socket."""
+        sessions = list(self._conns.items())
+
+        async def one(session: Session, ws: ServerConnection) -> None:
+            with contextlib.suppress(Exception):
+                await session.cancel_turn("shutdown")
+            with contextlib.suppress(Exception):
+                await ws.close(code, reason)
+
+        if sessions:
+            await asyncio.gather(*(one(s, w) for s, w in sessions))
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+
+
+def _peer(ws: ServerConnection) -> str:
+    addr = ws.remote_address
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr)

@@ -1,0 +1,243 @@
+"""One turn, top to bottom: ack, tool decision, chat stream, final, done.
+
+A turn runs as its own task. Cancelling that task (cancel, barge-in, shutdown) stops
+the engines' requests through their streams' ``finally`` blocks; the session then sends
+the turn's ``done`` with ``cancelled: true`` (see :meth:`Turn.done_message`), so no token
+of a cancelled turn can follow its ``done``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from yapd import protocol
+from yapd.config import Config
+from yapd.engines.base import Delta, Engine, EngineError, SamplingSpec
+from yapd.prompts import PromptCache, build_chat_prompt, clip_text
+from yapd.runtime import Runtime
+from yapd.toolcall import Decision, DecisionReader, query_block
+
+log = logging.getLogger("yapd.turn")
+
+Send = Callable[[Any], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class TurnInput:
+    request_id: str
+    session_id: str
+    utterance: str
+    history_text: str
+    persona_text: str
+    seed: int
+
+
+class Turn:
+    def __init__(self, rt: Runtime, inp: TurnInput, send: Send, chat_cache: PromptCache | None,
+                 tool_cache: PromptCache | None) -> None:
+        self.rt = rt
+        self.cfg: Config = rt.cfg  # one config for the whole turn, even across a reload
+        self.inp = inp
+        self.send = send
+        self.chat_cache = chat_cache
+        self.tool_cache = tool_cache
+        self.t0 = time.perf_counter()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.ttft_ms: float | None = None
+        self.tool_ms: float | None = None
+        self.text_parts: list[str] = []
+        self.decision: Decision | None = None
+        self.state = "starting"
+        self.done_sent = False
+
+    def _ms(self) -> float:
+        return round((time.perf_counter() - self.t0) * 1000, 2)
+
+    # --- the turn ------------------------------------------------------------------
+
+    async def run(self, ack: dict[str, Any]) -> None:
+        await self.send(ack)
+        chat = self.rt.engine("chat") if self.cfg.deployed("chat") else None
+        tool = self.rt.engine("tool") if self.cfg.deployed("tool") else None
+        try:
+            chat_stream = self._chat_stream(chat) if chat is not None else None
+            if tool is None:
+                if chat_stream is not None:
+                    await self._stream_reply(chat_stream, None)
+            elif chat_stream is None:
+                await self._send_decision(await self._decide(tool))
+            elif self.cfg.turn.concurrent:
+                # Both engines start now; the chat reply is held until the decision is out.
+                first = asyncio.ensure_future(anext(chat_stream))
+                try:
+                    await self._send_decision(await self._decide(tool))
+                    await self._stream_reply(chat_stream, first)
+                finally:
+                    if not first.done():
+                        first.cancel()
+                        with contextlib.suppress(BaseException):
+                            await first
+            else:
+                await self._send_decision(await self._decide(tool))
+                await self._stream_reply(chat_stream, None)
+        except EngineError as exc:
+            log.error("turn failed request=%s session=%s: %s", self.inp.request_id, self.inp.session_id, exc)
+            self.rt.metrics.errors.labels(protocol.ENGINE_UNAVAILABLE).inc()
+            await self.send(protocol.error(protocol.ENGINE_UNAVAILABLE, f"the engine failed this turn: {exc}",
+                                           self.inp.request_id))
+            self.state = "failed"
+            await self._send_done(cancelled=False, error=protocol.ENGINE_UNAVAILABLE)
+            return
+        if chat is not None:
+            await self.send({"type": "final", "request_id": self.inp.request_id, "text": "".join(self.text_parts)})
+        self.state = "done"
+        await self._send_done(cancelled=False)
+
+    # --- tool decision -------------------------------------------------------------
+
+    def _tool_prompt(self, tool: Engine) -> list[int]:
+        prefix, tail = self.rt.tool_prefix(tool)
+        t = self.cfg.turn
+        recent = ""
+        if t.tool_history_tokens and self.inp.history_text:
+            recent = self.inp.history_text[-t.tool_history_tokens * 4:]
+            nl = recent.find("\n")
+            if 0 <= nl < len(recent) - 1 and len(self.inp.history_text) > len(recent):
+                recent = recent[nl + 1:]  # start on a whole line
+        utterance = clip_text(self.inp.utterance, t.user_utt_max_tokens, from_end=False)
+        assert self.tool_cache is not None
+        query = self.tool_cache.encode(query_block(utterance, recent))
+        return prefix + query + tail
+
+    async def _decide(self, tool: Engine) -> Decision:
+        self.state = "tool"
+        t = self.cfg.turn
+        reader = DecisionReader([x.name for x in self.cfg.tools])
+        spec = SamplingSpec(max_tokens=t.tool_max_tokens, temperature=0.0, top_k=1, stop=("\n\n",),
+                            seed=self.inp.seed)
+        stream = tool.stream(self._tool_prompt(tool), spec, f"{self.inp.request_id}:tool")
+
+        async def read() -> Decision:
+            async for delta in stream:
+                self.rt.metrics.tokens.labels("tool").inc(delta.n_tokens)
+                if reader.feed(delta.text) is not None:
+                    break
+            return reader.finish()
+
+        try:
+            decision = await asyncio.wait_for(read(), t.tool_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("tool decision timed out after %.1fs request=%s", t.tool_timeout_s, self.inp.request_id)
+            decision = Decision("no", (), reader.text, "timeout")
+        except EngineError as exc:
+            if self.cfg.deployed("chat"):
+                # The reply matters more than the tool: go on without one.
+                log.error("tool engine failed, deciding no request=%s: %s", self.inp.request_id, exc)
+                decision = Decision("no", (), reader.text, "error")
+            else:
+                raise
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        return decision
+
+    async def _send_decision(self, decision: Decision) -> None:
+        self.decision = decision
+        self.tool_ms = self._ms()
+        self.rt.metrics.tool_decision.observe(self.tool_ms / 1000)
+        self.rt.metrics.tool_decisions.labels(decision.status, decision.reason).inc()
+        await self.send({"type": "toolcall", "request_id": self.inp.request_id, **decision.as_json()})
+
+    # --- chat reply ----------------------------------------------------------------
+
+    def _chat_stream(self, chat: Engine) -> AsyncIterator[Delta]:
+        t = self.cfg.turn
+        assert self.chat_cache is not None
+        prompt = build_chat_prompt(
+            self.chat_cache, self.rt.layout(chat), self.inp.persona_text, self.inp.history_text,
+            self.inp.utterance, history_max_tokens=t.history_max_tokens, history_step=t.history_trim_step,
+            utterance_max_tokens=t.user_utt_max_tokens, max_model_len=self.cfg.chat.max_model_len,
+            max_out=t.chat_max_out, exact=t.exact_token_trim,
+        )
+        self.prompt_tokens = len(prompt.ids)
+        spec = SamplingSpec(max_tokens=t.chat_max_out, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
+                            repetition_penalty=t.repetition_penalty, seed=self.inp.seed)
+        return chat.stream(prompt.ids, spec, f"{self.inp.request_id}:chat")
+
+    async def _stream_reply(self, stream: AsyncIterator[Delta], first: asyncio.Future[Delta] | None) -> None:
+        self.state = "streaming"
+        flush_s = self.cfg.turn.stream_flush_ms / 1000
+        metrics = self.rt.metrics
+        rid = self.inp.request_id
+        pending = ""
+        last_sent = 0.0
+        try:
+            if first is not None:
+                try:
+                    delta: Delta | None = await first
+                except StopAsyncIteration:
+                    delta = None
+                deltas = _prepend(delta, stream)
+            else:
+                deltas = stream
+            async for delta in deltas:
+                self.completion_tokens += delta.n_tokens
+                if not delta.text:
+                    continue
+                self.text_parts.append(delta.text)
+                now = time.perf_counter()
+                if self.ttft_ms is None:
+                    # The first token always goes out at once: TTFT is what users feel.
+                    await self.send(protocol.token(rid, delta.text))
+                    self.ttft_ms = self._ms()
+                    metrics.ttft.observe(self.ttft_ms / 1000)
+                    last_sent = now
+                    continue
+                pending += delta.text
+                if now - last_sent >= flush_s:
+                    metrics.itl.observe(now - last_sent)
+                    await self.send(protocol.token(rid, pending))
+                    pending = ""
+                    last_sent = now
+            if pending:
+                await self.send(protocol.token(rid, pending))
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+            metrics.tokens.labels("chat").inc(self.completion_tokens)
+
+    # --- done ----------------------------------------------------------------------
+
+    def done_message(self, *, cancelled: bool, error: str | None = None) -> dict[str, Any]:
+        msg: dict[str, Any] = {
+            "type": "done",
+            "request_id": self.inp.request_id,
+            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens},
+            "timings": {"ttft_ms": self.ttft_ms, "tool_ms": self.tool_ms, "total_ms": self._ms()},
+            "cancelled": cancelled,
+        }
+        if error:
+            msg["error"] = error
+        return msg
+
+    async def _send_done(self, *, cancelled: bool, error: str | None = None) -> None:
+        self.done_sent = True
+        self.rt.recent.record(self.ttft_ms, self.tool_ms)
+        self.rt.metrics.turn_total.observe((time.perf_counter() - self.t0))
+        self.rt.metrics.turns.labels("error" if error else "cancelled" if cancelled else "completed").inc()
+        await self.send(self.done_message(cancelled=cancelled, error=error))
+
+
+async def _prepend(first: Delta | None, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    if first is None:
+        return
+    yield first
+    if first.finished:
+        return
+    async for delta in rest:
+        yield delta
