@@ -1,3 +1,5 @@
 from yapd.cli import main
 
-raise SystemExit(main())
+# Guarded: vLLM's spawned EngineCore processes re-import __main__.
+if __name__ == "__main__":
+    raise SystemExit(main())

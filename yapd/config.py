@@ -105,6 +105,10 @@ class TurnConfig:
     top_p: float = 0.95
     top_k: int = 0
     repetition_penalty: float = 1.0
+    # Apply the seed sent in the ack to sampling (vLLM's per-request generators cost throughput).
+    seeded_sampling: bool = False
+    # Benchmarks with random weights: always generate chat_max_out tokens.
+    ignore_eos: bool = False
     tool_timeout_s: float = 10.0
     tool_max_tokens: int = 96
     tool_history_tokens: int = 256

@@ -157,6 +157,10 @@ class Daemon:
     async def _start_one(self, role: str, eng: Any) -> None:
         t0 = time.perf_counter()
         self.notifier.status(f"loading {role} engine: {eng.model}")
+        # Test hook: stretch the load so tests can see the daemon's state while loading.
+        delay = float(os.environ.get("YAPD_DEBUG_ENGINE_START_DELAY_S") or 0)
+        if delay:
+            await asyncio.sleep(delay)
         await eng.start()
         self.rt.metrics.engine_up.labels(role).set(1)
         log.info("engine started role=%s backend=%s model=%s seconds=%.1f", role, eng.backend, eng.model,

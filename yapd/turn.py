@@ -120,8 +120,8 @@ class Turn:
         self.state = "tool"
         t = self.cfg.turn
         reader = DecisionReader([x.name for x in self.cfg.tools])
-        spec = SamplingSpec(max_tokens=t.tool_max_tokens, temperature=0.0, top_k=1, stop=("\n\n",),
-                            seed=self.inp.seed)
+        # Greedy; a blank line ends an answer (a single newline may sit inside a JSON list).
+        spec = SamplingSpec(max_tokens=t.tool_max_tokens, temperature=0.0, top_k=1, stop=("\n\n",))
         stream = tool.stream(self._tool_prompt(tool), spec, f"{self.inp.request_id}:tool")
 
         async def read() -> Decision:
@@ -167,7 +167,8 @@ class Turn:
         )
         self.prompt_tokens = len(prompt.ids)
         spec = SamplingSpec(max_tokens=t.chat_max_out, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
-                            repetition_penalty=t.repetition_penalty, seed=self.inp.seed)
+                            repetition_penalty=t.repetition_penalty, ignore_eos=t.ignore_eos,
+                            seed=self.inp.seed if t.seeded_sampling else None)
         return chat.stream(prompt.ids, spec, f"{self.inp.request_id}:chat")
 
     async def _stream_reply(self, stream: AsyncIterator[Delta], first: asyncio.Future[Delta] | None) -> None:

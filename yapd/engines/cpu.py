@@ -22,6 +22,8 @@ from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineSt
 log = logging.getLogger("yapd.engine.cpu")
 
 _END = object()
+# transformers' lazy module loader is not safe when two threads import through it at once.
+_IMPORT_LOCK = threading.Lock()
 
 
 @dataclass
@@ -78,11 +80,13 @@ class CpuEngine(Engine):
                  time.perf_counter() - t0)
 
     def _load(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        with _IMPORT_LOCK:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: F401
+        # torch's intra-op thread pool, driven from worker threads, gave sporadic NaN logits
+        # here (one element, not reproducible on recompute); one thread per pass is exact.
+        torch.set_num_threads(1)
 
-        # Two cores shared by several generations: one intra-op thread each avoids thrashing.
-        torch.set_num_threads(max(1, min(4, (os.cpu_count() or 2) // 2)))
         self._tok = AutoTokenizer.from_pretrained(self.model, revision=self.revision)
         model = AutoModelForCausalLM.from_pretrained(self.model, revision=self.revision, dtype=torch.float32)
         model.eval()
