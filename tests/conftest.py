@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -41,8 +42,9 @@ class Yapd:
     """A yapd subprocess in demo mode with its own config, port and admin socket."""
 
     def __init__(self, workdir: Path, cache: Path, config: str = "", env: dict[str, str] | None = None,
-                 args: list[str] | None = None, server: dict[str, Any] | None = None) -> None:
+                 args: list[str] | None = None, server: dict[str, Any] | None = None, demo: bool = True) -> None:
         self.workdir = workdir
+        self.demo = demo
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "config.toml"
         self.admin_socket = workdir / "admin.sock"
@@ -65,8 +67,8 @@ class Yapd:
         self.config_path.write_text(head + "\n" + text)
 
     def start(self, wait: bool = True, timeout: float = 90) -> Yapd:
-        cmd = [sys.executable, "-m", "yapd", "--demo", "--config", str(self.config_path),
-               "--admin-socket", str(self.admin_socket), *self.args]
+        cmd = [sys.executable, "-m", "yapd", *(["--demo"] if self.demo else []), "--config",
+               str(self.config_path), "--admin-socket", str(self.admin_socket), *self.args]
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, daemon=True).start()
@@ -118,6 +120,21 @@ class Yapd:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
+
+    def admin(self, timeout: float = 60, **req: Any) -> list[dict[str, Any]]:
+        """Send one admin request; return every reply line up to the one with "ok"."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.admin_socket))
+            s.sendall(json.dumps(req).encode() + b"\n")
+            f = s.makefile("r")
+            out = []
+            for line in f:
+                msg = json.loads(line)
+                out.append(msg)
+                if "ok" in msg:
+                    break
+            return out
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

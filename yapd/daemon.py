@@ -143,7 +143,8 @@ class Daemon:
         # A cold vLLM start compiles for minutes: keep pushing systemd's start timeout out.
         extender = asyncio.create_task(self._extend_timeout())
         try:
-            if self.cfg.engines.start_in_parallel:
+            parallel = self.cfg.engines.start_in_parallel and all(e.parallel_start_safe for e in engines.values())
+            if parallel:
                 results = await asyncio.gather(*(self._start_one(r, e) for r, e in engines.items()),
                                                return_exceptions=True)
             else:

@@ -53,6 +53,10 @@ class Engine(abc.ABC):
     role: str
     model: str
     backend: str
+    # Whether this engine may load while another one does. vLLM may not: each engine
+    # sizes its KV cache from the GPU memory it sees free, and a neighbour loading at the
+    # same time makes that reading wrong (seen on the H100: "-7.21 GiB available").
+    parallel_start_safe: bool = True
 
     @property
     @abc.abstractmethod

@@ -94,6 +94,7 @@ def engine_kwargs(role: str, cfg: Config, model: str, capability: tuple[int, int
 
 class VllmEngine(Engine):
     backend = "vllm"
+    parallel_start_safe = False
 
     def __init__(self, role: str, cfg: Config) -> None:
         self.role = role

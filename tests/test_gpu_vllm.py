@@ -1,0 +1,124 @@
+"""The protocol's core cases against the vLLM backend (run on the GPU device).
+
+Skipped without CUDA and vllm. Uses the kit's tiny-qwen2 checkpoint (real safetensors
+loading, random weights) as both chat and tool model: YAPD_GPU_MODEL points at it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Yapd, recv, run_turn, send, until_done, ws_connect
+from tests.test_protocol_e2e import check_turn
+
+
+def _cuda() -> bool:
+    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs CUDA and vllm")]
+MODEL = os.environ.get("YAPD_GPU_MODEL", "/tmp/models/tiny-qwen2")
+
+
+@pytest.fixture(scope="module")
+def gpu_yapd(tmp_path_factory):
+    cache = Path(os.environ.get("YAPD_GPU_CACHE", str(tmp_path_factory.mktemp("gpucache"))))
+    d = Yapd(tmp_path_factory.mktemp("gpu"), cache, demo=False, config=f"""
+[engines]
+deploy = "both"
+[chat]
+model = "{MODEL}"
+backend = "vllm"
+quantization = "none"
+gpu_memory_utilization = 0.30
+max_model_len = 4096
+[tool]
+model = "{MODEL}"
+backend = "vllm"
+gpu_memory_utilization = 0.20
+max_model_len = 4096
+[turn]
+concurrent = true
+""", server={"max_connections": 32})
+    d.start(timeout=600)
+    yield d
+    d.stop(60)
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                cpid = int(stat.parent.name)
+                out.append((cpid, (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+async def test_gpu_turns_cancel_barge_in(gpu_yapd):
+    st = json.loads(gpu_yapd.http("/status")[1])
+    assert {e["backend"] for e in st["engines"].values()} == {"vllm"}
+    async with ws_connect(gpu_yapd.url()) as ws:
+        for i in range(3):
+            check_turn(await run_turn(ws, user_utterance=f"who was Columbus? {i}", history_text="User: hi\n" * 50))
+        await send(ws, type="start", session_id="s", user_utterance="story", request_id="a")
+        while (await recv(ws))["type"] != "token":
+            pass
+        t0 = time.perf_counter()
+        await send(ws, type="cancel")
+        msgs = await until_done(ws)
+        assert msgs[-1]["cancelled"] is True and msgs[-1]["request_id"] == "a"
+        print(f"cancel->done {1000 * (time.perf_counter() - t0):.2f} ms")
+        await send(ws, type="start", session_id="s", user_utterance="one", request_id="b1")
+        await recv(ws)
+        await send(ws, type="start", session_id="s", user_utterance="two", request_id="b2")
+        first = await until_done(ws)
+        assert first[-1]["request_id"] == "b1"
+        check_turn(await until_done(ws), "b2")
+        await send(ws, type="warm_history", history_text="User: hello\n" * 100)
+        assert (await recv(ws))["type"] == "warmed"
+
+
+async def test_gpu_concurrent_sessions(gpu_yapd):
+    async def one(i):
+        async with ws_connect(gpu_yapd.url()) as ws:
+            return await run_turn(ws, session_id=f"c{i}", user_utterance=f"hello {i}")
+
+    results = await asyncio.gather(*(one(i) for i in range(12)))
+    for msgs in results:
+        check_turn(msgs)
+
+
+async def test_gpu_engine_death_detected_and_restart(gpu_yapd):
+    cores = [(p, c) for p, c in _children(gpu_yapd.proc.pid) if "EngineCore" in c or "vllm" in c.lower()]
+    assert cores, _children(gpu_yapd.proc.pid)
+    os.kill(cores[0][0], signal.SIGKILL)
+    for _ in range(200):
+        if gpu_yapd.http("/healthz", key=None)[0] == 503:
+            break
+        await asyncio.sleep(0.1)
+    assert gpu_yapd.http("/healthz", key=None)[0] == 503
+    async with ws_connect(gpu_yapd.url()) as ws:
+        await send(ws, type="start", session_id="x", user_utterance="hi")
+        msgs = [await recv(ws)]
+        assert msgs[0]["type"] == "error" and msgs[0]["error_code"] == "engine_unavailable"
+    replies = gpu_yapd.admin(timeout=600, cmd="restart", target="both")
+    assert replies[-1]["ok"] is True, replies
+    assert gpu_yapd.http("/healthz", key=None)[0] == 200
+    async with ws_connect(gpu_yapd.url()) as ws:
+        check_turn(await run_turn(ws))
