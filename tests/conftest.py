@@ -94,12 +94,14 @@ class Yapd:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"no log line with {needle!r}; last lines:\n" + "\n".join(self.lines[-30:]))
+                tail = "\n".join(self.lines[-30:])
+                raise TimeoutError(f"no log line with {needle!r}; last lines:\n{tail}")
             try:
                 line = self._q.get(timeout=min(left, 0.5))
             except queue.Empty:
                 if self.proc is not None and self.proc.poll() is not None and self._q.empty():
-                    raise RuntimeError(f"yapd exited {self.proc.returncode}:\n" + "\n".join(self.lines[-40:]))
+                    tail = "\n".join(self.lines[-40:])
+                    raise RuntimeError(f"yapd exited {self.proc.returncode}:\n{tail}") from None
                 continue
             if needle in line:
                 return line

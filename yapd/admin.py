@@ -223,7 +223,7 @@ async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
 
 async def _answers(path: Path) -> bool:
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 1.0)
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 1.0)
     except (OSError, asyncio.TimeoutError):
         return False
     writer.close()

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon.cache_env(cfg)
     try:
         cfg = daemon.prepare(cfg)
-    except Exception as exc:  # noqa: BLE001 - building demo models can fail in many ways
+    except Exception as exc:
         print(f"yapd: cannot prepare models: {exc}", file=sys.stderr)
         return 1
     d = daemon.Daemon(cfg, path, overrides)

@@ -204,7 +204,7 @@ class Config:
             return 0.70 if role == "chat" else 0.20
         return 0.90
 
-    def deployed(self, role: Literal["chat", "tool"]) -> bool:
+    def deployed(self, role: str) -> bool:
         return self.engines.deploy in ("both", role)
 
     def cache_dir(self) -> Path:
@@ -425,7 +425,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: server.rate_limit_burst: must be >= 1")
     for role in ("chat", "tool"):
         e: EngineConfig = getattr(cfg, role)
-        if cfg.deployed(role) and not e.model and not cfg.demo:  # type: ignore[arg-type]
+        if cfg.deployed(role) and not e.model and not cfg.demo:
             raise ConfigError(f"{src}: {role}.model: required when deploy is {cfg.engines.deploy!r}")
         if not 0 <= e.gpu_memory_utilization < 1:
             raise ConfigError(f"{src}: {role}.gpu_memory_utilization: must be in (0, 1), got "

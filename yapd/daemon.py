@@ -124,7 +124,7 @@ class Daemon:
         return self.exit_code
 
     def _deployed_roles(self) -> list[str]:
-        return [r for r in ("chat", "tool") if self.cfg.deployed(r)]  # type: ignore[arg-type]
+        return [r for r in ("chat", "tool") if self.cfg.deployed(r)]
 
     async def _start_admin(self) -> None:
         if not self.cfg.admin.enabled:
@@ -147,13 +147,14 @@ class Daemon:
             if parallel:
                 results = await asyncio.gather(*(self._start_one(r, e) for r, e in engines.items()),
                                                return_exceptions=True)
+                for res in results:
+                    if isinstance(res, BaseException):
+                        raise res if isinstance(res, EngineError) else EngineError(str(res))
             else:
-                results = [await self._start_one(r, e) for r, e in engines.items()]
+                for role, eng in engines.items():
+                    await self._start_one(role, eng)
         finally:
             extender.cancel()
-        for res in results:
-            if isinstance(res, BaseException):
-                raise res if isinstance(res, EngineError) else EngineError(str(res))
 
     async def _start_one(self, role: str, eng: Any) -> None:
         t0 = time.perf_counter()
@@ -259,7 +260,7 @@ class Daemon:
                 for section in config.ENGINE_SECTIONS:
                     setattr(self.rt.cfg, section, getattr(self.pending, section))
                 self.pending, self.pending_keys = None, []
-            roles = [r for r in roles if self.cfg.deployed(r)]  # type: ignore[arg-type]
+            roles = [r for r in roles if self.cfg.deployed(r)]
             drained = await self.wait_idle(roles, self.cfg.server.drain_timeout_s)
             self.notifier.status(f"restarting engines: {', '.join(roles)}")
             for role in roles:
@@ -315,7 +316,7 @@ class Daemon:
         for role, eng in list(self.rt.engines.items()):
             try:
                 await asyncio.wait_for(eng.shutdown(), timeout)
-            except Exception as exc:  # noqa: BLE001 - stopping anyway
+            except Exception as exc:
                 log.warning("engine %s shutdown: %s", role, exc)
         log.info("stopped")
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from yapd.config import DEFAULT_TOOLS
 from yapd.prompts import BUILTIN_STYLES, SPOKEN_RULES
@@ -41,8 +42,7 @@ The quick brown fox jumps over the lazy dog. Numbers: 0 1 2 3 4 5 6 7 8 9 10 100
 
 def corpus() -> list[str]:
     lines = _SAMPLE_TEXT.splitlines()
-    lines += list(BUILTIN_STYLES.values()) + [SPOKEN_RULES, TASK_INSTRUCTION, FORMAT_INSTRUCTION,
-                                              tools_json(DEFAULT_TOOLS)]
+    lines += [*BUILTIN_STYLES.values(), SPOKEN_RULES, TASK_INSTRUCTION, FORMAT_INSTRUCTION, tools_json(DEFAULT_TOOLS)]
     return lines * 4
 
 
@@ -56,8 +56,7 @@ def build_tokenizer(out: Path, vocab_size: int = 1024) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIALS[2], pad_token=SPECIALS[0], bos_token=None)
     fast.chat_template = CHATML
     fast.save_pretrained(out)
 
@@ -66,10 +65,11 @@ def _save_model(out: Path, arch: str, vocab: int, seed: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common: dict[str, Any] = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
                   eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
     torch.manual_seed(seed)
+    model: Any
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, bos_token_id=None))
     else:

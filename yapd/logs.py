@@ -95,7 +95,7 @@ class SafeRotatingFileHandler(logging.handlers.RotatingFileHandler):
 
     failed = False
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's API
+    def handleError(self, record: logging.LogRecord) -> None:
         if not self.failed:
             self.failed = True
             print(f"yapd: log file {self.baseFilename} unwritable; continuing on stderr only",

@@ -218,5 +218,4 @@ def error(code: str, message: str, request_id: str | None = None, **extra: Any) 
 
 def token(request_id: str, text: str) -> str:
     # The hot path: one small frame per delta, so skip building a dict.
-    return '{"type":"token","request_id":%s,"text":%s}' % (
-        json.dumps(request_id), json.dumps(text, ensure_ascii=False))
+    return f'{{"type":"token","request_id":{json.dumps(request_id)},"text":{json.dumps(text, ensure_ascii=False)}}}'

@@ -78,7 +78,7 @@ class Runtime:
         return self.engines.get(role)
 
     def engines_ready(self) -> bool:
-        roles = [r for r in ("chat", "tool") if self.cfg.deployed(r)]  # type: ignore[arg-type]
+        roles = [r for r in ("chat", "tool") if self.cfg.deployed(r)]
         return bool(roles) and all(
             (e := self.engines.get(r)) is not None and e.health().ok for r in roles
         )
@@ -108,7 +108,7 @@ class Runtime:
         out: dict[str, str | None] = {}
         for role in ("chat", "tool"):
             e = self.engines.get(role)
-            out[role] = e.model if e is not None and self.cfg.deployed(role) else None  # type: ignore[arg-type]
+            out[role] = e.model if e is not None and self.cfg.deployed(role) else None
         return out
 
     # --- auth and capacity ---------------------------------------------------------

@@ -229,7 +229,7 @@ class Turn:
     async def _send_done(self, *, cancelled: bool, error: str | None = None) -> None:
         self.done_sent = True
         self.rt.recent.record(self.ttft_ms, self.tool_ms)
-        self.rt.metrics.turn_total.observe((time.perf_counter() - self.t0))
+        self.rt.metrics.turn_total.observe(time.perf_counter() - self.t0)
         self.rt.metrics.turns.labels("error" if error else "cancelled" if cancelled else "completed").inc()
         await self.send(self.done_message(cancelled=cancelled, error=error))
 

@@ -185,7 +185,7 @@ class CpuEngine(Engine):
                     if is_eos and not spec.ignore_eos:
                         return
                     input_ids = torch.tensor([[token_id]], dtype=torch.long)
-        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+        except BaseException as exc:
             log.exception("generation failed role=%s request=%s", self.role, req.request_id)
             put(exc)
             return

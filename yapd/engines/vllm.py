@@ -30,7 +30,7 @@ def gpu_capability() -> tuple[int, int] | None:
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(0)
             return int(major), int(minor)
-    except Exception:  # noqa: BLE001, S110 - no GPU or no torch: no capability
+    except Exception:  # noqa: S110 - no GPU or no torch: no capability
         pass
     return None
 
@@ -201,7 +201,7 @@ class VllmEngine(Engine):
         try:
             procs = self._llm.engine_core.resources.engine_manager.processes
             return int(procs[0].pid)
-        except Exception:  # noqa: BLE001 - internals differ across vLLM versions
+        except Exception:
             return None
 
 

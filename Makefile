@@ -1,0 +1,36 @@
+# yap: the two commands of the README, and the checks CI runs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+
+.PHONY: demo test install lint typecheck check clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch 2.13.0 (CPU build) first: a plain "torch" requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[cpu,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+## Run yapd with tiny random-weight demo models on the CPU (ws://127.0.0.1:$(PORT)/ws?api_key=yap_token).
+demo: install
+	$(BIN)/yapd --demo --host 127.0.0.1 --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check yapd yapctl tests
+
+typecheck: install
+	$(BIN)/mypy
+
+## Lint, type-check and run the whole CPU test suite.
+test: install lint typecheck
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

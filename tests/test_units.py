@@ -1,0 +1,305 @@
+"""Pure units: config, trimming, personas, Hammer parsing, rate limiting, engine args."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from yapd import config
+from yapd.config import ConfigError
+from yapd.engines.vllm import engine_kwargs
+from yapd.prompts import (
+    BUILTIN_STYLES,
+    ChatLayout,
+    PromptCache,
+    build_chat_prompt,
+    compose_persona,
+    persona_styles,
+    trim_history,
+    trim_utterance,
+)
+from yapd.session import RateLimiter
+from yapd.toolcall import DecisionReader, instruction_block, parse_calls, query_block
+
+# --- config ----------------------------------------------------------------------
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_the_originals():
+    cfg = config.load(None, env={})
+    assert cfg.server.api_keys == ["yap_token"] and cfg.server.port == 8000
+    assert cfg.engines.deploy == "both" and cfg.max_connections == 16
+    assert cfg.gpu_fraction("chat") == 0.70 and cfg.gpu_fraction("tool") == 0.20
+    t = cfg.turn
+    assert (t.chat_max_out, t.history_max_tokens, t.user_utt_max_tokens) == (200, 3000, 350)
+    assert cfg.chat.max_model_len == 5760 and t.tool_timeout_s == 10.0
+    assert cfg.chat.model == "SicariusSicariiStuff/Impish_Nemo_12B" and cfg.tool.model == "MadeAgents/Hammer2.1-3b"
+
+
+@pytest.mark.parametrize("deploy,cap,frac", [("tool", 32, 0.90), ("chat", 24, 0.90), ("both", 16, 0.70)])
+def test_deploy_aware_defaults(deploy, cap, frac):
+    cfg = config.load(None, env={"DEPLOY_MODELS": deploy})
+    assert cfg.max_connections == cap
+    role = "tool" if deploy == "tool" else "chat"
+    assert cfg.gpu_fraction(role) == frac
+
+
+def test_env_overrides_every_original_variable():
+    env = {"YAP_API_KEY": "a,b", "MAX_CONCURRENT_CONNECTIONS": "5", "DEPLOY_MODELS": "chat", "CHAT_MODEL": "x/y",
+           "TOOL_MODEL": "t/m", "CHAT_GPU_FRAC": "0.5", "TOOL_GPU_FRAC": "0.3", "QUANTIZATION": "awq",
+           "KV_DTYPE": "fp8", "CONCURRENT_MODEL_CALL": "1", "STREAM_FLUSH_MS": "15", "CHAT_MAX_OUT": "99",
+           "HISTORY_MAX_TOKENS": "1000", "USER_UTT_MAX_TOKENS": "50", "EXACT_TOKEN_TRIM": "0", "CHAT_MAX_LEN": "4096",
+           "AWQ_CHAT_MODEL": "o/chat-awq", "AWQ_TOOL_MODEL": "o/tool-awq"}
+    cfg = config.load(None, env=env)
+    assert cfg.server.api_keys == ["a", "b"] and cfg.max_connections == 5 and cfg.engines.deploy == "chat"
+    assert (cfg.chat.model, cfg.tool.model) == ("x/y", "t/m")
+    assert (cfg.gpu_fraction("chat"), cfg.tool.gpu_memory_utilization) == (0.5, 0.3)
+    assert cfg.chat.quantization == "awq" and cfg.tool.quantization == "awq"
+    assert cfg.chat.kv_cache_dtype == "fp8" == cfg.tool.kv_cache_dtype
+    t = cfg.turn
+    assert t.concurrent and t.stream_flush_ms == 15 and t.chat_max_out == 99 and t.history_max_tokens == 1000
+    assert t.user_utt_max_tokens == 50 and t.exact_token_trim is False and cfg.chat.max_model_len == 4096
+    assert (cfg.chat.awq_model, cfg.tool.awq_model) == ("o/chat-awq", "o/tool-awq")
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[server]\nport = 'eighty'\n", "server.port: expected an integer"),
+    ("[server]\nbogus = 1\n", "server.bogus: unknown key"),
+    ("[nope]\nx = 1\n", "nope: unknown section"),
+    ("[server]\napi_keys = 'k'\n", "server.api_keys: expected a list"),
+    ("[server]\napi_keys = []\n", "api_keys: at least one"),
+    ("[engines]\ndeploy = 'all'\n", "engines.deploy: 'all' is not one of"),
+    ("[chat]\ngpu_memory_utilization = 0.8\n[tool]\ngpu_memory_utilization = 0.3\n", "leaves no room"),
+    ("[turn]\ndefault_persona_style = 'grumpy'\n", "default_persona_style"),
+    ("[[tools]]\ndescription = 'x'\n", "a tool needs a name"),
+    ("[server\n", "invalid TOML"),
+    ("[logging]\nlevel = 'loud'\n", "logging.level"),
+])
+def test_bad_config_names_file_key_and_reason(tmp_path, text, needle):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path, env={})
+    assert needle in str(info.value) and str(path) in str(info.value)
+
+
+def test_bad_env_names_the_variable():
+    with pytest.raises(ConfigError, match="MAX_CONCURRENT_CONNECTIONS"):
+        config.load(None, env={"MAX_CONCURRENT_CONNECTIONS": "lots"})
+    with pytest.raises(ConfigError, match="CONCURRENT_MODEL_CALL"):
+        config.load(None, env={"CONCURRENT_MODEL_CALL": "maybe"})
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load(tmp_path / "absent.toml", env={})
+
+
+def test_example_config_loads_and_documents_every_key():
+    root = Path(__file__).resolve().parent.parent
+    example = root / "config.example.toml"
+    cfg = config.load(example, env={})
+    assert cfg.tools[0].name == "take_screenshot"
+    text = example.read_text()
+    import dataclasses
+
+    for section in ("server", "engines", "chat", "tool", "turn", "admin", "logging", "awq"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            assert f"{f.name} =" in text, f"config.example.toml does not document {section}.{f.name}"
+
+
+def test_diff_keys_split():
+    old = config.load(None, env={})
+    new = config.load(None, env={"YAP_API_KEY": "new", "CHAT_MODEL": "other/model", "YAP_PORT": "9000"})
+    live, engine, restart = config.diff_keys(old, new)
+    assert "server.api_keys" in live and "chat.model" in engine and "server.port" in restart
+
+
+# --- trimming and prompts ----------------------------------------------------------
+
+
+def test_trim_history_exact_and_coarse():
+    ids = list(range(5000))
+    assert trim_history(ids, 3000) == ids[-3000:]
+    assert trim_history(ids[:100], 3000) == ids[:100]
+    assert trim_history(ids, 0) == []
+    coarse = trim_history(ids, 3000, step=256)
+    assert len(coarse) <= 3000 and coarse == ids[-len(coarse):] and len(coarse) > 3000 - 256
+    # The cut point stays put while the history grows by less than a step: same prefix.
+    a = trim_history(list(range(3100)), 3000, step=256)
+    b = trim_history(list(range(3200)), 3000, step=256)
+    assert a[0] == b[0] == 256
+
+
+def test_trim_utterance_keeps_the_start():
+    assert trim_utterance(list(range(1000)), 350) == list(range(350))
+
+
+class FakeTok:
+    """Whitespace tokenizer: one token per word (to check exact counting)."""
+
+    chat_template = None
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+        self.calls: list[str] = []
+
+    def encode(self, text, add_special_tokens=False):
+        self.calls.append(text)
+        return [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
+
+    def decode(self, ids, skip_special_tokens=True):
+        inv = {v: k for k, v in self.vocab.items()}
+        return " ".join(inv[i] for i in ids)
+
+
+def test_build_prompt_is_token_exact_and_ordered():
+    tok = FakeTok()
+    cache = PromptCache(tok)
+    layout = ChatLayout.from_tokenizer(tok)
+    history = " ".join(f"h{i}" for i in range(5000))
+    utt = " ".join(f"u{i}" for i in range(500))
+    p = build_chat_prompt(cache, layout, "persona words here", history, utt, history_max_tokens=3000,
+                          history_step=1, utterance_max_tokens=350, max_model_len=10000, max_out=200)
+    text = tok.decode(p.ids)
+    assert p.persona_tokens == 3 and p.history_tokens == 3000 and p.utterance_tokens == 350
+    assert text.startswith("persona words here")
+    assert "h4999" in text and "h1999 " not in text and "h2000" in text
+    assert "u0 " in text and "u349" in text and "u350" not in text
+    assert text.index("h4999") < text.index("u0")
+
+
+def test_history_tokenized_incrementally():
+    tok = FakeTok()
+    cache = PromptCache(tok)
+    first = cache.history_ids("a b c", 100)
+    tok.calls.clear()
+    second = cache.history_ids("a b c d e", 100)
+    assert second[: len(first)] == first and tok.calls == [" d e"]
+
+
+def test_prompt_fits_the_context():
+    tok = FakeTok()
+    p = build_chat_prompt(PromptCache(tok), ChatLayout.from_tokenizer(tok), "p " * 10,
+                          " ".join(f"h{i}" for i in range(3000)), "hello", history_max_tokens=3000, history_step=64,
+                          utterance_max_tokens=350, max_model_len=1000, max_out=200)
+    assert len(p.ids) + 200 <= 1000
+
+
+def test_chat_layout_from_a_real_template(cache_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cache_dir / "demo" / "chat")
+    layout = ChatLayout.from_tokenizer(tok)
+    assert layout.system_role and layout.head == "<|im_start|>system\n"
+    assert layout.tail.endswith("<|im_start|>assistant\n")
+
+
+def test_persona_composition():
+    text = compose_persona(BUILTIN_STYLES["savage"], "man", "a pilot from Oslo")
+    assert "a man" in text and "roast" in text and "a pilot from Oslo" in text
+    assert "a woman" in compose_persona(BUILTIN_STYLES["wholesome"], "woman", "")
+    styles = persona_styles({"Pirate": "Talk like a pirate."})
+    assert "pirate" in styles and {"wholesome", "savage", "flirty"} <= set(styles)
+
+
+# --- Hammer output ---------------------------------------------------------------
+
+KNOWN = ["take_screenshot", "get_weather"]
+
+
+@pytest.mark.parametrize("raw,status,names,reason", [
+    ("[]", "no", [], "empty"),
+    ('[{"name": "take_screenshot", "arguments": {}}]', "yes", ["take_screenshot"], "calls"),
+    ('```json\n[{"name": "get_weather", "arguments": {"city": "Oslo"}}]\n```', "yes", ["get_weather"], "calls"),
+    ('[{"name": "take_screenshot", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]',
+     "yes", ["take_screenshot", "get_weather"], "calls"),
+    ('{"tool_calls": [{"name": "take_screenshot", "arguments": {}}]}', "yes", ["take_screenshot"], "calls"),
+    ('[{"name": "launch_rocket", "arguments": {}}]', "no", [], "unknown_tool"),
+    ("I cannot help with that.", "no", [], "malformed"),
+    ('[{"name": "take_screenshot", "arguments": ', "no", [], "malformed"),
+    ('[{"arguments": {}}]', "no", [], "malformed"),
+    ("[1, 2]", "no", [], "malformed"),
+])
+def test_parse_calls(raw, status, names, reason):
+    d = parse_calls(raw, KNOWN)
+    assert (d.status, [c.name for c in d.calls], d.reason) == (status, names, reason)
+    assert d.raw == raw
+
+
+def feed_all(text: str, step: int = 1) -> tuple[DecisionReader, int]:
+    r = DecisionReader(KNOWN)
+    for i in range(0, len(text), step):
+        if r.feed(text[i:i + step]) is not None:
+            return r, i + step
+    r.finish()
+    return r, len(text)
+
+
+def test_reader_decides_no_at_the_empty_list():
+    r, used = feed_all("[]\n\nsome trailing junk the model would keep generating")
+    assert r.decision is not None and r.decision.status == "no" and used == 2
+
+
+def test_reader_decides_no_at_the_first_non_list_character():
+    r, used = feed_all("Sure! Let me think about it for a long while")
+    assert r.decision is not None and r.decision.reason == "malformed" and used == 1
+
+
+def test_reader_settles_yes_when_the_list_closes():
+    call = '[{"name": "get_weather", "arguments": {"city": "a ] tricky \\" [ city"}}]'
+    r, used = feed_all(call + "\nand more", step=3)
+    assert r.decision is not None and r.decision.status == "yes"
+    assert r.decision.calls[0].arguments == {"city": 'a ] tricky " [ city'}
+    assert used <= len(call) + 2
+
+
+def test_reader_with_fence_and_incomplete_output():
+    r, _ = feed_all('```json\n[{"name": "take_screenshot", "arguments": {}}]\n```')
+    assert r.decision is not None and r.decision.status == "yes"
+    r2, _ = feed_all('[{"name": "take_scr')
+    assert r2.decision is not None and r2.decision.status == "no" and r2.decision.reason == "malformed"
+
+
+def test_hammer_prompt_shape():
+    cfg = config.load(None, env={})
+    block = instruction_block(cfg.tools)
+    assert block.index("[BEGIN OF TASK INSTRUCTION]") < block.index("[BEGIN OF AVAILABLE TOOLS]")
+    tools = json.loads(block.split("[BEGIN OF AVAILABLE TOOLS]\n")[1].split("\n[END OF AVAILABLE TOOLS]")[0])
+    assert tools[0]["name"] == "take_screenshot"
+    q = query_block("look at this", "user: hi\nassistant: hello")
+    assert q.startswith("[BEGIN OF QUERY]") and "look at this" in q and "assistant: hello" in q
+
+
+# --- misc ------------------------------------------------------------------------
+
+
+def test_rate_limiter():
+    rl = RateLimiter(rate=2, burst=3)
+    t = rl.stamp
+    assert [rl.allow(t) for _ in range(4)] == [True, True, True, False]
+    assert rl.allow(t + 0.5) is True and rl.allow(t + 0.5) is False
+
+
+def test_vllm_engine_args_from_config():
+    cfg = config.load(None, env={})
+    chat = engine_kwargs("chat", cfg, cfg.chat.model, (9, 0))
+    assert chat["quantization"] == "fp8" and chat["kv_cache_dtype"] == "fp8"
+    assert chat["gpu_memory_utilization"] == 0.70 and chat["enable_prefix_caching"] and not chat["enforce_eager"]
+    assert chat["max_model_len"] == 5760
+    tool = engine_kwargs("tool", cfg, cfg.tool.model, (9, 0))
+    assert tool["quantization"] is None and tool["gpu_memory_utilization"] == 0.20
+    gptq = engine_kwargs("chat", cfg, "someone/Model-GPTQ-4bit", (9, 0))
+    assert gptq["quantization"] is None and gptq["kv_cache_dtype"] == "auto"
+    ampere = engine_kwargs("chat", cfg, cfg.chat.model, (8, 0))
+    assert ampere["kv_cache_dtype"] == "auto"
+    cfg.chat.tensor_parallel_size = 2
+    cfg.chat.extra_engine_args = {"max_num_batched_tokens": 4096}
+    tp = engine_kwargs("chat", cfg, cfg.chat.model, (9, 0))
+    assert tp["tensor_parallel_size"] == 2 and tp["max_num_batched_tokens"] == 4096
