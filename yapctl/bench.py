@@ -1,0 +1,216 @@
+"""WebSocket client tools: one turn (``yapctl chat``) and a concurrent benchmark
+(``yapctl bench``), measuring what a client sees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+
+def pct(xs: list[float], p: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return round(s[min(len(s) - 1, int(p / 100 * len(s)))], 2)
+
+
+@dataclass
+class TurnResult:
+    ok: bool
+    ttft_ms: float | None = None
+    tool_ms: float | None = None
+    total_ms: float | None = None
+    gaps_ms: list[float] = field(default_factory=list)
+    chunks: int = 0
+    chars: int = 0
+    text: str = ""
+    toolcall: dict[str, Any] | None = None
+    ack: dict[str, Any] | None = None
+    done: dict[str, Any] | None = None
+    error: str | None = None
+
+
+async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float = 60,
+                   on_token: Callable[[str], None] | None = None) -> TurnResult:
+    """Send ``start`` and read that turn to its done; times are taken at the client."""
+    res = TurnResult(ok=False)
+    t0 = time.perf_counter()
+    await ws.send(json.dumps(start))
+    last: float | None = None
+    parts: list[str] = []
+    deadline = t0 + timeout
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            res.error = "timeout"
+            return res
+        msg = json.loads(await asyncio.wait_for(ws.recv(), left))
+        now = time.perf_counter()
+        kind = msg.get("type")
+        if kind == "ack":
+            res.ack = msg
+        elif kind == "toolcall":
+            res.toolcall = msg
+            res.tool_ms = (now - t0) * 1000
+        elif kind == "token":
+            if last is None:
+                res.ttft_ms = (now - t0) * 1000
+            else:
+                res.gaps_ms.append((now - last) * 1000)
+            last = now
+            res.chunks += 1
+            parts.append(msg["text"])
+            if on_token is not None:
+                on_token(msg["text"])
+        elif kind == "error":
+            res.error = f"{msg.get('error_code')}: {msg.get('message')}"
+            if msg.get("error_code") in ("authentication_failed", "server_at_capacity"):
+                return res
+        elif kind == "done":
+            res.done = msg
+            res.total_ms = (now - t0) * 1000
+            res.text = "".join(parts)
+            res.chars = len(res.text)
+            res.ok = res.error is None and not msg.get("cancelled")
+            return res
+
+
+@dataclass
+class BenchConfig:
+    url: str
+    key: str
+    n: int = 32
+    concurrency: int = 8
+    timeout: float = 60
+    utterance: str = "who was Columbus?"
+    persona_text: str | None = None
+    history_text: str | None = None
+    warmup: bool = True
+
+
+@dataclass
+class BenchReport:
+    results: list[TurnResult]
+    wall_s: float
+    concurrency: int
+
+    def summary(self) -> dict[str, Any]:
+        ok = [r for r in self.results if r.ok]
+        ttft = [r.ttft_ms for r in ok if r.ttft_ms is not None]
+        tool = [r.tool_ms for r in ok if r.tool_ms is not None]
+        total = [r.total_ms for r in ok if r.total_ms is not None]
+        gaps = [g for r in ok for g in r.gaps_ms]
+        errors: dict[str, int] = {}
+        for r in self.results:
+            if not r.ok:
+                key = (r.error or "cancelled").split(":")[0]
+                errors[key] = errors.get(key, 0) + 1
+        return {
+            "turns": len(self.results), "completed": len(ok), "concurrency": self.concurrency,
+            "wall_s": round(self.wall_s, 2), "errors": errors,
+            "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95), "p99": pct(ttft, 99)},
+            "tool_ms": {"p50": pct(tool, 50), "p95": pct(tool, 95), "p99": pct(tool, 99)},
+            "itl_ms": {"p50": pct(gaps, 50), "p95": pct(gaps, 95), "p99": pct(gaps, 99)},
+            "total_ms": {"p50": pct(total, 50), "p95": pct(total, 95), "p99": pct(total, 99)},
+        }
+
+
+def _start(cfg: BenchConfig, session: str, i: int) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "start", "session_id": session, "request_id": f"{session}-{i}",
+                           "user_utterance": f"{cfg.utterance} ({i})"}
+    if cfg.persona_text is not None:
+        msg["persona_text"] = cfg.persona_text
+    if cfg.history_text is not None:
+        msg["history_text"] = cfg.history_text
+    return msg
+
+
+async def bench(cfg: BenchConfig, progress: Callable[[int, int], None] | None = None) -> BenchReport:
+    """``cfg.n`` turns over ``cfg.concurrency`` connections, each its own session. With
+    ``warmup`` every connection first runs one unrecorded turn (warm prefix cache)."""
+    results: list[TurnResult] = []
+    counter = iter(range(cfg.n))
+    url = cfg.url
+    ready = asyncio.Event()  # set when every connection is warm: the clock starts then
+    warm = asyncio.Event()
+    warmed = 0
+
+    def arrived() -> None:
+        nonlocal warmed
+        warmed += 1
+        if warmed == cfg.concurrency:
+            warm.set()
+
+    async def worker(w: int) -> None:
+        session = f"bench-{uuid.uuid4().hex[:8]}-{w}"
+        try:
+            async with connect(url, additional_headers={"X-API-Key": cfg.key}, max_size=None,
+                               open_timeout=cfg.timeout, compression=None) as ws:
+                if cfg.warmup:
+                    await run_turn(ws, _start(cfg, session, -1), cfg.timeout)
+                arrived()
+                await ready.wait()
+                for i in counter:
+                    try:
+                        res = await run_turn(ws, _start(cfg, session, i), cfg.timeout)
+                    except (asyncio.TimeoutError, OSError) as exc:
+                        res = TurnResult(ok=False, error=f"client: {type(exc).__name__}")
+                    results.append(res)
+                    if progress is not None:
+                        progress(len(results), cfg.n)
+                    if res.error and res.error.startswith(("authentication_failed", "server_at_capacity")):
+                        return
+        except Exception as exc:
+            if not ready.is_set():
+                arrived()
+            results.append(TurnResult(ok=False, error=f"connect: {type(exc).__name__}: {exc}"))
+
+    tasks = [asyncio.create_task(worker(w)) for w in range(cfg.concurrency)]
+    await warm.wait()
+    t0 = time.perf_counter()
+    ready.set()
+    await asyncio.gather(*tasks)
+    return BenchReport(results, time.perf_counter() - t0, cfg.concurrency)
+
+
+async def cancel_latency(url: str, key: str, n: int = 10, start: dict[str, Any] | None = None,
+                         timeout: float = 60) -> dict[str, Any]:
+    """Client-observed cancel -> done, and barge-in -> new turn's first token."""
+    cancel_ms: list[float] = []
+    barge_ms: list[float] = []
+    base = start or {"type": "start", "session_id": "cancel-bench", "user_utterance": "tell me a long story"}
+    async with connect(url, additional_headers={"X-API-Key": key}, max_size=None, compression=None) as ws:
+
+        async def first_token(rid: str) -> None:
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+                if msg["type"] == "token" and msg["request_id"] == rid:
+                    return
+
+        for i in range(n):
+            await ws.send(json.dumps({**base, "request_id": f"c{i}"}))
+            await first_token(f"c{i}")
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"type": "cancel"}))
+            while json.loads(await asyncio.wait_for(ws.recv(), timeout))["type"] != "done":
+                pass
+            cancel_ms.append((time.perf_counter() - t0) * 1000)
+        for i in range(n):
+            await ws.send(json.dumps({**base, "request_id": f"b{i}a"}))
+            await first_token(f"b{i}a")
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({**base, "request_id": f"b{i}b", "user_utterance": f"wait, stop ({i})"}))
+            await first_token(f"b{i}b")
+            barge_ms.append((time.perf_counter() - t0) * 1000)
+            await ws.send(json.dumps({"type": "cancel"}))
+            while json.loads(await asyncio.wait_for(ws.recv(), timeout))["type"] != "done":
+                pass
+    return {"cancel_to_done_ms": {"p50": pct(cancel_ms, 50), "p99": pct(cancel_ms, 99), "max": max(cancel_ms)},
+            "barge_in_to_first_token_ms": {"p50": pct(barge_ms, 50), "p95": pct(barge_ms, 95)}}

@@ -1,0 +1,413 @@
+"""GPU benchmark: yapd as a client sees it, raw AsyncLLM (the floor) and ``vllm serve``
+(the alternative), with the same prompts, in one run, on one machine.
+
+    python -m yapctl.gpubench MODELS_DIR [--out docs/bench] [--phases yapd,raw,serve]
+
+MODELS_DIR holds ``nemo-12b`` and ``hammer-3b`` folders (configs + tokenizers; weights are
+``load_format="dummy"``: real shapes, random values, real timings). Every phase writes
+its figures to the JSON file as soon as it has them. A program that prints figures, not
+a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from yapctl.bench import BenchConfig, bench, cancel_latency, pct
+
+LEVELS = (1, 8, 16, 24)
+WORDS = ("the quick brown fox jumps over a lazy dog while the persona keeps talking about music movies "
+         "travel plans and what to cook tonight because the user likes spicy food").split()
+PORT = 8123
+SERVE_PORT = 8124
+
+
+def text(n_words: int, seed: int) -> str:
+    return " ".join(WORDS[(i * 7 + seed) % len(WORDS)] for i in range(n_words))
+
+
+PERSONA = "<|persona|> " + text(450, 1)  # ~600 tokens
+HISTORY = "<|history|> " + text(1500, 2)  # ~2000 tokens
+UTTERANCE = text(20, 100)
+
+
+def turns_for(c: int) -> int:
+    return max(24, 3 * c)
+
+
+def config_text(models: Path, cache: Path, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
+    return f"""
+[server]
+host = "127.0.0.1"
+port = {PORT}
+api_keys = ["bench"]
+max_connections = 64
+rate_limit_per_s = 1000.0
+rate_limit_burst = 1000
+[engines]
+deploy = "both"
+cache_dir = "{cache}"
+[chat]
+model = "{models / chat}"
+backend = "vllm"
+load_format = "dummy"
+quantization = "fp8"
+[tool]
+model = "{models / tool}"
+backend = "vllm"
+load_format = "dummy"
+[turn]
+concurrent = true
+ignore_eos = true
+chat_max_out = 200
+"""
+
+
+class Results:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"date": datetime.date.today().isoformat(), "machine": _gpu_name(),
+                                     "prompt": {"persona_words": 450, "history_words": 1500,
+                                                "utterance_words": 20, "max_out": 200}}
+        try:
+            import vllm
+
+            self.data["vllm"] = vllm.__version__
+        except ImportError:
+            pass
+
+    def put(self, section: str, key: str, value: Any) -> None:
+        self.data.setdefault(section, {})[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1))
+        print(f"RESULT {section}.{key} {json.dumps(value)}", flush=True)
+
+
+def _gpu_name() -> str:
+    try:
+        import torch
+
+        return str(torch.cuda.get_device_name(0))
+    except Exception:
+        return "unknown"
+
+
+# --- yapd -------------------------------------------------------------------------
+
+
+def start_yapd(cfg_path: Path, log: Path) -> tuple[subprocess.Popen[bytes], float]:
+    t0 = time.perf_counter()
+    offset = log.stat().st_size if log.exists() else 0  # the log is appended to: read only this start's lines
+    proc = subprocess.Popen([sys.executable, "-m", "yapd", "--config", str(cfg_path), "--admin-socket",
+                             str(cfg_path.parent / "admin.sock")], stdout=subprocess.DEVNULL,
+                            stderr=log.open("ab"), start_new_session=True)
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"yapd exited {proc.returncode}; see {log}")
+        if b"yapd.daemon: ready port=" in log.read_bytes()[offset:]:
+            return proc, time.perf_counter() - t0
+        time.sleep(0.25)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def phase_yapd(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
+    cfg = work / "yapd.toml"
+    cfg.write_text(config_text(models, work / "cache"))
+    log = work / "yapd.log"
+    proc, cold = start_yapd(cfg, log)
+    res.put("yapd", "start_s_first", round(cold, 1))
+    url = f"ws://127.0.0.1:{PORT}/ws"
+    try:
+        for c in levels:
+            rep = await bench(BenchConfig(url=url, key="bench", n=turns_for(c), concurrency=c, timeout=120,
+                                          utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
+            res.put("yapd", f"c{c}", rep.summary())
+        start = {"type": "start", "session_id": "cancel", "user_utterance": UTTERANCE, "persona_text": PERSONA,
+                 "history_text": HISTORY}
+        res.put("yapd", "cancel", await cancel_latency(url, "bench", n=20, start=start))
+    finally:
+        stop(proc)
+    proc, warm = start_yapd(cfg, log)
+    res.put("yapd", "start_s_restart", round(warm, 1))
+    stop(proc)
+
+
+# --- raw AsyncLLM ----------------------------------------------------------------
+
+
+class _Tok:
+    def __init__(self, tok: Any) -> None:
+        self.tokenizer = tok
+
+
+def prompts(models: Path) -> tuple[list[int], list[int], Any, Any]:
+    """The exact token ids yapd builds for the bench's turn (chat and tool)."""
+    from transformers import AutoTokenizer
+
+    from yapd import config
+    from yapd.prompts import PromptCache, build_chat_prompt
+    from yapd.runtime import Runtime
+    from yapd.toolcall import query_block
+
+    cfg = config.load(None, env={})
+    chat_tok = AutoTokenizer.from_pretrained(models / "nemo-12b")
+    tool_tok = AutoTokenizer.from_pretrained(models / "hammer-3b")
+    rt = Runtime(cfg)
+    chat_eng, tool_eng = _Tok(chat_tok), _Tok(tool_tok)
+    t = cfg.turn
+    chat = build_chat_prompt(PromptCache(chat_tok), rt.layout(chat_eng), PERSONA, HISTORY,  # type: ignore[arg-type]
+                             UTTERANCE, history_max_tokens=t.history_max_tokens, history_step=t.history_trim_step,
+                             utterance_max_tokens=t.user_utt_max_tokens, max_model_len=5760, max_out=200).ids
+    prefix, tail = rt.tool_prefix(tool_eng)  # type: ignore[arg-type]
+    recent = HISTORY[-t.tool_history_tokens * 4:]
+    tool = prefix + tool_tok.encode(query_block(UTTERANCE, recent), add_special_tokens=False) + tail
+    return chat, tool, chat_tok, tool_tok
+
+
+async def phase_raw(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from yapd import config
+    from yapd.daemon import cache_env
+    from yapd.engines.vllm import engine_kwargs, gpu_capability
+    from yapd.toolcall import DecisionReader
+
+    cfg = config.from_mapping(config.tomllib.loads(config_text(models, work / "cache")), "bench")
+    cache_env(cfg)
+    chat_ids, tool_ids, _, _ = prompts(models)
+    res.put("raw", "prompt_tokens", {"chat": len(chat_ids), "tool": len(tool_ids)})
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    t0 = time.perf_counter()
+    chat = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("chat", cfg, cfg.chat.model, gpu_capability())))
+    tool = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("tool", cfg, cfg.tool.model, gpu_capability())))
+    res.put("raw", "start_s", round(time.perf_counter() - t0, 1))
+    chat_sp = SamplingParams(max_tokens=200, min_tokens=200, ignore_eos=True, temperature=0.8, top_p=0.95,
+                             output_kind=RequestOutputKind.DELTA)
+    tool_sp = SamplingParams(max_tokens=96, temperature=0.0, top_k=1, stop=["\n\n"],
+                             output_kind=RequestOutputKind.DELTA)
+
+    async def one_tool(i: int) -> tuple[float | None, float]:
+        t0 = time.perf_counter()
+        first = None
+        reader = DecisionReader(["take_screenshot"])
+        async for out in tool.generate({"prompt_token_ids": tool_ids}, tool_sp, uuid.uuid4().hex):
+            if first is None:
+                first = (time.perf_counter() - t0) * 1000
+            if reader.feed(out.outputs[0].text) is not None:
+                break
+        return first, (time.perf_counter() - t0) * 1000
+
+    async def one_turn(i: int) -> tuple[float | None, list[float], float | None, float]:
+        # Both engines together, as yapd's concurrent mode runs them.
+        utt = [*chat_ids[:-12], 1000 + i % 5000, *chat_ids[-11:]]
+        t0 = time.perf_counter()
+        tool_task = asyncio.ensure_future(one_tool(i))
+        first = None
+        stamps: list[float] = []
+        async for out in chat.generate({"prompt_token_ids": utt}, chat_sp, uuid.uuid4().hex):
+            if out.outputs[0].token_ids:
+                now = time.perf_counter()
+                if first is None:
+                    first = (now - t0) * 1000
+                stamps.append(now)
+        tool_first, tool_done = await tool_task
+        return first, [(b - a) * 1000 for a, b in itertools.pairwise(stamps)], tool_first, tool_done
+
+    for c in levels:
+        await asyncio.gather(*(one_turn(10_000 + j) for j in range(c)))  # warm the prefix
+        n = turns_for(c)
+        counter = iter(range(n))
+        rows: list[Any] = []
+
+        async def worker(counter: Any = counter, rows: list[Any] = rows) -> None:
+            for i in counter:
+                rows.append(await one_turn(i))
+
+        await asyncio.gather(*(worker() for _ in range(c)))
+        ttft = [r[0] for r in rows if r[0] is not None]
+        itl = [g for r in rows for g in r[1]]
+        tfirst = [r[2] for r in rows if r[2] is not None]
+        tdone = [r[3] for r in rows]
+        res.put("raw", f"c{c}", {"turns": n, "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
+                                 "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
+                                 "tool_first_token_ms": {"p50": pct(tfirst, 50), "p95": pct(tfirst, 95)},
+                                 "tool_ms": {"p50": pct(tdone, 50), "p95": pct(tdone, 95)}})
+    chat.shutdown()
+    tool.shutdown()
+
+
+# --- vllm serve ------------------------------------------------------------------
+
+
+async def _post_stream(body: dict[str, Any]) -> tuple[float | None, list[float]]:
+    """POST /v1/completions with stream=true over plain asyncio; client-side timings."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", SERVE_PORT)
+    payload = json.dumps(body).encode()
+    t0 = time.perf_counter()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(payload)).encode() + b"\r\nConnection: close\r\n\r\n" + payload)
+    await writer.drain()
+    first = None
+    stamps: list[float] = []
+    buf = b""
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            line = line.strip()
+            if line.startswith(b"data:") and line != b"data: [DONE]":
+                d = json.loads(line[5:])
+                if d.get("choices") and d["choices"][0].get("text"):
+                    now = time.perf_counter()
+                    if first is None:
+                        first = (now - t0) * 1000
+                    stamps.append(now)
+    writer.close()
+    return first, [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
+
+
+async def phase_serve(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
+    chat_ids, _, _, _ = prompts(models)
+    log = work / "serve.log"
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(work / "cache" / "vllm")}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any timing
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models / "nemo-12b"),
+         "--load-format", "dummy", "--quantization", "fp8", "--kv-cache-dtype", "fp8",
+         "--gpu-memory-utilization", "0.70", "--max-model-len", "5760", "--enable-prefix-caching",
+         "--port", str(SERVE_PORT), "--host", "127.0.0.1", "--disable-log-stats"],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited {proc.returncode}; see {log}")
+            try:
+                r, w = await asyncio.open_connection("127.0.0.1", SERVE_PORT)
+                w.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                await w.drain()
+                head = await r.read(64)
+                w.close()
+                if b" 200 " in head:
+                    break
+            except OSError:
+                pass
+            await asyncio.sleep(1)
+        res.put("serve", "start_s", round(time.perf_counter() - t0, 1))
+
+        def body(i: int) -> dict[str, Any]:
+            ids = [*chat_ids[:-12], 1000 + i % 5000, *chat_ids[-11:]]
+            return {"model": str(models / "nemo-12b"), "prompt": ids, "max_tokens": 200, "min_tokens": 200,
+                    "ignore_eos": True, "temperature": 0.8, "top_p": 0.95, "stream": True}
+
+        for c in levels:
+            await asyncio.gather(*(_post_stream(body(10_000 + j)) for j in range(c)))
+            n = turns_for(c)
+            counter = iter(range(n))
+            rows: list[Any] = []
+
+            async def worker(counter: Any = counter, rows: list[Any] = rows) -> None:
+                for i in counter:
+                    rows.append(await _post_stream(body(i)))
+
+            await asyncio.gather(*(worker() for _ in range(c)))
+            ttft = [r[0] for r in rows if r[0] is not None]
+            itl = [g for r in rows for g in r[1]]
+            res.put("serve", f"c{c}", {"turns": n, "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
+                                       "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)}})
+    finally:
+        stop(proc)
+
+
+# --- report ----------------------------------------------------------------------
+
+
+def markdown(data: dict[str, Any]) -> str:
+    def g(sec: str, lvl: str, metric: str, q: str) -> str:
+        v = data.get(sec, {}).get(lvl, {}).get(metric, {}).get(q)
+        return "-" if v is None else f"{v:g}"
+
+    lines = [f"# yapd vs raw vLLM vs vllm serve: {data.get('machine')} ({data.get('date')}, vLLM {data.get('vllm')})",
+             "", "Chat: Mistral-NeMo-12B shape, FP8 weights + FP8 KV, 0.70 of GPU memory; tool: Hammer-2.1-3B "
+             "shape, bf16, 0.20; both in one process; dummy weights. Prompt: 600-token persona + 2,000-token "
+             "history + 20-word utterance, 200 output tokens. yapd: client-observed over WebSocket, concurrent "
+             "mode. raw: AsyncLLM with token ids, both engines loaded, chat + tool per turn. serve: `vllm serve` "
+             "/v1/completions streaming, chat only, same token ids.", "",
+             "| sessions | figure | yapd | raw AsyncLLM | vllm serve |", "| --- | --- | --- | --- | --- |"]
+    def two(sec: str, lvl: str, metric: str, a: str, b: str) -> str:
+        return f"{g(sec, lvl, metric, a)} / {g(sec, lvl, metric, b)}"
+
+    for c in LEVELS:
+        lvl = f"c{c}"
+        lines.append(f"| {c} | TTFT p50 / p95 ms | {two('yapd', lvl, 'ttft_ms', 'p50', 'p95')} | "
+                     f"{two('raw', lvl, 'ttft_ms', 'p50', 'p95')} | {two('serve', lvl, 'ttft_ms', 'p50', 'p95')} |")
+        lines.append(f"| {c} | ITL p50 / p99 ms | {two('yapd', lvl, 'itl_ms', 'p50', 'p99')} | "
+                     f"{two('raw', lvl, 'itl_ms', 'p50', 'p99')} | {two('serve', lvl, 'itl_ms', 'p50', 'p99')} |")
+        lines.append(f"| {c} | tool decision p50 / p95 ms | {two('yapd', lvl, 'tool_ms', 'p50', 'p95')} | "
+                     f"{two('raw', lvl, 'tool_ms', 'p50', 'p95')} (first token "
+                     f"{g('raw', lvl, 'tool_first_token_ms', 'p50')}) | - |")
+        lines.append(f"| {c} | total p50 ms | {g('yapd', lvl, 'total_ms', 'p50')} | - | - |")
+    y = data.get("yapd", {})
+    cancel = y.get("cancel", {})
+    lines += ["", f"- cancel -> done (client): {cancel.get('cancel_to_done_ms')}",
+              f"- barge-in -> new first token (client): {cancel.get('barge_in_to_first_token_ms')}",
+              f"- yapd start to READY, first start: {y.get('start_s_first')} s; restart with warm compile cache: "
+              f"{y.get('start_s_restart')} s",
+              f"- raw engines start: {data.get('raw', {}).get('start_s')} s; vllm serve start: "
+              f"{data.get('serve', {}).get('start_s')} s", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", type=Path)
+    p.add_argument("--out", type=Path, default=Path("docs/bench"))
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "yap-gpubench")
+    p.add_argument("--phases", default="yapd,raw,serve")
+    p.add_argument("--levels", default=",".join(map(str, LEVELS)))
+    p.add_argument("--name", default="")
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    levels = tuple(int(x) for x in args.levels.split(","))
+    gpu = _gpu_name().replace("NVIDIA ", "").split()[0].lower() or "gpu"
+    name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
+    res = Results(args.out / f"{name}.json")
+    phases = {"yapd": phase_yapd, "raw": phase_raw, "serve": phase_serve}
+    for ph in args.phases.split(","):
+        try:
+            asyncio.run(phases[ph](res, args.models, args.work, levels))
+        except Exception as exc:
+            res.put(ph, "error", f"{type(exc).__name__}: {exc}")
+        (args.out / f"{name}.md").write_text(markdown(res.data))
+    print((args.out / f"{name}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
