@@ -18,6 +18,7 @@ import pwd
 import socket
 import stat
 import struct
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,6 +166,8 @@ class AdminServer:
             await _write(writer, await d.drain(on))
         elif cmd == "awq":
             await self._awq(req, writer)
+        elif cmd == "debug" and os.environ.get("YAPD_DEBUG_ADMIN") == "1":
+            await _write(writer, await self._debug(req))
         else:
             raise AdminError(f"unknown command {cmd[:40]!r} (known: {', '.join(COMMANDS)})")
 
@@ -207,6 +210,28 @@ class AdminServer:
         finally:
             if queue is not None:
                 ring.unfollow(queue)
+
+    async def _debug(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Fault injection for tests, enabled only by YAPD_DEBUG_ADMIN=1 in the daemon's
+        environment: wedge the event loop, or kill an engine as a crash would."""
+        action = req.get("action")
+        if action == "block_loop":
+            seconds = float(req.get("seconds", 1.0))
+            time.sleep(min(seconds, 30.0))  # noqa: ASYNC251 -- blocking the loop is the fault injected
+            return {"ok": True, "blocked_s": seconds}
+        if action == "kill_engine":
+            eng = self.daemon.rt.engines.get(str(req.get("role", "chat")))
+            if eng is None or not hasattr(eng, "kill"):
+                raise AdminError("no such engine, or it cannot be killed")
+            eng.kill()
+            return {"ok": True}
+        if action == "fail_steps":
+            eng = self.daemon.rt.engines.get(str(req.get("role", "chat")))
+            if eng is None or not hasattr(eng, "fail_after_steps"):
+                raise AdminError("no such CPU engine")
+            eng.fail_after_steps = int(req.get("steps", 3))
+            return {"ok": True}
+        raise AdminError(f"unknown debug action {action!r}")
 
     async def _awq(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         action = req.get("action", "status")

@@ -45,6 +45,10 @@ class Notifier:
         self.last_status = text
         self.send(f"STATUS={text}")
 
+    def ready(self, status: str) -> None:
+        self.last_status = status
+        self.send("READY=1", f"STATUS={status}")
+
     def watchdog_interval(self) -> float | None:
         usec = os.environ.get("WATCHDOG_USEC")
         pid = os.environ.get("WATCHDOG_PID")
@@ -112,8 +116,7 @@ class Daemon:
             await self._shutdown()
             return 1
         if not self._stop.is_set():
-            self.notifier.send("READY=1", f"STATUS={self._serving_status()}")
-            self.notifier.last_status = self._serving_status()
+            self.notifier.ready(self._serving_status())
             log.info("ready port=%d", self.server.port)
             self._spawn(self._status_loop())
             interval = self.notifier.watchdog_interval()
@@ -216,7 +219,7 @@ class Daemon:
             new = await asyncio.to_thread(self.load_config)
         except (ConfigError, OSError) as exc:
             log.error("reload failed, keeping the running config: %s", exc)
-            self.notifier.send("READY=1", f"STATUS=reload failed, running config kept: {exc}")
+            self.notifier.ready(f"reload failed, running config kept: {exc}")
             return {"ok": False, "error": str(exc)}
         old = self.cfg
         live, engine, restart = config.diff_keys(old, new)
@@ -239,7 +242,7 @@ class Daemon:
             log.warning("reload: these keys need a daemon restart: %s", ", ".join(restart))
         if not (live or engine or restart):
             log.info("reload: no changes")
-        self.notifier.send("READY=1", f"STATUS={self._serving_status()}")
+        self.notifier.ready(self._serving_status())
         return {"ok": True, "applied": live, "needs_engine_restart": engine, "needs_daemon_restart": restart}
 
     # --- engine restart and drain ------------------------------------------------------

@@ -176,9 +176,13 @@ class CpuEngine(Engine):
                         if self.fail_after_steps < 0:
                             self.fail_after_steps = None
                             raise RuntimeError("injected engine fault")
-                    out = self._model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-                    logits = out.logits[0, -1].float()
+                    logits, cache = self._forward(input_ids, cache, prompt + seen, torch)
                     token_id = _sample(logits, spec, seen, gen, torch)
+                    if token_id is None:
+                        logits, cache = self._recompute(prompt + seen, "probabilities", torch)
+                        token_id = _sample(logits, spec, seen, gen, torch)
+                        if token_id is None:
+                            raise RuntimeError("the model produced an invalid distribution twice")
                     seen.append(token_id)
                     is_eos = token_id in self._eos
                     put((token_id, is_eos))
@@ -190,6 +194,36 @@ class CpuEngine(Engine):
             put(exc)
             return
         put(_END)
+
+    def kill(self) -> None:
+        """What a crashed engine process looks like (fault tests): every request fails,
+        health says failed, until the engine is restarted."""
+        self._state, self._detail = "failed", "engine killed"
+        for req in list(self._requests.values()):
+            req.abort.set()
+            req.queue.put_nowait(RuntimeError("engine killed"))
+
+    def _forward(self, input_ids: Any, cache: Any, history: list[int], torch: Any) -> tuple[Any, Any]:
+        """One step's next-token logits (and the cache to go on with). torch's CPU kernels
+        here have rarely returned a NaN inside the daemon (about one step in a few thousand,
+        never in an isolated replay of the same ids); such a step is recomputed from
+        scratch over ``history``, which has always come out finite."""
+        out = self._model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        logits = out.logits[0, -1].float().clone()
+        if bool(torch.isfinite(logits).all()):
+            return logits, cache
+        return self._recompute(history, "logits", torch)
+
+    def _recompute(self, history: list[int], what: str, torch: Any) -> tuple[Any, Any]:
+        from transformers import DynamicCache
+
+        log.warning("non-finite %s role=%s; recomputing %d tokens without the cache", what, self.role, len(history))
+        cache = DynamicCache()
+        out = self._model(input_ids=torch.tensor([history], dtype=torch.long), past_key_values=cache, use_cache=True)
+        logits = out.logits[0, -1].float().clone()
+        if not bool(torch.isfinite(logits).all()):
+            raise RuntimeError("the model produced non-finite logits twice")
+        return logits, cache
 
     async def abort(self, request_id: str) -> None:
         req = self._requests.get(request_id)
@@ -212,7 +246,9 @@ def _swallow(future: Any) -> None:
         future.exception()
 
 
-def _sample(logits: Any, spec: SamplingSpec, seen: list[int], gen: Any, torch: Any) -> int:
+def _sample(logits: Any, spec: SamplingSpec, seen: list[int], gen: Any, torch: Any) -> int | None:
+    """The next token, or None when the numbers do not make a distribution (see _forward)."""
+    logits = logits.double()
     if spec.repetition_penalty != 1.0 and seen:
         idx = torch.tensor(sorted(set(seen)), dtype=torch.long)
         vals = logits[idx]
@@ -224,10 +260,13 @@ def _sample(logits: Any, spec: SamplingSpec, seen: list[int], gen: Any, torch: A
         kth = torch.topk(logits, min(spec.top_k, logits.numel())).values[-1]
         logits = torch.where(logits < kth, torch.full_like(logits, float("-inf")), logits)
     probs = torch.softmax(logits, dim=-1)
+    order = None
     if spec.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < spec.top_p
-        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=gen))
+        probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(probs, 0) - probs < spec.top_p
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
+    total = float(probs.sum())
+    if not (total > 0 and bool(torch.isfinite(probs).all())):
+        return None
+    choice = int(torch.multinomial(probs / total, 1, generator=gen))
+    return int(order[choice]) if order is not None else choice

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Install yapd on a Debian/Ubuntu host: user, venv under /opt/yapd, config, systemd unit.
+#   sudo packaging/install.sh [--cpu|--gpu] [--no-start] [--root DIR] [--skip-venv]
+# --root DIR stages everything under DIR (no user, no systemctl): for packaging and tests.
+# An existing /etc/yapd/config.toml is never overwritten.
+set -euo pipefail
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=""
+EXTRA=""
+START=1
+VENV=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu) EXTRA="cpu" ;;
+    --gpu) EXTRA="vllm" ;;
+    --no-start) START=0 ;;
+    --skip-venv) VENV=0 ;;
+    --root) ROOT=$(realpath -m "$2"); shift ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ -z "$EXTRA" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then EXTRA="vllm"; else EXTRA="cpu"; fi
+fi
+if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then
+  echo "install.sh: run as root (or stage with --root DIR)" >&2; exit 1
+fi
+
+say() { echo "yapd install: $*"; }
+install -d -m 0755 "$ROOT/opt/yapd" "$ROOT/opt/yapd/share" "$ROOT/etc/systemd/system" \
+  "$ROOT/usr/lib/sysusers.d" "$ROOT/usr/lib/tmpfiles.d"
+install -d -m 0750 "$ROOT/etc/yapd"
+
+if [ -z "$ROOT" ]; then
+  say "creating the yapd user"
+  if command -v systemd-sysusers >/dev/null 2>&1; then
+    systemd-sysusers "$SRC/systemd/yapd.sysusers.conf"
+  elif ! id yapd >/dev/null 2>&1; then
+    useradd --system --home-dir /var/lib/yapd --shell /usr/sbin/nologin --groups video yapd
+  fi
+fi
+
+if [ "$VENV" = 1 ]; then
+  say "creating the venv in /opt/yapd/venv with [$EXTRA]"
+  python3 -m venv "$ROOT/opt/yapd/venv"
+  "$ROOT/opt/yapd/venv/bin/pip" install -q --upgrade pip
+  if [ "$EXTRA" = "cpu" ]; then
+    # The CPU build of torch first: a bare "torch" pulls a multi-GB CUDA build.
+    "$ROOT/opt/yapd/venv/bin/pip" install -q "torch==2.13.0"
+  fi
+  "$ROOT/opt/yapd/venv/bin/pip" install -q "$SRC[$EXTRA]"
+fi
+
+cp "$SRC/README.md" "$SRC/config.example.toml" "$ROOT/opt/yapd/share/"
+if [ -e "$ROOT/etc/yapd/config.toml" ]; then
+  say "keeping the existing /etc/yapd/config.toml"
+else
+  install -m 0640 "$SRC/config.example.toml" "$ROOT/etc/yapd/config.toml"
+  say "wrote /etc/yapd/config.toml: set [server] api_keys before exposing the port"
+fi
+install -m 0644 "$SRC/systemd/yapd.service" "$ROOT/etc/systemd/system/yapd.service"
+install -m 0644 "$SRC/systemd/yapd.sysusers.conf" "$ROOT/usr/lib/sysusers.d/yapd.conf"
+install -m 0644 "$SRC/systemd/yapd.tmpfiles.conf" "$ROOT/usr/lib/tmpfiles.d/yapd.conf"
+
+if [ -z "$ROOT" ]; then
+  chgrp yapd /etc/yapd /etc/yapd/config.toml
+  systemd-tmpfiles --create /usr/lib/tmpfiles.d/yapd.conf || true
+  ln -sf /opt/yapd/venv/bin/yapctl /usr/local/bin/yapctl
+  systemctl daemon-reload
+  if [ "$START" = 1 ]; then
+    systemctl enable --now yapd
+    say "started: systemctl status yapd; yapctl status (as root or a member of group yapd)"
+  else
+    systemctl enable yapd
+  fi
+fi
+say "done"

@@ -1,0 +1,354 @@
+"""yapd as a systemd daemon: a real NOTIFY_SOCKET, real signals, the admin socket."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import KEY, recv, run_turn, send, until_done, ws_connect
+from tests.test_protocol_e2e import check_turn
+
+
+class NotifySocket:
+    """The systemd side of sd_notify: a datagram socket that records every message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self.cond = threading.Condition()
+        self._stop = False
+        self.on_message = None
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            msg = data.decode()
+            if self.on_message is not None:
+                self.on_message(msg)
+            with self.cond:
+                self.messages.append((time.monotonic(), msg))
+                self.cond.notify_all()
+
+    def wait(self, needle: str, timeout: float = 60, after: int = 0) -> int:
+        """Index of the first message (from ``after``) containing ``needle``."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for i, (_, msg) in enumerate(self.messages[after:], after):
+                    if needle in msg:
+                        return i
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {needle!r} in {[m for _, m in self.messages]}")
+                self.cond.wait(left)
+
+    def texts(self) -> list[str]:
+        return [m for _, m in self.messages]
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path):
+    n = NotifySocket(tmp_path / "notify.sock")
+    yield n
+    n.close()
+
+
+def test_ready_only_after_port_answers_and_status_lines(make_yapd, notify):
+    d = make_yapd(start=False, env={"NOTIFY_SOCKET": str(notify.path), "YAPD_DEBUG_ENGINE_START_DELAY_S": "1"})
+    port_ok_at_ready: list[bool] = []
+
+    def on_message(msg: str) -> None:
+        if "READY=1" in msg and not port_ok_at_ready:
+            with socket.socket() as s:
+                port_ok_at_ready.append(s.connect_ex(("127.0.0.1", d.port)) == 0 if d.port else False)
+
+    notify.on_message = on_message
+    d.start(wait=False)
+    i = notify.wait("READY=1")
+    assert port_ok_at_ready == [True]
+    before = notify.texts()[:i]
+    assert any("STATUS=loading" in m for m in before), before
+    assert any("EXTEND_TIMEOUT_USEC=" in m for m in before), before
+    assert "STATUS=serving: 0/16 connections" in notify.texts()[i]
+    assert d.http("/healthz", key=None)[0] == 200
+
+
+def test_reload_and_stop_notifications_exit_zero(make_yapd, notify):
+    d = make_yapd(start=False, env={"NOTIFY_SOCKET": str(notify.path)})
+    d.start()
+    n = notify.wait("READY=1")
+    d.signal(signal.SIGHUP)
+    r = notify.wait("RELOADING=1", after=n + 1)
+    msg = notify.texts()[r]
+    usec = int(msg.split("MONOTONIC_USEC=")[1].split()[0])
+    assert abs(usec / 1e6 - time.clock_gettime(time.CLOCK_MONOTONIC)) < 30
+    notify.wait("READY=1", after=r + 1)
+    d.signal(signal.SIGTERM)
+    notify.wait("STOPPING=1", after=r + 1)
+    assert d.proc.wait(30) == 0
+
+
+def test_watchdog_pings_and_their_absence(make_yapd, notify):
+    d = make_yapd(start=False, env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000",
+                                    "YAPD_DEBUG_ADMIN": "1"})
+    d.start()
+    notify.wait("READY=1")
+    time.sleep(1.2)  # observing a rate: pings every 0.2 s
+    stamps = [t for t, m in notify.messages if m == "WATCHDOG=1"]
+    assert len(stamps) >= 4
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert max(gaps[1:]) < 0.35, gaps
+    # A wedged event loop sends nothing.
+    t0 = time.monotonic()
+    d.admin(cmd="debug", action="block_loop", seconds=1.5)
+    during = [t for t, m in notify.messages if m == "WATCHDOG=1" and t0 + 0.1 < t < t0 + 1.4]
+    assert during == []
+    # A dead engine stops them too, and /healthz says so.
+    d.admin(cmd="debug", action="kill_engine", role="chat")
+    assert d.http("/healthz", key=None)[0] == 503
+    time.sleep(0.3)
+    t1 = time.monotonic()
+    time.sleep(0.8)
+    assert [t for t, m in notify.messages if m == "WATCHDOG=1" and t > t1] == []
+    assert d.admin(cmd="restart", target="chat")[-1]["ok"] is True
+    assert d.http("/healthz", key=None)[0] == 200
+    n = len(notify.messages)
+    notify.wait("WATCHDOG=1", after=n, timeout=5)
+
+
+def test_no_notify_socket_is_a_noop(make_yapd):
+    d = make_yapd()
+    assert d.http("/healthz", key=None)[0] == 200
+    assert d.stop() == 0
+
+
+async def test_sigterm_ends_turns_closes_1001_and_exits_zero(make_yapd):
+    d = make_yapd()
+    async with ws_connect(d.url()) as ws:
+        await send(ws, type="start", session_id="s", user_utterance="a long story please", request_id="t1")
+        while (await recv(ws))["type"] != "token":
+            pass
+        d.signal(signal.SIGTERM)
+        msgs = await until_done(ws)
+        assert msgs[-1]["request_id"] == "t1" and msgs[-1]["cancelled"] is True
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                await recv(ws)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    assert d.proc.wait(30) == 0
+
+
+def test_second_signal_exits_at_once(make_yapd):
+    d = make_yapd(server={"drain_timeout_s": 30.0})
+    # A client in a turn keeps the drain busy; the second signal must not wait for it.
+    with socket.create_connection(("127.0.0.1", d.port)):
+        d.signal(signal.SIGTERM)
+        d.signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        rc = d.proc.wait(30)
+    assert rc in (0, 1) and time.monotonic() - t0 < 10
+
+
+async def test_reload_rotates_keys_live_and_keeps_connections(make_yapd):
+    d = make_yapd()
+    async with ws_connect(d.url()) as ws:
+        check_turn(await run_turn(ws))
+        d.write_config(server={"api_keys": ["new_key"], "max_connections": 5})
+        replies = d.admin(cmd="reload")
+        assert replies[-1]["ok"] is True and "server.api_keys" in replies[-1]["applied"]
+        # The open connection keeps working.
+        check_turn(await run_turn(ws))
+        async with ws_connect(d.url()) as old:
+            assert (await recv(old))["error_code"] == "authentication_failed"
+        async with ws_connect(d.url(key="new_key")) as new:
+            check_turn(await run_turn(new))
+    st = json.loads(d.http("/status", key="new_key")[1])
+    assert st["capacity"]["max"] == 5
+    assert not any("new_key" in line for line in d.lines)
+
+
+async def test_reload_bad_file_keeps_running_config(make_yapd):
+    d = make_yapd()
+    good = d.config_path.read_text()
+    d.config_path.write_text(good + "\n[server\nbroken")
+    d.signal(signal.SIGHUP)
+    d.wait_for("reload failed, keeping the running config")
+    d.config_path.write_text(good + "\n[turn]\nchat_max_out = 'lots'\n")
+    reply = d.admin(cmd="reload")[-1]
+    assert reply["ok"] is False and "turn.chat_max_out: expected an integer" in reply["error"]
+    d.config_path.unlink()
+    reply = d.admin(cmd="reload")[-1]
+    assert reply["ok"] is False and "no such file" in reply["error"]
+    async with ws_connect(d.url()) as ws:
+        check_turn(await run_turn(ws))
+
+
+def test_reload_reports_engine_keys(make_yapd):
+    d = make_yapd()
+    d.write_config("[chat]\nmax_num_seqs = 8\n[turn]\nchat_max_out = 20\n")
+    reply = d.admin(cmd="reload")[-1]
+    assert reply["needs_engine_restart"] == ["chat.max_num_seqs"] and "turn.chat_max_out" in reply["applied"]
+    st = d.admin(cmd="status")[-1]
+    assert st["pending_restart_keys"] == ["chat.max_num_seqs"] and "pending restart" in st["systemd_status"]
+    d.wait_for("need an engine restart")
+    assert d.admin(cmd="restart", target="both")[-1]["ok"] is True
+    assert d.admin(cmd="status")[-1]["pending_restart_keys"] == []
+
+
+async def test_admin_requests(make_yapd):
+    d = make_yapd()
+    mode = os.stat(d.admin_socket).st_mode & 0o777
+    assert mode == 0o660
+    st = d.admin(cmd="status")[-1]
+    assert st["ok"] and st["ready"] and st["pid"] == d.proc.pid and st["port"] == d.port
+    async with ws_connect(d.url()) as ws:
+        check_turn(await run_turn(ws, session_id="who"))
+        conns = d.admin(cmd="connections")[-1]["connections"]
+        assert len(conns) == 1 and conns[0]["session_id"] == "who" and conns[0]["turns"] == 1
+        assert conns[0]["last_ttft_ms"] is not None and conns[0]["state"] == "idle"
+        assert conns[0]["remote"].startswith("127.0.0.1:")
+    logs = d.admin(cmd="logs", n=5)
+    assert logs[-1]["ok"] and 0 < logs[-1]["count"] <= 5 and all(m["event"] == "log" for m in logs[:-1])
+    errors_only = d.admin(cmd="logs", n=100, level="error")
+    assert all(m["level"] == "error" for m in errors_only[:-1])
+    grep = d.admin(cmd="logs", n=100, grep="admin socket listening")
+    assert len(grep) == 2 and "admin socket" in grep[0]["message"]
+    # Follow: a new line reaches the follower.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(20)
+        s.connect(str(d.admin_socket))
+        s.sendall(b'{"cmd": "logs", "n": 0, "follow": true}\n')
+        time.sleep(0.2)
+        d.admin(cmd="reload")
+        f = s.makefile("r")
+        line = json.loads(f.readline())
+        assert line["event"] == "log" and "reload" in line["message"]
+    assert d.admin(cmd="drain")[-1]["draining"] is True
+    assert d.http("/healthz", key=None)[0] == 503
+    async with ws_connect(d.url()) as ws:
+        await send(ws, type="start", session_id="x", user_utterance="hi")
+        assert (await recv(ws))["error_code"] == "shutting_down"
+    assert d.admin(cmd="drain", on=False)[-1]["draining"] is False
+    assert d.http("/healthz", key=None)[0] == 200
+    restart = d.admin(cmd="restart", target="tool")
+    assert restart[0]["event"] == "progress" and restart[-1]["ok"] and restart[-1]["roles"] == ["tool"]
+    assert "AWQ" in d.admin(cmd="awq", action="status")[-1]["error"] or d.admin(cmd="awq")[-1]["ok"]
+
+
+@pytest.mark.parametrize("raw,needle", [
+    (b"not json\n", "not valid JSON"),
+    (b"[1,2]\n", '"cmd"'),
+    (b'{"cmd": "explode"}\n', "unknown command"),
+    (b'{"cmd": "restart", "target": "gpu"}\n', "chat, tool or both"),
+    (b'{"cmd": "logs", "n": -1}\n', '"n"'),
+    (b'{"cmd": "logs", "level": "loud"}\n', '"level"'),
+    (b'{"cmd": "debug", "action": "block_loop"}\n', "unknown command"),
+])
+def test_admin_bad_requests(shared_yapd, raw, needle):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(shared_yapd.admin_socket))
+        s.sendall(raw)
+        reply = json.loads(s.makefile("r").readline())
+        assert reply["ok"] is False and needle in reply["error"]
+        # The same connection still answers.
+        s.sendall(b'{"cmd": "ping"}\n')
+        assert json.loads(s.makefile("r").readline())["ok"] is True
+    assert shared_yapd.http("/healthz", key=None)[0] == 200
+
+
+def as_nobody(path: Path) -> str:
+    """Talk to the admin socket from a forked child running as uid/gid 65534."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to nobody, try, report through the pipe, exit at once
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(str(path))
+            s.sendall(b'{"cmd": "status"}\n')
+            out = s.makefile().readline()
+        except OSError as exc:
+            out = f"OSError: {exc}"
+        os.write(w, out.encode()[:4000])
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        return f.read()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+def test_admin_refuses_other_uids(make_yapd):
+    d = make_yapd()
+    # The socket's 0660 mode keeps "nobody" out at connect time...
+    assert "Permission denied" in as_nobody(d.admin_socket)
+    # ...and with the mode opened up, the SO_PEERCRED check still refuses it.
+    os.chmod(d.admin_socket, 0o666)
+    for parent in (d.admin_socket.parent, *d.admin_socket.parents):
+        if parent == Path("/"):
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o005)
+    reply = as_nobody(d.admin_socket)
+    assert "permission denied" in reply, reply
+    d.wait_for("admin connection refused uid=65534")
+
+
+def test_stale_admin_socket_is_replaced(make_yapd):
+    d = make_yapd(start=False)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(d.admin_socket))
+    stale.close()  # a socket file nobody listens on, as a crash leaves it
+    d.start()
+    assert d.admin(cmd="ping")[-1]["ok"] is True
+
+
+def test_bad_config_at_start_is_a_clear_error(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[server]\nport = 'x'\n")
+    r = subprocess.run([sys.executable, "-m", "yapd", "--config", str(cfg)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "server.port: expected an integer" in r.stderr and str(cfg) in r.stderr
+
+
+async def test_engine_fault_mid_stream_other_sessions_continue(make_yapd):
+    d = make_yapd(env={"YAPD_DEBUG_ADMIN": "1"})
+    async with ws_connect(d.url()) as a, ws_connect(d.url()) as b:
+        d.admin(cmd="debug", action="fail_steps", role="chat", steps=5)
+        msgs = await run_turn(a, user_utterance="this one breaks")
+        types = [m["type"] for m in msgs]
+        if "error" in types:  # the fault hit this turn
+            err = next(m for m in msgs if m["type"] == "error")
+            assert err["error_code"] == "engine_unavailable" and err["request_id"] == msgs[0]["request_id"]
+            assert msgs[-1]["type"] == "done" and msgs[-1]["error"] == "engine_unavailable"
+        check_turn(await run_turn(b))
+        check_turn(await run_turn(a))
+    assert d.http("/healthz", key=None)[0] == 200
+    assert KEY
