@@ -38,8 +38,10 @@ class TurnResult:
 
 
 async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float = 60,
-                   on_token: Callable[[str], None] | None = None) -> TurnResult:
-    """Send ``start`` and read that turn to its done; times are taken at the client."""
+                   on_token: Callable[[str], None] | None = None,
+                   on_message: Callable[[dict[str, Any]], None] | None = None) -> TurnResult:
+    """Send ``start`` and read that turn to its done; times are taken at the client.
+    ``on_message`` sees every message as it arrives (``yapctl chat`` prints them)."""
     res = TurnResult(ok=False)
     t0 = time.perf_counter()
     await ws.send(json.dumps(start))
@@ -54,6 +56,8 @@ async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float =
         msg = json.loads(await asyncio.wait_for(ws.recv(), left))
         now = time.perf_counter()
         kind = msg.get("type")
+        if on_message is not None:
+            on_message(msg)
         if kind == "ack":
             res.ack = msg
         elif kind == "toolcall":

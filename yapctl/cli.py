@@ -1,8 +1,375 @@
-"""yapctl (placeholder until the CLI lands)."""
+"""yapctl: see and steer a running yapd.
+
+Over the admin socket: status, connections, logs, reload, restart, drain, awq.
+Over the WebSocket, as a client would: chat (one turn) and bench (many).
+With no subcommand on a terminal it opens the dashboard (``yapctl tui``).
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TextIO
+
+from yapctl.client import EXIT_DENIED, EXIT_DOWN, EXIT_FAILED, EXIT_OK, AdminClient, AdminError, socket_path
+
+EPILOG = """\
+exit codes:
+  0  done
+  1  the daemon answered and the operation failed (or a bench/chat turn failed)
+  2  bad command line
+  3  yapd is not running (no socket, nobody listening, or it went away)
+  4  permission denied (add yourself to the daemon's group, or run as root)
+
+environment: YAP_ADMIN_SOCKET (default socket), YAP_URL and YAP_API_KEY (chat, bench)
+"""
+
+DEFAULT_URL = "ws://127.0.0.1:8000/ws"
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="yapctl", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--socket", metavar="PATH", help="admin socket (default: $YAP_ADMIN_SOCKET, "
+                   "$RUNTIME_DIRECTORY/admin.sock, /run/yapd/admin.sock, $XDG_RUNTIME_DIR/yapd/admin.sock)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each reply (default 30)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("status", help="daemon, engines, capacity")
+    s.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    s = sub.add_parser("connections", help="live WebSocket sessions")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("logs", help="recent log lines from the daemon's ring buffer")
+    s.add_argument("-n", type=int, default=50, metavar="N", help="last N lines (default 50)")
+    s.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    s.add_argument("--level", choices=LEVELS, default="debug", help="lowest level shown")
+    s.add_argument("--grep", metavar="TEXT", help="only lines containing TEXT (case-insensitive)")
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    sub.add_parser("reload", help="re-read the config file (as SIGHUP does)")
+    s = sub.add_parser("restart", help="drain turns and restart engines")
+    s.add_argument("target", nargs="?", choices=("chat", "tool", "both"), default="both")
+    s = sub.add_parser("drain", help="refuse new turns, /healthz 503 (for a balancer)")
+    s.add_argument("--off", action="store_true", help="end draining: accept turns again")
+    s = sub.add_parser("awq", help="AWQ 4-bit models: status, rebuild")
+    awq = s.add_subparsers(dest="awq_action", metavar="ACTION", required=True)
+    awq.add_parser("status", help="cached AWQ models and the running job")
+    r = awq.add_parser("rebuild", help="quantize again, then switch engines over")
+    r.add_argument("target", nargs="?", choices=("chat", "tool", "both"), default="both")
+    r.add_argument("--json", action="store_true", help="print progress events as JSON lines")
+
+    s = sub.add_parser("chat", help="one turn over the WebSocket, as a client sees it")
+    s.add_argument("utterance")
+    _ws_args(s)
+    s.add_argument("--gender", choices=("woman", "man"), help="assistant_gender")
+    s.add_argument("--style", help="persona_style")
+    s.add_argument("--persona", help="persona_text")
+    s.add_argument("--history", help="history_text")
+    s.add_argument("--json", action="store_true", help="print every message received as JSON")
+    s = sub.add_parser("bench", help="concurrent sessions; TTFT, tool decision, token gaps")
+    s.add_argument("-n", type=int, default=32, help="turns in all (default 32)")
+    s.add_argument("-c", type=int, default=8, help="concurrent connections (default 8)")
+    _ws_args(s)
+    s.add_argument("--utterance", default="who was Columbus?")
+    s.add_argument("--no-warmup", action="store_true", help="do not run a warm-up turn per connection")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sub.add_parser("tui", help="the live dashboard (default on a terminal)")
+    return p
+
+
+def _ws_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--url", default=os.environ.get("YAP_URL", DEFAULT_URL), help=f"default $YAP_URL or {DEFAULT_URL}")
+    s.add_argument("--key", default=os.environ.get("YAP_API_KEY", ""), help="API key (default $YAP_API_KEY)")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds per turn (default 60)")
+
 
 def main(argv: list[str] | None = None) -> int:
-    print("yapctl: not yet implemented")
-    return 1
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            args.command = "tui"
+        else:
+            parser.print_help()
+            return EXIT_OK
+    handler = HANDLERS[args.command]
+    try:
+        if args.command == "tui":
+            from yapctl.tui import run_tui
+
+            return run_tui(socket_path(args.socket))
+        return asyncio.run(handler(args))
+    except AdminError as exc:
+        print(f"yapctl: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    return AdminClient(socket_path(args.socket), timeout=args.timeout)
+
+
+def _print_json(obj: Any, out: TextIO = sys.stdout) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True), file=out)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _ago(seconds: float) -> str:
+    s = int(max(0, seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+# --- admin commands --------------------------------------------------------------------
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    async with _client(args) as c:
+        st = await c.request("status")
+    if args.json:
+        _print_json(st)
+        return EXIT_OK
+    cap = st.get("capacity", {})
+    state = "draining" if st.get("draining") else "ready" if st.get("ready") else "not ready"
+    print(f"yapd {st.get('version')}  pid {st.get('pid')}  port {st.get('port')}  up {_ago(st.get('uptime_s', 0))}"
+          f"  deploy {st.get('deploy')}  {state}{'  (demo)' if st.get('demo') else ''}")
+    in_flight = sum(int(e.get("in_flight", 0)) for e in st.get("engines", {}).values())
+    print(f"connections {cap.get('active', '?')}/{cap.get('max', '?')}  engine requests in flight {in_flight}")
+    if st.get("systemd_status"):
+        print(f"systemd: {st['systemd_status']}")
+    rows = []
+    for role, eng in sorted(st.get("engines", {}).items()):
+        rows.append([role, str(eng.get("state", "?")), str(eng.get("backend", "")), str(eng.get("model", "")),
+                     str(eng.get("in_flight", "")), str(eng.get("detail", "") or "")])
+    if rows:
+        print()
+        print(_table(rows, ["ENGINE", "STATE", "BACKEND", "MODEL", "IN FLIGHT", "DETAIL"]))
+    if st.get("pending_restart_keys"):
+        print(f"\nkeys waiting for an engine restart: {', '.join(st['pending_restart_keys'])}")
+    return EXIT_OK
+
+
+async def cmd_connections(args: argparse.Namespace) -> int:
+    async with _client(args) as c:
+        reply = await c.request("connections")
+    conns = reply.get("connections", [])
+    if args.json:
+        _print_json(conns)
+        return EXIT_OK
+    now = time.time()
+    rows = [[str(x.get("session_id") or "-"), str(x.get("remote") or "-"),
+             _ago(now - float(x.get("connected_at", now))), str(x.get("turns", 0)), str(x.get("state", "")),
+             "-" if x.get("last_ttft_ms") is None else f"{x['last_ttft_ms']:.1f}"] for x in conns]
+    print(_table(rows, ["SESSION", "PEER", "SINCE", "TURNS", "STATE", "LAST TTFT MS"]))
+    print(f"{len(conns)} connection{'s' if len(conns) != 1 else ''}")
+    return EXIT_OK
+
+
+def format_log(rec: dict[str, Any]) -> str:
+    ts = time.strftime("%H:%M:%S", time.localtime(float(rec.get("ts", time.time()))))
+    return f"{ts} {str(rec.get('level', '')).upper():<7} {rec.get('logger', '')}: {rec.get('message', '')}"
+
+
+async def cmd_logs(args: argparse.Namespace) -> int:
+    if args.n < 0:
+        raise AdminError("-n must be 0 or more", EXIT_FAILED)
+    async with _client(args) as c:
+        req: dict[str, Any] = {"n": args.n, "follow": args.follow, "level": args.level}
+        if args.grep:
+            req["grep"] = args.grep
+        async for msg in c.stream("logs", timeout=None if args.follow else -1, **req):
+            if msg.get("event") == "log":
+                print(json.dumps(msg) if args.json else format_log(msg), flush=True)
+    return EXIT_OK
+
+
+async def cmd_reload(args: argparse.Namespace) -> int:
+    async with _client(args) as c:
+        reply = await c.request("reload")
+    applied = reply.get("applied") or []
+    print(f"reloaded; applied now: {', '.join(applied) if applied else 'nothing'}")
+    if reply.get("needs_engine_restart"):
+        print(f"needs an engine restart (yapctl restart): {', '.join(reply['needs_engine_restart'])}")
+    if reply.get("needs_daemon_restart"):
+        print(f"needs a daemon restart (systemctl restart yapd): {', '.join(reply['needs_daemon_restart'])}")
+    return EXIT_OK
+
+
+async def cmd_restart(args: argparse.Namespace) -> int:
+    # A restart loads models again: minutes for big ones on a cold cache.
+    async with AdminClient(socket_path(args.socket), timeout=max(args.timeout, 1800.0)) as c:
+        async for msg in c.stream("restart", target=args.target):
+            if msg.get("event"):
+                print(msg.get("message", ""), flush=True)
+            else:
+                note = "" if msg.get("drained", True) else " (drain timed out: turns in flight were cut)"
+                print(f"restarted {', '.join(msg.get('roles', [])) or 'nothing deployed'}{note}")
+    return EXIT_OK
+
+
+async def cmd_drain(args: argparse.Namespace) -> int:
+    async with _client(args) as c:
+        reply = await c.request("drain", on=not args.off)
+    if args.off:
+        print("accepting turns again")
+    else:
+        print(f"draining: new turns refused, /healthz 503; {reply.get('active', 0)} connections still open")
+    return EXIT_OK
+
+
+async def cmd_awq(args: argparse.Namespace) -> int:
+    if args.awq_action == "status":
+        async with _client(args) as c:
+            _print_json(await c.request("awq", action="status"))
+        return EXIT_OK
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    # Quantizing a 12B model takes a while: each progress line restarts the clock.
+    async with AdminClient(socket_path(args.socket), timeout=max(args.timeout, 3600.0)) as c:
+        if args.json:
+            async for msg in c.stream("awq", action="rebuild", target=args.target):
+                print(json.dumps(msg), flush=True)
+            return EXIT_OK
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=_stderr_console(), transient=False) as bar:
+            tasks: dict[str, Any] = {}
+            async for msg in c.stream("awq", action="rebuild", target=args.target):
+                if msg.get("event") == "progress":
+                    role = str(msg.get("role", "awq"))
+                    if role not in tasks:
+                        tasks[role] = bar.add_task(role, total=None)
+                    desc = f"{role}: {msg.get('stage', '')} {msg.get('message', '')}".strip()
+                    total = msg.get("layers")
+                    bar.update(tasks[role], description=desc, completed=msg.get("layer", 0),
+                               total=total if isinstance(total, int) and total > 0 else None)
+                elif "event" not in msg:
+                    for t in tasks.values():
+                        task = bar.tasks[t]
+                        if task.total:
+                            bar.update(t, completed=task.total)
+                    print(json.dumps({k: v for k, v in msg.items() if k != "ok"}))
+    return EXIT_OK
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(file=sys.stderr)
+
+
+# --- WebSocket client tools ------------------------------------------------------------
+
+
+def _start_message(args: argparse.Namespace) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "start", "user_utterance": args.utterance, "session_id": f"yapctl-{os.getpid()}"}
+    for arg, name in (("gender", "assistant_gender"), ("style", "persona_style"), ("persona", "persona_text"),
+                      ("history", "history_text")):
+        if getattr(args, arg):
+            msg[name] = getattr(args, arg)
+    return msg
+
+
+async def cmd_chat(args: argparse.Namespace) -> int:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus, WebSocketException
+
+    from yapctl.bench import run_turn
+
+    def show(msg: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(msg), flush=True)
+        elif msg["type"] == "ack":
+            print(f"ack request_id={msg.get('request_id')}", flush=True)
+        elif msg["type"] == "toolcall":
+            print(f"toolcall {msg.get('status')} {json.dumps(msg.get('calls', []))}", flush=True)
+        elif msg["type"] == "token":
+            sys.stdout.write(msg["text"])
+            sys.stdout.flush()
+        elif msg["type"] == "error":
+            print(f"\nerror {msg.get('error_code')}: {msg.get('message')}", file=sys.stderr, flush=True)
+
+    try:
+        async with connect(args.url, additional_headers={"X-API-Key": args.key} if args.key else None,
+                           open_timeout=args.timeout, max_size=None, compression=None) as ws:
+            res = await run_turn(ws, _start_message(args), args.timeout, on_message=show)
+    except InvalidStatus as exc:
+        print(f"yapctl: {args.url} answered HTTP {exc.response.status_code}", file=sys.stderr)
+        return EXIT_DOWN
+    except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
+        print(f"yapctl: cannot reach yapd at {args.url}: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_DOWN
+    if res.error == "timeout":
+        print(f"\nyapctl: no done within {args.timeout:g} s", file=sys.stderr)
+        return EXIT_FAILED
+    if res.ttft_ms is not None and not args.json:
+        print()
+    stream_ms = (res.total_ms - res.ttft_ms) if res.total_ms is not None and res.ttft_ms is not None else None
+    metrics = {"ttfb_ms": _r(res.ttft_ms), "tool_ms": _r(res.tool_ms), "total_ms": _r(res.total_ms),
+               "stream_ms": _r(stream_ms), "chunks": res.chunks, "chars": res.chars}
+    print("metrics " + " ".join(f"{k}={v}" for k, v in metrics.items()))
+    print(f"final {json.dumps(res.text)}")
+    return EXIT_OK if res.ok else EXIT_FAILED
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
+async def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from yapctl.bench import BenchConfig, bench
+
+    if args.n < 1 or args.c < 1:
+        raise AdminError("-n and -c must be at least 1")
+    cfg = BenchConfig(url=args.url, key=args.key, n=args.n, concurrency=args.c, timeout=args.timeout,
+                      utterance=args.utterance, warmup=not args.no_warmup)
+    with Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_stderr_console(), transient=True) as bar:
+        task = bar.add_task("turns", total=args.n)
+        report = await bench(cfg, lambda done, total: bar.update(task, completed=done))
+    summary = report.summary()
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"{summary['completed']}/{summary['turns']} turns completed, concurrency {summary['concurrency']}, "
+              f"{summary['wall_s']} s")
+        rows = [[name, *(_fmt(summary[key].get(p)) for p in ("p50", "p95", "p99"))]
+                for name, key in (("ttft", "ttft_ms"), ("tool decision", "tool_ms"), ("token gap", "itl_ms"),
+                                  ("total", "total_ms"))]
+        print(_table(rows, ["MS", "P50", "P95", "P99"]))
+        if summary["errors"]:
+            print("errors: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["errors"].items())))
+    return EXIT_OK if summary["completed"] == summary["turns"] else EXIT_FAILED
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+async def _tui_placeholder(args: argparse.Namespace) -> int:  # pragma: no cover - main() runs the TUI itself
+    return EXIT_OK
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+    "status": cmd_status, "connections": cmd_connections, "logs": cmd_logs, "reload": cmd_reload,
+    "restart": cmd_restart, "drain": cmd_drain, "awq": cmd_awq, "chat": cmd_chat, "bench": cmd_bench,
+    "tui": _tui_placeholder,
+}
+
+__all__ = ["EXIT_DENIED", "EXIT_DOWN", "EXIT_FAILED", "EXIT_OK", "build_parser", "main"]

@@ -1,0 +1,219 @@
+"""yapctl's shell CLI against a real daemon: every subcommand, and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import KEY, ws_connect
+from yapctl.client import EXIT_DENIED, EXIT_DOWN, EXIT_FAILED, EXIT_OK
+
+
+def yapctl(*args: str, sock: Path | None = None, timeout: float = 120,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "yapctl", *(["--socket", str(sock)] if sock else []), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                          stdin=subprocess.DEVNULL)
+
+
+def test_help_lists_every_command():
+    out = yapctl("--help")
+    assert out.returncode == 0
+    for cmd in ("status", "connections", "logs", "reload", "restart", "drain", "awq", "chat", "bench", "tui"):
+        assert cmd in out.stdout
+    assert "exit codes" in out.stdout
+    # Not on a terminal and no subcommand: help, not the TUI.
+    assert "usage: yapctl" in yapctl().stdout
+
+
+def test_bad_usage_exits_2():
+    out = yapctl("restart", "gpu")
+    assert out.returncode == 2
+    assert "invalid choice" in out.stderr
+
+
+def test_status(shared_yapd):
+    out = yapctl("status", sock=shared_yapd.admin_socket)
+    assert out.returncode == EXIT_OK, out.stderr
+    assert "deploy both" in out.stdout and "ready" in out.stdout
+    assert "ENGINE" in out.stdout and "chat" in out.stdout and "tool" in out.stdout
+    js = json.loads(yapctl("status", "--json", sock=shared_yapd.admin_socket).stdout)
+    assert js["ok"] is True and js["capacity"]["max"] == 64 and set(js["engines"]) == {"chat", "tool"}
+    assert KEY not in out.stdout and KEY not in json.dumps(js)
+
+
+async def test_connections_shows_a_live_session(shared_yapd):
+    async with ws_connect(shared_yapd.url()) as ws:
+        await ws.send(json.dumps({"type": "start", "session_id": "cli-sess", "user_utterance": "hi"}))
+        while json.loads(await ws.recv())["type"] != "done":
+            pass
+        out = yapctl("connections", sock=shared_yapd.admin_socket)
+        assert out.returncode == EXIT_OK, out.stderr
+        assert "cli-sess" in out.stdout and "127.0.0.1" in out.stdout
+        rows = json.loads(yapctl("connections", "--json", sock=shared_yapd.admin_socket).stdout)
+        mine = [r for r in rows if r["session_id"] == "cli-sess"]
+        assert mine and mine[0]["turns"] == 1 and mine[0]["last_ttft_ms"] > 0
+
+
+def test_logs_last_n_level_and_grep(shared_yapd):
+    sock = shared_yapd.admin_socket
+    out = yapctl("logs", "-n", "3", sock=sock)
+    assert out.returncode == EXIT_OK
+    assert len(out.stdout.splitlines()) == 3
+    out = yapctl("logs", "-n", "1000", "--grep", "ENGINE READY", sock=sock)
+    lines = out.stdout.splitlines()
+    assert lines and all("engine ready" in line.lower() for line in lines)
+    out = yapctl("logs", "-n", "1000", "--level", "warning", "--json", sock=sock)
+    assert all(json.loads(line)["level"] in ("warning", "error", "critical") for line in out.stdout.splitlines())
+
+
+def test_logs_follow_streams_new_lines(shared_yapd):
+    sock = shared_yapd.admin_socket
+    proc = subprocess.Popen([sys.executable, "-m", "yapctl", "--socket", str(sock), "logs", "-n", "0", "-f",
+                             "--grep", "reload"], stdout=subprocess.PIPE, text=True)
+    try:
+        # The follow is registered once the first request is in: a ping on another
+        # connection can't order that, so reload until the follower prints a line.
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        import select
+
+        got = ""
+        for _ in range(40):
+            assert yapctl("reload", sock=sock).returncode == EXIT_OK
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                got = proc.stdout.read() or ""
+                if "reload" in got:
+                    break
+        assert "reload" in got
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_reload_restart_and_drain(make_yapd):
+    d = make_yapd()
+    sock = d.admin_socket
+    out = yapctl("reload", sock=sock)
+    assert out.returncode == EXIT_OK and "applied now: nothing" in out.stdout, out.stdout
+    d.write_config('[turn]\nchat_max_out = 50\n')
+    out = yapctl("reload", sock=sock)
+    assert out.returncode == EXIT_OK
+    assert "turn.chat_max_out" in out.stdout
+    out = yapctl("restart", "tool", sock=sock)
+    assert out.returncode == EXIT_OK, out.stderr
+    assert "restarted tool" in out.stdout
+    d.wait_for("engine ready role=tool", 10)
+    out = yapctl("drain", sock=sock)
+    assert out.returncode == EXIT_OK and "draining" in out.stdout
+    assert d.http("/healthz", key=None)[0] == 503
+    assert yapctl("drain", "--off", sock=sock).returncode == EXIT_OK
+    assert d.http("/healthz", key=None)[0] == 200
+
+
+def test_chat_prints_ack_tokens_metrics_and_final(shared_yapd):
+    out = yapctl("chat", "who was Columbus?", "--url", shared_yapd.url(key=None), "--key", KEY, "--gender", "man")
+    assert out.returncode == EXIT_OK, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("ack request_id=")
+    assert any(line.startswith("toolcall ") for line in lines)
+    metrics = next(line for line in lines if line.startswith("metrics "))
+    fields = dict(kv.split("=") for kv in metrics.split()[1:])
+    assert set(fields) >= {"ttfb_ms", "total_ms", "stream_ms", "chunks", "chars"}
+    assert float(fields["total_ms"]) >= float(fields["ttfb_ms"]) > 0
+    final = json.loads(lines[-1].removeprefix("final "))
+    assert len(final) == int(fields["chars"])
+
+
+def test_chat_errors(shared_yapd):
+    out = yapctl("chat", "hi", "--url", shared_yapd.url(key=None), "--key", "wrong")
+    assert out.returncode != EXIT_OK
+    assert "authentication_failed" in out.stderr or "HTTP 401" in out.stderr or "1008" in out.stderr
+    assert "wrong" not in out.stdout
+    out = yapctl("chat", "hi", "--url", "ws://127.0.0.1:9/ws", "--timeout", "5")
+    assert out.returncode == EXIT_DOWN and "cannot reach yapd" in out.stderr
+
+
+def test_bench_completes_every_session(shared_yapd):
+    out = yapctl("bench", "-n", "6", "-c", "3", "--url", shared_yapd.url(key=None), "--key", KEY, "--json")
+    assert out.returncode == EXIT_OK, out.stderr
+    s = json.loads(out.stdout)
+    assert s["turns"] == 6 and s["completed"] == 6 and not s["errors"]
+    for key in ("ttft_ms", "tool_ms", "itl_ms", "total_ms"):
+        assert s[key]["p50"] is not None
+    table = yapctl("bench", "-n", "2", "-c", "2", "--url", shared_yapd.url(key=None), "--key", KEY)
+    assert table.returncode == EXIT_OK
+    assert "2/2 turns completed" in table.stdout and "ttft" in table.stdout and "P99" in table.stdout
+
+
+def test_awq_status_answers(shared_yapd):
+    out = yapctl("awq", "status", sock=shared_yapd.admin_socket)
+    # With no AWQ job support compiled in this is a clear refusal, never a traceback.
+    assert out.returncode in (EXIT_OK, EXIT_FAILED)
+    assert "Traceback" not in out.stderr
+    if out.returncode == EXIT_OK:
+        assert json.loads(out.stdout)["ok"] is True
+
+
+def test_daemon_down(tmp_path):
+    out = yapctl("status", sock=tmp_path / "none.sock")
+    assert out.returncode == EXIT_DOWN
+    assert out.stderr.strip() == f"yapctl: yapd is not running: no socket at {tmp_path / 'none.sock'}"
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()
+    out = yapctl("logs", sock=stale)
+    assert out.returncode == EXIT_DOWN and "stale socket" in out.stderr
+    # The socket from the environment, as an operator's shell would set it.
+    assert yapctl("status", env={"YAP_ADMIN_SOCKET": str(stale)}).returncode == EXIT_DOWN
+
+
+def _as_nobody(argv: list[str]) -> tuple[int, str]:
+    """yapctl's own main() in a forked child running as uid/gid 65534."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            sys.stderr = os.fdopen(w, "w", buffering=1)  # pytest has replaced sys.stderr
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            from yapctl.cli import main
+
+            code = main(argv)
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        return os.waitstatus_to_exitcode(status), f.read()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+def test_permission_denied(make_yapd):
+    d = make_yapd()
+    sock = d.admin_socket
+    for parent in sock.parents:
+        if parent == Path("/"):
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o005)
+    # The socket file's mode keeps others out...
+    code, err = _as_nobody(["--socket", str(sock), "status"])
+    assert code == EXIT_DENIED, err
+    assert "permission denied: add yourself to group" in err
+    # ...and the daemon's peer check refuses them even when the mode lets them connect.
+    os.chmod(sock, 0o666)
+    code, err = _as_nobody(["--socket", str(sock), "status"])
+    assert code == EXIT_DENIED, err
+    assert "permission denied" in err
+
