@@ -107,6 +107,10 @@ class AdminServer:
                 log.warning("admin connection refused uid=%d gid=%d", uid, gid)
                 await _write(writer, {"ok": False, "error": "permission denied: not root, the daemon's user "
                                       "or a member of its group"})
+                # Closing with the client's request still unread would reset the
+                # connection and could lose the reason we just wrote; take the request first.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(reader.read(MAX_REQUEST_BYTES), 1.0)
                 return
             while True:
                 try:

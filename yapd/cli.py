@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from yapd import __version__
 from yapd.config import ConfigError
@@ -59,4 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"yapd: cannot prepare models: {exc}", file=sys.stderr)
         return 1
     d = daemon.Daemon(cfg, path, overrides)
-    return asyncio.run(d.run())
+    return run_loop(d.run(), cfg.server.event_loop)
+
+
+def run_loop(main: Coroutine[Any, Any, int], kind: str) -> int:
+    """uvloop when asked or (auto) when installed: its loop costs less per message."""
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                main.close()
+                print("yapd: server.event_loop is uvloop but uvloop is not installed", file=sys.stderr)
+                return 2
+        else:
+            return int(uvloop.run(main))
+    return asyncio.run(main)

@@ -54,6 +54,8 @@ class ServerConfig:
     allowed_origins: list[str] = field(default_factory=list)
     metrics_require_auth: bool = True
     drain_timeout_s: float = 10.0
+    # "auto": uvloop when it is installed (vLLM brings it), else asyncio's own loop.
+    event_loop: str = "auto"
 
 
 @dataclass
@@ -219,7 +221,7 @@ class Config:
 # Sections whose changes need new engines; everything else applies live.
 ENGINE_SECTIONS = ("engines", "chat", "tool", "awq")
 # Keys that need the listening socket or admin socket recreated: a daemon restart.
-RESTART_KEYS = ("server.host", "server.port", "admin.socket", "admin.enabled", "logging.file")
+RESTART_KEYS = ("server.host", "server.port", "server.event_loop", "admin.socket", "admin.enabled", "logging.file")
 
 
 # --- loading ----------------------------------------------------------------------
@@ -418,6 +420,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{src}: server.{key}: must be >= 0 (0 = default)")
     if s.max_frame_bytes < 1024:
         raise ConfigError(f"{src}: server.max_frame_bytes: must be at least 1024")
+    if s.event_loop not in ("auto", "asyncio", "uvloop"):
+        raise ConfigError(f"{src}: server.event_loop must be auto, asyncio or uvloop, got {s.event_loop!r}")
     for key in ("idle_timeout_s", "rate_limit_per_s", "send_timeout_s", "drain_timeout_s"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"{src}: server.{key}: must be > 0")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import gc
 import logging
 import os
 import signal
@@ -117,7 +118,8 @@ class Daemon:
             return 1
         if not self._stop.is_set():
             self.notifier.ready(self._serving_status())
-            log.info("ready port=%d", self.server.port)
+            log.info("ready port=%d loop=%s", self.server.port,
+                     type(asyncio.get_running_loop()).__module__.split(".")[0])
             self._spawn(self._status_loop())
             interval = self.notifier.watchdog_interval()
             if interval:
@@ -158,6 +160,10 @@ class Daemon:
                     await self._start_one(role, eng)
         finally:
             extender.cancel()
+        # Model loads leave millions of long-lived objects; moving them out of the
+        # collector's view keeps gen-2 collections (pauses of 10+ ms mid-stream) short.
+        gc.collect()
+        gc.freeze()
 
     async def _start_one(self, role: str, eng: Any) -> None:
         t0 = time.perf_counter()

@@ -52,6 +52,10 @@ class Turn:
         self.completion_tokens = 0
         self.ttft_ms: float | None = None
         self.tool_ms: float | None = None
+        # When each engine's first output reached us (ms from the start): what the engines
+        # took, as against what the client saw.
+        self.tool_first_ms: float | None = None
+        self.chat_first_ms: float | None = None
         self.text_parts: list[str] = []
         self.decision: Decision | None = None
         self.state = "starting"
@@ -74,16 +78,19 @@ class Turn:
             elif chat_stream is None:
                 await self._send_decision(await self._decide(tool))
             elif self.cfg.turn.concurrent:
-                # Both engines start now; the chat reply is held until the decision is out.
+                # Both engines start now, the tool first: its decision gates the first
+                # token. The chat reply is held until the decision is out.
+                decide = asyncio.ensure_future(self._decide(tool))
                 first = asyncio.ensure_future(anext(chat_stream))
                 try:
-                    await self._send_decision(await self._decide(tool))
+                    await self._send_decision(await decide)
                     await self._stream_reply(chat_stream, first)
                 finally:
-                    if not first.done():
-                        first.cancel()
-                        with contextlib.suppress(BaseException):
-                            await first
+                    for fut in (decide, first):
+                        if not fut.done():
+                            fut.cancel()
+                            with contextlib.suppress(BaseException):
+                                await fut
             else:
                 await self._send_decision(await self._decide(tool))
                 await self._stream_reply(chat_stream, None)
@@ -120,14 +127,22 @@ class Turn:
         self.state = "tool"
         t = self.cfg.turn
         reader = DecisionReader([x.name for x in self.cfg.tools])
-        # Greedy; a blank line ends an answer (a single newline may sit inside a JSON list).
-        spec = SamplingSpec(max_tokens=t.tool_max_tokens, temperature=0.0, top_k=1, stop=("\n\n",))
+        # Greedy. A blank line ends an answer (a single newline may sit inside a JSON list);
+        # that stop is checked here, not by the engine: vLLM holds back a stop string's
+        # possible prefix, which delays a one-character first token ("[") by a whole step.
+        spec = SamplingSpec(max_tokens=t.tool_max_tokens, temperature=0.0, top_k=1)
         stream = tool.stream(self._tool_prompt(tool), spec, f"{self.inp.request_id}:tool")
 
         async def read() -> Decision:
             async for delta in stream:
+                if self.tool_first_ms is None:
+                    self.tool_first_ms = self._ms()
                 self.rt.metrics.tokens.labels("tool").inc(delta.n_tokens)
                 if reader.feed(delta.text) is not None:
+                    break
+                end = reader.text.find("\n\n")
+                if end >= 0:
+                    reader.text = reader.text[:end]
                     break
             return reader.finish()
 
@@ -156,7 +171,9 @@ class Turn:
 
     # --- chat reply ----------------------------------------------------------------
 
-    def _chat_stream(self, chat: Engine) -> AsyncIterator[Delta]:
+    async def _chat_stream(self, chat: Engine) -> AsyncIterator[Delta]:
+        """The chat engine's deltas; the prompt is built on the first ``anext`` so that in
+        concurrent mode the tool request goes out first."""
         t = self.cfg.turn
         assert self.chat_cache is not None
         prompt = build_chat_prompt(
@@ -169,7 +186,14 @@ class Turn:
         spec = SamplingSpec(max_tokens=t.chat_max_out, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
                             repetition_penalty=t.repetition_penalty, ignore_eos=t.ignore_eos,
                             seed=self.inp.seed if t.seeded_sampling else None)
-        return chat.stream(prompt.ids, spec, f"{self.inp.request_id}:chat")
+        stream = chat.stream(prompt.ids, spec, f"{self.inp.request_id}:chat")
+        try:
+            async for delta in stream:
+                if self.chat_first_ms is None:
+                    self.chat_first_ms = self._ms()
+                yield delta
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
 
     async def _stream_reply(self, stream: AsyncIterator[Delta], first: asyncio.Future[Delta] | None) -> None:
         self.state = "streaming"
@@ -219,7 +243,8 @@ class Turn:
             "type": "done",
             "request_id": self.inp.request_id,
             "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens},
-            "timings": {"ttft_ms": self.ttft_ms, "tool_ms": self.tool_ms, "total_ms": self._ms()},
+            "timings": {"ttft_ms": self.ttft_ms, "tool_ms": self.tool_ms, "total_ms": self._ms(),
+                        "engine_ttft_ms": self.chat_first_ms, "tool_first_ms": self.tool_first_ms},
             "cancelled": cancelled,
         }
         if error:
