@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,9 +116,10 @@ def _gpu_name() -> str:
 def start_yapd(cfg_path: Path, log: Path) -> tuple[subprocess.Popen[bytes], float]:
     t0 = time.perf_counter()
     offset = log.stat().st_size if log.exists() else 0  # the log is appended to: read only this start's lines
+    out = log.open("ab")  # vLLM's own lines (phase timings) go to stdout: keep them
     proc = subprocess.Popen([sys.executable, "-m", "yapd", "--config", str(cfg_path), "--admin-socket",
-                             str(cfg_path.parent / "admin.sock")], stdout=subprocess.DEVNULL,
-                            stderr=log.open("ab"), start_new_session=True)
+                             str(cfg_path.parent / "admin.sock")], stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"yapd exited {proc.returncode}; see {log}")
@@ -154,6 +157,46 @@ async def phase_yapd(res: Results, models: Path, work: Path, levels: tuple[int, 
         stop(proc)
     proc, warm = start_yapd(cfg, log)
     res.put("yapd", "start_s_restart", round(warm, 1))
+    stop(proc)
+
+
+# vLLM's own timing lines: where an engine start's seconds go.
+STARTUP_LINES = re.compile(r"(took|takes|finished in|Compiling a graph|Directly load|cache)"
+                           r".*?[0-9.]+ ?(s|secs|seconds)\b|engine started role=|ready port=")
+
+
+def startup_lines(log: Path, offset: int) -> list[str]:
+    text = log.read_bytes()[offset:].decode(errors="replace")
+    return [line.strip()[:240] for line in text.splitlines() if STARTUP_LINES.search(line)]
+
+
+async def phase_startup(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
+    """Where start time goes: first start, engine restart over the admin socket, and a
+    process restart with every cache warm, each with vLLM's own phase timings."""
+    from yapctl.client import AdminClient
+
+    cfg = work / "yapd.toml"
+    cfg.write_text(config_text(models, work / "cache"))
+    log = work / "startup.log"
+    put = functools.partial(res.put, "startup")  # each figure lands as soon as it is taken
+    offset = log.stat().st_size if log.exists() else 0
+    proc, first = start_yapd(cfg, log)
+    put("first_start_s", round(first, 1))
+    put("first_start_lines", startup_lines(log, offset))
+    try:
+        offset = log.stat().st_size
+        t0 = time.perf_counter()
+        async with AdminClient(cfg.parent / "admin.sock", timeout=900) as admin:
+            reply = await admin.request("restart", target="both", timeout=900)
+        put("engine_restart_s", round(time.perf_counter() - t0, 1))
+        put("engine_restart_reply", reply)
+        put("engine_restart_lines", startup_lines(log, offset))
+    finally:
+        stop(proc)
+    offset = log.stat().st_size
+    proc, warm = start_yapd(cfg, log)
+    put("process_restart_s", round(warm, 1))
+    put("process_restart_lines", startup_lines(log, offset))
     stop(proc)
 
 
@@ -387,6 +430,13 @@ def markdown(data: dict[str, Any]) -> str:
               f"{y.get('start_s_restart')} s",
               f"- raw engines start: {data.get('raw', {}).get('start_s')} s; vllm serve start: "
               f"{data.get('serve', {}).get('start_s')} s", ""]
+    st = data.get("startup")
+    if st:
+        lines += ["## Start and restart", "",
+                  f"- first start {st.get('first_start_s')} s; engine restart (admin, both) "
+                  f"{st.get('engine_restart_s')} s; process restart {st.get('process_restart_s')} s", ""]
+        for key in ("first_start_lines", "engine_restart_lines", "process_restart_lines"):
+            lines += [f"{key.replace('_lines', '').replace('_', ' ')}:", "", "```", *st.get(key, []), "```", ""]
     return "\n".join(lines)
 
 
@@ -404,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = _gpu_name().replace("NVIDIA ", "").split()[0].lower() or "gpu"
     name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
     res = Results(args.out / f"{name}.json")
-    phases = {"yapd": phase_yapd, "raw": phase_raw, "serve": phase_serve}
+    phases = {"yapd": phase_yapd, "raw": phase_raw, "serve": phase_serve, "startup": phase_startup}
     for ph in args.phases.split(","):
         try:
             asyncio.run(phases[ph](res, args.models, args.work, levels))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineState, SamplingSpec
+from yapd.engines.tokenizer import load_tokenizer
 
 log = logging.getLogger("yapd.engine.cpu")
 
@@ -82,12 +83,12 @@ class CpuEngine(Engine):
     def _load(self) -> None:
         with _IMPORT_LOCK:
             import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: F401
+            from transformers import AutoModelForCausalLM, DynamicCache  # noqa: F401
         # torch's intra-op thread pool, driven from worker threads, gave sporadic NaN logits
         # here (one element, not reproducible on recompute); one thread per pass is exact.
         torch.set_num_threads(1)
 
-        self._tok = AutoTokenizer.from_pretrained(self.model, revision=self.revision)
+        self._tok = load_tokenizer(self.model, self.revision)
         model = AutoModelForCausalLM.from_pretrained(self.model, revision=self.revision, dtype=torch.float32)
         model.eval()
         self._model = model

@@ -19,6 +19,7 @@ from typing import Any
 
 from yapd.config import Config, EngineConfig
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineState, SamplingSpec
+from yapd.engines.tokenizer import load_tokenizer
 
 log = logging.getLogger("yapd.engine.vllm")
 
@@ -136,12 +137,10 @@ class VllmEngine(Engine):
             self.model = model
             log.info("starting vLLM engine role=%s %s", self.role,
                      " ".join(f"{k}={v}" for k, v in kwargs.items() if k != "tokenizer"))
-            from transformers import AutoTokenizer
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            self._tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, kwargs["tokenizer"],
-                                                revision=kwargs["revision"])
+            self._tok = await asyncio.to_thread(load_tokenizer, kwargs["tokenizer"], kwargs["revision"])
             args = AsyncEngineArgs(**kwargs)
             # Built off the event loop so /healthz, the watchdog and the other engine keep
             # going during the load; AsyncLLM starts its output task on first use.
