@@ -11,9 +11,10 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch 2.13.0 (CPU build) first: a plain "torch" requirement would pull a multi-GB CUDA build.
+# The awq extra (llmcompressor, for the AWQ job tests) fits this torch and transformers (docs/awq.md).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[cpu,dev]"
+	$(BIN)/pip install -q -e ".[cpu,dev,awq]"
 	touch $@
 
 install: $(VENV)/.installed

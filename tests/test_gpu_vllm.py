@@ -28,7 +28,8 @@ def _cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs CUDA and vllm")]
+# Cold starts compile for minutes: far beyond the suite's per-test default.
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(1200), pytest.mark.skipif(not _cuda(), reason="needs CUDA and vllm")]
 MODEL = os.environ.get("YAPD_GPU_MODEL", "/tmp/models/tiny-qwen2")
 
 
@@ -119,6 +120,42 @@ async def test_gpu_engine_death_detected_and_restart(gpu_yapd):
         assert msgs[0]["type"] == "error" and msgs[0]["error_code"] == "engine_unavailable"
     replies = gpu_yapd.admin(timeout=600, cmd="restart", target="both")
     assert replies[-1]["ok"] is True, replies
+    assert gpu_yapd.http("/healthz", key=None)[0] == 200
+    async with ws_connect(gpu_yapd.url()) as ws:
+        check_turn(await run_turn(ws))
+
+
+def _lines_since(d: Yapd, n: int) -> str:
+    return "\n".join(d.lines[n:])
+
+
+async def test_gpu_memory_plans_side_by_side_and_fallback(gpu_yapd):
+    """The first start loads the engines one after the other and records their KV
+    sizes; a restart then loads both at once; a plan that no longer fits falls back to
+    the sequential start (and is recorded anew) instead of failing."""
+    plans_file = Path(gpu_yapd.env["YAP_CACHE_DIR"]) / "vllm" / "yapd_memory_plans.json"
+    plans = json.loads(plans_file.read_text())
+    assert len(plans) == 2, plans
+    n = len(gpu_yapd.lines)
+    t0 = time.perf_counter()
+    replies = gpu_yapd.admin(timeout=600, cmd="restart", target="both")
+    print(f"side-by-side restart {time.perf_counter() - t0:.1f} s")
+    assert replies[-1]["ok"] is True, replies
+    assert "engines load side by side" in _lines_since(gpu_yapd, n)
+    async with ws_connect(gpu_yapd.url()) as ws:
+        check_turn(await run_turn(ws))
+
+    # 10 TB of KV cache: the side-by-side start must fail, and the daemon recover.
+    plans_file.write_text(json.dumps({k: {**v, "kv_cache_memory_bytes": 10**13} for k, v in plans.items()}))
+    n = len(gpu_yapd.lines)
+    replies = gpu_yapd.admin(timeout=600, cmd="restart", target="both")
+    assert replies[-1]["ok"] is True, replies
+    log = _lines_since(gpu_yapd, n)
+    assert "side-by-side engine start failed" in log, log[-3000:]
+    assert "memory plan recorded role=chat" in log and "memory plan recorded role=tool" in log
+    rerecorded = json.loads(plans_file.read_text())
+    assert sorted(rerecorded) == sorted(plans)
+    assert all(v["kv_cache_memory_bytes"] < 10**13 for v in rerecorded.values())
     assert gpu_yapd.http("/healthz", key=None)[0] == 200
     async with ws_connect(gpu_yapd.url()) as ws:
         check_turn(await run_turn(ws))

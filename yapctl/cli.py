@@ -236,7 +236,14 @@ async def cmd_awq(args: argparse.Namespace) -> int:
         async with _client(args) as c:
             _print_json(await c.request("awq", action="status"))
         return EXIT_OK
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     # Quantizing a 12B model takes a while: each progress line restarts the clock.
     async with AdminClient(socket_path(args.socket), timeout=max(args.timeout, 3600.0)) as c:
@@ -244,7 +251,7 @@ async def cmd_awq(args: argparse.Namespace) -> int:
             async for msg in c.stream("awq", action="rebuild", target=args.target):
                 print(json.dumps(msg), flush=True)
             return EXIT_OK
-        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=_stderr_console(), transient=False) as bar:
             tasks: dict[str, Any] = {}
@@ -255,8 +262,11 @@ async def cmd_awq(args: argparse.Namespace) -> int:
                         tasks[role] = bar.add_task(role, total=None)
                     desc = f"{role}: {msg.get('stage', '')} {msg.get('message', '')}".strip()
                     total = msg.get("layers")
-                    bar.update(tasks[role], description=desc, completed=msg.get("layer", 0),
-                               total=total if isinstance(total, int) and total > 0 else None)
+                    # Only layer events move the bar; "saving", "pushing" keep it where it is.
+                    if isinstance(total, int) and total > 0:
+                        bar.update(tasks[role], description=desc, completed=msg.get("layer", 0), total=total)
+                    else:
+                        bar.update(tasks[role], description=desc)
                 elif "event" not in msg:
                     for t in tasks.values():
                         task = bar.tasks[t]

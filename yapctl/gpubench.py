@@ -200,6 +200,58 @@ async def phase_startup(res: Results, models: Path, work: Path, levels: tuple[in
     stop(proc)
 
 
+PROBE = """
+import json, os, sys, time
+t0 = time.perf_counter()
+marks = {}
+def mark(name):
+    marks[name] = round(time.perf_counter() - t0, 2)
+if os.environ.get("PROBE_PARENT_CUDA") == "1":
+    import torch
+    torch.cuda.get_device_capability(0)
+    mark("parent_cuda_init")
+import torch
+mark("import_torch")
+from vllm import AsyncEngineArgs, SamplingParams
+from vllm.v1.engine.async_llm import AsyncLLM
+mark("import_vllm")
+from yapd.engines.tokenizer import load_tokenizer
+tok = load_tokenizer(sys.argv[1])
+mark("tokenizer")
+llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=sys.argv[1], load_format="dummy", gpu_memory_utilization=0.3,
+                                                max_model_len=4096, max_num_seqs=64, disable_log_stats=True))
+mark("engine_ready")
+import asyncio
+async def one():
+    async for _ in llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=1), "p"):
+        pass
+asyncio.run(one())
+mark("first_token")
+llm.shutdown()
+mark("shutdown")
+print("PROBE " + json.dumps(marks), flush=True)
+"""
+
+
+async def phase_spawn(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
+    """What the EngineCore start method costs: one engine (Hammer-3B shape) started in a
+    fresh process with spawn (CUDA touched in the parent first, as yapd did) and with fork."""
+    env0 = {**os.environ, "VLLM_CACHE_ROOT": str(work / "cache" / "vllm")}
+    runs = [("warmup", "spawn", "1"), ("spawn_parent_cuda", "spawn", "1"), ("spawn", "spawn", "0"),
+            ("fork", "fork", "0")]
+    for name, method, parent_cuda in runs:
+        env = {**env0, "VLLM_WORKER_MULTIPROC_METHOD": method, "PROBE_PARENT_CUDA": parent_cuda}
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", PROBE, str(models / "hammer-3b")], env=env,  # noqa: ASYNC221
+                             capture_output=True, text=True, timeout=600)
+        wall = round(time.perf_counter() - t0, 1)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("PROBE ")), None)
+        timing = [x.strip()[:200] for x in (out.stdout + out.stderr).splitlines() if STARTUP_LINES.search(x)]
+        res.put("spawn", name, {"wall_s": wall, "marks": json.loads(line[6:]) if line else None,
+                                "rc": out.returncode, "vllm_lines": timing,
+                                "tail": None if line else (out.stdout + out.stderr)[-1500:]})
+
+
 # --- raw AsyncLLM ----------------------------------------------------------------
 
 
@@ -409,7 +461,9 @@ def markdown(data: dict[str, Any]) -> str:
     def two(sec: str, lvl: str, metric: str, a: str, b: str) -> str:
         return f"{g(sec, lvl, metric, a)} / {g(sec, lvl, metric, b)}"
 
-    for c in LEVELS:
+    if not any(sec in data for sec in ("yapd", "raw", "serve")):  # a start-time-only run
+        lines = [f"# yapd engine start: {data.get('machine')} ({data.get('date')}, vLLM {data.get('vllm')})", ""]
+    for c in LEVELS if len(lines) > 2 else ():
         lvl = f"c{c}"
         lines.append(f"| {c} | TTFT p50 / p95 ms | {two('yapd', lvl, 'ttft_ms', 'p50', 'p95')} | "
                      f"{two('raw', lvl, 'ttft_ms', 'p50', 'p95')} | {two('serve', lvl, 'ttft_ms', 'p50', 'p95')} |")
@@ -424,12 +478,26 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{g('yapd', lvl, 'server_tool_first_ms', 'p50')} | - | - |")
     y = data.get("yapd", {})
     cancel = y.get("cancel", {})
-    lines += ["", f"- cancel -> done (client): {cancel.get('cancel_to_done_ms')}",
+    lines += [] if len(lines) == 2 else ["", f"- cancel -> done (client): {cancel.get('cancel_to_done_ms')}",
               f"- barge-in -> new first token (client): {cancel.get('barge_in_to_first_token_ms')}",
               f"- yapd start to READY, first start: {y.get('start_s_first')} s; restart with warm compile cache: "
               f"{y.get('start_s_restart')} s",
               f"- raw engines start: {data.get('raw', {}).get('start_s')} s; vllm serve start: "
               f"{data.get('serve', {}).get('start_s')} s", ""]
+    sp = data.get("spawn")
+    if sp:
+        lines += ["## EngineCore start method", "",
+                  "One engine (Hammer-3B shape), each run in a fresh process, compile cache warm after `warmup`;"
+                  " seconds from process start. spawn_parent_cuda: a CUDA context in the parent first (vLLM then"
+                  " spawns); spawn: none; fork: vLLM's default.", "",
+                  "| run | import vllm | tokenizer | engine ready | from_engine_args | process wall |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for run, v in sp.items():
+            m = v.get("marks") or {}
+            if "engine_ready" in m:
+                lines.append(f"| {run} | {m['import_vllm']} | {m['tokenizer']} | {m['engine_ready']} | "
+                             f"{round(m['engine_ready'] - m['tokenizer'], 1)} | {v['wall_s']} |")
+        lines.append("")
     st = data.get("startup")
     if st:
         lines += ["## Start and restart", "",
@@ -454,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = _gpu_name().replace("NVIDIA ", "").split()[0].lower() or "gpu"
     name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
     res = Results(args.out / f"{name}.json")
-    phases = {"yapd": phase_yapd, "raw": phase_raw, "serve": phase_serve, "startup": phase_startup}
+    phases = {"yapd": phase_yapd, "raw": phase_raw, "serve": phase_serve, "startup": phase_startup,
+              "spawn": phase_spawn}
     for ph in args.phases.split(","):
         try:
             asyncio.run(phases[ph](res, args.models, args.work, levels))

@@ -53,6 +53,7 @@ class AdminServer:
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[Any]] = set()
         self._gid = os.getgid()
+        self._inode = 0
         if cfg.group:
             try:
                 self._gid = grp.getgrnam(cfg.group).gr_gid
@@ -62,6 +63,12 @@ class AdminServer:
     async def start(self) -> None:
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        # A directory someone else owns or anyone may write to (a squatted /tmp/yapd-UID)
+        # would let them swap the socket file under yapctl.
+        d = path.parent.stat()
+        if d.st_uid not in (0, os.getuid()) or d.st_mode & stat.S_IWOTH:
+            raise OSError(f"admin socket directory {path.parent} is owned by uid {d.st_uid} or writable by "
+                          "others; use a directory of the daemon's own ([admin] socket)")
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
                 raise OSError(f"admin socket path {path} exists and is not a socket")
@@ -74,7 +81,25 @@ class AdminServer:
         if self._gid != os.getgid():
             with contextlib.suppress(PermissionError):
                 os.chown(path, -1, self._gid)
+        self._inode = path.stat().st_ino
         log.info("admin socket listening path=%s", path)
+
+    async def ensure(self) -> bool:
+        """Re-create the socket file if it is gone (an rm, a tmpfiles clean-up): the
+        listening socket still runs but nobody can reach it. Called on reload, so
+        ``systemctl reload yapd`` brings yapctl back without a restart. True when it
+        was re-created."""
+        if self._server is None:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            st = self.path.lstat()
+            if stat.S_ISSOCK(st.st_mode) and st.st_ino == self._inode:
+                return False
+        self._server.close()  # unreachable without its file; clients already connected stay
+        self._server = None
+        await self.start()
+        log.warning("admin socket %s was gone; re-created it", self.path)
+        return True
 
     async def close(self) -> None:
         if self._server is not None:
@@ -124,11 +149,14 @@ class AdminServer:
                     continue
                 try:
                     req = json.loads(line)
+                except (ValueError, RecursionError):
+                    # JSONDecodeError, UnicodeDecodeError, integers of over 4300 digits, deep nesting.
+                    await _write(writer, {"ok": False, "error": "request is not valid JSON"})
+                    continue
+                try:
                     if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
                         raise AdminError('a request is a JSON object with a "cmd" string')
                     await self._dispatch(req, writer)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    await _write(writer, {"ok": False, "error": "request is not valid JSON"})
                 except AdminError as exc:
                     await _write(writer, {"ok": False, "error": str(exc)})
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -188,7 +216,7 @@ class AdminServer:
         grep = req.get("grep")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise AdminError('"n" must be a non-negative integer')
-        if level not in LEVELS:
+        if not isinstance(level, str) or level not in LEVELS:
             raise AdminError(f'"level" must be one of {", ".join(LEVELS)}')
         if grep is not None and not isinstance(grep, str):
             raise AdminError('"grep" must be a string')

@@ -8,6 +8,7 @@ which changes apply live and which need new engines.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -150,7 +151,8 @@ class LoggingConfig:
 
 @dataclass
 class AwqConfig:
-    method: Literal["llmcompressor", "autoawq"] = "llmcompressor"
+    # llmcompressor's AWQ only: AutoAWQ is archived and untested on this stack (docs/awq.md).
+    method: Literal["llmcompressor"] = "llmcompressor"
     group_size: int = 128
     bits: int = 4
     calibration_file: str = ""
@@ -166,6 +168,11 @@ class AwqConfig:
     commit_message_chat: str = "yapd: AWQ W4A16 chat model"
     commit_message_tool: str = "yapd: AWQ W4A16 tool model"
     hub_endpoint: str = ""
+    # The interpreter that runs the job: "" = yapd's own; a separate venv where the
+    # quantization library's pins clash with vLLM's.
+    python: str = ""
+    # "auto": the GPU when the job sees one, else the CPU; "cpu"; "cuda:N".
+    device: str = "auto"
 
 
 DEFAULT_TOOLS = [
@@ -221,7 +228,8 @@ class Config:
 # Sections whose changes need new engines; everything else applies live.
 ENGINE_SECTIONS = ("engines", "chat", "tool", "awq")
 # Keys that need the listening socket or admin socket recreated: a daemon restart.
-RESTART_KEYS = ("server.host", "server.port", "server.event_loop", "admin.socket", "admin.enabled", "logging.file")
+RESTART_KEYS = ("server.host", "server.port", "server.event_loop", "server.write_buffer_bytes", "admin.socket",
+                "admin.enabled", "logging.file")
 
 
 # --- loading ----------------------------------------------------------------------
@@ -261,7 +269,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past float's range
+            number = math.inf
+        # TOML has nan and inf; no setting here means anything by them (a NaN timeout
+        # passes every "> 0" check and then never fires).
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {str(value)[:24]}")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {type(value).__name__}")
@@ -374,6 +390,7 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, str], ...]] = {
     "HF_AWQ_ALLOW_CREATE": (("awq", "allow_create"),),
     "HF_AWQ_COMMIT_MSG_CHAT": (("awq", "commit_message_chat"),),
     "HF_AWQ_COMMIT_MSG_TOOL": (("awq", "commit_message_tool"),),
+    "HF_ENDPOINT": (("awq", "hub_endpoint"),),
 }
 
 
@@ -427,6 +444,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{src}: server.{key}: must be > 0")
     if s.rate_limit_burst < 1:
         raise ConfigError(f"{src}: server.rate_limit_burst: must be >= 1")
+    if s.write_buffer_bytes < 4096:
+        raise ConfigError(f"{src}: server.write_buffer_bytes: must be at least 4096")
     for role in ("chat", "tool"):
         e: EngineConfig = getattr(cfg, role)
         if cfg.deployed(role) and not e.model and not cfg.demo:
@@ -467,10 +486,22 @@ def validate(cfg: Config) -> None:
     names = [tool.name for tool in cfg.tools]
     if len(set(names)) != len(names):
         raise ConfigError(f"{src}: tools: duplicate tool names in {names}")
+    if t.repetition_penalty <= 0:
+        raise ConfigError(f"{src}: turn.repetition_penalty: must be > 0")
+    if not 0 <= cfg.admin.mode <= 0o777:
+        raise ConfigError(f"{src}: admin.mode: {cfg.admin.mode} is not a file mode (0 to 0o777)")
+    lg = cfg.logging
+    if lg.ring_lines < 1 or lg.file_max_bytes < 0 or lg.file_backups < 0:
+        raise ConfigError(f"{src}: logging: ring_lines must be >= 1, file_max_bytes and file_backups >= 0")
     if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"{src}: logging.level: {cfg.logging.level!r} is not a log level")
     if cfg.awq.bits != 4 or cfg.awq.group_size not in (32, 64, 128):
         raise ConfigError(f"{src}: awq: only bits = 4 with group_size 32, 64 or 128 are supported")
+    if cfg.awq.calibration_samples < 1 or cfg.awq.calibration_max_len < 16:
+        raise ConfigError(f"{src}: awq: calibration_samples must be >= 1 and calibration_max_len >= 16")
+    dev = cfg.awq.device
+    if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+        raise ConfigError(f"{src}: awq.device: {dev!r} is not auto, cpu, cuda or cuda:N")
 
 
 def load(
@@ -494,6 +525,8 @@ def load(
             raise ConfigError(f"{p}: not UTF-8 text ({exc.reason})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+        except ValueError as exc:  # e.g. an integer of over 4300 digits, which Python refuses
+            raise ConfigError(f"{p}: invalid TOML: {str(exc)[:200]}") from None
         cfg = from_mapping(data, str(p))
     apply_env(cfg, env)
     for dotted, value in (overrides or {}).items():

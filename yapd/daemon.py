@@ -22,8 +22,9 @@ from typing import Any
 import sdnotify
 
 from yapd import __version__, config, logs
+from yapd.awq.jobs import AwqJobs
 from yapd.config import Config, ConfigError
-from yapd.engines import EngineError, create_engine
+from yapd.engines import EngineError, can_start_together, create_engine
 from yapd.runtime import Runtime
 from yapd.server import YapServer
 
@@ -89,6 +90,7 @@ class Daemon:
         self.pending: Config | None = None  # a reloaded config whose engine keys wait for a restart
         self.pending_keys: list[str] = []
         self._stop = asyncio.Event()
+        self.awq_jobs = AwqJobs(self, self._stop)
         self._signals = 0
         self._engine_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -112,6 +114,10 @@ class Daemon:
             await self._start_admin()
             await self._start_engines(self._deployed_roles())
         except (OSError, EngineError, ConfigError) as exc:
+            if self._stop.is_set():  # SIGTERM while quantizing or loading: a stop, not a failure
+                log.info("stopped while starting: %s", exc)
+                await self._shutdown()
+                return self.exit_code
             log.error("start failed: %s", exc)
             self.notifier.status(f"start failed: {exc}")
             await self._shutdown()
@@ -140,22 +146,33 @@ class Daemon:
         await self.admin.start()
 
     async def _start_engines(self, roles: list[str]) -> None:
-        engines = {role: create_engine(role, self.cfg) for role in roles}
-        for role, eng in engines.items():
-            self.rt.engines[role] = eng
-            self.rt.metrics.engine_up.labels(role).set(0)
-        self.notifier.status(f"loading engines: {', '.join(f'{r}={e.model}' for r, e in engines.items())}")
-        # A cold vLLM start compiles for minutes: keep pushing systemd's start timeout out.
+        # A cold vLLM start compiles for minutes, and a first start in awq mode quantizes
+        # for longer: keep pushing systemd's start timeout out.
         extender = asyncio.create_task(self._extend_timeout())
         try:
-            parallel = self.cfg.engines.start_in_parallel and all(e.parallel_start_safe for e in engines.values())
+            await self.awq_jobs.ensure_cached(roles)
+            engines = {role: create_engine(role, self.cfg) for role in roles}
+            for role, eng in engines.items():
+                self.rt.engines[role] = eng
+                self.rt.metrics.engine_up.labels(role).set(0)
+            self.notifier.status(f"loading engines: {', '.join(f'{r}={e.model}' for r, e in engines.items())}")
+            parallel = self.cfg.engines.start_in_parallel and await asyncio.to_thread(
+                can_start_together, list(engines.values()))
             if parallel:
-                results = await asyncio.gather(*(self._start_one(r, e) for r, e in engines.items()),
+                results = await asyncio.gather(*(self._start_one(r, e, alongside=True) for r, e in engines.items()),
                                                return_exceptions=True)
-                for res in results:
-                    if isinstance(res, BaseException):
-                        raise res if isinstance(res, EngineError) else EngineError(str(res))
-            else:
+                failed = [res for res in results if isinstance(res, BaseException)]
+                if failed and len(engines) > 1 and not self._stop.is_set():
+                    # A plan that no longer fits (another tenant on the GPU, a driver
+                    # update): forget it and load the safe way rather than fail the start.
+                    log.warning("side-by-side engine start failed (%s); loading one after the other", failed[0])
+                    for eng in engines.values():
+                        await eng.shutdown()
+                        eng.forget_memory_plan()
+                    parallel = False
+                elif failed:
+                    raise failed[0] if isinstance(failed[0], EngineError) else EngineError(str(failed[0]))
+            if not parallel:
                 for role, eng in engines.items():
                     await self._start_one(role, eng)
         finally:
@@ -165,14 +182,14 @@ class Daemon:
         gc.collect()
         gc.freeze()
 
-    async def _start_one(self, role: str, eng: Any) -> None:
+    async def _start_one(self, role: str, eng: Any, alongside: bool = False) -> None:
         t0 = time.perf_counter()
         self.notifier.status(f"loading {role} engine: {eng.model}")
         # Test hook: stretch the load so tests can see the daemon's state while loading.
         delay = float(os.environ.get("YAPD_DEBUG_ENGINE_START_DELAY_S") or 0)
         if delay:
             await asyncio.sleep(delay)
-        await eng.start()
+        await eng.start(alongside=alongside)
         self.rt.metrics.engine_up.labels(role).set(1)
         log.info("engine started role=%s backend=%s model=%s seconds=%.1f", role, eng.backend, eng.model,
                  time.perf_counter() - t0)
@@ -188,6 +205,8 @@ class Daemon:
         cap = self.rt.capacity()
         engines = ",".join(f"{r}={e.health().state}" for r, e in self.rt.engines.items())
         extra = f"; pending restart for {', '.join(self.pending_keys)}" if self.pending_keys else ""
+        if self.awq_jobs.running:
+            extra += f"; {self.awq_jobs.summary()}"
         mode = "draining" if self.rt.draining else "serving"
         return f"{mode}: {cap.active}/{cap.max} connections, {engines}{extra}"
 
@@ -221,6 +240,11 @@ class Daemon:
     async def reload(self) -> dict[str, Any]:
         """Re-read the config. Live keys apply now; engine keys wait for a restart."""
         self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
+        if self.admin is not None:
+            try:
+                await self.admin.ensure()
+            except OSError as exc:
+                log.error("admin socket could not be re-created: %s", exc)
         try:
             new = await asyncio.to_thread(self.load_config)
         except (ConfigError, OSError) as exc:
@@ -270,6 +294,12 @@ class Daemon:
                     setattr(self.rt.cfg, section, getattr(self.pending, section))
                 self.pending, self.pending_keys = None, []
             roles = [r for r in roles if self.cfg.deployed(r)]
+            try:
+                # Quantize first (awq mode, nothing cached) while the old engines still serve.
+                await self.awq_jobs.ensure_cached(roles)
+            except EngineError as exc:
+                log.error("engine restart: %s", exc)
+                return {"ok": False, "error": str(exc), "roles": roles}
             drained = await self.wait_idle(roles, self.cfg.server.drain_timeout_s)
             self.notifier.status(f"restarting engines: {', '.join(roles)}")
             for role in roles:
@@ -311,6 +341,7 @@ class Daemon:
     async def _shutdown(self) -> None:
         self.rt.stopping = True
         self.server.stop_accepting()
+        await self.awq_jobs.close()
         timeout = self.cfg.server.drain_timeout_s
         try:
             await asyncio.wait_for(self.server.close_all(), timeout)

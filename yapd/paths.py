@@ -20,4 +20,4 @@ def default_admin_socket() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "yapd" / "admin.sock"
-    return Path(f"/tmp/yapd-{os.getuid()}") / "admin.sock"  # noqa: S108 - per-uid dir, mode 0700
+    return Path(f"/tmp/yapd-{os.getuid()}") / "admin.sock"  # noqa: S108 - per-uid dir, 0750, ownership checked in admin

@@ -52,6 +52,11 @@ class ProtocolError(Exception):
         self.request_id = request_id
 
 
+class ClientGone(Exception):
+    """The client's connection is closed, so nothing more can reach it. The server's send
+    function raises it; a turn or warm-up that meets it just ends (it is not a fault)."""
+
+
 @dataclass(frozen=True)
 class PersonaFields:
     """Persona settings a message may carry; None means "not given"."""
@@ -160,8 +165,9 @@ def parse_client_message(frame: str) -> ClientMessage:
     trimmed later with the model's tokenizer; only the frame size limit refuses them."""
     try:
         obj = json.loads(frame)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(INVALID_JSON, f"frame is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError besides JSONDecodeError: Python refuses integers of over 4300 digits.
+        raise ProtocolError(INVALID_JSON, f"frame is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(INVALID_MESSAGE, f"a message must be a JSON object, got {_json_type(obj)}")
     kind = obj.get("type")

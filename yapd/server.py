@@ -26,6 +26,10 @@ from yapd.session import Session
 
 log = logging.getLogger("yapd.server")
 
+
+class _ClientGone(ConnectionClosed, protocol.ClientGone):
+    """ConnectionClosed for this module's handlers, ClientGone for the socket-free session."""
+
 WS_PATHS = ("/ws", "/")
 
 
@@ -109,7 +113,13 @@ class YapServer:
             return resp
         if path in WS_PATHS:
             return None
-        return _json_response(conn, 404, {"error_code": "not_found", "message": f"no route {path}"})
+        # Every route but /healthz needs a key, unknown ones too: without one the port
+        # tells a scanner nothing beyond /healthz.
+        if rt.check_key(request_key(request)) is None:
+            rt.metrics.errors.labels(protocol.AUTHENTICATION_FAILED).inc()
+            return _json_response(conn, 401, {"error_code": protocol.AUTHENTICATION_FAILED,
+                                              "message": "a valid API key is required"})
+        return _json_response(conn, 404, {"error_code": "not_found", "message": f"no route {path[:100]}"})
 
     # --- WebSocket -----------------------------------------------------------------
 
@@ -155,23 +165,58 @@ class YapServer:
 
     def _sender(self, ws: ServerConnection) -> Any:
         s = self.rt.cfg.server
+        cut = False
 
         async def send(text: str) -> None:
+            nonlocal cut
             transport = ws.transport
-            if transport is not None and transport.get_write_buffer_size() >= s.write_buffer_bytes:
-                # The client stopped reading. Give it send_timeout_s, then cut it off so
-                # one stuck reader never holds an engine request or memory hostage.
+            if cut:
+                raise _ClientGone(None, None)
+            # websockets waits for the client, with no deadline, once the send buffer passes
+            # write_limit or while it is still paused from an earlier pass. A frame is at most
+            # 4 bytes a character plus a 10-byte header, so the fast path below cannot block.
+            if transport is None or (not getattr(ws, "paused", True)
+                                     and transport.get_write_buffer_size() + 4 * len(text) + 16
+                                     <= s.write_buffer_bytes):
                 try:
-                    await asyncio.wait_for(ws.send(text), s.send_timeout_s)
-                except asyncio.TimeoutError:
-                    log.warning("slow client cut off remote=%s", _peer(ws))
-                    self.rt.metrics.connections.labels("slow_client").inc()
-                    transport.abort()
-                    raise ConnectionClosed(None, None) from None
+                    await ws.send(text)
+                except ConnectionClosed as exc:
+                    raise _ClientGone(exc.rcvd, exc.sent, exc.rcvd_then_sent) from None
                 return
-            await ws.send(text)
+            # The client stopped reading. Give it send_timeout_s, then cut it off so
+            # one stuck reader never holds an engine request or memory hostage.
+            try:
+                await asyncio.wait_for(ws.send(text), s.send_timeout_s)
+            except ConnectionClosed as exc:
+                raise _ClientGone(exc.rcvd, exc.sent, exc.rcvd_then_sent) from None
+            except asyncio.TimeoutError:
+                if not cut:
+                    cut = True
+                    self._cut_off(ws)
+                raise _ClientGone(None, None) from None
 
         return send
+
+    def _cut_off(self, ws: ServerConnection) -> None:
+        """End a connection whose client does not read: a close frame 1008 goes after what
+        is queued (a client that was only stalled reads its replies, then why it was cut
+        off), and the TCP connection is aborted after a grace period, which frees its
+        buffer whether or not the client ever reads. Either way its turn ends now."""
+        s = self.rt.cfg.server
+        transport = ws.transport
+        log.warning("slow client cut off remote=%s buffered=%d", _peer(ws),
+                    transport.get_write_buffer_size() if transport is not None else 0)
+        self.rt.metrics.connections.labels("slow_client").inc()
+        if transport is None:
+            return
+        # Written here and now through the sans-I/O protocol: ws.close() would wait on the
+        # full buffer, and the handler's own close (1000) must not go first.
+        with contextlib.suppress(Exception):
+            ws.protocol.send_close(protocol.CLOSE_POLICY, "client too slow: send buffer full")
+            for data in ws.protocol.data_to_send():
+                if data:
+                    transport.write(data)
+        asyncio.get_running_loop().call_later(min(5.0, s.send_timeout_s), transport.abort)
 
     async def _serve(self, ws: ServerConnection, session: Session) -> None:
         s = self.rt.cfg.server

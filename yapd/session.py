@@ -196,6 +196,9 @@ class Session:
             await turn.run(ack)
         except asyncio.CancelledError:
             raise
+        except protocol.ClientGone:
+            # The client left mid-turn (the server cancels this task as it notices too).
+            log.debug("client gone mid-turn request=%s", turn.inp.request_id)
         except Exception as exc:
             log.exception("turn crashed request=%s", turn.inp.request_id)
             if not turn.done_sent:
@@ -259,7 +262,10 @@ class Session:
             await self.send({"type": "warmed", "segment": segment, "tokens": len(ids),
                              "ms": round((time.perf_counter() - t0) * 1000, 2)})
         except EngineError as exc:
-            await self.send(protocol.error(protocol.ENGINE_UNAVAILABLE, f"warm-up failed: {exc}"))
+            with contextlib.suppress(protocol.ClientGone):
+                await self.send(protocol.error(protocol.ENGINE_UNAVAILABLE, f"warm-up failed: {exc}"))
+        except protocol.ClientGone:
+            pass  # nobody left to tell
 
     # --- teardown ------------------------------------------------------------------
 

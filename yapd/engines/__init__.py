@@ -9,7 +9,8 @@ import logging
 from yapd.config import Config, EngineConfig
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, SamplingSpec
 
-__all__ = ["Delta", "Engine", "EngineError", "EngineHealth", "SamplingSpec", "create_engine", "resolve_backend"]
+__all__ = ["Delta", "Engine", "EngineError", "EngineHealth", "SamplingSpec", "can_start_together", "create_engine",
+           "resolve_backend"]
 
 log = logging.getLogger("yapd.engines")
 
@@ -39,7 +40,22 @@ def create_engine(role: str, cfg: Config) -> Engine:
         from yapd.engines.vllm import VllmEngine
 
         return VllmEngine(role, cfg)
+    from yapd.awq import resolve_model
     from yapd.engines.cpu import CpuEngine
 
-    return CpuEngine(role, ecfg.model, revision=ecfg.revision, workers=ecfg.cpu_workers,
-                     max_model_len=ecfg.max_model_len)
+    # In awq mode: the AWQ cache entry (transformers decompresses it to float on load:
+    # the CPU engine runs the quantized weights, not the 4-bit kernels) or an AWQ repo.
+    model = resolve_model(role, ecfg, cfg)
+    return CpuEngine(role, model, revision=ecfg.revision if model == ecfg.model else "",
+                     workers=ecfg.cpu_workers, max_model_len=ecfg.max_model_len)
+
+
+def can_start_together(engines: list[Engine]) -> bool:
+    """Whether these engines may load at the same time (blocking: call off the loop)."""
+    if len(engines) < 2 or all(e.parallel_start_safe for e in engines):
+        return True
+    if all(e.backend == "vllm" for e in engines):
+        from yapd.engines.vllm import VllmEngine, side_by_side_ok
+
+        return side_by_side_ok([e for e in engines if isinstance(e, VllmEngine)])
+    return False

@@ -53,9 +53,10 @@ class Engine(abc.ABC):
     role: str
     model: str
     backend: str
-    # Whether this engine may load while another one does. vLLM may not: each engine
-    # sizes its KV cache from the GPU memory it sees free, and a neighbour loading at the
-    # same time makes that reading wrong (seen on the H100: "-7.21 GiB available").
+    # Whether this engine may always load while another one does. vLLM may not: each
+    # engine sizes its KV cache from the GPU memory it sees free, and a neighbour loading
+    # at the same time makes that reading wrong (seen on the H100: "-7.21 GiB
+    # available"); it may once a memory plan is recorded (yapd.engines.memplan).
     parallel_start_safe: bool = True
 
     @property
@@ -63,7 +64,11 @@ class Engine(abc.ABC):
     def tokenizer(self) -> Any: ...
 
     @abc.abstractmethod
-    async def start(self) -> None: ...
+    async def start(self, alongside: bool = False) -> None:
+        """Load the model; ``alongside``: another engine is loading at the same time."""
+
+    def forget_memory_plan(self) -> None:  # noqa: B027 - a hook: only vLLM engines keep plans
+        """Drop what made a side-by-side start look safe (it just failed)."""
 
     @abc.abstractmethod
     def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec, request_id: str) -> AsyncIterator[Delta]: ...

@@ -10,7 +10,10 @@ here only, so CPU installs never need it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -19,38 +22,69 @@ from typing import Any
 
 from yapd.config import Config, EngineConfig
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineState, SamplingSpec
+from yapd.engines.memplan import MemoryPlans, Plan, plan_key, side_by_side
+from yapd.engines.memplan import now as memplan_now
 from yapd.engines.tokenizer import load_tokenizer
 
 log = logging.getLogger("yapd.engine.vllm")
 
+# How long a shutdown waits for the EngineCore process to exit, and a side-by-side
+# start for GPU memory to show up free again.
+SHUTDOWN_WAIT_S = 20.0
+MEMORY_SETTLE_S = 10.0
+
 
 def gpu_capability() -> tuple[int, int] | None:
+    """The first visible GPU's compute capability, read through NVML: asking torch would
+    create a CUDA context in this process, which costs GPU memory and forces vLLM to
+    spawn (not fork) its EngineCore processes."""
     try:
-        import torch
+        from vllm.platforms import current_platform
 
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return int(major), int(minor)
-    except Exception:  # noqa: S110 - no GPU or no torch: no capability
+        cap = current_platform.get_device_capability()
+        return (int(cap.major), int(cap.minor)) if cap is not None else None
+    except Exception:  # noqa: S110 - no GPU, no NVML or no vLLM: no capability
         pass
     return None
 
 
-def resolve_model(role: str, ecfg: EngineConfig, cfg: Config) -> str:
-    """The checkpoint to load: a pre-quantized AWQ repo or the AWQ cache in awq mode."""
-    if ecfg.quantization == "awq":
-        if ecfg.awq_model:
-            return ecfg.awq_model
-        if "awq" in ecfg.model.lower():
-            return ecfg.model
-        from yapd.awq import cache_path
+def gpu_memory() -> tuple[int, int] | None:
+    """(free, total) bytes of the first visible GPU, from NVML (no CUDA context)."""
+    try:
+        from vllm.platforms import current_platform
+        from vllm.utils.import_utils import import_pynvml
 
-        cached = cache_path(cfg.cache_dir(), ecfg.model)
-        if (cached / "awq_metadata.json").exists():
-            return str(cached)
-        raise EngineError(f"{role}: quantization is awq but no AWQ model is cached for {ecfg.model}; "
-                          "run `yapctl awq rebuild` or set awq_model (AWQ_CHAT_MODEL / AWQ_TOOL_MODEL)")
-    return ecfg.model
+        pynvml = import_pynvml()
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(current_platform.device_id_to_physical_device_id(0))
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            return int(info.free), int(info.total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
+def device_identity() -> dict[str, Any]:
+    """What a recorded memory plan is valid for besides the engine's own settings."""
+    try:
+        import vllm
+        from vllm.platforms import current_platform
+
+        return {"vllm": vllm.__version__, "gpu": current_platform.get_device_name(),
+                "total": current_platform.get_device_total_memory(),
+                "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    except Exception:
+        return {}
+
+
+def resolve_model(role: str, ecfg: EngineConfig, cfg: Config) -> str:
+    """The checkpoint to load: a pre-quantized AWQ repo or the AWQ cache in awq mode
+    (see :func:`yapd.awq.resolve_model`)."""
+    from yapd import awq
+
+    return awq.resolve_model(role, ecfg, cfg)
 
 
 def engine_kwargs(role: str, cfg: Config, model: str, capability: tuple[int, int] | None) -> dict[str, Any]:
@@ -65,6 +99,9 @@ def engine_kwargs(role: str, cfg: Config, model: str, capability: tuple[int, int
         else:
             quantization = "fp8" if role == "chat" else None
     elif q in ("none", "gptq", "awq"):
+        # awq: the yapd cache holds compressed-tensors checkpoints, Hub AWQ repos say
+        # "awq" in config.json; vLLM reads either from there (quantization="awq" would
+        # refuse a compressed-tensors checkpoint) and picks the Marlin kernels.
         quantization = None
     else:
         quantization = q
@@ -75,7 +112,8 @@ def engine_kwargs(role: str, cfg: Config, model: str, capability: tuple[int, int
     kwargs: dict[str, Any] = dict(
         model=model,
         tokenizer=ecfg.tokenizer or model,
-        revision=ecfg.revision or None,
+        # The configured revision is the float model's: not the AWQ cache's or an AWQ repo's.
+        revision=(ecfg.revision or None) if model == ecfg.model else None,
         quantization=quantization,
         kv_cache_dtype=kv,
         gpu_memory_utilization=cfg.gpu_fraction(role),  # type: ignore[arg-type]
@@ -95,6 +133,7 @@ def engine_kwargs(role: str, cfg: Config, model: str, capability: tuple[int, int
 
 class VllmEngine(Engine):
     backend = "vllm"
+    # Side by side only with a recorded memory plan: see side_by_side_ok().
     parallel_start_safe = False
 
     def __init__(self, role: str, cfg: Config) -> None:
@@ -108,6 +147,33 @@ class VllmEngine(Engine):
         self._detail = ""
         self._inflight: set[str] = set()
         self.start_seconds: float | None = None
+        self._kwargs: dict[str, Any] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The AsyncEngineArgs this engine starts with (resolved once per start)."""
+        if self._kwargs is None:
+            model = resolve_model(self.role, self.ecfg, self.cfg)
+            self._kwargs = engine_kwargs(self.role, self.cfg, model, gpu_capability())
+        return self._kwargs
+
+    @property
+    def plans(self) -> MemoryPlans:
+        # Where vLLM writes its startup plans: the daemon points it into its cache dir
+        # unless the environment says otherwise.
+        return MemoryPlans(Path(os.environ.get("VLLM_CACHE_ROOT") or compile_cache_dir(self.cfg)))
+
+    def plan_key(self) -> str:
+        return plan_key(self.settings(), device_identity())
+
+    def memory_plan(self) -> Plan | None:
+        try:
+            return self.plans.get(self.plan_key())
+        except EngineError:
+            return None
+
+    def forget_memory_plan(self) -> None:
+        with contextlib.suppress(EngineError, OSError):
+            self.plans.drop(self.plan_key())
 
     @property
     def tokenizer(self) -> Any:
@@ -126,15 +192,20 @@ class VllmEngine(Engine):
         extra = {"start_seconds": self.start_seconds} if self.start_seconds else {}
         return EngineHealth(self._state == "ready", self._state, self._detail, extra)
 
-    async def start(self) -> None:
+    async def start(self, alongside: bool = False) -> None:
+        """Load the engine. ``alongside``: another engine loads at the same time, so the
+        KV cache size comes from this engine's memory plan instead of profiling."""
         # The EngineCore child must not inherit our threads by fork().
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         self._state = "starting"
+        self._kwargs = None  # config may have been reloaded since the last start
         t0 = time.perf_counter()
         try:
-            model = resolve_model(self.role, self.ecfg, self.cfg)
-            kwargs = engine_kwargs(self.role, self.cfg, model, gpu_capability())
-            self.model = model
+            kwargs = dict(self.settings())
+            plan = self.memory_plan() if alongside else None
+            if plan is not None:
+                kwargs["kv_cache_memory_bytes"] = plan.kv_cache_memory_bytes
+            self.model = kwargs["model"]
             log.info("starting vLLM engine role=%s %s", self.role,
                      " ".join(f"{k}={v}" for k, v in kwargs.items() if k != "tokenizer"))
             from vllm import AsyncEngineArgs
@@ -142,9 +213,14 @@ class VllmEngine(Engine):
 
             self._tok = await asyncio.to_thread(load_tokenizer, kwargs["tokenizer"], kwargs["revision"])
             args = AsyncEngineArgs(**kwargs)
-            # Built off the event loop so /healthz, the watchdog and the other engine keep
-            # going during the load; AsyncLLM starts its output task on first use.
-            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            record = not alongside and self.memory_plan() is None
+            before, since = await asyncio.to_thread(gpu_memory), memplan_now()
+            with self.plans.vllm_recording(record):
+                # Built off the event loop so /healthz, the watchdog and the other engine
+                # keep going during the load; AsyncLLM starts its output task on first use.
+                self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+                if record:
+                    await asyncio.to_thread(self._record_plan, before, since)
         except EngineError:
             self._state = "failed"
             raise
@@ -153,6 +229,25 @@ class VllmEngine(Engine):
             raise EngineError(f"{self.role} engine failed to start {self.model}: {exc}") from exc
         self.start_seconds = round(time.perf_counter() - t0, 1)
         self._state, self._detail = "ready", ""
+
+    def _record_plan(self, before: tuple[int, int] | None, since: float) -> None:
+        """After a start with nothing else loading: file vLLM's profiled KV size with
+        the memory this engine took, for side-by-side starts later."""
+        after = gpu_memory()
+        kv = self.plans.vllm_plan_since(since)
+        if before is None or after is None or kv is None:
+            return
+        free_before, total = before
+        fraction = float(self.settings()["gpu_memory_utilization"])
+        plan = Plan(kv_cache_memory_bytes=kv, free_before=free_before, used=max(0, free_before - after[0]),
+                    requested=math.ceil(total * fraction),
+                    recorded=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        try:
+            self.plans.put(self.plan_key(), plan)
+        except OSError as exc:
+            log.warning("cannot record memory plan role=%s: %s", self.role, exc)
+            return
+        log.info("memory plan recorded role=%s kv_cache_memory_bytes=%d used=%d", self.role, kv, plan.used)
 
     async def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec,
                      request_id: str) -> AsyncIterator[Delta]:
@@ -190,9 +285,14 @@ class VllmEngine(Engine):
 
     async def shutdown(self) -> None:
         self._state = "stopping"
+        pid = self.engine_pid()
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
+        if pid is not None:
+            # The GPU memory comes back only when the EngineCore process is gone; a
+            # restart measures free memory right after this (side-by-side gate).
+            await asyncio.to_thread(wait_gone, pid, SHUTDOWN_WAIT_S)
         self._state = "stopped"
 
     def engine_pid(self) -> int | None:
@@ -206,3 +306,38 @@ class VllmEngine(Engine):
 
 def compile_cache_dir(cfg: Config) -> Path:
     return cfg.cache_dir() / "vllm"
+
+
+def side_by_side_ok(engines: list[VllmEngine], settle_s: float = MEMORY_SETTLE_S) -> bool:
+    """Whether these engines may load at once now: each has a memory plan recorded on
+    this GPU with these settings, and the GPU has room for all of them. Free memory that
+    falls short is read again for up to ``settle_s`` (the driver returns a finished
+    process's memory with a lag)."""
+    plans = [e.memory_plan() for e in engines]
+    have = ", ".join(f"{e.role}={'yes' if p else 'no'}" for e, p in zip(engines, plans, strict=True))
+    deadline = time.monotonic() + settle_s
+    while True:
+        mem = gpu_memory()
+        ok = side_by_side(plans, mem[0] if mem else None)
+        if ok or any(p is None for p in plans) or mem is None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    free = f"{mem[0] / 2**30:.2f}" if mem else "unknown"
+    need = max((p.free_before for p in plans if p is not None), default=0) / 2**30
+    log.info("engines load %s (plans: %s; free %s GiB, recorded start %.2f GiB)",
+             "side by side" if ok else "one after the other", have, free, need)
+    return ok
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` has exited (or is a zombie: its GPU memory is freed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except (OSError, IndexError):
+            return True
+        time.sleep(0.05)
+    return False

@@ -1,0 +1,287 @@
+"""Faults against a real yapd: an engine raising mid-stream, an engine killed, the admin
+socket deleted, the config file gone before SIGHUP, a full disk under the log file, a
+client flooding cancels. Each: the affected turn gets its error and done, other sessions
+go on, /healthz tells the truth, and the daemon recovers (or says how to)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Yapd, recv, run_turn, send, until_done, ws_connect
+from tests.test_protocol_e2e import check_turn
+
+DEBUG = {"YAPD_DEBUG_ADMIN": "1"}
+
+
+@pytest.fixture(scope="module")
+def fault_yapd(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
+    """One daemon with the debug faults on and default limits; each test leaves it serving."""
+    d = Yapd(tmp_path_factory.mktemp("faults"), cache_dir, env=DEBUG)
+    d.start()
+    yield d
+    d.stop()
+
+
+async def _first_token(ws, request_id: str) -> list[dict]:
+    msgs = []
+    while True:
+        m = await recv(ws)
+        msgs.append(m)
+        assert m["type"] not in ("error", "done"), msgs
+        if m["type"] == "token":
+            return msgs
+
+
+async def test_engine_raises_mid_stream_one_turn_fails_others_go_on(fault_yapd):
+    d = fault_yapd
+    async with ws_connect(d.url()) as a, ws_connect(d.url()) as b:
+        await send(a, type="start", session_id="a", user_utterance="tell me a long story", request_id="ta")
+        await send(b, type="start", session_id="b", user_utterance="tell me a long story", request_id="tb")
+        await _first_token(a, "ta")
+        await _first_token(b, "tb")
+        # Both stream now; the chat engine's next steps fail once, in whichever request.
+        assert d.admin(cmd="debug", action="fail_steps", role="chat", steps=2)[-1]["ok"]
+        ends = {"ta": await until_done(a, 60), "tb": await until_done(b, 60)}
+        failed = [rid for rid, msgs in ends.items() if any(m["type"] == "error" for m in msgs)]
+        assert len(failed) == 1, ends
+        msgs = ends[failed[0]]
+        err = next(m for m in msgs if m["type"] == "error")
+        assert err["error_code"] == "engine_unavailable" and err["request_id"] == failed[0]
+        assert "injected engine fault" in err["message"]
+        assert msgs[-1]["type"] == "done" and msgs[-1]["error"] == "engine_unavailable"
+        other = ends["tb" if failed[0] == "ta" else "ta"]
+        assert other[-1]["type"] == "done" and other[-1]["cancelled"] is False and "error" not in other[-1]
+        # One failed request is not a dead engine: health stays 200 and both sessions go on.
+        assert d.http("/healthz", key=None)[0] == 200
+        check_turn(await run_turn(a))
+        check_turn(await run_turn(b))
+
+
+async def test_engine_killed_turn_ends_health_503_restart_recovers(fault_yapd):
+    d = fault_yapd
+    async with ws_connect(d.url()) as a, ws_connect(d.url()) as b:
+        await send(a, type="start", session_id="a", user_utterance="tell me a long story", request_id="k1")
+        await _first_token(a, "k1")
+        # The CPU engine's kill -9: every request fails at once, health says failed.
+        assert d.admin(cmd="debug", action="kill_engine", role="chat")[-1]["ok"]
+        msgs = await until_done(a)
+        err = next(m for m in msgs if m["type"] == "error")
+        assert err["error_code"] == "engine_unavailable" and err["request_id"] == "k1"
+        assert msgs[-1]["error"] == "engine_unavailable" and msgs[-1]["request_id"] == "k1"
+        code, body = d.http("/healthz", key=None)
+        assert code == 503 and json.loads(body)["engines"]["chat"] == "failed"
+        st = json.loads(d.http("/status")[1])
+        assert st["ready"] is False and st["engines"]["chat"]["state"] == "failed"
+        # Other sessions stay connected and are told plainly; nothing hangs.
+        await send(b, type="start", session_id="b", user_utterance="hi", request_id="k2")
+        refused = await recv(b)
+        assert refused["error_code"] == "engine_unavailable" and refused["request_id"] == "k2"
+        await send(b, type="ping")
+        assert (await recv(b))["type"] == "pong"
+        # Recovery: an engine restart (yapctl restart chat); systemd's watchdog restarts
+        # the daemon when nobody does (tests/test_daemon.py checks the pings stop).
+        assert d.admin(cmd="restart", target="chat")[-1]["ok"] is True
+        assert d.http("/healthz", key=None)[0] == 200
+        check_turn(await run_turn(a))
+        check_turn(await run_turn(b))
+
+
+async def test_admin_socket_deleted_serving_goes_on_sighup_recreates(fault_yapd):
+    d = fault_yapd
+    d.admin_socket.unlink()
+    with pytest.raises(OSError):
+        d.admin(cmd="ping", timeout=5)
+    async with ws_connect(d.url()) as ws:
+        check_turn(await run_turn(ws))
+    assert d.http("/healthz", key=None)[0] == 200
+    n = len(d.lines)
+    d.signal(signal.SIGHUP)
+    wait_new(d, n, "was gone; re-created it")
+    assert d.admin(cmd="ping")[-1]["ok"] is True
+    assert os.stat(d.admin_socket).st_mode & 0o777 == 0o660
+    # A second reload with the file in place leaves it alone.
+    n = len(d.lines)
+    assert d.admin(cmd="reload")[-1]["ok"] is True
+    assert not any("re-created" in ln for ln in d.lines[n:])
+
+
+async def test_config_file_gone_before_sighup_keeps_running_config(fault_yapd):
+    d = fault_yapd
+    d.write_config(server={"max_connections": 7})
+    assert d.admin(cmd="reload")[-1]["ok"] is True
+    saved = d.config_path.read_text()
+    d.config_path.unlink()
+    n = len(d.lines)
+    d.signal(signal.SIGHUP)
+    line = wait_new(d, n, "reload failed, keeping the running config")
+    assert "no such file" in line and str(d.config_path) in line
+    assert d.http("/healthz", key=None)[0] == 200
+    assert json.loads(d.http("/status")[1])["capacity"]["max"] == 7
+    async with ws_connect(d.url()) as ws:
+        check_turn(await run_turn(ws))
+    # The file back, a reload applies it again.
+    d.config_path.write_text(saved.replace("max_connections = 7", "max_connections = 9"))
+    assert d.admin(cmd="reload")[-1]["ok"] is True
+    assert json.loads(d.http("/status")[1])["capacity"]["max"] == 9
+    d.write_config()
+    assert d.admin(cmd="reload")[-1]["ok"] is True
+
+
+def wait_new(d: Yapd, after: int, needle: str, timeout: float = 30) -> str:
+    """A log line containing ``needle`` among those after the first ``after``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in d.lines[after:]:
+            if needle in line:
+                return line
+        time.sleep(0.05)
+    raise TimeoutError(f"no new log line with {needle!r}")
+
+
+@contextlib.contextmanager
+def _tiny_tmpfs(path: Path, size: str = "48k"):
+    """A real full disk: a tmpfs of a few KiB (needs root and mount rights)."""
+    if os.geteuid() != 0:
+        pytest.skip("a tiny tmpfs needs root; the /dev/full case covers the same path")
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("where", ["dev_full", "tiny_tmpfs"])
+async def test_log_file_on_full_disk_daemon_serves_and_stops_cleanly(make_yapd, tmp_path, where):
+    with contextlib.ExitStack() as stack:
+        if where == "dev_full":
+            log_file = "/dev/full"  # every write fails with ENOSPC
+        else:
+            mnt = stack.enter_context(_tiny_tmpfs(tmp_path / "full"))
+            filler = mnt / "filler"
+            # Fill the disk to the last block: the log file's first write fails.
+            with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:
+                while True:
+                    f.write(b"\0" * 1024)
+            log_file = str(mnt / "yapd.log")
+        d = make_yapd(f'[logging]\nfile = "{log_file}"\nlevel = "debug"\n')
+        d.wait_for(f"log file {log_file} unwritable; continuing on stderr only")
+        async with ws_connect(d.url()) as ws:
+            for _ in range(3):
+                check_turn(await run_turn(ws))
+        assert d.http("/healthz", key=None)[0] == 200
+        assert d.admin(cmd="logs", n=5)[-1]["ok"] is True  # the in-memory ring still has everything
+        assert sum("unwritable" in ln for ln in d.lines) == 1  # said once, not once a line
+        if where == "tiny_tmpfs":
+            # Space again: file lines resume.
+            os.unlink(mnt / "filler")
+            marker = uuid.uuid4().hex
+            d.write_config(f'[logging]\nfile = "{log_file}"\nlevel = "debug"\n[personas]\n{marker} = "x"\n')
+            assert d.admin(cmd="reload")[-1]["ok"] is True
+            for _ in range(100):
+                if "reload applied live keys" in Path(log_file).read_text(errors="replace"):
+                    break
+                await asyncio.sleep(0.05)
+            assert "reload applied live keys" in Path(log_file).read_text(errors="replace")
+        assert d.stop() == 0
+
+
+async def test_ten_thousand_cancels(fault_yapd):
+    # The default rate limit (20/s, bursts of 40) applies.
+    d = fault_yapd
+    async with ws_connect(d.url()) as a, ws_connect(d.url()) as b:
+        await send(a, type="start", session_id="a", user_utterance="tell me a long story", request_id="c1")
+        await _first_token(a, "c1")
+        other = asyncio.create_task(run_turn(b, timeout=60, request_id="other"))
+        frame = '{"type":"cancel","request_id":"c1"}'
+        t0 = time.monotonic()
+        for _ in range(10_000):
+            await a.send(frame)
+        dones, tokens_after, limited, other_msgs, last = 0, 0, 0, [], t0
+        # Read until the limiter's replies stop: every reply is the one done or rate_limited.
+        while True:
+            try:
+                m = await recv(a, timeout=3)
+            except asyncio.TimeoutError:
+                break
+            last = time.monotonic()
+            if m["type"] == "done":
+                dones += 1
+                assert m["request_id"] == "c1" and m["cancelled"] is True
+            elif m["type"] == "token":
+                tokens_after += dones
+            elif m["type"] == "error":
+                assert m["error_code"] == "rate_limited", m
+                limited += 1
+            else:
+                other_msgs.append(m)
+        assert dones == 1 and tokens_after == 0 and other_msgs == []
+        # The bucket let through its burst plus its refill (20/s) while the flood lasted;
+        # every other cancel was answered rate_limited, none dropped silently.
+        allowed = 10_000 - limited
+        assert 40 <= allowed <= 40 + 20 * (last - t0) + 2, (allowed, last - t0)
+        # The flooder keeps its connection; the other session was served meanwhile.
+        check_turn(await other, "other")
+        await send(a, type="ping")
+        assert (await recv(a))["type"] == "pong"
+    assert d.http("/healthz", key=None)[0] == 200
+    st = json.loads(d.http("/status")[1])
+    assert st["capacity"]["active"] == 0 and all(e["in_flight"] == 0 for e in st["engines"].values())
+
+
+async def test_slow_reader_cut_off_with_clear_close_others_unaffected(make_yapd):
+    import socket as socketmod
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    d = make_yapd(server={"write_buffer_bytes": 64 * 1024, "send_timeout_s": 3.0,
+                          "rate_limit_per_s": 1000.0, "rate_limit_burst": 1000})
+    # A small receive window, so the daemon's send buffer fills after kilobytes, not megabytes.
+    sock = socketmod.socket()
+    sock.setsockopt(socketmod.SOL_SOCKET, socketmod.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", d.port))
+    slow = await connect(d.url(), sock=sock, max_queue=1, max_size=None, ping_interval=None)
+    try:
+        async with ws_connect(d.url()) as probe:
+            big = "y" * 16 * 1024
+
+            async def flood() -> None:
+                # set_persona's ack echoes user_identity: 16 KiB back per message, never read.
+                with contextlib.suppress(ConnectionClosed):
+                    for i in range(200):
+                        await slow.send(json.dumps({"type": "set_persona", "user_identity": f"{i}{big}"}))
+
+            flooding = asyncio.create_task(flood())
+            # The other session streams whole turns while the slow one fills its buffer.
+            for _ in range(3):
+                check_turn(await run_turn(probe))
+            line = await asyncio.to_thread(d.wait_for, "slow client cut off", 30)
+            assert "buffered=" in line
+            await asyncio.wait_for(flooding, 30)
+            # Reading now, within the grace period: the replies, then a close 1008 saying why.
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    await asyncio.wait_for(slow.recv(), 10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1008, info.value
+            assert "too slow" in info.value.rcvd.reason
+            check_turn(await run_turn(probe))
+        st = json.loads(d.http("/status")[1])
+        assert st["capacity"]["active"] == 0
+        assert 'outcome="slow_client"} 1.0' in d.http("/metrics")[1]
+    finally:
+        slow.transport.abort()

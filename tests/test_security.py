@@ -1,0 +1,219 @@
+"""Security against a real yapd: auth on every route but /healthz (the table in
+docs/security.md is read and checked), keys kept out of logs, /status, /metrics, the
+admin socket and error messages, the Origin allow-list, the per-key session cap, and
+the input limits."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.conftest import KEY, ROOT, Yapd, recv, run_turn, send, ws_connect
+from tests.test_protocol_e2e import check_turn
+from yapd.config import Config
+from yapd.runtime import Runtime
+
+KEY2 = "second-key-4f1c9e"
+WRONG = "wrong-key-7d2b8a"
+ORIGIN = "https://app.example"
+
+
+@pytest.fixture(scope="module")
+def sec_yapd(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
+    d = Yapd(tmp_path_factory.mktemp("security"), cache_dir,
+             "[turn]\nuser_utt_max_tokens = 16\nhistory_max_tokens = 64\nhistory_trim_step = 16\n",
+             server={"api_keys": [KEY, KEY2], "allowed_origins": [ORIGIN], "max_connections_per_key": 2,
+                     "max_frame_bytes": 8192})
+    d.start()
+    yield d
+    d.stop()
+
+
+def http(d: Yapd, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{d.port}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def route_table() -> list[tuple[str, str, str]]:
+    """(route, method, auth) rows of the table in docs/security.md."""
+    text = (ROOT / "docs" / "security.md").read_text()
+    section = text.split("## Routes and authentication", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and (cells[0].startswith("`") or cells[0] == "any other path"):
+            rows.append((cells[0].strip("`"), cells[1], cells[2]))
+    return rows
+
+
+def test_docs_route_table_lists_every_route() -> None:
+    routes = {r for r, _, _ in route_table()}
+    assert routes == {"/healthz", "/status", "/metrics", "/ws", "/", "any other path"}
+
+
+@pytest.mark.parametrize("route,method,auth", route_table())
+async def test_route_auth_matches_docs(sec_yapd, route: str, method: str, auth: str) -> None:
+    d = sec_yapd
+    if route == "any other path":
+        route = "/admin/../etc/passwd"
+    no_key = [{}, {"X-API-Key": WRONG}, {"Authorization": f"Bearer {WRONG}"}, {"X-API-Key": ""}]
+    good = [{"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY2}"}]
+    if method == "WebSocket":
+        assert auth == "required"
+        for headers in no_key:
+            async with ws_connect(f"ws://127.0.0.1:{d.port}{route}", additional_headers=headers) as ws:
+                err = await recv(ws)
+                assert err["error_code"] == "authentication_failed" and WRONG not in err["message"]
+                with pytest.raises(ConnectionClosed) as info:
+                    await recv(ws)
+                assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+        for url in (f"ws://127.0.0.1:{d.port}{route}?api_key={KEY}",):
+            async with ws_connect(url) as ws:
+                await send(ws, type="ping")
+                assert (await recv(ws))["type"] == "pong"
+        return
+    if auth == "none":
+        assert all(http(d, route, h)[0] == 200 for h in no_key)
+        return
+    assert auth == "required"
+    for headers in no_key:
+        code, body = http(d, route, headers)
+        assert code == 401 and json.loads(body)["error_code"] == "authentication_failed", (route, headers)
+        assert WRONG not in body
+    for headers in good:
+        assert http(d, route, headers)[0] == (404 if route.startswith("/admin") else 200)
+    assert http(d, f"{route}?api_key={KEY}")[0] in (200, 404)
+
+
+def test_key_comparison_is_constant_time_over_every_key(monkeypatch) -> None:
+    rt = Runtime(Config())
+    rt.cfg.server.api_keys = ["alpha-key", "beta-key", "gamma-key"]
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    for given, want in (("alpha-key", "alpha-key"), ("gamma-key", "gamma-key"), ("nope", None), ("", None),
+                        (None, None), ("alpha-key\0", None)):
+        calls.clear()
+        assert rt.check_key(given) == want
+        # Every configured key is compared, whichever matched (or none): no early exit.
+        assert len(calls) == (3 if given else 0)
+
+
+async def test_keys_absent_from_logs_status_metrics_admin_and_errors(sec_yapd) -> None:
+    d = sec_yapd
+    # Exercise the paths that could leak: good and bad keys in query and headers, errors,
+    # a turn, a refused Origin, an oversized frame.
+    async with ws_connect(d.url(key=WRONG)) as ws:
+        assert WRONG not in json.dumps(await recv(ws))
+    async with ws_connect(d.url(key=KEY2)) as ws:
+        check_turn(await run_turn(ws, session_id="leak", user_utterance=f"my key is not {KEY}"))
+        await ws.send('{"type": "start", "api_key": "' + KEY2 + '"}')
+        err = await recv(ws)
+        assert err["error_code"] == "invalid_message" and KEY2 not in err["message"]
+    with pytest.raises(InvalidStatus):
+        async with ws_connect(d.url(key=KEY), origin="https://evil.example"):  # type: ignore[arg-type]
+            pass
+    bodies = [http(d, "/status", {"X-API-Key": KEY})[1], http(d, "/metrics", {"X-API-Key": KEY})[1],
+              http(d, "/healthz")[1], http(d, f"/nope?api_key={KEY}")[1]]
+    for cmd in ("status", "connections", "stats"):
+        bodies.append(json.dumps(d.admin(cmd=cmd)))
+    bodies.append(json.dumps(d.admin(cmd="logs", n=5000)))
+    for text in [*bodies, *d.lines]:
+        for secret in (KEY, KEY2, WRONG):
+            assert secret not in text, (secret, text[:300])
+
+
+async def test_origin_allow_list(sec_yapd) -> None:
+    d = sec_yapd
+    # A listed Origin, and none at all (non-browser clients), are served.
+    for origin in (ORIGIN, None):
+        async with ws_connect(d.url(), origin=origin) as ws:  # type: ignore[arg-type]
+            await send(ws, type="ping")
+            assert (await recv(ws))["type"] == "pong"
+    # Any other Origin is refused before the upgrade, on every route but /healthz.
+    for origin in ("https://evil.example", "null", ORIGIN + ".evil", ORIGIN.upper()):
+        with pytest.raises(InvalidStatus) as info:
+            async with ws_connect(d.url(), origin=origin):  # type: ignore[arg-type]
+                pass
+        assert info.value.response.status_code == 403
+        assert b"origin_not_allowed" in info.value.response.body
+        code, body = http(d, "/status", {"X-API-Key": KEY, "Origin": origin})
+        assert code == 403 and json.loads(body)["error_code"] == "origin_not_allowed"
+        assert http(d, "/healthz", {"Origin": origin})[0] == 200
+
+
+async def test_origin_allow_list_reloads_live(make_yapd) -> None:
+    d = make_yapd()
+    async with ws_connect(d.url(), origin="https://a.example"):  # type: ignore[arg-type]
+        pass  # empty list: every Origin
+    d.write_config(server={"allowed_origins": ["https://b.example"]})
+    assert "server.allowed_origins" in d.admin(cmd="reload")[-1]["applied"]
+    with pytest.raises(InvalidStatus):
+        async with ws_connect(d.url(), origin="https://a.example"):  # type: ignore[arg-type]
+            pass
+    async with ws_connect(d.url(), origin="https://b.example"):  # type: ignore[arg-type]
+        pass
+
+
+async def test_sessions_per_key_cap(sec_yapd) -> None:
+    d = sec_yapd
+    async with ws_connect(d.url(key=KEY)) as a, ws_connect(d.url(key=KEY)) as b:
+        for ws in (a, b):
+            await send(ws, type="ping")
+            assert (await recv(ws))["type"] == "pong"
+        async with ws_connect(d.url(key=KEY)) as c:
+            err = await recv(c)
+            assert err["error_code"] == "server_at_capacity"
+            with pytest.raises(ConnectionClosed) as info:
+                await recv(c)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1013
+        # The cap is per key: another key still gets in.
+        async with ws_connect(d.url(key=KEY2)) as other:
+            await send(other, type="ping")
+            assert (await recv(other))["type"] == "pong"
+
+
+async def test_frame_utterance_history_and_field_limits(sec_yapd) -> None:
+    d = sec_yapd
+    async with ws_connect(d.url()) as ws:
+        # Over max_frame_bytes (8192): refused, the connection stays.
+        await send(ws, type="start", session_id="s", user_utterance="x" * 9000)
+        err = await recv(ws)
+        assert err["error_code"] == "message_too_large" and "8192" in err["message"]
+        # Multi-byte text: the limit is in bytes, not characters.
+        await send(ws, type="start", session_id="s", user_utterance="é" * 4500)
+        assert (await recv(ws))["error_code"] == "message_too_large"
+        # Inside the frame limit, long utterance and history are trimmed (16 / 64 tokens).
+        words = " ".join(f"w{i}" for i in range(700))
+        msgs = await run_turn(ws, user_utterance=words, history_text=words)
+        check_turn(msgs)
+        base = (await run_turn(ws, user_utterance="w1", history_text="w2"))[-1]["usage"]["prompt_tokens"]
+        assert msgs[-1]["usage"]["prompt_tokens"] <= base + 16 + 64 + 8, (msgs[-1]["usage"], base)
+        # Ids are bounded.
+        await send(ws, type="start", session_id="s" * 257, user_utterance="hi")
+        err = await recv(ws)
+        assert err["error_code"] == "invalid_message" and "session_id" in err["message"]
+        await send(ws, type="ping")
+        assert (await recv(ws))["type"] == "pong"
+
+
+def test_ruff_security_rules_are_on() -> None:
+    text = (ROOT / "pyproject.toml").read_text()
+    select = re.search(r"\[tool\.ruff\.lint\]\s*select\s*=\s*\[([^\]]*)\]", text)
+    assert select is not None and '"S"' in select.group(1)
