@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
 
 from yapctl.client import EXIT_DENIED, EXIT_DOWN, EXIT_FAILED, EXIT_OK, AdminClient, AdminError, socket_path
+from yapctl.fmt import ago
 
 EPILOG = """\
 exit codes:
@@ -125,15 +126,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _ago(seconds: float) -> str:
-    s = int(max(0, seconds))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
 # --- admin commands --------------------------------------------------------------------
 
 
@@ -145,7 +137,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     cap = st.get("capacity", {})
     state = "draining" if st.get("draining") else "ready" if st.get("ready") else "not ready"
-    print(f"yapd {st.get('version')}  pid {st.get('pid')}  port {st.get('port')}  up {_ago(st.get('uptime_s', 0))}"
+    print(f"yapd {st.get('version')}  pid {st.get('pid')}  port {st.get('port')}  up {ago(st.get('uptime_s', 0))}"
           f"  deploy {st.get('deploy')}  {state}{'  (demo)' if st.get('demo') else ''}")
     in_flight = sum(int(e.get("in_flight", 0)) for e in st.get("engines", {}).values())
     print(f"connections {cap.get('active', '?')}/{cap.get('max', '?')}  engine requests in flight {in_flight}")
@@ -172,7 +164,7 @@ async def cmd_connections(args: argparse.Namespace) -> int:
         return EXIT_OK
     now = time.time()
     rows = [[str(x.get("session_id") or "-"), str(x.get("remote") or "-"),
-             _ago(now - float(x.get("connected_at", now))), str(x.get("turns", 0)), str(x.get("state", "")),
+             ago(now - float(x.get("connected_at", now))), str(x.get("turns", 0)), str(x.get("state", "")),
              "-" if x.get("last_ttft_ms") is None else f"{x['last_ttft_ms']:.1f}"] for x in conns]
     print(_table(rows, ["SESSION", "PEER", "SINCE", "TURNS", "STATE", "LAST TTFT MS"]))
     print(f"{len(conns)} connection{'s' if len(conns) != 1 else ''}")

@@ -101,15 +101,6 @@ class LogBook:
         return out[-limit:] if limit else out
 
 
-def ago(seconds: float) -> str:
-    s = int(max(0, seconds))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
 def percentile(values: Sequence[float], p: float) -> float | None:
     if not values:
         return None

@@ -18,7 +18,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, Log, ProgressBar, RichLog, Select, Sparkline, Static
 
 from yapctl.client import AdminClient, AdminError
-from yapctl.tui.model import LEVELS, LogBook, LogLine, ago, ms, numbers, percentile
+from yapctl.fmt import ago
+from yapctl.tui.model import LEVELS, LogBook, LogLine, ms, numbers, percentile
 
 LEVEL_STYLE = {"debug": "dim", "info": "green", "warning": "yellow", "error": "bold red",
                "critical": "bold white on red"}
