@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import hmac
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -137,6 +139,8 @@ class Runtime:
     def status(self) -> dict[str, Any]:
         return {
             "version": self.version,
+            # Which replica answered, behind a balancer (packaging/haproxy/).
+            "instance": f"{socket.gethostname()}:{os.getpid()}",
             "deploy": self.cfg.engines.deploy,
             "uptime_s": round(time.time() - self.started_at, 1),
             "ready": self.engines_ready(),
