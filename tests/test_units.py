@@ -260,6 +260,17 @@ def test_reader_settles_yes_when_the_list_closes():
     assert used <= len(call) + 2
 
 
+def test_reader_ends_the_answer_at_a_blank_line():
+    # The list never closes: the blank line ends the answer (the tool request carries no
+    # stop string), the text after it is not the model's answer.
+    r, used = feed_all('[{"name": "take_screenshot", "arguments": {}}\n\n[{"name": "get_weather"}]')
+    assert r.decision is not None and r.text == '[{"name": "take_screenshot", "arguments": {}}'
+    assert used == r.text.index("}}") + 4  # decided on the second newline, not at the end
+    # A single newline may sit inside the list.
+    r2, _ = feed_all('[\n{"name": "take_screenshot", "arguments": {}}\n]\n\nmore')
+    assert r2.decision is not None and r2.decision.status == "yes"
+
+
 def test_reader_with_fence_and_incomplete_output():
     r, _ = feed_all('```json\n[{"name": "take_screenshot", "arguments": {}}]\n```')
     assert r.decision is not None and r.decision.status == "yes"

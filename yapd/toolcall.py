@@ -159,6 +159,16 @@ class DecisionReader:
         if self.decision is not None:
             return self.decision
         self.text += delta
+        decision = self._scan()
+        if decision is None and (end := self.text.find("\n\n")) >= 0:
+            # A blank line ends an answer (a single newline may sit inside a JSON list).
+            # Checked here rather than as the engine's stop string: vLLM holds back a stop
+            # string's possible prefix, which delays a one-character first token ("[").
+            self.text = self.text[:end]
+            return self.finish()
+        return decision
+
+    def _scan(self) -> Decision | None:
         body = self._body()
         if body is None:
             return None

@@ -127,9 +127,7 @@ class Turn:
         self.state = "tool"
         t = self.cfg.turn
         reader = DecisionReader([x.name for x in self.cfg.tools])
-        # Greedy. A blank line ends an answer (a single newline may sit inside a JSON list);
-        # that stop is checked here, not by the engine: vLLM holds back a stop string's
-        # possible prefix, which delays a one-character first token ("[") by a whole step.
+        # Greedy; no stop string: the reader ends the answer at a blank line itself.
         spec = SamplingSpec(max_tokens=t.tool_max_tokens, temperature=0.0, top_k=1)
         stream = tool.stream(self._tool_prompt(tool), spec, f"{self.inp.request_id}:tool")
 
@@ -139,10 +137,6 @@ class Turn:
                     self.tool_first_ms = self._ms()
                 self.rt.metrics.tokens.labels("tool").inc(delta.n_tokens)
                 if reader.feed(delta.text) is not None:
-                    break
-                end = reader.text.find("\n\n")
-                if end >= 0:
-                    reader.text = reader.text[:end]
                     break
             return reader.finish()
 

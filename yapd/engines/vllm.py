@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from yapd import awq
 from yapd.config import Config, EngineConfig
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineState, SamplingSpec
 from yapd.engines.memplan import MemoryPlans, Plan, plan_key, side_by_side
@@ -77,14 +78,6 @@ def device_identity() -> dict[str, Any]:
                 "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
     except Exception:
         return {}
-
-
-def resolve_model(role: str, ecfg: EngineConfig, cfg: Config) -> str:
-    """The checkpoint to load: a pre-quantized AWQ repo or the AWQ cache in awq mode
-    (see :func:`yapd.awq.resolve_model`)."""
-    from yapd import awq
-
-    return awq.resolve_model(role, ecfg, cfg)
 
 
 def engine_kwargs(role: str, cfg: Config, model: str, capability: tuple[int, int] | None) -> dict[str, Any]:
@@ -152,7 +145,7 @@ class VllmEngine(Engine):
     def settings(self) -> dict[str, Any]:
         """The AsyncEngineArgs this engine starts with (resolved once per start)."""
         if self._kwargs is None:
-            model = resolve_model(self.role, self.ecfg, self.cfg)
+            model = awq.resolve_model(self.role, self.ecfg, self.cfg)
             self._kwargs = engine_kwargs(self.role, self.cfg, model, gpu_capability())
         return self._kwargs
 
@@ -202,8 +195,8 @@ class VllmEngine(Engine):
         t0 = time.perf_counter()
         try:
             kwargs = dict(self.settings())
-            plan = self.memory_plan() if alongside else None
-            if plan is not None:
+            plan = self.memory_plan()
+            if alongside and plan is not None:
                 kwargs["kv_cache_memory_bytes"] = plan.kv_cache_memory_bytes
             self.model = kwargs["model"]
             log.info("starting vLLM engine role=%s %s", self.role,
@@ -213,8 +206,8 @@ class VllmEngine(Engine):
 
             self._tok = await asyncio.to_thread(load_tokenizer, kwargs["tokenizer"], kwargs["revision"])
             args = AsyncEngineArgs(**kwargs)
-            record = not alongside and self.memory_plan() is None
-            before, since = await asyncio.to_thread(gpu_memory), memplan_now()
+            record = not alongside and plan is None
+            before, since = (await asyncio.to_thread(gpu_memory), memplan_now()) if record else (None, 0.0)
             with self.plans.vllm_recording(record):
                 # Built off the event loop so /healthz, the watchdog and the other engine
                 # keep going during the load; AsyncLLM starts its output task on first use.
