@@ -160,8 +160,9 @@ def make_yapd(tmp_path: Path, cache_dir: Path) -> Iterator[Any]:
     started: list[Yapd] = []
 
     def make(config: str = "", *, start: bool = True, env: dict[str, str] | None = None,
-             args: list[str] | None = None, server: dict[str, Any] | None = None, name: str = "d") -> Yapd:
-        d = Yapd(tmp_path / f"{name}{len(started)}", cache_dir, config, env, args, server)
+             args: list[str] | None = None, server: dict[str, Any] | None = None, name: str = "d",
+             demo: bool = True) -> Yapd:
+        d = Yapd(tmp_path / f"{name}{len(started)}", cache_dir, config, env, args, server, demo)
         started.append(d)
         if start:
             d.start()

@@ -339,6 +339,16 @@ def test_bad_config_at_start_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "server.port: expected an integer" in r.stderr and str(cfg) in r.stderr
 
 
+def test_tensor_parallel_beyond_the_visible_gpus_is_refused_at_start(make_yapd):
+    # No GPU visible (whatever the host has); the check is the same on a one-GPU host.
+    config = ('[engines]\ndeploy = "chat"\n[chat]\nbackend = "vllm"\n'
+              'model = "mistralai/Mistral-Nemo-Instruct-2407"\ntensor_parallel_size = 2\n')
+    d = make_yapd(config, start=False, demo=False, env={"CUDA_VISIBLE_DEVICES": ""})
+    d.start(wait=False)
+    assert d.proc is not None and d.proc.wait(60) == 1
+    d.wait_for("chat engine needs 2 GPUs (tensor_parallel_size=2 x data_parallel_size=1); 0 visible")
+
+
 async def test_engine_fault_mid_stream_other_sessions_continue(make_yapd):
     d = make_yapd(env={"YAPD_DEBUG_ADMIN": "1"})
     async with ws_connect(d.url()) as a, ws_connect(d.url()) as b:

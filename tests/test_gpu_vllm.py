@@ -159,3 +159,42 @@ async def test_gpu_memory_plans_side_by_side_and_fallback(gpu_yapd):
     assert gpu_yapd.http("/healthz", key=None)[0] == 200
     async with ws_connect(gpu_yapd.url()) as ws:
         check_turn(await run_turn(ws))
+
+
+def _tcp_inodes(port: int) -> set[str]:
+    """Inodes of every TCP socket (listening or connected) on local ``port``."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in list(f)[1:]:
+                cols = row.split()
+                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[9] != "0":  # 0: TIME_WAIT, no socket
+                    inodes.add(f"socket:[{cols[9]}]")
+    return inodes
+
+
+def _fd_targets(pid: int) -> set[str]:
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            out.add(os.readlink(fd))
+        except OSError:
+            continue
+    return out
+
+
+async def test_gpu_engine_cores_are_forked_and_hold_no_yapd_socket(gpu_yapd):
+    """EngineCores are forked (no second import of vLLM) and drop yapd's sockets: the
+    listener and a client connection open while an engine restarts."""
+    log = "\n".join(gpu_yapd.lines)
+    assert "EngineCore started by fork role=chat" in log and "EngineCore started by fork role=tool" in log
+    async with ws_connect(gpu_yapd.url()) as ws:
+        replies = await asyncio.to_thread(gpu_yapd.admin, timeout=600, cmd="restart", target="tool")
+        assert replies[-1]["ok"] is True, replies
+        ours = _tcp_inodes(gpu_yapd.port)
+        assert len(ours) >= 2 and ours <= _fd_targets(gpu_yapd.proc.pid)  # listener + this connection
+        cores = [p for p, c in _children(gpu_yapd.proc.pid) if "EngineCore" in c or "vllm" in c.lower()]
+        assert len(cores) == 2, _children(gpu_yapd.proc.pid)
+        for pid in cores:
+            assert not (_fd_targets(pid) & ours), f"EngineCore {pid} holds a yapd socket"
+        check_turn(await run_turn(ws))

@@ -9,7 +9,8 @@ import pytest
 
 from yapd import config
 from yapd.config import ConfigError
-from yapd.engines.vllm import engine_kwargs
+from yapd.engines.base import EngineError
+from yapd.engines.vllm import engine_kwargs, require_gpus
 from yapd.prompts import (
     BUILTIN_STYLES,
     ChatLayout,
@@ -314,3 +315,14 @@ def test_vllm_engine_args_from_config():
     cfg.chat.extra_engine_args = {"max_num_batched_tokens": 4096}
     tp = engine_kwargs("chat", cfg, cfg.chat.model, (9, 0))
     assert tp["tensor_parallel_size"] == 2 and tp["max_num_batched_tokens"] == 4096
+
+
+def test_gpu_count_check_names_what_is_missing(monkeypatch):
+    require_gpus("chat", {"tensor_parallel_size": 2, "data_parallel_size": 1}, 2)
+    require_gpus("tool", {}, 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(EngineError, match=r"chat engine needs 4 GPUs \(tensor_parallel_size=2 x "
+                                          r"data_parallel_size=2\); 1 visible \(CUDA_VISIBLE_DEVICES=3\)"):
+        require_gpus("chat", {"tensor_parallel_size": 2, "data_parallel_size": 2}, 1)
+    with pytest.raises(EngineError, match="tool engine needs 1 GPU "):
+        require_gpus("tool", {"tensor_parallel_size": 1}, 0)

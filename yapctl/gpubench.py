@@ -46,6 +46,10 @@ HISTORY = "<|history|> " + text(1500, 2)  # ~2000 tokens
 UTTERANCE = text(20, 100)
 
 
+def gaps(stamps: list[float]) -> list[float]:
+    return [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
+
+
 def turns_for(c: int) -> int:
     return max(24, 3 * c)
 
@@ -162,7 +166,8 @@ async def phase_yapd(res: Results, models: Path, work: Path, levels: tuple[int, 
 
 # vLLM's own timing lines: where an engine start's seconds go.
 STARTUP_LINES = re.compile(r"(took|takes|finished in|Compiling a graph|Directly load|cache)"
-                           r".*?[0-9.]+ ?(s|secs|seconds)\b|engine started role=|ready port=")
+                           r".*?[0-9.]+ ?(s|secs|seconds)\b|engine started role=|ready port=|engines load |"
+                           r"Overriding VLLM_WORKER|EngineCore started by")
 
 
 def startup_lines(log: Path, offset: int) -> list[str]:
@@ -171,8 +176,22 @@ def startup_lines(log: Path, offset: int) -> list[str]:
 
 
 async def phase_startup(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
-    """Where start time goes: first start, engine restart over the admin socket, and a
-    process restart with every cache warm, each with vLLM's own phase timings."""
+    """Where start time goes: a first start (cold caches), then ``warm``; each with
+    vLLM's own phase timings."""
+    cfg = work / "yapd.toml"
+    cfg.write_text(config_text(models, work / "cache"))
+    log = work / "startup.log"
+    offset = log.stat().st_size if log.exists() else 0
+    proc, first = start_yapd(cfg, log)
+    res.put("startup", "first_start_s", round(first, 1))
+    res.put("startup", "first_start_lines", startup_lines(log, offset))
+    stop(proc)
+    await phase_warm(res, models, work, levels)
+
+
+async def phase_warm(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
+    """Restarts with every cache warm: the process (start to READY) and both engines over
+    the admin socket (``yapctl restart both``)."""
     from yapctl.client import AdminClient
 
     cfg = work / "yapd.toml"
@@ -180,9 +199,9 @@ async def phase_startup(res: Results, models: Path, work: Path, levels: tuple[in
     log = work / "startup.log"
     put = functools.partial(res.put, "startup")  # each figure lands as soon as it is taken
     offset = log.stat().st_size if log.exists() else 0
-    proc, first = start_yapd(cfg, log)
-    put("first_start_s", round(first, 1))
-    put("first_start_lines", startup_lines(log, offset))
+    proc, warm = start_yapd(cfg, log)
+    put("process_restart_s", round(warm, 1))
+    put("process_restart_lines", startup_lines(log, offset))
     try:
         offset = log.stat().st_size
         t0 = time.perf_counter()
@@ -193,11 +212,6 @@ async def phase_startup(res: Results, models: Path, work: Path, levels: tuple[in
         put("engine_restart_lines", startup_lines(log, offset))
     finally:
         stop(proc)
-    offset = log.stat().st_size
-    proc, warm = start_yapd(cfg, log)
-    put("process_restart_s", round(warm, 1))
-    put("process_restart_lines", startup_lines(log, offset))
-    stop(proc)
 
 
 PROBE = """
@@ -298,7 +312,6 @@ async def phase_raw(res: Results, models: Path, work: Path, levels: tuple[int, .
     cache_env(cfg)
     chat_ids, tool_ids, _, _ = prompts(models)
     res.put("raw", "prompt_tokens", {"chat": len(chat_ids), "tool": len(tool_ids)})
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     t0 = time.perf_counter()
     chat = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("chat", cfg, cfg.chat.model, gpu_capability())))
     tool = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("tool", cfg, cfg.tool.model, gpu_capability())))
@@ -319,21 +332,24 @@ async def phase_raw(res: Results, models: Path, work: Path, levels: tuple[int, .
                 break
         return first, (time.perf_counter() - t0) * 1000
 
-    async def one_turn(i: int) -> tuple[float | None, list[float], float | None, float]:
+    async def one_turn(i: int) -> tuple[float | None, list[float], float | None, float, list[float]]:
         # Both engines together, as yapd's concurrent mode runs them.
         utt = [*chat_ids[:-12], 1000 + i % 5000, *chat_ids[-11:]]
         t0 = time.perf_counter()
         tool_task = asyncio.ensure_future(one_tool(i))
         first = None
-        stamps: list[float] = []
+        stamps: list[float] = []  # outputs with text: what a client of yapd or vllm serve sees
+        token_stamps: list[float] = []  # every token, text or not (a byte of a character held back)
         async for out in chat.generate({"prompt_token_ids": utt}, chat_sp, uuid.uuid4().hex):
             if out.outputs[0].token_ids:
                 now = time.perf_counter()
                 if first is None:
                     first = (now - t0) * 1000
-                stamps.append(now)
+                token_stamps.append(now)
+                if out.outputs[0].text:
+                    stamps.append(now)
         tool_first, tool_done = await tool_task
-        return first, [(b - a) * 1000 for a, b in itertools.pairwise(stamps)], tool_first, tool_done
+        return first, gaps(stamps), tool_first, tool_done, gaps(token_stamps)
 
     for c in levels:
         await asyncio.gather(*(one_turn(10_000 + j) for j in range(c)))  # warm the prefix
@@ -348,10 +364,12 @@ async def phase_raw(res: Results, models: Path, work: Path, levels: tuple[int, .
         await asyncio.gather(*(worker() for _ in range(c)))
         ttft = [r[0] for r in rows if r[0] is not None]
         itl = [g for r in rows for g in r[1]]
+        itl_tokens = [g for r in rows for g in r[4]]
         tfirst = [r[2] for r in rows if r[2] is not None]
         tdone = [r[3] for r in rows]
         res.put("raw", f"c{c}", {"turns": n, "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
                                  "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
+                                 "itl_token_ms": {"p50": pct(itl_tokens, 50), "p99": pct(itl_tokens, 99)},
                                  "tool_first_token_ms": {"p50": pct(tfirst, 50), "p95": pct(tfirst, 95)},
                                  "tool_ms": {"p50": pct(tdone, 50), "p95": pct(tdone, 95)}})
     chat.shutdown()
@@ -388,7 +406,7 @@ async def _post_stream(body: dict[str, Any]) -> tuple[float | None, list[float]]
                         first = (now - t0) * 1000
                     stamps.append(now)
     writer.close()
-    return first, [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
+    return first, gaps(stamps)
 
 
 async def phase_serve(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
@@ -396,10 +414,19 @@ async def phase_serve(res: Results, models: Path, work: Path, levels: tuple[int,
     log = work / "serve.log"
     env = {**os.environ, "VLLM_CACHE_ROOT": str(work / "cache" / "vllm")}
     t0 = time.perf_counter()
+    # yapd's own chat settings, so the comparison is like for like (and vLLM's compile
+    # cache, keyed on them, may already be warm).
+    from yapd import config
+    from yapd.engines.vllm import engine_kwargs, gpu_capability
+
+    cfg = config.from_mapping(config.tomllib.loads(config_text(models, work / "cache")), "bench")
+    kw = engine_kwargs("chat", cfg, cfg.chat.model, gpu_capability())
     proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any timing
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models / "nemo-12b"),
-         "--load-format", "dummy", "--quantization", "fp8", "--kv-cache-dtype", "fp8",
-         "--gpu-memory-utilization", "0.70", "--max-model-len", "5760", "--enable-prefix-caching",
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", kw["model"],
+         "--load-format", kw["load_format"], "--quantization", kw["quantization"], "--kv-cache-dtype",
+         kw["kv_cache_dtype"], "--gpu-memory-utilization", str(kw["gpu_memory_utilization"]),
+         "--max-model-len", str(kw["max_model_len"]), "--max-num-seqs", str(kw["max_num_seqs"]),
+         "--enable-prefix-caching", "--enable-chunked-prefill",
          "--port", str(SERVE_PORT), "--host", "127.0.0.1", "--disable-log-stats"],
         stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -421,7 +448,7 @@ async def phase_serve(res: Results, models: Path, work: Path, levels: tuple[int,
 
         def body(i: int) -> dict[str, Any]:
             ids = [*chat_ids[:-12], 1000 + i % 5000, *chat_ids[-11:]]
-            return {"model": str(models / "nemo-12b"), "prompt": ids, "max_tokens": 200, "min_tokens": 200,
+            return {"model": kw["model"], "prompt": ids, "max_tokens": 200, "min_tokens": 200,
                     "ignore_eos": True, "temperature": 0.8, "top_p": 0.95, "stream": True}
 
         for c in levels:
@@ -456,7 +483,9 @@ def markdown(data: dict[str, Any]) -> str:
              "shape, bf16, 0.20; both in one process; dummy weights. Prompt: 600-token persona + 2,000-token "
              "history + 20-word utterance, 200 output tokens. yapd: client-observed over WebSocket, concurrent "
              "mode. raw: AsyncLLM with token ids, both engines loaded, chat + tool per turn. serve: `vllm serve` "
-             "/v1/completions streaming, chat only, same token ids.", "",
+             "/v1/completions streaming, chat only, same token ids. ITL: gaps between outputs that carry text, "
+             "as a client receives them (random weights often emit a token that is only part of a character; "
+             "its text comes with the next one); raw per token as well.", "",
              "| sessions | figure | yapd | raw AsyncLLM | vllm serve |", "| --- | --- | --- | --- | --- |"]
     def two(sec: str, lvl: str, metric: str, a: str, b: str) -> str:
         return f"{g(sec, lvl, metric, a)} / {g(sec, lvl, metric, b)}"
@@ -469,6 +498,7 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{two('raw', lvl, 'ttft_ms', 'p50', 'p95')} | {two('serve', lvl, 'ttft_ms', 'p50', 'p95')} |")
         lines.append(f"| {c} | ITL p50 / p99 ms | {two('yapd', lvl, 'itl_ms', 'p50', 'p99')} | "
                      f"{two('raw', lvl, 'itl_ms', 'p50', 'p99')} | {two('serve', lvl, 'itl_ms', 'p50', 'p99')} |")
+        lines.append(f"| {c} | ITL per token p50 / p99 ms | - | {two('raw', lvl, 'itl_token_ms', 'p50', 'p99')} | - |")
         lines.append(f"| {c} | tool decision p50 / p95 ms | {two('yapd', lvl, 'tool_ms', 'p50', 'p95')} | "
                      f"{two('raw', lvl, 'tool_ms', 'p50', 'p95')} (first token "
                      f"{g('raw', lvl, 'tool_first_token_ms', 'p50')}) | - |")
@@ -503,7 +533,7 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["## Start and restart", "",
                   f"- first start {st.get('first_start_s')} s; engine restart (admin, both) "
                   f"{st.get('engine_restart_s')} s; process restart {st.get('process_restart_s')} s", ""]
-        for key in ("first_start_lines", "engine_restart_lines", "process_restart_lines"):
+        for key in ("first_start_lines", "process_restart_lines", "engine_restart_lines"):
             lines += [f"{key.replace('_lines', '').replace('_', ' ')}:", "", "```", *st.get(key, []), "```", ""]
     return "\n".join(lines)
 
@@ -523,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
     res = Results(args.out / f"{name}.json")
     phases = {"yapd": phase_yapd, "raw": phase_raw, "serve": phase_serve, "startup": phase_startup,
-              "spawn": phase_spawn}
+              "warm": phase_warm, "spawn": phase_spawn}
     for ph in args.phases.split(","):
         try:
             asyncio.run(phases[ph](res, args.models, args.work, levels))

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from yapd import forking
 from yapd.paths import default_admin_socket
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ class AdminServer:
                 raise OSError(f"another yapd is serving the admin socket {path}")
             path.unlink()
         self._server = await asyncio.start_unix_server(self._client, path=str(path), limit=MAX_REQUEST_BYTES)
+        for sock in self._server.sockets:
+            forking.protect(sock)
         os.chmod(path, self.daemon.cfg.admin.mode)
         if self._gid != os.getgid():
             with contextlib.suppress(PermissionError):

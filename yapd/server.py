@@ -20,7 +20,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from yapd import protocol
+from yapd import forking, protocol
 from yapd.runtime import Runtime
 from yapd.session import Session
 
@@ -80,6 +80,8 @@ class YapServer:
             server_header=f"yapd/{self.rt.version}",
             logger=logging.getLogger("yapd.websockets"),
         )
+        for sock in self._server.sockets:
+            forking.protect(sock)
         log.info("listening host=%s port=%d", host, self.port)
 
     # --- HTTP ----------------------------------------------------------------------

@@ -16,11 +16,12 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
-from yapd import awq
+from yapd import awq, forking
 from yapd.config import Config, EngineConfig
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineState, SamplingSpec
 from yapd.engines.memplan import MemoryPlans, Plan, plan_key, side_by_side
@@ -188,32 +189,36 @@ class VllmEngine(Engine):
     async def start(self, alongside: bool = False) -> None:
         """Load the engine. ``alongside``: another engine loads at the same time, so the
         KV cache size comes from this engine's memory plan instead of profiling."""
-        # The EngineCore child must not inherit our threads by fork().
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         self._state = "starting"
         self._kwargs = None  # config may have been reloaded since the last start
         t0 = time.perf_counter()
         try:
-            kwargs = dict(self.settings())
-            plan = self.memory_plan()
-            if alongside and plan is not None:
-                kwargs["kv_cache_memory_bytes"] = plan.kv_cache_memory_bytes
+            async with _start_turn():
+                # Importing vLLM takes seconds: never on the event loop (/healthz, the
+                # watchdog and the other engine's stream keep going).
+                kwargs, plan = await asyncio.to_thread(self._prepare, alongside)
+            # Our tokenizer loads (seconds for a large vocabulary) beside vLLM's start,
+            # not ahead of it.
+            tok = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, kwargs["tokenizer"], kwargs["revision"]))
+            tok.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failed start may not await it
             self.model = kwargs["model"]
-            log.info("starting vLLM engine role=%s %s", self.role,
+            log.info("starting vLLM engine role=%s start_method=%s %s", self.role,
+                     self.cfg.engines.start_method,
                      " ".join(f"{k}={v}" for k, v in kwargs.items() if k != "tokenizer"))
-            from vllm import AsyncEngineArgs
-            from vllm.v1.engine.async_llm import AsyncLLM
-
-            self._tok = await asyncio.to_thread(load_tokenizer, kwargs["tokenizer"], kwargs["revision"])
-            args = AsyncEngineArgs(**kwargs)
             record = not alongside and plan is None
             before, since = (await asyncio.to_thread(gpu_memory), memplan_now()) if record else (None, 0.0)
             with self.plans.vllm_recording(record):
-                # Built off the event loop so /healthz, the watchdog and the other engine
-                # keep going during the load; AsyncLLM starts its output task on first use.
-                self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+                async with _start_turn():
+                    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = self.cfg.engines.start_method
+                    built = await _until_forked(asyncio.to_thread(self._build, kwargs))
+                self._llm = await built
+                # vLLM switches to spawn by itself when it must (a CUDA context here).
+                used = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
+                log.log(logging.INFO if used == self.cfg.engines.start_method else logging.WARNING,
+                        "EngineCore started by %s role=%s pid=%s", used, self.role, self.engine_pid())
                 if record:
                     await asyncio.to_thread(self._record_plan, before, since)
+            self._tok = await tok
         except EngineError:
             self._state = "failed"
             raise
@@ -222,6 +227,26 @@ class VllmEngine(Engine):
             raise EngineError(f"{self.role} engine failed to start {self.model}: {exc}") from exc
         self.start_seconds = round(time.perf_counter() - t0, 1)
         self._state, self._detail = "ready", ""
+
+    def _prepare(self, alongside: bool) -> tuple[dict[str, Any], Plan | None]:
+        """Everything before vLLM's own start, in a worker thread."""
+        t0 = time.perf_counter()
+        kwargs = dict(self.settings())
+        require_gpus(self.role, kwargs, gpu_count())
+        plan = self.memory_plan()
+        if alongside and plan is not None:
+            kwargs["kv_cache_memory_bytes"] = plan.kv_cache_memory_bytes
+        import vllm.v1.engine.async_llm  # noqa: F401 - here, off the event loop
+
+        log.info("loading vLLM took %.1f s role=%s", time.perf_counter() - t0, self.role)
+        return kwargs, plan
+
+    @staticmethod
+    def _build(kwargs: dict[str, Any]) -> Any:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
     def _record_plan(self, before: tuple[int, int] | None, since: float) -> None:
         """After a start with nothing else loading: file vLLM's profiled KV size with
@@ -297,6 +322,64 @@ class VllmEngine(Engine):
             return None
 
 
+_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _start_turn() -> asyncio.Lock:
+    """Engines loading side by side take turns up to their EngineCore's fork: a fork
+    while another thread is inside vLLM's set-up could copy a lock that thread holds
+    into the child, and two threads importing vLLM at once can trip importlib's
+    deadlock detection."""
+    loop = asyncio.get_running_loop()
+    if loop not in _turns:
+        _turns[loop] = asyncio.Lock()
+    return _turns[loop]
+
+
+async def _until_forked(work: Awaitable[Any]) -> asyncio.Future[Any]:
+    """Start ``work`` (vLLM's start in a worker thread) and return once this process has
+    forked (the EngineCore child exists; vLLM now only waits for it) or ``work`` is done.
+    Returns the future of ``work``."""
+    loop = asyncio.get_running_loop()
+    forked = asyncio.Event()
+
+    def wake() -> None:
+        loop.call_soon_threadsafe(forked.set)
+
+    stop = forking.on_fork(wake)
+    try:
+        task = asyncio.ensure_future(work)
+        waiter = asyncio.ensure_future(forked.wait())
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+    finally:
+        stop()
+    return task
+
+
+def gpu_count() -> int:
+    """GPUs this process may use (CUDA_VISIBLE_DEVICES applies). torch counts them
+    through NVML, without a CUDA context (which would force vLLM to spawn)."""
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:
+        return 0
+
+
+def require_gpus(role: str, kwargs: dict[str, Any], count: int) -> None:
+    """Refuse a start that needs more GPUs than are visible, with the reason, before
+    vLLM spends a minute finding out."""
+    tp, dp = int(kwargs.get("tensor_parallel_size") or 1), int(kwargs.get("data_parallel_size") or 1)
+    need = tp * dp
+    if need > count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise EngineError(f"{role} engine needs {need} GPU{'s' if need > 1 else ''} (tensor_parallel_size={tp} x "
+                          f"data_parallel_size={dp}); {count} visible{where}")
+
+
 def compile_cache_dir(cfg: Config) -> Path:
     return cfg.cache_dir() / "vllm"
 
@@ -308,7 +391,8 @@ def side_by_side_ok(engines: list[VllmEngine], settle_s: float = MEMORY_SETTLE_S
     process's memory with a lag)."""
     plans = [e.memory_plan() for e in engines]
     have = ", ".join(f"{e.role}={'yes' if p else 'no'}" for e, p in zip(engines, plans, strict=True))
-    deadline = time.monotonic() + settle_s
+    t0 = time.monotonic()
+    deadline = t0 + settle_s
     while True:
         mem = gpu_memory()
         ok = side_by_side(plans, mem[0] if mem else None)
@@ -317,8 +401,8 @@ def side_by_side_ok(engines: list[VllmEngine], settle_s: float = MEMORY_SETTLE_S
         time.sleep(0.25)
     free = f"{mem[0] / 2**30:.2f}" if mem else "unknown"
     need = max((p.free_before for p in plans if p is not None), default=0) / 2**30
-    log.info("engines load %s (plans: %s; free %s GiB, recorded start %.2f GiB)",
-             "side by side" if ok else "one after the other", have, free, need)
+    log.info("engines load %s (plans: %s; free %s GiB, recorded start %.2f GiB, waited %.1f s)",
+             "side by side" if ok else "one after the other", have, free, need, time.monotonic() - t0)
     return ok
 
 

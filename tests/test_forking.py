@@ -1,0 +1,156 @@
+"""A child forked from yapd (vLLM's EngineCore) must not keep yapd's sockets: with a
+copy alive in the child, a connection yapd closes stays open for the peer and a port
+yapd gives up stays bound. Real sockets, real fork(), a child that lives on."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from yapd import forking
+
+fork = multiprocessing.get_context("fork")
+
+
+def _child(fds: list[int], report: multiprocessing.connection.Connection, release: object) -> None:
+    # What each descriptor number is in the child: a socket still, or not.
+    report.send([stat.S_ISSOCK(os.fstat(fd).st_mode) for fd in fds])
+    release.wait(30)  # type: ignore[attr-defined]
+
+
+class Forked:
+    """A forked child that reports which of ``fds`` are sockets in it, then lives until
+    released."""
+
+    def __init__(self, fds: list[int]) -> None:
+        self.release = fork.Event()
+        recv, send = fork.Pipe(duplex=False)
+        self.proc = fork.Process(target=_child, args=(fds, send, self.release), daemon=True)
+        self.proc.start()
+        send.close()
+        assert recv.poll(30)
+        self.sockets_in_child: list[bool] = recv.recv()
+
+    def end(self) -> None:
+        self.release.set()
+        self.proc.join(30)
+
+
+@pytest.fixture(autouse=True)
+def _forget_protected() -> Iterator[None]:
+    # Ports protected here must not make later forks in this test process drop a
+    # socket that happens to get the same port number.
+    ports, paths = set(forking._ports), set(forking._paths)
+    yield
+    forking._ports.intersection_update(ports)
+    forking._paths.intersection_update(paths)
+
+
+@pytest.fixture
+def child_ends() -> Iterator[list[Forked]]:
+    children: list[Forked] = []
+    yield children
+    for c in children:
+        c.end()
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket, socket.socket]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=10)
+    conn, _ = listener.accept()
+    return listener, client, conn
+
+
+def _peer_sees_close(client: socket.socket, wait: float = 10) -> bool:
+    client.settimeout(wait)
+    try:
+        return client.recv(1) == b""
+    except TimeoutError:
+        return False
+
+
+def test_protected_tcp_sockets_are_dropped_in_the_child(child_ends):
+    listener, client, conn = _tcp_pair()
+    other_listener, other_client, other_conn = _tcp_pair()
+    forking.protect(listener)
+    child = Forked([listener.fileno(), conn.fileno(), other_listener.fileno(), other_conn.fileno()])
+    child_ends.append(child)
+    assert child.sockets_in_child == [False, False, True, True]
+
+    # yapd closes a client's connection while the child lives: the client sees it.
+    conn.close()
+    assert _peer_sees_close(client)
+    # The unprotected connection (a control for this test): the child's copy holds it open.
+    other_conn.close()
+    assert not _peer_sees_close(other_client, wait=0.5)
+
+    # yapd gives the port up while the child lives: it can be bound again at once.
+    port = listener.getsockname()[1]
+    listener.close()
+    socket.create_server(("127.0.0.1", port)).close()
+    other_port = other_listener.getsockname()[1]
+    other_listener.close()
+    with pytest.raises(OSError):
+        socket.create_server(("127.0.0.1", other_port)).close()
+    for s in (client, other_client):
+        s.close()
+
+
+def test_protected_unix_listener_and_its_connections_are_dropped(tmp_path: Path, child_ends):
+    path = str(tmp_path / "admin.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    forking.protect(listener)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    conn, _ = listener.accept()
+    child = Forked([listener.fileno(), conn.fileno(), client.fileno()])
+    child_ends.append(child)
+    # The client end is not bound to the path: not yapd's to drop.
+    assert child.sockets_in_child == [False, False, True]
+    conn.close()
+    assert _peer_sees_close(client)
+    client.close()
+    listener.close()
+
+
+def test_dropped_descriptors_stay_taken_in_the_child(child_ends):
+    # A stale object in the child closing its old number must not close something the
+    # child opened since: the number now holds /dev/null, not a free slot.
+    listener, client, conn = _tcp_pair()
+    forking.protect(listener)
+    r, w = fork.Pipe(duplex=False)
+
+    def target() -> None:
+        try:
+            w.send(os.readlink(f"/proc/self/fd/{conn.fileno()}"))
+        except OSError as exc:
+            w.send(repr(exc))
+
+    p = fork.Process(target=target, daemon=True)
+    p.start()
+    assert r.poll(30) and r.recv() == os.devnull
+    p.join(30)
+    for s in (listener, client, conn):
+        s.close()
+
+
+def test_fork_callbacks_run_in_the_parent():
+    seen: list[int] = []
+    stop = forking.on_fork(lambda: seen.append(os.getpid()))
+    p = fork.Process(target=os._exit, args=(0,))
+    p.start()
+    p.join(30)
+    stop()
+    assert seen == [os.getpid()]
+    p = fork.Process(target=os._exit, args=(0,))
+    p.start()
+    p.join(30)
+    assert seen == [os.getpid()]

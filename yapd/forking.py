@@ -1,0 +1,114 @@
+"""Children forked from yapd do not keep yapd's sockets.
+
+vLLM starts each engine's EngineCore in a child process. Forked, that child is ready
+about 13 s sooner than spawned (it does not import torch and vLLM again:
+docs/bench/h100-2026-11-25-spawn.md), but it inherits every file descriptor yapd holds:
+the WebSocket listener, each client's connection, the admin socket. A child holding a
+copy keeps the port bound after yapd has died, and keeps a connection open after yapd
+has closed it (the peer sees no FIN while any copy lives). So right after a fork, in the
+child, the sockets yapd owns are replaced by ``/dev/null``: the child drops its share of
+them, and the descriptor numbers stay taken, so a stale object closing its old number
+later cannot close a socket the child opened since.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+
+class _Listener(Protocol):
+    # socket.socket, and asyncio's TransportSocket in Server.sockets
+    @property
+    def family(self) -> int: ...
+    def getsockname(self) -> Any: ...
+
+
+_lock = threading.Lock()
+_ports: set[int] = set()
+_paths: set[str] = set()
+_forked: list[Callable[[], None]] = []
+_installed = False
+
+
+def protect(sock: _Listener) -> None:
+    """Keep this listening socket, and every connection it accepts, out of forked
+    children (TCP: by local port; Unix: by bound path)."""
+    _install()
+    name = sock.getsockname()
+    with _lock:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            _ports.add(int(name[1]))
+        elif sock.family == socket.AF_UNIX and isinstance(name, str) and name:
+            _paths.add(name)
+
+
+def on_fork(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` in the parent after each fork (in the forking thread); returns
+    a function that stops the calls."""
+    _install()
+    with _lock:
+        _forked.append(callback)
+
+    def remove() -> None:
+        with _lock, contextlib.suppress(ValueError):
+            _forked.remove(callback)
+
+    return remove
+
+
+def _install() -> None:
+    global _installed
+    with _lock:
+        if not _installed:
+            os.register_at_fork(after_in_child=drop_protected, after_in_parent=_after_in_parent)
+            _installed = True
+
+
+def _after_in_parent() -> None:
+    for callback in list(_forked):
+        callback()
+
+
+def drop_protected() -> None:
+    """In a freshly forked child: replace each protected socket's descriptor by /dev/null."""
+    if not _ports and not _paths:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in _descriptors():
+            if fd != null and _is_protected(fd):
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+def _descriptors() -> list[int]:
+    try:
+        return [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:
+        return []
+
+
+def _is_protected(fd: int) -> bool:
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            return int(sock.getsockname()[1]) in _ports
+        if sock.family == socket.AF_UNIX:
+            return sock.getsockname() in _paths
+        return False
+    except OSError:
+        return False
+    finally:
+        sock.detach()
