@@ -4,10 +4,12 @@ yapd gives up stays bound. Real sockets, real fork(), a child that lives on."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import socket
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +156,34 @@ def test_fork_callbacks_run_in_the_parent():
     p.start()
     p.join(30)
     assert seen == [os.getpid()]
+
+
+async def test_an_engine_start_gives_up_its_turn_at_the_fork():
+    # vLLM's start in a worker thread forks its EngineCore, then waits for it: the next
+    # engine may begin once the fork is done, not only when the start is over.
+    from yapd.engines.vllm import _until_forked
+
+    release = threading.Event()
+
+    def start() -> str:
+        child = fork.Process(target=os._exit, args=(0,))
+        child.start()
+        child.join(30)
+        release.wait(30)  # the EngineCore's load
+        return "engine"
+
+    built = await asyncio.wait_for(_until_forked(asyncio.to_thread(start)), 30)
+    assert not built.done()
+    release.set()
+    assert await built == "engine"
+
+
+async def test_a_start_failing_before_its_fork_gives_up_its_turn_too():
+    from yapd.engines.vllm import _until_forked
+
+    def start() -> str:
+        raise ValueError("bad engine args")
+
+    built = await asyncio.wait_for(_until_forked(asyncio.to_thread(start)), 30)
+    with pytest.raises(ValueError, match="bad engine args"):
+        await built
