@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -326,3 +327,27 @@ def test_gpu_count_check_names_what_is_missing(monkeypatch):
         require_gpus("chat", {"tensor_parallel_size": 2, "data_parallel_size": 2}, 1)
     with pytest.raises(EngineError, match="tool engine needs 1 GPU "):
         require_gpus("tool", {"tensor_parallel_size": 1}, 0)
+
+
+# --- CPU engine --------------------------------------------------------------------
+
+
+async def test_cpu_engines_loading_side_by_side_get_exactly_the_saved_weights(cache_dir):
+    # transformers swaps process-wide torch state while it builds a model: two loads at
+    # once used to leave weights uninitialised (NaN logits a few times per thousand steps).
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from yapd.engines.cpu import CpuEngine
+
+    paths = {"chat": cache_dir / "demo" / "chat", "tool": cache_dir / "demo" / "tool"}
+    saved = {role: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+             for role, path in paths.items()}
+    for _ in range(6):
+        engines = [CpuEngine(role, str(path), workers=1) for role, path in paths.items()]
+        await asyncio.gather(*(e.start() for e in engines))
+        for e in engines:
+            loaded = e._model.state_dict()
+            differ = [k for k, v in saved[e.role].items() if not torch.equal(v, loaded[k])]
+            assert not differ, f"{e.role}: {differ[:5]}"
+            await e.shutdown()

@@ -23,12 +23,15 @@ from yapd.engines.tokenizer import load_tokenizer
 log = logging.getLogger("yapd.engine.cpu")
 
 _END = object()
-# transformers' lazy module loader is not safe when two threads import through it at once.
-_IMPORT_LOCK = threading.Lock()
-# One forward pass at a time across every CPU engine of the process. Concurrent passes
-# gave rare non-finite logits inside the daemon (never in a replay of the same ids), and
-# on the few cores a CPU host has, taking turns measured faster (20.5k vs 14.5k steps in
-# 25 s, four threads, demo model) than running the passes side by side.
+# One model load at a time in the process. transformers is not thread-safe here: its lazy
+# module loader breaks when two threads import through it at once, and a load swaps
+# process-wide torch state (default dtype, weight initialisers) while it builds the
+# model, so two loads at once left some weights uninitialised: a few hundred NaN steps in
+# 25k with the demo models loaded side by side, none loaded in turn.
+_LOAD_LOCK = threading.Lock()
+# One forward pass at a time across every CPU engine of the process: on the few cores a
+# CPU host has, taking turns measured faster (20.5k vs 14.5k steps in 25 s, four
+# threads, demo model) than running the passes side by side.
 _FORWARD_LOCK = threading.Lock()
 
 
@@ -86,15 +89,15 @@ class CpuEngine(Engine):
                  time.perf_counter() - t0)
 
     def _load(self) -> None:
-        with _IMPORT_LOCK:
+        with _LOAD_LOCK:
             import torch
             from transformers import AutoModelForCausalLM, DynamicCache  # noqa: F401
-        # torch's intra-op thread pool, driven from worker threads, gave sporadic NaN logits
-        # here (one element, not reproducible on recompute); one thread per pass is exact.
-        torch.set_num_threads(1)
 
-        self._tok = load_tokenizer(self.model, self.revision)
-        model = AutoModelForCausalLM.from_pretrained(self.model, revision=self.revision, dtype=torch.float32)
+            # One thread per pass: the passes of both engines take turns anyway
+            # (_FORWARD_LOCK), and the intra-op pool only adds hand-offs on a few cores.
+            torch.set_num_threads(1)
+            self._tok = load_tokenizer(self.model, self.revision)
+            model = AutoModelForCausalLM.from_pretrained(self.model, revision=self.revision, dtype=torch.float32)
         model.eval()
         self._model = model
         eos = model.generation_config.eos_token_id
@@ -210,10 +213,10 @@ class CpuEngine(Engine):
             req.queue.put_nowait(RuntimeError("engine killed"))
 
     def _forward(self, input_ids: Any, cache: Any, history: list[int], torch: Any) -> tuple[Any, Any]:
-        """One step's next-token logits (and the cache to go on with). torch's CPU kernels
-        here have rarely returned a NaN inside the daemon (about one step in a few thousand,
-        never in an isolated replay of the same ids); such a step is recomputed from
-        scratch over ``history``, which has always come out finite."""
+        """One step's next-token logits (and the cache to go on with). A step with a
+        non-finite logit is recomputed once from scratch over ``history`` before the
+        request fails: the NaNs once seen here came from models loaded side by side (see
+        _LOAD_LOCK), and none has been seen since; the check stays as a guard."""
         with _FORWARD_LOCK:
             out = self._model(input_ids=input_ids, past_key_values=cache, use_cache=True)
         logits = out.logits[0, -1].float().clone()
