@@ -351,3 +351,18 @@ async def test_cpu_engines_loading_side_by_side_get_exactly_the_saved_weights(ca
             differ = [k for k, v in saved[e.role].items() if not torch.equal(v, loaded[k])]
             assert not differ, f"{e.role}: {differ[:5]}"
             await e.shutdown()
+
+
+# --- GPU benchmark program (its CPU-side parts) ---------------------------------------
+
+
+def test_gpubench_setup_carries_tensor_parallelism_and_tables_show_every_level(tmp_path):
+    from yapctl.gpubench import Setup, markdown
+
+    cfg = Setup(tmp_path / "models", tmp_path / "work", (16, 32), chat_tp=2).config()
+    assert cfg.chat.tensor_parallel_size == 2 and cfg.tool.tensor_parallel_size == 1
+    assert engine_kwargs("chat", cfg, cfg.chat.model, (9, 0))["tensor_parallel_size"] == 2
+    row = {"ttft_ms": {"p50": 1.0, "p95": 2.0}}
+    table = markdown({"setup": {"chat_tensor_parallel_size": 2}, "yapd": {"c16": row, "c32": row}})
+    assert "Chat tensor parallelism: 2 GPU(s)" in table
+    assert "| 16 | TTFT p50 / p95 ms | 1 / 2 |" in table and "| 32 | TTFT p50 / p95 ms | 1 / 2 |" in table

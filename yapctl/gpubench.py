@@ -25,10 +25,13 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from yapctl.bench import BenchConfig, bench, cancel_latency, pct
+from yapd import config
+from yapd.config import Config
 
 LEVELS = (1, 8, 16, 24)
 WORDS = ("the quick brown fox jumps over a lazy dog while the persona keeps talking about music movies "
@@ -54,8 +57,18 @@ def turns_for(c: int) -> int:
     return max(24, 3 * c)
 
 
-def config_text(models: Path, cache: Path, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
-    return f"""
+@dataclass(frozen=True)
+class Setup:
+    """What one benchmark run holds fixed: the model folders, a work folder (caches,
+    logs), the concurrency levels and the chat engine's tensor parallelism."""
+
+    models: Path
+    work: Path
+    levels: tuple[int, ...] = LEVELS
+    chat_tp: int = 1
+
+    def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
+        return f"""
 [server]
 host = "127.0.0.1"
 port = {PORT}
@@ -65,14 +78,15 @@ rate_limit_per_s = 1000.0
 rate_limit_burst = 1000
 [engines]
 deploy = "both"
-cache_dir = "{cache}"
+cache_dir = "{self.work / "cache"}"
 [chat]
-model = "{models / chat}"
+model = "{self.models / chat}"
 backend = "vllm"
 load_format = "dummy"
 quantization = "fp8"
+tensor_parallel_size = {self.chat_tp}
 [tool]
-model = "{models / tool}"
+model = "{self.models / tool}"
 backend = "vllm"
 load_format = "dummy"
 [turn]
@@ -80,6 +94,14 @@ concurrent = true
 ignore_eos = true
 chat_max_out = 200
 """
+
+    def config(self) -> Config:
+        return config.from_mapping(config.tomllib.loads(self.config_text()), "bench")
+
+    def config_file(self) -> Path:
+        path = self.work / "yapd.toml"
+        path.write_text(self.config_text())
+        return path
 
 
 class Results:
@@ -142,15 +164,14 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
             proc.wait()
 
 
-async def phase_yapd(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
-    cfg = work / "yapd.toml"
-    cfg.write_text(config_text(models, work / "cache"))
-    log = work / "yapd.log"
+async def phase_yapd(res: Results, s: Setup) -> None:
+    cfg = s.config_file()
+    log = s.work / "yapd.log"
     proc, cold = start_yapd(cfg, log)
     res.put("yapd", "start_s_first", round(cold, 1))
     url = f"ws://127.0.0.1:{PORT}/ws"
     try:
-        for c in levels:
+        for c in s.levels:
             rep = await bench(BenchConfig(url=url, key="bench", n=turns_for(c), concurrency=c, timeout=120,
                                           utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
             res.put("yapd", f"c{c}", rep.summary())
@@ -175,28 +196,26 @@ def startup_lines(log: Path, offset: int) -> list[str]:
     return [line.strip()[:240] for line in text.splitlines() if STARTUP_LINES.search(line)]
 
 
-async def phase_startup(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
+async def phase_startup(res: Results, s: Setup) -> None:
     """Where start time goes: a first start (cold caches), then ``warm``; each with
     vLLM's own phase timings."""
-    cfg = work / "yapd.toml"
-    cfg.write_text(config_text(models, work / "cache"))
-    log = work / "startup.log"
+    cfg = s.config_file()
+    log = s.work / "startup.log"
     offset = log.stat().st_size if log.exists() else 0
     proc, first = start_yapd(cfg, log)
     res.put("startup", "first_start_s", round(first, 1))
     res.put("startup", "first_start_lines", startup_lines(log, offset))
     stop(proc)
-    await phase_warm(res, models, work, levels)
+    await phase_warm(res, s)
 
 
-async def phase_warm(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
+async def phase_warm(res: Results, s: Setup) -> None:
     """Restarts with every cache warm: the process (start to READY) and both engines over
     the admin socket (``yapctl restart both``)."""
     from yapctl.client import AdminClient
 
-    cfg = work / "yapd.toml"
-    cfg.write_text(config_text(models, work / "cache"))
-    log = work / "startup.log"
+    cfg = s.config_file()
+    log = s.work / "startup.log"
     put = functools.partial(res.put, "startup")  # each figure lands as soon as it is taken
     offset = log.stat().st_size if log.exists() else 0
     proc, warm = start_yapd(cfg, log)
@@ -247,16 +266,16 @@ print("PROBE " + json.dumps(marks), flush=True)
 """
 
 
-async def phase_spawn(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
+async def phase_spawn(res: Results, s: Setup) -> None:
     """What the EngineCore start method costs: one engine (Hammer-3B shape) started in a
     fresh process with spawn (CUDA touched in the parent first, as yapd did) and with fork."""
-    env0 = {**os.environ, "VLLM_CACHE_ROOT": str(work / "cache" / "vllm")}
+    env0 = {**os.environ, "VLLM_CACHE_ROOT": str(s.work / "cache" / "vllm")}
     runs = [("warmup", "spawn", "1"), ("spawn_parent_cuda", "spawn", "1"), ("spawn", "spawn", "0"),
             ("fork", "fork", "0")]
     for name, method, parent_cuda in runs:
         env = {**env0, "VLLM_WORKER_MULTIPROC_METHOD": method, "PROBE_PARENT_CUDA": parent_cuda}
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", PROBE, str(models / "hammer-3b")], env=env,  # noqa: ASYNC221
+        out = subprocess.run([sys.executable, "-c", PROBE, str(s.models / "hammer-3b")], env=env,  # noqa: ASYNC221
                              capture_output=True, text=True, timeout=600)
         wall = round(time.perf_counter() - t0, 1)
         line = next((x for x in out.stdout.splitlines() if x.startswith("PROBE ")), None)
@@ -278,7 +297,6 @@ def prompts(models: Path) -> tuple[list[int], list[int], Any, Any]:
     """The exact token ids yapd builds for the bench's turn (chat and tool)."""
     from transformers import AutoTokenizer
 
-    from yapd import config
     from yapd.prompts import PromptCache, build_chat_prompt
     from yapd.runtime import Runtime
     from yapd.toolcall import query_block
@@ -298,19 +316,18 @@ def prompts(models: Path) -> tuple[list[int], list[int], Any, Any]:
     return chat, tool, chat_tok, tool_tok
 
 
-async def phase_raw(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
+async def phase_raw(res: Results, s: Setup) -> None:
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from yapd import config
     from yapd.daemon import cache_env
     from yapd.engines.vllm import engine_kwargs, gpu_capability
     from yapd.toolcall import DecisionReader
 
-    cfg = config.from_mapping(config.tomllib.loads(config_text(models, work / "cache")), "bench")
+    cfg = s.config()
     cache_env(cfg)
-    chat_ids, tool_ids, _, _ = prompts(models)
+    chat_ids, tool_ids, _, _ = prompts(s.models)
     res.put("raw", "prompt_tokens", {"chat": len(chat_ids), "tool": len(tool_ids)})
     t0 = time.perf_counter()
     chat = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("chat", cfg, cfg.chat.model, gpu_capability())))
@@ -351,7 +368,7 @@ async def phase_raw(res: Results, models: Path, work: Path, levels: tuple[int, .
         tool_first, tool_done = await tool_task
         return first, gaps(stamps), tool_first, tool_done, gaps(token_stamps)
 
-    for c in levels:
+    for c in s.levels:
         await asyncio.gather(*(one_turn(10_000 + j) for j in range(c)))  # warm the prefix
         n = turns_for(c)
         counter = iter(range(n))
@@ -409,17 +426,16 @@ async def _post_stream(body: dict[str, Any]) -> tuple[float | None, list[float]]
     return first, gaps(stamps)
 
 
-async def phase_serve(res: Results, models: Path, work: Path, levels: tuple[int, ...]) -> None:
-    chat_ids, _, _, _ = prompts(models)
-    log = work / "serve.log"
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(work / "cache" / "vllm")}
+async def phase_serve(res: Results, s: Setup) -> None:
+    chat_ids, _, _, _ = prompts(s.models)
+    log = s.work / "serve.log"
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(s.work / "cache" / "vllm")}
     t0 = time.perf_counter()
     # yapd's own chat settings, so the comparison is like for like (and vLLM's compile
     # cache, keyed on them, may already be warm).
-    from yapd import config
     from yapd.engines.vllm import engine_kwargs, gpu_capability
 
-    cfg = config.from_mapping(config.tomllib.loads(config_text(models, work / "cache")), "bench")
+    cfg = s.config()
     kw = engine_kwargs("chat", cfg, cfg.chat.model, gpu_capability())
     proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any timing
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", kw["model"],
@@ -427,6 +443,7 @@ async def phase_serve(res: Results, models: Path, work: Path, levels: tuple[int,
          kw["kv_cache_dtype"], "--gpu-memory-utilization", str(kw["gpu_memory_utilization"]),
          "--max-model-len", str(kw["max_model_len"]), "--max-num-seqs", str(kw["max_num_seqs"]),
          "--enable-prefix-caching", "--enable-chunked-prefill",
+         "--tensor-parallel-size", str(kw["tensor_parallel_size"]),
          "--port", str(SERVE_PORT), "--host", "127.0.0.1", "--disable-log-stats"],
         stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -451,7 +468,7 @@ async def phase_serve(res: Results, models: Path, work: Path, levels: tuple[int,
             return {"model": kw["model"], "prompt": ids, "max_tokens": 200, "min_tokens": 200,
                     "ignore_eos": True, "temperature": 0.8, "top_p": 0.95, "stream": True}
 
-        for c in levels:
+        for c in s.levels:
             await asyncio.gather(*(_post_stream(body(10_000 + j)) for j in range(c)))
             n = turns_for(c)
             counter = iter(range(n))
@@ -483,16 +500,19 @@ def markdown(data: dict[str, Any]) -> str:
              "shape, bf16, 0.20; both in one process; dummy weights. Prompt: 600-token persona + 2,000-token "
              "history + 20-word utterance, 200 output tokens. yapd: client-observed over WebSocket, concurrent "
              "mode. raw: AsyncLLM with token ids, both engines loaded, chat + tool per turn. serve: `vllm serve` "
-             "/v1/completions streaming, chat only, same token ids. ITL: gaps between outputs that carry text, "
-             "as a client receives them (random weights often emit a token that is only part of a character; "
-             "its text comes with the next one); raw per token as well.", "",
+             "/v1/completions streaming, chat only, same token ids. Chat tensor parallelism: "
+             f"{data.get('setup', {}).get('chat_tensor_parallel_size', 1)} GPU(s). ITL: gaps between outputs that "
+             "carry text, as a client receives them (random weights often emit a token that is only part of a "
+             "character; its text comes with the next one); raw per token as well.", "",
              "| sessions | figure | yapd | raw AsyncLLM | vllm serve |", "| --- | --- | --- | --- | --- |"]
     def two(sec: str, lvl: str, metric: str, a: str, b: str) -> str:
         return f"{g(sec, lvl, metric, a)} / {g(sec, lvl, metric, b)}"
 
     if not any(sec in data for sec in ("yapd", "raw", "serve")):  # a start-time-only run
         lines = [f"# yapd engine start: {data.get('machine')} ({data.get('date')}, vLLM {data.get('vllm')})", ""]
-    for c in LEVELS if len(lines) > 2 else ():
+    shown = sorted({int(k[1:]) for sec in ("yapd", "raw", "serve") for k in data.get(sec, {})
+                    if k[:1] == "c" and k[1:].isdigit()})
+    for c in shown if len(lines) > 2 else ():
         lvl = f"c{c}"
         lines.append(f"| {c} | TTFT p50 / p95 ms | {two('yapd', lvl, 'ttft_ms', 'p50', 'p95')} | "
                      f"{two('raw', lvl, 'ttft_ms', 'p50', 'p95')} | {two('serve', lvl, 'ttft_ms', 'p50', 'p95')} |")
@@ -546,17 +566,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases", default="yapd,raw,serve")
     p.add_argument("--levels", default=",".join(map(str, LEVELS)))
     p.add_argument("--name", default="")
+    p.add_argument("--chat-tp", type=int, default=1, help="the chat engine's tensor_parallel_size (GPUs)")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    levels = tuple(int(x) for x in args.levels.split(","))
+    setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp)
     gpu = _gpu_name().replace("NVIDIA ", "").split()[0].lower() or "gpu"
     name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
     res = Results(args.out / f"{name}.json")
+    res.put("setup", "chat_tensor_parallel_size", setup.chat_tp)
     phases = {"yapd": phase_yapd, "raw": phase_raw, "serve": phase_serve, "startup": phase_startup,
               "warm": phase_warm, "spawn": phase_spawn}
     for ph in args.phases.split(","):
         try:
-            asyncio.run(phases[ph](res, args.models, args.work, levels))
+            asyncio.run(phases[ph](res, setup))
         except Exception as exc:
             res.put(ph, "error", f"{type(exc).__name__}: {exc}")
         (args.out / f"{name}.md").write_text(markdown(res.data))
