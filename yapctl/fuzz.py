@@ -600,10 +600,10 @@ def run_property(name: str, strategy: st.SearchStrategy[Any], check: Callable[[A
 
 @contextlib.contextmanager
 def own_daemon(cache_dir: str | None) -> Iterator[Any]:
-    from yapctl.soak import DemoDaemon
+    from yapctl.soak import demo_daemon
 
-    d = DemoDaemon({"max_connections": 8, "rate_limit_per_s": 10_000.0, "rate_limit_burst": 10_000},
-                   cache_dir=cache_dir).start()
+    d = demo_daemon({"max_connections": 8, "rate_limit_per_s": 10_000.0, "rate_limit_burst": 10_000},
+                    cache_dir=cache_dir).start(timeout=180)
     try:
         yield d
     finally:

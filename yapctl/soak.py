@@ -35,10 +35,8 @@ import os
 import random
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -49,6 +47,8 @@ from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from yapctl.localyapd import LocalYapd
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 SOAK_KEY = "soak_key"
@@ -61,70 +61,10 @@ DEFAULT_MIX = "ping=3,turn_cancel=4,drop=2,badauth=1,full_turn=0.3,half_open=0.7
 # --- a demo daemon of our own ------------------------------------------------------
 
 
-class DemoDaemon:
-    """``python -m yapd --demo`` on 127.0.0.1 with a port and admin socket of its own."""
-
-    def __init__(self, server: dict[str, Any] | None = None, *, extra_config: str = "",
-                 env: dict[str, str] | None = None, cache_dir: str | None = None) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="yapd-soak-"))
-        self.config_path = self.dir / "config.toml"
-        self.admin_socket = self.dir / "admin.sock"
-        keys: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "api_keys": [SOAK_KEY], **(server or {})}
-        head = "[server]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
-        self.config_path.write_text(head + "\n" + extra_config)
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "YAP_API_KEY", "JOURNAL_STREAM"):
-            self.env.pop(var, None)
-        if cache_dir:
-            self.env["YAP_CACHE_DIR"] = cache_dir
-        self.proc: subprocess.Popen[str] | None = None
-        self.lines: list[str] = []
-        self.port = 0
-        self._ready = threading.Event()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 180) -> DemoDaemon:
-        cmd = [sys.executable, "-m", "yapd", "--demo", "--config", str(self.config_path),
-               "--admin-socket", str(self.admin_socket)]
-        self.proc = subprocess.Popen(cmd, cwd=self.dir, env=self.env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not self._ready.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = "\n".join(self.lines[-30:])
-                self.stop()
-                raise RuntimeError(f"yapd did not become ready:\n{tail}")
-        return self
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for line in self.proc.stderr:
-            line = line.rstrip("\n")
-            self.lines.append(line)
-            if "yapd.server: listening" in line:
-                self.port = int(line.rsplit("port=", 1)[1].split()[0])
-            elif "yapd.daemon: ready port=" in line:
-                self._ready.set()
-
-    def url(self, key: str | None = SOAK_KEY) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws" + (f"?api_key={key}" if key else "")
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+def demo_daemon(server: dict[str, Any] | None = None, *, cache_dir: str | None = None) -> LocalYapd:
+    """``python -m yapd --demo`` on 127.0.0.1 in a temporary directory of its own, keyed
+    with SOAK_KEY (not started)."""
+    return LocalYapd(Path(tempfile.mkdtemp(prefix="yapd-soak-")), SOAK_KEY, server=server, cache_dir=cache_dir)
 
 
 # --- measurements ------------------------------------------------------------------
@@ -309,8 +249,7 @@ class Load:
     async def cycle_turn_cancel(self) -> None:
         async with self.connect() as ws:
             rid = self.rid("tc")
-            await ws.send(json.dumps({"type": "start", "session_id": rid, "user_utterance": "hello there",
-                                      "request_id": rid}))
+            await send_start(ws, rid, "hello there")
             msgs = await self._turn_until(ws, rid, "ack")
             await ws.send('{"type":"cancel"}')
             if msgs[-1]["type"] != "done":
@@ -324,8 +263,7 @@ class Load:
     async def cycle_drop(self) -> None:
         ws = await self.connect()
         rid = self.rid("dr")
-        await ws.send(json.dumps({"type": "start", "session_id": rid, "user_utterance": "drop me",
-                                  "request_id": rid}))
+        await send_start(ws, rid, "drop me")
         if self.rng.random() < 0.5:
             msg = await self._first(ws)
             if msg.get("type") != "ack":
@@ -349,8 +287,7 @@ class Load:
     async def cycle_full_turn(self) -> None:
         async with self.connect() as ws:
             rid = self.rid("ft")
-            await ws.send(json.dumps({"type": "start", "session_id": rid, "user_utterance": "tell me something",
-                                      "request_id": rid}))
+            await send_start(ws, rid, "tell me something")
             msgs = await self._turn_until(ws, rid, "done")
             check_complete_turn(msgs)
 
@@ -576,6 +513,11 @@ class EngineFault(Exception):
 
 class Refused(Exception):
     pass
+
+
+async def send_start(ws: ClientConnection, rid: str, utterance: str) -> None:
+    """A turn's start, with the request id as its session id too."""
+    await ws.send(json.dumps({"type": "start", "session_id": rid, "user_utterance": utterance, "request_id": rid}))
 
 
 def check_complete_turn(msgs: list[dict[str, Any]]) -> None:
@@ -834,9 +776,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         url, key, pid = args.url, args.key, args.pid
     else:
         slots = args.concurrency + 2 * args.slow_readers + 8
-        daemon = DemoDaemon({"max_connections": slots, "rate_limit_per_s": max(100.0, 4 * args.storm_rate),
-                             "rate_limit_burst": 400, "send_timeout_s": 2.0, "write_buffer_bytes": 256 * 1024},
-                            cache_dir=args.cache_dir).start()
+        daemon = demo_daemon({"max_connections": slots, "rate_limit_per_s": max(100.0, 4 * args.storm_rate),
+                              "rate_limit_burst": 400, "send_timeout_s": 2.0, "write_buffer_bytes": 256 * 1024},
+                             cache_dir=args.cache_dir).start(timeout=180)
         url, key, pid = daemon.url(None), SOAK_KEY, daemon.pid
     try:
         rep = _run_loop(soak(url, key, pid, args))
