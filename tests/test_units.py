@@ -190,6 +190,90 @@ def test_history_tokenized_incrementally():
     assert second[: len(first)] == first and tok.calls == [" d e"]
 
 
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+CONVERSATION = ("user: hi there, can you hear me?\nassistant: loud and clear!  \n\nuser: what's 42 times 7?\r\n"
+                "assistant:   it is 294.\n\n\n    (an indented aside)\n\tuser: thanks\nassistant: any time\n")
+
+
+def trained_tokenizer(kind: str):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    if kind == "qwen":  # Qwen2.5 / Hammer: regex split, then bytes
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+    elif kind == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    else:  # SentencePiece-style: every call starts with a word-start mark
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if kind != "sp" else []
+    tok.train_from_iterator([CONVERSATION * 3, "the quick brown fox\n\n" * 5],
+                            trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet, show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+# Qwen's (and Tekken's) split ends a pre-token at a run of line breaks; GPT-2's lets the
+# spaces after one join it, SentencePiece marks the start of every call: both of those
+# get whole-text tokenization.
+@pytest.mark.parametrize(("kind", "by_line"), [("qwen", True), ("gpt2", False), ("sp", False)])
+def test_tool_query_tokenized_by_line_gives_the_whole_texts_ids(kind, by_line):
+    from yapd.prompts import tokenizes_by_line
+
+    tok = trained_tokenizer(kind)
+    assert tokenizes_by_line(tok) is by_line
+    cache = PromptCache(tok)
+    for text in (CONVERSATION, CONVERSATION[7:], "no line break", "\n\nonly\r\n\r\nbreaks\n", ""):
+        assert cache.encode_lines(text) == tok.encode(text, add_special_tokens=False), text
+
+
+def test_tool_query_tokenizes_only_new_lines():
+    tok = trained_tokenizer("qwen")
+    cache = PromptCache(tok)
+    seen: list[str] = []
+    encode = tok.encode
+
+    def counting(text, **kw):
+        seen.append(text)
+        return encode(text, **kw)
+
+    lines = [f"user: line {i} of the talk\n" for i in range(12)]
+    cache.encode_lines("".join(lines[:8]))
+    tok.encode = counting  # type: ignore[method-assign]
+    ids = cache.encode_lines("".join(lines[3:10]))  # the window slid down two lines
+    assert seen == lines[8:10]
+    assert ids == encode("".join(lines[3:10]), add_special_tokens=False)
+
+
+def test_start_now_has_run_the_task_up_to_its_first_wait():
+    import sys
+
+    from yapd.turn import start_now
+
+    async def main() -> None:
+        seen: list[str] = []
+        gate = asyncio.Event()
+
+        async def body() -> int:
+            seen.append("started")
+            await gate.wait()
+            return 7
+
+        task = start_now(body(), name="turn-x")
+        # Eager tasks (Python 3.12+): the engine request is out before start_now returns;
+        # before 3.12 an ordinary task, started on the loop's next round.
+        assert seen == (["started"] if sys.version_info >= (3, 12) else [])
+        gate.set()
+        assert await task == 7 and task.get_name() == "turn-x" and seen == ["started"]
+
+    asyncio.run(main())
+
+
 def test_prompt_fits_the_context():
     tok = FakeTok()
     p = build_chat_prompt(PromptCache(tok), ChatLayout.from_tokenizer(tok), "p " * 10,

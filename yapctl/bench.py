@@ -131,9 +131,15 @@ class BenchReport:
         }
 
 
+def turn_utterance(base: str, i: int) -> str:
+    """Turn ``i``'s utterance (-1: the warm-up turn): each turn differs, as a real one does,
+    so the engines' prefix caches never hold a whole prompt."""
+    return f"{base} ({i})"
+
+
 def _start(cfg: BenchConfig, session: str, i: int) -> dict[str, Any]:
     msg: dict[str, Any] = {"type": "start", "session_id": session, "request_id": f"{session}-{i}",
-                           "user_utterance": f"{cfg.utterance} ({i})"}
+                           "user_utterance": turn_utterance(cfg.utterance, i)}
     if cfg.persona_text is not None:
         msg["persona_text"] = cfg.persona_text
     if cfg.history_text is not None:

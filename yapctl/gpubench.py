@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yapctl.bench import BenchConfig, bench, cancel_latency, pct
+from yapctl.bench import BenchConfig, bench, cancel_latency, pct, turn_utterance
 from yapd import config
 from yapd.config import Config
 
@@ -293,27 +293,44 @@ class _Tok:
         self.tokenizer = tok
 
 
-def prompts(models: Path) -> tuple[list[int], list[int], Any, Any]:
-    """The exact token ids yapd builds for the bench's turn (chat and tool)."""
-    from transformers import AutoTokenizer
+class TurnPrompts:
+    """The exact token ids yapd builds for each of the bench's turns (chat and tool):
+    the floor and ``vllm serve`` get the prompts yapd's engines get."""
 
-    from yapd.prompts import PromptCache, build_chat_prompt
-    from yapd.runtime import Runtime
-    from yapd.toolcall import query_block
+    def __init__(self, s: Setup) -> None:
+        from transformers import AutoTokenizer
 
-    cfg = config.load(None, env={})
-    chat_tok = AutoTokenizer.from_pretrained(models / "nemo-12b")
-    tool_tok = AutoTokenizer.from_pretrained(models / "hammer-3b")
-    rt = Runtime(cfg)
-    chat_eng, tool_eng = _Tok(chat_tok), _Tok(tool_tok)
-    t = cfg.turn
-    chat = build_chat_prompt(PromptCache(chat_tok), rt.layout(chat_eng), PERSONA, HISTORY,  # type: ignore[arg-type]
-                             UTTERANCE, history_max_tokens=t.history_max_tokens, history_step=t.history_trim_step,
-                             utterance_max_tokens=t.user_utt_max_tokens, max_model_len=5760, max_out=200).ids
-    prefix, tail = rt.tool_prefix(tool_eng)  # type: ignore[arg-type]
-    recent = HISTORY[-t.tool_history_tokens * 4:]
-    tool = prefix + tool_tok.encode(query_block(UTTERANCE, recent), add_special_tokens=False) + tail
-    return chat, tool, chat_tok, tool_tok
+        from yapd.runtime import Runtime
+
+        self.cfg = s.config()
+        self.chat_tok: Any = AutoTokenizer.from_pretrained(s.models / "nemo-12b")
+        self.tool_tok: Any = AutoTokenizer.from_pretrained(s.models / "hammer-3b")
+        rt = Runtime(self.cfg)
+        self.layout = rt.layout(_Tok(self.chat_tok))  # type: ignore[arg-type]
+        self.tool_prefix, self.tool_tail = rt.tool_prefix(_Tok(self.tool_tok))  # type: ignore[arg-type]
+        self._memo: dict[int, tuple[list[int], list[int]]] = {}
+
+    def turn(self, i: int) -> tuple[list[int], list[int]]:
+        """(chat ids, tool ids) of turn ``i`` (see yapctl.bench.turn_utterance)."""
+        if i not in self._memo:
+            from yapd.prompts import PromptCache, build_chat_prompt
+            from yapd.turn import tool_query
+
+            t = self.cfg.turn
+            utterance = turn_utterance(UTTERANCE, i)
+            chat = build_chat_prompt(PromptCache(self.chat_tok), self.layout, PERSONA, HISTORY, utterance,
+                                     history_max_tokens=t.history_max_tokens, history_step=t.history_trim_step,
+                                     utterance_max_tokens=t.user_utt_max_tokens,
+                                     max_model_len=self.cfg.chat.max_model_len, max_out=t.chat_max_out,
+                                     exact=t.exact_token_trim).ids
+            query = PromptCache(self.tool_tok).encode_lines(tool_query(utterance, HISTORY, t))
+            self._memo[i] = chat, self.tool_prefix + query + self.tool_tail
+        return self._memo[i]
+
+    def all(self, levels: tuple[int, ...]) -> None:
+        """Build every turn's prompts ahead of the clock."""
+        for i in range(-1, max(turns_for(c) for c in levels)):
+            self.turn(i)
 
 
 async def phase_raw(res: Results, s: Setup) -> None:
@@ -327,7 +344,9 @@ async def phase_raw(res: Results, s: Setup) -> None:
 
     cfg = s.config()
     cache_env(cfg)
-    chat_ids, tool_ids, _, _ = prompts(s.models)
+    tp = TurnPrompts(s)
+    tp.all(s.levels)
+    chat_ids, tool_ids = tp.turn(0)
     res.put("raw", "prompt_tokens", {"chat": len(chat_ids), "tool": len(tool_ids)})
     t0 = time.perf_counter()
     chat = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("chat", cfg, cfg.chat.model, gpu_capability())))
@@ -341,35 +360,39 @@ async def phase_raw(res: Results, s: Setup) -> None:
     async def one_tool(i: int) -> tuple[float | None, float]:
         t0 = time.perf_counter()
         first = None
-        reader = DecisionReader(["take_screenshot"])
-        async for out in tool.generate({"prompt_token_ids": tool_ids}, tool_sp, uuid.uuid4().hex):
+        reader = DecisionReader([x.name for x in cfg.tools])
+        gen = tool.generate({"prompt_token_ids": tp.turn(i)[1]}, tool_sp, uuid.uuid4().hex)
+        async for out in gen:
             if first is None:
                 first = (time.perf_counter() - t0) * 1000
             if reader.feed(out.outputs[0].text) is not None:
                 break
-        return first, (time.perf_counter() - t0) * 1000
+        done = (time.perf_counter() - t0) * 1000
+        await gen.aclose()  # the abort, as yapd sends it once the decision is out
+        return first, done
 
-    async def one_turn(i: int) -> tuple[float | None, list[float], float | None, float, list[float]]:
+    async def one_turn(i: int) -> tuple[float | None, list[float], float | None, float, list[float], float | None]:
         # Both engines together, as yapd's concurrent mode runs them.
-        utt = [*chat_ids[:-12], 1000 + i % 5000, *chat_ids[-11:]]
+        utt = tp.turn(i)[0]
         t0 = time.perf_counter()
         tool_task = asyncio.ensure_future(one_tool(i))
-        first = None
         stamps: list[float] = []  # outputs with text: what a client of yapd or vllm serve sees
         token_stamps: list[float] = []  # every token, text or not (a byte of a character held back)
         async for out in chat.generate({"prompt_token_ids": utt}, chat_sp, uuid.uuid4().hex):
             if out.outputs[0].token_ids:
                 now = time.perf_counter()
-                if first is None:
-                    first = (now - t0) * 1000
                 token_stamps.append(now)
                 if out.outputs[0].text:
                     stamps.append(now)
         tool_first, tool_done = await tool_task
-        return first, gaps(stamps), tool_first, tool_done, gaps(token_stamps)
+        # TTFT as a client counts it: the first text (the first token may be part of a
+        # character, with nothing to show yet); the first token's time is kept beside it.
+        first = (stamps[0] - t0) * 1000 if stamps else None
+        first_token = (token_stamps[0] - t0) * 1000 if token_stamps else None
+        return first, gaps(stamps), tool_first, tool_done, gaps(token_stamps), first_token
 
     for c in s.levels:
-        await asyncio.gather(*(one_turn(10_000 + j) for j in range(c)))  # warm the prefix
+        await asyncio.gather(*(one_turn(-1) for _ in range(c)))  # warm the prefix, as yapd's bench does
         n = turns_for(c)
         counter = iter(range(n))
         rows: list[Any] = []
@@ -380,11 +403,13 @@ async def phase_raw(res: Results, s: Setup) -> None:
 
         await asyncio.gather(*(worker() for _ in range(c)))
         ttft = [r[0] for r in rows if r[0] is not None]
+        ttft_token = [r[5] for r in rows if r[5] is not None]
         itl = [g for r in rows for g in r[1]]
         itl_tokens = [g for r in rows for g in r[4]]
         tfirst = [r[2] for r in rows if r[2] is not None]
         tdone = [r[3] for r in rows]
         res.put("raw", f"c{c}", {"turns": n, "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
+                                 "ttft_token_ms": {"p50": pct(ttft_token, 50), "p95": pct(ttft_token, 95)},
                                  "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
                                  "itl_token_ms": {"p50": pct(itl_tokens, 50), "p99": pct(itl_tokens, 99)},
                                  "tool_first_token_ms": {"p50": pct(tfirst, 50), "p95": pct(tfirst, 95)},
@@ -427,7 +452,8 @@ async def _post_stream(body: dict[str, Any]) -> tuple[float | None, list[float]]
 
 
 async def phase_serve(res: Results, s: Setup) -> None:
-    chat_ids, _, _, _ = prompts(s.models)
+    tp = TurnPrompts(s)
+    tp.all(s.levels)
     log = s.work / "serve.log"
     env = {**os.environ, "VLLM_CACHE_ROOT": str(s.work / "cache" / "vllm")}
     t0 = time.perf_counter()
@@ -464,12 +490,11 @@ async def phase_serve(res: Results, s: Setup) -> None:
         res.put("serve", "start_s", round(time.perf_counter() - t0, 1))
 
         def body(i: int) -> dict[str, Any]:
-            ids = [*chat_ids[:-12], 1000 + i % 5000, *chat_ids[-11:]]
-            return {"model": kw["model"], "prompt": ids, "max_tokens": 200, "min_tokens": 200,
+            return {"model": kw["model"], "prompt": tp.turn(i)[0], "max_tokens": 200, "min_tokens": 200,
                     "ignore_eos": True, "temperature": 0.8, "top_p": 0.95, "stream": True}
 
         for c in s.levels:
-            await asyncio.gather(*(_post_stream(body(10_000 + j)) for j in range(c)))
+            await asyncio.gather(*(_post_stream(body(-1)) for _ in range(c)))
             n = turns_for(c)
             counter = iter(range(n))
             rows: list[Any] = []
@@ -498,12 +523,13 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [f"# yapd vs raw vLLM vs vllm serve: {data.get('machine')} ({data.get('date')}, vLLM {data.get('vllm')})",
              "", "Chat: Mistral-NeMo-12B shape, FP8 weights + FP8 KV, 0.70 of GPU memory; tool: Hammer-2.1-3B "
              "shape, bf16, 0.20; both in one process; dummy weights. Prompt: 600-token persona + 2,000-token "
-             "history + 20-word utterance, 200 output tokens. yapd: client-observed over WebSocket, concurrent "
-             "mode. raw: AsyncLLM with token ids, both engines loaded, chat + tool per turn. serve: `vllm serve` "
-             "/v1/completions streaming, chat only, same token ids. Chat tensor parallelism: "
-             f"{data.get('setup', {}).get('chat_tensor_parallel_size', 1)} GPU(s). ITL: gaps between outputs that "
-             "carry text, as a client receives them (random weights often emit a token that is only part of a "
-             "character; its text comes with the next one); raw per token as well.", "",
+             "history + 20-word utterance numbered per turn, 200 output tokens. yapd: client-observed over "
+             "WebSocket, concurrent mode. raw: AsyncLLM fed the token ids yapd builds for each turn, both engines "
+             "loaded, chat + tool per turn. serve: `vllm serve` /v1/completions streaming, chat only, the same "
+             "chat token ids. Chat tensor parallelism: "
+             f"{data.get('setup', {}).get('chat_tensor_parallel_size', 1)} GPU(s). TTFT and ITL count outputs "
+             "that carry text, as a client receives them (random weights often emit a token that is only part "
+             "of a character; its text comes with the next one); raw per token as well.", "",
              "| sessions | figure | yapd | raw AsyncLLM | vllm serve |", "| --- | --- | --- | --- | --- |"]
     def two(sec: str, lvl: str, metric: str, a: str, b: str) -> str:
         return f"{g(sec, lvl, metric, a)} / {g(sec, lvl, metric, b)}"
@@ -516,6 +542,8 @@ def markdown(data: dict[str, Any]) -> str:
         lvl = f"c{c}"
         lines.append(f"| {c} | TTFT p50 / p95 ms | {two('yapd', lvl, 'ttft_ms', 'p50', 'p95')} | "
                      f"{two('raw', lvl, 'ttft_ms', 'p50', 'p95')} | {two('serve', lvl, 'ttft_ms', 'p50', 'p95')} |")
+        lines.append(f"| {c} | TTFT first token (text or not) p50 / p95 ms | - | "
+                     f"{two('raw', lvl, 'ttft_token_ms', 'p50', 'p95')} | - |")
         lines.append(f"| {c} | ITL p50 / p99 ms | {two('yapd', lvl, 'itl_ms', 'p50', 'p99')} | "
                      f"{two('raw', lvl, 'itl_ms', 'p50', 'p99')} | {two('serve', lvl, 'itl_ms', 'p50', 'p99')} |")
         lines.append(f"| {c} | ITL per token p50 / p99 ms | - | {two('raw', lvl, 'itl_token_ms', 'p50', 'p99')} | - |")

@@ -11,6 +11,8 @@ longer history_text each turn costs only the tokenization of what it appended.
 
 from __future__ import annotations
 
+import re
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -118,6 +120,32 @@ MAX_CHARS_PER_TOKEN = 16
 APPROX_CHARS_PER_TOKEN = 4
 
 
+# Cut points after each run of line breaks: byte-level BPE pre-tokenizers (GPT-2's,
+# Qwen's, Tekken's) never let a pre-token run on past one, so text cut there tokenizes
+# to the same ids piece by piece as whole.
+_AFTER_LINE_BREAKS = re.compile(r"(?<=[\r\n])(?=[^\r\n])")
+_LINES_PROBE = "user: hi there\n\nassistant:  fine, thanks!\r\n  an indented line \n42 apples\n\n\nok"
+_lines_safe: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def tokenizes_by_line(tok: Tokenizer) -> bool:
+    """Whether ``tok`` gives the same ids for text cut after its line breaks as for the
+    whole text. SentencePiece tokenizers do not (each call marks a word start), so they
+    get whole-text tokenization."""
+    try:
+        return _lines_safe[tok]
+    except (KeyError, TypeError):
+        pass
+    whole = list(tok.encode(_LINES_PROBE, add_special_tokens=False))
+    pieces = [i for part in _AFTER_LINE_BREAKS.split(_LINES_PROBE) for i in tok.encode(part, add_special_tokens=False)]
+    safe = whole == pieces
+    try:
+        _lines_safe[tok] = safe
+    except TypeError:  # not weak-referenceable: check again next time
+        pass
+    return safe
+
+
 @dataclass
 class _Segment:
     text: str = ""
@@ -131,9 +159,27 @@ class PromptCache:
         self.tok = tok
         self._persona = _Segment(text="\x00unset")
         self._history = _Segment()
+        self._lines: dict[str, list[int]] = {}
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False))
+
+    def encode_lines(self, text: str) -> list[int]:
+        """Token ids of ``text``, tokenizing only the lines the last call did not have: a
+        window that slides down a conversation mostly repeats lines it held last turn."""
+        if not tokenizes_by_line(self.tok):
+            return self.encode(text)
+        held = self._lines
+        kept: dict[str, list[int]] = {}
+        ids: list[int] = []
+        for line in _AFTER_LINE_BREAKS.split(text):
+            line_ids = held.get(line) or kept.get(line)
+            if line_ids is None:
+                line_ids = self.encode(line)
+            kept[line] = line_ids
+            ids += line_ids
+        self._lines = kept  # only this call's lines: the memo never outgrows one window
+        return ids
 
     def persona_ids(self, text: str) -> list[int]:
         if text != self._persona.text:

@@ -16,7 +16,7 @@ from yapd import protocol
 from yapd.engines.base import Engine, EngineError, SamplingSpec
 from yapd.prompts import PromptCache, compose_persona
 from yapd.runtime import Runtime
-from yapd.turn import Send, Turn, TurnInput
+from yapd.turn import Send, Turn, TurnInput, start_now
 
 log = logging.getLogger("yapd.session")
 
@@ -189,7 +189,8 @@ class Session:
                "seed": inp.seed, "now": time.time(), **self._persona_json(), "models": rt.models()}
         self.turn = turn
         self.turns += 1
-        self.turn_task = asyncio.create_task(self._run_turn(turn, ack), name=f"turn-{request_id}")
+        # Started at once: the turn's engine requests go out before this returns.
+        self.turn_task = start_now(self._run_turn(turn, ack), name=f"turn-{request_id}")
 
     async def _run_turn(self, turn: Turn, ack: dict[str, Any]) -> None:
         try:

@@ -207,14 +207,18 @@ class VllmEngine(Engine):
                      " ".join(f"{k}={v}" for k, v in kwargs.items() if k != "tokenizer"))
             record = not alongside and plan is None
             before, since = (await asyncio.to_thread(gpu_memory), memplan_now()) if record else (None, 0.0)
+            method = self.cfg.engines.start_method
             with self.plans.vllm_recording(record):
-                async with _start_turn():
-                    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = self.cfg.engines.start_method
-                    built = await _until_forked(asyncio.to_thread(self._build, kwargs))
+                # A spawned EngineCore is a fresh interpreter: no lock of ours can be copied
+                # into it, and no at-fork callback would end the turn, so spawn takes none.
+                async with _start_turn() if method == "fork" else contextlib.nullcontext():
+                    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = method
+                    work = asyncio.to_thread(self._build, kwargs)
+                    built = await _until_forked(work) if method == "fork" else asyncio.ensure_future(work)
                 self._llm = await built
                 # vLLM switches to spawn by itself when it must (a CUDA context here).
                 used = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
-                log.log(logging.INFO if used == self.cfg.engines.start_method else logging.WARNING,
+                log.log(logging.INFO if used == method else logging.WARNING,
                         "EngineCore started by %s role=%s pid=%s", used, self.role, self.engine_pid())
                 if record:
                     await asyncio.to_thread(self._record_plan, before, since)
