@@ -327,6 +327,10 @@ class TurnPrompts:
             self._memo[i] = chat, self.tool_prefix + query + self.tool_tail
         return self._memo[i]
 
+    def chat_text(self, i: int) -> str:
+        """Turn ``i``'s chat prompt as the text a `vllm serve` user would send."""
+        return str(self.chat_tok.decode(self.turn(i)[0], skip_special_tokens=False))
+
     def all(self, levels: tuple[int, ...]) -> None:
         """Build every turn's prompts ahead of the clock."""
         for i in range(-1, max(turns_for(c) for c in levels)):
@@ -489,25 +493,36 @@ async def phase_serve(res: Results, s: Setup) -> None:
             await asyncio.sleep(1)
         res.put("serve", "start_s", round(time.perf_counter() - t0, 1))
 
-        def body(i: int) -> dict[str, Any]:
-            return {"model": kw["model"], "prompt": tp.turn(i)[0], "max_tokens": 200, "min_tokens": 200,
-                    "ignore_eos": True, "temperature": 0.8, "top_p": 0.95, "stream": True}
+        def body(i: int, ids: bool) -> dict[str, Any]:
+            # As users call it: the prompt as text (the server tokenizes it every time);
+            # and fed yapd's token ids, which spares it that work.
+            chat = tp.turn(i)[0]
+            prompt: Any = chat if ids else tp.chat_text(i)
+            return {"model": kw["model"], "prompt": prompt, "add_special_tokens": False, "max_tokens": 200,
+                    "min_tokens": 200, "ignore_eos": True, "temperature": 0.8, "top_p": 0.95, "stream": True}
 
         for c in s.levels:
-            await asyncio.gather(*(_post_stream(body(-1)) for _ in range(c)))
-            n = turns_for(c)
-            counter = iter(range(n))
-            rows: list[Any] = []
+            figures: dict[str, Any] = {}
+            for ids in (False, True):
+                await asyncio.gather(*(_post_stream(body(-1, ids)) for _ in range(c)))
+                n = turns_for(c)
+                counter = iter(range(n))
+                rows: list[Any] = []
 
-            async def worker(counter: Any = counter, rows: list[Any] = rows) -> None:
-                for i in counter:
-                    rows.append(await _post_stream(body(i)))
+                async def worker(counter: Any = counter, rows: list[Any] = rows, ids: bool = ids) -> None:
+                    for i in counter:
+                        rows.append(await _post_stream(body(i, ids)))
 
-            await asyncio.gather(*(worker() for _ in range(c)))
-            ttft = [r[0] for r in rows if r[0] is not None]
-            itl = [g for r in rows for g in r[1]]
-            res.put("serve", f"c{c}", {"turns": n, "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
-                                       "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)}})
+                await asyncio.gather(*(worker() for _ in range(c)))
+                ttft = [r[0] for r in rows if r[0] is not None]
+                itl = [g for r in rows for g in r[1]]
+                got = {"turns": n, "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
+                       "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)}}
+                if ids:
+                    figures["token_ids"] = got
+                else:
+                    figures.update(got, prompt="text")
+            res.put("serve", f"c{c}", figures)
     finally:
         stop(proc)
 
@@ -520,13 +535,17 @@ def markdown(data: dict[str, Any]) -> str:
         v = data.get(sec, {}).get(lvl, {}).get(metric, {}).get(q)
         return "-" if v is None else f"{v:g}"
 
+    # Runs before 2026-11-25 (g) fed `vllm serve` token ids only.
+    texts = any(isinstance(v, dict) and v.get("prompt") == "text" for v in data.get("serve", {}).values())
+    serve_prompt = ("as text (as users call it) and, where shown, as yapd's token ids" if texts
+                    else "as yapd's token ids")
     lines = [f"# yapd vs raw vLLM vs vllm serve: {data.get('machine')} ({data.get('date')}, vLLM {data.get('vllm')})",
              "", "Chat: Mistral-NeMo-12B shape, FP8 weights + FP8 KV, 0.70 of GPU memory; tool: Hammer-2.1-3B "
              "shape, bf16, 0.20; both in one process; dummy weights. Prompt: 600-token persona + 2,000-token "
              "history + 20-word utterance numbered per turn, 200 output tokens. yapd: client-observed over "
              "WebSocket, concurrent mode. raw: AsyncLLM fed the token ids yapd builds for each turn, both engines "
              "loaded, chat + tool per turn. serve: `vllm serve` /v1/completions streaming, chat only, the same "
-             "chat token ids. Chat tensor parallelism: "
+             f"chat prompt sent {serve_prompt}. Chat tensor parallelism: "
              f"{data.get('setup', {}).get('chat_tensor_parallel_size', 1)} GPU(s). TTFT and ITL count outputs "
              "that carry text, as a client receives them (random weights often emit a token that is only part "
              "of a character; its text comes with the next one); raw per token as well.", "",
@@ -544,6 +563,10 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{two('raw', lvl, 'ttft_ms', 'p50', 'p95')} | {two('serve', lvl, 'ttft_ms', 'p50', 'p95')} |")
         lines.append(f"| {c} | TTFT first token (text or not) p50 / p95 ms | - | "
                      f"{two('raw', lvl, 'ttft_token_ms', 'p50', 'p95')} | - |")
+        ids = data.get("serve", {}).get(lvl, {}).get("token_ids", {}).get("ttft_ms", {})
+        if ids:
+            lines.append(f"| {c} | TTFT, vllm serve fed token ids, p50 / p95 ms | - | - | "
+                         f"{ids.get('p50')} / {ids.get('p95')} |")
         lines.append(f"| {c} | ITL p50 / p99 ms | {two('yapd', lvl, 'itl_ms', 'p50', 'p99')} | "
                      f"{two('raw', lvl, 'itl_ms', 'p50', 'p99')} | {two('serve', lvl, 'itl_ms', 'p50', 'p99')} |")
         lines.append(f"| {c} | ITL per token p50 / p99 ms | - | {two('raw', lvl, 'itl_token_ms', 'p50', 'p99')} | - |")
@@ -579,9 +602,12 @@ def markdown(data: dict[str, Any]) -> str:
     st = data.get("startup")
     if st:
         lines += ["## Start and restart", "",
-                  f"- first start {st.get('first_start_s')} s; engine restart (admin, both) "
-                  f"{st.get('engine_restart_s')} s; process restart {st.get('process_restart_s')} s", ""]
+                  "- " + ", ".join(f"{name} {st[key]} s" for key, name in (
+                      ("first_start_s", "first start"), ("engine_restart_s", "engine restart (admin, both)"),
+                      ("process_restart_s", "process restart")) if key in st), ""]
         for key in ("first_start_lines", "process_restart_lines", "engine_restart_lines"):
+            if key not in st:
+                continue
             lines += [f"{key.replace('_lines', '').replace('_', ' ')}:", "", "```", *st.get(key, []), "```", ""]
     return "\n".join(lines)
 
