@@ -454,3 +454,62 @@ def test_gpubench_setup_carries_tensor_parallelism_and_tables_show_every_level(t
     table = markdown({"setup": {"chat_tensor_parallel_size": 2}, "yapd": {"c16": row, "c32": row}})
     assert "Chat tensor parallelism: 2 GPU(s)" in table
     assert "| 16 | TTFT p50 / p95 ms | 1 / 2 |" in table and "| 32 | TTFT p50 / p95 ms | 1 / 2 |" in table
+
+
+def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir):
+    """The raw and serve phases must run the very prompts yapd's engines get: a real Turn
+    through recording engines, against the bench's own TurnPrompts."""
+    from transformers import AutoTokenizer
+
+    from yapctl.bench import turn_utterance
+    from yapctl.gpubench import HISTORY, PERSONA, UTTERANCE, Setup, TurnPrompts
+    from yapd.engines.base import Delta, Engine, EngineHealth
+    from yapd.prompts import PromptCache
+    from yapd.runtime import Runtime
+    from yapd.turn import Turn, TurnInput
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "nemo-12b").symlink_to(cache_dir / "demo" / "chat")
+    (models / "hammer-3b").symlink_to(cache_dir / "demo" / "tool")
+    setup = Setup(models, tmp_path)
+    seen: dict[str, list[int]] = {}
+
+    class Recording(Engine):
+        backend = "test"
+
+        def __init__(self, role: str, path: Path) -> None:
+            self.role, self.model, self._tok = role, str(path), AutoTokenizer.from_pretrained(path)
+
+        @property
+        def tokenizer(self):
+            return self._tok
+
+        async def start(self, alongside: bool = False) -> None: ...
+
+        async def stream(self, prompt_ids, spec, request_id):
+            seen[self.role] = list(prompt_ids)
+            yield Delta("[]" if self.role == "tool" else "hi", 1, True, "stop")
+
+        async def abort(self, request_id: str) -> None: ...
+        async def shutdown(self) -> None: ...
+
+        def health(self) -> EngineHealth:
+            return EngineHealth(True, "ready")
+
+        @property
+        def in_flight(self) -> int:
+            return 0
+
+    rt = Runtime(setup.config())
+    rt.engines = {"chat": Recording("chat", models / "nemo-12b"), "tool": Recording("tool", models / "hammer-3b")}
+    sent: list[object] = []
+
+    async def send(msg: object) -> None:
+        sent.append(msg)
+
+    inp = TurnInput("r", "s", turn_utterance(UTTERANCE, 5), HISTORY, PERSONA, 1)
+    turn = Turn(rt, inp, send, PromptCache(rt.engines["chat"].tokenizer), PromptCache(rt.engines["tool"].tokenizer))
+    asyncio.run(turn.run({"type": "ack"}))
+    assert turn.state == "done"
+    assert (seen["chat"], seen["tool"]) == TurnPrompts(setup).turn(5)
