@@ -441,6 +441,43 @@ async def test_cpu_engines_loading_side_by_side_get_exactly_the_saved_weights(ca
             await e.shutdown()
 
 
+async def test_cpu_engine_shut_down_mid_step_logs_no_failure(cache_dir, caplog):
+    # A shutdown unloads the model while a worker thread may be inside a step; that
+    # request was aborted first, so what the step then raises is no engine failure.
+    import logging
+    import threading
+
+    from yapd.engines.base import SamplingSpec
+    from yapd.engines.cpu import CpuEngine
+
+    eng = CpuEngine("chat", str(cache_dir / "demo" / "chat"), workers=1)
+    await eng.start()
+    inside, release = threading.Event(), threading.Event()
+    forward, steps = eng._forward, []
+
+    def held(*args):
+        steps.append(1)
+        if len(steps) == 3:  # hold the third step until the model is gone
+            inside.set()
+            release.wait(30)
+        return forward(*args)
+
+    eng._forward = held  # type: ignore[method-assign]
+    stream = eng.stream([5, 6, 7], SamplingSpec(max_tokens=50, ignore_eos=True), "mid-step")
+    reader = asyncio.ensure_future(anext(stream))
+    assert await asyncio.to_thread(inside.wait, 30)
+    with caplog.at_level(logging.DEBUG, logger="yapd.engine.cpu"):
+        await eng.shutdown()
+        release.set()
+        for t in threading.enumerate():
+            if t.name.startswith("yapd-chat"):
+                await asyncio.to_thread(t.join, 30)
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert any("generation stopped" in r.getMessage() for r in caplog.records)  # the step did fail
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 # --- GPU benchmark program (its CPU-side parts) ---------------------------------------
 
 

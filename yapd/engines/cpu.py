@@ -199,6 +199,11 @@ class CpuEngine(Engine):
                         return
                     input_ids = torch.tensor([[token_id]], dtype=torch.long)
         except BaseException as exc:
+            if req.abort.is_set():
+                # Cancelled or shut down mid-step (a shutdown unloads the model under us):
+                # nobody reads this request any more, and nothing went wrong.
+                log.debug("generation stopped role=%s request=%s: %r", self.role, req.request_id, exc)
+                return
             log.exception("generation failed role=%s request=%s", self.role, req.request_id)
             put(exc)
             return
