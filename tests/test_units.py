@@ -493,6 +493,25 @@ def test_gpubench_setup_carries_tensor_parallelism_and_tables_show_every_level(t
     assert "| 16 | TTFT p50 / p95 ms | 1 / 2 |" in table and "| 32 | TTFT p50 / p95 ms | 1 / 2 |" in table
 
 
+def test_gpubench_level_warms_then_runs_each_turn_once_c_at_a_time():
+    from yapctl.gpubench import at_level, turns_for
+
+    running, most, seen = 0, 0, []
+
+    async def one(i: int) -> int:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0)
+        running -= 1
+        seen.append(i)
+        return i
+
+    rows = asyncio.run(at_level(8, one))
+    assert seen[:8] == [-1] * 8 and most == 8
+    assert sorted(rows) == list(range(turns_for(8))) == sorted(seen[8:])
+
+
 def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir):
     """The raw and serve phases must run the very prompts yapd's engines get: a real Turn
     through recording engines, against the bench's own TurnPrompts."""

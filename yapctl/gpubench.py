@@ -25,9 +25,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from yapctl.bench import BenchConfig, bench, cancel_latency, pct, turn_utterance
 from yapd import config
@@ -36,6 +37,7 @@ from yapd.config import Config
 LEVELS = (1, 8, 16, 24)
 WORDS = ("the quick brown fox jumps over a lazy dog while the persona keeps talking about music movies "
          "travel plans and what to cook tonight because the user likes spicy food").split()
+T = TypeVar("T")
 PORT = 8123
 SERVE_PORT = 8124
 
@@ -55,6 +57,21 @@ def gaps(stamps: list[float]) -> list[float]:
 
 def turns_for(c: int) -> int:
     return max(24, 3 * c)
+
+
+async def at_level(c: int, one: Callable[[int], Awaitable[T]]) -> list[T]:
+    """``c`` warm-up turns (-1) side by side, then ``turns_for(c)`` turns over ``c``
+    workers, as yapd's bench runs a level: the results of the timed turns."""
+    await asyncio.gather(*(one(-1) for _ in range(c)))
+    counter = iter(range(turns_for(c)))
+    rows: list[T] = []
+
+    async def worker() -> None:
+        for i in counter:
+            rows.append(await one(i))
+
+    await asyncio.gather(*(worker() for _ in range(c)))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -396,16 +413,8 @@ async def phase_raw(res: Results, s: Setup) -> None:
         return first, gaps(stamps), tool_first, tool_done, gaps(token_stamps), first_token
 
     for c in s.levels:
-        await asyncio.gather(*(one_turn(-1) for _ in range(c)))  # warm the prefix, as yapd's bench does
         n = turns_for(c)
-        counter = iter(range(n))
-        rows: list[Any] = []
-
-        async def worker(counter: Any = counter, rows: list[Any] = rows) -> None:
-            for i in counter:
-                rows.append(await one_turn(i))
-
-        await asyncio.gather(*(worker() for _ in range(c)))
+        rows = await at_level(c, one_turn)
         ttft = [r[0] for r in rows if r[0] is not None]
         ttft_token = [r[5] for r in rows if r[5] is not None]
         itl = [g for r in rows for g in r[1]]
@@ -493,27 +502,19 @@ async def phase_serve(res: Results, s: Setup) -> None:
             await asyncio.sleep(1)
         res.put("serve", "start_s", round(time.perf_counter() - t0, 1))
 
-        def body(i: int, ids: bool) -> dict[str, Any]:
+        async def post(ids: bool, i: int) -> tuple[float | None, list[float]]:
             # As users call it: the prompt as text (the server tokenizes it every time);
             # and fed yapd's token ids, which spares it that work.
-            chat = tp.turn(i)[0]
-            prompt: Any = chat if ids else tp.chat_text(i)
-            return {"model": kw["model"], "prompt": prompt, "add_special_tokens": False, "max_tokens": 200,
-                    "min_tokens": 200, "ignore_eos": True, "temperature": 0.8, "top_p": 0.95, "stream": True}
+            prompt: Any = tp.turn(i)[0] if ids else tp.chat_text(i)
+            return await _post_stream({"model": kw["model"], "prompt": prompt, "add_special_tokens": False,
+                                       "max_tokens": 200, "min_tokens": 200, "ignore_eos": True,
+                                       "temperature": 0.8, "top_p": 0.95, "stream": True})
 
         for c in s.levels:
             figures: dict[str, Any] = {}
             for ids in (False, True):
-                await asyncio.gather(*(_post_stream(body(-1, ids)) for _ in range(c)))
                 n = turns_for(c)
-                counter = iter(range(n))
-                rows: list[Any] = []
-
-                async def worker(counter: Any = counter, rows: list[Any] = rows, ids: bool = ids) -> None:
-                    for i in counter:
-                        rows.append(await _post_stream(body(i, ids)))
-
-                await asyncio.gather(*(worker() for _ in range(c)))
+                rows = await at_level(c, functools.partial(post, ids))
                 ttft = [r[0] for r in rows if r[0] is not None]
                 itl = [g for r in rows for g in r[1]]
                 got = {"turns": n, "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
