@@ -62,6 +62,9 @@ async def test_full_turn_messages_and_order(shared_yapd):
         # A second turn without request_id gets a server-made one, distinct.
         rid2 = check_turn(await run_turn(ws, session_id="abc", user_utterance="and then?"))
         assert rid2 and rid2 != "r-1"
+        # An empty request_id is still the client's: echoed, not replaced (the parser keeps
+        # it too; the fuzzer found the server making a new one).
+        check_turn(await run_turn(ws, session_id="abc", user_utterance="and now?", request_id=""), "")
 
 
 async def test_cancel_ends_turn_and_no_token_follows(shared_yapd):

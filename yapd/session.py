@@ -168,7 +168,7 @@ class Session:
                                          request_id)
 
     async def start_turn(self, msg: protocol.Start) -> None:
-        request_id = msg.request_id or uuid.uuid4().hex[:16]
+        request_id = msg.request_id if msg.request_id is not None else uuid.uuid4().hex[:16]
         # A refused start leaves the turn in flight alone.
         self._check_persona(msg.persona, request_id)
         self._check_serving(request_id)
