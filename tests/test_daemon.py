@@ -226,10 +226,14 @@ async def test_admin_requests(make_yapd):
     st = d.admin(cmd="status")[-1]
     assert st["ok"] and st["ready"] and st["pid"] == d.proc.pid and st["port"] == d.port
     async with ws_connect(d.url()) as ws:
-        check_turn(await run_turn(ws, session_id="who"))
+        msgs = await run_turn(ws, session_id="who")
+        check_turn(msgs)
         conns = d.admin(cmd="connections")[-1]["connections"]
         assert len(conns) == 1 and conns[0]["session_id"] == "who" and conns[0]["turns"] == 1
-        assert conns[0]["last_ttft_ms"] is not None and conns[0]["state"] == "idle"
+        # The turn's own TTFT (None only when the random demo model said nothing at all).
+        ttft = msgs[-1]["timings"]["ttft_ms"]
+        assert conns[0]["last_ttft_ms"] == ttft and conns[0]["state"] == "idle"
+        assert (ttft is not None) == any(m["type"] == "token" for m in msgs)
         assert conns[0]["remote"].startswith("127.0.0.1:")
     logs = d.admin(cmd="logs", n=5)
     assert logs[-1]["ok"] and 0 < logs[-1]["count"] <= 5 and all(m["event"] == "log" for m in logs[:-1])
