@@ -190,6 +190,19 @@ def test_history_tokenized_incrementally():
     assert second[: len(first)] == first and tok.calls == [" d e"]
 
 
+def test_second_turn_tokenizes_only_the_utterance():
+    tok = FakeTok()
+    tok.chat_template = "x"
+    cache = PromptCache(tok)
+    layout = ChatLayout("<s>[SYS]", "[/SYS] [INST]", "[/INST]", True)
+    kw = dict(history_max_tokens=3000, history_step=1, utterance_max_tokens=350, max_model_len=10000, max_out=200)
+    first = build_chat_prompt(cache, layout, "persona words", "h1 h2 h3", "hello there", **kw)
+    tok.calls.clear()
+    second = build_chat_prompt(cache, layout, "persona words", "h1 h2 h3", "bye now", **kw)
+    assert tok.calls == ["bye now"]  # persona, history and the template's pieces are held
+    assert tok.decode(second.ids) == tok.decode(first.ids).replace("hello there", "bye now")
+
+
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
               r"\s*[\r\n]+|\s+(?!\S)|\s+")
 CONVERSATION = ("user: hi there, can you hear me?\nassistant: loud and clear!  \n\nuser: what's 42 times 7?\r\n"
@@ -491,6 +504,62 @@ def test_gpubench_setup_carries_tensor_parallelism_and_tables_show_every_level(t
     table = markdown({"setup": {"chat_tensor_parallel_size": 2}, "yapd": {"c16": row, "c32": row}})
     assert "Chat tensor parallelism: 2 GPU(s)" in table
     assert "| 16 | TTFT p50 / p95 ms | 1 / 2 |" in table and "| 32 | TTFT p50 / p95 ms | 1 / 2 |" in table
+
+
+def test_gpubench_table_shows_the_tool_gated_figures():
+    from yapctl.gpubench import markdown
+
+    data = {"yapd": {"c16": {"ttft_ms": {"p50": 70.0, "p95": 80.0}}},
+            "raw": {"c16": {"ttft_ms": {"p50": 60.0, "p95": 70.0}, "ttft_gated_ms": {"p50": 65.0, "p95": 75.0}}},
+            "serve": {"c16": {"ttft_ms": {"p50": 66.0, "p95": 76.0}},
+                      "c16_with_tool": {"ttft_ms": {"p50": 90.0, "p95": 99.0},
+                                        "ttft_gated_ms": {"p50": 91.0, "p95": 99.5},
+                                        "tool_ms": {"p50": 40.0, "p95": 50.0}}}}
+    table = markdown(data)
+    assert "| 16 | TTFT held for the tool decision (toolcall before tokens) p50 / p95 ms | 70 / 80 | 65 / 75 | " \
+           "91 / 99.5 (with tool server) |" in table
+    assert "| 16 | TTFT, vllm serve beside a tool server, chat alone counted, p50 / p95 ms | - | - | 90 / 99 |" in table
+    assert "| 40 / 50 |" in table
+    assert "| 16_with_tool |" not in table  # a variant, not a level of its own
+
+
+def test_gpubench_serve_reader_stops_when_told_and_times_what_it_read():
+    """The `vllm serve` client: first output with text, gaps after it, and a stop on the
+    tool's decision that closes the connection (as a user's client would)."""
+    from yapctl.gpubench import _post_stream
+
+    async def main() -> None:
+        closed = asyncio.Event()
+        bodies: list[bytes] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            bodies.append(await reader.readexactly(length))
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+            for text in ("", "[", "]", "x", "y"):
+                writer.write(b"data: " + json.dumps({"choices": [{"text": text}]}).encode() + b"\n\n")
+                await writer.drain()
+                if text == "]" and len(bodies) == 1:
+                    assert await reader.read() == b""  # the client hung up on its decision
+                    closed.set()
+                    writer.close()
+                    return
+            writer.write(b"data: [DONE]\n\n")
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            seen: list[str] = []
+            first, gaps_ms, end = await _post_stream({"prompt": [1, 2]}, port, lambda t: seen.append(t) or t == "]")
+            assert seen == ["[", "]"] and first is not None and len(gaps_ms) == 1 and end >= first
+            await asyncio.wait_for(closed.wait(), 10)
+            first, gaps_ms, _ = await _post_stream({"prompt": [3]}, port)
+            assert len(gaps_ms) == 3  # four outputs with text; the empty one is not counted
+        assert json.loads(bodies[0]) == {"prompt": [1, 2]}
+
+    asyncio.run(main())
 
 
 def test_gpubench_level_warms_then_runs_each_turn_once_c_at_a_time():

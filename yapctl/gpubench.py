@@ -56,7 +56,9 @@ def gaps(stamps: list[float]) -> list[float]:
 
 
 def turns_for(c: int) -> int:
-    return max(24, 3 * c)
+    # Sessions whose turns are all alike run in lockstep, so a level is a few bursts of
+    # c starts: 8 rounds at least, or the figures are those of 3 bursts.
+    return max(24, 8 * c)
 
 
 async def at_level(c: int, one: Callable[[int], Awaitable[T]]) -> list[T]:
@@ -360,7 +362,7 @@ async def phase_raw(res: Results, s: Setup) -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from yapd.daemon import cache_env
-    from yapd.engines.vllm import engine_kwargs, gpu_capability
+    from yapd.engines.vllm import engine_kwargs, gpu_capability, token_prompt
     from yapd.toolcall import DecisionReader
 
     cfg = s.config()
@@ -382,7 +384,7 @@ async def phase_raw(res: Results, s: Setup) -> None:
         t0 = time.perf_counter()
         first = None
         reader = DecisionReader([x.name for x in cfg.tools])
-        gen = tool.generate({"prompt_token_ids": tp.turn(i)[1]}, tool_sp, uuid.uuid4().hex)
+        gen = tool.generate(token_prompt(tp.turn(i)[1]), tool_sp, uuid.uuid4().hex)
         async for out in gen:
             if first is None:
                 first = (time.perf_counter() - t0) * 1000
@@ -399,7 +401,7 @@ async def phase_raw(res: Results, s: Setup) -> None:
         tool_task = asyncio.ensure_future(one_tool(i))
         stamps: list[float] = []  # outputs with text: what a client of yapd or vllm serve sees
         token_stamps: list[float] = []  # every token, text or not (a byte of a character held back)
-        async for out in chat.generate({"prompt_token_ids": utt}, chat_sp, uuid.uuid4().hex):
+        async for out in chat.generate(token_prompt(utt), chat_sp, uuid.uuid4().hex):
             if out.outputs[0].token_ids:
                 now = time.perf_counter()
                 token_stamps.append(now)
@@ -421,7 +423,11 @@ async def phase_raw(res: Results, s: Setup) -> None:
         itl_tokens = [g for r in rows for g in r[4]]
         tfirst = [r[2] for r in rows if r[2] is not None]
         tdone = [r[3] for r in rows]
+        # What a client of yapd's protocol could at best see on these engines: the reply
+        # waits for the tool decision (toolcall comes before any token).
+        gated = [max(r[0], r[3]) for r in rows if r[0] is not None]
         res.put("raw", f"c{c}", {"turns": n, "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
+                                 "ttft_gated_ms": {"p50": pct(gated, 50), "p95": pct(gated, 95)},
                                  "ttft_token_ms": {"p50": pct(ttft_token, 50), "p95": pct(ttft_token, 95)},
                                  "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
                                  "itl_token_ms": {"p50": pct(itl_tokens, 50), "p99": pct(itl_tokens, 99)},
@@ -434,9 +440,12 @@ async def phase_raw(res: Results, s: Setup) -> None:
 # --- vllm serve ------------------------------------------------------------------
 
 
-async def _post_stream(body: dict[str, Any]) -> tuple[float | None, list[float]]:
-    """POST /v1/completions with stream=true over plain asyncio; client-side timings."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", SERVE_PORT)
+async def _post_stream(body: dict[str, Any], port: int = SERVE_PORT,
+                       until: Callable[[str], bool] | None = None) -> tuple[float | None, list[float], float]:
+    """POST /v1/completions with stream=true over plain asyncio; client-side timings: the
+    first output with text, the gaps after it, and when the stream ended or ``until``
+    (fed each text) said to stop reading, which closes the connection (vLLM aborts)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     payload = json.dumps(body).encode()
     t0 = time.perf_counter()
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -445,87 +454,126 @@ async def _post_stream(body: dict[str, Any]) -> tuple[float | None, list[float]]
     first = None
     stamps: list[float] = []
     buf = b""
-    while True:
+    stop_reading = False
+    while not stop_reading:
         chunk = await reader.read(65536)
         if not chunk:
             break
         buf += chunk
-        while b"\n" in buf:
+        while b"\n" in buf and not stop_reading:
             line, buf = buf.split(b"\n", 1)
             line = line.strip()
             if line.startswith(b"data:") and line != b"data: [DONE]":
                 d = json.loads(line[5:])
-                if d.get("choices") and d["choices"][0].get("text"):
+                text = d["choices"][0].get("text") if d.get("choices") else None
+                if text:
                     now = time.perf_counter()
                     if first is None:
                         first = (now - t0) * 1000
                     stamps.append(now)
+                    stop_reading = until is not None and until(text)
+    end = (time.perf_counter() - t0) * 1000
     writer.close()
-    return first, gaps(stamps)
+    return first, gaps(stamps), end
+
+
+async def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited {proc.returncode}; see {log}")
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            await w.drain()
+            head = await r.read(64)
+            w.close()
+            if b" 200 " in head:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(1)
+
+
+def _serve(kw: dict[str, Any], port: int, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``vllm serve`` with yapd's own engine settings for one role, so the comparison is
+    like for like (and vLLM's compile cache, keyed on them, may already be warm)."""
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", kw["model"],
+            "--load-format", kw["load_format"], "--kv-cache-dtype", kw["kv_cache_dtype"],
+            "--gpu-memory-utilization", str(kw["gpu_memory_utilization"]),
+            "--max-model-len", str(kw["max_model_len"]), "--max-num-seqs", str(kw["max_num_seqs"]),
+            "--enable-prefix-caching", "--enable-chunked-prefill",
+            "--tensor-parallel-size", str(kw["tensor_parallel_size"]),
+            "--port", str(port), "--host", "127.0.0.1", "--disable-log-stats"]
+    if kw.get("quantization"):
+        args += ["--quantization", kw["quantization"]]
+    return subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 async def phase_serve(res: Results, s: Setup) -> None:
+    from yapd.engines.vllm import engine_kwargs, gpu_capability
+    from yapd.toolcall import DecisionReader
+
     tp = TurnPrompts(s)
     tp.all(s.levels)
     log = s.work / "serve.log"
     env = {**os.environ, "VLLM_CACHE_ROOT": str(s.work / "cache" / "vllm")}
-    t0 = time.perf_counter()
-    # yapd's own chat settings, so the comparison is like for like (and vLLM's compile
-    # cache, keyed on them, may already be warm).
-    from yapd.engines.vllm import engine_kwargs, gpu_capability
-
     cfg = s.config()
     kw = engine_kwargs("chat", cfg, cfg.chat.model, gpu_capability())
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any timing
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", kw["model"],
-         "--load-format", kw["load_format"], "--quantization", kw["quantization"], "--kv-cache-dtype",
-         kw["kv_cache_dtype"], "--gpu-memory-utilization", str(kw["gpu_memory_utilization"]),
-         "--max-model-len", str(kw["max_model_len"]), "--max-num-seqs", str(kw["max_num_seqs"]),
-         "--enable-prefix-caching", "--enable-chunked-prefill",
-         "--tensor-parallel-size", str(kw["tensor_parallel_size"]),
-         "--port", str(SERVE_PORT), "--host", "127.0.0.1", "--disable-log-stats"],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    tool_kw = engine_kwargs("tool", cfg, cfg.tool.model, gpu_capability())
+    procs = []
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited {proc.returncode}; see {log}")
-            try:
-                r, w = await asyncio.open_connection("127.0.0.1", SERVE_PORT)
-                w.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                await w.drain()
-                head = await r.read(64)
-                w.close()
-                if b" 200 " in head:
-                    break
-            except OSError:
-                pass
-            await asyncio.sleep(1)
+        t0 = time.perf_counter()
+        procs.append(_serve(kw, SERVE_PORT, log, env))
+        await _wait_healthy(procs[0], SERVE_PORT, log)
         res.put("serve", "start_s", round(time.perf_counter() - t0, 1))
 
-        async def post(ids: bool, i: int) -> tuple[float | None, list[float]]:
+        def chat_body(ids: bool, i: int) -> dict[str, Any]:
             # As users call it: the prompt as text (the server tokenizes it every time);
             # and fed yapd's token ids, which spares it that work.
             prompt: Any = tp.turn(i)[0] if ids else tp.chat_text(i)
-            return await _post_stream({"model": kw["model"], "prompt": prompt, "add_special_tokens": False,
-                                       "max_tokens": 200, "min_tokens": 200, "ignore_eos": True,
-                                       "temperature": 0.8, "top_p": 0.95, "stream": True})
+            return {"model": kw["model"], "prompt": prompt, "add_special_tokens": False, "max_tokens": 200,
+                    "min_tokens": 200, "ignore_eos": True, "temperature": 0.8, "top_p": 0.95, "stream": True}
+
+        async def post(ids: bool, i: int) -> tuple[float | None, list[float], float]:
+            return await _post_stream(chat_body(ids, i))
+
+        def summary(rows: list[tuple[float | None, list[float], float]]) -> dict[str, Any]:
+            ttft = [r[0] for r in rows if r[0] is not None]
+            itl = [g for r in rows for g in r[1]]
+            return {"turns": len(rows), "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
+                    "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)}}
 
         for c in s.levels:
-            figures: dict[str, Any] = {}
-            for ids in (False, True):
-                n = turns_for(c)
-                rows = await at_level(c, functools.partial(post, ids))
-                ttft = [r[0] for r in rows if r[0] is not None]
-                itl = [g for r in rows for g in r[1]]
-                got = {"turns": n, "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
-                       "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)}}
-                if ids:
-                    figures["token_ids"] = got
-                else:
-                    figures.update(got, prompt="text")
+            figures: dict[str, Any] = {"prompt": "text", **summary(await at_level(c, functools.partial(post, False)))}
+            figures["token_ids"] = summary(await at_level(c, functools.partial(post, True)))
             res.put("serve", f"c{c}", figures)
+
+        # What a user would run instead of yapd's two engines: a second `vllm serve` for
+        # the tool model on the same GPU, both asked each turn (token ids, as yapd's).
+        t0 = time.perf_counter()
+        procs.append(_serve(tool_kw, SERVE_PORT + 1, s.work / "serve-tool.log", env))
+        await _wait_healthy(procs[1], SERVE_PORT + 1, s.work / "serve-tool.log")
+        res.put("serve", "tool_start_s", round(time.perf_counter() - t0, 1))
+
+        async def both(i: int) -> tuple[float | None, list[float], float]:
+            reader = DecisionReader([x.name for x in cfg.tools])
+            tool = asyncio.ensure_future(_post_stream(
+                {"model": tool_kw["model"], "prompt": tp.turn(i)[1], "add_special_tokens": False,
+                 "max_tokens": 96, "temperature": 0.0, "top_k": 1, "stream": True},
+                SERVE_PORT + 1, lambda text: reader.feed(text) is not None))
+            chat = await _post_stream(chat_body(True, i))
+            return chat[0], chat[1], (await tool)[2]
+
+        for c in s.levels:
+            rows = await at_level(c, both)
+            gated = [max(r[0], r[2]) for r in rows if r[0] is not None]
+            tool_ms = [r[2] for r in rows]
+            res.put("serve", f"c{c}_with_tool", {**summary([(r[0], r[1], r[2]) for r in rows]),
+                                                 "tool_ms": {"p50": pct(tool_ms, 50), "p95": pct(tool_ms, 95)},
+                                                 "ttft_gated_ms": {"p50": pct(gated, 50), "p95": pct(gated, 95)}})
     finally:
-        stop(proc)
+        for proc in reversed(procs):
+            stop(proc)
 
 
 # --- report ----------------------------------------------------------------------
@@ -546,7 +594,9 @@ def markdown(data: dict[str, Any]) -> str:
              "history + 20-word utterance numbered per turn, 200 output tokens. yapd: client-observed over "
              "WebSocket, concurrent mode. raw: AsyncLLM fed the token ids yapd builds for each turn, both engines "
              "loaded, chat + tool per turn. serve: `vllm serve` /v1/completions streaming, chat only, the same "
-             f"chat prompt sent {serve_prompt}. Chat tensor parallelism: "
+             f"chat prompt sent {serve_prompt}; where shown, also beside a second `vllm serve` for the tool "
+             "model on the same GPU, both asked each turn with yapd's token ids (what a user would run instead "
+             "of yapd's two engines). Chat tensor parallelism: "
              f"{data.get('setup', {}).get('chat_tensor_parallel_size', 1)} GPU(s). TTFT and ITL count outputs "
              "that carry text, as a client receives them (random weights often emit a token that is only part "
              "of a character; its text comes with the next one); raw per token as well.", "",
@@ -568,12 +618,22 @@ def markdown(data: dict[str, Any]) -> str:
         if ids:
             lines.append(f"| {c} | TTFT, vllm serve fed token ids, p50 / p95 ms | - | - | "
                          f"{ids.get('p50')} / {ids.get('p95')} |")
+        if data.get("raw", {}).get(lvl, {}).get("ttft_gated_ms") or f"{lvl}_with_tool" in data.get("serve", {}):
+            wt = f"{lvl}_with_tool"
+            lines.append(f"| {c} | TTFT held for the tool decision (toolcall before tokens) p50 / p95 ms | "
+                         f"{two('yapd', lvl, 'ttft_ms', 'p50', 'p95')} | "
+                         f"{two('raw', lvl, 'ttft_gated_ms', 'p50', 'p95')} | "
+                         f"{two('serve', wt, 'ttft_gated_ms', 'p50', 'p95')} (with tool server) |")
+            lines.append(f"| {c} | TTFT, vllm serve beside a tool server, chat alone counted, p50 / p95 ms | - | - | "
+                         f"{two('serve', wt, 'ttft_ms', 'p50', 'p95')} |")
         lines.append(f"| {c} | ITL p50 / p99 ms | {two('yapd', lvl, 'itl_ms', 'p50', 'p99')} | "
                      f"{two('raw', lvl, 'itl_ms', 'p50', 'p99')} | {two('serve', lvl, 'itl_ms', 'p50', 'p99')} |")
         lines.append(f"| {c} | ITL per token p50 / p99 ms | - | {two('raw', lvl, 'itl_token_ms', 'p50', 'p99')} | - |")
+        serve_tool = data.get("serve", {}).get(f"{lvl}_with_tool", {}).get("tool_ms")
         lines.append(f"| {c} | tool decision p50 / p95 ms | {two('yapd', lvl, 'tool_ms', 'p50', 'p95')} | "
                      f"{two('raw', lvl, 'tool_ms', 'p50', 'p95')} (first token "
-                     f"{g('raw', lvl, 'tool_first_token_ms', 'p50')}) | - |")
+                     f"{g('raw', lvl, 'tool_first_token_ms', 'p50')}) | "
+                     f"{two('serve', f'{lvl}_with_tool', 'tool_ms', 'p50', 'p95') if serve_tool else '-'} |")
         lines.append(f"| {c} | total p50 ms | {g('yapd', lvl, 'total_ms', 'p50')} | - | - |")
         lines.append(f"| {c} | in yapd: chat / tool engine first output p50 ms | "
                      f"{g('yapd', lvl, 'server_engine_ttft_ms', 'p50')} / "

@@ -160,9 +160,20 @@ class PromptCache:
         self._persona = _Segment(text="\x00unset")
         self._history = _Segment()
         self._lines: dict[str, list[int]] = {}
+        self._fixed: dict[str, list[int]] = {}
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False))
+
+    def encode_fixed(self, text: str) -> list[int]:
+        """Token ids of a text that is the same every turn (the chat template's pieces):
+        tokenized once per session. Callers must not change the list."""
+        ids = self._fixed.get(text)
+        if ids is None:
+            if len(self._fixed) >= 8:  # a layout changed under a long session: start over
+                self._fixed.clear()
+            ids = self._fixed[text] = self.encode(text)
+        return ids
 
     def encode_lines(self, text: str) -> list[int]:
         """Token ids of ``text``, tokenizing only the lines the last call did not have: a
@@ -243,8 +254,8 @@ def build_chat_prompt(
         cache.encode(clip_text(utterance.strip(), utterance_max_tokens, from_end=False, exact=exact)),
         utterance_max_tokens,
     )
-    middle = cache.encode(layout.middle)
-    tail = cache.encode(layout.tail)
+    middle = cache.encode_fixed(layout.middle)
+    tail = cache.encode_fixed(layout.tail)
     # What must fit: the reply. History gives way first (in whole steps), then the persona.
     budget = max_model_len - max_out - len(middle) - len(tail) - len(utt_ids)
     if len(persona_ids) + len(history_ids) > budget:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import logging
 import math
 import os
@@ -273,19 +274,9 @@ class VllmEngine(Engine):
 
     async def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec,
                      request_id: str) -> AsyncIterator[Delta]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
         if self._state != "ready" or self._llm is None:
             raise EngineError(f"{self.role} engine is {self._state}")
-        params = SamplingParams(
-            max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
-            top_k=spec.top_k if spec.top_k > 0 else 0, repetition_penalty=spec.repetition_penalty,
-            seed=spec.seed, stop=list(spec.stop) or None, ignore_eos=spec.ignore_eos,
-            min_tokens=spec.max_tokens if spec.ignore_eos else 0,
-            output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
-        )
-        gen = self._llm.generate({"prompt_token_ids": list(prompt_ids)}, params, request_id)
+        gen = self._llm.generate(token_prompt(list(prompt_ids)), sampling_params(spec), request_id)
         self._inflight.add(request_id)
         try:
             async for out in gen:
@@ -324,6 +315,33 @@ class VllmEngine(Engine):
             return int(procs[0].pid)
         except Exception:
             return None
+
+
+@functools.lru_cache(maxsize=64)
+def sampling_params(spec: SamplingSpec) -> Any:
+    """vLLM's SamplingParams for ``spec``. Built once per distinct spec (its checks cost
+    tens of microseconds, paid on every turn's start otherwise); vLLM clones what it is
+    given, so one object serves every request."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
+        top_k=spec.top_k if spec.top_k > 0 else 0, repetition_penalty=spec.repetition_penalty,
+        seed=spec.seed, stop=list(spec.stop) or None, ignore_eos=spec.ignore_eos,
+        min_tokens=spec.max_tokens if spec.ignore_eos else 0,
+        output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
+    )
+
+
+def token_prompt(ids: list[int]) -> Any:
+    """The prompt as vLLM's own engine input (what its renderer hands the engine), so
+    AsyncLLM skips its deprecated path for raw prompts; older vLLMs get a TokensPrompt."""
+    try:
+        from vllm.inputs.engine import tokens_input
+    except ImportError:
+        return {"prompt_token_ids": ids}
+    return tokens_input(ids)
 
 
 _turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
