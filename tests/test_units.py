@@ -578,7 +578,11 @@ def test_gpubench_level_warms_then_runs_each_turn_once_c_at_a_time():
 
     rows = asyncio.run(at_level(8, one))
     assert seen[:8] == [-1] * 8 and most == 8
-    assert sorted(rows) == list(range(turns_for(8))) == sorted(seen[8:])
+    assert sorted(rows) == list(range(turns_for(8))) == sorted(seen[8:]) == list(range(64))
+    seen.clear()
+    rows = asyncio.run(at_level(4, one, rounds=3))  # --rounds: 3 bursts of 4 after the warm-up
+    assert seen[:4] == [-1] * 4 and sorted(rows) == list(range(12))
+    assert turns_for(1, 3) == 9 and turns_for(1) == 24  # one session: 3 x rounds turns
 
 
 def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from yapctl import gpuenv
 from yapctl.bench import BenchConfig, bench, cancel_latency, pct, turn_utterance
 from yapd import config
 from yapd.config import Config
@@ -55,17 +56,20 @@ def gaps(stamps: list[float]) -> list[float]:
     return [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
 
 
-def turns_for(c: int) -> int:
-    # Sessions whose turns are all alike run in lockstep, so a level is a few bursts of
-    # c starts: 8 rounds at least, or the figures are those of 3 bursts.
-    return max(24, 8 * c)
+ROUNDS = 8
 
 
-async def at_level(c: int, one: Callable[[int], Awaitable[T]]) -> list[T]:
-    """``c`` warm-up turns (-1) side by side, then ``turns_for(c)`` turns over ``c``
-    workers, as yapd's bench runs a level: the results of the timed turns."""
+def turns_for(c: int, rounds: int = ROUNDS) -> int:
+    # Sessions whose turns are all alike run in lockstep, so a level is ``rounds`` bursts
+    # of c starts and a p95 is decided by its slowest few bursts (one session: 3 x rounds).
+    return max(3 * rounds, rounds * c)
+
+
+async def at_level(c: int, one: Callable[[int], Awaitable[T]], rounds: int = ROUNDS) -> list[T]:
+    """``c`` warm-up turns (-1) side by side, then ``turns_for(c, rounds)`` turns over
+    ``c`` workers, as yapd's bench runs a level: the results of the timed turns."""
     await asyncio.gather(*(one(-1) for _ in range(c)))
-    counter = iter(range(turns_for(c)))
+    counter = iter(range(turns_for(c, rounds)))
     rows: list[T] = []
 
     async def worker() -> None:
@@ -79,12 +83,14 @@ async def at_level(c: int, one: Callable[[int], Awaitable[T]]) -> list[T]:
 @dataclass(frozen=True)
 class Setup:
     """What one benchmark run holds fixed: the model folders, a work folder (caches,
-    logs), the concurrency levels and the chat engine's tensor parallelism."""
+    logs), the concurrency levels, lockstep rounds per level and the chat engine's
+    tensor parallelism."""
 
     models: Path
     work: Path
     levels: tuple[int, ...] = LEVELS
     chat_tp: int = 1
+    rounds: int = ROUNDS
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
         return f"""
@@ -191,7 +197,7 @@ async def phase_yapd(res: Results, s: Setup) -> None:
     url = f"ws://127.0.0.1:{PORT}/ws"
     try:
         for c in s.levels:
-            rep = await bench(BenchConfig(url=url, key="bench", n=turns_for(c), concurrency=c, timeout=120,
+            rep = await bench(BenchConfig(url=url, key="bench", n=turns_for(c, s.rounds), concurrency=c, timeout=120,
                                           utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
             res.put("yapd", f"c{c}", rep.summary())
         start = {"type": "start", "session_id": "cancel", "user_utterance": UTTERANCE, "persona_text": PERSONA,
@@ -350,9 +356,9 @@ class TurnPrompts:
         """Turn ``i``'s chat prompt as the text a `vllm serve` user would send."""
         return str(self.chat_tok.decode(self.turn(i)[0], skip_special_tokens=False))
 
-    def all(self, levels: tuple[int, ...]) -> None:
+    def all(self, levels: tuple[int, ...], rounds: int = ROUNDS) -> None:
         """Build every turn's prompts ahead of the clock."""
-        for i in range(-1, max(turns_for(c) for c in levels)):
+        for i in range(-1, max(turns_for(c, rounds) for c in levels)):
             self.turn(i)
 
 
@@ -368,7 +374,7 @@ async def phase_raw(res: Results, s: Setup) -> None:
     cfg = s.config()
     cache_env(cfg)
     tp = TurnPrompts(s)
-    tp.all(s.levels)
+    tp.all(s.levels, s.rounds)
     chat_ids, tool_ids = tp.turn(0)
     res.put("raw", "prompt_tokens", {"chat": len(chat_ids), "tool": len(tool_ids)})
     t0 = time.perf_counter()
@@ -415,8 +421,8 @@ async def phase_raw(res: Results, s: Setup) -> None:
         return first, gaps(stamps), tool_first, tool_done, gaps(token_stamps), first_token
 
     for c in s.levels:
-        n = turns_for(c)
-        rows = await at_level(c, one_turn)
+        n = turns_for(c, s.rounds)
+        rows = await at_level(c, one_turn, s.rounds)
         ttft = [r[0] for r in rows if r[0] is not None]
         ttft_token = [r[5] for r in rows if r[5] is not None]
         itl = [g for r in rows for g in r[1]]
@@ -514,7 +520,7 @@ async def phase_serve(res: Results, s: Setup) -> None:
     from yapd.toolcall import DecisionReader
 
     tp = TurnPrompts(s)
-    tp.all(s.levels)
+    tp.all(s.levels, s.rounds)
     log = s.work / "serve.log"
     env = {**os.environ, "VLLM_CACHE_ROOT": str(s.work / "cache" / "vllm")}
     cfg = s.config()
@@ -544,8 +550,9 @@ async def phase_serve(res: Results, s: Setup) -> None:
                     "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)}}
 
         for c in s.levels:
-            figures: dict[str, Any] = {"prompt": "text", **summary(await at_level(c, functools.partial(post, False)))}
-            figures["token_ids"] = summary(await at_level(c, functools.partial(post, True)))
+            as_text = await at_level(c, functools.partial(post, False), s.rounds)
+            figures: dict[str, Any] = {"prompt": "text", **summary(as_text)}
+            figures["token_ids"] = summary(await at_level(c, functools.partial(post, True), s.rounds))
             res.put("serve", f"c{c}", figures)
 
         # What a user would run instead of yapd's two engines: a second `vllm serve` for
@@ -565,7 +572,7 @@ async def phase_serve(res: Results, s: Setup) -> None:
             return chat[0], chat[1], (await tool)[2]
 
         for c in s.levels:
-            rows = await at_level(c, both)
+            rows = await at_level(c, both, s.rounds)
             gated = [max(r[0], r[2]) for r in rows if r[0] is not None]
             tool_ms = [r[2] for r in rows]
             res.put("serve", f"c{c}_with_tool", {**summary([(r[0], r[1], r[2]) for r in rows]),
@@ -577,6 +584,22 @@ async def phase_serve(res: Results, s: Setup) -> None:
 
 
 # --- report ----------------------------------------------------------------------
+
+
+def run_conditions(setup: dict[str, Any]) -> list[str]:
+    """The table's footing: rounds per level, MPS, and whether torch and vLLM loaded from
+    bytecode (start times depend on it). Empty for runs that recorded none of it."""
+    parts = []
+    if "rounds" in setup:
+        parts.append(f"{setup['rounds']} lockstep rounds per level (after one warm-up round)")
+    if "mps" in setup:
+        parts.append("under a private CUDA MPS daemon" if setup["mps"] else "no MPS (the GPU time-slices processes)")
+    for pkg, st in (setup.get("bytecode") or {}).items():
+        if isinstance(st, dict):
+            parts.append(f"{pkg} bytecode for {st['bytecode']} of {st['modules']} modules")
+    if "bytecode_compile" in setup:
+        parts.append(f"byte-compiled first in {setup['bytecode_compile'].get('seconds')} s")
+    return [f"Run conditions: {'; '.join(parts)}.", ""] if parts else []
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -600,6 +623,7 @@ def markdown(data: dict[str, Any]) -> str:
              f"{data.get('setup', {}).get('chat_tensor_parallel_size', 1)} GPU(s). TTFT and ITL count outputs "
              "that carry text, as a client receives them (random weights often emit a token that is only part "
              "of a character; its text comes with the next one); raw per token as well.", "",
+             *run_conditions(data.get("setup", {})),
              "| sessions | figure | yapd | raw AsyncLLM | vllm serve |", "| --- | --- | --- | --- | --- |"]
     def two(sec: str, lvl: str, metric: str, a: str, b: str) -> str:
         return f"{g(sec, lvl, metric, a)} / {g(sec, lvl, metric, b)}"
@@ -680,23 +704,51 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "yap-gpubench")
     p.add_argument("--phases", default="yapd,raw,serve")
     p.add_argument("--levels", default=",".join(map(str, LEVELS)))
+    p.add_argument("--rounds", type=int, default=ROUNDS, help="lockstep rounds per level (p95s want many)")
     p.add_argument("--name", default="")
     p.add_argument("--chat-tp", type=int, default=1, help="the chat engine's tensor_parallel_size (GPUs)")
+    p.add_argument("--compile-bytecode", action="store_true",
+                   help="byte-compile the site-packages holding torch and vLLM first, as a pip install does "
+                        "(start times otherwise include compiling modules from source where no .pyc exists)")
+    p.add_argument("--mps", action="store_true",
+                   help="run every phase under a private CUDA MPS daemon (engines share the GPU at once "
+                        "instead of taking turns)")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     args.work.mkdir(parents=True, exist_ok=True)
-    setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp)
+    setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds)
     gpu = _gpu_name().replace("NVIDIA ", "").split()[0].lower() or "gpu"
     name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
     res = Results(args.out / f"{name}.json")
     res.put("setup", "chat_tensor_parallel_size", setup.chat_tp)
+    res.put("setup", "rounds", setup.rounds)
+    if args.compile_bytecode:
+        res.put("setup", "bytecode_compile", gpuenv.compile_packages())
+    res.put("setup", "bytecode", gpuenv.bytecode_state())
+    mps = gpuenv.MpsDaemon(args.work / "mps") if args.mps else None
+    res.put("setup", "mps", mps is not None)
     phases = {"yapd": phase_yapd, "raw": phase_raw, "serve": phase_serve, "startup": phase_startup,
               "warm": phase_warm, "spawn": phase_spawn}
-    for ph in args.phases.split(","):
-        try:
-            asyncio.run(phases[ph](res, setup))
-        except Exception as exc:
-            res.put(ph, "error", f"{type(exc).__name__}: {exc}")
-        (args.out / f"{name}.md").write_text(markdown(res.data))
+    try:
+        if mps is not None:
+            try:
+                mps.start()
+            except RuntimeError as exc:  # no MPS here: say so, run nothing without it
+                res.put("setup", "mps_error", str(exc))
+                print(f"gpubench: {exc}", file=sys.stderr)
+                return 2
+        for ph in args.phases.split(","):
+            try:
+                asyncio.run(phases[ph](res, setup))
+            except Exception as exc:
+                res.put(ph, "error", f"{type(exc).__name__}: {exc}")
+            if mps is not None:
+                res.put("setup", f"mps_log_after_{ph}", mps.log_tail())
+            (args.out / f"{name}.md").write_text(markdown(res.data))
+    finally:
+        if mps is not None:
+            mps.stop()
     print((args.out / f"{name}.md").read_text())
     return 0
 

@@ -1,0 +1,117 @@
+"""The GPU benchmark's run conditions, on this machine: bytecode counted and compiled for
+real; the MPS daemon's lifecycle against a stand-in control binary (MPS needs a GPU)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from yapctl import gpuenv
+from yapctl.gpubench import main, markdown, run_conditions
+
+
+@pytest.fixture
+def package(tmp_path, monkeypatch):
+    """An importable package of two modules, never imported, with no bytecode."""
+    root = tmp_path / "site" / "yap_bytecode_probe"
+    (root / "sub").mkdir(parents=True)
+    (root / "__init__.py").write_text("X = 1\n")
+    (root / "sub" / "__init__.py").write_text("def f():\n    return 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    return "yap_bytecode_probe"
+
+
+def test_bytecode_is_counted_then_compiled_as_pip_would(package):
+    before = gpuenv.bytecode_state([package, "no_such_package_here"])
+    assert before[package] == {"modules": 2, "bytecode": 0}
+    assert before["no_such_package_here"] is None
+    assert before["dont_write_bytecode"] is sys.dont_write_bytecode
+    done = gpuenv.compile_packages([package, "no_such_package_here"])
+    assert done["ok"] is True and done["seconds"] >= 0
+    assert done["folders"] == [str(Path(importlib.util.find_spec(package).origin).parent.parent)]
+    assert gpuenv.bytecode_state([package])[package] == {"modules": 2, "bytecode": 2}
+    assert package not in sys.modules  # counted and compiled, never imported
+
+
+def test_a_module_that_does_not_compile_is_reported(package, tmp_path):
+    (tmp_path / "site" / package / "broken.py").write_text("def (:\n")
+    assert gpuenv.compile_packages([package])["ok"] is False
+    assert gpuenv.bytecode_state([package])[package] == {"modules": 3, "bytecode": 2}
+
+
+def test_mps_without_its_control_binary_is_a_clear_error_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    out = tmp_path / "out"
+    rc = main([str(tmp_path / "models"), "--out", str(out), "--work", str(tmp_path / "work"), "--name", "t",
+               "--mps", "--phases", "yapd"])
+    assert rc == 2
+    assert "nvidia-cuda-mps-control on PATH" in capsys.readouterr().err
+    data = json.loads((out / "t.json").read_text())
+    assert data["setup"]["mps"] is True and "nvidia-cuda-mps-control" in data["setup"]["mps_error"]
+    assert "yapd" not in data  # no phase ran without the MPS it was asked for
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+
+
+STAND_IN = """#!/bin/sh
+# Records how it was called; "-d" starts, "quit" on stdin stops (as the real one).
+if [ "$1" = "-d" ]; then
+  echo "start pipe=$CUDA_MPS_PIPE_DIRECTORY" >> "$CUDA_MPS_LOG_DIRECTORY/control.log"
+  exit ${FAIL:-0}
+fi
+echo "command $(cat) pipe=$CUDA_MPS_PIPE_DIRECTORY" >> "$CUDA_MPS_LOG_DIRECTORY/control.log"
+"""
+
+
+@pytest.fixture
+def control_binary(tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    tool = bindir / gpuenv.MPS_CONTROL
+    tool.write_text(STAND_IN)
+    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.delenv("CUDA_MPS_LOG_DIRECTORY", raising=False)
+    return tool
+
+
+def test_mps_daemon_is_private_to_the_run_and_every_later_process_is_its_client(tmp_path, control_binary):
+    daemon = gpuenv.MpsDaemon(tmp_path / "work" / "mps")
+    pipe = str(tmp_path / "work" / "mps" / "pipe")
+    daemon.start()
+    try:
+        assert os.environ["CUDA_MPS_PIPE_DIRECTORY"] == pipe  # inherited by yapd, vllm serve, EngineCores
+        assert Path(pipe).is_dir()
+    finally:
+        daemon.stop()
+    assert daemon.log_tail() == [f"start pipe={pipe}", f"command quit pipe={pipe}"]
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+    daemon.stop()  # a second stop sends nothing
+    assert len(daemon.log_tail()) == 2
+
+
+def test_mps_daemon_that_fails_to_start_leaves_the_environment_alone(tmp_path, control_binary, monkeypatch):
+    monkeypatch.setenv("FAIL", "3")
+    daemon = gpuenv.MpsDaemon(tmp_path / "mps")
+    with pytest.raises(RuntimeError, match="-d failed \\(3\\)"):
+        daemon.start()
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not daemon.started
+
+
+def test_run_conditions_head_the_table():
+    setup = {"rounds": 24, "mps": True, "bytecode": {"dont_write_bytecode": True,
+                                                     "torch": {"modules": 10, "bytecode": 10}, "vllm": None},
+             "bytecode_compile": {"seconds": 31.5, "ok": True}}
+    line = run_conditions(setup)[0]
+    assert line == ("Run conditions: 24 lockstep rounds per level (after one warm-up round); under a private CUDA "
+                    "MPS daemon; torch bytecode for 10 of 10 modules; byte-compiled first in 31.5 s.")
+    assert line in markdown({"setup": setup, "yapd": {"c1": {"ttft_ms": {"p50": 1.0, "p95": 2.0}}}})
+    assert run_conditions({}) == []  # runs before these were recorded
