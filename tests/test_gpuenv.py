@@ -115,3 +115,25 @@ def test_run_conditions_head_the_table():
                     "MPS daemon; torch bytecode for 10 of 10 modules; byte-compiled first in 31.5 s.")
     assert line in markdown({"setup": setup, "yapd": {"c1": {"ttft_ms": {"p50": 1.0, "p95": 2.0}}}})
     assert run_conditions({}) == []  # runs before these were recorded
+
+
+def test_an_empty_phase_list_runs_only_the_set_up(tmp_path, package, monkeypatch):
+    """`--phases "" --compile-bytecode`: the device's first call compiles and records, and
+    the phases come in later calls (each call has a time limit)."""
+    monkeypatch.setattr(gpuenv, "PACKAGES", (package,))
+    out = tmp_path / "out"
+    rc = main([str(tmp_path / "models"), "--out", str(out), "--work", str(tmp_path / "work"), "--name", "t",
+               "--phases", "", "--compile-bytecode", "--rounds", "16"])
+    assert rc == 0
+    setup = json.loads((out / "t.json").read_text())["setup"]
+    assert setup["bytecode_compile"]["ok"] is True and setup["rounds"] == 16 and setup["mps"] is False
+    assert setup["bytecode"][package] == {"modules": 2, "bytecode": 2}
+    assert "byte-compiled first in" in (out / "t.md").read_text()
+
+
+def test_an_unknown_phase_or_no_rounds_is_refused_before_anything_runs(tmp_path, capsys):
+    for argv, why in ((["--phases", "yapd,rwa"], "unknown phase(s) rwa"), (["--rounds", "0"], "at least 1")):
+        with pytest.raises(SystemExit) as exc:
+            main([str(tmp_path / "models"), "--out", str(tmp_path / "out"), *argv])
+        assert exc.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -628,11 +628,13 @@ def markdown(data: dict[str, Any]) -> str:
     def two(sec: str, lvl: str, metric: str, a: str, b: str) -> str:
         return f"{g(sec, lvl, metric, a)} / {g(sec, lvl, metric, b)}"
 
-    if not any(sec in data for sec in ("yapd", "raw", "serve")):  # a start-time-only run
-        lines = [f"# yapd engine start: {data.get('machine')} ({data.get('date')}, vLLM {data.get('vllm')})", ""]
+    latency = any(sec in data for sec in ("yapd", "raw", "serve"))
+    if not latency:  # a start-time-only (or set-up only) run
+        lines = [f"# yapd engine start: {data.get('machine')} ({data.get('date')}, vLLM {data.get('vllm')})", "",
+                 *run_conditions(data.get("setup", {}))]
     shown = sorted({int(k[1:]) for sec in ("yapd", "raw", "serve") for k in data.get(sec, {})
                     if k[:1] == "c" and k[1:].isdigit()})
-    for c in shown if len(lines) > 2 else ():
+    for c in shown if latency else ():
         lvl = f"c{c}"
         lines.append(f"| {c} | TTFT p50 / p95 ms | {two('yapd', lvl, 'ttft_ms', 'p50', 'p95')} | "
                      f"{two('raw', lvl, 'ttft_ms', 'p50', 'p95')} | {two('serve', lvl, 'ttft_ms', 'p50', 'p95')} |")
@@ -664,7 +666,7 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{g('yapd', lvl, 'server_tool_first_ms', 'p50')} | - | - |")
     y = data.get("yapd", {})
     cancel = y.get("cancel", {})
-    lines += [] if len(lines) == 2 else ["", f"- cancel -> done (client): {cancel.get('cancel_to_done_ms')}",
+    lines += [] if not latency else ["", f"- cancel -> done (client): {cancel.get('cancel_to_done_ms')}",
               f"- barge-in -> new first token (client): {cancel.get('barge_in_to_first_token_ms')}",
               f"- yapd start to READY, first start: {y.get('start_s_first')} s; restart with warm compile cache: "
               f"{y.get('start_s_restart')} s",
@@ -697,12 +699,19 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PHASES: dict[str, Callable[[Results, Setup], Coroutine[Any, Any, None]]] = {
+    "yapd": phase_yapd, "raw": phase_raw, "serve": phase_serve, "startup": phase_startup, "warm": phase_warm,
+    "spawn": phase_spawn}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", type=Path)
     p.add_argument("--out", type=Path, default=Path("docs/bench"))
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "yap-gpubench")
-    p.add_argument("--phases", default="yapd,raw,serve")
+    p.add_argument("--phases", default="yapd,raw,serve",
+                   help="comma-separated: yapd, raw, serve, startup, warm, spawn; empty for only the set-up "
+                        "(--compile-bytecode, say)")
     p.add_argument("--levels", default=",".join(map(str, LEVELS)))
     p.add_argument("--rounds", type=int, default=ROUNDS, help="lockstep rounds per level (p95s want many)")
     p.add_argument("--name", default="")
@@ -716,6 +725,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    unknown = {name for name in args.phases.split(",") if name} - set(PHASES)
+    if unknown:
+        p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     args.work.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds)
     gpu = _gpu_name().replace("NVIDIA ", "").split()[0].lower() or "gpu"
@@ -728,8 +740,6 @@ def main(argv: list[str] | None = None) -> int:
     res.put("setup", "bytecode", gpuenv.bytecode_state())
     mps = gpuenv.MpsDaemon(args.work / "mps") if args.mps else None
     res.put("setup", "mps", mps is not None)
-    phases = {"yapd": phase_yapd, "raw": phase_raw, "serve": phase_serve, "startup": phase_startup,
-              "warm": phase_warm, "spawn": phase_spawn}
     try:
         if mps is not None:
             try:
@@ -738,9 +748,9 @@ def main(argv: list[str] | None = None) -> int:
                 res.put("setup", "mps_error", str(exc))
                 print(f"gpubench: {exc}", file=sys.stderr)
                 return 2
-        for ph in args.phases.split(","):
+        for ph in [name for name in args.phases.split(",") if name]:  # "" runs only the set-up
             try:
-                asyncio.run(phases[ph](res, setup))
+                asyncio.run(PHASES[ph](res, setup))
             except Exception as exc:
                 res.put(ph, "error", f"{type(exc).__name__}: {exc}")
             if mps is not None:
@@ -749,7 +759,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if mps is not None:
             mps.stop()
-    print((args.out / f"{name}.md").read_text())
+    report = markdown(res.data)
+    (args.out / f"{name}.md").write_text(report)
+    print(report)
     return 0
 
 

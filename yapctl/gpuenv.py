@@ -31,12 +31,12 @@ def package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def bytecode_state(packages: Iterable[str] = PACKAGES) -> dict[str, Any]:
+def bytecode_state(packages: Iterable[str] | None = None) -> dict[str, Any]:
     """For each package: its modules, and how many have bytecode this interpreter would
     load. A process importing modules without it compiles them from source first (the
     lent GPU's image sets PYTHONDONTWRITEBYTECODE and ships torch without .pyc)."""
     state: dict[str, Any] = {"dont_write_bytecode": sys.dont_write_bytecode}
-    for name in packages:
+    for name in PACKAGES if packages is None else packages:
         root = package_dir(name)
         if root is None:
             state[name] = None
@@ -47,13 +47,14 @@ def bytecode_state(packages: Iterable[str] = PACKAGES) -> dict[str, Any]:
     return state
 
 
-def compile_packages(packages: Iterable[str] = PACKAGES) -> dict[str, Any]:
+def compile_packages(packages: Iterable[str] | None = None) -> dict[str, Any]:
     """Byte-compile the site-packages folders holding these packages, as a pip install
     does, so that every process after this loads bytecode (a start imports far more than
     the packages named: numpy, pydantic, triton...). Returns the seconds it took and
     whether every module compiled."""
     t0 = time.perf_counter()
-    roots = sorted({root.parent for root in map(package_dir, packages) if root is not None})
+    names = PACKAGES if packages is None else packages
+    roots = sorted({root.parent for root in map(package_dir, names) if root is not None})
     # workers=0: one process per CPU; quiet=1: only errors are printed.
     ok = all([bool(compileall.compile_dir(str(root), quiet=1, workers=0)) for root in roots])
     return {"seconds": round(time.perf_counter() - t0, 1), "ok": ok, "folders": [str(r) for r in roots]}
