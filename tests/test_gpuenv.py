@@ -55,7 +55,7 @@ def test_mps_without_its_control_binary_is_a_clear_error_and_runs_nothing(tmp_pa
     assert rc == 2
     assert "nvidia-cuda-mps-control on PATH" in capsys.readouterr().err
     data = json.loads((out / "t.json").read_text())
-    assert data["setup"]["mps"] is True and "nvidia-cuda-mps-control" in data["setup"]["mps_error"]
+    assert "nvidia-cuda-mps-control" in data["setup"]["mps_error"] and "mps" not in data["setup"]
     assert "yapd" not in data  # no phase ran without the MPS it was asked for
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
 
@@ -126,7 +126,8 @@ def test_an_empty_phase_list_runs_only_the_set_up(tmp_path, package, monkeypatch
                "--phases", "", "--compile-bytecode", "--rounds", "16"])
     assert rc == 0
     setup = json.loads((out / "t.json").read_text())["setup"]
-    assert setup["bytecode_compile"]["ok"] is True and setup["rounds"] == 16 and setup["mps"] is False
+    assert setup["bytecode_compile"]["ok"] is True
+    assert "rounds" not in setup and "mps" not in setup  # no phase ran: later calls set them
     assert setup["bytecode"][package] == {"modules": 2, "bytecode": 2}
     assert "byte-compiled first in" in (out / "t.md").read_text()
 
@@ -137,3 +138,25 @@ def test_an_unknown_phase_or_no_rounds_is_refused_before_anything_runs(tmp_path,
             main([str(tmp_path / "models"), "--out", str(tmp_path / "out"), *argv])
         assert exc.value.code == 2 and why in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_phases_added_to_a_file_must_run_alike(tmp_path, package, monkeypatch, capsys):
+    """A file's phases are compared with each other: a later call with other rounds or
+    MPS would mix unlike figures, so it is refused and the file is left as it was."""
+    monkeypatch.setattr(gpuenv, "PACKAGES", (package,))
+    base = [str(tmp_path / "models"), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+            "--name", "t", "--phases", ""]
+    assert main([*base, "--rounds", "16"]) == 0
+    assert "rounds" not in json.loads((tmp_path / "out" / "t.json").read_text())["setup"]
+    # What a phase would record (a phase needs a GPU here): the file as the device leaves it.
+    data = json.loads((tmp_path / "out" / "t.json").read_text())
+    data["setup"].update(rounds=16, mps=False)
+    (tmp_path / "out" / "t.json").write_text(json.dumps(data))
+    base[-1] = "spawn"
+    before = (tmp_path / "out" / "t.json").read_text()
+    assert main([*base, "--rounds", "8"]) == 2
+    assert "rounds=16, not 8" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert main([*base, "--rounds", "16", "--mps"]) == 2
+    assert "mps=False, not True" in capsys.readouterr().err
+    assert (tmp_path / "out" / "t.json").read_text() == before

@@ -733,13 +733,20 @@ def main(argv: list[str] | None = None) -> int:
     gpu = _gpu_name().replace("NVIDIA ", "").split()[0].lower() or "gpu"
     name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
     res = Results(args.out / f"{name}.json")
+    phases = [ph for ph in args.phases.split(",") if ph]  # none: only the set-up
+    # Phases of one file are compared with each other: they must run alike.
+    alike = {"rounds": setup.rounds, "mps": args.mps}
+    earlier = res.data.get("setup", {})
+    for key, value in alike.items() if phases else ():
+        if earlier.get(key, value) != value:
+            print(f"gpubench: {name}.json holds phases run with {key}={earlier[key]}, not {value}: "
+                  f"run this one alike or under another --name", file=sys.stderr)
+            return 2
     res.put("setup", "chat_tensor_parallel_size", setup.chat_tp)
-    res.put("setup", "rounds", setup.rounds)
     if args.compile_bytecode:
         res.put("setup", "bytecode_compile", gpuenv.compile_packages())
     res.put("setup", "bytecode", gpuenv.bytecode_state())
     mps = gpuenv.MpsDaemon(args.work / "mps") if args.mps else None
-    res.put("setup", "mps", mps is not None)
     try:
         if mps is not None:
             try:
@@ -748,7 +755,9 @@ def main(argv: list[str] | None = None) -> int:
                 res.put("setup", "mps_error", str(exc))
                 print(f"gpubench: {exc}", file=sys.stderr)
                 return 2
-        for ph in [name for name in args.phases.split(",") if name]:  # "" runs only the set-up
+        for key, value in alike.items() if phases else ():
+            res.put("setup", key, value)
+        for ph in phases:
             try:
                 asyncio.run(PHASES[ph](res, setup))
             except Exception as exc:
