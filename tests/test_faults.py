@@ -21,12 +21,16 @@ from tests.conftest import Yapd, recv, run_turn, send, until_done, ws_connect
 from tests.test_protocol_e2e import check_turn
 
 DEBUG = {"YAPD_DEBUG_ADMIN": "1"}
+# Replies run to chat_max_out: the demo model's random weights sometimes end a reply at
+# its first token, and a fault test needs its turn still streaming when it strikes.
+STREAMING = "[turn]\nignore_eos = true\n"
 
 
 @pytest.fixture(scope="module")
 def fault_yapd(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
-    """One daemon with the debug faults on and default limits; each test leaves it serving."""
-    d = Yapd(tmp_path_factory.mktemp("faults"), cache_dir, env=DEBUG)
+    """One daemon with the debug faults on and default limits; each test leaves it serving
+    (and its config as it found it: STREAMING)."""
+    d = Yapd(tmp_path_factory.mktemp("faults"), cache_dir, config=STREAMING, env=DEBUG)
     d.start()
     yield d
     d.stop()
@@ -117,7 +121,7 @@ async def test_admin_socket_deleted_serving_goes_on_sighup_recreates(fault_yapd)
 
 async def test_config_file_gone_before_sighup_keeps_running_config(fault_yapd):
     d = fault_yapd
-    d.write_config(server={"max_connections": 7})
+    d.write_config(STREAMING, server={"max_connections": 7})
     assert d.admin(cmd="reload")[-1]["ok"] is True
     saved = d.config_path.read_text()
     d.config_path.unlink()
@@ -133,7 +137,7 @@ async def test_config_file_gone_before_sighup_keeps_running_config(fault_yapd):
     d.config_path.write_text(saved.replace("max_connections = 7", "max_connections = 9"))
     assert d.admin(cmd="reload")[-1]["ok"] is True
     assert json.loads(d.http("/status")[1])["capacity"]["max"] == 9
-    d.write_config()
+    d.write_config(STREAMING)
     assert d.admin(cmd="reload")[-1]["ok"] is True
 
 
