@@ -23,6 +23,7 @@ import sdnotify
 
 from yapd import __version__, config, logs
 from yapd.awq.jobs import AwqJobs
+from yapd.bytecode import engine_packages, uncompiled
 from yapd.config import Config, ConfigError
 from yapd.engines import EngineError, can_start_together, create_engine
 from yapd.runtime import Runtime
@@ -109,6 +110,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         s = self.cfg.server
         log.info("yapd %s starting deploy=%s config=%s", __version__, self.cfg.engines.deploy, self.cfg.source)
+        for item in uncompiled(engine_packages(self.cfg)):
+            log.warning("%s", item.advice())
         try:
             await self.server.start(s.host, s.port)
             await self._start_admin()
