@@ -734,10 +734,11 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
     res = Results(args.out / f"{name}.json")
     phases = [ph for ph in args.phases.split(",") if ph]  # none: only the set-up
-    # Phases of one file are compared with each other: they must run alike.
-    alike = {"rounds": setup.rounds, "mps": args.mps}
+    # Phases of one file are compared with each other: they must run alike (a set-up-only
+    # call runs none, so it neither checks nor records these).
+    alike = {"rounds": setup.rounds, "mps": args.mps} if phases else {}
     earlier = res.data.get("setup", {})
-    for key, value in alike.items() if phases else ():
+    for key, value in alike.items():
         if earlier.get(key, value) != value:
             print(f"gpubench: {name}.json holds phases run with {key}={earlier[key]}, not {value}: "
                   f"run this one alike or under another --name", file=sys.stderr)
@@ -755,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
                 res.put("setup", "mps_error", str(exc))
                 print(f"gpubench: {exc}", file=sys.stderr)
                 return 2
-        for key, value in alike.items() if phases else ():
+        for key, value in alike.items():
             res.put("setup", key, value)
         for ph in phases:
             try:

@@ -8,7 +8,6 @@ results instead of leaving them to whoever reads the figures later.
 from __future__ import annotations
 
 import compileall
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,16 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from yapd.bytecode import has_bytecode, package_dir
+
 PACKAGES = ("torch", "vllm", "transformers")
 MPS_CONTROL = "nvidia-cuda-mps-control"
-
-
-def package_dir(name: str) -> Path | None:
-    """Where an installed top-level package lives, found without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def bytecode_state(packages: Iterable[str] | None = None) -> dict[str, Any]:
@@ -42,7 +35,7 @@ def bytecode_state(packages: Iterable[str] | None = None) -> dict[str, Any]:
             state[name] = None
             continue
         sources = list(root.rglob("*.py"))
-        cached = sum(1 for src in sources if Path(importlib.util.cache_from_source(str(src))).exists())
+        cached = sum(1 for src in sources if has_bytecode(src))
         state[name] = {"modules": len(sources), "bytecode": cached}
     return state
 

@@ -39,17 +39,27 @@ class Uncompiled:
                 f"{Path(sys.executable).name} -m compileall -q {self.folder}")
 
 
+def package_dir(name: str) -> Path | None:
+    """Where an installed top-level package lives, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def has_bytecode(source: Path) -> bool:
+    """Whether this interpreter would load ``source`` from bytecode already written."""
+    return Path(importlib.util.cache_from_source(str(source))).exists()
+
+
 def uncompiled(packages: Iterable[str]) -> list[Uncompiled]:
     """The packages (found without importing them) whose ``__init__`` has no bytecode
     that this interpreter would load, and that this process could not cache either."""
     found = []
     for name in packages:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        folder = package_dir(name)
+        if folder is None or not (folder / "__init__.py").exists() or has_bytecode(folder / "__init__.py"):
             continue
-        if Path(importlib.util.cache_from_source(spec.origin)).exists():
-            continue
-        folder = Path(spec.origin).parent
         cache = folder / "__pycache__"
         if sys.dont_write_bytecode:
             why = "PYTHONDONTWRITEBYTECODE is set"
