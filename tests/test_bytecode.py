@@ -82,3 +82,22 @@ def test_the_daemon_checks_the_packages_its_engines_import(deploy, backend, demo
     cfg = config.from_mapping({"demo": demo, "engines": {"deploy": deploy}, "chat": {"backend": backend},
                                "tool": {"backend": "cpu"}}, "test")
     assert engine_packages(cfg) == expect
+
+
+def test_a_real_yapd_without_loadable_bytecode_says_so_at_start(make_yapd, tmp_path):
+    """A real daemon whose interpreter finds no bytecode it may load (an empty pycache
+    prefix stands in for a --no-compile install) and may write none: its log names each
+    package its engines import, with the compileall command, before any engine loads."""
+    d = make_yapd(start=False, env={"PYTHONPYCACHEPREFIX": str(tmp_path / "no-pyc"), "PYTHONDONTWRITEBYTECODE": "1"})
+    d.start(wait=False)
+    for package in ("torch", "transformers"):
+        line = d.wait_for(f"{package} has no bytecode in ", timeout=60)
+        assert "(PYTHONDONTWRITEBYTECODE is set)" in line and "-m compileall -q " in line
+    assert not any("vllm has no bytecode" in ln for ln in d.lines)  # --demo: the CPU engine, no vLLM
+    assert d.stop() == 0
+    assert not (tmp_path / "no-pyc").exists()  # it really wrote none
+
+
+def test_a_real_yapd_with_its_bytecode_says_nothing(make_yapd):
+    d = make_yapd()  # the test venv: pip compiled every package
+    assert not any("has no bytecode" in ln for ln in d.lines)
