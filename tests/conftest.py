@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import os
+import stat
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,11 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from yapctl.localyapd import LocalYapd
+from yapd import mps
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test_key"
+MPS_STANDIN = Path(__file__).with_name("mps_standin.py")
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +86,20 @@ def shared_yapd(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> It
     d.start()
     yield d
     d.stop()
+
+
+@pytest.fixture
+def control_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The stand-in, first on PATH under the real binary's name."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    tool = bindir / mps.MPS_CONTROL
+    tool.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{MPS_STANDIN}" "$@"\n')
+    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    for var in (mps.PIPE_ENV, mps.LOG_ENV, "STANDIN_FAIL", "STANDIN_DEAF"):
+        monkeypatch.delenv(var, raising=False)
+    return tool
 
 
 # --- client helpers --------------------------------------------------------------

@@ -7,14 +7,13 @@ import importlib
 import importlib.util
 import json
 import os
-import stat
 import sys
 from pathlib import Path
 
 import pytest
 
 from yapctl import gpuenv
-from yapctl.gpubench import main, markdown, run_conditions
+from yapctl.gpubench import Setup, main, markdown, run_conditions
 
 
 @pytest.fixture
@@ -60,50 +59,23 @@ def test_mps_without_its_control_binary_is_a_clear_error_and_runs_nothing(tmp_pa
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
 
 
-STAND_IN = """#!/bin/sh
-# Records how it was called; "-d" starts, "quit" on stdin stops (as the real one).
-if [ "$1" = "-d" ]; then
-  echo "start pipe=$CUDA_MPS_PIPE_DIRECTORY" >> "$CUDA_MPS_LOG_DIRECTORY/control.log"
-  exit ${FAIL:-0}
-fi
-echo "command $(cat) pipe=$CUDA_MPS_PIPE_DIRECTORY" >> "$CUDA_MPS_LOG_DIRECTORY/control.log"
-"""
-
-
-@pytest.fixture
-def control_binary(tmp_path, monkeypatch):
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    tool = bindir / gpuenv.MPS_CONTROL
-    tool.write_text(STAND_IN)
-    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
-    monkeypatch.delenv("CUDA_MPS_LOG_DIRECTORY", raising=False)
-    return tool
-
-
-def test_mps_daemon_is_private_to_the_run_and_every_later_process_is_its_client(tmp_path, control_binary):
-    daemon = gpuenv.MpsDaemon(tmp_path / "work" / "mps")
-    pipe = str(tmp_path / "work" / "mps" / "pipe")
-    daemon.start()
-    try:
-        assert os.environ["CUDA_MPS_PIPE_DIRECTORY"] == pipe  # inherited by yapd, vllm serve, EngineCores
-        assert Path(pipe).is_dir()
-    finally:
-        daemon.stop()
-    assert daemon.log_tail() == [f"start pipe={pipe}", f"command quit pipe={pipe}"]
+def test_mps_runs_the_runs_daemon_around_other_phases_and_lets_yapd_run_its_own(tmp_path, control_binary):
+    """--mps: raw vLLM runs under the benchmark's daemon; for a yapd phase that daemon
+    stops and yapd is told to run its own (engines.mps = "on"). Neither phase can run
+    here (no vLLM): each records its error, and the daemon's log shows the order."""
+    out, work = tmp_path / "out", tmp_path / "w"
+    rc = main([str(tmp_path / "models"), "--out", str(out), "--work", str(work), "--name", "t", "--mps",
+               "--phases", "raw,yapd", "--levels", "1"])
+    assert rc == 0
+    data = json.loads((out / "t.json").read_text())
+    assert data["setup"]["mps"] is True and "error" in data["raw"] and "error" in data["yapd"]
+    log = data["setup"]["mps_log_after_raw"]
+    assert len(log) == 1 and log[0].startswith(f"start pipe={work / 'mps-bench' / 'pipe'}")
+    assert [line.split(" pid=")[0] for line in (work / "mps-bench" / "log" / "control.log").read_text().splitlines()] \
+        == [log[0].split(" pid=")[0], "command quit", "quit"]  # stopped before yapd's phase
+    assert 'mps = "on"' in (work / "yapd.toml").read_text()
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
-    daemon.stop()  # a second stop sends nothing
-    assert len(daemon.log_tail()) == 2
-
-
-def test_mps_daemon_that_fails_to_start_leaves_the_environment_alone(tmp_path, control_binary, monkeypatch):
-    monkeypatch.setenv("FAIL", "3")
-    daemon = gpuenv.MpsDaemon(tmp_path / "mps")
-    with pytest.raises(RuntimeError, match="-d failed \\(3\\)"):
-        daemon.start()
-    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not daemon.started
+    assert Setup(tmp_path, work).config().engines.mps == "off"  # without --mps yapd runs none
 
 
 def test_run_conditions_head_the_table():

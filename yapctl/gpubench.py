@@ -34,6 +34,7 @@ from yapctl import gpuenv
 from yapctl.bench import BenchConfig, bench, cancel_latency, pct, turn_utterance
 from yapd import config
 from yapd.config import Config
+from yapd.mps import NO_BINARY, MpsDaemon
 
 LEVELS = (1, 8, 16, 24)
 WORDS = ("the quick brown fox jumps over a lazy dog while the persona keeps talking about music movies "
@@ -91,6 +92,7 @@ class Setup:
     levels: tuple[int, ...] = LEVELS
     chat_tp: int = 1
     rounds: int = ROUNDS
+    mps: bool = False  # yapd runs its own MPS daemon (engines.mps = "on"), else none ("off")
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
         return f"""
@@ -104,6 +106,7 @@ rate_limit_burst = 1000
 [engines]
 deploy = "both"
 cache_dir = "{self.work / "cache"}"
+mps = "{"on" if self.mps else "off"}"
 [chat]
 model = "{self.models / chat}"
 backend = "vllm"
@@ -192,8 +195,11 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
 async def phase_yapd(res: Results, s: Setup) -> None:
     cfg = s.config_file()
     log = s.work / "yapd.log"
+    offset = log.stat().st_size if log.exists() else 0
     proc, cold = start_yapd(cfg, log)
     res.put("yapd", "start_s_first", round(cold, 1))
+    # Whether yapd's engines run under its own MPS daemon, in its words.
+    res.put("yapd", "mps_lines", [line for line in startup_lines(log, offset) if "yapd.mps" in line])
     url = f"ws://127.0.0.1:{PORT}/ws"
     try:
         for c in s.levels:
@@ -213,7 +219,7 @@ async def phase_yapd(res: Results, s: Setup) -> None:
 # vLLM's own timing lines: where an engine start's seconds go.
 STARTUP_LINES = re.compile(r"(took|takes|finished in|Compiling a graph|Directly load|cache)"
                            r".*?[0-9.]+ ?(s|secs|seconds)\b|engine started role=|ready port=|engines load |"
-                           r"Overriding VLLM_WORKER|EngineCore started by")
+                           r"Overriding VLLM_WORKER|EngineCore started by|yapd\.mps:")
 
 
 def startup_lines(log: Path, offset: int) -> list[str]:
@@ -699,6 +705,9 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The phases that start yapd: under --mps yapd runs its own MPS daemon there.
+YAPD_PHASES = {"yapd", "startup", "warm"}
+
 PHASES: dict[str, Callable[[Results, Setup], Coroutine[Any, Any, None]]] = {
     "yapd": phase_yapd, "raw": phase_raw, "serve": phase_serve, "startup": phase_startup, "warm": phase_warm,
     "spawn": phase_spawn}
@@ -720,8 +729,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="byte-compile the site-packages holding torch and vLLM first, as a pip install does "
                         "(start times otherwise include compiling modules from source where no .pyc exists)")
     p.add_argument("--mps", action="store_true",
-                   help="run every phase under a private CUDA MPS daemon (engines share the GPU at once "
-                        "instead of taking turns)")
+                   help="every phase under CUDA MPS (engines share the GPU at once instead of taking turns): "
+                        "yapd its own daemon (engines.mps = \"on\"), the others a private one of the run's; "
+                        "without it yapd runs with engines.mps = \"off\"")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -729,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     args.work.mkdir(parents=True, exist_ok=True)
-    setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds)
+    setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
+                  args.mps)
     gpu = _gpu_name().replace("NVIDIA ", "").split()[0].lower() or "gpu"
     name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
     res = Results(args.out / f"{name}.json")
@@ -747,23 +758,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile_bytecode:
         res.put("setup", "bytecode_compile", gpuenv.compile_packages())
     res.put("setup", "bytecode", gpuenv.bytecode_state())
-    mps = gpuenv.MpsDaemon(args.work / "mps") if args.mps else None
+    # yapd's phases run yapd's own MPS daemon (engines.mps = "on"); the others, this one.
+    mps = MpsDaemon(args.work / "mps-bench") if args.mps else None
+    if mps is not None and mps.binary is None:  # no MPS here: say so, run nothing without it
+        res.put("setup", "mps_error", f"--mps: {NO_BINARY}")
+        print(f"gpubench: --mps: {NO_BINARY}", file=sys.stderr)
+        return 2
     try:
-        if mps is not None:
-            try:
-                mps.start()
-            except RuntimeError as exc:  # no MPS here: say so, run nothing without it
-                res.put("setup", "mps_error", str(exc))
-                print(f"gpubench: {exc}", file=sys.stderr)
-                return 2
         for key, value in alike.items():
             res.put("setup", key, value)
         for ph in phases:
             try:
+                if mps is not None and ph in YAPD_PHASES:
+                    mps.stop()
+                elif mps is not None:
+                    mps.start()
                 asyncio.run(PHASES[ph](res, setup))
             except Exception as exc:
                 res.put(ph, "error", f"{type(exc).__name__}: {exc}")
-            if mps is not None:
+            if mps is not None and ph not in YAPD_PHASES:
                 res.put("setup", f"mps_log_after_{ph}", mps.log_tail())
             (args.out / f"{name}.md").write_text(markdown(res.data))
     finally:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from yapd.paths import default_admin_socket
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -27,6 +29,7 @@ DeployMode = Literal["both", "chat", "tool"]
 Backend = Literal["auto", "vllm", "cpu"]
 Quantization = Literal["auto", "none", "fp8", "awq", "gptq"]
 StartMethod = Literal["fork", "spawn"]
+MpsMode = Literal["auto", "on", "off"]
 
 DEFAULT_CHAT_MODEL = "SicariusSicariiStuff/Impish_Nemo_12B"
 DEFAULT_TOOL_MODEL = "MadeAgents/Hammer2.1-3b"
@@ -96,6 +99,11 @@ class EnginesConfig:
     # second import of torch and vLLM; yapd's sockets are dropped in the child).
     # "spawn": a fresh interpreter, for setups where fork is unsafe.
     start_method: StartMethod = "fork"
+    # CUDA MPS (yapd/mps.py): "auto" runs a private MPS daemon while two vLLM engines
+    # share one GPU (they then run at once instead of taking turns: lower TTFT under
+    # load, a slower decode step); "on" also for one engine or several GPUs, and a start
+    # fails without it; "off" never.
+    mps: MpsMode = "auto"
 
 
 @dataclass
@@ -220,6 +228,10 @@ class Config:
 
     def deployed(self, role: str) -> bool:
         return self.engines.deploy in ("both", role)
+
+    def runtime_dir(self) -> Path:
+        """Where the admin socket lives (and yapd's private MPS folders)."""
+        return Path(self.admin.socket).parent if self.admin.socket else default_admin_socket().parent
 
     def cache_dir(self) -> Path:
         if self.engines.cache_dir:
@@ -368,6 +380,7 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, str], ...]] = {
     "DEPLOY_MODELS": (("engines", "deploy"),),
     "YAP_CACHE_DIR": (("engines", "cache_dir"),),
     "YAP_ENGINE_START_METHOD": (("engines", "start_method"),),
+    "YAP_ENGINE_MPS": (("engines", "mps"),),
     "CHAT_MODEL": (("chat", "model"),),
     "TOOL_MODEL": (("tool", "model"),),
     "CHAT_GPU_FRAC": (("chat", "gpu_memory_utilization"),),

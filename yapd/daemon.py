@@ -26,6 +26,7 @@ from yapd.awq.jobs import AwqJobs
 from yapd.bytecode import engine_packages, uncompiled
 from yapd.config import Config, ConfigError
 from yapd.engines import EngineError, can_start_together, create_engine
+from yapd.mps import Mps, MpsError
 from yapd.runtime import Runtime
 from yapd.server import YapServer
 
@@ -96,6 +97,8 @@ class Daemon:
         self._engine_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
         self.exit_code = 0
+        self.mps = Mps(cfg.runtime_dir() / "mps")
+        self.rt.mps_status = self.mps.status
 
     @property
     def cfg(self) -> Config:
@@ -154,36 +157,64 @@ class Daemon:
         extender = asyncio.create_task(self._extend_timeout())
         try:
             await self.awq_jobs.ensure_cached(roles)
-            engines = {role: create_engine(role, self.cfg) for role in roles}
-            for role, eng in engines.items():
-                self.rt.engines[role] = eng
-                self.rt.metrics.engine_up.labels(role).set(0)
-            self.notifier.status(f"loading engines: {', '.join(f'{r}={e.model}' for r, e in engines.items())}")
-            parallel = self.cfg.engines.start_in_parallel and await asyncio.to_thread(
-                can_start_together, list(engines.values()))
-            if parallel:
-                results = await asyncio.gather(*(self._start_one(r, e, alongside=True) for r, e in engines.items()),
-                                               return_exceptions=True)
-                failed = [res for res in results if isinstance(res, BaseException)]
-                if failed and len(engines) > 1 and not self._stop.is_set():
-                    # A plan that no longer fits (another tenant on the GPU, a driver
-                    # update): forget it and load the safe way rather than fail the start.
-                    log.warning("side-by-side engine start failed (%s); loading one after the other", failed[0])
-                    for eng in engines.values():
-                        await eng.shutdown()
-                        eng.forget_memory_plan()
-                    parallel = False
-                elif failed:
-                    raise failed[0] if isinstance(failed[0], EngineError) else EngineError(str(failed[0]))
-            if not parallel:
-                for role, eng in engines.items():
-                    await self._start_one(role, eng)
+            others = any(r not in roles and e.health().state in ("starting", "ready", "stopping")
+                         for r, e in self.rt.engines.items())
+            try:
+                under_auto_mps = await asyncio.to_thread(self.mps.prepare, self.cfg, roles, others)
+            except MpsError as exc:
+                raise EngineError(str(exc)) from exc
+            try:
+                await self._load_engines(roles)
+            except EngineError as exc:
+                if not under_auto_mps or self._stop.is_set():
+                    raise
+                log.warning("engines failed to start under MPS (%s); starting them without MPS", exc)
+                await self._shutdown_engines(roles)
+                await asyncio.to_thread(self.mps.give_up, str(exc))
+                await self._load_engines(roles)
         finally:
             extender.cancel()
         # Model loads leave millions of long-lived objects; moving them out of the
         # collector's view keeps gen-2 collections (pauses of 10+ ms mid-stream) short.
         gc.collect()
         gc.freeze()
+
+    async def _load_engines(self, roles: list[str]) -> None:
+        engines = {role: create_engine(role, self.cfg) for role in roles}
+        for role, eng in engines.items():
+            self.rt.engines[role] = eng
+            self.rt.metrics.engine_up.labels(role).set(0)
+        self.notifier.status(f"loading engines: {', '.join(f'{r}={e.model}' for r, e in engines.items())}")
+        parallel = self.cfg.engines.start_in_parallel and await asyncio.to_thread(
+            can_start_together, list(engines.values()))
+        if parallel:
+            results = await asyncio.gather(*(self._start_one(r, e, alongside=True) for r, e in engines.items()),
+                                           return_exceptions=True)
+            failed = [res for res in results if isinstance(res, BaseException)]
+            if failed and len(engines) > 1 and not self._stop.is_set():
+                # A plan that no longer fits (another tenant on the GPU, a driver
+                # update): forget it and load the safe way rather than fail the start.
+                log.warning("side-by-side engine start failed (%s); loading one after the other", failed[0])
+                for eng in engines.values():
+                    await eng.shutdown()
+                    eng.forget_memory_plan()
+                parallel = False
+            elif failed:
+                raise failed[0] if isinstance(failed[0], EngineError) else EngineError(str(failed[0]))
+        if not parallel:
+            for role, eng in engines.items():
+                await self._start_one(role, eng)
+
+    async def _shutdown_engines(self, roles: list[str]) -> None:
+        for role in roles:
+            eng = self.rt.engines.get(role)
+            if eng is None:
+                continue
+            self.rt.metrics.engine_up.labels(role).set(0)
+            try:
+                await asyncio.wait_for(eng.shutdown(), self.cfg.server.drain_timeout_s)
+            except Exception as exc:
+                log.warning("engine %s shutdown: %s", role, exc)
 
     async def _start_one(self, role: str, eng: Any, alongside: bool = False) -> None:
         t0 = time.perf_counter()
@@ -356,11 +387,8 @@ class Daemon:
             task.cancel()
         if self.admin is not None:
             await self.admin.close()
-        for role, eng in list(self.rt.engines.items()):
-            try:
-                await asyncio.wait_for(eng.shutdown(), timeout)
-            except Exception as exc:
-                log.warning("engine %s shutdown: %s", role, exc)
+        await self._shutdown_engines(list(self.rt.engines))
+        await asyncio.to_thread(self.mps.stop)  # after the engines: their contexts live in its server
         log.info("stopped")
 
 

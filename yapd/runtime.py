@@ -8,6 +8,7 @@ import hmac
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -71,6 +72,8 @@ class Runtime:
     draining: bool = False
     stopping: bool = False
     version: str = ""
+    # The daemon's MPS state (yapd/mps.py), read when /status is asked.
+    mps_status: Callable[[], dict[str, Any]] | None = None
     _layouts: dict[int, ChatLayout] = field(default_factory=dict)
     _tool_prefix: _ToolPrefix | None = None
 
@@ -149,5 +152,6 @@ class Runtime:
             "models": self.models(),
             "engines": {role: e.describe() for role, e in self.engines.items()},
             "concurrent_mode": self.cfg.turn.concurrent,
+            "mps": self.mps_status() if self.mps_status is not None else None,
             "demo": self.cfg.demo,
         }

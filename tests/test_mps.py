@@ -1,0 +1,218 @@
+"""yapd's own CUDA MPS daemon: when it runs, its lifecycle, and a real yapd around it.
+
+MPS needs a GPU, so the control binary is a stand-in (tests/mps_standin.py) serving a
+real Unix control socket; the decisions, the processes, the environment the engines
+inherit and the order of stops are real. The engines under a real MPS run on the device
+(docs/bench/h200-2026-12-02-*).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from yapd import config
+from yapd.mps import LOG_ENV, MPS_CONTROL, NO_BINARY, PIPE_ENV, Mps, MpsDaemon, MpsError, plan
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    # Short: the control socket's path must fit a Unix socket address.
+    with tempfile.TemporaryDirectory(prefix="mps", dir="/tmp") as d:
+        yield Path(d) / "mps"
+
+
+def control_log(folder: Path) -> list[str]:
+    path = folder / "log" / "control.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def gpu_config(**engines: object) -> config.Config:
+    return config.from_mapping({"engines": {"deploy": "both", **engines}, "chat": {"backend": "vllm"},
+                                "tool": {"backend": "vllm"}}, "test")
+
+
+# --- when ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("engines", "chat", "env", "want", "why"), [
+    ({}, {}, {}, True, "2 GPU engines share the GPU"),
+    ({"mps": "off"}, {}, {}, False, "engines.mps is off"),
+    ({}, {}, {PIPE_ENV: "/run/nvidia-mps"}, False, "the engines use the MPS daemon at"),
+    ({"deploy": "chat"}, {}, {}, False, "one GPU engine"),
+    ({"deploy": "chat", "mps": "on"}, {}, {}, True, "1 GPU engine share"),
+    ({}, {"tensor_parallel_size": 2}, {}, False, 'only when asked (engines.mps = "on")'),
+    ({"mps": "on"}, {"tensor_parallel_size": 2}, {}, True, "2 GPU engines"),
+    ({}, {}, {"CUDA_VISIBLE_DEVICES": "1"}, False, "CUDA_VISIBLE_DEVICES=1 is not a GPU UUID"),
+    ({}, {}, {"CUDA_VISIBLE_DEVICES": "GPU-5d2c9f3e"}, True, "2 GPU engines"),
+    ({}, {"backend": "cpu"}, {}, False, "one GPU engine"),
+])
+def test_auto_runs_mps_only_where_two_engines_share_one_gpu(engines, chat, env, want, why):
+    cfg = gpu_config(**engines)
+    for key, value in chat.items():
+        setattr(cfg.chat, key, value)
+    roles = [r for r in ("chat", "tool") if cfg.deployed(r)]
+    got, reason = plan(cfg, roles, env, binary="/usr/bin/" + MPS_CONTROL)
+    assert (got, why in reason) == (want, True), reason
+
+
+def test_without_the_control_binary_auto_says_so_and_on_refuses_to_start(folder, monkeypatch):
+    monkeypatch.setenv("PATH", str(folder))  # nothing there
+    monkeypatch.delenv(PIPE_ENV, raising=False)
+    assert plan(gpu_config(), ["chat", "tool"], {}, binary=None) == (False, NO_BINARY)
+    mps = Mps(folder)
+    assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is False
+    assert mps.status() == {"mode": "auto", "active": False, "daemon_pid": None, "pipe": None, "reason": NO_BINARY}
+    with pytest.raises(MpsError, match=r'engines\.mps is "on" but there is no nvidia-cuda-mps-control'):
+        mps.prepare(gpu_config(mps="on"), ["chat", "tool"], others_running=False)
+
+
+def test_a_demo_config_has_no_gpu_engine():
+    cfg = config.from_mapping({"engines": {"mps": "on"}}, "test")
+    cfg.demo = True
+    assert plan(cfg, ["chat", "tool"], {}, binary="x") == (False, "no GPU engine")
+
+
+def test_mps_mode_is_checked_like_every_config_key():
+    with pytest.raises(config.ConfigError, match=r"engines\.mps"):
+        config.from_mapping({"engines": {"mps": "yes"}}, "test")
+    assert config.load(None, env={"YAP_ENGINE_MPS": "off"}).engines.mps == "off"
+
+
+# --- the daemon ------------------------------------------------------------------
+
+
+def test_the_daemon_is_a_child_whose_clients_are_every_later_process(folder, control_binary):
+    daemon = MpsDaemon(folder)
+    daemon.start()
+    try:
+        assert daemon.running and daemon.pid is not None
+        assert os.environ[PIPE_ENV] == str(folder / "pipe")  # inherited by the EngineCores
+        assert os.environ[LOG_ENV] == str(folder / "log")
+        assert stat.S_IMODE((folder / "pipe").stat().st_mode) == 0o700
+        assert os.getpgid(daemon.pid) != os.getpgid(0)  # a Ctrl-C for yapd does not reach it
+        daemon.start()  # already running: nothing new
+        assert [line.split(" pid=")[0] for line in control_log(folder)] == [f"start pipe={folder / 'pipe'} visible="]
+    finally:
+        pid = daemon.pid
+        daemon.stop()
+    assert not daemon.running and PIPE_ENV not in os.environ and LOG_ENV not in os.environ
+    assert control_log(folder)[-2:] == [f"command quit pid={pid}", f"quit pid={pid}"]
+    daemon.stop()  # twice: nothing to do
+
+
+def test_a_daemon_that_will_not_start_is_an_error_with_its_words(folder, control_binary, monkeypatch):
+    monkeypatch.setenv("STANDIN_FAIL", "1")
+    daemon = MpsDaemon(folder)
+    with pytest.raises(MpsError, match="exited 3: cannot start: no GPU here"):
+        daemon.start()
+    assert not daemon.running and PIPE_ENV not in os.environ
+
+
+def test_a_daemon_left_by_an_earlier_yapd_is_asked_to_quit_first(folder, control_binary):
+    old = MpsDaemon(folder)
+    old.start()
+    old_pid, old_proc = old.pid, old._proc
+    old._proc = None  # as a yapd killed with SIGKILL leaves it: answering, nobody's child
+    new = MpsDaemon(folder)
+    try:
+        new.start()
+        assert new.pid != old_pid
+        log = control_log(folder)
+        assert f"quit pid={old_pid}" in log and log[-1].startswith("start ") and log[-1].endswith(f"pid={new.pid}")
+    finally:
+        new.stop()
+    assert old_proc is not None and old_proc.wait(10) == 0  # it quit when asked
+
+
+def test_a_daemon_deaf_to_quit_is_killed_at_stop(folder, control_binary, monkeypatch):
+    monkeypatch.setenv("STANDIN_DEAF", "1")
+    daemon = MpsDaemon(folder)
+    daemon.start()
+    proc = daemon._proc
+    daemon.stop(timeout=0.5)
+    assert proc is not None and proc.returncode == -signal.SIGKILL
+    assert PIPE_ENV not in os.environ
+
+
+# --- what the daemon does around engine starts -----------------------------------
+
+
+def test_auto_starts_it_keeps_it_for_engines_joining_and_gives_up_for_good(folder, control_binary):
+    mps = Mps(folder)
+    try:
+        assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is True
+        pid = mps.daemon.pid
+        assert mps.status() == {"mode": "auto", "active": True, "daemon_pid": pid, "pipe": str(folder / "pipe"),
+                                "reason": "2 GPU engines share the GPU"}
+        # One engine restarts while the other runs in the MPS server: nothing changes,
+        # even under a config that now says off (the next full start applies it).
+        assert mps.prepare(gpu_config(mps="off"), ["tool"], others_running=True) is False
+        assert mps.daemon.pid == pid
+        assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is True and mps.daemon.pid == pid
+        mps.give_up("EngineError: boom")
+        assert not mps.daemon.running and PIPE_ENV not in os.environ
+        assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is False
+        assert mps.status()["reason"] == "the engines failed to start under MPS (EngineError: boom)"
+        # "on" is not "auto": it tries again, and a failure there is not retried without.
+        assert mps.prepare(gpu_config(mps="on"), ["chat", "tool"], others_running=False) is False
+        assert mps.daemon.running
+        assert mps.prepare(gpu_config(mps="off"), ["chat", "tool"], others_running=False) is False
+        assert not mps.daemon.running and mps.status()["reason"] == "engines.mps is off"
+    finally:
+        mps.stop()
+
+
+def test_a_daemon_that_fails_is_a_warning_under_auto_and_a_failed_start_under_on(folder, control_binary,
+                                                                               monkeypatch):
+    monkeypatch.setenv("STANDIN_FAIL", "1")
+    mps = Mps(folder)
+    assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is False
+    assert mps.status()["reason"].startswith("the MPS daemon did not start: ")
+    with pytest.raises(MpsError, match="exited 3"):
+        mps.prepare(gpu_config(mps="on"), ["chat", "tool"], others_running=False)
+
+
+# --- a real yapd -------------------------------------------------------------------
+
+
+def test_a_real_yapd_runs_its_daemon_before_its_engines_and_stops_it_after(make_yapd, control_binary):
+    """The demo's CPU engines stand for GPU ones (YAPD_DEBUG_MPS_BACKENDS): yapd starts
+    the daemon, shows it in /status, and quits it only once its engines have stopped."""
+    d = make_yapd(env={"YAPD_DEBUG_MPS_BACKENDS": "cpu", "PATH": os.environ["PATH"]})
+    folder = d.workdir / "mps"
+    st = json.loads(d.http("/status")[1])["mps"]
+    assert st["mode"] == "auto" and st["active"] is True and st["pipe"] == str(folder / "pipe")
+    assert st["reason"] == "2 GPU engines share the GPU"
+    started = control_log(folder)
+    assert len(started) == 1 and started[0].endswith(f"pid={st['daemon_pid']}")
+    assert d.stop() == 0
+    d.wait_for("yapd.daemon: stopped")
+    assert control_log(folder)[-1] == f"quit pid={st['daemon_pid']}"
+    text = "\n".join(d.lines)
+    assert text.index("MPS control daemon started") < text.index("engine started role=")
+    assert text.rindex("engine") < text.index("MPS control daemon stopped") < text.index("yapd.daemon: stopped")
+
+
+def test_a_real_yapd_whose_engines_fail_under_mps_starts_them_without(make_yapd, control_binary, tmp_path):
+    """A start that fails under the daemon "auto" started is tried once more without it
+    (here the model is missing, so that fails too: the start fails, the daemon is gone)."""
+    missing = tmp_path / "missing"
+    d = make_yapd(f'[engines]\ncache_dir = "{tmp_path / "c"}"\n[chat]\nbackend = "cpu"\nmodel = "{missing}"\n'
+                  f'[tool]\nbackend = "cpu"\nmodel = "{missing}"\n', start=False, demo=False,
+                  env={"YAPD_DEBUG_MPS_BACKENDS": "cpu", "PATH": os.environ["PATH"]})
+    d.start(wait=False)
+    d.wait_for("start failed", 60)
+    assert d.proc is not None and d.proc.wait(30) == 1
+    text = "\n".join(d.lines)
+    assert "MPS control daemon started" in text
+    assert "engines failed to start under MPS" in text and "starting them without MPS" in text
+    assert "start failed" in text
+    assert control_log(d.workdir / "mps")[-1].startswith("quit ")
