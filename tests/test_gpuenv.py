@@ -132,3 +132,10 @@ def test_phases_added_to_a_file_must_run_alike(tmp_path, package, monkeypatch, c
     assert main([*base, "--rounds", "16", "--mps"]) == 2
     assert "mps=False, not True" in capsys.readouterr().err
     assert (tmp_path / "out" / "t.json").read_text() == before
+
+
+def test_yapds_own_mps_line_is_quoted_under_the_table():
+    line = "2026-12-02T05:25:24.848 info yapd.mps: MPS control daemon started pid=849 pipe=/w/mps/pipe (x)"
+    data = {"date": "2026-12-02", "machine": "H200", "setup": {"mps": True},
+            "yapd": {"c16": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {}, "mps_lines": [line]}}
+    assert f"- yapd's MPS, in its log: {line}" in markdown(data).splitlines()

@@ -677,7 +677,8 @@ def markdown(data: dict[str, Any]) -> str:
               f"- yapd start to READY, first start: {y.get('start_s_first')} s; restart with warm compile cache: "
               f"{y.get('start_s_restart')} s",
               f"- raw engines start: {data.get('raw', {}).get('start_s')} s; vllm serve start: "
-              f"{data.get('serve', {}).get('start_s')} s", ""]
+              f"{data.get('serve', {}).get('start_s')} s",
+              *(f"- yapd's MPS, in its log: {line}" for line in y.get("mps_lines", [])), ""]
     sp = data.get("spawn")
     if sp:
         lines += ["## EngineCore start method", "",

@@ -194,14 +194,18 @@ class MpsDaemon:
 
 
 def _answers(path: Path) -> bool:
+    """Whether a daemon listens on the control socket (the real one is a seqpacket
+    socket: a stream connect to it fails with EPROTOTYPE)."""
     if not path.exists():
         return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
+    for kind in (socket.SOCK_SEQPACKET, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as s:
+            try:
+                s.connect(str(path))
+            except OSError:
+                continue
+        return True
+    return False
 
 
 def _wait(done: Any, timeout: float) -> bool:
