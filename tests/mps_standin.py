@@ -1,5 +1,6 @@
 """A stand-in for nvidia-cuda-mps-control (MPS needs a GPU): ``-f`` serves a real Unix
-control socket in $CUDA_MPS_PIPE_DIRECTORY until told ``quit``; without ``-f`` it is
+seqpacket control socket (the real one's kind, seen on the H200 with driver 580) in
+$CUDA_MPS_PIPE_DIRECTORY until told ``quit``; without ``-f`` it is
 the client, sending the command on stdin to that socket. Every step goes to
 $CUDA_MPS_LOG_DIRECTORY/control.log, as the real daemon logs there.
 
@@ -26,7 +27,7 @@ if sys.argv[1:] == ["-f"]:
         sys.exit(3)
     if os.path.exists(path):
         os.unlink(path)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     server.bind(path)
     server.listen()
     log(f"start pipe={pipe} visible={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
@@ -43,7 +44,7 @@ if sys.argv[1:] == ["-f"]:
             sys.exit(0)
 else:
     command = sys.stdin.read().strip()
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         client.connect(path)
     except OSError:
