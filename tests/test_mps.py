@@ -116,6 +116,13 @@ def test_a_daemon_that_will_not_start_is_an_error_with_its_words(folder, control
     assert not daemon.running and PIPE_ENV not in os.environ
 
 
+def test_a_folder_that_cannot_be_made_is_an_mps_error(tmp_path, control_binary):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MpsError, match="MPS folders: "):
+        MpsDaemon(tmp_path / "file" / "mps").start()
+    assert PIPE_ENV not in os.environ
+
+
 def test_a_daemon_left_by_an_earlier_yapd_is_asked_to_quit_first(folder, control_binary):
     old = MpsDaemon(folder)
     old.start()

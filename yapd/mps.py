@@ -117,8 +117,11 @@ class MpsDaemon:
             raise MpsError(NO_BINARY)
         if len(str(self.control_socket)) > MAX_SOCKET_PATH:
             raise MpsError(f"MPS pipe folder {self.folder / 'pipe'} is too long for a Unix socket path")
-        for path in self.env.values():
-            Path(path).mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            for path in self.env.values():
+                Path(path).mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MpsError(f"MPS folders: {exc}") from exc
         if _answers(self.control_socket):
             # One a yapd before this one left running (killed without its stop): it
             # serves no engine of ours, and ours must be the one whose life we manage.
