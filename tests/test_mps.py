@@ -51,6 +51,8 @@ def gpu_config(**engines: object) -> config.Config:
     ({}, {"tensor_parallel_size": 2}, {}, False, 'only when asked (engines.mps = "on")'),
     ({"mps": "on"}, {"tensor_parallel_size": 2}, {}, True, "2 GPU engines"),
     ({}, {}, {"CUDA_VISIBLE_DEVICES": "1"}, False, "CUDA_VISIBLE_DEVICES=1 is not a GPU UUID"),
+    ({"mps": "on"}, {}, {"CUDA_VISIBLE_DEVICES": "GPU-5d2c,0"}, False, "CUDA_VISIBLE_DEVICES=GPU-5d2c,0 is not"),
+    ({}, {}, {"CUDA_VISIBLE_DEVICES": "MIG-3e1f"}, False, "is not a GPU UUID"),
     ({}, {}, {"CUDA_VISIBLE_DEVICES": "GPU-5d2c9f3e"}, True, "2 GPU engines"),
     ({}, {"backend": "cpu"}, {}, False, "one GPU engine"),
 ])
@@ -70,8 +72,17 @@ def test_without_the_control_binary_auto_says_so_and_on_refuses_to_start(folder,
     mps = Mps(folder)
     assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is False
     assert mps.status() == {"mode": "auto", "active": False, "daemon_pid": None, "pipe": None, "reason": NO_BINARY}
-    with pytest.raises(MpsError, match=r'engines\.mps is "on" but there is no nvidia-cuda-mps-control'):
+    with pytest.raises(MpsError, match=r'engines\.mps is "on" but no nvidia-cuda-mps-control'):
         mps.prepare(gpu_config(mps="on"), ["chat", "tool"], others_running=False)
+
+
+def test_on_refuses_a_gpu_named_by_index(folder, control_binary, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(MpsError, match=r'engines\.mps is "on" but CUDA_VISIBLE_DEVICES=0 is not a GPU UUID'):
+        Mps(folder).prepare(gpu_config(mps="on"), ["chat", "tool"], others_running=False)
+    mps = Mps(folder)
+    assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is False  # auto: without
+    assert not mps.daemon.running and "nvidia-smi -L" in mps.status()["reason"]
 
 
 def test_a_demo_config_has_no_gpu_engine():

@@ -66,15 +66,23 @@ def plan(cfg: Config, roles: Sequence[str], env: Mapping[str, str] | None = None
             return False, "one GPU engine: nothing shares its GPU"
         if any(_engine(cfg, r).tensor_parallel_size * _engine(cfg, r).data_parallel_size > 1 for r in gpu):
             return False, 'engines on several GPUs: MPS runs there only when asked (engines.mps = "on")'
-        visible = env.get("CUDA_VISIBLE_DEVICES", "")
-        if any(d.strip() and not d.strip().startswith("GPU-") for d in visible.split(",")):
-            # The MPS server renumbers the devices it sees, so an index would name another
-            # GPU (or none) in the engines; a UUID names the same one on both sides.
-            return False, (f"CUDA_VISIBLE_DEVICES={visible} is not a GPU UUID: the MPS server would renumber it "
-                           "(name the GPU by UUID, from nvidia-smi -L)")
+    renumbered = renumbered_devices(env)
+    if renumbered:
+        return False, renumbered
     if binary is None:
         return False, NO_BINARY
     return True, f"{len(gpu)} GPU engine{'s' if len(gpu) > 1 else ''} share the GPU"
+
+
+def renumbered_devices(env: Mapping[str, str]) -> str | None:
+    """Why CUDA_VISIBLE_DEVICES rules MPS out, if it does: the MPS server renumbers the
+    devices it sees, so an index (or a MIG instance) would name another GPU, or none, in
+    the engines; a GPU UUID names the same one on both sides."""
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    if any(d.strip() and not d.strip().startswith("GPU-") for d in visible.split(",")):
+        return (f"CUDA_VISIBLE_DEVICES={visible} is not a GPU UUID: the MPS server would renumber it "
+                "(name the GPU by UUID, from nvidia-smi -L)")
+    return None
 
 
 def _engine(cfg: Config, role: str) -> EngineConfig:
@@ -243,8 +251,8 @@ class Mps:
         if want and self.failed and self.mode == "auto":
             want, reason = False, self.failed
         if not want:
-            if self.mode == "on" and reason == NO_BINARY:
-                raise MpsError(f'engines.mps is "on" but there is {reason}')
+            if self.mode == "on" and reason in (NO_BINARY, renumbered_devices(env)):
+                raise MpsError(f'engines.mps is "on" but {reason}')
             self.daemon.stop()
             self.reason = reason
             if reason != "no GPU engine":
