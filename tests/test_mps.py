@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_cli import yapctl
 from yapd import config
 from yapd.mps import LOG_ENV, MPS_CONTROL, NO_BINARY, PIPE_ENV, Mps, MpsDaemon, MpsError, plan
 
@@ -211,6 +212,8 @@ def test_a_real_yapd_runs_its_daemon_before_its_engines_and_stops_it_after(make_
     assert st["reason"] == "2 GPU engines share the GPU"
     started = control_log(folder)
     assert len(started) == 1 and started[0].endswith(f"pid={st['daemon_pid']}")
+    out = yapctl("status", sock=d.admin_socket)
+    assert f"mps on (daemon pid {st['daemon_pid']}, 2 GPU engines share the GPU)" in out.stdout.splitlines()
     assert d.stop() == 0
     d.wait_for("yapd.daemon: stopped")
     assert control_log(folder)[-1] == f"quit pid={st['daemon_pid']}"

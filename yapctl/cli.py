@@ -143,6 +143,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
     print(f"connections {cap.get('active', '?')}/{cap.get('max', '?')}  engine requests in flight {in_flight}")
     if st.get("systemd_status"):
         print(f"systemd: {st['systemd_status']}")
+    mps = st.get("mps")
+    if mps:
+        where = f"daemon pid {mps['daemon_pid']}, " if mps.get("daemon_pid") else ""
+        print(f"mps {'on' if mps.get('active') else 'off'} ({where}{mps.get('reason')})")
     rows = []
     for role, eng in sorted(st.get("engines", {}).items()):
         rows.append([role, str(eng.get("state", "?")), str(eng.get("backend", "")), str(eng.get("model", "")),
