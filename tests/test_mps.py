@@ -212,6 +212,7 @@ def test_a_real_yapd_runs_its_daemon_before_its_engines_and_stops_it_after(make_
     assert st["reason"] == "2 GPU engines share the GPU"
     started = control_log(folder)
     assert len(started) == 1 and started[0].endswith(f"pid={st['daemon_pid']}")
+    assert "yapd_mps_active 1.0" in d.http("/metrics")[1].splitlines()
     out = yapctl("status", sock=d.admin_socket)
     assert f"mps on (daemon pid {st['daemon_pid']}, 2 GPU engines share the GPU)" in out.stdout.splitlines()
     assert d.stop() == 0

@@ -99,6 +99,7 @@ class Daemon:
         self.exit_code = 0
         self.mps = Mps(cfg.runtime_dir() / "mps")
         self.rt.mps_status = self.mps.status
+        self.rt.metrics.mps_active.set_function(lambda: float(self.mps.status()["active"]))
 
     @property
     def cfg(self) -> Config:

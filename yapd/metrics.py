@@ -34,6 +34,8 @@ class Metrics:
         self.connections = Counter("yapd_connections", "Connections by outcome", ["outcome"], registry=r)
         self.tokens = Counter("yapd_generated_tokens", "Tokens generated", ["role"], registry=r)
         self.engine_up = Gauge("yapd_engine_up", "1 when the engine serves", ["role"], registry=r)
+        self.mps_active = Gauge("yapd_mps_active", "1 while the engines run under CUDA MPS (yapd's or the host's)",
+                                registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
