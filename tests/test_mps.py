@@ -238,3 +238,15 @@ def test_a_real_yapd_whose_engines_fail_under_mps_starts_them_without(make_yapd,
     assert "engines failed to start under MPS" in text and "starting them without MPS" in text
     assert "start failed" in text
     assert control_log(d.workdir / "mps")[-1].startswith("quit ")
+
+
+async def test_the_dashboard_marks_a_daemon_whose_engines_run_under_mps(make_yapd, control_binary, shared_yapd):
+    from tests.test_tui import dashboard, text
+    from tests.tui_screenshots import SIZE, until
+
+    d = make_yapd(env={"YAPD_DEBUG_MPS_BACKENDS": "cpu", "PATH": os.environ["PATH"]})
+    for daemon, marked in ((d, True), (shared_yapd, False)):
+        app = dashboard(daemon.admin_socket)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda app=app: app.link == "connected", what="the first status")
+            assert ("  MPS" in text(app.link_bar)) is marked, text(app.link_bar)

@@ -42,7 +42,8 @@ class LinkBar(Static):
                              f"  pid {st.get('pid', '?')}  port {st.get('port', '?')}",
                              f"  deploy {st.get('deploy', '?')}  ", state,
                              f"  up {ago(float(st.get('uptime_s') or 0))}",
-                             ("  demo" if st.get("demo") else "", "dim"))
+                             ("  demo" if st.get("demo") else "", "dim"),
+                             ("  MPS" if (st.get("mps") or {}).get("active") else "", "cyan"))
         if st.get("pending_restart_keys"):
             text.append(f"  restart pending: {', '.join(map(str, st['pending_restart_keys']))}", "yellow")
         self.update(text)
