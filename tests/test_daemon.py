@@ -367,3 +367,18 @@ async def test_engine_fault_mid_stream_other_sessions_continue(make_yapd):
         check_turn(await run_turn(a))
     assert d.http("/healthz", key=None)[0] == 200
     assert KEY
+
+
+def test_a_wedged_event_loop_shows_in_status_and_metrics(make_yapd):
+    """Whatever holds the loop delays every turn's tokens: yapd measures it (a 50 ms
+    timer and how late it fires) and shows it in /status and /metrics."""
+    d = make_yapd(env={"YAPD_DEBUG_ADMIN": "1"})
+
+    # The timer runs from the daemon's start: the block holds back its next firing.
+    d.admin(cmd="debug", action="block_loop", seconds=0.4)
+    st = json.loads(d.http("/status")[1])["loop_lag_ms"]
+    assert st["max_ms"] >= 350 and st["window_s"] > 0, st
+    metrics = d.http("/metrics")[1].splitlines()
+    late = [line for line in metrics if line.startswith('yapd_event_loop_lag_seconds_bucket{le="0.25"}')]
+    count = [line for line in metrics if line.startswith("yapd_event_loop_lag_seconds_count")]
+    assert float(late[0].split()[-1]) < float(count[0].split()[-1])  # one sample above 0.25 s

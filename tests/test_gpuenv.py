@@ -139,3 +139,11 @@ def test_yapds_own_mps_line_is_quoted_under_the_table():
     data = {"date": "2026-12-02", "machine": "H200", "setup": {"mps": True},
             "yapd": {"c16": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {}, "mps_lines": [line]}}
     assert f"- yapd's MPS, in its log: {line}" in markdown(data).splitlines()
+
+
+def test_yapds_event_loop_lag_gets_a_row_where_it_was_taken():
+    data = {"date": "2026-12-02", "machine": "H200", "setup": {},
+            "yapd": {"c16": {"ttft_ms": {"p50": 1, "p95": 2}, "loop_lag_ms": {"p99_ms": 3.5, "max_ms": 12.25}},
+                     "c8": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {}}}
+    rows = [line for line in markdown(data).splitlines() if "event-loop lag" in line]
+    assert rows == ["| 16 | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | 3.5 / 12.25 | - | - |"]

@@ -642,3 +642,13 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir):
     asyncio.run(turn.run({"type": "ack"}))
     assert turn.state == "done"
     assert (seen["chat"], seen["tool"]) == TurnPrompts(setup).turn(5)
+
+
+def test_loop_lag_keeps_a_window_and_reports_in_ms():
+    from yapd.looplag import LoopLag
+
+    lag = LoopLag(interval=0.05, window_s=1.0)
+    assert lag.snapshot() == {"samples": 0, "window_s": 0.0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    for ms in range(30):
+        lag.samples.append(ms / 1000)
+    assert lag.snapshot() == {"samples": 20, "window_s": 1.0, "p50_ms": 20.0, "p99_ms": 29.0, "max_ms": 29.0}

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -182,6 +183,16 @@ def start_yapd(cfg_path: Path, log: Path) -> tuple[subprocess.Popen[bytes], floa
         time.sleep(0.25)
 
 
+def yapd_status() -> dict[str, Any]:
+    req = urllib.request.Request(f"http://127.0.0.1:{PORT}/status", headers={"X-API-Key": "bench"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - our own loopback daemon
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+    except (OSError, ValueError):
+        return {}
+
+
 def stop(proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -205,7 +216,10 @@ async def phase_yapd(res: Results, s: Setup) -> None:
         for c in s.levels:
             rep = await bench(BenchConfig(url=url, key="bench", n=turns_for(c, s.rounds), concurrency=c, timeout=120,
                                           utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
-            res.put("yapd", f"c{c}", rep.summary())
+            # How late yapd's event loop ran over the level's last 20 s: a loop held up
+            # by token frames delays both engines' outputs too.
+            lag = (await asyncio.to_thread(yapd_status)).get("loop_lag_ms")
+            res.put("yapd", f"c{c}", {**rep.summary(), "loop_lag_ms": lag})
         start = {"type": "start", "session_id": "cancel", "user_utterance": UTTERANCE, "persona_text": PERSONA,
                  "history_text": HISTORY}
         res.put("yapd", "cancel", await cancel_latency(url, "bench", n=20, start=start))
@@ -670,6 +684,10 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {c} | in yapd: chat / tool engine first output p50 ms | "
                      f"{g('yapd', lvl, 'server_engine_ttft_ms', 'p50')} / "
                      f"{g('yapd', lvl, 'server_tool_first_ms', 'p50')} | - | - |")
+        if data.get("yapd", {}).get(lvl, {}).get("loop_lag_ms"):
+            lines.append(f"| {c} | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | "
+                         f"{g('yapd', lvl, 'loop_lag_ms', 'p99_ms')} / {g('yapd', lvl, 'loop_lag_ms', 'max_ms')}"
+                         " | - | - |")
     y = data.get("yapd", {})
     cancel = y.get("cancel", {})
     lines += [] if not latency else ["", f"- cancel -> done (client): {cancel.get('cancel_to_done_ms')}",

@@ -116,6 +116,7 @@ class Daemon:
         log.info("yapd %s starting deploy=%s config=%s", __version__, self.cfg.engines.deploy, self.cfg.source)
         for item in uncompiled(engine_packages(self.cfg)):
             log.warning("%s", item.advice())
+        self._spawn(self.rt.loop_lag.run(self.rt.metrics.loop_lag.observe))
         try:
             await self.server.start(s.host, s.port)
             await self._start_admin()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from yapd.config import Config
 from yapd.engines.base import Engine
+from yapd.looplag import LoopLag
 from yapd.metrics import Metrics
 from yapd.prompts import ChatLayout, persona_styles
 from yapd.toolcall import instruction_block
@@ -74,6 +75,7 @@ class Runtime:
     version: str = ""
     # The daemon's MPS state (yapd/mps.py), read when /status is asked.
     mps_status: Callable[[], dict[str, Any]] | None = None
+    loop_lag: LoopLag = field(default_factory=LoopLag)
     _layouts: dict[int, ChatLayout] = field(default_factory=dict)
     _tool_prefix: _ToolPrefix | None = None
 
@@ -153,5 +155,6 @@ class Runtime:
             "engines": {role: e.describe() for role, e in self.engines.items()},
             "concurrent_mode": self.cfg.turn.concurrent,
             "mps": self.mps_status() if self.mps_status is not None else None,
+            "loop_lag_ms": self.loop_lag.snapshot(),
             "demo": self.cfg.demo,
         }

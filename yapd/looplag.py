@@ -1,0 +1,42 @@
+"""How late the event loop runs what is due.
+
+Every turn's messages, every token frame and both engines' output handlers share one
+event loop: whatever delays it is added to a reply's first token and to its token gaps.
+A timer that should fire every ``interval`` measures by how much it fires late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class LoopLag:
+    def __init__(self, interval: float = 0.05, window_s: float = 20.0) -> None:
+        self.interval = interval
+        self.samples: collections.deque[float] = collections.deque(maxlen=max(1, round(window_s / interval)))
+
+    async def run(self, observe: Callable[[float], None]) -> None:
+        while True:
+            # perf_counter, not loop.time(): uvloop's clock is cached per iteration
+            # and counts in whole milliseconds.
+            t0 = time.perf_counter()
+            await asyncio.sleep(self.interval)
+            lag = max(0.0, time.perf_counter() - t0 - self.interval)
+            self.samples.append(lag)
+            observe(lag)
+
+    def snapshot(self) -> dict[str, Any]:
+        """p50 / p99 / max in ms over the window (the last ``window_s`` seconds)."""
+        xs = sorted(self.samples)
+        if not xs:
+            return {"samples": 0, "window_s": 0.0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+
+        def at(q: float) -> float:
+            return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 2)
+
+        return {"samples": len(xs), "window_s": round(len(xs) * self.interval, 1), "p50_ms": at(0.5),
+                "p99_ms": at(0.99), "max_ms": round(xs[-1] * 1000, 2)}
