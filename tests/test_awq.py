@@ -356,8 +356,10 @@ def test_yapd_in_awq_mode_quantizes_on_first_start_then_reuses(make_yapd, tmp_pa
         first_start = time.monotonic() - t0
         d.wait_for("quantizing it now")
         d.wait_for("using cached AWQ model")
+        # The datagrams are read on the socket's own thread: wait for READY=1 there (the
+        # log line that ended d.start() can overtake it).
+        ready = notify.wait("READY=1", timeout=30)
         texts = notify.texts()
-        ready = next(i for i, m in enumerate(texts) if "READY=1" in m)
         quantizing = [i for i, m in enumerate(texts) if "STATUS=quantizing tool model (AWQ W4A16): layer" in m]
         assert quantizing and quantizing[0] < ready, texts
         assert any("layer 2/2" in texts[i] and "ETA" in texts[i] for i in quantizing)
