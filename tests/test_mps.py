@@ -20,7 +20,7 @@ import pytest
 
 from tests.test_cli import yapctl
 from yapd import config
-from yapd.mps import LOG_ENV, MPS_CONTROL, NO_BINARY, PIPE_ENV, Mps, MpsDaemon, MpsError, plan
+from yapd.mps import LOG_ENV, MPS_CONTROL, NO_BINARY, PIPE_ENV, Mps, MpsDaemon, MpsError, folder_for, plan
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def test_a_daemon_that_will_not_start_is_an_error_with_its_words(folder, control
 
 def test_a_folder_that_cannot_be_made_is_an_mps_error(tmp_path, control_binary):
     (tmp_path / "file").write_text("")
-    with pytest.raises(MpsError, match="MPS folders: "):
+    with pytest.raises(MpsError, match=r"MPS daemon in .*: .*Not a directory"):
         MpsDaemon(tmp_path / "file" / "mps").start()
     assert PIPE_ENV not in os.environ
 
@@ -139,7 +139,12 @@ def test_a_daemon_left_by_an_earlier_yapd_is_asked_to_quit_first(folder, control
     old = MpsDaemon(folder)
     old.start()
     old_pid, old_proc = old.pid, old._proc
-    old._proc = None  # as a yapd killed with SIGKILL leaves it: answering, nobody's child
+    # As a yapd killed with SIGKILL leaves it: answering, nobody's child, its lock gone
+    # with the dead yapd's open files.
+    old._proc = None
+    assert old._lock is not None
+    old._lock.close()
+    old._lock = None
     new = MpsDaemon(folder)
     try:
         new.start()
@@ -149,6 +154,29 @@ def test_a_daemon_left_by_an_earlier_yapd_is_asked_to_quit_first(folder, control
     finally:
         new.stop()
     assert old_proc is not None and old_proc.wait(10) == 0  # it quit when asked
+
+
+def test_a_second_yapd_on_the_same_folder_leaves_the_first_ones_daemon_alone(folder, control_binary):
+    first = MpsDaemon(folder)
+    first.start()
+    try:
+        with pytest.raises(MpsError, match=f"in use by another yapd \\(pid {os.getpid()}\\)"):
+            MpsDaemon(folder).start()
+        assert first.running and os.environ[PIPE_ENV] == str(folder / "pipe")
+        assert not any("quit" in line for line in control_log(folder))
+    finally:
+        first.stop()
+    second = MpsDaemon(folder)  # the lock went with the first one's stop
+    second.start()
+    second.stop()
+
+
+def test_the_folder_is_named_after_the_admin_socket():
+    def folder(sock: str) -> Path:
+        return folder_for(config.from_mapping({"admin": {"socket": sock}}, "test"))
+
+    assert folder("/run/yapd/admin.sock") == Path("/run/yapd/mps")
+    assert folder("/run/yapd/replica-b.sock") == Path("/run/yapd/mps-replica-b")
 
 
 def test_a_daemon_deaf_to_quit_is_killed_at_stop(folder, control_binary, monkeypatch):
@@ -189,12 +217,41 @@ def test_auto_starts_it_keeps_it_for_engines_joining_and_gives_up_for_good(folde
         mps.stop()
 
 
+def test_status_tells_the_truth_when_our_daemon_dies_on_its_own(folder, control_binary):
+    mps = Mps(folder)
+    assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is True
+    proc = mps.daemon._proc
+    assert proc is not None
+    proc.kill()
+    proc.wait()
+    # Our own settings are still in the environment: they are not a host's MPS.
+    assert os.environ[PIPE_ENV] == str(folder / "pipe")
+    assert mps.status()["active"] is False and mps.status()["pipe"] is None
+    # The next full engine start brings a new one up (the folder's lock is still ours).
+    assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is True
+    assert mps.daemon.running and mps.daemon.pid != proc.pid
+    mps.stop()
+    assert PIPE_ENV not in os.environ and LOG_ENV not in os.environ
+    # A host's own MPS, set for yapd, is what status shows then.
+    os.environ[PIPE_ENV] = "/srv/nvidia-mps"
+    try:
+        assert mps.status()["active"] is True and mps.status()["pipe"] == "/srv/nvidia-mps"
+        assert mps.host_env()[PIPE_ENV] == "/srv/nvidia-mps"
+    finally:
+        del os.environ[PIPE_ENV]
+
+
 def test_a_daemon_that_fails_is_a_warning_under_auto_and_a_failed_start_under_on(folder, control_binary,
                                                                                monkeypatch):
     monkeypatch.setenv("STANDIN_FAIL", "1")
     mps = Mps(folder)
     assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is False
     assert mps.status()["reason"].startswith("the MPS daemon did not start: ")
+    monkeypatch.delenv("STANDIN_FAIL")
+    # Not tried again at the next engine restart under "auto": until yapd restarts.
+    assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is False
+    assert not mps.daemon.running and mps.status()["reason"].startswith("the MPS daemon did not start: ")
+    monkeypatch.setenv("STANDIN_FAIL", "1")
     with pytest.raises(MpsError, match="exited 3"):
         mps.prepare(gpu_config(mps="on"), ["chat", "tool"], others_running=False)
 
@@ -220,7 +277,8 @@ def test_a_real_yapd_runs_its_daemon_before_its_engines_and_stops_it_after(make_
     assert control_log(folder)[-1] == f"quit pid={st['daemon_pid']}"
     text = "\n".join(d.lines)
     assert text.index("MPS control daemon started") < text.index("engine started role=")
-    assert text.rindex("engine") < text.index("MPS control daemon stopped") < text.index("yapd.daemon: stopped")
+    stopped = [text.index(f"engine stopped role={role}") for role in ("chat", "tool")]
+    assert max(stopped) < text.index("MPS control daemon stopped") < text.index("yapd.daemon: stopped")
 
 
 def test_a_real_yapd_whose_engines_fail_under_mps_starts_them_without(make_yapd, control_binary, tmp_path):

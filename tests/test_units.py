@@ -644,11 +644,13 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir):
     assert (seen["chat"], seen["tool"]) == TurnPrompts(setup).turn(5)
 
 
-def test_loop_lag_keeps_a_window_and_reports_in_ms():
+def test_loop_lag_keeps_a_window_of_time_and_reports_in_ms():
     from yapd.looplag import LoopLag
 
-    lag = LoopLag(interval=0.05, window_s=1.0)
+    lag = LoopLag(interval=0.05, window_s=0.975)
     assert lag.snapshot() == {"samples": 0, "window_s": 0.0, "p50_ms": None, "p99_ms": None, "max_ms": None}
-    for ms in range(30):
-        lag.samples.append(ms / 1000)
+    for ms in range(30):  # one a 50 ms tick: the last 0.975 s keep 20 of them
+        lag.add(ms * 0.05, ms / 1000)
     assert lag.snapshot() == {"samples": 20, "window_s": 1.0, "p50_ms": 20.0, "p99_ms": 29.0, "max_ms": 29.0}
+    lag.add(100.0, 0.5)  # a loop held for long: the samples before it are out of the window
+    assert lag.snapshot() == {"samples": 1, "window_s": 0.1, "p50_ms": 500.0, "p99_ms": 500.0, "max_ms": 500.0}

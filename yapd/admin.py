@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from yapd import forking
-from yapd.paths import default_admin_socket
 
 if TYPE_CHECKING:
     from yapd.daemon import Daemon
@@ -50,7 +49,7 @@ class AdminServer:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         cfg = daemon.cfg.admin
-        self.path = Path(cfg.socket) if cfg.socket else default_admin_socket()
+        self.path = daemon.cfg.admin_socket_path()
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[Any]] = set()
         self._gid = os.getgid()

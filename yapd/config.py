@@ -229,9 +229,9 @@ class Config:
     def deployed(self, role: str) -> bool:
         return self.engines.deploy in ("both", role)
 
-    def runtime_dir(self) -> Path:
-        """Where the admin socket lives (and yapd's private MPS folders)."""
-        return Path(self.admin.socket).parent if self.admin.socket else default_admin_socket().parent
+    def admin_socket_path(self) -> Path:
+        """The admin socket's path (yapd's private MPS folder is named after it)."""
+        return Path(self.admin.socket) if self.admin.socket else default_admin_socket()
 
     def cache_dir(self) -> Path:
         if self.engines.cache_dir:

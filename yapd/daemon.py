@@ -27,6 +27,7 @@ from yapd.bytecode import engine_packages, uncompiled
 from yapd.config import Config, ConfigError
 from yapd.engines import EngineError, can_start_together, create_engine
 from yapd.mps import Mps, MpsError
+from yapd.mps import folder_for as mps_folder
 from yapd.runtime import Runtime
 from yapd.server import YapServer
 
@@ -97,7 +98,7 @@ class Daemon:
         self._engine_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
         self.exit_code = 0
-        self.mps = Mps(cfg.runtime_dir() / "mps")
+        self.mps = Mps(mps_folder(cfg))
         self.rt.mps_status = self.mps.status
         self.rt.metrics.mps_active.set_function(lambda: float(self.mps.status()["active"]))
 
@@ -162,7 +163,9 @@ class Daemon:
             others = any(r not in roles and e.health().state in ("starting", "ready", "stopping")
                          for r, e in self.rt.engines.items())
             try:
-                under_auto_mps = await asyncio.to_thread(self.mps.prepare, self.cfg, roles, others)
+                # Over every deployed role: a restart of one engine beside a failed one
+                # must not decide that nothing shares the GPU.
+                under_auto_mps = await asyncio.to_thread(self.mps.prepare, self.cfg, self._deployed_roles(), others)
             except MpsError as exc:
                 raise EngineError(str(exc)) from exc
             try:
@@ -171,7 +174,9 @@ class Daemon:
                 if not under_auto_mps or self._stop.is_set():
                     raise
                 log.warning("engines failed to start under MPS (%s); starting them without MPS", exc)
-                await self._shutdown_engines(roles)
+                # No time limit: MPS may only go once their EngineCores are gone (each
+                # engine's own shutdown is bounded).
+                await self._shutdown_engines(roles, timeout=None)
                 await asyncio.to_thread(self.mps.give_up, str(exc))
                 await self._load_engines(roles)
         finally:
@@ -207,16 +212,18 @@ class Daemon:
             for role, eng in engines.items():
                 await self._start_one(role, eng)
 
-    async def _shutdown_engines(self, roles: list[str]) -> None:
+    async def _shutdown_engines(self, roles: list[str], timeout: float | None) -> None:
         for role in roles:
             eng = self.rt.engines.get(role)
             if eng is None:
                 continue
             self.rt.metrics.engine_up.labels(role).set(0)
             try:
-                await asyncio.wait_for(eng.shutdown(), self.cfg.server.drain_timeout_s)
+                await asyncio.wait_for(eng.shutdown(), timeout)
             except Exception as exc:
                 log.warning("engine %s shutdown: %s", role, exc)
+            else:
+                log.info("engine stopped role=%s", role)
 
     async def _start_one(self, role: str, eng: Any, alongside: bool = False) -> None:
         t0 = time.perf_counter()
@@ -389,7 +396,7 @@ class Daemon:
             task.cancel()
         if self.admin is not None:
             await self.admin.close()
-        await self._shutdown_engines(list(self.rt.engines))
+        await self._shutdown_engines(list(self.rt.engines), timeout)
         await asyncio.to_thread(self.mps.stop)  # after the engines: their contexts live in its server
         log.info("stopped")
 

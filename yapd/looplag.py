@@ -17,7 +17,8 @@ from typing import Any
 class LoopLag:
     def __init__(self, interval: float = 0.05, window_s: float = 20.0) -> None:
         self.interval = interval
-        self.samples: collections.deque[float] = collections.deque(maxlen=max(1, round(window_s / interval)))
+        self.window_s = window_s
+        self.samples: collections.deque[tuple[float, float]] = collections.deque()  # (when, lag) in s
 
     async def run(self, observe: Callable[[float], None]) -> None:
         while True:
@@ -25,18 +26,26 @@ class LoopLag:
             # and counts in whole milliseconds.
             t0 = time.perf_counter()
             await asyncio.sleep(self.interval)
-            lag = max(0.0, time.perf_counter() - t0 - self.interval)
-            self.samples.append(lag)
+            now = time.perf_counter()
+            lag = max(0.0, now - t0 - self.interval)
+            self.add(now, lag)
             observe(lag)
 
+    def add(self, when: float, lag: float) -> None:
+        self.samples.append((when, lag))
+        # By time, not by count: a loop running late takes fewer samples a second.
+        while self.samples and self.samples[0][0] < when - self.window_s:
+            self.samples.popleft()
+
     def snapshot(self) -> dict[str, Any]:
-        """p50 / p99 / max in ms over the window (the last ``window_s`` seconds)."""
-        xs = sorted(self.samples)
-        if not xs:
+        """p50 / p99 / max in ms over the last ``window_s`` seconds."""
+        if not self.samples:
             return {"samples": 0, "window_s": 0.0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+        xs = sorted(lag for _, lag in self.samples)
 
         def at(q: float) -> float:
             return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 2)
 
-        return {"samples": len(xs), "window_s": round(len(xs) * self.interval, 1), "p50_ms": at(0.5),
+        span = self.samples[-1][0] - self.samples[0][0] + self.interval
+        return {"samples": len(xs), "window_s": round(min(span, self.window_s), 1), "p50_ms": at(0.5),
                 "p99_ms": at(0.99), "max_ms": round(xs[-1] * 1000, 2)}

@@ -19,15 +19,17 @@ An MPS the host already runs (CUDA_MPS_PIPE_DIRECTORY set for yapd) is used as i
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from yapd.config import Config, EngineConfig
 from yapd.engines import resolve_backend
@@ -85,6 +87,13 @@ def renumbered_devices(env: Mapping[str, str]) -> str | None:
     return None
 
 
+def folder_for(cfg: Config) -> Path:
+    """Beside the admin socket and named after it: replicas on one host, each with its
+    own admin socket, each get their own MPS folder."""
+    sock = cfg.admin_socket_path()
+    return sock.parent / ("mps" if sock.stem == "admin" else f"mps-{sock.stem}")
+
+
 def _engine(cfg: Config, role: str) -> EngineConfig:
     ecfg: EngineConfig = getattr(cfg, role)
     return ecfg
@@ -99,6 +108,8 @@ class MpsDaemon:
         self.folder = folder
         self.binary = binary or shutil.which(MPS_CONTROL)
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lock: IO[str] | None = None
+        self._env_set = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -126,55 +137,89 @@ class MpsDaemon:
         if len(str(self.control_socket)) > MAX_SOCKET_PATH:
             raise MpsError(f"MPS pipe folder {self.folder / 'pipe'} is too long for a Unix socket path")
         try:
-            for path in self.env.values():
-                Path(path).mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._start(timeout)
         except OSError as exc:
-            raise MpsError(f"MPS folders: {exc}") from exc
+            self.stop()
+            raise MpsError(f"MPS daemon in {self.folder}: {exc}") from exc
+        except MpsError:
+            self.stop()
+            raise
+        os.environ.update(self.env)
+        self._env_set = True
+
+    def _start(self, timeout: float) -> None:
+        assert self.binary is not None
+        for path in self.env.values():
+            Path(path).mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._take_lock()
         if _answers(self.control_socket):
-            # One a yapd before this one left running (killed without its stop): it
-            # serves no engine of ours, and ours must be the one whose life we manage.
+            # Ours by the lock, yet answering: a yapd before this one left it running
+            # (killed without its stop). It serves no engine of ours, and ours must be
+            # the one whose life we manage.
             log.warning("an MPS control daemon already answers at %s: asking it to quit", self.control_socket)
             self._command("quit")
             _wait(lambda: not _answers(self.control_socket), timeout)
-        out = (self.folder / "log" / "yapd-control.out").open("ab")
-        try:
+        with (self.folder / "log" / "yapd-control.out").open("ab") as out:
             # A session of its own: a Ctrl-C meant for yapd must not kill the GPU's MPS
             # server under engines that are still finishing their turns.
             self._proc = subprocess.Popen([self.binary, "-f"], env={**os.environ, **self.env},
                                           stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                           start_new_session=True)
-        except OSError as exc:
-            raise MpsError(f"{MPS_CONTROL} -f: {exc}") from exc
-        finally:
-            out.close()
         proc = self._proc
         if not _wait(lambda: proc.poll() is not None or _answers(self.control_socket), timeout) or \
                 proc.poll() is not None:
             code = proc.poll()
-            self.stop()
             raise MpsError(f"{MPS_CONTROL} -f " + (f"exited {code}" if code is not None else
                                                    f"did not answer within {timeout:.0f} s")
                            + self._log_hint())
-        os.environ.update(self.env)
+
+    def _take_lock(self) -> None:
+        """One yapd per MPS folder: a second one (two replicas whose admin sockets share
+        a folder and a name) would otherwise quit the first one's daemon under its engines."""
+        if self._lock is not None:  # ours still: the daemon died on its own, no stop since
+            return
+        lock = (self.folder / "yapd.lock").open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "?"
+            lock.close()
+            raise MpsError(f"{self.folder} is in use by another yapd (pid {owner}): give each yapd an admin socket "
+                           'of its own name or folder, or set engines.mps = "off"') from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock = lock
 
     def stop(self, timeout: float = 10.0) -> None:
         """Quit the daemon (and with it the MPS server) and take its settings out of this
         process's environment. Call once no engine of ours runs: their GPU contexts live
         in that server."""
         proc, self._proc = self._proc, None
-        for key, value in self.env.items():
-            if os.environ.get(key) == value:
-                del os.environ[key]
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(MpsError):
-            self._command("quit")
+        if self._env_set:  # only what this daemon's start put there
+            self._env_set = False
+            for key, value in self.env.items():
+                if os.environ.get(key) == value:
+                    del os.environ[key]
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("MPS control daemon pid=%d did not quit in %.0f s: killing it", proc.pid, timeout)
-            proc.kill()
-            proc.wait()
+            if proc is None or proc.poll() is not None:
+                return
+            with contextlib.suppress(MpsError):
+                self._command("quit")
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("MPS control daemon pid=%d did not quit in %.0f s: killing it and its server",
+                            proc.pid, timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # its session: the MPS server too
+                proc.wait()
+        finally:
+            lock, self._lock = self._lock, None
+            if lock is not None:
+                lock.close()  # releases the folder for the next yapd
 
     def log_tail(self, lines: int = 40) -> list[str]:
         """The control daemon's own log: the servers it started for which clients."""
@@ -238,23 +283,24 @@ class Mps:
         self.failed: str | None = None  # "auto" gave up on MPS here: until yapd restarts
 
     def prepare(self, cfg: Config, roles: Sequence[str], others_running: bool) -> bool:
-        """Before engines start (blocking). Returns whether they start under a daemon
-        that "auto" started, which :meth:`give_up` may take away if they fail under it.
-        While other engines run, nothing changes: their GPU contexts live in the MPS
-        server (or outside one), and the new engines join them as they are."""
-        self.mode = cfg.engines.mps
+        """Before engines start (blocking). ``roles``: every deployed role, also those
+        that are not restarting (whether two engines share the GPU is decided over all of
+        them). Returns whether the engines start under a daemon that "auto" started,
+        which :meth:`give_up` may take away if they fail under it. While other engines
+        run, nothing changes: their GPU contexts live in the MPS server (or outside one),
+        and the new engines join them as they are."""
         if others_running:
             return False
-        # Our own daemon's settings in the environment are not a host's MPS.
-        env = {k: v for k, v in os.environ.items() if self.daemon.env.get(k) != v}
+        self.mode = cfg.engines.mps
+        env = self.host_env()
         want, reason = plan(cfg, roles, env, binary=self.daemon.binary)
         if want and self.failed and self.mode == "auto":
             want, reason = False, self.failed
         if not want:
+            self.reason = reason
             if self.mode == "on" and reason in (NO_BINARY, renumbered_devices(env)):
                 raise MpsError(f'engines.mps is "on" but {reason}')
-            self.daemon.stop()
-            self.reason = reason
+            self.stop()
             if reason != "no GPU engine":
                 log.info("engines start without yapd's MPS daemon: %s", reason)
             return False
@@ -263,10 +309,11 @@ class Mps:
         try:
             self.daemon.start()
         except MpsError as exc:
+            self.reason = f"the MPS daemon did not start: {exc}"
             if self.mode == "on":
                 raise
-            self.reason = f"the MPS daemon did not start: {exc}"
-            log.warning("engines start without MPS: %s", self.reason)
+            self.failed = self.reason  # not tried again at every engine restart
+            log.warning("engines start without MPS until yapd restarts: %s", self.reason)
             return False
         self.reason = reason
         log.info("MPS control daemon started pid=%s pipe=%s (%s)", self.daemon.pid, self.daemon.env[PIPE_ENV], reason)
@@ -277,15 +324,24 @@ class Mps:
         without MPS until yapd restarts (call once those engines are shut down)."""
         self.failed = f"the engines failed to start under MPS ({why})"
         self.reason = self.failed
-        self.daemon.stop()
+        self.stop()
 
     def stop(self) -> None:
-        if self.daemon.running:
-            self.daemon.stop()
+        was = self.daemon.running
+        self.daemon.stop()  # also when it died on its own: its settings leave the environment
+        if was:
             log.info("MPS control daemon stopped")
 
     def status(self) -> dict[str, Any]:
-        external = os.environ.get(PIPE_ENV) if not self.daemon.running else None
-        return {"mode": self.mode, "active": self.daemon.running or bool(external),
-                "daemon_pid": self.daemon.pid, "pipe": self.daemon.env[PIPE_ENV] if self.daemon.running else external,
+        if self.daemon.running:
+            return {"mode": self.mode, "active": True, "daemon_pid": self.daemon.pid,
+                    "pipe": self.daemon.env[PIPE_ENV], "reason": self.reason}
+        external = self.host_env().get(PIPE_ENV)
+        return {"mode": self.mode, "active": bool(external), "daemon_pid": None, "pipe": external,
                 "reason": self.reason}
+
+    def host_env(self) -> dict[str, str]:
+        """The environment without our own daemon's settings: what is the host's (our
+        settings stay behind if our daemon dies on its own), and what a process that is
+        not an engine (an AWQ job) is started with."""
+        return {k: v for k, v in os.environ.items() if self.daemon.env.get(k) != v}

@@ -265,7 +265,8 @@ class AwqJobs:
         argv = job_command(cfg, role, source, ecfg)
         out_parent = awq.cache_root(cfg.cache_dir())
         out_parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "YAPD_AWQ_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1",
+        # Not a client of yapd's MPS daemon: that one is the engines' alone.
+        env = {**self.daemon.mps.host_env(), "YAPD_AWQ_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1",
                "TOKENIZERS_PARALLELISM": "false"}
         token = hf_token(cfg)
         if token:
