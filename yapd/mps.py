@@ -9,7 +9,7 @@ one yapd (docs/bench/h200-2026-12-02-b and -mps, 16 rounds per level): TTFT p50 
 
 So with ``engines.mps = "auto"`` (the default) yapd runs a private MPS control daemon,
 its own child, whenever two vLLM engines share one GPU, and stops it after they stop.
-Its pipe and log folders are private to this yapd (under its runtime directory) and set
+Its pipe and log folders are private to this yapd (beside its admin socket) and set
 in this process's environment, which vLLM's EngineCores inherit. When MPS cannot run
 (no control binary, the daemon will not start, the engines fail under it) "auto" goes
 on without it and says why; ``"on"`` makes that a start failure; ``"off"`` never runs it.
