@@ -171,6 +171,28 @@ def test_a_second_yapd_on_the_same_folder_leaves_the_first_ones_daemon_alone(fol
     second.stop()
 
 
+def test_forked_children_do_not_keep_the_folder_locked(folder, control_binary):
+    """vLLM forks its EngineCores from yapd: one still alive must not hold the folder's
+    lock after yapd let it go."""
+    first = MpsDaemon(folder)
+    first.start()
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # an EngineCore stand-in: lives until told
+        os.read(r, 1)
+        os._exit(0)
+    try:
+        first.stop()
+        second = MpsDaemon(folder)
+        second.start()
+        second.stop()
+    finally:
+        os.write(w, b"x")
+        os.waitpid(child, 0)
+        os.close(r)
+        os.close(w)
+
+
 def test_the_folder_is_named_after_the_admin_socket():
     def folder(sock: str) -> Path:
         return folder_for(config.from_mapping({"admin": {"socket": sock}}, "test"))

@@ -48,6 +48,32 @@ class MpsError(RuntimeError):
     pass
 
 
+# The lock descriptors of the MPS folders this process holds. vLLM forks its
+# EngineCores from yapd: a child holding a copy would keep the folder locked after
+# yapd has let it go (or died), so children get /dev/null in its place.
+_held_locks: set[int] = set()
+_fork_hook = False
+
+
+def _drop_locks_in_child() -> None:
+    if not _held_locks:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in _held_locks:
+            os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+def _hold(fd: int) -> None:
+    global _fork_hook
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=_drop_locks_in_child)
+        _fork_hook = True
+    _held_locks.add(fd)
+
+
 def plan(cfg: Config, roles: Sequence[str], env: Mapping[str, str] | None = None,
          binary: str | None = None) -> tuple[bool, str]:
     """Whether the engines of ``roles`` should start under yapd's own MPS daemon, and
@@ -191,6 +217,7 @@ class MpsDaemon:
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
         lock.flush()
+        _hold(lock.fileno())
         self._lock = lock
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -219,6 +246,7 @@ class MpsDaemon:
         finally:
             lock, self._lock = self._lock, None
             if lock is not None:
+                _held_locks.discard(lock.fileno())
                 lock.close()  # releases the folder for the next yapd
 
     def log_tail(self, lines: int = 40) -> list[str]:
