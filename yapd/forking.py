@@ -32,6 +32,7 @@ class _Listener(Protocol):
 _lock = threading.Lock()
 _ports: set[int] = set()
 _paths: set[str] = set()
+_descriptors_out: set[int] = set()
 _forked: list[Callable[[], None]] = []
 _installed = False
 
@@ -46,6 +47,20 @@ def protect(sock: _Listener) -> None:
             _ports.add(int(name[1]))
         elif sock.family == socket.AF_UNIX and isinstance(name, str) and name:
             _paths.add(name)
+
+
+def keep_out(fd: int) -> Callable[[], None]:
+    """Keep this descriptor (a lock file, say) out of forked children; returns a
+    function to call before closing it."""
+    _install()
+    with _lock:
+        _descriptors_out.add(fd)
+
+    def remove() -> None:
+        with _lock:
+            _descriptors_out.discard(fd)
+
+    return remove
 
 
 def on_fork(callback: Callable[[], None]) -> Callable[[], None]:
@@ -76,13 +91,14 @@ def _after_in_parent() -> None:
 
 
 def drop_protected() -> None:
-    """In a freshly forked child: replace each protected socket's descriptor by /dev/null."""
-    if not _ports and not _paths:
+    """In a freshly forked child: replace each protected socket's descriptor, and each
+    descriptor kept out, by /dev/null."""
+    if not _ports and not _paths and not _descriptors_out:
         return
     null = os.open(os.devnull, os.O_RDWR)
     try:
         for fd in _descriptors():
-            if fd != null and _is_protected(fd):
+            if fd != null and (fd in _descriptors_out or _is_protected(fd)):
                 os.dup2(null, fd)
     finally:
         os.close(null)

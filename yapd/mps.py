@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from yapd import forking
 from yapd.config import Config, EngineConfig
 from yapd.engines import resolve_backend
 
@@ -46,32 +47,6 @@ NO_BINARY = f"no {MPS_CONTROL} on PATH (it comes with the NVIDIA driver)"
 
 class MpsError(RuntimeError):
     pass
-
-
-# The lock descriptors of the MPS folders this process holds. vLLM forks its
-# EngineCores from yapd: a child holding a copy would keep the folder locked after
-# yapd has let it go (or died), so children get /dev/null in its place.
-_held_locks: set[int] = set()
-_fork_hook = False
-
-
-def _drop_locks_in_child() -> None:
-    if not _held_locks:
-        return
-    null = os.open(os.devnull, os.O_RDWR)
-    try:
-        for fd in _held_locks:
-            os.dup2(null, fd)
-    finally:
-        os.close(null)
-
-
-def _hold(fd: int) -> None:
-    global _fork_hook
-    if not _fork_hook:
-        os.register_at_fork(after_in_child=_drop_locks_in_child)
-        _fork_hook = True
-    _held_locks.add(fd)
 
 
 def plan(cfg: Config, roles: Sequence[str], env: Mapping[str, str] | None = None,
@@ -135,6 +110,7 @@ class MpsDaemon:
         self.binary = binary or shutil.which(MPS_CONTROL)
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock: IO[str] | None = None
+        self._unhold: Callable[[], None] = lambda: None
         self._env_set = False
 
     @property
@@ -217,7 +193,9 @@ class MpsDaemon:
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        _hold(lock.fileno())
+        # vLLM forks its EngineCores from yapd: one holding a copy would keep the folder
+        # locked after yapd has let it go (or died).
+        self._unhold = forking.keep_out(lock.fileno())
         self._lock = lock
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -246,7 +224,7 @@ class MpsDaemon:
         finally:
             lock, self._lock = self._lock, None
             if lock is not None:
-                _held_locks.discard(lock.fileno())
+                self._unhold()
                 lock.close()  # releases the folder for the next yapd
 
     def log_tail(self, lines: int = 40) -> list[str]:
