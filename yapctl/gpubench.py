@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any, TypeVar
 
 from yapctl import gpuenv
 from yapctl.bench import BenchConfig, bench, cancel_latency, pct, turn_utterance
+from yapctl.client import AdminClient
 from yapd import config
 from yapd.config import Config
 from yapd.mps import NO_BINARY, MpsDaemon
@@ -183,16 +183,6 @@ def start_yapd(cfg_path: Path, log: Path) -> tuple[subprocess.Popen[bytes], floa
         time.sleep(0.25)
 
 
-def yapd_status() -> dict[str, Any]:
-    req = urllib.request.Request(f"http://127.0.0.1:{PORT}/status", headers={"X-API-Key": "bench"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - our own loopback daemon
-            data: dict[str, Any] = json.loads(resp.read())
-            return data
-    except (OSError, ValueError):
-        return {}
-
-
 def stop(proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -218,7 +208,8 @@ async def phase_yapd(res: Results, s: Setup) -> None:
                                           utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
             # How late yapd's event loop ran over the level's last 20 s: a loop held up
             # by token frames delays both engines' outputs too.
-            lag = (await asyncio.to_thread(yapd_status)).get("loop_lag_ms")
+            async with AdminClient(cfg.parent / "admin.sock") as admin:
+                lag = (await admin.request("status")).get("loop_lag_ms")
             res.put("yapd", f"c{c}", {**rep.summary(), "loop_lag_ms": lag})
         start = {"type": "start", "session_id": "cancel", "user_utterance": UTTERANCE, "persona_text": PERSONA,
                  "history_text": HISTORY}
@@ -257,8 +248,6 @@ async def phase_startup(res: Results, s: Setup) -> None:
 async def phase_warm(res: Results, s: Setup) -> None:
     """Restarts with every cache warm: the process (start to READY) and both engines over
     the admin socket (``yapctl restart both``)."""
-    from yapctl.client import AdminClient
-
     cfg = s.config_file()
     log = s.work / "startup.log"
     put = functools.partial(res.put, "startup")  # each figure lands as soon as it is taken

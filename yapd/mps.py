@@ -127,7 +127,7 @@ class MpsDaemon:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self.pid is not None
 
     def start(self, timeout: float = 15.0) -> None:
         """Start the daemon and wait until its control socket answers; then every
