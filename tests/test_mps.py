@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -330,3 +332,17 @@ async def test_the_dashboard_marks_a_daemon_whose_engines_run_under_mps(make_yap
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda app=app: app.link == "connected", what="the first status")
             assert ("  MPS" in text(app.link_bar)) is marked, text(app.link_bar)
+
+
+def test_a_real_yapd_refuses_a_bad_mps_mode_and_on_without_its_binary(make_yapd, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[engines]\nmps = "yes"\n')
+    r = subprocess.run([sys.executable, "-m", "yapd", "--config", str(bad)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "engines.mps: 'yes' is not one of 'auto', 'on', 'off'" in r.stderr
+    (tmp_path / "empty").mkdir()
+    d = make_yapd('[engines]\nmps = "on"\n', start=False,
+                  env={"YAPD_DEBUG_MPS_BACKENDS": "cpu", "PATH": str(tmp_path / "empty")})
+    d.start(wait=False)
+    d.wait_for('start failed: engines.mps is "on" but no nvidia-cuda-mps-control on PATH', 60)
+    assert d.proc is not None and d.proc.wait(30) == 1
