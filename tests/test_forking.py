@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +189,33 @@ async def test_a_start_failing_before_its_fork_gives_up_its_turn_too():
     built = await asyncio.wait_for(_until_forked(asyncio.to_thread(start)), 30)
     with pytest.raises(ValueError, match="bad engine args"):
         await built
+
+
+def _report_env(report: multiprocessing.connection.Connection) -> None:
+    report.send(os.environ.get("YAP_TEST_CHILD_ENV"))
+
+
+def _env_of_forked_child() -> str | None:
+    recv, send = fork.Pipe(duplex=False)
+    proc = fork.Process(target=_report_env, args=(send,), daemon=True)
+    proc.start()
+    send.close()
+    assert recv.poll(30)
+    value: str | None = recv.recv()
+    proc.join(30)
+    return value
+
+
+def test_a_child_environment_reaches_children_forked_inside_the_block_only(monkeypatch):
+    monkeypatch.delenv("YAP_TEST_CHILD_ENV", raising=False)
+    with forking.child_environment({"YAP_TEST_CHILD_ENV": "1"}):
+        assert _env_of_forked_child() == "1"
+        # Not this process's own: a process some other part of yapd starts meanwhile
+        # (subprocess: no at-fork hooks) does not get it.
+        assert "YAP_TEST_CHILD_ENV" not in os.environ
+        out = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('YAP_TEST_CHILD_ENV'))"],
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "None"
+        with pytest.raises(RuntimeError, match="do not nest"), forking.child_environment({"X": "1"}):
+            pass
+    assert _env_of_forked_child() is None

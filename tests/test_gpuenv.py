@@ -76,6 +76,12 @@ def test_mps_runs_the_runs_daemon_around_other_phases_and_lets_yapd_run_its_own(
     assert 'mps = "on"' in (work / "yapd.toml").read_text()
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
     assert Setup(tmp_path, work).config().engines.mps == "off"  # without --mps yapd runs none
+    assert Setup(tmp_path, work, mps_priority="equal").config().engines.mps_priority == "equal"
+    assert data["setup"]["mps_priority"] == "tool"
+    assert "yapd's chat engine at MPS below-normal priority" in (out / "t.md").read_text()
+    # An A/B of the priority goes under two names: one file holds phases run alike.
+    assert main([str(tmp_path / "models"), "--out", str(out), "--work", str(work), "--name", "t", "--mps",
+                 "--mps-priority", "equal", "--phases", "raw", "--levels", "1"]) == 2
 
 
 def test_run_conditions_head_the_table():

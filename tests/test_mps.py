@@ -22,7 +22,7 @@ import pytest
 
 from tests.test_cli import yapctl
 from yapd import config
-from yapd.mps import LOG_ENV, MPS_CONTROL, NO_BINARY, PIPE_ENV, Mps, MpsDaemon, MpsError, folder_for, plan
+from yapd.mps import LOG_ENV, MPS_CONTROL, NO_BINARY, PIPE_ENV, PRIORITY_ENV, Mps, MpsDaemon, MpsError, folder_for, plan
 
 
 @pytest.fixture
@@ -74,7 +74,8 @@ def test_without_the_control_binary_auto_says_so_and_on_refuses_to_start(folder,
     assert plan(gpu_config(), ["chat", "tool"], {}, binary=None) == (False, NO_BINARY)
     mps = Mps(folder)
     assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is False
-    assert mps.status() == {"mode": "auto", "active": False, "daemon_pid": None, "pipe": None, "reason": NO_BINARY}
+    assert mps.status() == {"mode": "auto", "active": False, "daemon_pid": None, "pipe": None, "reason": NO_BINARY,
+                            "priority": "tool"}
     with pytest.raises(MpsError, match=r'engines\.mps is "on" but no nvidia-cuda-mps-control'):
         mps.prepare(gpu_config(mps="on"), ["chat", "tool"], others_running=False)
 
@@ -98,6 +99,9 @@ def test_mps_mode_is_checked_like_every_config_key():
     with pytest.raises(config.ConfigError, match=r"engines\.mps"):
         config.from_mapping({"engines": {"mps": "yes"}}, "test")
     assert config.load(None, env={"YAP_ENGINE_MPS": "off"}).engines.mps == "off"
+    with pytest.raises(config.ConfigError, match=r"engines\.mps_priority"):
+        config.from_mapping({"engines": {"mps_priority": "chat"}}, "test")
+    assert config.load(None, env={"YAP_ENGINE_MPS_PRIORITY": "equal"}).engines.mps_priority == "equal"
 
 
 # --- the daemon ------------------------------------------------------------------
@@ -222,7 +226,7 @@ def test_auto_starts_it_keeps_it_for_engines_joining_and_gives_up_for_good(folde
         assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is True
         pid = mps.daemon.pid
         assert mps.status() == {"mode": "auto", "active": True, "daemon_pid": pid, "pipe": str(folder / "pipe"),
-                                "reason": "2 GPU engines share the GPU"}
+                                "reason": "2 GPU engines share the GPU", "priority": "tool"}
         # One engine restarts while the other runs in the MPS server: nothing changes,
         # even under a config that now says off (the next full start applies it).
         assert mps.prepare(gpu_config(mps="off"), ["tool"], others_running=True) is False
@@ -239,6 +243,28 @@ def test_auto_starts_it_keeps_it_for_engines_joining_and_gives_up_for_good(folde
         assert not mps.daemon.running and mps.status()["reason"] == "engines.mps is off"
     finally:
         mps.stop()
+
+
+def test_under_mps_the_chat_engine_alone_runs_below_normal_priority(folder, control_binary, monkeypatch):
+    monkeypatch.delenv(PRIORITY_ENV, raising=False)
+    mps = Mps(folder)
+    assert mps.client_env("chat") == {}  # no MPS yet
+    mps.prepare(gpu_config(), ["chat", "tool"], others_running=False)
+    try:
+        assert mps.client_env("chat") == {PRIORITY_ENV: "1"} and mps.client_env("tool") == {}
+        assert mps.status()["priority"] == "tool"
+        # A priority the operator set for yapd reaches both engines as it is.
+        monkeypatch.setenv(PRIORITY_ENV, "0")
+        assert mps.client_env("chat") == {}
+        monkeypatch.delenv(PRIORITY_ENV)
+        mps.stop()
+        mps.prepare(gpu_config(mps_priority="equal"), ["chat", "tool"], others_running=False)
+        assert mps.daemon.running and mps.client_env("chat") == {}
+    finally:
+        mps.stop()
+    # Without MPS the variable means nothing: not set.
+    mps.prepare(gpu_config(mps="off"), ["chat", "tool"], others_running=False)
+    assert mps.client_env("chat") == {}
 
 
 def test_status_tells_the_truth_when_our_daemon_dies_on_its_own(folder, control_binary):
@@ -295,7 +321,11 @@ def test_a_real_yapd_runs_its_daemon_before_its_engines_and_stops_it_after(make_
     assert len(started) == 1 and started[0].endswith(f"pid={st['daemon_pid']}")
     assert "yapd_mps_active 1.0" in d.http("/metrics")[1].splitlines()
     out = yapctl("status", sock=d.admin_socket)
-    assert f"mps on (daemon pid {st['daemon_pid']}, 2 GPU engines share the GPU)" in out.stdout.splitlines()
+    assert (f"mps on (daemon pid {st['daemon_pid']}, 2 GPU engines share the GPU; tool engine first)"
+            in out.stdout.splitlines())
+    # The chat engine's processes, not the tool engine's, start below normal priority.
+    d.wait_for(f"engine processes get {PRIORITY_ENV}=1 role=chat")
+    assert not any(f"{PRIORITY_ENV}=1 role=tool" in line for line in d.lines)
     assert d.stop() == 0
     d.wait_for("yapd.daemon: stopped")
     assert control_log(folder)[-1] == f"quit pid={st['daemon_pid']}"

@@ -614,7 +614,7 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir):
         def tokenizer(self):
             return self._tok
 
-        async def start(self, alongside: bool = False) -> None: ...
+        async def start(self, alongside: bool = False, child_env=None) -> None: ...
 
         async def stream(self, prompt_ids, spec, request_id):
             seen[self.role] = list(prompt_ids)

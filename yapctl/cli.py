@@ -146,7 +146,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
     mps = st.get("mps")
     if mps:
         where = f"daemon pid {mps['daemon_pid']}, " if mps.get("daemon_pid") else ""
-        print(f"mps {'on' if mps.get('active') else 'off'} ({where}{mps.get('reason')})")
+        first = "; tool engine first" if mps.get("active") and mps.get("priority") == "tool" else ""
+        print(f"mps {'on' if mps.get('active') else 'off'} ({where}{mps.get('reason')}{first})")
     rows = []
     for role, eng in sorted(st.get("engines", {}).items()):
         rows.append([role, str(eng.get("state", "?")), str(eng.get("backend", "")), str(eng.get("model", "")),

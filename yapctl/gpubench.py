@@ -94,6 +94,7 @@ class Setup:
     chat_tp: int = 1
     rounds: int = ROUNDS
     mps: bool = False  # yapd runs its own MPS daemon (engines.mps = "on"), else none ("off")
+    mps_priority: str = "tool"  # engines.mps_priority for yapd
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
         return f"""
@@ -108,6 +109,7 @@ rate_limit_burst = 1000
 deploy = "both"
 cache_dir = "{self.work / "cache"}"
 mps = "{"on" if self.mps else "off"}"
+mps_priority = "{self.mps_priority}"
 [chat]
 model = "{self.models / chat}"
 backend = "vllm"
@@ -603,6 +605,9 @@ def run_conditions(setup: dict[str, Any]) -> list[str]:
         parts.append(f"{setup['rounds']} lockstep rounds per level (after one warm-up round)")
     if "mps" in setup:
         parts.append("under a private CUDA MPS daemon" if setup["mps"] else "no MPS (the GPU time-slices processes)")
+    if setup.get("mps") and "mps_priority" in setup:
+        parts.append("yapd's chat engine at MPS below-normal priority" if setup["mps_priority"] == "tool"
+                     else "yapd's engines at equal MPS priority")
     for pkg, st in (setup.get("bytecode") or {}).items():
         if isinstance(st, dict):
             parts.append(f"{pkg} bytecode for {st['bytecode']} of {st['modules']} modules")
@@ -740,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="every phase under CUDA MPS (engines share the GPU at once instead of taking turns): "
                         "yapd its own daemon (engines.mps = \"on\"), the others a private one of the run's; "
                         "without it yapd runs with engines.mps = \"off\"")
+    p.add_argument("--mps-priority", choices=("tool", "equal"), default="tool",
+                   help="yapd's engines.mps_priority under --mps: the chat engine below normal (tool) or not")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -748,14 +755,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     args.work.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
-                  args.mps)
+                  args.mps, args.mps_priority)
     gpu = _gpu_name().replace("NVIDIA ", "").split()[0].lower() or "gpu"
     name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
     res = Results(args.out / f"{name}.json")
     phases = [ph for ph in args.phases.split(",") if ph]  # none: only the set-up
     # Phases of one file are compared with each other: they must run alike (a set-up-only
     # call runs none, so it neither checks nor records these).
-    alike = {"rounds": setup.rounds, "mps": args.mps} if phases else {}
+    alike = {"rounds": setup.rounds, "mps": args.mps, "mps_priority": args.mps_priority} if phases else {}
     earlier = res.data.get("setup", {})
     for key, value in alike.items():
         if earlier.get(key, value) != value:

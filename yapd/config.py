@@ -30,6 +30,7 @@ Backend = Literal["auto", "vllm", "cpu"]
 Quantization = Literal["auto", "none", "fp8", "awq", "gptq"]
 StartMethod = Literal["fork", "spawn"]
 MpsMode = Literal["auto", "on", "off"]
+MpsPriority = Literal["tool", "equal"]
 
 DEFAULT_CHAT_MODEL = "SicariusSicariiStuff/Impish_Nemo_12B"
 DEFAULT_TOOL_MODEL = "MadeAgents/Hammer2.1-3b"
@@ -104,6 +105,10 @@ class EnginesConfig:
     # load, a slower decode step); "on" also for one engine or several GPUs, and a start
     # fails without it; "off" never.
     mps: MpsMode = "auto"
+    # Under MPS: "tool" runs the chat engine's kernels at MPS's below-normal client
+    # priority, so the tool engine's (whose decision every reply waits for) go first;
+    # "equal" leaves both at normal.
+    mps_priority: MpsPriority = "tool"
 
 
 @dataclass
@@ -381,6 +386,7 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, str], ...]] = {
     "YAP_CACHE_DIR": (("engines", "cache_dir"),),
     "YAP_ENGINE_START_METHOD": (("engines", "start_method"),),
     "YAP_ENGINE_MPS": (("engines", "mps"),),
+    "YAP_ENGINE_MPS_PRIORITY": (("engines", "mps_priority"),),
     "CHAT_MODEL": (("chat", "model"),),
     "TOOL_MODEL": (("tool", "model"),),
     "CHAT_GPU_FRAC": (("chat", "gpu_memory_utilization"),),

@@ -18,7 +18,7 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 
@@ -34,6 +34,7 @@ _ports: set[int] = set()
 _paths: set[str] = set()
 _descriptors_out: set[int] = set()
 _forked: list[Callable[[], None]] = []
+_child_env: dict[str, str] = {}
 _installed = False
 
 
@@ -77,17 +78,44 @@ def on_fork(callback: Callable[[], None]) -> Callable[[], None]:
     return remove
 
 
+@contextlib.contextmanager
+def child_environment(env: Mapping[str, str]) -> Iterator[None]:
+    """Children forked inside this block start with ``env`` added to their environment.
+    This process's own environment is left alone: a process some other thread starts
+    meanwhile does not get it (``subprocess`` does not run at-fork hooks). One block at
+    a time: engines take turns up to their fork."""
+    if not env:
+        yield
+        return
+    _install()
+    with _lock:
+        if _child_env:
+            raise RuntimeError("child_environment blocks do not nest")
+        _child_env.update(env)
+    try:
+        yield
+    finally:
+        with _lock:
+            _child_env.clear()
+
+
 def _install() -> None:
     global _installed
     with _lock:
         if not _installed:
-            os.register_at_fork(after_in_child=drop_protected, after_in_parent=_after_in_parent)
+            os.register_at_fork(after_in_child=_after_in_child, after_in_parent=_after_in_parent)
             _installed = True
 
 
 def _after_in_parent() -> None:
     for callback in list(_forked):
         callback()
+
+
+def _after_in_child() -> None:
+    # No lock here: another thread may have held it at the fork, and it stays held.
+    os.environ.update(_child_env)
+    drop_protected()
 
 
 def drop_protected() -> None:

@@ -14,6 +14,12 @@ in this process's environment, which vLLM's EngineCores inherit. When MPS cannot
 (no control binary, the daemon will not start, the engines fail under it) "auto" goes
 on without it and says why; ``"on"`` makes that a start failure; ``"off"`` never runs it.
 An MPS the host already runs (CUDA_MPS_PIPE_DIRECTORY set for yapd) is used as it is.
+
+Under MPS the two engines' kernels compete for the SMs. The tool engine's first token
+gates every reply, so with ``engines.mps_priority = "tool"`` (the default) the chat
+EngineCore starts with MPS's below-normal client priority (CUDA_MPS_CLIENT_PRIORITY=1,
+in its environment only): when both have work queued, the GPU schedules the tool
+engine's thread blocks first.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ log = logging.getLogger("yapd.mps")
 MPS_CONTROL = "nvidia-cuda-mps-control"
 PIPE_ENV = "CUDA_MPS_PIPE_DIRECTORY"
 LOG_ENV = "CUDA_MPS_LOG_DIRECTORY"
+PRIORITY_ENV = "CUDA_MPS_CLIENT_PRIORITY"
+BELOW_NORMAL = "1"
 # The control socket is a Unix socket in the pipe folder: its path must fit sun_path.
 MAX_SOCKET_PATH = 107
 NO_BINARY = f"no {MPS_CONTROL} on PATH (it comes with the NVIDIA driver)"
@@ -287,6 +295,7 @@ class Mps:
         self.mode = "off"
         self.reason = "no engine started yet"
         self.failed: str | None = None  # "auto" gave up on MPS here: until yapd restarts
+        self.priority = "tool"
 
     def prepare(self, cfg: Config, roles: Sequence[str], others_running: bool) -> bool:
         """Before engines start (blocking). ``roles``: every deployed role, also those
@@ -297,7 +306,7 @@ class Mps:
         and the new engines join them as they are."""
         if others_running:
             return False
-        self.mode = cfg.engines.mps
+        self.mode, self.priority = cfg.engines.mps, cfg.engines.mps_priority
         env = self.host_env()
         want, reason = plan(cfg, roles, env, binary=self.daemon.binary)
         if want and self.failed and self.mode == "auto":
@@ -325,6 +334,14 @@ class Mps:
         log.info("MPS control daemon started pid=%s pipe=%s (%s)", self.daemon.pid, self.daemon.env[PIPE_ENV], reason)
         return self.mode == "auto"
 
+    def client_env(self, role: str) -> dict[str, str]:
+        """What ``role``'s EngineCore adds to its environment: under MPS with
+        ``mps_priority = "tool"``, the chat engine runs below normal priority. A priority
+        set for yapd itself is left to every engine as it is."""
+        if role != "chat" or self.priority != "tool" or PRIORITY_ENV in os.environ or not self.status()["active"]:
+            return {}
+        return {PRIORITY_ENV: BELOW_NORMAL}
+
     def give_up(self, why: str) -> None:
         """The engines failed to start under the daemon "auto" started: stop it and run
         without MPS until yapd restarts (call once those engines are shut down)."""
@@ -341,10 +358,10 @@ class Mps:
     def status(self) -> dict[str, Any]:
         if self.daemon.running:
             return {"mode": self.mode, "active": True, "daemon_pid": self.daemon.pid,
-                    "pipe": self.daemon.env[PIPE_ENV], "reason": self.reason}
+                    "pipe": self.daemon.env[PIPE_ENV], "reason": self.reason, "priority": self.priority}
         external = self.host_env().get(PIPE_ENV)
         return {"mode": self.mode, "active": bool(external), "daemon_pid": None, "pipe": external,
-                "reason": self.reason}
+                "reason": self.reason, "priority": self.priority}
 
     def host_env(self) -> dict[str, str]:
         """The environment without our own daemon's settings: what is the host's (our

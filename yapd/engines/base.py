@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,8 +64,10 @@ class Engine(abc.ABC):
     def tokenizer(self) -> Any: ...
 
     @abc.abstractmethod
-    async def start(self, alongside: bool = False) -> None:
-        """Load the model; ``alongside``: another engine is loading at the same time."""
+    async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
+        """Load the model; ``alongside``: another engine is loading at the same time;
+        ``child_env``: added to the environment of the engine's own processes, if any
+        (an MPS client priority)."""
 
     def forget_memory_plan(self) -> None:  # noqa: B027 - a hook: only vLLM engines keep plans
         """Drop what made a side-by-side start look safe (it just failed)."""

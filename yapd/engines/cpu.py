@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,7 +75,8 @@ class CpuEngine(Engine):
     def health(self) -> EngineHealth:
         return EngineHealth(self._state == "ready", self._state, self._detail)
 
-    async def start(self, alongside: bool = False) -> None:
+    async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
+        # Generations run on threads of this process: no child takes ``child_env``.
         self._state = "starting"
         t0 = time.perf_counter()
         try:

@@ -18,7 +18,7 @@ import math
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,9 +187,11 @@ class VllmEngine(Engine):
         extra = {"start_seconds": self.start_seconds} if self.start_seconds else {}
         return EngineHealth(self._state == "ready", self._state, self._detail, extra)
 
-    async def start(self, alongside: bool = False) -> None:
+    async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
         """Load the engine. ``alongside``: another engine loads at the same time, so the
-        KV cache size comes from this engine's memory plan instead of profiling."""
+        KV cache size comes from this engine's memory plan instead of profiling.
+        ``child_env``: added to the EngineCore's environment (fork only: a spawned one
+        starts later, outside the turn, when the other engine may be starting too)."""
         self._state = "starting"
         self._kwargs = None  # config may have been reloaded since the last start
         t0 = time.perf_counter()
@@ -212,10 +214,17 @@ class VllmEngine(Engine):
             with self.plans.vllm_recording(record):
                 # A spawned EngineCore is a fresh interpreter: no lock of ours can be copied
                 # into it, and no at-fork callback would end the turn, so spawn takes none.
+                if child_env and method != "fork":
+                    log.warning("engines.start_method is spawn: the EngineCore starts without %s role=%s",
+                                " ".join(f"{k}={v}" for k, v in child_env.items()), self.role)
                 async with _start_turn() if method == "fork" else contextlib.nullcontext():
                     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = method
                     work = asyncio.to_thread(self._build, kwargs)
-                    built = await _until_forked(work) if method == "fork" else asyncio.ensure_future(work)
+                    if method == "fork":
+                        with forking.child_environment(child_env or {}):
+                            built = await _until_forked(work)
+                    else:
+                        built = asyncio.ensure_future(work)
                 self._llm = await built
                 # vLLM switches to spawn by itself when it must (a CUDA context here).
                 used = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
