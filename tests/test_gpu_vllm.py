@@ -10,6 +10,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from tests.conftest import Yapd, recv, run_turn, send, until_done, ws_connect
 from tests.test_protocol_e2e import check_turn
+from yapd.mps import MPS_CONTROL, PIPE_ENV, PRIORITY_ENV, renumbered_devices
 
 
 def _cuda() -> bool:
@@ -74,6 +76,11 @@ def _children(pid: int) -> list[tuple[int, str]]:
 async def test_gpu_turns_cancel_barge_in(gpu_yapd):
     st = json.loads(gpu_yapd.http("/status")[1])
     assert {e["backend"] for e in st["engines"].values()} == {"vllm"}
+    if shutil.which(MPS_CONTROL) and PIPE_ENV not in os.environ and not renumbered_devices(os.environ):
+        # engines.mps = "auto": both engines run under yapd's own MPS daemon, the chat
+        # engine's EngineCore below normal priority.
+        assert st["mps"]["active"] is True and st["mps"]["daemon_pid"], st["mps"]
+        gpu_yapd.wait_for(f"engine processes get {PRIORITY_ENV}=1 role=chat", timeout=1)
     async with ws_connect(gpu_yapd.url()) as ws:
         for i in range(3):
             check_turn(await run_turn(ws, user_utterance=f"who was Columbus? {i}", history_text="User: hi\n" * 50))

@@ -95,6 +95,7 @@ class Setup:
     rounds: int = ROUNDS
     mps: bool = False  # yapd runs its own MPS daemon (engines.mps = "on"), else none ("off")
     mps_priority: str = "tool"  # engines.mps_priority for yapd
+    event_loop: str = "auto"  # server.event_loop for yapd
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
         return f"""
@@ -105,6 +106,7 @@ api_keys = ["bench"]
 max_connections = 64
 rate_limit_per_s = 1000.0
 rate_limit_burst = 1000
+event_loop = "{self.event_loop}"
 [engines]
 deploy = "both"
 cache_dir = "{self.work / "cache"}"
@@ -608,6 +610,8 @@ def run_conditions(setup: dict[str, Any]) -> list[str]:
     if setup.get("mps") and "mps_priority" in setup:
         parts.append("yapd's chat engine at MPS below-normal priority" if setup["mps_priority"] == "tool"
                      else "yapd's engines at equal MPS priority")
+    if setup.get("event_loop", "auto") != "auto":
+        parts.append(f"yapd on the {setup['event_loop']} event loop")
     for pkg, st in (setup.get("bytecode") or {}).items():
         if isinstance(st, dict):
             parts.append(f"{pkg} bytecode for {st['bytecode']} of {st['modules']} modules")
@@ -747,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
                         "without it yapd runs with engines.mps = \"off\"")
     p.add_argument("--mps-priority", choices=("tool", "equal"), default="tool",
                    help="yapd's engines.mps_priority under --mps: the chat engine below normal (tool) or not")
+    p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="yapd's server.event_loop (raw runs asyncio's own loop)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -755,14 +761,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     args.work.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
-                  args.mps, args.mps_priority)
+                  args.mps, args.mps_priority, args.event_loop)
     gpu = _gpu_name().replace("NVIDIA ", "").split()[0].lower() or "gpu"
     name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
     res = Results(args.out / f"{name}.json")
     phases = [ph for ph in args.phases.split(",") if ph]  # none: only the set-up
     # Phases of one file are compared with each other: they must run alike (a set-up-only
     # call runs none, so it neither checks nor records these).
-    alike = {"rounds": setup.rounds, "mps": args.mps, "mps_priority": args.mps_priority} if phases else {}
+    alike = {"rounds": setup.rounds, "mps": args.mps, "mps_priority": args.mps_priority,
+             "event_loop": args.event_loop} if phases else {}
     earlier = res.data.get("setup", {})
     for key, value in alike.items():
         if earlier.get(key, value) != value:

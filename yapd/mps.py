@@ -19,7 +19,8 @@ Under MPS the two engines' kernels compete for the SMs. The tool engine's first 
 gates every reply, so with ``engines.mps_priority = "tool"`` (the default) the chat
 EngineCore starts with MPS's below-normal client priority (CUDA_MPS_CLIENT_PRIORITY=1,
 in its environment only): when both have work queued, the GPU schedules the tool
-engine's thread blocks first.
+engine's thread blocks first. Measured on one H200 minutes apart (docs/bench, run k):
+TTFT p50 / p95 at 16 sessions 93.0 / 120.1 ms against 108.7 / 139.1 with equal priority.
 """
 
 from __future__ import annotations
