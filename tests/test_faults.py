@@ -289,3 +289,24 @@ async def test_slow_reader_cut_off_with_clear_close_others_unaffected(make_yapd)
         assert 'outcome="slow_client"} 1.0' in d.http("/metrics")[1]
     finally:
         slow.transport.abort()
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+async def test_a_stalled_tool_engine_times_out_into_no_and_the_reply_goes_on(make_yapd, concurrent):
+    """The tool engine hangs (a wedged kernel): after turn.tool_timeout_s the turn
+    decides "no" and the reply streams; the hung request is aborted, so the tool engine
+    answers the next turn at once."""
+    d = make_yapd(f"[turn]\ntool_timeout_s = 0.5\nconcurrent = {str(concurrent).lower()}\n", env=DEBUG)
+    assert d.admin(cmd="debug", action="stall_step", role="tool", seconds=60)[-1]["ok"]
+    async with ws_connect(d.url()) as ws:
+        msgs = await run_turn(ws, user_utterance="what's the weather in Paris?")
+        check_turn(msgs)
+        call = next(m for m in msgs if m["type"] == "toolcall")
+        assert call["status"] == "no" and call["calls"] == []
+        d.wait_for("tool decision timed out after 0.5s")
+        timeouts = 'yapd_tool_decisions_total{reason="timeout",status="no"}'
+        assert f"{timeouts} 1.0" in d.http("/metrics")[1].splitlines()
+        st = json.loads(d.http("/status")[1])
+        assert st["engines"]["tool"]["in_flight"] == 0 and st["engines"]["tool"]["ok"] is True
+        check_turn(await run_turn(ws, user_utterance="and in Rome?"))
+        assert f"{timeouts} 1.0" in d.http("/metrics")[1].splitlines()  # no second timeout

@@ -78,6 +78,8 @@ def test_mps_runs_the_runs_daemon_around_other_phases_and_lets_yapd_run_its_own(
     assert Setup(tmp_path, work).config().engines.mps == "off"  # without --mps yapd runs none
     assert Setup(tmp_path, work, mps_priority="equal").config().engines.mps_priority == "equal"
     assert Setup(tmp_path, work, event_loop="asyncio").config().server.event_loop == "asyncio"
+    assert Setup(tmp_path, work, tool_first=True).config().turn.tool_first is True
+    assert Setup(tmp_path, work).config().turn.tool_first is False
     assert data["setup"]["mps_priority"] == "tool"
     assert "yapd's chat engine at MPS below-normal priority" in (out / "t.md").read_text()
     # An A/B of the priority goes under two names: one file holds phases run alike.

@@ -603,6 +603,7 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir):
     (models / "hammer-3b").symlink_to(cache_dir / "demo" / "tool")
     setup = Setup(models, tmp_path)
     seen: dict[str, list[int]] = {}
+    order: list[str] = []  # the order the requests went out in
 
     class Recording(Engine):
         backend = "test"
@@ -618,6 +619,7 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir):
 
         async def stream(self, prompt_ids, spec, request_id):
             seen[self.role] = list(prompt_ids)
+            order.append(self.role)
             yield Delta("[]" if self.role == "tool" else "hi", 1, True, "stop")
 
         async def abort(self, request_id: str) -> None: ...
@@ -641,6 +643,14 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir):
     turn = Turn(rt, inp, send, PromptCache(rt.engines["chat"].tokenizer), PromptCache(rt.engines["tool"].tokenizer))
     asyncio.run(turn.run({"type": "ack"}))
     assert turn.state == "done"
+    assert (seen["chat"], seen["tool"]) == TurnPrompts(setup).turn(5)
+    assert order == ["chat", "tool"]
+    # turn.tool_first: the tool request leaves first, the prompts stay the same.
+    rt.cfg.turn.tool_first = True
+    order.clear()
+    turn = Turn(rt, inp, send, PromptCache(rt.engines["chat"].tokenizer), PromptCache(rt.engines["tool"].tokenizer))
+    asyncio.run(turn.run({"type": "ack"}))
+    assert turn.state == "done" and order == ["tool", "chat"]
     assert (seen["chat"], seen["tool"]) == TurnPrompts(setup).turn(5)
 
 

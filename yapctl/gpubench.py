@@ -96,6 +96,7 @@ class Setup:
     mps: bool = False  # yapd runs its own MPS daemon (engines.mps = "on"), else none ("off")
     mps_priority: str = "tool"  # engines.mps_priority for yapd
     event_loop: str = "auto"  # server.event_loop for yapd
+    tool_first: bool = False  # turn.tool_first for yapd
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
         return f"""
@@ -124,6 +125,7 @@ backend = "vllm"
 load_format = "dummy"
 [turn]
 concurrent = true
+tool_first = {"true" if self.tool_first else "false"}
 ignore_eos = true
 chat_max_out = 200
 """
@@ -612,6 +614,8 @@ def run_conditions(setup: dict[str, Any]) -> list[str]:
                      else "yapd's engines at equal MPS priority")
     if setup.get("event_loop", "auto") != "auto":
         parts.append(f"yapd on the {setup['event_loop']} event loop")
+    if setup.get("tool_first"):
+        parts.append("yapd sends each turn's tool request first")
     for pkg, st in (setup.get("bytecode") or {}).items():
         if isinstance(st, dict):
             parts.append(f"{pkg} bytecode for {st['bytecode']} of {st['modules']} modules")
@@ -753,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="yapd's engines.mps_priority under --mps: the chat engine below normal (tool) or not")
     p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                    help="yapd's server.event_loop (raw runs asyncio's own loop)")
+    p.add_argument("--tool-first", action="store_true",
+                   help="yapd's turn.tool_first: each turn's tool request leaves before its chat request")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -761,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     args.work.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
-                  args.mps, args.mps_priority, args.event_loop)
+                  args.mps, args.mps_priority, args.event_loop, args.tool_first)
     gpu = _gpu_name().replace("NVIDIA ", "").split()[0].lower() or "gpu"
     name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
     res = Results(args.out / f"{name}.json")
@@ -769,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     # Phases of one file are compared with each other: they must run alike (a set-up-only
     # call runs none, so it neither checks nor records these).
     alike = {"rounds": setup.rounds, "mps": args.mps, "mps_priority": args.mps_priority,
-             "event_loop": args.event_loop} if phases else {}
+             "event_loop": args.event_loop, "tool_first": args.tool_first} if phases else {}
     earlier = res.data.get("setup", {})
     for key, value in alike.items():
         if earlier.get(key, value) != value:

@@ -247,7 +247,8 @@ class AdminServer:
 
     async def _debug(self, req: dict[str, Any]) -> dict[str, Any]:
         """Fault injection for tests, enabled only by YAPD_DEBUG_ADMIN=1 in the daemon's
-        environment: wedge the event loop, or kill an engine as a crash would."""
+        environment: wedge the event loop, kill an engine as a crash would, fail or
+        stall its next generation steps."""
         action = req.get("action")
         if action == "block_loop":
             seconds = float(req.get("seconds", 1.0))
@@ -258,6 +259,12 @@ class AdminServer:
             if eng is None or not hasattr(eng, "kill"):
                 raise AdminError("no such engine, or it cannot be killed")
             eng.kill()
+            return {"ok": True}
+        if action == "stall_step":
+            eng = self.daemon.rt.engines.get(str(req.get("role", "chat")))
+            if eng is None or not hasattr(eng, "stall_next_step_s"):
+                raise AdminError("no such CPU engine")
+            eng.stall_next_step_s = min(float(req.get("seconds", 5.0)), 60.0)
             return {"ok": True}
         if action == "fail_steps":
             eng = self.daemon.rt.engines.get(str(req.get("role", "chat")))

@@ -114,6 +114,10 @@ class EnginesConfig:
 @dataclass
 class TurnConfig:
     concurrent: bool = False
+    # Concurrent mode: which engine request leaves first. The chat's by default (its
+    # first token is what the user waits for); the tool's when its decision is what
+    # holds replies back (under load it is: docs/bench/README.md, run k).
+    tool_first: bool = False
     stream_flush_ms: float = 0.0
     chat_max_out: int = 200
     history_max_tokens: int = 3000
@@ -398,6 +402,7 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, str], ...]] = {
     "AWQ_CHAT_MODEL": (("chat", "awq_model"),),
     "AWQ_TOOL_MODEL": (("tool", "awq_model"),),
     "CONCURRENT_MODEL_CALL": (("turn", "concurrent"),),
+    "YAP_TURN_TOOL_FIRST": (("turn", "tool_first"),),
     "STREAM_FLUSH_MS": (("turn", "stream_flush_ms"),),
     "CHAT_MAX_OUT": (("turn", "chat_max_out"),),
     "HISTORY_MAX_TOKENS": (("turn", "history_max_tokens"),),

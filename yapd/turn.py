@@ -75,10 +75,14 @@ class Turn:
         try:
             try:
                 if chat_stream is not None and tool is not None and self.cfg.turn.concurrent:
-                    # Both requests go out before the ack, the chat's first: its first
-                    # token is what the user waits for, and the tool's decision (which
-                    # holds that token back) usually lands before it.
-                    pending = [start_now(_first_delta(chat_stream)), start_now(self._decide(tool))]
+                    # Both requests go out before the ack; by default the chat's first:
+                    # its first token is what the user waits for, and the tool's decision
+                    # (which holds that token back) usually lands before it.
+                    if self.cfg.turn.tool_first:
+                        decide = start_now(self._decide(tool))
+                        pending = [start_now(_first_delta(chat_stream)), decide]
+                    else:
+                        pending = [start_now(_first_delta(chat_stream)), start_now(self._decide(tool))]
                 await self.send(ack)
                 if tool is None:
                     if chat_stream is not None:
@@ -133,7 +137,7 @@ class Turn:
             return reader.finish()
 
         try:
-            decision = await asyncio.wait_for(read(), t.tool_timeout_s)
+            decision = await within(read(), t.tool_timeout_s)
         except asyncio.TimeoutError:
             log.warning("tool decision timed out after %.1fs request=%s", t.tool_timeout_s, self.inp.request_id)
             decision = Decision("no", (), reader.text, "timeout")
@@ -158,8 +162,8 @@ class Turn:
     # --- chat reply ----------------------------------------------------------------
 
     async def _chat_stream(self, chat: Engine) -> AsyncIterator[Delta]:
-        """The chat engine's deltas; the prompt is built on the first ``anext`` so that in
-        concurrent mode the tool request goes out first."""
+        """The chat engine's deltas; the prompt is built on the first ``anext``, when the
+        request goes out (concurrent mode orders the two requests by ``turn.tool_first``)."""
         t = self.cfg.turn
         assert self.chat_cache is not None
         prompt = build_chat_prompt(
@@ -243,6 +247,16 @@ class Turn:
         self.rt.metrics.turn_total.observe(time.perf_counter() - self.t0)
         self.rt.metrics.turns.labels("error" if error else "cancelled" if cancelled else "completed").inc()
         await self.send(self.done_message(cancelled=cancelled, error=error))
+
+
+async def within(coro: Coroutine[Any, Any, T], seconds: float) -> T:
+    """``coro``'s result, or asyncio.TimeoutError after ``seconds``. ``coro`` runs in the
+    calling task: before Python 3.12 ``wait_for`` wraps it in a task of its own, so an
+    engine request it makes would leave a loop round later."""
+    if hasattr(asyncio, "timeout"):  # Python 3.11+
+        async with asyncio.timeout(seconds):
+            return await coro
+    return await asyncio.wait_for(coro, seconds)
 
 
 def start_now(coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:

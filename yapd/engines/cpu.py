@@ -61,6 +61,9 @@ class CpuEngine(Engine):
         self._detail = ""
         # Test and fault-injection hook: fail the Nth generation step from now (see yapd.faults).
         self.fail_after_steps: int | None = None
+        # Fault-injection hook: the next generation step hangs this long (a wedged GPU
+        # kernel, say), unless its request is aborted first.
+        self.stall_next_step_s = 0.0
 
     @property
     def tokenizer(self) -> Any:
@@ -179,6 +182,9 @@ class CpuEngine(Engine):
                 input_ids = torch.tensor([prompt], dtype=torch.long)
                 seen: list[int] = []
                 for _ in range(spec.max_tokens):
+                    if self.stall_next_step_s:
+                        stall, self.stall_next_step_s = self.stall_next_step_s, 0.0
+                        req.abort.wait(stall)
                     if req.abort.is_set():
                         break
                     if self.fail_after_steps is not None:
