@@ -3,6 +3,7 @@ real; the MPS daemon's lifecycle against a stand-in control binary (MPS needs a 
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import json
@@ -14,6 +15,7 @@ import pytest
 
 from yapctl import gpuenv
 from yapctl.gpubench import Setup, main, markdown, run_conditions
+from yapd import config
 
 
 @pytest.fixture
@@ -156,3 +158,66 @@ def test_yapds_event_loop_lag_gets_a_row_where_it_was_taken():
                      "c8": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {}}}
     rows = [line for line in markdown(data).splitlines() if "event-loop lag" in line]
     assert rows == ["| 16 | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | 3.5 / 12.25 | - | - |"]
+
+
+@pytest.mark.parametrize(("flag", "loop"), [("auto", "asyncio"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])
+def test_raw_runs_on_the_event_loop_named(tmp_path, monkeypatch, flag, loop):
+    """--event-loop names yapd's loop and, when named, the loop raw vLLM's clients run on
+    (so the two compare on one loop); "auto" keeps raw on asyncio's own, as before."""
+    from yapctl import gpubench
+
+    seen: list[str] = []
+
+    async def probe(res, setup):
+        seen.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+    monkeypatch.setitem(gpubench.PHASES, "raw", probe)
+    assert main([str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--name", "t",
+                 "--phases", "raw", "--event-loop", flag]) == 0
+    assert seen == [loop]
+
+
+def test_config_overrides_set_replace_and_add_keys():
+    from yapctl.gpubench import with_overrides
+
+    text = "[server]\nport = 1\n[turn]\nconcurrent = true\n"
+    out = with_overrides(text, ["turn.concurrent=false", "turn.tool_first = true", "logging.level=\"debug\""])
+    assert config.tomllib.loads(out) == {"server": {"port": 1}, "turn": {"concurrent": False, "tool_first": True},
+                                         "logging": {"level": "debug"}}
+    with pytest.raises(ValueError, match=r"section\.key=value"):
+        with_overrides(text, ["tool_first=true"])
+
+
+def test_ab_takes_live_keys_only(tmp_path, capsys):
+    base = [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--phases", ""]
+    for bad in ("engines.mps_priority=\"equal\"", "server.event_loop=\"asyncio\"", "turn.concurrent=true",
+                "turn.nonsense=1"):
+        with pytest.raises(SystemExit) as exc:
+            main([*base, "--ab", bad])
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "engines.mps_priority" in err and "server.event_loop" in err and "nothing changes" in err
+    assert "turn.nonsense" in err
+    assert main([*base, "--ab", "turn.tool_first=true"]) == 0
+
+
+async def test_ab_reloads_a_real_yapd_live_and_refuses_what_a_reload_cannot_apply(make_yapd):
+    from yapctl.gpubench import reload_with
+
+    d = make_yapd("[turn]\nconcurrent = true\n")
+    text = d.config_path.read_text()
+    await reload_with(d.config_path, text, ["turn.tool_first=true"], d.admin_socket)
+    d.wait_for("reload applied live keys: turn.tool_first")
+    with pytest.raises(RuntimeError, match="did not apply live"):
+        await reload_with(d.config_path, text, ['engines.mps="off"'], d.admin_socket)
+    await reload_with(d.config_path, text, [], d.admin_socket)  # back as it was
+
+
+def test_the_ab_table_sets_each_level_beside_its_changed_run():
+    row = {"ttft_ms": {"p50": 1.0, "p95": 2.0}, "tool_ms": {"p50": 3.0, "p95": 4.0},
+           "server_tool_first_ms": {"p50": 5.0, "p95": 6.0}, "itl_ms": {"p50": 1.0, "p99": 7.0}}
+    changed = {k: {q: v * 10 for q, v in m.items()} for k, m in row.items()}
+    table = markdown({"setup": {"ab": ["turn.tool_first=true"]}, "yapd": {"c16": row},
+                      "yapd_b": {"c16": changed}})
+    assert "## yapd with `turn.tool_first=true`" in table
+    assert "| 16 | 1 / 2 / 10 / 20 | 3 / 4 / 30 / 40 | 5 / 6 / 50 / 60 | 7 / 70 |" in table

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -97,6 +97,9 @@ class Setup:
     mps_priority: str = "tool"  # engines.mps_priority for yapd
     event_loop: str = "auto"  # server.event_loop for yapd
     tool_first: bool = False  # turn.tool_first for yapd
+    # Live config changes ("turn.tool_first=true") yapd runs each level with too, right
+    # after the level as configured (an A/B on one process, reloaded over the admin socket).
+    ab: tuple[str, ...] = ()
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
         return f"""
@@ -130,13 +133,35 @@ ignore_eos = true
 chat_max_out = 200
 """
 
-    def config(self) -> Config:
-        return config.from_mapping(config.tomllib.loads(self.config_text()), "bench")
+    def config(self, overrides: Sequence[str] = ()) -> Config:
+        return config.from_mapping(config.tomllib.loads(with_overrides(self.config_text(), overrides)), "bench")
 
     def config_file(self) -> Path:
         path = self.work / "yapd.toml"
         path.write_text(self.config_text())
         return path
+
+
+def with_overrides(text: str, overrides: Sequence[str]) -> str:
+    """The bench's config text with ``section.key=value`` items set (value as TOML)."""
+    lines = text.splitlines()
+    for item in overrides:
+        dotted, eq, value = item.partition("=")
+        section, dot, key = dotted.strip().partition(".")
+        if not eq or not dot or not key:
+            raise ValueError(f"{item!r}: expected section.key=value")
+        try:
+            start = lines.index(f"[{section}]") + 1
+        except ValueError:
+            lines += [f"[{section}]", f"{key} = {value.strip()}"]
+            continue
+        end = next((i for i in range(start, len(lines)) if lines[i].startswith("[")), len(lines))
+        at = next((i for i in range(start, end) if lines[i].split("=")[0].strip() == key), None)
+        if at is None:
+            lines.insert(start, f"{key} = {value.strip()}")
+        else:
+            lines[at] = f"{key} = {value.strip()}"
+    return "\n".join(lines) + "\n"
 
 
 class Results:
@@ -208,15 +233,24 @@ async def phase_yapd(res: Results, s: Setup) -> None:
     # Whether yapd's engines run under its own MPS daemon, in its words.
     res.put("yapd", "mps_lines", [line for line in startup_lines(log, offset) if "yapd.mps" in line])
     url = f"ws://127.0.0.1:{PORT}/ws"
+    admin_socket = cfg.parent / "admin.sock"
+
+    async def level(c: int) -> dict[str, Any]:
+        rep = await bench(BenchConfig(url=url, key="bench", n=turns_for(c, s.rounds), concurrency=c, timeout=120,
+                                      utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
+        # How late yapd's event loop ran over the level's last 20 s: a loop held up
+        # by token frames delays both engines' outputs too.
+        async with AdminClient(admin_socket) as admin:
+            lag = (await admin.request("status")).get("loop_lag_ms")
+        return {**rep.summary(), "loop_lag_ms": lag}
+
     try:
         for c in s.levels:
-            rep = await bench(BenchConfig(url=url, key="bench", n=turns_for(c, s.rounds), concurrency=c, timeout=120,
-                                          utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
-            # How late yapd's event loop ran over the level's last 20 s: a loop held up
-            # by token frames delays both engines' outputs too.
-            async with AdminClient(cfg.parent / "admin.sock") as admin:
-                lag = (await admin.request("status")).get("loop_lag_ms")
-            res.put("yapd", f"c{c}", {**rep.summary(), "loop_lag_ms": lag})
+            res.put("yapd", f"c{c}", await level(c))
+            if s.ab:  # the same level again with the changes, then back
+                await reload_with(cfg, s.config_text(), s.ab, admin_socket)
+                res.put("yapd_b", f"c{c}", await level(c))
+                await reload_with(cfg, s.config_text(), (), admin_socket)
         start = {"type": "start", "session_id": "cancel", "user_utterance": UTTERANCE, "persona_text": PERSONA,
                  "history_text": HISTORY}
         res.put("yapd", "cancel", await cancel_latency(url, "bench", n=20, start=start))
@@ -225,6 +259,16 @@ async def phase_yapd(res: Results, s: Setup) -> None:
     proc, warm = start_yapd(cfg, log)
     res.put("yapd", "start_s_restart", round(warm, 1))
     stop(proc)
+
+
+async def reload_with(path: Path, text: str, overrides: Sequence[str], admin_socket: Path) -> None:
+    """Write yapd's config file ``path`` as ``text`` with ``overrides`` and have yapd
+    reload it; only live keys may change (anything else would wait for a restart)."""
+    await asyncio.to_thread(path.write_text, with_overrides(text, overrides))
+    async with AdminClient(admin_socket) as admin:
+        reply = await admin.request("reload")
+    if not reply.get("ok") or reply.get("needs_engine_restart") or reply.get("needs_daemon_restart"):
+        raise RuntimeError(f"reload for {list(overrides)} did not apply live: {reply}")
 
 
 # vLLM's own timing lines: where an engine start's seconds go.
@@ -713,6 +757,19 @@ def markdown(data: dict[str, Any]) -> str:
                 lines.append(f"| {run} | {m['import_vllm']} | {m['tokenizer']} | {m['engine_ready']} | "
                              f"{round(m['engine_ready'] - m['tokenizer'], 1)} | {v['wall_s']} |")
         lines.append("")
+    if data.get("yapd_b"):
+        ab = ", ".join(f"`{x}`" for x in data.get("setup", {}).get("ab", []))
+        lines += [f"## yapd with {ab}: each level run right after the one above, on the same process", "",
+                  "| sessions | TTFT p50 / p95 ms: as above / changed | tool decision p50 / p95 ms | "
+                  "tool engine first output in yapd p50 / p95 ms | ITL p99 ms |", "| --- | --- | --- | --- | --- |"]
+        for lvl in sorted(data["yapd_b"], key=lambda k: int(k[1:]) if k[1:].isdigit() else 0):
+            if not (lvl[:1] == "c" and lvl[1:].isdigit()):
+                continue
+            cells = [f"{two('yapd', lvl, m, a, b)} / {two('yapd_b', lvl, m, a, b)}" for m, a, b in (
+                ("ttft_ms", "p50", "p95"), ("tool_ms", "p50", "p95"), ("server_tool_first_ms", "p50", "p95"))]
+            itl = f"{g('yapd', lvl, 'itl_ms', 'p99')} / {g('yapd_b', lvl, 'itl_ms', 'p99')}"
+            lines.append(f"| {lvl[1:]} | {' | '.join(cells)} | {itl} |")
+        lines.append("")
     st = data.get("startup")
     if st:
         lines += ["## Start and restart", "",
@@ -724,6 +781,17 @@ def markdown(data: dict[str, Any]) -> str:
                 continue
             lines += [f"{key.replace('_lines', '').replace('_', ' ')}:", "", "```", *st.get(key, []), "```", ""]
     return "\n".join(lines)
+
+
+def _run(main: Coroutine[Any, Any, None], loop: str) -> None:
+    """Run a phase on the bench's side: asyncio's own loop unless uvloop is asked for by
+    name (yapd's phases only wait there; raw vLLM runs its engines' clients on it)."""
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 # The phases that start yapd: under --mps yapd runs its own MPS daemon there.
@@ -756,9 +824,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mps-priority", choices=("tool", "equal"), default="tool",
                    help="yapd's engines.mps_priority under --mps: the chat engine below normal (tool) or not")
     p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
-                   help="yapd's server.event_loop (raw runs asyncio's own loop)")
+                   help="yapd's server.event_loop; raw vLLM runs on uvloop when it is named, else on "
+                        "asyncio's own loop")
     p.add_argument("--tool-first", action="store_true",
                    help="yapd's turn.tool_first: each turn's tool request leaves before its chat request")
+    p.add_argument("--ab", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="in the yapd phase, run each level again right after with this live config change "
+                        "(reloaded over the admin socket; repeatable; value as TOML), recorded as yapd_b")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -767,7 +839,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     args.work.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
-                  args.mps, args.mps_priority, args.event_loop, args.tool_first)
+                  args.mps, args.mps_priority, args.event_loop, args.tool_first, tuple(args.ab))
+    if setup.ab:
+        try:
+            live, engine, restart = config.diff_keys(setup.config(), setup.config(setup.ab))
+        except (ValueError, config.ConfigError) as exc:
+            p.error(f"--ab: {exc}")
+        if engine or restart or not live:
+            p.error(f"--ab changes only live keys (a reload applies them); these do not: "
+                    f"{', '.join(engine + restart) or 'nothing changes'}")
     gpu = _gpu_name().replace("NVIDIA ", "").split()[0].lower() or "gpu"
     name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
     res = Results(args.out / f"{name}.json")
@@ -775,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
     # Phases of one file are compared with each other: they must run alike (a set-up-only
     # call runs none, so it neither checks nor records these).
     alike = {"rounds": setup.rounds, "mps": args.mps, "mps_priority": args.mps_priority,
-             "event_loop": args.event_loop, "tool_first": args.tool_first} if phases else {}
+             "event_loop": args.event_loop, "tool_first": args.tool_first, "ab": list(setup.ab)} if phases else {}
     earlier = res.data.get("setup", {})
     for key, value in alike.items():
         if earlier.get(key, value) != value:
@@ -801,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
                     mps.stop()
                 elif mps is not None:
                     mps.start()
-                asyncio.run(PHASES[ph](res, setup))
+                _run(PHASES[ph](res, setup), setup.event_loop)
             except Exception as exc:
                 res.put(ph, "error", f"{type(exc).__name__}: {exc}")
             if mps is not None and ph not in YAPD_PHASES:
