@@ -297,6 +297,9 @@ async def test_a_stalled_tool_engine_times_out_into_no_and_the_reply_goes_on(mak
     decides "no" and the reply streams; the hung request is aborted, so the tool engine
     answers the next turn at once."""
     d = make_yapd(f"[turn]\ntool_timeout_s = 0.5\nconcurrent = {str(concurrent).lower()}\n", env=DEBUG)
+    for bad in (0, -1, 61, "5", True):
+        reply = d.admin(cmd="debug", action="stall_step", role="tool", seconds=bad)[-1]
+        assert reply["ok"] is False and "seconds must be a number" in reply["error"], reply
     assert d.admin(cmd="debug", action="stall_step", role="tool", seconds=60)[-1]["ok"]
     async with ws_connect(d.url()) as ws:
         msgs = await run_turn(ws, user_utterance="what's the weather in Paris?")
@@ -306,6 +309,8 @@ async def test_a_stalled_tool_engine_times_out_into_no_and_the_reply_goes_on(mak
         d.wait_for("tool decision timed out after 0.5s")
         timeouts = 'yapd_tool_decisions_total{reason="timeout",status="no"}'
         assert f"{timeouts} 1.0" in d.http("/metrics")[1].splitlines()
+        # The hung step's request was aborted: the step ended at once.
+        d.wait_for("injected stall ended by an abort request=")
         st = json.loads(d.http("/status")[1])
         assert st["engines"]["tool"]["in_flight"] == 0 and st["engines"]["tool"]["ok"] is True
         check_turn(await run_turn(ws, user_utterance="and in Rome?"))

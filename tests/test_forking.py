@@ -218,4 +218,10 @@ def test_a_child_environment_reaches_children_forked_inside_the_block_only(monke
         assert out.stdout.strip() == "None"
         with pytest.raises(RuntimeError, match="do not nest"), forking.child_environment({"X": "1"}):
             pass
+        # Another thread's fork (the other engine starting beside this one) does not.
+        other: list[str | None] = []
+        thread = threading.Thread(target=lambda: other.append(_env_of_forked_child()))
+        thread.start()
+        thread.join(60)
+        assert other == [None]
     assert _env_of_forked_child() is None

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Yapd, recv, run_turn, send, until_done, ws_connect
+from tests.test_cli import yapctl
 from tests.test_protocol_e2e import check_turn
 from yapd.mps import MPS_CONTROL, PIPE_ENV, PRIORITY_ENV, renumbered_devices
 
@@ -80,7 +81,11 @@ async def test_gpu_turns_cancel_barge_in(gpu_yapd):
         # engines.mps = "auto": both engines run under yapd's own MPS daemon, the chat
         # engine's EngineCore below normal priority.
         assert st["mps"]["active"] is True and st["mps"]["daemon_pid"], st["mps"]
-        gpu_yapd.wait_for(f"engine processes get {PRIORITY_ENV}=1 role=chat", timeout=1)
+        assert st["engines"]["chat"]["child_env"] == {PRIORITY_ENV: "1"}, st["engines"]
+        assert "child_env" not in st["engines"]["tool"]
+        gpu_yapd.wait_for(f"EngineCore started with {PRIORITY_ENV}=1 role=chat", timeout=1)
+        out = yapctl("status", sock=gpu_yapd.admin_socket).stdout
+        assert "; chat engine at below-normal priority)" in out, out
     async with ws_connect(gpu_yapd.url()) as ws:
         for i in range(3):
             check_turn(await run_turn(ws, user_utterance=f"who was Columbus? {i}", history_text="User: hi\n" * 50))

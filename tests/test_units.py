@@ -585,7 +585,7 @@ def test_gpubench_level_warms_then_runs_each_turn_once_c_at_a_time():
     assert turns_for(1, 3) == 9 and turns_for(1) == 24  # one session: 3 x rounds turns
 
 
-def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir):
+def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir, monkeypatch):
     """The raw and serve phases must run the very prompts yapd's engines get: a real Turn
     through recording engines, against the bench's own TurnPrompts."""
     from transformers import AutoTokenizer
@@ -652,6 +652,33 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir):
     asyncio.run(turn.run({"type": "ack"}))
     assert turn.state == "done" and order == ["tool", "chat"]
     assert (seen["chat"], seen["tool"]) == TurnPrompts(setup).turn(5)
+    # Python 3.10 has no asyncio.timeout: the decision's timeout must not cost the tool
+    # request its place there either.
+    monkeypatch.delattr(asyncio, "timeout")
+    order.clear()
+    turn = Turn(rt, inp, send, PromptCache(rt.engines["chat"].tokenizer), PromptCache(rt.engines["tool"].tokenizer))
+    asyncio.run(turn.run({"type": "ack"}))
+    assert turn.state == "done" and order == ["tool", "chat"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_within_times_out_in_the_calling_task_and_lets_cancels_through(monkeypatch, native):
+    from yapd.turn import within
+
+    if not native:  # the Python 3.10 path
+        monkeypatch.delattr(asyncio, "timeout")
+
+    async def main() -> None:
+        assert await within(asyncio.sleep(0, "ok"), 1) == "ok"
+        with pytest.raises(asyncio.TimeoutError):
+            await within(asyncio.sleep(30), 0.05)
+        task = asyncio.ensure_future(within(asyncio.sleep(30), 10))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
 
 
 def test_loop_lag_keeps_a_window_of_time_and_reports_in_ms():

@@ -146,7 +146,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
     mps = st.get("mps")
     if mps:
         where = f"daemon pid {mps['daemon_pid']}, " if mps.get("daemon_pid") else ""
-        first = "; tool engine first" if mps.get("active") and mps.get("priority") == "tool" else ""
+        # As the chat engine reports it: only a forked EngineCore gets the priority.
+        chat_env = st.get("engines", {}).get("chat", {}).get("child_env") or {}
+        first = "; chat engine at below-normal priority" if chat_env.get("CUDA_MPS_CLIENT_PRIORITY") == "1" else ""
         print(f"mps {'on' if mps.get('active') else 'off'} ({where}{mps.get('reason')}{first})")
     rows = []
     for role, eng in sorted(st.get("engines", {}).items()):

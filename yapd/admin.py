@@ -264,7 +264,10 @@ class AdminServer:
             eng = self.daemon.rt.engines.get(str(req.get("role", "chat")))
             if eng is None or not hasattr(eng, "stall_next_step_s"):
                 raise AdminError("no such CPU engine")
-            eng.stall_next_step_s = min(float(req.get("seconds", 5.0)), 60.0)
+            seconds = req.get("seconds", 5.0)
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 60:
+                raise AdminError("seconds must be a number in (0, 60]")
+            eng.stall_next_step_s = float(seconds)
             return {"ok": True}
         if action == "fail_steps":
             eng = self.daemon.rt.engines.get(str(req.get("role", "chat")))

@@ -232,10 +232,7 @@ class Daemon:
         delay = float(os.environ.get("YAPD_DEBUG_ENGINE_START_DELAY_S") or 0)
         if delay:
             await asyncio.sleep(delay)
-        child_env = self.mps.client_env(role)
-        if child_env:
-            log.info("engine processes get %s role=%s", " ".join(f"{k}={v}" for k, v in child_env.items()), role)
-        await eng.start(alongside=alongside, child_env=child_env)
+        await eng.start(alongside=alongside, child_env=self.mps.client_env(role))
         self.rt.metrics.engine_up.labels(role).set(1)
         log.info("engine started role=%s backend=%s model=%s seconds=%.1f", role, eng.backend, eng.model,
                  time.perf_counter() - t0)

@@ -34,7 +34,7 @@ _ports: set[int] = set()
 _paths: set[str] = set()
 _descriptors_out: set[int] = set()
 _forked: list[Callable[[], None]] = []
-_child_env: dict[str, str] = {}
+_child_env: dict[int, dict[str, str]] = {}  # by the forking thread's id
 _installed = False
 
 
@@ -80,23 +80,24 @@ def on_fork(callback: Callable[[], None]) -> Callable[[], None]:
 
 @contextlib.contextmanager
 def child_environment(env: Mapping[str, str]) -> Iterator[None]:
-    """Children forked inside this block start with ``env`` added to their environment.
-    This process's own environment is left alone: a process some other thread starts
-    meanwhile does not get it (``subprocess`` does not run at-fork hooks). One block at
-    a time: engines take turns up to their fork."""
+    """Children this thread forks inside the block start with ``env`` added to their
+    environment. This process's own environment is left alone, and so are children of
+    other threads (another engine starting beside this one) and processes started with
+    ``subprocess`` (it runs no at-fork hooks)."""
     if not env:
         yield
         return
     _install()
+    me = threading.get_ident()
     with _lock:
-        if _child_env:
+        if me in _child_env:
             raise RuntimeError("child_environment blocks do not nest")
-        _child_env.update(env)
+        _child_env[me] = dict(env)
     try:
         yield
     finally:
         with _lock:
-            _child_env.clear()
+            _child_env.pop(me, None)
 
 
 def _install() -> None:
@@ -113,8 +114,9 @@ def _after_in_parent() -> None:
 
 
 def _after_in_child() -> None:
-    # No lock here: another thread may have held it at the fork, and it stays held.
-    os.environ.update(_child_env)
+    # No lock here: another thread may have held it at the fork, and it stays held. The
+    # child's one thread is the one that forked, with the same id.
+    os.environ.update(_child_env.get(threading.get_ident(), {}))
     drop_protected()
 
 

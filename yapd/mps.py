@@ -305,9 +305,12 @@ class Mps:
         which :meth:`give_up` may take away if they fail under it. While other engines
         run, nothing changes: their GPU contexts live in the MPS server (or outside one),
         and the new engines join them as they are."""
+        # The priority is each client's own: an engine joining the others takes the
+        # current one too.
+        self.priority = cfg.engines.mps_priority
         if others_running:
             return False
-        self.mode, self.priority = cfg.engines.mps, cfg.engines.mps_priority
+        self.mode = cfg.engines.mps
         env = self.host_env()
         want, reason = plan(cfg, roles, env, binary=self.daemon.binary)
         if want and self.failed and self.mode == "auto":

@@ -256,7 +256,25 @@ async def within(coro: Coroutine[Any, Any, T], seconds: float) -> T:
     if hasattr(asyncio, "timeout"):  # Python 3.11+
         async with asyncio.timeout(seconds):
             return await coro
-    return await asyncio.wait_for(coro, seconds)
+    # Python 3.10: the same, by hand: cancel this task when the time is up.
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if expired:
+            raise asyncio.TimeoutError from None
+        raise
+    finally:
+        handle.cancel()
 
 
 def start_now(coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:

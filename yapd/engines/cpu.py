@@ -64,6 +64,7 @@ class CpuEngine(Engine):
         # Fault-injection hook: the next generation step hangs this long (a wedged GPU
         # kernel, say), unless its request is aborted first.
         self.stall_next_step_s = 0.0
+        self._stall_lock = threading.Lock()
 
     @property
     def tokenizer(self) -> Any:
@@ -183,8 +184,10 @@ class CpuEngine(Engine):
                 seen: list[int] = []
                 for _ in range(spec.max_tokens):
                     if self.stall_next_step_s:
-                        stall, self.stall_next_step_s = self.stall_next_step_s, 0.0
-                        req.abort.wait(stall)
+                        with self._stall_lock:  # one step stalls, not each worker's
+                            stall, self.stall_next_step_s = self.stall_next_step_s, 0.0
+                        if stall and req.abort.wait(stall):
+                            log.info("injected stall ended by an abort request=%s", req.request_id)
                     if req.abort.is_set():
                         break
                     if self.fail_after_steps is not None:

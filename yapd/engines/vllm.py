@@ -143,6 +143,7 @@ class VllmEngine(Engine):
         self._inflight: set[str] = set()
         self.start_seconds: float | None = None
         self._kwargs: dict[str, Any] | None = None
+        self.child_env: dict[str, str] = {}  # what its EngineCore was started with on top
 
     def settings(self) -> dict[str, Any]:
         """The AsyncEngineArgs this engine starts with (resolved once per start)."""
@@ -184,7 +185,9 @@ class VllmEngine(Engine):
         if self._state == "ready" and self._llm is not None and self._llm.errored:
             self._state, self._detail = "failed", "EngineCore process died"
             log.error("engine dead role=%s model=%s", self.role, self.model)
-        extra = {"start_seconds": self.start_seconds} if self.start_seconds else {}
+        extra: dict[str, Any] = {"start_seconds": self.start_seconds} if self.start_seconds else {}
+        if self.child_env:
+            extra["child_env"] = self.child_env
         return EngineHealth(self._state == "ready", self._state, self._detail, extra)
 
     async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
@@ -214,22 +217,16 @@ class VllmEngine(Engine):
             with self.plans.vllm_recording(record):
                 # A spawned EngineCore is a fresh interpreter: no lock of ours can be copied
                 # into it, and no at-fork callback would end the turn, so spawn takes none.
-                if child_env and method != "fork":
-                    log.warning("engines.start_method is spawn: the EngineCore starts without %s role=%s",
-                                " ".join(f"{k}={v}" for k, v in child_env.items()), self.role)
                 async with _start_turn() if method == "fork" else contextlib.nullcontext():
                     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = method
-                    work = asyncio.to_thread(self._build, kwargs)
-                    if method == "fork":
-                        with forking.child_environment(child_env or {}):
-                            built = await _until_forked(work)
-                    else:
-                        built = asyncio.ensure_future(work)
+                    work = asyncio.to_thread(self._build, kwargs, dict(child_env or {}))
+                    built = await _until_forked(work) if method == "fork" else asyncio.ensure_future(work)
                 self._llm = await built
                 # vLLM switches to spawn by itself when it must (a CUDA context here).
                 used = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
                 log.log(logging.INFO if used == method else logging.WARNING,
                         "EngineCore started by %s role=%s pid=%s", used, self.role, self.engine_pid())
+                self._child_env_note(dict(child_env or {}), used)
                 if record:
                     await asyncio.to_thread(self._record_plan, before, since)
             self._tok = await tok
@@ -256,11 +253,27 @@ class VllmEngine(Engine):
         return kwargs, plan
 
     @staticmethod
-    def _build(kwargs: dict[str, Any]) -> Any:
+    def _build(kwargs: dict[str, Any], child_env: dict[str, str]) -> Any:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        # Every process this thread forks while vLLM starts (the EngineCore; with data
+        # parallelism, each of them) gets ``child_env``.
+        with forking.child_environment(child_env):
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+    def _child_env_note(self, child_env: dict[str, str], used: str | None) -> None:
+        """Say whether the EngineCore got ``child_env``: only a forked one can (a spawned
+        one starts from a fresh environment, outside the at-fork hook)."""
+        self.child_env = child_env if used == "fork" else {}
+        if not child_env:
+            return
+        settings = " ".join(f"{k}={v}" for k, v in child_env.items())
+        if used == "fork":
+            log.info("EngineCore started with %s role=%s", settings, self.role)
+        else:
+            log.warning("EngineCore started by %s without %s (only a forked one gets it) role=%s",
+                        used, settings, self.role)
 
     def _record_plan(self, before: tuple[int, int] | None, since: float) -> None:
         """After a start with nothing else loading: file vLLM's profiled KV size with
