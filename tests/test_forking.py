@@ -225,3 +225,14 @@ def test_a_child_environment_reaches_children_forked_inside_the_block_only(monke
         thread.join(60)
         assert other == [None]
     assert _env_of_forked_child() is None
+
+    # As vLLM's start uses it: the block and the fork in one worker thread.
+    def build() -> str | None:
+        with forking.child_environment({"YAP_TEST_CHILD_ENV": "2"}):
+            return _env_of_forked_child()
+
+    done: list[str | None] = []
+    worker = threading.Thread(target=lambda: done.append(build()))
+    worker.start()
+    worker.join(60)
+    assert done == ["2"] and forking._child_env == {}
