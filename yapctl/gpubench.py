@@ -150,17 +150,18 @@ def with_overrides(text: str, overrides: Sequence[str]) -> str:
         section, dot, key = dotted.strip().partition(".")
         if not eq or not dot or not key:
             raise ValueError(f"{item!r}: expected section.key=value")
+        line = f"{key} = {value.strip()}"
         try:
             start = lines.index(f"[{section}]") + 1
         except ValueError:
-            lines += [f"[{section}]", f"{key} = {value.strip()}"]
+            lines += [f"[{section}]", line]
             continue
         end = next((i for i in range(start, len(lines)) if lines[i].startswith("[")), len(lines))
         at = next((i for i in range(start, end) if lines[i].split("=")[0].strip() == key), None)
         if at is None:
-            lines.insert(start, f"{key} = {value.strip()}")
+            lines.insert(start, line)
         else:
-            lines[at] = f"{key} = {value.strip()}"
+            lines[at] = line
     return "\n".join(lines) + "\n"
 
 

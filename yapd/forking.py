@@ -1,4 +1,5 @@
-"""Children forked from yapd do not keep yapd's sockets.
+"""Children forked from yapd do not keep yapd's sockets (and can be given environment
+settings of their own: ``child_environment``).
 
 vLLM starts each engine's EngineCore in a child process. Forked, that child is ready
 about 13 s sooner than spawned (it does not import torch and vLLM again:

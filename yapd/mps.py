@@ -360,12 +360,10 @@ class Mps:
             log.info("MPS control daemon stopped")
 
     def status(self) -> dict[str, Any]:
-        if self.daemon.running:
-            return {"mode": self.mode, "active": True, "daemon_pid": self.daemon.pid,
-                    "pipe": self.daemon.env[PIPE_ENV], "reason": self.reason, "priority": self.priority}
-        external = self.host_env().get(PIPE_ENV)
-        return {"mode": self.mode, "active": bool(external), "daemon_pid": None, "pipe": external,
-                "reason": self.reason, "priority": self.priority}
+        pid = self.daemon.pid  # None unless our daemon runs: then a host's MPS, if any
+        pipe = self.daemon.env[PIPE_ENV] if pid is not None else self.host_env().get(PIPE_ENV)
+        return {"mode": self.mode, "active": bool(pipe), "daemon_pid": pid, "pipe": pipe, "reason": self.reason,
+                "priority": self.priority}
 
     def host_env(self) -> dict[str, str]:
         """The environment without our own daemon's settings: what is the host's (our

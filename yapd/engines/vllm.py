@@ -194,9 +194,10 @@ class VllmEngine(Engine):
         """Load the engine. ``alongside``: another engine loads at the same time, so the
         KV cache size comes from this engine's memory plan instead of profiling.
         ``child_env``: added to the EngineCore's environment (fork only: a spawned one
-        starts later, outside the turn, when the other engine may be starting too)."""
+        starts from a fresh environment, which no at-fork hook reaches)."""
         self._state = "starting"
         self._kwargs = None  # config may have been reloaded since the last start
+        env = dict(child_env or {})
         t0 = time.perf_counter()
         try:
             async with _start_turn():
@@ -219,14 +220,14 @@ class VllmEngine(Engine):
                 # into it, and no at-fork callback would end the turn, so spawn takes none.
                 async with _start_turn() if method == "fork" else contextlib.nullcontext():
                     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = method
-                    work = asyncio.to_thread(self._build, kwargs, dict(child_env or {}))
+                    work = asyncio.to_thread(self._build, kwargs, env)
                     built = await _until_forked(work) if method == "fork" else asyncio.ensure_future(work)
                 self._llm = await built
                 # vLLM switches to spawn by itself when it must (a CUDA context here).
                 used = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
                 log.log(logging.INFO if used == method else logging.WARNING,
                         "EngineCore started by %s role=%s pid=%s", used, self.role, self.engine_pid())
-                self._child_env_note(dict(child_env or {}), used)
+                self._child_env_note(env, used)
                 if record:
                     await asyncio.to_thread(self._record_plan, before, since)
             self._tok = await tok
