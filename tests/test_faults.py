@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -315,3 +316,20 @@ async def test_a_stalled_tool_engine_times_out_into_no_and_the_reply_goes_on(mak
         assert st["engines"]["tool"]["in_flight"] == 0 and st["engines"]["tool"]["ok"] is True
         check_turn(await run_turn(ws, user_utterance="and in Rome?"))
         assert f"{timeouts} 1.0" in d.http("/metrics")[1].splitlines()  # no second timeout
+
+
+async def test_tool_first_serves_turns_and_a_bad_value_is_refused(make_yapd, tmp_path):
+    """turn.tool_first as a user sets it: turns run whole in both orders (the order
+    itself: tests/test_units.py), a reload flips it live, a non-boolean is refused."""
+    d = make_yapd("[turn]\nconcurrent = true\ntool_first = true\n")
+    async with ws_connect(d.url()) as ws:
+        check_turn(await run_turn(ws, user_utterance="what's the weather in Paris?"))
+        d.write_config("[turn]\nconcurrent = true\ntool_first = false\n")
+        d.signal(signal.SIGHUP)
+        d.wait_for("reload applied live keys: turn.tool_first")
+        check_turn(await run_turn(ws, user_utterance="and in Rome?"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[turn]\ntool_first = "yes"\n')
+    r = subprocess.run([sys.executable, "-m", "yapd", "--config", str(bad)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "turn.tool_first" in r.stderr, r.stderr

@@ -367,6 +367,10 @@ def test_a_real_yapd_refuses_a_bad_mps_mode_and_on_without_its_binary(make_yapd,
     r = subprocess.run([sys.executable, "-m", "yapd", "--config", str(bad)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "engines.mps: 'yes' is not one of 'auto', 'on', 'off'" in r.stderr
+    bad.write_text('[engines]\nmps_priority = "chat"\n')
+    r = subprocess.run([sys.executable, "-m", "yapd", "--config", str(bad)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "engines.mps_priority: 'chat' is not one of 'tool', 'equal'" in r.stderr
     (tmp_path / "empty").mkdir()
     d = make_yapd('[engines]\nmps = "on"\n', start=False,
                   env={"YAPD_DEBUG_MPS_BACKENDS": "cpu", "PATH": str(tmp_path / "empty")})
