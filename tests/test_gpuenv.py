@@ -221,3 +221,50 @@ def test_the_ab_table_sets_each_level_beside_its_changed_run():
                       "yapd_b": {"c16": changed}})
     assert "## yapd with `turn.tool_first=true`" in table
     assert "| 16 | 1 / 2 / 10 / 20 | 3 / 4 / 30 / 40 | 5 / 6 / 50 / 60 | 7 / 70 |" in table
+
+
+def test_the_order_probe_and_the_decision_sent_get_their_rows():
+    probe = {"raw": {"chat_first_ms": {"p50": 20.5, "p95": 24.0}, "tool_first_ms": {"p50": 15.0, "p95": 18.0}},
+             "chat_alone": {"chat_first_ms": {"p50": 17.0, "p95": 19.0}, "tool_first_ms": {"p50": None, "p95": None}}}
+    data = {"date": "2026-12-02", "machine": "H200", "setup": {},
+            "yapd": {"c1": {"ttft_ms": {"p50": 1, "p95": 2}, "server_tool_ms": {"p50": 16.5, "p95": 19.25}},
+                     "c8": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {}},
+            "raw": {"c1": {}, "order_probe": probe}}
+    lines = markdown(data).splitlines()
+    assert [line for line in lines if "decision sent" in line] == [
+        "| 1 | in yapd: tool decision sent p50 / p95 ms | 16.5 / 19.25 | - | - |"]
+    assert "| raw | 20.5 / 24 | 15 / 18 |" in lines
+    assert "| chat_alone | 17 / 19 | - / - |" in lines
+
+
+async def test_the_order_probe_sends_each_turns_requests_in_its_order():
+    """vLLM needs a GPU: stand-ins that log when each request reaches its engine (the
+    first step of ``generate``, as AsyncLLM adds it) and stream a few outputs."""
+    from types import SimpleNamespace
+
+    from yapctl.gpubench import PROBE_ORDERS, order_probe
+
+    added: list[str] = []
+    closed: list[str] = []
+
+    class Engine:
+        def __init__(self, role: str) -> None:
+            self.role = role
+
+        async def generate(self, prompt, sp, request_id):
+            added.append(self.role)
+            try:
+                for n in range(sp):
+                    await asyncio.sleep(0)
+                    yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=[n])])
+            finally:
+                closed.append(self.role)
+
+    out = await order_probe(Engine("chat"), Engine("tool"), lambda i: ([1, 2], [3]), 3, 5, turns=2)
+    assert list(out) == list(PROBE_ORDERS)
+    # One warm-up turn, then the orders take turns: raw, chat_then_tool, tool_then_chat, alone, alone.
+    assert added == ["chat", "tool", "chat", "tool", "tool", "chat", "chat", "tool"] * 3
+    assert sorted(closed) == sorted(added)
+    assert out["chat_alone"]["tool_first_ms"] == {"p50": None, "p95": None}
+    assert all(out[o]["turns"] == 2 and out[o]["chat_first_ms"]["p50"] is not None for o in PROBE_ORDERS[:4])
+    assert out["tool_alone"]["tool_first_ms"]["p50"] is not None

@@ -100,6 +100,7 @@ class Setup:
     # Live config changes ("turn.tool_first=true") yapd runs each level with too, right
     # after the level as configured (an A/B on one process, reloaded over the admin socket).
     ab: tuple[str, ...] = ()
+    order_probe: bool = False  # the raw phase also times one session's requests in each order
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
         return f"""
@@ -499,8 +500,74 @@ async def phase_raw(res: Results, s: Setup) -> None:
                                  "itl_token_ms": {"p50": pct(itl_tokens, 50), "p99": pct(itl_tokens, 99)},
                                  "tool_first_token_ms": {"p50": pct(tfirst, 50), "p95": pct(tfirst, 95)},
                                  "tool_ms": {"p50": pct(tdone, 50), "p95": pct(tdone, 95)}})
+    if s.order_probe:
+        short = SamplingParams(max_tokens=8, min_tokens=8, ignore_eos=True, temperature=0.8, top_p=0.95,
+                               output_kind=RequestOutputKind.DELTA)
+        res.put("raw", "order_probe", await order_probe(chat, tool, tp.turn, short, tool_sp, 3 * s.rounds))
     chat.shutdown()
     tool.shutdown()
+
+
+# How one session's two requests leave, per turn: raw (the tool's in a task that waits for
+# the loop's next round, the chat's at once: phase_raw's turns), chat_then_tool (both at
+# once, chat first: yapd's default), tool_then_chat (yapd's turn.tool_first), each alone.
+PROBE_ORDERS = ("raw", "chat_then_tool", "tool_then_chat", "chat_alone", "tool_alone")
+
+
+async def order_probe(chat: Any, tool: Any, prompts: Callable[[int], tuple[list[int], list[int]]], chat_sp: Any,
+                      tool_sp: Any, turns: int) -> dict[str, Any]:
+    """Each engine's first output at one session by the order the requests leave in,
+    the orders taking turns so drift hits all alike. ``prompts(i)``: turn i's (chat, tool)
+    token ids; ``chat_sp`` should ask for a short reply: only the first outputs count."""
+    from yapd.engines.vllm import token_prompt
+    from yapd.turn import start_now
+
+    async def first(llm: Any, ids: list[int], sp: Any, t0: float, stop: bool) -> float | None:
+        at = None
+        gen = llm.generate(token_prompt(ids), sp, uuid.uuid4().hex)
+        try:
+            async for out in gen:
+                if at is None and out.outputs[0].token_ids:
+                    at = (time.perf_counter() - t0) * 1000
+                    if stop:  # the tool request ends at its first output, as a decision does
+                        break
+        finally:
+            await gen.aclose()
+        return at
+
+    async def one(order: str, i: int) -> tuple[float | None, float | None]:
+        chat_ids, tool_ids = prompts(i)
+        t0 = time.perf_counter()
+        c = functools.partial(first, chat, chat_ids, chat_sp, t0, False)
+        t = functools.partial(first, tool, tool_ids, tool_sp, t0, True)
+        if order == "raw":
+            tool_task = asyncio.ensure_future(t())
+            return await c(), await tool_task
+        if order == "chat_alone":
+            return await c(), None
+        if order == "tool_alone":
+            return None, await t()
+        if order == "chat_then_tool":
+            ct = start_now(c())
+            tt = start_now(t())
+        else:
+            tt = start_now(t())
+            ct = start_now(c())
+        return await ct, await tt
+
+    rows: dict[str, list[tuple[float | None, float | None]]] = {o: [] for o in PROBE_ORDERS}
+    for order in PROBE_ORDERS:  # one warm-up turn each
+        await one(order, -1)
+    for i in range(turns):
+        for order in PROBE_ORDERS:
+            rows[order].append(await one(order, i))
+
+    def q(xs: list[float | None]) -> dict[str, float | None]:
+        ys = [x for x in xs if x is not None]
+        return {"p50": pct(ys, 50), "p95": pct(ys, 95)}
+
+    return {o: {"turns": len(r), "chat_first_ms": q([x[0] for x in r]), "tool_first_ms": q([x[1] for x in r])}
+            for o, r in rows.items()}
 
 
 # --- vllm serve ------------------------------------------------------------------
@@ -731,10 +798,22 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {c} | in yapd: chat / tool engine first output p50 ms | "
                      f"{g('yapd', lvl, 'server_engine_ttft_ms', 'p50')} / "
                      f"{g('yapd', lvl, 'server_tool_first_ms', 'p50')} | - | - |")
+        if data.get("yapd", {}).get(lvl, {}).get("server_tool_ms"):
+            lines.append(f"| {c} | in yapd: tool decision sent p50 / p95 ms | "
+                         f"{two('yapd', lvl, 'server_tool_ms', 'p50', 'p95')} | - | - |")
         if data.get("yapd", {}).get(lvl, {}).get("loop_lag_ms"):
             lines.append(f"| {c} | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | "
                          f"{g('yapd', lvl, 'loop_lag_ms', 'p99_ms')} / {g('yapd', lvl, 'loop_lag_ms', 'max_ms')}"
                          " | - | - |")
+    probe = data.get("raw", {}).get("order_probe")
+    if probe:
+        lines += ["", "Raw, one session, by the order each turn's two requests leave in (8-token replies, "
+                  "the orders taking turns; first outputs p50 / p95 ms):", "",
+                  "| order | chat first output | tool first output |", "| --- | --- | --- |"]
+        for order, v in probe.items():
+            cells = [" / ".join("-" if v[m][q] is None else f"{v[m][q]:g}" for q in ("p50", "p95"))
+                     for m in ("chat_first_ms", "tool_first_ms")]
+            lines.append(f"| {order} | {' | '.join(cells)} |")
     y = data.get("yapd", {})
     cancel = y.get("cancel", {})
     lines += [] if not latency else ["", f"- cancel -> done (client): {cancel.get('cancel_to_done_ms')}",
@@ -832,6 +911,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ab", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="in the yapd phase, run each level again right after with this live config change "
                         "(reloaded over the admin socket; repeatable; value as TOML), recorded as yapd_b")
+    p.add_argument("--order-probe", action="store_true",
+                   help="the raw phase also times one session's two requests in each order they can leave in")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -840,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     args.work.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
-                  args.mps, args.mps_priority, args.event_loop, args.tool_first, tuple(args.ab))
+                  args.mps, args.mps_priority, args.event_loop, args.tool_first, tuple(args.ab), args.order_probe)
     if setup.ab:
         try:
             live, engine, restart = config.diff_keys(setup.config(), setup.config(setup.ab))
