@@ -86,6 +86,10 @@ async def test_gpu_turns_cancel_barge_in(gpu_yapd):
         gpu_yapd.wait_for(f"EngineCore started with {PRIORITY_ENV}=1 role=chat", timeout=1)
         out = yapctl("status", sock=gpu_yapd.admin_socket).stdout
         assert "; chat engine at below-normal priority)" in out, out
+        print(f"mps checked: daemon pid {st['mps']['daemon_pid']}, chat child_env {st['engines']['chat']['child_env']}")
+    else:  # the run's log says the MPS checks were not made, and why
+        print(f"mps not checked: {MPS_CONTROL} on PATH: {bool(shutil.which(MPS_CONTROL))}, "
+              f"{PIPE_ENV} set: {PIPE_ENV in os.environ}, devices renumbered: {renumbered_devices(os.environ)}")
     async with ws_connect(gpu_yapd.url()) as ws:
         for i in range(3):
             check_turn(await run_turn(ws, user_utterance=f"who was Columbus? {i}", history_text="User: hi\n" * 50))

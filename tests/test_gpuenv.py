@@ -80,8 +80,8 @@ def test_mps_runs_the_runs_daemon_around_other_phases_and_lets_yapd_run_its_own(
     assert Setup(tmp_path, work).config().engines.mps == "off"  # without --mps yapd runs none
     assert Setup(tmp_path, work, mps_priority="equal").config().engines.mps_priority == "equal"
     assert Setup(tmp_path, work, event_loop="asyncio").config().server.event_loop == "asyncio"
-    assert Setup(tmp_path, work, tool_first=True).config().turn.tool_first is True
-    assert Setup(tmp_path, work).config().turn.tool_first is False
+    assert Setup(tmp_path, work, tool_first=False).config().turn.tool_first is False
+    assert Setup(tmp_path, work).config().turn.tool_first is True  # yapd's own default
     assert data["setup"]["mps_priority"] == "tool"
     assert "yapd's chat engine at MPS below-normal priority" in (out / "t.md").read_text()
     # An A/B of the priority goes under two names: one file holds phases run alike.
@@ -198,7 +198,9 @@ def test_ab_takes_live_keys_only(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "engines.mps_priority" in err and "server.event_loop" in err and "nothing changes" in err
     assert "turn.nonsense" in err
-    assert main([*base, "--ab", "turn.tool_first=true"]) == 0
+    assert main([*base, "--ab", "turn.tool_first=false"]) == 0
+    with pytest.raises(SystemExit):  # yapd's default already: nothing to compare
+        main([*base, "--ab", "turn.tool_first=true"])
 
 
 async def test_ab_reloads_a_real_yapd_live_and_refuses_what_a_reload_cannot_apply(make_yapd):
@@ -206,7 +208,7 @@ async def test_ab_reloads_a_real_yapd_live_and_refuses_what_a_reload_cannot_appl
 
     d = make_yapd("[turn]\nconcurrent = true\n")
     text = d.config_path.read_text()
-    await reload_with(d.config_path, text, ["turn.tool_first=true"], d.admin_socket)
+    await reload_with(d.config_path, text, ["turn.tool_first=false"], d.admin_socket)
     d.wait_for("reload applied live keys: turn.tool_first")
     with pytest.raises(RuntimeError, match="did not apply live"):
         await reload_with(d.config_path, text, ['engines.mps="off"'], d.admin_socket)

@@ -640,12 +640,13 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir, monk
         sent.append(msg)
 
     inp = TurnInput("r", "s", turn_utterance(UTTERANCE, 5), HISTORY, PERSONA, 1)
+    rt.cfg.turn.tool_first = False
     turn = Turn(rt, inp, send, PromptCache(rt.engines["chat"].tokenizer), PromptCache(rt.engines["tool"].tokenizer))
     asyncio.run(turn.run({"type": "ack"}))
     assert turn.state == "done"
     assert (seen["chat"], seen["tool"]) == TurnPrompts(setup).turn(5)
     assert order == ["chat", "tool"]
-    # turn.tool_first: the tool request leaves first, the prompts stay the same.
+    # turn.tool_first (the default): the tool request leaves first, the prompts stay the same.
     rt.cfg.turn.tool_first = True
     order.clear()
     turn = Turn(rt, inp, send, PromptCache(rt.engines["chat"].tokenizer), PromptCache(rt.engines["tool"].tokenizer))

@@ -34,7 +34,7 @@ from yapctl import gpuenv
 from yapctl.bench import BenchConfig, bench, cancel_latency, pct, turn_utterance
 from yapctl.client import AdminClient
 from yapd import config
-from yapd.config import Config
+from yapd.config import Config, TurnConfig
 from yapd.mps import NO_BINARY, MpsDaemon
 
 LEVELS = (1, 8, 16, 24)
@@ -96,7 +96,7 @@ class Setup:
     mps: bool = False  # yapd runs its own MPS daemon (engines.mps = "on"), else none ("off")
     mps_priority: str = "tool"  # engines.mps_priority for yapd
     event_loop: str = "auto"  # server.event_loop for yapd
-    tool_first: bool = False  # turn.tool_first for yapd
+    tool_first: bool = TurnConfig.tool_first  # turn.tool_first for yapd (yapd's default unless asked)
     # Live config changes ("turn.tool_first=true") yapd runs each level with too, right
     # after the level as configured (an A/B on one process, reloaded over the admin socket).
     ab: tuple[str, ...] = ()
@@ -510,7 +510,7 @@ async def phase_raw(res: Results, s: Setup) -> None:
 
 # How one session's two requests leave, per turn: raw (the tool's in a task that waits for
 # the loop's next round, the chat's at once: phase_raw's turns), chat_then_tool (both at
-# once, chat first: yapd's default), tool_then_chat (yapd's turn.tool_first), each alone.
+# once, chat first: yapd with turn.tool_first off), tool_then_chat (yapd's default), each alone.
 PROBE_ORDERS = ("raw", "chat_then_tool", "tool_then_chat", "chat_alone", "tool_alone")
 
 
@@ -726,8 +726,8 @@ def run_conditions(setup: dict[str, Any]) -> list[str]:
                      else "yapd's engines at equal MPS priority")
     if setup.get("event_loop", "auto") != "auto":
         parts.append(f"yapd on the {setup['event_loop']} event loop")
-    if setup.get("tool_first"):
-        parts.append("yapd sends each turn's tool request first")
+    if "tool_first" in setup:
+        parts.append(f"yapd sends each turn's {'tool' if setup['tool_first'] else 'chat'} request first")
     for pkg, st in (setup.get("bytecode") or {}).items():
         if isinstance(st, dict):
             parts.append(f"{pkg} bytecode for {st['bytecode']} of {st['modules']} modules")
@@ -906,8 +906,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                    help="yapd's server.event_loop; raw vLLM runs on uvloop when it is named, else on "
                         "asyncio's own loop")
-    p.add_argument("--tool-first", action="store_true",
-                   help="yapd's turn.tool_first: each turn's tool request leaves before its chat request")
+    p.add_argument("--tool-first", action=argparse.BooleanOptionalAction, default=TurnConfig.tool_first,
+                   help="yapd's turn.tool_first: each turn's tool request leaves before its chat request "
+                        f"(default: yapd's, {str(TurnConfig.tool_first).lower()})")
     p.add_argument("--ab", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="in the yapd phase, run each level again right after with this live config change "
                         "(reloaded over the admin socket; repeatable; value as TOML), recorded as yapd_b")

@@ -75,9 +75,8 @@ class Turn:
         try:
             try:
                 if chat_stream is not None and tool is not None and self.cfg.turn.concurrent:
-                    # Both requests go out before the ack; by default the chat's first:
-                    # its first token is what the user waits for, and the tool's decision
-                    # (which holds that token back) usually lands before it.
+                    # Both requests go out before the ack; by default the tool's first:
+                    # its decision holds the reply back (turn.tool_first, measured).
                     if self.cfg.turn.tool_first:
                         decide = start_now(self._decide(tool))
                         pending = [start_now(_first_delta(chat_stream)), decide]
