@@ -270,3 +270,27 @@ async def test_the_order_probe_sends_each_turns_requests_in_its_order():
     assert out["chat_alone"]["tool_first_ms"] == {"p50": None, "p95": None}
     assert all(out[o]["turns"] == 2 and out[o]["chat_first_ms"]["p50"] is not None for o in PROBE_ORDERS[:4])
     assert out["tool_alone"]["tool_first_ms"]["p50"] is not None
+
+
+def test_env_reaches_every_phase_is_recorded_and_must_match(tmp_path, monkeypatch, capsys):
+    from yapctl import gpubench
+
+    seen: list[str | None] = []
+
+    async def probe(res, setup):
+        seen.append(os.environ.get("YAP_BENCH_PROBE"))
+
+    monkeypatch.setitem(gpubench.PHASES, "raw", probe)
+    monkeypatch.delenv("YAP_BENCH_PROBE", raising=False)
+    base = [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--name", "t",
+            "--phases", "raw"]
+    assert main([*base, "--env", "YAP_BENCH_PROBE=a=1"]) == 0
+    assert seen == ["a=1"]
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["setup"]["env"] == {"YAP_BENCH_PROBE": "a=1"}
+    assert "environment YAP_BENCH_PROBE=a=1" in (tmp_path / "t.md").read_text()
+    monkeypatch.delenv("YAP_BENCH_PROBE")
+    assert main(base) == 2  # the file's phases ran with it: a run without it goes elsewhere
+    assert "env={'YAP_BENCH_PROBE': 'a=1'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--env", "NOEQUALS"])

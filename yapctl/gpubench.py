@@ -724,6 +724,8 @@ def run_conditions(setup: dict[str, Any]) -> list[str]:
     if setup.get("mps") and "mps_priority" in setup:
         parts.append("yapd's chat engine at MPS below-normal priority" if setup["mps_priority"] == "tool"
                      else "yapd's engines at equal MPS priority")
+    if setup.get("env"):
+        parts.append("environment " + " ".join(f"{k}={v}" for k, v in setup["env"].items()))
     if setup.get("event_loop", "auto") != "auto":
         parts.append(f"yapd on the {setup['event_loop']} event loop")
     if "tool_first" in setup:
@@ -914,9 +916,18 @@ def main(argv: list[str] | None = None) -> int:
                         "(reloaded over the admin socket; repeatable; value as TOML), recorded as yapd_b")
     p.add_argument("--order-probe", action="store_true",
                    help="the raw phase also times one session's two requests in each order they can leave in")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="set in the environment of every phase (yapd's process, raw's engines, vllm serve), "
+                        "e.g. a VLLM_* switch to compare start times; repeatable")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    env = {}
+    for item in args.env:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            p.error(f"--env takes KEY=VALUE, not {item!r}")
+        env[key.strip()] = value
     unknown = {name for name in args.phases.split(",") if name} - set(PHASES)
     if unknown:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
@@ -938,7 +949,8 @@ def main(argv: list[str] | None = None) -> int:
     # Phases of one file are compared with each other: they must run alike (a set-up-only
     # call runs none, so it neither checks nor records these).
     alike = {"rounds": setup.rounds, "mps": args.mps, "mps_priority": args.mps_priority,
-             "event_loop": args.event_loop, "tool_first": args.tool_first, "ab": list(setup.ab)} if phases else {}
+             "event_loop": args.event_loop, "tool_first": args.tool_first, "ab": list(setup.ab),
+             "env": env} if phases else {}
     earlier = res.data.get("setup", {})
     for key, value in alike.items():
         if earlier.get(key, value) != value:
@@ -955,6 +967,7 @@ def main(argv: list[str] | None = None) -> int:
         res.put("setup", "mps_error", f"--mps: {NO_BINARY}")
         print(f"gpubench: --mps: {NO_BINARY}", file=sys.stderr)
         return 2
+    os.environ.update(env)  # yapd's processes inherit it, raw's engines run in this one
     try:
         for key, value in alike.items():
             res.put("setup", key, value)
