@@ -150,6 +150,12 @@ def test_bench_completes_every_session(shared_yapd):
     assert s["turns"] == 6 and s["completed"] == 6 and not s["errors"]
     for key in ("ttft_ms", "tool_ms", "itl_ms", "total_ms"):
         assert s[key]["p50"] is not None
+    # The daemon's own times (done.timings): each turn's decision is sent after the tool
+    # engine's first output and reaches the client later still, so their quantiles keep
+    # that order too.
+    assert s["server_engine_ttft_ms"]["p50"] is not None
+    for q in ("p50", "p95"):
+        assert s["server_tool_first_ms"][q] <= s["server_tool_ms"][q] <= s["tool_ms"][q], s
     table = yapctl("bench", "-n", "2", "-c", "2", "--url", shared_yapd.url(key=None), "--key", KEY)
     assert table.returncode == EXIT_OK
     assert "2/2 turns completed" in table.stdout and "ttft" in table.stdout and "P99" in table.stdout
