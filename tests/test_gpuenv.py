@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from yapctl import gpuenv
-from yapctl.gpubench import Setup, main, markdown, run_conditions
+from yapctl.gpubench import Setup, main, markdown, run_conditions, startup_lines
 from yapd import config
 
 
@@ -143,6 +143,19 @@ def test_phases_added_to_a_file_must_run_alike(tmp_path, package, monkeypatch, c
     assert main([*base, "--rounds", "16", "--mps"]) == 2
     assert "mps=False, not True" in capsys.readouterr().err
     assert (tmp_path / "out" / "t.json").read_text() == before
+
+
+def test_start_lines_keep_whether_torch_compiles_aot_artifact_was_used(tmp_path):
+    """A warm start that loads the AOT artifact skips Dynamo; one that does not says why
+    (vLLM 0.26's own wording), and those lines must reach the bench's file."""
+    kept = ["(EngineCore pid=7) INFO [decorators.py:312] Directly load AOT compilation from path /c/model",
+            "(EngineCore pid=7) WARNING [decorators.py:319] Compiling model again due to a load failure from "
+            "/c/model, reason: boom",
+            "(EngineCore pid=7) INFO [decorators.py:708] saved AOT compiled function to /c/model",
+            "(EngineCore pid=7) INFO [backends.py:1156] Dynamo bytecode transform time: 7.70 s"]
+    log = tmp_path / "yapd.log"
+    log.write_text("\n".join(["before", *kept, "(EngineCore pid=7) INFO [core.py:1] Waiting for init message"]))
+    assert startup_lines(log, len("before\n")) == kept
 
 
 def test_yapds_own_mps_line_is_quoted_under_the_table():

@@ -258,8 +258,10 @@ async def phase_yapd(res: Results, s: Setup) -> None:
         res.put("yapd", "cancel", await cancel_latency(url, "bench", n=20, start=start))
     finally:
         stop(proc)
+    offset = log.stat().st_size
     proc, warm = start_yapd(cfg, log)
     res.put("yapd", "start_s_restart", round(warm, 1))
+    res.put("yapd", "restart_lines", startup_lines(log, offset))
     stop(proc)
 
 
@@ -276,7 +278,9 @@ async def reload_with(path: Path, text: str, overrides: Sequence[str], admin_soc
 # vLLM's own timing lines: where an engine start's seconds go.
 STARTUP_LINES = re.compile(r"(took|takes|finished in|Compiling a graph|Directly load|cache)"
                            r".*?[0-9.]+ ?(s|secs|seconds)\b|engine started role=|ready port=|engines load |"
-                           r"Overriding VLLM_WORKER|EngineCore started by|yapd\.mps:")
+                           r"Overriding VLLM_WORKER|EngineCore started by|yapd\.mps:|"
+                           # whether torch.compile's AOT artifact was saved and loaded (else Dynamo reruns)
+                           r"AOT compil|Compiling model again|Dynamo bytecode transform")
 
 
 def startup_lines(log: Path, offset: int) -> list[str]:
