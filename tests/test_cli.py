@@ -156,6 +156,9 @@ def test_bench_completes_every_session(shared_yapd):
     assert s["server_engine_ttft_ms"]["p50"] is not None
     for q in ("p50", "p95"):
         assert s["server_tool_first_ms"][q] <= s["server_tool_ms"][q] <= s["tool_ms"][q], s
+        # The first token leaves after the decision, and the client's clock started first.
+        assert s["server_tool_ms"][q] <= s["server_ttft_ms"][q] <= s["ttft_ms"][q], s
+        assert 0 < s["outside_turn_ms"][q] < s["ttft_ms"][q], s
     table = yapctl("bench", "-n", "2", "-c", "2", "--url", shared_yapd.url(key=None), "--key", KEY)
     assert table.returncode == EXIT_OK
     assert "2/2 turns completed" in table.stdout and "ttft" in table.stdout and "P99" in table.stdout

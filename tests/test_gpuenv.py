@@ -100,6 +100,33 @@ def test_run_conditions_head_the_table():
     assert run_conditions({}) == []  # runs before these were recorded
 
 
+@pytest.mark.parametrize(("order", "sent"), [("chat_first", ["chat-0", "chat-1", "tool-0", "tool-1"]),
+                                              ("tool_first", ["tool-0", "chat-0", "tool-1", "chat-1"])])
+async def test_raws_turns_send_their_requests_in_the_order_named(order, sent):
+    """Two sessions' turns starting in one loop round, as a level's turns do: chat_first
+    sends the round's chat requests before any tool request (the tool's task waits for the
+    next round); tool_first sends each turn's pair tool first, turn after turn, as yapd."""
+    if order == "tool_first" and sys.version_info < (3, 12):
+        pytest.skip("tool_first leaves at once only with eager tasks (Python 3.12+, as on the device)")
+    from yapctl.gpubench import tool_request
+
+    log: list[str] = []
+
+    async def request(name: str) -> None:
+        log.append(name)  # what AsyncLLM.generate's first step does: the request leaves
+        await asyncio.sleep(0)
+
+    async def turn(i: int) -> None:
+        tool = tool_request(request(f"tool-{i}"), order)
+        await request(f"chat-{i}")
+        await tool
+
+    await asyncio.gather(turn(0), turn(1))
+    assert log == sent
+    assert "raw sends each turn's tool request first" in " ".join(run_conditions({"raw_order": order})) \
+        if order == "tool_first" else run_conditions({"raw_order": order}) == []
+
+
 def test_an_empty_phase_list_runs_only_the_set_up(tmp_path, package, monkeypatch):
     """`--phases "" --compile-bytecode`: the device's first call compiles and records, and
     the phases come in later calls (each call has a time limit)."""
@@ -242,12 +269,16 @@ def test_the_order_probe_and_the_decision_sent_get_their_rows():
     probe = {"raw": {"chat_first_ms": {"p50": 20.5, "p95": 24.0}, "tool_first_ms": {"p50": 15.0, "p95": 18.0}},
              "chat_alone": {"chat_first_ms": {"p50": 17.0, "p95": 19.0}, "tool_first_ms": {"p50": None, "p95": None}}}
     data = {"date": "2026-12-02", "machine": "H200", "setup": {},
-            "yapd": {"c1": {"ttft_ms": {"p50": 1, "p95": 2}, "server_tool_ms": {"p50": 16.5, "p95": 19.25}},
+            "yapd": {"c1": {"ttft_ms": {"p50": 1, "p95": 2}, "server_tool_ms": {"p50": 16.5, "p95": 19.25},
+                            "server_ttft_ms": {"p50": 20.5, "p95": 23.0}, "outside_turn_ms": {"p50": 2.5, "p95": 4.0}},
                      "c8": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {}},
             "raw": {"c1": {}, "order_probe": probe}}
     lines = markdown(data).splitlines()
     assert [line for line in lines if "decision sent" in line] == [
         "| 1 | in yapd: tool decision sent p50 / p95 ms | 16.5 / 19.25 | - | - |"]
+    assert [line for line in lines if "beyond it" in line] == [
+        "| 1 | in yapd: first token sent p50 / p95 ms; client TTFT beyond it p50 / p95 ms "
+        "| 20.5 / 23; 2.5 / 4 | - | - |"]
     assert "| raw | 20.5 / 24 | 15 / 18 |" in lines
     assert "| chat_alone | 17 / 19 | - / - |" in lines
 

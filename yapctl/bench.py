@@ -118,6 +118,11 @@ class BenchReport:
             xs = [t for r in ok if r.done and (t := r.done.get("timings", {}).get(key)) is not None]
             return {"p50": pct(xs, 50), "p95": pct(xs, 95)}
 
+        # Per turn, what the client's TTFT holds beyond the daemon's own (its first token
+        # sent, on the turn's clock): the start's way in and the daemon's reading of it
+        # before the turn begins, and the token's way back.
+        outside = [r.ttft_ms - t for r in ok
+                   if r.ttft_ms is not None and r.done and (t := r.done.get("timings", {}).get("ttft_ms")) is not None]
         errors: dict[str, int] = {}
         for r in self.results:
             if not r.ok:
@@ -133,6 +138,8 @@ class BenchReport:
             "server_engine_ttft_ms": server("engine_ttft_ms"),
             "server_tool_first_ms": server("tool_first_ms"),
             "server_tool_ms": server("tool_ms"),
+            "server_ttft_ms": server("ttft_ms"),
+            "outside_turn_ms": {"p50": pct(outside, 50), "p95": pct(outside, 95)},
         }
 
 

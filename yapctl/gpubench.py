@@ -101,6 +101,7 @@ class Setup:
     # after the level as configured (an A/B on one process, reloaded over the admin socket).
     ab: tuple[str, ...] = ()
     order_probe: bool = False  # the raw phase also times one session's requests in each order
+    raw_order: str = "chat_first"  # raw's turns: chat request at once, tool's a loop round later; or tool_first
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
         return f"""
@@ -469,7 +470,7 @@ async def phase_raw(res: Results, s: Setup) -> None:
         # Both engines together, as yapd's concurrent mode runs them.
         utt = tp.turn(i)[0]
         t0 = time.perf_counter()
-        tool_task = asyncio.ensure_future(one_tool(i))
+        tool_task = tool_request(one_tool(i), s.raw_order)
         stamps: list[float] = []  # outputs with text: what a client of yapd or vllm serve sees
         token_stamps: list[float] = []  # every token, text or not (a byte of a character held back)
         async for out in chat.generate(token_prompt(utt), chat_sp, uuid.uuid4().hex):
@@ -510,6 +511,16 @@ async def phase_raw(res: Results, s: Setup) -> None:
         res.put("raw", "order_probe", await order_probe(chat, tool, tp.turn, short, tool_sp, 3 * s.rounds))
     chat.shutdown()
     tool.shutdown()
+
+
+def tool_request(coro: Coroutine[Any, Any, T], order: str) -> asyncio.Task[T]:
+    """Raw's tool request of a turn. chat_first (every run before run n): in a task that
+    waits for the loop's next round, so at N sessions a round's chat requests all leave
+    before its tool requests; tool_first: at once, before the turn's chat request, one
+    turn after another, as yapd sends them (turn.tool_first)."""
+    from yapd.turn import start_now
+
+    return start_now(coro) if order == "tool_first" else asyncio.ensure_future(coro)
 
 
 # How one session's two requests leave, per turn: raw (the tool's in a task that waits for
@@ -734,6 +745,8 @@ def run_conditions(setup: dict[str, Any]) -> list[str]:
         parts.append(f"yapd on the {setup['event_loop']} event loop")
     if "tool_first" in setup:
         parts.append(f"yapd sends each turn's {'tool' if setup['tool_first'] else 'chat'} request first")
+    if setup.get("raw_order") == "tool_first":
+        parts.append("raw sends each turn's tool request first, then its chat request, as yapd does")
     for pkg, st in (setup.get("bytecode") or {}).items():
         if isinstance(st, dict):
             parts.append(f"{pkg} bytecode for {st['bytecode']} of {st['modules']} modules")
@@ -807,6 +820,10 @@ def markdown(data: dict[str, Any]) -> str:
         if data.get("yapd", {}).get(lvl, {}).get("server_tool_ms"):
             lines.append(f"| {c} | in yapd: tool decision sent p50 / p95 ms | "
                          f"{two('yapd', lvl, 'server_tool_ms', 'p50', 'p95')} | - | - |")
+        if data.get("yapd", {}).get(lvl, {}).get("outside_turn_ms"):
+            lines.append(f"| {c} | in yapd: first token sent p50 / p95 ms; client TTFT beyond it p50 / p95 ms | "
+                         f"{two('yapd', lvl, 'server_ttft_ms', 'p50', 'p95')}; "
+                         f"{two('yapd', lvl, 'outside_turn_ms', 'p50', 'p95')} | - | - |")
         if data.get("yapd", {}).get(lvl, {}).get("loop_lag_ms"):
             lines.append(f"| {c} | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | "
                          f"{g('yapd', lvl, 'loop_lag_ms', 'p99_ms')} / {g('yapd', lvl, 'loop_lag_ms', 'max_ms')}"
@@ -920,6 +937,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(reloaded over the admin socket; repeatable; value as TOML), recorded as yapd_b")
     p.add_argument("--order-probe", action="store_true",
                    help="the raw phase also times one session's two requests in each order they can leave in")
+    p.add_argument("--raw-order", choices=("chat_first", "tool_first"), default="chat_first",
+                   help="raw's turns: the chat request at once and the tool's a loop round later (chat_first, "
+                        "as every run before), or the tool's first and the chat's right after, as yapd sends them")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set in the environment of every phase (yapd's process, raw's engines, vllm serve), "
                         "e.g. a VLLM_* switch to compare start times; repeatable")
@@ -937,7 +957,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     args.work.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
-                  args.mps, args.mps_priority, args.event_loop, args.tool_first, tuple(args.ab), args.order_probe)
+                  args.mps, args.mps_priority, args.event_loop, args.tool_first, tuple(args.ab), args.order_probe,
+                  args.raw_order)
     if setup.ab:
         try:
             live, engine, restart = config.diff_keys(setup.config(), setup.config(setup.ab))
@@ -954,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
     # call runs none, so it neither checks nor records these).
     alike = {"rounds": setup.rounds, "mps": args.mps, "mps_priority": args.mps_priority,
              "event_loop": args.event_loop, "tool_first": args.tool_first, "ab": list(setup.ab),
-             "env": env} if phases else {}
+             "env": env, "raw_order": args.raw_order} if phases else {}
     earlier = res.data.get("setup", {})
     for key, value in alike.items():
         if earlier.get(key, value) != value:
