@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# On the device, the third call (carry .devkit/kit.part.02 and .whl; parts 00 and 01 are
+# in /tmp/k from the first two): vLLM, wheels and models as the kit installs them, then
+# the extra wheels, into /tmp/site; prints what the machine is.
+set -euo pipefail
+cp .devkit/kit.part.02 /tmp/k/
+(cd /tmp/k && cat kit.part.* | tar xf - && bash kit/install.sh)
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v WARN || true
+PYTHONPATH=/tmp/site:$PWD python3 -c "import vllm, uvloop, prometheus_client, pytest_asyncio, yapd.daemon; print('ok, vllm', vllm.__version__)"
+command -v nvidia-cuda-mps-control || echo "no MPS control binary"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Here, on the project's machine: what the lent GPU machine needs beyond the kit of
+# ../shared/device (vLLM, its wheels, the model folders): the wheels yapd and its GPU
+# tests import that the device image lacks. Then carry the kit as that README says,
+# with install.sh below as the third call. Ignored by git (.git/info/exclude).
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+grep -qx '/.devkit/' .git/info/exclude 2>/dev/null || printf '/.devkit/\n/.whl/\n' >> .git/info/exclude
+[ -f .devkit/kit.part.00 ] || bash ../shared/device/build-kit.sh .devkit
+mkdir -p .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+  --abi abi3 --abi none --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux_2_28_x86_64 --platform any -d .whl \
+  prometheus_client uvloop pytest pytest-asyncio pytest-timeout pluggy iniconfig pygments
+ls .devkit .whl
