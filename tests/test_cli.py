@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -25,7 +26,8 @@ def yapctl(*args: str, sock: Path | None = None, timeout: float = 120,
 def test_help_lists_every_command():
     out = yapctl("--help")
     assert out.returncode == 0
-    for cmd in ("status", "connections", "logs", "reload", "restart", "drain", "awq", "chat", "bench", "tui"):
+    for cmd in ("status", "connections", "logs", "reload", "restart", "drain", "awq", "profile", "chat", "bench",
+                "tui"):
         assert cmd in out.stdout
     assert "exit codes" in out.stdout
     # Not on a terminal and no subcommand: help, not the TUI.
@@ -141,6 +143,32 @@ def test_chat_errors(shared_yapd):
     assert "wrong" not in out.stdout
     out = yapctl("chat", "hi", "--url", "ws://127.0.0.1:9/ws", "--timeout", "5")
     assert out.returncode == EXIT_DOWN and "cannot reach yapd" in out.stderr
+
+
+async def test_profile_shows_where_the_loop_spends_its_time_while_turns_run(shared_yapd):
+    """A real daemon profiled over a window in which a client runs turns: the window's
+    time lands in the daemon's own code and in websockets', and the reply stays usable
+    JSON. Bad arguments are refused."""
+    sock = shared_yapd.admin_socket
+    profile = asyncio.create_task(asyncio.to_thread(yapctl, "profile", "--seconds", "3", "--top", "5", "--json",
+                                                    sock=sock))
+    while not profile.done():  # turns until the window closes, so it sees serving work
+        async with ws_connect(shared_yapd.url()) as ws:
+            await ws.send(json.dumps({"type": "start", "session_id": "prof", "user_utterance": "hi"}))
+            while json.loads(await ws.recv())["type"] != "done":
+                pass
+    out = await profile
+    assert out.returncode == EXIT_OK, out.stderr
+    reply = json.loads(out.stdout)
+    shares = {g["package"]: g["share"] for g in reply["by_package"]}
+    assert shares.get("yapd", 0) > 0 and shares.get("websockets", 0) > 0, shares
+    assert abs(sum(shares.values()) - 1) < 0.01 and len(reply["top"]) == 5
+    assert 3 <= reply["wall_s"] < 10
+    table = yapctl("profile", "--seconds", "0.2", sock=sock)
+    assert table.returncode == EXIT_OK and "package" in table.stdout and "function" in table.stdout
+    for bad in (["--seconds", "0"], ["--seconds", "301"], ["--top", "0"]):
+        refused = yapctl("profile", *bad, sock=sock)
+        assert refused.returncode == EXIT_FAILED and ("seconds must" in refused.stderr or "top must" in refused.stderr)
 
 
 def test_bench_completes_every_session(shared_yapd):

@@ -1,6 +1,6 @@
 """yapctl: see and steer a running yapd.
 
-Over the admin socket: status, connections, logs, reload, restart, drain, awq.
+Over the admin socket: status, connections, logs, reload, restart, drain, awq, profile.
 Over the WebSocket, as a client would: chat (one turn) and bench (many).
 With no subcommand on a terminal it opens the dashboard (``yapctl tui``).
 """
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = awq.add_parser("rebuild", help="quantize again, then switch engines over")
     r.add_argument("target", nargs="?", choices=("chat", "tool", "both"), default="both")
     r.add_argument("--json", action="store_true", help="print progress events as JSON lines")
+
+    s = sub.add_parser("profile", help="where the daemon's event loop spends its time (cProfile over a window)")
+    s.add_argument("--seconds", type=float, default=10.0, help="how long to profile (default 10, at most 300)")
+    s.add_argument("--top", type=int, default=20, help="functions listed (default 20)")
+    s.add_argument("--json", action="store_true", help="print the raw JSON reply")
 
     s = sub.add_parser("chat", help="one turn over the WebSocket, as a client sees it")
     s.add_argument("utterance")
@@ -230,6 +235,22 @@ async def cmd_drain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_profile(args: argparse.Namespace) -> int:
+    async with AdminClient(socket_path(args.socket), timeout=args.seconds + args.timeout) as c:
+        reply = await c.request("profile", seconds=args.seconds, top=args.top)
+    if args.json:
+        _print_json(reply)
+        return EXIT_OK
+    print(f"event loop over {reply['wall_s']} s: {reply['busy_s']} s inside profiled calls "
+          "(cProfile slows Python code: read the shares)")
+    print(_table([[g["package"], f"{g['own_ms']:.1f}", f"{g['share']:.1%}"] for g in reply["by_package"]],
+                 ["package", "own ms", "share"]))
+    print()
+    print(_table([[f"{r['own_ms']:.1f}", f"{r['total_ms']:.1f}", str(r["calls"]), r["function"]] for r in reply["top"]],
+                 ["own ms", "total ms", "calls", "function"]))
+    return EXIT_OK
+
+
 async def cmd_awq(args: argparse.Namespace) -> int:
     if args.awq_action == "status":
         async with _client(args) as c:
@@ -377,7 +398,8 @@ async def _tui_placeholder(args: argparse.Namespace) -> int:  # pragma: no cover
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "status": cmd_status, "connections": cmd_connections, "logs": cmd_logs, "reload": cmd_reload,
-    "restart": cmd_restart, "drain": cmd_drain, "awq": cmd_awq, "chat": cmd_chat, "bench": cmd_bench,
+    "restart": cmd_restart, "drain": cmd_drain, "awq": cmd_awq, "profile": cmd_profile, "chat": cmd_chat,
+    "bench": cmd_bench,
     "tui": _tui_placeholder,
 }
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from yapd import forking
+from yapd.loopprofile import LoopProfiler, ProfileError
 
 if TYPE_CHECKING:
     from yapd.daemon import Daemon
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("yapd.admin")
 
 MAX_REQUEST_BYTES = 64 * 1024
-COMMANDS = ("status", "connections", "logs", "reload", "restart", "drain", "awq", "stats", "ping")
+COMMANDS = ("status", "connections", "logs", "reload", "restart", "drain", "awq", "stats", "profile", "ping")
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
@@ -48,6 +49,7 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 class AdminServer:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self.profiler = LoopProfiler()
         cfg = daemon.cfg.admin
         self.path = daemon.cfg.admin_socket_path()
         self._server: asyncio.AbstractServer | None = None
@@ -200,6 +202,15 @@ class AdminServer:
             await _write(writer, await d.drain(on))
         elif cmd == "awq":
             await self._awq(req, writer)
+        elif cmd == "profile":
+            seconds, top = req.get("seconds", 10), req.get("top", 25)
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or isinstance(top, bool) \
+                    or not isinstance(top, int):
+                raise AdminError('"seconds" must be a number and "top" an integer')
+            try:
+                await _write(writer, {"ok": True, **await self.profiler.run(float(seconds), top)})
+            except ProfileError as exc:
+                raise AdminError(str(exc)) from exc
         elif cmd == "debug" and os.environ.get("YAPD_DEBUG_ADMIN") == "1":
             await _write(writer, await self._debug(req))
         else:
