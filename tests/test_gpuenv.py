@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -253,6 +254,24 @@ async def test_ab_reloads_a_real_yapd_live_and_refuses_what_a_reload_cannot_appl
     with pytest.raises(RuntimeError, match="did not apply live"):
         await reload_with(d.config_path, text, ['engines.mps="off"'], d.admin_socket)
     await reload_with(d.config_path, text, [], d.admin_socket)  # back as it was
+
+
+def test_the_loop_profiles_of_yapd_and_raw_are_tabled_by_package():
+    def prof(busy: float, **own: float) -> dict[str, Any]:
+        total = sum(own.values())
+        return {"busy_s": busy, "by_package": [{"package": k, "own_ms": v, "share": v / total}
+                                                for k, v in sorted(own.items(), key=lambda kv: -kv[1])]}
+
+    data = {"date": "2026-12-02", "machine": "H200", "setup": {},
+            "yapd": {"c16": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {},
+                     "profile_c16": prof(4.0, websockets=1500.0, vllm=2000.0, yapd=500.0)},
+            "raw": {"c16": {}, "profile_c16": prof(2.5, vllm=2400.0, asyncio=100.0)}}
+    lines = markdown(data).splitlines()
+    at = lines.index("| package | yapd | raw |")
+    assert "at 16 sessions" in lines[at - 2] and "yapd 4.0 s / raw 2.5 s" in lines[at - 2]
+    assert lines[at + 2:at + 7] == ["| vllm | 2000 (50%) | 2400 (96%) |", "| websockets | 1500 (38%) | - |",
+                                    "| yapd | 500 (12%) | - |", "| asyncio | - | 100 (4%) |", ""]
+    assert not [line for line in markdown({**data, "yapd": {}, "raw": {}}).splitlines() if "| package |" in line]
 
 
 def test_the_ab_table_sets_each_level_beside_its_changed_run():

@@ -41,6 +41,10 @@ LEVELS = (1, 8, 16, 24)
 WORDS = ("the quick brown fox jumps over a lazy dog while the persona keeps talking about music movies "
          "travel plans and what to cook tonight because the user likes spicy food").split()
 T = TypeVar("T")
+# --profile-level: the window (after the level's warm-up turns) and the functions kept.
+PROFILE_AFTER_S = 3.0
+PROFILE_S = 10.0
+PROFILE_TOP = 15
 PORT = 8123
 SERVE_PORT = 8124
 
@@ -102,6 +106,7 @@ class Setup:
     ab: tuple[str, ...] = ()
     order_probe: bool = False  # the raw phase also times one session's requests in each order
     raw_order: str = "chat_first"  # raw's turns: chat request at once, tool's a loop round later; or tool_first
+    profile_level: int = 0  # yapd and raw run this level once more with their event loop profiled (0: not)
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
         return f"""
@@ -254,6 +259,15 @@ async def phase_yapd(res: Results, s: Setup) -> None:
                 await reload_with(cfg, s.config_text(), s.ab, admin_socket)
                 res.put("yapd_b", f"c{c}", await level(c))
                 await reload_with(cfg, s.config_text(), (), admin_socket)
+        if s.profile_level:
+            async def profiled() -> dict[str, Any]:
+                await asyncio.sleep(PROFILE_AFTER_S)
+                async with AdminClient(admin_socket, timeout=PROFILE_S + 30) as admin:
+                    return await admin.request("profile", seconds=PROFILE_S, top=PROFILE_TOP)
+
+            window = asyncio.ensure_future(profiled())
+            await level(s.profile_level)
+            res.put("yapd", f"profile_c{s.profile_level}", await window)
         start = {"type": "start", "session_id": "cancel", "user_utterance": UTTERANCE, "persona_text": PERSONA,
                  "history_text": HISTORY}
         res.put("yapd", "cancel", await cancel_latency(url, "bench", n=20, start=start))
@@ -505,6 +519,16 @@ async def phase_raw(res: Results, s: Setup) -> None:
                                  "itl_token_ms": {"p50": pct(itl_tokens, 50), "p99": pct(itl_tokens, 99)},
                                  "tool_first_token_ms": {"p50": pct(tfirst, 50), "p95": pct(tfirst, 95)},
                                  "tool_ms": {"p50": pct(tdone, 50), "p95": pct(tdone, 95)}})
+    if s.profile_level:  # the same window as yapd's, on raw's own loop
+        from yapd.loopprofile import LoopProfiler
+
+        async def profiled() -> dict[str, Any]:
+            await asyncio.sleep(PROFILE_AFTER_S)
+            return await LoopProfiler().run(PROFILE_S, PROFILE_TOP)
+
+        window = asyncio.ensure_future(profiled())
+        await at_level(s.profile_level, one_turn, s.rounds)
+        res.put("raw", f"profile_c{s.profile_level}", await window)
     if s.order_probe:
         short = SamplingParams(max_tokens=8, min_tokens=8, ignore_eos=True, temperature=0.8, top_p=0.95,
                                output_kind=RequestOutputKind.DELTA)
@@ -755,6 +779,28 @@ def run_conditions(setup: dict[str, Any]) -> list[str]:
     return [f"Run conditions: {'; '.join(parts)}.", ""] if parts else []
 
 
+def profile_table(data: dict[str, Any], packages: int = 10) -> list[str]:
+    """yapd's and raw's event loops at one level, own time by package (--profile-level)."""
+    key = next((k for sec in ("yapd", "raw") for k in data.get(sec, {}) if k.startswith("profile_c")), None)
+    if key is None:
+        return []
+    shares = {sec: {g["package"]: g for g in data.get(sec, {}).get(key, {}).get("by_package", [])}
+              for sec in ("yapd", "raw")}
+    names = sorted({*shares["yapd"], *shares["raw"]},
+                   key=lambda n: -max(shares[sec].get(n, {}).get("own_ms", 0) for sec in ("yapd", "raw")))
+
+    def cell(sec: str, name: str) -> str:
+        g = shares[sec].get(name)
+        return "-" if g is None else f"{g['own_ms']:g} ({g['share']:.0%})"
+
+    busy = " / ".join(f"{sec} {data.get(sec, {}).get(key, {}).get('busy_s', '-')} s"
+                      for sec in ("yapd", "raw"))
+    return ["", f"Event loop at {key[len('profile_c'):]} sessions under cProfile for {PROFILE_S:g} s "
+            f"(busy: {busy}), own ms (share) by package:", "",
+            "| package | yapd | raw |", "| --- | --- | --- |",
+            *(f"| {n} | {cell('yapd', n)} | {cell('raw', n)} |" for n in names[:packages])]
+
+
 def markdown(data: dict[str, Any]) -> str:
     def g(sec: str, lvl: str, metric: str, q: str) -> str:
         v = data.get(sec, {}).get(lvl, {}).get(metric, {}).get(q)
@@ -837,6 +883,7 @@ def markdown(data: dict[str, Any]) -> str:
             cells = [" / ".join("-" if v[m][q] is None else f"{v[m][q]:g}" for q in ("p50", "p95"))
                      for m in ("chat_first_ms", "tool_first_ms")]
             lines.append(f"| {order} | {' | '.join(cells)} |")
+    lines += profile_table(data)
     y = data.get("yapd", {})
     cancel = y.get("cancel", {})
     lines += [] if not latency else ["", f"- cancel -> done (client): {cancel.get('cancel_to_done_ms')}",
@@ -940,6 +987,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw-order", choices=("chat_first", "tool_first"), default="chat_first",
                    help="raw's turns: the chat request at once and the tool's a loop round later (chat_first, "
                         "as every run before), or the tool's first and the chat's right after, as yapd sends them")
+    p.add_argument("--profile-level", type=int, default=0, metavar="SESSIONS",
+                   help="after the levels, yapd and raw run this level once more with their event loop under "
+                        f"cProfile for {PROFILE_S:g} s (yapctl profile): where each loop's time goes, by package")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set in the environment of every phase (yapd's process, raw's engines, vllm serve), "
                         "e.g. a VLLM_* switch to compare start times; repeatable")
@@ -958,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
                   args.mps, args.mps_priority, args.event_loop, args.tool_first, tuple(args.ab), args.order_probe,
-                  args.raw_order)
+                  args.raw_order, args.profile_level)
     if setup.ab:
         try:
             live, engine, restart = config.diff_keys(setup.config(), setup.config(setup.ab))
