@@ -46,6 +46,7 @@ def test_status(shared_yapd):
     assert "deploy both" in out.stdout and "ready" in out.stdout
     assert "ENGINE" in out.stdout and "chat" in out.stdout and "tool" in out.stdout
     assert "mps off (no GPU engine)" in out.stdout.splitlines()
+    assert any(line.startswith("event loop late by p50 ") for line in out.stdout.splitlines()), out.stdout
     assert "yapd_mps_active 0.0" in shared_yapd.http("/metrics")[1].splitlines()
     js = json.loads(yapctl("status", "--json", sock=shared_yapd.admin_socket).stdout)
     assert js["ok"] is True and js["capacity"]["max"] == 64 and set(js["engines"]) == {"chat", "tool"}

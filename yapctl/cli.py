@@ -146,6 +146,11 @@ async def cmd_status(args: argparse.Namespace) -> int:
           f"  deploy {st.get('deploy')}  {state}{'  (demo)' if st.get('demo') else ''}")
     in_flight = sum(int(e.get("in_flight", 0)) for e in st.get("engines", {}).values())
     print(f"connections {cap.get('active', '?')}/{cap.get('max', '?')}  engine requests in flight {in_flight}")
+    lag = st.get("loop_lag_ms") or {}
+    if lag.get("samples"):
+        # Late timers delay every engine output and frame: `yapctl profile` says why.
+        print(f"event loop late by p50 {lag['p50_ms']} ms, p99 {lag['p99_ms']} ms, max {lag['max_ms']} ms "
+              f"(last {lag['window_s']:g} s)")
     if st.get("systemd_status"):
         print(f"systemd: {st['systemd_status']}")
     mps = st.get("mps")
