@@ -249,18 +249,46 @@ def test_tool_query_tokenizes_only_new_lines():
     tok = trained_tokenizer("qwen")
     cache = PromptCache(tok)
     seen: list[str] = []
-    encode = tok.encode
+    encode = cache.encode
 
-    def counting(text, **kw):
+    def counting(text):
         seen.append(text)
-        return encode(text, **kw)
+        return encode(text)
 
     lines = [f"user: line {i} of the talk\n" for i in range(12)]
     cache.encode_lines("".join(lines[:8]))
-    tok.encode = counting  # type: ignore[method-assign]
+    cache.encode = counting  # type: ignore[method-assign]
     ids = cache.encode_lines("".join(lines[3:10]))  # the window slid down two lines
     assert seen == lines[8:10]
-    assert ids == encode("".join(lines[3:10]), add_special_tokens=False)
+    assert ids == tok.encode("".join(lines[3:10]), add_special_tokens=False)
+
+
+@pytest.mark.parametrize("kind", ["qwen", "gpt2", "sp"])
+def test_prompts_call_the_rust_tokenizer_directly_for_the_same_ids(kind):
+    from yapd.prompts import encoder
+
+    tok = trained_tokenizer(kind)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    enc = encoder(tok)
+    assert enc.__name__ == "fast" and encoder(tok) is enc  # decided once per tokenizer
+    for text in (CONVERSATION, "<|im_start|>user\nhi<|im_end|>", " lead", "trail ", "caf\u00e9 \U0001f389", ""):
+        assert enc(text) == tok.encode(text, add_special_tokens=False), text
+
+
+def test_a_tokenizer_whose_rust_side_disagrees_keeps_transformers_encode():
+    from types import SimpleNamespace
+
+    from yapd.prompts import encoder
+
+    class Tok:  # transformers adds something the Rust tokenizer alone would not
+        all_special_tokens = ["<s>"]
+        backend_tokenizer = SimpleNamespace(encode=lambda text, add_special_tokens: SimpleNamespace(ids=[1]))
+
+        def encode(self, text, add_special_tokens=False):
+            return [1, 2]
+
+    enc = encoder(Tok())
+    assert enc.__name__ == "slow" and enc("x") == [1, 2]
 
 
 def test_start_now_has_run_the_task_up_to_its_first_wait():
