@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -270,7 +272,7 @@ def test_prompts_call_the_rust_tokenizer_directly_for_the_same_ids(kind):
     tok = trained_tokenizer(kind)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     enc = encoder(tok)
-    assert enc.__name__ == "fast" and encoder(tok) is enc  # decided once per tokenizer
+    assert enc.__name__ == "fast"
     for text in (CONVERSATION, "<|im_start|>user\nhi<|im_end|>", " lead", "trail ", "caf\u00e9 \U0001f389", ""):
         assert enc(text) == tok.encode(text, add_special_tokens=False), text
 
@@ -287,8 +289,16 @@ def test_a_tokenizer_whose_rust_side_disagrees_keeps_transformers_encode():
         def encode(self, text, add_special_tokens=False):
             return [1, 2]
 
-    enc = encoder(Tok())
+    tok = Tok()
+    enc = encoder(tok)
     assert enc.__name__ == "slow" and enc("x") == [1, 2]
+    # Decided once per tokenizer, and the decision does not keep the tokenizer alive.
+    tok.backend_tokenizer = SimpleNamespace(encode=lambda text, add_special_tokens: SimpleNamespace(ids=[1, 2]))
+    assert encoder(tok).__name__ == "slow"
+    ref = weakref.ref(tok)
+    del tok, enc
+    gc.collect()
+    assert ref() is None
 
 
 def test_start_now_has_run_the_task_up_to_its_first_wait():

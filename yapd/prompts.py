@@ -147,7 +147,7 @@ def tokenizes_by_line(tok: Tokenizer) -> bool:
     return safe
 
 
-_encoders: weakref.WeakKeyDictionary[Any, Callable[[str], list[int]]] = weakref.WeakKeyDictionary()
+_rust_same: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def encoder(tok: Tokenizer) -> Callable[[str], list[int]]:
@@ -155,30 +155,30 @@ def encoder(tok: Tokenizer) -> Callable[[str], list[int]]:
     wraps its Rust tokenizer's encode in ~60 us of Python per call (Tekken: 134 -> 72 us
     for a 120-character utterance on this project's CPU machine), paid on the event loop
     by every turn; so the Rust one is called directly - where it gives the same ids on a
-    probe holding the tokenizer's special tokens (a tokenizer set to split them would
-    not)."""
-    try:
-        return _encoders[tok]
-    except (KeyError, TypeError):
-        pass
+    probe holding the tokenizer's special tokens (checked once per tokenizer)."""
 
     def slow(text: str) -> list[int]:
         return list(tok.encode(text, add_special_tokens=False))
 
-    enc = slow
     backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        def fast(text: str) -> list[int]:
-            return list(backend.encode(text, add_special_tokens=False).ids)
+    if backend is None:
+        return slow
 
+    def fast(text: str) -> list[int]:
+        return list(backend.encode(text, add_special_tokens=False).ids)
+
+    try:
+        same = _rust_same[tok]
+    except (KeyError, TypeError):
         specials = "".join(str(t) for t in (getattr(tok, "all_special_tokens", None) or [])[:16])
         probe = f"{_LINES_PROBE} {specials} x{specials}y caf\u00e9 \u6f22\u5b57 \U0001f389 "
-        with contextlib.suppress(Exception):
-            if fast(probe) == slow(probe):
-                enc = fast
-    with contextlib.suppress(TypeError):  # not weak-referenceable: decide again next time
-        _encoders[tok] = enc
-    return enc
+        try:
+            same = fast(probe) == slow(probe)
+        except Exception:
+            same = False
+        with contextlib.suppress(TypeError):  # not weak-referenceable: check again next time
+            _rust_same[tok] = same
+    return fast if same else slow
 
 
 @dataclass
