@@ -127,27 +127,35 @@ APPROX_CHARS_PER_TOKEN = 4
 _AFTER_LINE_BREAKS = re.compile(r"(?<=[\r\n])(?=[^\r\n])")
 _LINES_PROBE = "user: hi there\n\nassistant:  fine, thanks!\r\n  an indented line \n42 apples\n\n\nok"
 _lines_safe: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+_rust_same: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _once_per_tokenizer(table: weakref.WeakKeyDictionary[Any, bool], tok: Tokenizer,
+                        check: Callable[[], bool]) -> bool:
+    """``check()``'s answer for ``tok``, asked once: kept as a flag beside the tokenizer
+    (never a reference that would keep a replaced engine's tokenizer alive)."""
+    try:
+        return table[tok]
+    except (KeyError, TypeError):
+        pass
+    answer = check()
+    with contextlib.suppress(TypeError):  # not weak-referenceable: check again next time
+        table[tok] = answer
+    return answer
 
 
 def tokenizes_by_line(tok: Tokenizer) -> bool:
     """Whether ``tok`` gives the same ids for text cut after its line breaks as for the
     whole text. SentencePiece tokenizers do not (each call marks a word start), so they
     get whole-text tokenization."""
-    try:
-        return _lines_safe[tok]
-    except (KeyError, TypeError):
-        pass
-    whole = list(tok.encode(_LINES_PROBE, add_special_tokens=False))
-    pieces = [i for part in _AFTER_LINE_BREAKS.split(_LINES_PROBE) for i in tok.encode(part, add_special_tokens=False)]
-    safe = whole == pieces
-    try:
-        _lines_safe[tok] = safe
-    except TypeError:  # not weak-referenceable: check again next time
-        pass
-    return safe
 
+    def check() -> bool:
+        whole = list(tok.encode(_LINES_PROBE, add_special_tokens=False))
+        pieces = [i for part in _AFTER_LINE_BREAKS.split(_LINES_PROBE)
+                  for i in tok.encode(part, add_special_tokens=False)]
+        return whole == pieces
 
-_rust_same: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+    return _once_per_tokenizer(_lines_safe, tok, check)
 
 
 def encoder(tok: Tokenizer) -> Callable[[str], list[int]]:
@@ -167,18 +175,15 @@ def encoder(tok: Tokenizer) -> Callable[[str], list[int]]:
     def fast(text: str) -> list[int]:
         return list(backend.encode(text, add_special_tokens=False).ids)
 
-    try:
-        same = _rust_same[tok]
-    except (KeyError, TypeError):
+    def check() -> bool:
         specials = "".join(str(t) for t in (getattr(tok, "all_special_tokens", None) or [])[:16])
         probe = f"{_LINES_PROBE} {specials} x{specials}y caf\u00e9 \u6f22\u5b57 \U0001f389 "
         try:
-            same = fast(probe) == slow(probe)
+            return fast(probe) == slow(probe)
         except Exception:
-            same = False
-        with contextlib.suppress(TypeError):  # not weak-referenceable: check again next time
-            _rust_same[tok] = same
-    return fast if same else slow
+            return False
+
+    return fast if _once_per_tokenizer(_rust_same, tok, check) else slow
 
 
 @dataclass
