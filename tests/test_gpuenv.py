@@ -256,6 +256,35 @@ async def test_ab_reloads_a_real_yapd_live_and_refuses_what_a_reload_cannot_appl
     await reload_with(d.config_path, text, [], d.admin_socket)  # back as it was
 
 
+async def test_a_level_is_profiled_after_its_warm_up_and_a_failed_level_ends_the_window(monkeypatch):
+    from yapctl import gpubench
+    from yapd.loopprofile import LoopProfiler
+
+    monkeypatch.setattr(gpubench, "PROFILE_AFTER_S", 0.05)
+    asked: list[float] = []
+
+    async def level() -> None:
+        await asyncio.sleep(0.3)
+
+    async def profile() -> dict[str, Any]:
+        asked.append(asyncio.get_running_loop().time())
+        return await LoopProfiler().run(0.1)
+
+    t0 = asyncio.get_running_loop().time()
+    reply = await gpubench.profiled(level(), profile)
+    assert reply["wall_s"] >= 0.1 and asked[0] - t0 >= 0.05
+
+    async def failing() -> None:
+        await asyncio.sleep(0.01)
+        raise RuntimeError("level failed")
+
+    asked.clear()
+    with pytest.raises(RuntimeError, match="level failed"):
+        await gpubench.profiled(failing(), profile)
+    await asyncio.sleep(0.1)
+    assert asked == []  # the window was cancelled before it opened
+
+
 def test_the_loop_profiles_of_yapd_and_raw_are_tabled_by_package():
     def prof(busy: float, **own: float) -> dict[str, Any]:
         total = sum(own.values())

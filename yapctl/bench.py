@@ -112,17 +112,19 @@ class BenchReport:
         total = [r.total_ms for r in ok if r.total_ms is not None]
         gaps = [g for r in ok for g in r.gaps_ms]
 
-        def server(key: str) -> dict[str, float | None]:
+        def timing(r: TurnResult, key: str) -> float | None:
             # The daemon's own view (done.timings): when the engines' first outputs
-            # reached it, when it sent the decision.
-            xs = [t for r in ok if r.done and (t := r.done.get("timings", {}).get(key)) is not None]
+            # reached it, when it sent the decision and the first token.
+            return r.done.get("timings", {}).get(key) if r.done else None
+
+        def server(key: str) -> dict[str, float | None]:
+            xs = [t for r in ok if (t := timing(r, key)) is not None]
             return {"p50": pct(xs, 50), "p95": pct(xs, 95)}
 
         # Per turn, what the client's TTFT holds beyond the daemon's own (its first token
         # sent, on the turn's clock): the start's way in and the daemon's reading of it
         # before the turn begins, and the token's way back.
-        outside = [r.ttft_ms - t for r in ok
-                   if r.ttft_ms is not None and r.done and (t := r.done.get("timings", {}).get("ttft_ms")) is not None]
+        outside = [r.ttft_ms - t for r in ok if r.ttft_ms is not None and (t := timing(r, "ttft_ms")) is not None]
         errors: dict[str, int] = {}
         for r in self.results:
             if not r.ok:

@@ -260,14 +260,11 @@ async def phase_yapd(res: Results, s: Setup) -> None:
                 res.put("yapd_b", f"c{c}", await level(c))
                 await reload_with(cfg, s.config_text(), (), admin_socket)
         if s.profile_level:
-            async def profiled() -> dict[str, Any]:
-                await asyncio.sleep(PROFILE_AFTER_S)
+            async def profile() -> dict[str, Any]:
                 async with AdminClient(admin_socket, timeout=PROFILE_S + 30) as admin:
                     return await admin.request("profile", seconds=PROFILE_S, top=PROFILE_TOP)
 
-            window = asyncio.ensure_future(profiled())
-            await level(s.profile_level)
-            res.put("yapd", f"profile_c{s.profile_level}", await window)
+            res.put("yapd", f"profile_c{s.profile_level}", await profiled(level(s.profile_level), profile))
         start = {"type": "start", "session_id": "cancel", "user_utterance": UTTERANCE, "persona_text": PERSONA,
                  "history_text": HISTORY}
         res.put("yapd", "cancel", await cancel_latency(url, "bench", n=20, start=start))
@@ -522,19 +519,31 @@ async def phase_raw(res: Results, s: Setup) -> None:
     if s.profile_level:  # the same window as yapd's, on raw's own loop
         from yapd.loopprofile import LoopProfiler
 
-        async def profiled() -> dict[str, Any]:
-            await asyncio.sleep(PROFILE_AFTER_S)
-            return await LoopProfiler().run(PROFILE_S, PROFILE_TOP)
-
-        window = asyncio.ensure_future(profiled())
-        await at_level(s.profile_level, one_turn, s.rounds)
-        res.put("raw", f"profile_c{s.profile_level}", await window)
+        res.put("raw", f"profile_c{s.profile_level}", await profiled(
+            at_level(s.profile_level, one_turn, s.rounds), lambda: LoopProfiler().run(PROFILE_S, PROFILE_TOP)))
     if s.order_probe:
         short = SamplingParams(max_tokens=8, min_tokens=8, ignore_eos=True, temperature=0.8, top_p=0.95,
                                output_kind=RequestOutputKind.DELTA)
         res.put("raw", "order_probe", await order_probe(chat, tool, tp.turn, short, tool_sp, 3 * s.rounds))
     chat.shutdown()
     tool.shutdown()
+
+
+async def profiled(level: Awaitable[Any], profile: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """``profile()``'s answer, asked ``PROFILE_AFTER_S`` into ``level`` (after its warm-up
+    turns), once the level is done; a failed level takes the window down with it."""
+
+    async def window() -> dict[str, Any]:
+        await asyncio.sleep(PROFILE_AFTER_S)
+        return await profile()
+
+    task = asyncio.ensure_future(window())
+    try:
+        await level
+    except BaseException:
+        task.cancel()
+        raise
+    return await task
 
 
 def tool_request(coro: Coroutine[Any, Any, T], order: str) -> asyncio.Task[T]:
@@ -580,7 +589,7 @@ async def order_probe(chat: Any, tool: Any, prompts: Callable[[int], tuple[list[
         c = functools.partial(first, chat, chat_ids, chat_sp, t0, False)
         t = functools.partial(first, tool, tool_ids, tool_sp, t0, True)
         if order == "raw":
-            tool_task = asyncio.ensure_future(t())
+            tool_task = tool_request(t(), "chat_first")
             return await c(), await tool_task
         if order == "chat_alone":
             return await c(), None
