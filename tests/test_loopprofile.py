@@ -6,6 +6,9 @@ import asyncio
 import cProfile
 import json
 import pstats
+import selectors
+import socket
+import time
 
 import pytest
 
@@ -84,3 +87,24 @@ async def test_a_cancelled_window_leaves_the_profiler_free():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert (await profiler.run(0.01))["wall_s"] >= 0.01
+
+
+def test_waits_are_set_apart_from_busy_time():
+    """A selector's poll and a sleep are idle time (on Python 3.12+ cProfile sees every
+    thread's, the loop's own wait under asyncio included): not busy, not a package's."""
+    prof = cProfile.Profile()
+    prof.enable()
+    time.sleep(0.05)
+    with selectors.DefaultSelector() as sel:
+        r, w = socket.socketpair()
+        with r, w:
+            sel.register(r, selectors.EVENT_READ)
+            sel.select(0.05)
+    for _ in range(200):
+        json.dumps({"a": list(range(50))})
+    prof.disable()
+    summary = summarize(pstats.Stats(prof), wall_s=1.0, top=50)
+    assert summary["waiting_s"] >= 0.09, summary
+    assert summary["busy_s"] < 0.09, summary
+    assert not [r for r in summary["top"] if "sleep" in r["function"] or "'poll'" in r["function"]
+                or "'select'" in r["function"]], summary["top"]

@@ -246,8 +246,8 @@ async def cmd_profile(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(reply)
         return EXIT_OK
-    print(f"event loop over {reply['wall_s']} s: {reply['busy_s']} s inside profiled calls "
-          "(cProfile slows Python code: read the shares)")
+    print(f"event loop over {reply['wall_s']} s: {reply['busy_s']} s inside profiled calls, "
+          f"{reply.get('waiting_s', 0)} s waiting (cProfile slows Python code: read the shares)")
     print(_table([[g["package"], f"{g['own_ms']:.1f}", f"{g['share']:.1%}"] for g in reply["by_package"]],
                  ["package", "own ms", "share"]))
     print()

@@ -4,7 +4,10 @@ Under load every engine output, WebSocket frame and turn start runs on one event
 thread, and a busy loop delays them all (the loop-lag gauge says how late it runs, not
 why). ``yapctl profile`` asks the daemon for this over the admin socket; it needs no
 ptrace, so it works where py-spy cannot attach (containers without CAP_SYS_PTRACE).
-cProfile slows Python code while it runs: read the shares, not the absolute times.
+cProfile slows Python code while it runs: read the shares, not the absolute times. On
+Python 3.12+ cProfile runs on sys.monitoring and sees every thread, not only the loop's:
+time spent waiting (a selector's poll, a lock, a sleep: the loop's own idle wait under
+asyncio, another thread's anywhere) is set apart as ``waiting_s``, not counted as busy.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ import asyncio
 import cProfile
 import os
 import pstats
+import re
 import sys
 import time
 from typing import Any
 
 MAX_SECONDS = 300.0
+# C functions that block until something happens: idle time, whichever thread it is on.
+WAITS = re.compile(r"<method '(poll|select|control|acquire|acquire_lock|wait)' of "
+                   r"'(select|_thread|selectors)\.\w+' objects>|<built-in method (time\.sleep|select\.select)>")
 
 
 class ProfileError(RuntimeError):
@@ -63,12 +70,16 @@ class Packages:
 def summarize(stats: pstats.Stats, wall_s: float, top: int = 25, packages: Packages | None = None) -> dict[str, Any]:
     """Own time by package (a C function's time goes to the package that called it: a
     socket send made by websockets is websockets' time) and the ``top`` functions by own
-    time."""
+    time, waits (:data:`WAITS`) apart."""
     pk = packages or Packages.imported()
     groups: dict[str, float] = {}
     rows = []
+    waiting = 0.0
     raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
     for (filename, line, func), (_cc, calls, own, total, callers) in raw.items():
+        if filename == "~" and WAITS.fullmatch(func):
+            waiting += own
+            continue
         if filename == "~":  # a built-in: charge its callers, by the time spent under each
             for (cfile, _cline, _cfunc), (*_, c_own, _c_total) in callers.items():
                 key = pk.of(cfile) if cfile != "~" else "builtins"
@@ -85,6 +96,7 @@ def summarize(stats: pstats.Stats, wall_s: float, top: int = 25, packages: Packa
     return {
         "wall_s": round(wall_s, 2),
         "busy_s": round(busy, 3),
+        "waiting_s": round(waiting, 3),
         "by_package": [{"package": k, "own_ms": round(v * 1000, 1), "share": round(v / busy, 3) if busy else 0.0}
                        for k, v in sorted(groups.items(), key=lambda kv: kv[1], reverse=True)],
         "top": rows[:top],
