@@ -318,18 +318,21 @@ async def test_a_stalled_tool_engine_times_out_into_no_and_the_reply_goes_on(mak
         assert f"{timeouts} 1.0" in d.http("/metrics")[1].splitlines()  # no second timeout
 
 
-async def test_tool_first_serves_turns_and_a_bad_value_is_refused(make_yapd, tmp_path):
-    """turn.tool_first as a user sets it: turns run whole in both orders (the order
-    itself: tests/test_units.py), a reload flips it live, a non-boolean is refused."""
-    d = make_yapd("[turn]\nconcurrent = true\ntool_first = true\n")
+async def test_request_orders_serve_turns_and_a_bad_value_is_refused(make_yapd, tmp_path):
+    """turn.request_order as a user sets it: turns run whole in every order (the order
+    itself: tests/test_units.py), a reload changes it live, an unknown order is refused."""
+    d = make_yapd('[turn]\nconcurrent = true\nrequest_order = "tool_first"\n')
     async with ws_connect(d.url()) as ws:
         check_turn(await run_turn(ws, user_utterance="what's the weather in Paris?"))
-        d.write_config("[turn]\nconcurrent = true\ntool_first = false\n")
+        d.write_config('[turn]\nconcurrent = true\nrequest_order = "chat_first"\n')
         d.signal(signal.SIGHUP)
-        d.wait_for("reload applied live keys: turn.tool_first")
+        d.wait_for("reload applied live keys: turn.request_order")
         check_turn(await run_turn(ws, user_utterance="and in Rome?"))
+        d.write_config('[turn]\nconcurrent = true\nrequest_order = "chats_then_tools"\n')
+        assert "turn.request_order" in d.admin(cmd="reload")[-1]["applied"]
+        check_turn(await run_turn(ws, user_utterance="and in Oslo?"))
     bad = tmp_path / "bad.toml"
-    bad.write_text('[turn]\ntool_first = "yes"\n')
+    bad.write_text('[turn]\nrequest_order = "tools_first"\n')
     r = subprocess.run([sys.executable, "-m", "yapd", "--config", str(bad)], capture_output=True, text=True,
                        timeout=60)
-    assert r.returncode == 2 and "turn.tool_first" in r.stderr, r.stderr
+    assert r.returncode == 2 and "turn.request_order: 'tools_first' is not one of" in r.stderr, r.stderr

@@ -42,6 +42,8 @@ def gpu_yapd(tmp_path_factory):
     d = Yapd(tmp_path_factory.mktemp("gpu"), cache, demo=False, config=f"""
 [engines]
 deploy = "both"
+# Not the default ("equal" sets nothing): the chat engine below normal under MPS, checked below.
+mps_priority = "tool"
 [chat]
 model = "{MODEL}"
 backend = "vllm"
@@ -79,7 +81,7 @@ async def test_gpu_turns_cancel_barge_in(gpu_yapd):
     assert {e["backend"] for e in st["engines"].values()} == {"vllm"}
     if shutil.which(MPS_CONTROL) and PIPE_ENV not in os.environ and not renumbered_devices(os.environ):
         # engines.mps = "auto": both engines run under yapd's own MPS daemon, the chat
-        # engine's EngineCore below normal priority.
+        # engine's EngineCore below normal priority (mps_priority = "tool" above).
         assert st["mps"]["active"] is True and st["mps"]["daemon_pid"], st["mps"]
         assert st["engines"]["chat"]["child_env"] == {PRIORITY_ENV: "1"}, st["engines"]
         assert "child_env" not in st["engines"]["tool"]

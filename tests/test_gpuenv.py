@@ -81,13 +81,14 @@ def test_mps_runs_the_runs_daemon_around_other_phases_and_lets_yapd_run_its_own(
     assert Setup(tmp_path, work).config().engines.mps == "off"  # without --mps yapd runs none
     assert Setup(tmp_path, work, mps_priority="equal").config().engines.mps_priority == "equal"
     assert Setup(tmp_path, work, event_loop="asyncio").config().server.event_loop == "asyncio"
-    assert Setup(tmp_path, work, tool_first=False).config().turn.tool_first is False
-    assert Setup(tmp_path, work).config().turn.tool_first is True  # yapd's own default
-    assert data["setup"]["mps_priority"] == "tool"
-    assert "yapd's chat engine at MPS below-normal priority" in (out / "t.md").read_text()
+    assert Setup(tmp_path, work, request_order="chats_then_tools").config().turn.request_order == "chats_then_tools"
+    assert Setup(tmp_path, work).config().turn.request_order == "tool_first"  # yapd's own defaults
+    assert Setup(tmp_path, work).config().engines.mps_priority == "equal"
+    assert data["setup"]["mps_priority"] == "equal" and data["setup"]["request_order"] == "tool_first"
+    assert "yapd's engines at equal MPS priority; yapd's request order tool_first" in (out / "t.md").read_text()
     # An A/B of the priority goes under two names: one file holds phases run alike.
     assert main([str(tmp_path / "models"), "--out", str(out), "--work", str(work), "--name", "t", "--mps",
-                 "--mps-priority", "equal", "--phases", "raw", "--levels", "1"]) == 2
+                 "--mps-priority", "tool", "--phases", "raw", "--levels", "1"]) == 2
 
 
 def test_run_conditions_head_the_table():
@@ -101,12 +102,13 @@ def test_run_conditions_head_the_table():
     assert run_conditions({}) == []  # runs before these were recorded
 
 
-@pytest.mark.parametrize(("order", "sent"), [("chat_first", ["chat-0", "chat-1", "tool-0", "tool-1"]),
+@pytest.mark.parametrize(("order", "sent"), [("chats_then_tools", ["chat-0", "chat-1", "tool-0", "tool-1"]),
                                               ("tool_first", ["tool-0", "chat-0", "tool-1", "chat-1"])])
 async def test_raws_turns_send_their_requests_in_the_order_named(order, sent):
-    """Two sessions' turns starting in one loop round, as a level's turns do: chat_first
-    sends the round's chat requests before any tool request (the tool's task waits for the
-    next round); tool_first sends each turn's pair tool first, turn after turn, as yapd."""
+    """Two sessions' turns starting in one loop round, as a level's turns do:
+    chats_then_tools sends the round's chat requests before any tool request (the tool's
+    begins in the next round); tool_first sends each turn's pair tool first, turn after
+    turn. yapd's request orders of these names: tests/test_units.py."""
     if order == "tool_first" and sys.version_info < (3, 12):
         pytest.skip("tool_first leaves at once only with eager tasks (Python 3.12+, as on the device)")
     from yapctl.gpubench import tool_request
@@ -222,8 +224,8 @@ def test_config_overrides_set_replace_and_add_keys():
     from yapctl.gpubench import with_overrides
 
     text = "[server]\nport = 1\n[turn]\nconcurrent = true\n"
-    out = with_overrides(text, ["turn.concurrent=false", "turn.tool_first = true", "logging.level=\"debug\""])
-    assert config.tomllib.loads(out) == {"server": {"port": 1}, "turn": {"concurrent": False, "tool_first": True},
+    out = with_overrides(text, ["turn.concurrent=false", "turn.exact_token_trim = true", "logging.level=\"debug\""])
+    assert config.tomllib.loads(out) == {"server": {"port": 1}, "turn": {"concurrent": False, "exact_token_trim": True},
                                          "logging": {"level": "debug"}}
     with pytest.raises(ValueError, match=r"section\.key=value"):
         with_overrides(text, ["tool_first=true"])
@@ -231,7 +233,7 @@ def test_config_overrides_set_replace_and_add_keys():
 
 def test_ab_takes_live_keys_only(tmp_path, capsys):
     base = [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--phases", ""]
-    for bad in ("engines.mps_priority=\"equal\"", "server.event_loop=\"asyncio\"", "turn.concurrent=true",
+    for bad in ("engines.mps_priority=\"tool\"", "server.event_loop=\"asyncio\"", "turn.concurrent=true",
                 "turn.nonsense=1"):
         with pytest.raises(SystemExit) as exc:
             main([*base, "--ab", bad])
@@ -239,9 +241,9 @@ def test_ab_takes_live_keys_only(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "engines.mps_priority" in err and "server.event_loop" in err and "nothing changes" in err
     assert "turn.nonsense" in err
-    assert main([*base, "--ab", "turn.tool_first=false"]) == 0
+    assert main([*base, "--ab", 'turn.request_order="chats_then_tools"']) == 0
     with pytest.raises(SystemExit):  # yapd's default already: nothing to compare
-        main([*base, "--ab", "turn.tool_first=true"])
+        main([*base, "--ab", 'turn.request_order="tool_first"'])
 
 
 async def test_ab_reloads_a_real_yapd_live_and_refuses_what_a_reload_cannot_apply(make_yapd):
@@ -249,8 +251,8 @@ async def test_ab_reloads_a_real_yapd_live_and_refuses_what_a_reload_cannot_appl
 
     d = make_yapd("[turn]\nconcurrent = true\n")
     text = d.config_path.read_text()
-    await reload_with(d.config_path, text, ["turn.tool_first=false"], d.admin_socket)
-    d.wait_for("reload applied live keys: turn.tool_first")
+    await reload_with(d.config_path, text, ['turn.request_order="chat_first"'], d.admin_socket)
+    d.wait_for("reload applied live keys: turn.request_order")
     with pytest.raises(RuntimeError, match="did not apply live"):
         await reload_with(d.config_path, text, ['engines.mps="off"'], d.admin_socket)
     await reload_with(d.config_path, text, [], d.admin_socket)  # back as it was
@@ -307,9 +309,9 @@ def test_the_ab_table_sets_each_level_beside_its_changed_run():
     row = {"ttft_ms": {"p50": 1.0, "p95": 2.0}, "tool_ms": {"p50": 3.0, "p95": 4.0},
            "server_tool_first_ms": {"p50": 5.0, "p95": 6.0}, "itl_ms": {"p50": 1.0, "p99": 7.0}}
     changed = {k: {q: v * 10 for q, v in m.items()} for k, m in row.items()}
-    table = markdown({"setup": {"ab": ["turn.tool_first=true"]}, "yapd": {"c16": row},
+    table = markdown({"setup": {"ab": ["turn.request_order=\"chat_first\""]}, "yapd": {"c16": row},
                       "yapd_b": {"c16": changed}})
-    assert "## yapd with `turn.tool_first=true`" in table
+    assert "## yapd with `turn.request_order=\"chat_first\"`" in table
     assert "| 16 | 1 / 2 / 10 / 20 | 3 / 4 / 30 / 40 | 5 / 6 / 50 / 60 | 7 / 70 |" in table
 
 

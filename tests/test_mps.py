@@ -75,7 +75,7 @@ def test_without_the_control_binary_auto_says_so_and_on_refuses_to_start(folder,
     mps = Mps(folder)
     assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is False
     assert mps.status() == {"mode": "auto", "active": False, "daemon_pid": None, "pipe": None, "reason": NO_BINARY,
-                            "priority": "tool"}
+                            "priority": "equal"}
     with pytest.raises(MpsError, match=r'engines\.mps is "on" but no nvidia-cuda-mps-control'):
         mps.prepare(gpu_config(mps="on"), ["chat", "tool"], others_running=False)
 
@@ -101,7 +101,7 @@ def test_mps_mode_is_checked_like_every_config_key():
     assert config.load(None, env={"YAP_ENGINE_MPS": "off"}).engines.mps == "off"
     with pytest.raises(config.ConfigError, match=r"engines\.mps_priority"):
         config.from_mapping({"engines": {"mps_priority": "chat"}}, "test")
-    assert config.load(None, env={"YAP_ENGINE_MPS_PRIORITY": "equal"}).engines.mps_priority == "equal"
+    assert config.load(None, env={"YAP_ENGINE_MPS_PRIORITY": "tool"}).engines.mps_priority == "tool"
 
 
 # --- the daemon ------------------------------------------------------------------
@@ -226,7 +226,7 @@ def test_auto_starts_it_keeps_it_for_engines_joining_and_gives_up_for_good(folde
         assert mps.prepare(gpu_config(), ["chat", "tool"], others_running=False) is True
         pid = mps.daemon.pid
         assert mps.status() == {"mode": "auto", "active": True, "daemon_pid": pid, "pipe": str(folder / "pipe"),
-                                "reason": "2 GPU engines share the GPU", "priority": "tool"}
+                                "reason": "2 GPU engines share the GPU", "priority": "equal"}
         # One engine restarts while the other runs in the MPS server: nothing changes,
         # even under a config that now says off (the next full start applies it).
         assert mps.prepare(gpu_config(mps="off"), ["tool"], others_running=True) is False
@@ -249,7 +249,7 @@ def test_under_mps_the_chat_engine_alone_runs_below_normal_priority(folder, cont
     monkeypatch.delenv(PRIORITY_ENV, raising=False)
     mps = Mps(folder)
     assert mps.client_env("chat") == {}  # no MPS yet
-    mps.prepare(gpu_config(), ["chat", "tool"], others_running=False)
+    mps.prepare(gpu_config(mps_priority="tool"), ["chat", "tool"], others_running=False)
     try:
         assert mps.client_env("chat") == {PRIORITY_ENV: "1"} and mps.client_env("tool") == {}
         assert mps.status()["priority"] == "tool"
@@ -258,8 +258,8 @@ def test_under_mps_the_chat_engine_alone_runs_below_normal_priority(folder, cont
         assert mps.client_env("chat") == {}
         monkeypatch.delenv(PRIORITY_ENV)
         mps.stop()
-        mps.prepare(gpu_config(mps_priority="equal"), ["chat", "tool"], others_running=False)
-        assert mps.daemon.running and mps.client_env("chat") == {}
+        mps.prepare(gpu_config(), ["chat", "tool"], others_running=False)  # "equal", the default
+        assert mps.daemon.running and mps.client_env("chat") == {} and mps.status()["priority"] == "equal"
     finally:
         mps.stop()
     # Without MPS the variable means nothing: not set.

@@ -678,26 +678,42 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir, monk
         sent.append(msg)
 
     inp = TurnInput("r", "s", turn_utterance(UTTERANCE, 5), HISTORY, PERSONA, 1)
-    rt.cfg.turn.tool_first = False
-    turn = Turn(rt, inp, send, PromptCache(rt.engines["chat"].tokenizer), PromptCache(rt.engines["tool"].tokenizer))
-    asyncio.run(turn.run({"type": "ack"}))
-    assert turn.state == "done"
-    assert (seen["chat"], seen["tool"]) == TurnPrompts(setup).turn(5)
+
+    def run(*inputs: TurnInput) -> list[Turn]:
+        """Turns that start in one loop round, as a burst of start messages does."""
+        order.clear()
+        turns = [Turn(rt, i, send, PromptCache(rt.engines["chat"].tokenizer),
+                      PromptCache(rt.engines["tool"].tokenizer)) for i in inputs]
+
+        async def go() -> None:
+            await asyncio.gather(*(t.run({"type": "ack"}) for t in turns))
+
+        asyncio.run(go())
+        assert all(t.state == "done" for t in turns)
+        assert (seen["chat"], seen["tool"]) == TurnPrompts(setup).turn(5)
+        return turns
+
+    rt.cfg.turn.request_order = "chat_first"
+    run(inp)
     assert order == ["chat", "tool"]
-    # turn.tool_first (the default): the tool request leaves first, the prompts stay the same.
-    rt.cfg.turn.tool_first = True
-    order.clear()
-    turn = Turn(rt, inp, send, PromptCache(rt.engines["chat"].tokenizer), PromptCache(rt.engines["tool"].tokenizer))
-    asyncio.run(turn.run({"type": "ack"}))
-    assert turn.state == "done" and order == ["tool", "chat"]
-    assert (seen["chat"], seen["tool"]) == TurnPrompts(setup).turn(5)
+    # tool_first (the default): the tool request leaves first, the prompts stay the same.
+    rt.cfg.turn.request_order = "tool_first"
+    run(inp)
+    assert order == ["tool", "chat"]
+    run(inp, inp)
+    assert order == ["tool", "chat", "tool", "chat"]
+    # chats_then_tools: turns starting together send every chat request before any tool's.
+    rt.cfg.turn.request_order = "chats_then_tools"
+    run(inp)
+    assert order == ["chat", "tool"]
+    run(inp, inp, inp)
+    assert order == ["chat", "chat", "chat", "tool", "tool", "tool"]
     # Python 3.10 has no asyncio.timeout: the decision's timeout must not cost the tool
     # request its place there either.
     monkeypatch.delattr(asyncio, "timeout")
-    order.clear()
-    turn = Turn(rt, inp, send, PromptCache(rt.engines["chat"].tokenizer), PromptCache(rt.engines["tool"].tokenizer))
-    asyncio.run(turn.run({"type": "ack"}))
-    assert turn.state == "done" and order == ["tool", "chat"]
+    rt.cfg.turn.request_order = "tool_first"
+    run(inp)
+    assert order == ["tool", "chat"]
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from yapctl import gpuenv
 from yapctl.bench import BenchConfig, bench, cancel_latency, pct, turn_utterance
 from yapctl.client import AdminClient
 from yapd import config
-from yapd.config import Config, TurnConfig
+from yapd.config import Config, EnginesConfig, TurnConfig
 from yapd.mps import NO_BINARY, MpsDaemon
 
 LEVELS = (1, 8, 16, 24)
@@ -98,14 +99,14 @@ class Setup:
     chat_tp: int = 1
     rounds: int = ROUNDS
     mps: bool = False  # yapd runs its own MPS daemon (engines.mps = "on"), else none ("off")
-    mps_priority: str = "tool"  # engines.mps_priority for yapd
+    mps_priority: str = EnginesConfig.mps_priority  # engines.mps_priority for yapd (yapd's default unless asked)
     event_loop: str = "auto"  # server.event_loop for yapd
-    tool_first: bool = TurnConfig.tool_first  # turn.tool_first for yapd (yapd's default unless asked)
-    # Live config changes ("turn.tool_first=true") yapd runs each level with too, right
+    request_order: str = TurnConfig.request_order  # turn.request_order for yapd (yapd's default unless asked)
+    # Live config changes ('turn.request_order="chat_first"') yapd runs each level with too, right
     # after the level as configured (an A/B on one process, reloaded over the admin socket).
     ab: tuple[str, ...] = ()
     order_probe: bool = False  # the raw phase also times one session's requests in each order
-    raw_order: str = "chat_first"  # raw's turns: chat request at once, tool's a loop round later; or tool_first
+    raw_order: str = "chats_then_tools"  # raw's turns: chat request at once, tool's a loop round later; or tool_first
     profile_level: int = 0  # yapd and raw run this level once more with their event loop profiled (0: not)
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
@@ -135,7 +136,7 @@ backend = "vllm"
 load_format = "dummy"
 [turn]
 concurrent = true
-tool_first = {"true" if self.tool_first else "false"}
+request_order = "{self.request_order}"
 ignore_eos = true
 chat_max_out = 200
 """
@@ -547,18 +548,19 @@ async def profiled(level: Awaitable[Any], profile: Callable[[], Awaitable[dict[s
 
 
 def tool_request(coro: Coroutine[Any, Any, T], order: str) -> asyncio.Task[T]:
-    """Raw's tool request of a turn. chat_first (every run before run n): in a task that
-    waits for the loop's next round, so at N sessions a round's chat requests all leave
-    before its tool requests; tool_first: at once, before the turn's chat request, one
-    turn after another, as yapd sends them (turn.tool_first)."""
-    from yapd.turn import start_now
+    """Raw's tool request of a turn, made before its chat request. chats_then_tools
+    (every run before run n; "chat_first" in run n's files): it begins in the loop's next
+    round, so at N sessions a round's chat requests all leave before its tool requests;
+    tool_first: at once, before the turn's chat request, one turn after another. yapd's
+    turn.request_order of the same names sends them the same way."""
+    from yapd.turn import after_a_round, start_now
 
-    return start_now(coro) if order == "tool_first" else asyncio.ensure_future(coro)
+    return start_now(coro) if order == "tool_first" else start_now(after_a_round(coro))
 
 
 # How one session's two requests leave, per turn: raw (the tool's in a task that waits for
 # the loop's next round, the chat's at once: phase_raw's turns), chat_then_tool (both at
-# once, chat first: yapd with turn.tool_first off), tool_then_chat (yapd's default), each alone.
+# once, chat first: yapd's request_order chat_first), tool_then_chat (tool_first), each alone.
 PROBE_ORDERS = ("raw", "chat_then_tool", "tool_then_chat", "chat_alone", "tool_alone")
 
 
@@ -589,7 +591,7 @@ async def order_probe(chat: Any, tool: Any, prompts: Callable[[int], tuple[list[
         c = functools.partial(first, chat, chat_ids, chat_sp, t0, False)
         t = functools.partial(first, tool, tool_ids, tool_sp, t0, True)
         if order == "raw":
-            tool_task = tool_request(t(), "chat_first")
+            tool_task = tool_request(t(), "chats_then_tools")
             return await c(), await tool_task
         if order == "chat_alone":
             return await c(), None
@@ -776,7 +778,9 @@ def run_conditions(setup: dict[str, Any]) -> list[str]:
         parts.append("environment " + " ".join(f"{k}={v}" for k, v in setup["env"].items()))
     if setup.get("event_loop", "auto") != "auto":
         parts.append(f"yapd on the {setup['event_loop']} event loop")
-    if "tool_first" in setup:
+    if "request_order" in setup:
+        parts.append(f"yapd's request order {setup['request_order']}")
+    elif "tool_first" in setup:  # runs before request_order (run n and earlier)
         parts.append(f"yapd sends each turn's {'tool' if setup['tool_first'] else 'chat'} request first")
     if setup.get("raw_order") == "tool_first":
         parts.append("raw sends each turn's tool request first, then its chat request, as yapd does")
@@ -980,22 +984,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="every phase under CUDA MPS (engines share the GPU at once instead of taking turns): "
                         "yapd its own daemon (engines.mps = \"on\"), the others a private one of the run's; "
                         "without it yapd runs with engines.mps = \"off\"")
-    p.add_argument("--mps-priority", choices=("tool", "equal"), default="tool",
-                   help="yapd's engines.mps_priority under --mps: the chat engine below normal (tool) or not")
+    p.add_argument("--mps-priority", choices=typing.get_args(config.MpsPriority), default=EnginesConfig.mps_priority,
+                   help="yapd's engines.mps_priority under --mps: the chat engine below normal (tool) or not "
+                        f"(default: yapd's, {EnginesConfig.mps_priority})")
     p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                    help="yapd's server.event_loop; raw vLLM runs on uvloop when it is named, else on "
                         "asyncio's own loop")
-    p.add_argument("--tool-first", action=argparse.BooleanOptionalAction, default=TurnConfig.tool_first,
-                   help="yapd's turn.tool_first: each turn's tool request leaves before its chat request "
-                        f"(default: yapd's, {str(TurnConfig.tool_first).lower()})")
+    p.add_argument("--request-order", choices=typing.get_args(config.RequestOrder), default=TurnConfig.request_order,
+                   help="yapd's turn.request_order: the order each turn's two requests leave in "
+                        f"(default: yapd's, {TurnConfig.request_order})")
     p.add_argument("--ab", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="in the yapd phase, run each level again right after with this live config change "
                         "(reloaded over the admin socket; repeatable; value as TOML), recorded as yapd_b")
     p.add_argument("--order-probe", action="store_true",
                    help="the raw phase also times one session's two requests in each order they can leave in")
-    p.add_argument("--raw-order", choices=("chat_first", "tool_first"), default="chat_first",
-                   help="raw's turns: the chat request at once and the tool's a loop round later (chat_first, "
-                        "as every run before), or the tool's first and the chat's right after, as yapd sends them")
+    p.add_argument("--raw-order", choices=("chats_then_tools", "tool_first"), default="chats_then_tools",
+                   help="raw's turns: the chat request at once and the tool's a loop round later (as every run "
+                        "before run n), or the tool's first and the chat's right after; as yapd's request orders "
+                        "of these names send them")
     p.add_argument("--profile-level", type=int, default=0, metavar="SESSIONS",
                    help="after the levels, yapd and raw run this level once more with their event loop under "
                         f"cProfile for {PROFILE_S:g} s (yapctl profile): where each loop's time goes, by package")
@@ -1016,7 +1022,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     args.work.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
-                  args.mps, args.mps_priority, args.event_loop, args.tool_first, tuple(args.ab), args.order_probe,
+                  args.mps, args.mps_priority, args.event_loop, args.request_order, tuple(args.ab), args.order_probe,
                   args.raw_order, args.profile_level)
     if setup.ab:
         try:
@@ -1033,7 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
     # Phases of one file are compared with each other: they must run alike (a set-up-only
     # call runs none, so it neither checks nor records these).
     alike = {"rounds": setup.rounds, "mps": args.mps, "mps_priority": args.mps_priority,
-             "event_loop": args.event_loop, "tool_first": args.tool_first, "ab": list(setup.ab),
+             "event_loop": args.event_loop, "request_order": args.request_order, "ab": list(setup.ab),
              "env": env, "raw_order": args.raw_order} if phases else {}
     earlier = res.data.get("setup", {})
     for key, value in alike.items():

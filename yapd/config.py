@@ -31,6 +31,7 @@ Quantization = Literal["auto", "none", "fp8", "awq", "gptq"]
 StartMethod = Literal["fork", "spawn"]
 MpsMode = Literal["auto", "on", "off"]
 MpsPriority = Literal["tool", "equal"]
+RequestOrder = Literal["tool_first", "chat_first", "chats_then_tools"]
 
 DEFAULT_CHAT_MODEL = "SicariusSicariiStuff/Impish_Nemo_12B"
 DEFAULT_TOOL_MODEL = "MadeAgents/Hammer2.1-3b"
@@ -105,20 +106,25 @@ class EnginesConfig:
     # load, a slower decode step); "on" also for one engine or several GPUs, and a start
     # fails without it; "off" never.
     mps: MpsMode = "auto"
-    # Under MPS: "tool" runs the chat engine's kernels at MPS's below-normal client
-    # priority, so the tool engine's (whose decision every reply waits for) go first;
-    # "equal" leaves both at normal.
-    mps_priority: MpsPriority = "tool"
+    # Under MPS: "equal" leaves both engines at normal priority; "tool" runs the chat
+    # engine's kernels at MPS's below-normal client priority, so the tool engine's (whose
+    # decision every reply waits for) go first. Measured on one H200 minutes apart
+    # (docs/bench/README.md, run n): "equal" answers one session 3.7 ms sooner (TTFT p50
+    # 24.77 -> 21.09, decision 21.76 -> 18.63); "tool" was 2.5 / 5.4 ms ahead at 8 / 16
+    # sessions and 24.5 ms behind at 24.
+    mps_priority: MpsPriority = "equal"
 
 
 @dataclass
 class TurnConfig:
     concurrent: bool = False
-    # Concurrent mode: the tool request leaves before the chat request. The decision
-    # holds the reply back, and measured on an H200 the tool-first order brings it
-    # sooner at no cost to the chat engine's first output (docs/bench/README.md, run l:
-    # decision p50 at 1 / 16 sessions 23.1 -> 20.1 / 83.5 -> 51.2 ms).
-    tool_first: bool = True
+    # Concurrent mode, the order a turn's two requests leave in. "tool_first": the tool's,
+    # then the chat's (the decision holds the reply back; measured on an H200, run l:
+    # decision p50 at 1 / 16 sessions 23.1 -> 20.1 / 83.5 -> 51.2 ms against chat_first).
+    # "chat_first": the chat's, then the tool's. "chats_then_tools": the chat's at once,
+    # the tool's a loop round later, so turns that start together send all their chat
+    # requests before any tool request (as raw vLLM's benchmark turns do).
+    request_order: RequestOrder = "tool_first"
     stream_flush_ms: float = 0.0
     chat_max_out: int = 200
     history_max_tokens: int = 3000
@@ -403,7 +409,7 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, str], ...]] = {
     "AWQ_CHAT_MODEL": (("chat", "awq_model"),),
     "AWQ_TOOL_MODEL": (("tool", "awq_model"),),
     "CONCURRENT_MODEL_CALL": (("turn", "concurrent"),),
-    "YAP_TURN_TOOL_FIRST": (("turn", "tool_first"),),
+    "YAP_TURN_REQUEST_ORDER": (("turn", "request_order"),),
     "STREAM_FLUSH_MS": (("turn", "stream_flush_ms"),),
     "CHAT_MAX_OUT": (("turn", "chat_max_out"),),
     "HISTORY_MAX_TOKENS": (("turn", "history_max_tokens"),),

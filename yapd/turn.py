@@ -75,13 +75,7 @@ class Turn:
         try:
             try:
                 if chat_stream is not None and tool is not None and self.cfg.turn.concurrent:
-                    # Both requests go out before the ack; by default the tool's first:
-                    # its decision holds the reply back (turn.tool_first, measured).
-                    if self.cfg.turn.tool_first:
-                        decide = start_now(self._decide(tool))
-                        pending = [start_now(_first_delta(chat_stream)), decide]
-                    else:
-                        pending = [start_now(_first_delta(chat_stream)), start_now(self._decide(tool))]
+                    pending = list(self._start_both(tool, chat_stream))
                 await self.send(ack)
                 if tool is None:
                     if chat_stream is not None:
@@ -109,6 +103,19 @@ class Turn:
             await self.send({"type": "final", "request_id": self.inp.request_id, "text": "".join(self.text_parts)})
         self.state = "done"
         await self._send_done(cancelled=False)
+
+    def _start_both(self, tool: Engine, chat_stream: AsyncIterator[Delta]) -> tuple[asyncio.Task[Delta],
+                                                                                    asyncio.Task[Decision]]:
+        """Concurrent mode: both requests leave before the ack, in turn.request_order's
+        order (the chat stream's first delta, the decision)."""
+        order = self.cfg.turn.request_order
+        if order == "tool_first":
+            decide = start_now(self._decide(tool))
+            return start_now(_first_delta(chat_stream)), decide
+        first = start_now(_first_delta(chat_stream))
+        if order == "chat_first":
+            return first, start_now(self._decide(tool))
+        return first, start_now(after_a_round(self._decide(tool)))
 
     # --- tool decision -------------------------------------------------------------
 
@@ -162,7 +169,7 @@ class Turn:
 
     async def _chat_stream(self, chat: Engine) -> AsyncIterator[Delta]:
         """The chat engine's deltas; the prompt is built on the first ``anext``, when the
-        request goes out (concurrent mode orders the two requests by ``turn.tool_first``)."""
+        request goes out (concurrent mode orders the two requests by ``turn.request_order``)."""
         t = self.cfg.turn
         assert self.chat_cache is not None
         prompt = build_chat_prompt(
@@ -288,6 +295,19 @@ def start_now(coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.
         task: asyncio.Task[T] = eager(loop, coro, name=name)
         return task
     return loop.create_task(coro, name=name)
+
+
+async def after_a_round(coro: Coroutine[Any, Any, T]) -> T:
+    """``coro``, begun in the event loop's next round: turns that start in one round
+    (a burst of messages read together) send what they send at once before anything
+    deferred this way. Run it with :func:`start_now`: an ordinary task would begin a
+    round later already, and this one round after that."""
+    try:
+        await asyncio.sleep(0)
+    except BaseException:
+        coro.close()  # cancelled before it began: it never runs, and says nothing of it
+        raise
+    return await coro
 
 
 async def _settle(tasks: list[asyncio.Task[Any]]) -> None:
