@@ -26,7 +26,7 @@ class LocalYapd:
 
     def __init__(self, workdir: Path, key: str, *, config: str = "", server: dict[str, Any] | None = None,
                  env: dict[str, str] | None = None, cache_dir: str | Path | None = None,
-                 args: list[str] | None = None, demo: bool = True) -> None:
+                 args: list[str] | None = None, demo: bool = True, entry: list[str] | None = None) -> None:
         self.workdir = workdir
         self.key = key
         self.demo = demo
@@ -41,6 +41,8 @@ class LocalYapd:
             self.env["YAP_CACHE_DIR"] = str(cache_dir)
         self.env.update(env or {})
         self.args = args or []
+        # What runs the daemon: yapd itself, or a program that runs yapd's main (frontbench).
+        self.entry = entry or [sys.executable, "-m", "yapd"]
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self._q: queue.Queue[str] = queue.Queue()
@@ -58,7 +60,7 @@ class LocalYapd:
         self.config_path.write_text(head + "\n" + text)
 
     def start(self, wait: bool = True, timeout: float = 90) -> LocalYapd:
-        cmd = [sys.executable, "-m", "yapd", *(["--demo"] if self.demo else []), "--config",
+        cmd = [*self.entry, *(["--demo"] if self.demo else []), "--config",
                str(self.config_path), "--admin-socket", str(self.admin_socket), *self.args]
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)

@@ -1,0 +1,28 @@
+"""yapctl.frontbench runs: a real yapd with stand-in engines, real WebSocket sessions."""
+
+from __future__ import annotations
+
+import json
+
+from yapctl.frontbench import main
+
+
+def test_frontbench_times_a_real_front_end_with_stand_in_engines(tmp_path, cache_dir, capsys):
+    out = tmp_path / "fb.json"
+    assert main(["--cache-dir", str(cache_dir), "--levels", "1,3", "--rounds", "2", "--max-out", "3",
+                 "--chat-first-ms", "30", "--tool-first-ms", "10", "--itl-ms", "2",
+                 "--request-order", "chats_then_tools", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["setup"]["request_order"] == "chats_then_tools" and report["setup"]["models"] == "demo"
+    one, three = report["levels"]["c1"], report["levels"]["c3"]
+    assert one["turns"] == 2 and three["turns"] == 6
+    for s in (one, three):
+        # The reply's first token can come no sooner than the stand-in's 30 ms, nor the
+        # decision before its 10 ms; both requests were made after the start was sent.
+        assert 30 <= s["ttft_ms"]["p50"] <= s["ttft_ms"]["p95"], s
+        assert 10 <= s["tool_ms"]["p50"] < s["ttft_ms"]["p50"], s
+        assert 0 < s["chat_request_after_send_ms"]["p50"] < s["ttft_ms"]["p50"] - 29, s
+        assert 0 < s["tool_request_after_send_ms"]["p50"] < s["tool_ms"]["p50"] - 9, s
+        assert s["outside_turn_ms"]["p50"] >= 0, s
+    assert three["round_requests_span_ms"]["p50"] > 0 and three["per_turn_start_ms"] > 0
+    assert "c3: TTFT p50/p95" in capsys.readouterr().out

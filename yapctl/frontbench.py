@@ -1,0 +1,265 @@
+"""yapd's front end alone, without a GPU: a real yapd process whose engines are stand-ins.
+
+    python -m yapctl.frontbench                          # the demo models' tokenizers
+    python -m yapctl.frontbench --models MODELS --levels 1,8,16 --request-order chats_then_tools
+
+The stand-in engines tokenize nothing and compute nothing: each request's first output
+comes ``--chat-first-ms`` / ``--tool-first-ms`` after it is made, then a token every
+``--itl-ms``. Everything else is yapd's own: the WebSocket server, the session, both
+prompts built with the real tokenizers (MODELS holds ``nemo-12b`` and ``hammer-3b``
+folders, as gpubench's do), the turn, the frames. Sessions run in lockstep rounds with
+gpubench's prompts, so a round's starts arrive together, as on the GPU bench.
+
+It prints, per level: the client's TTFT and tool decision; the part of the TTFT outside
+yapd's turn clock; when each turn's requests reached the engines, from its start message
+being sent (the submission delay, what the GPU's engines cannot start before); and how
+far apart one round's first and last requests were (a burst's requests spread over
+``turns x`` yapd's per-turn start work). On the GPU, vLLM's own per-request work comes on
+top. A program that prints figures, not a test: the suite checks it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import connect
+
+from yapctl.bench import pct, run_turn, turn_utterance
+from yapctl.localyapd import LocalYapd
+from yapd.config import Config
+from yapd.engines.base import Delta, Engine, EngineHealth, SamplingSpec
+
+KEY = "frontbench"
+LOG_ENV = "YAPCTL_FRONTBENCH_LOG"  # where the stand-in daemon writes its requests at exit
+TIMING_ENV = "YAPCTL_FRONTBENCH_MS"  # "chat_first,tool_first,itl"
+
+
+class StandInEngine(Engine):
+    """Answers after a fixed time, token by token; notes when each request was made
+    (perf_counter: CLOCK_MONOTONIC, comparable with the client's in another process)."""
+
+    backend = "standin"
+    made: list[tuple[str, str, float]] = []
+
+    def __init__(self, role: str, cfg: Config) -> None:
+        from yapd.awq import resolve_model
+
+        self.role = role
+        self.model = resolve_model(role, getattr(cfg, role), cfg)
+        chat_ms, tool_ms, itl_ms = (float(x) / 1000 for x in os.environ.get(TIMING_ENV, "20,16,6").split(","))
+        self.first_s = chat_ms if role == "chat" else tool_ms
+        self.itl_s = itl_ms
+        self._tok: Any = None
+        self._in_flight = 0
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tok
+
+    async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
+        from yapd.engines.tokenizer import load_tokenizer
+
+        self._tok = await asyncio.to_thread(load_tokenizer, self.model)
+
+    async def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec, request_id: str) -> AsyncIterator[Delta]:
+        self.made.append((request_id, self.role, time.perf_counter()))
+        self._in_flight += 1
+        try:
+            await asyncio.sleep(self.first_s)
+            if self.role == "tool":  # "no tool": the decision settles at once
+                yield Delta("[]\n\n", 2, True, "stop", len(prompt_ids))
+                return
+            for i in range(spec.max_tokens):
+                last = i == spec.max_tokens - 1
+                yield Delta(" word", 1, last, "length" if last else None, len(prompt_ids))
+                if not last:
+                    await asyncio.sleep(self.itl_s)
+        finally:
+            self._in_flight -= 1
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(self._tok is not None, "ready" if self._tok is not None else "starting")
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+
+def serve(argv: list[str]) -> int:
+    """yapd's own main with stand-in engines (the daemon process of this program)."""
+    from yapd import cli, daemon
+
+    def write() -> None:
+        Path(os.environ[LOG_ENV]).write_text(json.dumps(StandInEngine.made))
+
+    atexit.register(write)
+    daemon.create_engine = StandInEngine
+    return cli.main(argv)
+
+
+async def level(url: str, c: int, rounds: int, prompts: dict[str, str]) -> dict[str, Any]:
+    """``rounds`` lockstep rounds of ``c`` sessions (after a warm-up round): each turn's
+    send time and what its client saw."""
+    sent: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    run = uuid.uuid4().hex[:6]  # request ids stay unique when a level runs again
+    async with contextlib.AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(connect(url, additional_headers={"X-API-Key": KEY}, max_size=None,
+                                                         compression=None)) for _ in range(c)]
+
+        async def one(w: int, ws: Any, i: int) -> None:
+            rid = f"{run}-c{c}-s{w}-{i}"
+            start = {"type": "start", "session_id": f"c{c}-s{w}", "request_id": rid,
+                     "user_utterance": turn_utterance(prompts["utterance"], i),
+                     "persona_text": prompts["persona"], "history_text": prompts["history"]}
+            sent[rid] = time.perf_counter()
+            res = await run_turn(ws, start)
+            if i >= 0 and res.ok:
+                rows.append({"rid": rid, "round": i, "ttft_ms": res.ttft_ms, "tool_ms": res.tool_ms,
+                             "server_ttft_ms": ((res.done or {}).get("timings") or {}).get("ttft_ms")})
+
+        for i in range(-1, rounds):
+            await asyncio.gather(*(one(w, ws, i) for w, ws in enumerate(conns)))
+    return {"sent": sent, "rows": rows}
+
+
+def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) -> dict[str, Any]:
+    sent, rows = data["sent"], data["rows"]
+    at: dict[str, dict[str, float]] = {}
+    for request_id, role, t in made:
+        at.setdefault(request_id.rsplit(":", 1)[0], {})[role] = t
+    delay: dict[str, list[float]] = {"chat": [], "tool": []}
+    spans: list[float] = []
+    by_round: dict[int, list[str]] = {}
+    for r in rows:
+        by_round.setdefault(r["round"], []).append(r["rid"])
+        for role in delay:
+            if role in at.get(r["rid"], {}):
+                delay[role].append((at[r["rid"]][role] - sent[r["rid"]]) * 1000)
+    for rids in by_round.values():
+        times = [t for rid in rids for t in at.get(rid, {}).values()]
+        if len(times) > 1:
+            spans.append((max(times) - min(times)) * 1000)
+    ttft = [r["ttft_ms"] for r in rows if r["ttft_ms"] is not None]
+    outside = [r["ttft_ms"] - r["server_ttft_ms"] for r in rows
+               if r["ttft_ms"] is not None and r["server_ttft_ms"] is not None]
+    q = lambda xs, p: pct(xs, p)  # noqa: E731
+    return {
+        "sessions": c, "turns": len(rows),
+        "ttft_ms": {"p50": q(ttft, 50), "p95": q(ttft, 95)},
+        "tool_ms": {"p50": q([r["tool_ms"] for r in rows if r["tool_ms"] is not None], 50),
+                    "p95": q([r["tool_ms"] for r in rows if r["tool_ms"] is not None], 95)},
+        "outside_turn_ms": {"p50": q(outside, 50), "p95": q(outside, 95)},
+        "chat_request_after_send_ms": {"p50": q(delay["chat"], 50), "p95": q(delay["chat"], 95)},
+        "tool_request_after_send_ms": {"p50": q(delay["tool"], 50), "p95": q(delay["tool"], 95)},
+        "round_requests_span_ms": {"p50": round(statistics.median(spans), 2) if spans else None},
+        "per_turn_start_ms": round(statistics.median(spans) / (c - 1), 3) if spans and c > 1 else None,
+    }
+
+
+async def _measure(d: LocalYapd, levels: Sequence[int], rounds: int, prompts: dict[str, str],
+                   profile_level: int) -> tuple[dict[int, dict[str, Any]], dict[str, Any] | None]:
+    from yapctl.client import AdminClient
+
+    url = d.url(key=None)
+    out: dict[int, dict[str, Any]] = {}
+    for c in levels:
+        out[c] = await level(url, c, rounds, prompts)
+    profile = None
+    if profile_level:
+        async def window() -> dict[str, Any]:
+            await asyncio.sleep(1.0)
+            async with AdminClient(d.admin_socket, timeout=60) as admin:
+                return await admin.request("profile", seconds=3.0, top=25)
+
+        task = asyncio.ensure_future(window())
+        while not task.done():
+            await level(url, profile_level, rounds, prompts)
+        profile = await task
+    return out, profile
+
+
+def main(argv: list[str] | None = None) -> int:
+    from yapctl.gpubench import HISTORY, PERSONA, UTTERANCE
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=Path, help="a folder with nemo-12b and hammer-3b tokenizer folders "
+                                               "(default: the demo models' tokenizer)")
+    p.add_argument("--levels", default="1,8,16")
+    p.add_argument("--rounds", type=int, default=16)
+    p.add_argument("--request-order", default="tool_first", choices=("tool_first", "chat_first", "chats_then_tools"))
+    p.add_argument("--chat-first-ms", type=float, default=20.0)
+    p.add_argument("--tool-first-ms", type=float, default=16.0)
+    p.add_argument("--itl-ms", type=float, default=6.0)
+    p.add_argument("--max-out", type=int, default=40, help="tokens per reply")
+    p.add_argument("--event-loop", default="auto", choices=("auto", "asyncio", "uvloop"))
+    p.add_argument("--profile-level", type=int, default=0, metavar="SESSIONS",
+                   help="then run this level with yapd's event loop profiled for 3 s (yapctl profile)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--cache-dir", type=Path, help="yapd's cache directory (where the demo models are built)")
+    args = p.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",") if x]
+    if args.rounds < 1 or not levels or min(levels) < 1:
+        p.error("--rounds and every level must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="frontbench-") as tmp:
+        work = Path(tmp)
+        models = "" if args.models is None else (f'[chat]\nmodel = "{args.models / "nemo-12b"}"\n'
+                                                 f'[tool]\nmodel = "{args.models / "hammer-3b"}"\n')
+        config = (f'{models}[turn]\nconcurrent = true\nignore_eos = true\nchat_max_out = {args.max_out}\n'
+                  f'request_order = "{args.request_order}"\n')
+        log = work / "requests.json"
+        d = LocalYapd(work, KEY, config=config, demo=args.models is None,
+                      server={"max_connections": max([*levels, args.profile_level]) + 8, "rate_limit_per_s": 1000.0,
+                              "rate_limit_burst": 1000, "event_loop": args.event_loop},
+                      env={LOG_ENV: str(log), TIMING_ENV: f"{args.chat_first_ms},{args.tool_first_ms},{args.itl_ms}"},
+                      cache_dir=args.cache_dir, entry=[sys.executable, "-m", "yapctl.frontbench", "--serve"])
+        d.start(timeout=300)
+        try:
+            raw, profile = asyncio.run(_measure(d, levels, args.rounds, {"persona": PERSONA, "history": HISTORY,
+                                                                          "utterance": UTTERANCE}, args.profile_level))
+        finally:
+            d.stop()
+        made = [(str(r), str(role), float(t)) for r, role, t in json.loads(log.read_text())]
+    setup: dict[str, Any] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"}
+    setup.update(models=str(args.models or "demo"), python=sys.version.split()[0])
+    figures = {f"c{c}": summarize(c, raw[c], made) for c in levels}
+    report: dict[str, Any] = {"setup": setup, "levels": figures}
+    if profile is not None:
+        report["profile"] = profile
+    for name, s in figures.items():
+        print(f"{name}: TTFT p50/p95 {s['ttft_ms']['p50']} / {s['ttft_ms']['p95']} ms, tool {s['tool_ms']['p50']} / "
+              f"{s['tool_ms']['p95']}, outside yapd's turn {s['outside_turn_ms']['p50']} / "
+              f"{s['outside_turn_ms']['p95']}; requests made after the start was sent: chat "
+              f"{s['chat_request_after_send_ms']['p50']} / {s['chat_request_after_send_ms']['p95']}, tool "
+              f"{s['tool_request_after_send_ms']['p50']} / {s['tool_request_after_send_ms']['p95']}; a round's "
+              f"requests over {s['round_requests_span_ms']['p50']} ms ({s['per_turn_start_ms']} ms a turn)")
+    if profile is not None:
+        print("event loop: " + ", ".join(f"{g['package']} {g['share']:.0%}" for g in profile["by_package"][:8]))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"]:
+        raise SystemExit(serve(sys.argv[2:]))
+    raise SystemExit(main())
