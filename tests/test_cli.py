@@ -188,6 +188,9 @@ def test_bench_completes_every_session(shared_yapd):
         # The first token leaves after the decision, and the client's clock started first.
         assert s["server_tool_ms"][q] <= s["server_ttft_ms"][q] <= s["ttft_ms"][q], s
         assert 0 < s["outside_turn_ms"][q] < s["ttft_ms"][q], s
+        # The first text comes with or after the first output; the token leaves after it.
+        assert s["server_engine_ttft_ms"][q] <= s["server_engine_text_ms"][q] <= s["server_ttft_ms"][q], s
+        assert 0 <= s["first_token_after_ready_ms"][q] < s["server_ttft_ms"][q], s
     table = yapctl("bench", "-n", "2", "-c", "2", "--url", shared_yapd.url(key=None), "--key", KEY)
     assert table.returncode == EXIT_OK
     assert "2/2 turns completed" in table.stdout and "ttft" in table.stdout and "P99" in table.stdout

@@ -320,7 +320,9 @@ def test_the_order_probe_and_the_decision_sent_get_their_rows():
              "chat_alone": {"chat_first_ms": {"p50": 17.0, "p95": 19.0}, "tool_first_ms": {"p50": None, "p95": None}}}
     data = {"date": "2026-12-02", "machine": "H200", "setup": {},
             "yapd": {"c1": {"ttft_ms": {"p50": 1, "p95": 2}, "server_tool_ms": {"p50": 16.5, "p95": 19.25},
-                            "server_ttft_ms": {"p50": 20.5, "p95": 23.0}, "outside_turn_ms": {"p50": 2.5, "p95": 4.0}},
+                            "server_ttft_ms": {"p50": 20.5, "p95": 23.0}, "outside_turn_ms": {"p50": 2.5, "p95": 4.0},
+                            "server_engine_text_ms": {"p50": 19.0, "p95": 22.0},
+                            "first_token_after_ready_ms": {"p50": 0.2, "p95": 0.5}},
                      "c8": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {}},
             "raw": {"c1": {}, "order_probe": probe}}
     lines = markdown(data).splitlines()
@@ -329,6 +331,9 @@ def test_the_order_probe_and_the_decision_sent_get_their_rows():
     assert [line for line in lines if "beyond it" in line] == [
         "| 1 | in yapd: first token sent p50 / p95 ms; client TTFT beyond it p50 / p95 ms "
         "| 20.5 / 23; 2.5 / 4 | - | - |"]
+    assert [line for line in lines if "first text" in line] == [
+        "| 1 | in yapd: chat first text p50 / p95 ms; first token sent after it and the decision p50 / p95 ms "
+        "| 19 / 22; 0.2 / 0.5 | - | - |"]
     assert "| raw | 20.5 / 24 | 15 / 18 |" in lines
     assert "| chat_alone | 17 / 19 | - / - |" in lines
 

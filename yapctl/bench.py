@@ -125,6 +125,13 @@ class BenchReport:
         # sent, on the turn's clock): the start's way in and the daemon's reading of it
         # before the turn begins, and the token's way back.
         outside = [r.ttft_ms - t for r in ok if r.ttft_ms is not None and (t := timing(r, "ttft_ms")) is not None]
+        # Per turn, the daemon's own delay in sending the first token once it had all it
+        # waits for: the chat's first text and, when a tool decides, the decision sent.
+        held = []
+        for r in ok:
+            sent, text, decided = timing(r, "ttft_ms"), timing(r, "engine_text_ms"), timing(r, "tool_ms")
+            if sent is not None and text is not None:
+                held.append(sent - max(text, decided if decided is not None else text))
         errors: dict[str, int] = {}
         for r in self.results:
             if not r.ok:
@@ -138,10 +145,12 @@ class BenchReport:
             "itl_ms": {"p50": pct(gaps, 50), "p95": pct(gaps, 95), "p99": pct(gaps, 99)},
             "total_ms": {"p50": pct(total, 50), "p95": pct(total, 95), "p99": pct(total, 99)},
             "server_engine_ttft_ms": server("engine_ttft_ms"),
+            "server_engine_text_ms": server("engine_text_ms"),
             "server_tool_first_ms": server("tool_first_ms"),
             "server_tool_ms": server("tool_ms"),
             "server_ttft_ms": server("ttft_ms"),
             "outside_turn_ms": {"p50": pct(outside, 50), "p95": pct(outside, 95)},
+            "first_token_after_ready_ms": {"p50": pct(held, 50), "p95": pct(held, 95)},
         }
 
 

@@ -883,6 +883,10 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"| {c} | in yapd: first token sent p50 / p95 ms; client TTFT beyond it p50 / p95 ms | "
                          f"{two('yapd', lvl, 'server_ttft_ms', 'p50', 'p95')}; "
                          f"{two('yapd', lvl, 'outside_turn_ms', 'p50', 'p95')} | - | - |")
+        if data.get("yapd", {}).get(lvl, {}).get("first_token_after_ready_ms"):
+            lines.append(f"| {c} | in yapd: chat first text p50 / p95 ms; first token sent after it and the "
+                         f"decision p50 / p95 ms | {two('yapd', lvl, 'server_engine_text_ms', 'p50', 'p95')}; "
+                         f"{two('yapd', lvl, 'first_token_after_ready_ms', 'p50', 'p95')} | - | - |")
         if data.get("yapd", {}).get(lvl, {}).get("loop_lag_ms"):
             lines.append(f"| {c} | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | "
                          f"{g('yapd', lvl, 'loop_lag_ms', 'p99_ms')} / {g('yapd', lvl, 'loop_lag_ms', 'max_ms')}"

@@ -57,6 +57,9 @@ class Turn:
         # took, as against what the client saw.
         self.tool_first_ms: float | None = None
         self.chat_first_ms: float | None = None
+        # The chat's first output with text: the first token of a reply can be part of a
+        # character, whose text comes with the next one.
+        self.chat_text_ms: float | None = None
         self.text_parts: list[str] = []
         self.decision: Decision | None = None
         self.state = "starting"
@@ -185,8 +188,12 @@ class Turn:
         stream = chat.stream(prompt.ids, spec, f"{self.inp.request_id}:chat")
         try:
             async for delta in stream:
-                if self.chat_first_ms is None:
-                    self.chat_first_ms = self._ms()
+                if self.chat_text_ms is None:
+                    at = self._ms()
+                    if self.chat_first_ms is None:
+                        self.chat_first_ms = at
+                    if delta.text:
+                        self.chat_text_ms = at
                 yield delta
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
@@ -240,7 +247,8 @@ class Turn:
             "request_id": self.inp.request_id,
             "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens},
             "timings": {"ttft_ms": self.ttft_ms, "tool_ms": self.tool_ms, "total_ms": self._ms(),
-                        "engine_ttft_ms": self.chat_first_ms, "tool_first_ms": self.tool_first_ms},
+                        "engine_ttft_ms": self.chat_first_ms, "engine_text_ms": self.chat_text_ms,
+                        "tool_first_ms": self.tool_first_ms},
             "cancelled": cancelled,
         }
         if error:
