@@ -382,3 +382,23 @@ def test_a_wedged_event_loop_shows_in_status_and_metrics(make_yapd):
     late = [line for line in metrics if line.startswith('yapd_event_loop_lag_seconds_bucket{le="0.25"}')]
     count = [line for line in metrics if line.startswith("yapd_event_loop_lag_seconds_count")]
     assert float(late[0].split()[-1]) < float(count[0].split()[-1])  # one sample above 0.25 s
+
+
+def test_stopping_with_admin_clients_connected_logs_no_error(make_yapd):
+    """A logs follower (what the TUI keeps open) and a running profile when yapd stops:
+    their connections end, yapd exits 0, and its log has no error (before Python 3.12
+    asyncio's stream server logged a handler ended by the stop as an error, traceback
+    and all)."""
+    d = make_yapd()
+    with socket.socket(socket.AF_UNIX) as follower, socket.socket(socket.AF_UNIX) as profiler:
+        for s, req in ((follower, b'{"cmd": "logs", "n": 0, "follow": true}\n'),
+                       (profiler, b'{"cmd": "profile", "seconds": 60}\n')):
+            s.settimeout(30)
+            s.connect(str(d.admin_socket))
+            s.sendall(req)
+        d.admin(cmd="reload")  # a line the follower gets: its follow is registered
+        assert "reload" in json.loads(follower.makefile("r").readline())["message"]
+        assert d.stop() == 0
+        assert profiler.recv(1) == b""  # closed, with no reply to the cut-off profile
+    errors = [line for line in d.lines if " error " in line or "Traceback" in line]
+    assert not errors, errors

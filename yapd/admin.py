@@ -54,6 +54,7 @@ class AdminServer:
         self.path = daemon.cfg.admin_socket_path()
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[Any]] = set()
+        self._closing = False  # close() ends the connected clients
         self._gid = os.getgid()
         self._inode = 0
         if cfg.group:
@@ -108,6 +109,7 @@ class AdminServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            self._closing = True
             for task in list(self._clients):
                 task.cancel()
             with contextlib.suppress(Exception):
@@ -165,6 +167,12 @@ class AdminServer:
                     await _write(writer, {"ok": False, "error": str(exc)})
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # Ended by close() (a follower of the logs, a running profile): the handler
+            # ends as any other. Before Python 3.12 asyncio's stream server logs a
+            # handler task that ends cancelled as an error, with its traceback.
+            if not self._closing:
+                raise
         except Exception:
             log.exception("admin client failed")
         finally:
