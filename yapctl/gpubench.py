@@ -42,10 +42,11 @@ LEVELS = (1, 8, 16, 24)
 WORDS = ("the quick brown fox jumps over a lazy dog while the persona keeps talking about music movies "
          "travel plans and what to cook tonight because the user likes spicy food").split()
 T = TypeVar("T")
-# --profile-level: the window (after the level's warm-up turns) and the functions kept.
+# --profile-level: the window (after the level's warm-up turns) and the functions kept (enough to
+# see a turn start's parts: prompts, vLLM's add_request, the frames).
 PROFILE_AFTER_S = 3.0
 PROFILE_S = 10.0
-PROFILE_TOP = 15
+PROFILE_TOP = 80
 PORT = 8123
 SERVE_PORT = 8124
 
