@@ -126,20 +126,22 @@ class CpuEngine(Engine):
         future = loop.run_in_executor(self._pool, self._generate, loop, req, list(prompt_ids), spec)
         ids: list[int] = []
         sent = ""
+        held = 0  # tokens decoded but not yet reported: the start of a character
         try:
             while True:
                 item = await req.queue.get()
                 if item is _END:
                     finish = "abort" if req.abort.is_set() else "length"
-                    yield Delta(self._flush(ids, sent), 0, True, finish, len(prompt_ids))
+                    yield Delta(self._flush(ids, sent), held, True, finish, len(prompt_ids))
                     return
                 if isinstance(item, BaseException):
                     raise EngineError(f"{self.role} engine failed: {item}") from item
                 token_id, is_eos = item
                 if is_eos and not spec.ignore_eos:
-                    yield Delta(self._flush(ids, sent), 0, True, "stop", len(prompt_ids))
+                    yield Delta(self._flush(ids, sent), held, True, "stop", len(prompt_ids))
                     return
                 ids.append(token_id)
+                held += 1
                 text = self._tok.decode(ids, skip_special_tokens=True)
                 if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its rest
                     continue
@@ -148,10 +150,11 @@ class CpuEngine(Engine):
                     at = text.find(stop, max(0, len(sent) - len(stop)))
                     if at >= 0:
                         req.abort.set()
-                        yield Delta(text[len(sent):at], 1, True, "stop", len(prompt_ids))
+                        yield Delta(text[len(sent):at], held, True, "stop", len(prompt_ids))
                         return
                 sent = text
-                yield Delta(new, 1, False, None, len(prompt_ids))
+                n, held = held, 0
+                yield Delta(new, n, False, None, len(prompt_ids))
         finally:
             req.abort.set()
             self._requests.pop(request_id, None)
