@@ -393,3 +393,24 @@ def test_env_reaches_every_phase_is_recorded_and_must_match(tmp_path, monkeypatc
     assert "env={'YAP_BENCH_PROBE': 'a=1'}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--env", "NOEQUALS"])
+
+
+async def test_interleaved_ab_takes_turns_round_by_round_on_a_real_yapd(make_yapd):
+    """--ab-interleave: the config as written (A) and with --ab's change (B) alternate
+    round by round on the same sessions; every turn ran under its own config (A replies 8
+    tokens, B 3), and the daemon is back on A afterwards."""
+    from tests.conftest import KEY
+    from yapctl.gpubench import interleaved, turns_for
+
+    d = make_yapd("[turn]\nconcurrent = true\nignore_eos = true\nchat_max_out = 8\n")
+    text = d.config_path.read_text()
+    a, b, wall = await interleaved(d.url(key=None), d.admin_socket, d.config_path, text, ["turn.chat_max_out=3"],
+                                   2, 2, key=KEY)
+    assert len(a) == len(b) == turns_for(2, 2) and wall > 0
+    # Every token counts, also those that held back the start of a character.
+    assert {r.done["usage"]["completion_tokens"] for r in a if r.done} == {8}
+    assert {r.done["usage"]["completion_tokens"] for r in b if r.done} == {3}
+    assert all(r.ok for r in a + b)
+    assert d.config_path.read_text() == text
+    # A, B, A, B, A, B, then back to A: six changes.
+    assert len([line for line in d.lines if "reload applied live keys: turn.chat_max_out" in line]) == 6

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,6 +217,39 @@ async def bench(cfg: BenchConfig, progress: Callable[[int, int], None] | None = 
     ready.set()
     await asyncio.gather(*tasks)
     return BenchReport(results, time.perf_counter() - t0, cfg.concurrency)
+
+
+async def lockstep(cfg: BenchConfig, rounds: int, before_round: Callable[[int], Awaitable[None]] | None = None,
+                   sent: dict[str, float] | None = None) -> list[list[TurnResult]]:
+    """``cfg.concurrency`` sessions, each on its own connection, in ``rounds`` rounds (after
+    a warm-up round when ``cfg.warmup``): every session starts a turn at once, and a round
+    ends when all its turns are done. ``before_round(i)`` runs before round i (a live
+    config change, so that two configs can take turns round by round on the same
+    sessions); ``sent`` gets each turn's request_id -> perf_counter() as its start is
+    sent. Each round's results, in session order."""
+    async with contextlib.AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(connect(cfg.url, additional_headers={"X-API-Key": cfg.key},
+                                                         max_size=None, open_timeout=cfg.timeout, compression=None))
+                 for _ in range(cfg.concurrency)]
+        sessions = [f"lockstep-{uuid.uuid4().hex[:8]}-{w}" for w in range(cfg.concurrency)]
+
+        async def turn(ws: ClientConnection, session: str, i: int) -> TurnResult:
+            start = _start(cfg, session, i)
+            if sent is not None:
+                sent[start["request_id"]] = time.perf_counter()
+            try:
+                return await run_turn(ws, start, cfg.timeout)
+            except (asyncio.TimeoutError, OSError) as exc:
+                return TurnResult(ok=False, error=f"client: {type(exc).__name__}")
+
+        out: list[list[TurnResult]] = []
+        for i in range(-1 if cfg.warmup else 0, rounds):
+            if i >= 0 and before_round is not None:
+                await before_round(i)
+            results = await asyncio.gather(*(turn(ws, s, i) for ws, s in zip(conns, sessions, strict=True)))
+            if i >= 0:
+                out.append(list(results))
+    return out
 
 
 async def cancel_latency(url: str, key: str, n: int = 10, start: dict[str, Any] | None = None,

@@ -23,21 +23,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
-import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from websockets.asyncio.client import connect
-
-from yapctl.bench import pct, run_turn, turn_utterance
+from yapctl.bench import BenchConfig, lockstep, pct
 from yapctl.localyapd import LocalYapd
 from yapd.config import Config
 from yapd.engines.base import Delta, Engine, EngineHealth, SamplingSpec
@@ -120,25 +116,14 @@ async def level(url: str, c: int, rounds: int, prompts: dict[str, str]) -> dict[
     """``rounds`` lockstep rounds of ``c`` sessions (after a warm-up round): each turn's
     send time and what its client saw."""
     sent: dict[str, float] = {}
+    cfg = BenchConfig(url=url, key=KEY, concurrency=c, utterance=prompts["utterance"],
+                      persona_text=prompts["persona"], history_text=prompts["history"])
     rows: list[dict[str, Any]] = []
-    run = uuid.uuid4().hex[:6]  # request ids stay unique when a level runs again
-    async with contextlib.AsyncExitStack() as stack:
-        conns = [await stack.enter_async_context(connect(url, additional_headers={"X-API-Key": KEY}, max_size=None,
-                                                         compression=None)) for _ in range(c)]
-
-        async def one(w: int, ws: Any, i: int) -> None:
-            rid = f"{run}-c{c}-s{w}-{i}"
-            start = {"type": "start", "session_id": f"c{c}-s{w}", "request_id": rid,
-                     "user_utterance": turn_utterance(prompts["utterance"], i),
-                     "persona_text": prompts["persona"], "history_text": prompts["history"]}
-            sent[rid] = time.perf_counter()
-            res = await run_turn(ws, start)
-            if i >= 0 and res.ok:
-                rows.append({"rid": rid, "round": i, "ttft_ms": res.ttft_ms, "tool_ms": res.tool_ms,
-                             "server_ttft_ms": ((res.done or {}).get("timings") or {}).get("ttft_ms")})
-
-        for i in range(-1, rounds):
-            await asyncio.gather(*(one(w, ws, i) for w, ws in enumerate(conns)))
+    for i, results in enumerate(await lockstep(cfg, rounds, sent=sent)):
+        for res in results:
+            if res.ok and res.done is not None:
+                rows.append({"rid": res.done["request_id"], "round": i, "ttft_ms": res.ttft_ms,
+                             "tool_ms": res.tool_ms, "server_ttft_ms": (res.done.get("timings") or {}).get("ttft_ms")})
     return {"sent": sent, "rows": rows}
 
 

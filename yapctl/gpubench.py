@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from yapctl import gpuenv
-from yapctl.bench import BenchConfig, bench, cancel_latency, pct, turn_utterance
+from yapctl.bench import BenchConfig, BenchReport, TurnResult, bench, cancel_latency, lockstep, pct, turn_utterance
 from yapctl.client import AdminClient
 from yapd import config
 from yapd.config import Config, EnginesConfig, TurnConfig
@@ -106,6 +106,9 @@ class Setup:
     # Live config changes ('turn.request_order="chat_first"') yapd runs each level with too, right
     # after the level as configured (an A/B on one process, reloaded over the admin socket).
     ab: tuple[str, ...] = ()
+    # With ab: the two configs take turns round by round on the same sessions instead of
+    # level after level (drift of the machine then hits both alike).
+    ab_interleave: bool = False
     order_probe: bool = False  # the raw phase also times one session's requests in each order
     raw_order: str = "chats_then_tools"  # raw's turns: chat request at once, tool's a loop round later; or tool_first
     profile_level: int = 0  # yapd and raw run this level once more with their event loop profiled (0: not)
@@ -250,12 +253,20 @@ async def phase_yapd(res: Results, s: Setup) -> None:
                                       utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
         # How late yapd's event loop ran over the level's last 20 s: a loop held up
         # by token frames delays both engines' outputs too.
+        return {**rep.summary(), "loop_lag_ms": await loop_lag()}
+
+    async def loop_lag() -> Any:
         async with AdminClient(admin_socket) as admin:
-            lag = (await admin.request("status")).get("loop_lag_ms")
-        return {**rep.summary(), "loop_lag_ms": lag}
+            return (await admin.request("status")).get("loop_lag_ms")
 
     try:
         for c in s.levels:
+            if s.ab and s.ab_interleave:
+                a, b, wall = await interleaved(url, admin_socket, cfg, s.config_text(), s.ab, c, s.rounds)
+                lag = await loop_lag()
+                res.put("yapd", f"c{c}", {**BenchReport(a, wall / 2, c).summary(), "loop_lag_ms": lag})
+                res.put("yapd_b", f"c{c}", {**BenchReport(b, wall / 2, c).summary(), "loop_lag_ms": lag})
+                continue
             res.put("yapd", f"c{c}", await level(c))
             if s.ab:  # the same level again with the changes, then back
                 await reload_with(cfg, s.config_text(), s.ab, admin_socket)
@@ -277,6 +288,29 @@ async def phase_yapd(res: Results, s: Setup) -> None:
     res.put("yapd", "start_s_restart", round(warm, 1))
     res.put("yapd", "restart_lines", startup_lines(log, offset))
     stop(proc)
+
+
+async def interleaved(url: str, admin_socket: Path, path: Path, text: str, ab: Sequence[str], c: int,
+                      rounds: int, key: str = "bench") -> tuple[list[TurnResult], list[TurnResult], float]:
+    """Level ``c`` with the config ``text`` (A) and with ``ab`` (B) taking turns round by
+    round on the same ``c`` sessions, each config as many rounds as a level has
+    (:func:`turns_for`), reloaded live before each round; back to A at the end. A's and
+    B's turns and the wall time of both."""
+    per_config = turns_for(c, rounds) // c
+
+    async def before(i: int) -> None:
+        await reload_with(path, text, ab if i % 2 else (), admin_socket)
+
+    cfg = BenchConfig(url=url, key=key, concurrency=c, timeout=120, utterance=UTTERANCE, persona_text=PERSONA,
+                      history_text=HISTORY)
+    t0 = time.perf_counter()
+    try:
+        rounds_done = await lockstep(cfg, 2 * per_config, before)
+    finally:
+        await reload_with(path, text, (), admin_socket)
+    wall = time.perf_counter() - t0
+    return ([r for i, rs in enumerate(rounds_done) if i % 2 == 0 for r in rs],
+            [r for i, rs in enumerate(rounds_done) if i % 2 for r in rs], wall)
 
 
 async def reload_with(path: Path, text: str, overrides: Sequence[str], admin_socket: Path) -> None:
@@ -927,7 +961,9 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append("")
     if data.get("yapd_b"):
         ab = ", ".join(f"`{x}`" for x in data.get("setup", {}).get("ab", []))
-        lines += [f"## yapd with {ab}: each level run right after the one above, on the same process", "",
+        how = ("its rounds taking turns with the ones above, on the same sessions" if data.get("setup", {}).get(
+            "ab_interleave") else "each level run right after the one above, on the same process")
+        lines += [f"## yapd with {ab}: {how}", "",
                   "| sessions | TTFT p50 / p95 ms: as above / changed | tool decision p50 / p95 ms | "
                   "tool engine first output in yapd p50 / p95 ms | ITL p99 ms |", "| --- | --- | --- | --- | --- |"]
         for lvl in sorted(data["yapd_b"], key=lambda k: int(k[1:]) if k[1:].isdigit() else 0):
@@ -1001,6 +1037,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ab", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="in the yapd phase, run each level again right after with this live config change "
                         "(reloaded over the admin socket; repeatable; value as TOML), recorded as yapd_b")
+    p.add_argument("--ab-interleave", action="store_true",
+                   help="with --ab: the two configs take turns round by round on the same sessions (each level "
+                        "as many rounds of each as a level has), so that drift hits both alike")
     p.add_argument("--order-probe", action="store_true",
                    help="the raw phase also times one session's two requests in each order they can leave in")
     p.add_argument("--raw-order", choices=("chats_then_tools", "tool_first"), default="chats_then_tools",
@@ -1027,8 +1066,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     args.work.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
-                  args.mps, args.mps_priority, args.event_loop, args.request_order, tuple(args.ab), args.order_probe,
-                  args.raw_order, args.profile_level)
+                  args.mps, args.mps_priority, args.event_loop, args.request_order, tuple(args.ab), args.ab_interleave,
+                  args.order_probe, args.raw_order, args.profile_level)
+    if args.ab_interleave and not setup.ab:
+        p.error("--ab-interleave takes turns between the config and --ab's changes: give --ab too")
     if setup.ab:
         try:
             live, engine, restart = config.diff_keys(setup.config(), setup.config(setup.ab))
@@ -1045,6 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
     # call runs none, so it neither checks nor records these).
     alike = {"rounds": setup.rounds, "mps": args.mps, "mps_priority": args.mps_priority,
              "event_loop": args.event_loop, "request_order": args.request_order, "ab": list(setup.ab),
+             "ab_interleave": args.ab_interleave,
              "env": env, "raw_order": args.raw_order} if phases else {}
     earlier = res.data.get("setup", {})
     for key, value in alike.items():
