@@ -176,7 +176,6 @@ async def bench(cfg: BenchConfig, progress: Callable[[int, int], None] | None = 
     ``warmup`` every connection first runs one unrecorded turn (warm prefix cache)."""
     results: list[TurnResult] = []
     counter = iter(range(cfg.n))
-    url = cfg.url
     ready = asyncio.Event()  # set when every connection is warm: the clock starts then
     warm = asyncio.Event()
     warmed = 0
@@ -190,17 +189,13 @@ async def bench(cfg: BenchConfig, progress: Callable[[int, int], None] | None = 
     async def worker(w: int) -> None:
         session = f"bench-{uuid.uuid4().hex[:8]}-{w}"
         try:
-            async with connect(url, additional_headers={"X-API-Key": cfg.key}, max_size=None,
-                               open_timeout=cfg.timeout, compression=None) as ws:
+            async with _connect(cfg) as ws:
                 if cfg.warmup:
                     await run_turn(ws, _start(cfg, session, -1), cfg.timeout)
                 arrived()
                 await ready.wait()
                 for i in counter:
-                    try:
-                        res = await run_turn(ws, _start(cfg, session, i), cfg.timeout)
-                    except (asyncio.TimeoutError, OSError) as exc:
-                        res = TurnResult(ok=False, error=f"client: {type(exc).__name__}")
+                    res = await _timed_turn(ws, _start(cfg, session, i), cfg.timeout)
                     results.append(res)
                     if progress is not None:
                         progress(len(results), cfg.n)
@@ -219,6 +214,20 @@ async def bench(cfg: BenchConfig, progress: Callable[[int, int], None] | None = 
     return BenchReport(results, time.perf_counter() - t0, cfg.concurrency)
 
 
+def _connect(cfg: BenchConfig) -> Any:
+    """One benchmark session's connection."""
+    return connect(cfg.url, additional_headers={"X-API-Key": cfg.key}, max_size=None, open_timeout=cfg.timeout,
+                   compression=None)
+
+
+async def _timed_turn(ws: ClientConnection, start: dict[str, Any], timeout: float) -> TurnResult:
+    """One turn of a benchmark; a client-side failure is that turn's result."""
+    try:
+        return await run_turn(ws, start, timeout)
+    except (asyncio.TimeoutError, OSError) as exc:
+        return TurnResult(ok=False, error=f"client: {type(exc).__name__}")
+
+
 async def lockstep(cfg: BenchConfig, rounds: int, before_round: Callable[[int], Awaitable[None]] | None = None,
                    sent: dict[str, float] | None = None) -> list[list[TurnResult]]:
     """``cfg.concurrency`` sessions, each on its own connection, in ``rounds`` rounds (after
@@ -228,19 +237,14 @@ async def lockstep(cfg: BenchConfig, rounds: int, before_round: Callable[[int], 
     sessions); ``sent`` gets each turn's request_id -> perf_counter() as its start is
     sent. Each round's results, in session order."""
     async with contextlib.AsyncExitStack() as stack:
-        conns = [await stack.enter_async_context(connect(cfg.url, additional_headers={"X-API-Key": cfg.key},
-                                                         max_size=None, open_timeout=cfg.timeout, compression=None))
-                 for _ in range(cfg.concurrency)]
+        conns = [await stack.enter_async_context(_connect(cfg)) for _ in range(cfg.concurrency)]
         sessions = [f"lockstep-{uuid.uuid4().hex[:8]}-{w}" for w in range(cfg.concurrency)]
 
         async def turn(ws: ClientConnection, session: str, i: int) -> TurnResult:
             start = _start(cfg, session, i)
             if sent is not None:
                 sent[start["request_id"]] = time.perf_counter()
-            try:
-                return await run_turn(ws, start, cfg.timeout)
-            except (asyncio.TimeoutError, OSError) as exc:
-                return TurnResult(ok=False, error=f"client: {type(exc).__name__}")
+            return await _timed_turn(ws, start, cfg.timeout)
 
         out: list[list[TurnResult]] = []
         for i in range(-1 if cfg.warmup else 0, rounds):

@@ -29,13 +29,14 @@ import statistics
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from yapctl.bench import BenchConfig, lockstep, pct
 from yapctl.localyapd import LocalYapd
-from yapd.config import Config
+from yapd.config import Config, RequestOrder, TurnConfig
 from yapd.engines.base import Delta, Engine, EngineHealth, SamplingSpec
 
 KEY = "frontbench"
@@ -147,15 +148,15 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
     ttft = [r["ttft_ms"] for r in rows if r["ttft_ms"] is not None]
     outside = [r["ttft_ms"] - r["server_ttft_ms"] for r in rows
                if r["ttft_ms"] is not None and r["server_ttft_ms"] is not None]
-    q = lambda xs, p: pct(xs, p)  # noqa: E731
+    tool = [r["tool_ms"] for r in rows if r["tool_ms"] is not None]
+
+    def q(xs: list[float]) -> dict[str, float | None]:
+        return {"p50": pct(xs, 50), "p95": pct(xs, 95)}
+
     return {
         "sessions": c, "turns": len(rows),
-        "ttft_ms": {"p50": q(ttft, 50), "p95": q(ttft, 95)},
-        "tool_ms": {"p50": q([r["tool_ms"] for r in rows if r["tool_ms"] is not None], 50),
-                    "p95": q([r["tool_ms"] for r in rows if r["tool_ms"] is not None], 95)},
-        "outside_turn_ms": {"p50": q(outside, 50), "p95": q(outside, 95)},
-        "chat_request_after_send_ms": {"p50": q(delay["chat"], 50), "p95": q(delay["chat"], 95)},
-        "tool_request_after_send_ms": {"p50": q(delay["tool"], 50), "p95": q(delay["tool"], 95)},
+        "ttft_ms": q(ttft), "tool_ms": q(tool), "outside_turn_ms": q(outside),
+        "chat_request_after_send_ms": q(delay["chat"]), "tool_request_after_send_ms": q(delay["tool"]),
         "round_requests_span_ms": {"p50": round(statistics.median(spans), 2) if spans else None},
         "per_turn_start_ms": round(statistics.median(spans) / (c - 1), 3) if spans and c > 1 else None,
     }
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "(default: the demo models' tokenizer)")
     p.add_argument("--levels", default="1,8,16")
     p.add_argument("--rounds", type=int, default=16)
-    p.add_argument("--request-order", default="tool_first", choices=("tool_first", "chat_first", "chats_then_tools"))
+    p.add_argument("--request-order", default=TurnConfig.request_order, choices=typing.get_args(RequestOrder))
     p.add_argument("--chat-first-ms", type=float, default=20.0)
     p.add_argument("--tool-first-ms", type=float, default=16.0)
     p.add_argument("--itl-ms", type=float, default=6.0)

@@ -251,11 +251,11 @@ async def phase_yapd(res: Results, s: Setup) -> None:
     async def level(c: int) -> dict[str, Any]:
         rep = await bench(BenchConfig(url=url, key="bench", n=turns_for(c, s.rounds), concurrency=c, timeout=120,
                                       utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
-        # How late yapd's event loop ran over the level's last 20 s: a loop held up
-        # by token frames delays both engines' outputs too.
         return {**rep.summary(), "loop_lag_ms": await loop_lag()}
 
     async def loop_lag() -> Any:
+        # How late yapd's event loop ran over the level's last 20 s: a loop held up
+        # by token frames delays both engines' outputs too.
         async with AdminClient(admin_socket) as admin:
             return (await admin.request("status")).get("loop_lag_ms")
 
@@ -309,8 +309,7 @@ async def interleaved(url: str, admin_socket: Path, path: Path, text: str, ab: S
     finally:
         await reload_with(path, text, (), admin_socket)
     wall = time.perf_counter() - t0
-    return ([r for i, rs in enumerate(rounds_done) if i % 2 == 0 for r in rs],
-            [r for i, rs in enumerate(rounds_done) if i % 2 for r in rs], wall)
+    return ([r for rs in rounds_done[::2] for r in rs], [r for rs in rounds_done[1::2] for r in rs], wall)
 
 
 async def reload_with(path: Path, text: str, overrides: Sequence[str], admin_socket: Path) -> None:
