@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import Yapd, recv, run_turn, send, until_done, ws_connect
 from tests.test_protocol_e2e import check_turn
+from yapd import config
 
 DEBUG = {"YAPD_DEBUG_ADMIN": "1"}
 # Replies run to chat_max_out: the demo model's random weights sometimes end a reply at
@@ -336,3 +337,5 @@ async def test_request_orders_serve_turns_and_a_bad_value_is_refused(make_yapd, 
     r = subprocess.run([sys.executable, "-m", "yapd", "--config", str(bad)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "turn.request_order: 'tools_first' is not one of" in r.stderr, r.stderr
+    from_env = config.load(None, env={"YAP_TURN_REQUEST_ORDER": "chats_then_tools"})
+    assert from_env.turn.request_order == "chats_then_tools"

@@ -242,6 +242,10 @@ def test_ab_takes_live_keys_only(tmp_path, capsys):
     assert "engines.mps_priority" in err and "server.event_loop" in err and "nothing changes" in err
     assert "turn.nonsense" in err
     assert main([*base, "--ab", 'turn.request_order="chats_then_tools"']) == 0
+    assert main([*base, "--ab", 'turn.request_order="chats_then_tools"', "--ab-interleave"]) == 0
+    with pytest.raises(SystemExit) as exc:  # nothing to take turns with
+        main([*base, "--ab-interleave"])
+    assert exc.value.code == 2 and "give --ab too" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # yapd's default already: nothing to compare
         main([*base, "--ab", 'turn.request_order="tool_first"'])
 
