@@ -36,6 +36,15 @@ class TurnResult:
     ack: dict[str, Any] | None = None
     done: dict[str, Any] | None = None
     error: str | None = None
+    sent_at: float | None = None  # time.time() as the start was sent: the ack's "now" is on that clock
+
+    def inbound_ms(self) -> float | None:
+        """The start's way in: sent -> the daemon's turn begins (its ack's ``now``). Only
+        meaningful with the daemon on this host (one wall clock)."""
+        now = self.ack.get("now") if self.ack else None
+        if self.sent_at is None or not isinstance(now, (int, float)):
+            return None
+        return (now - self.sent_at) * 1000
 
 
 async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float = 60,
@@ -44,6 +53,7 @@ async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float =
     """Send ``start`` and read that turn to its done; times are taken at the client.
     ``on_message`` sees every message as it arrives (``yapctl chat`` prints them)."""
     res = TurnResult(ok=False)
+    res.sent_at = time.time()
     t0 = time.perf_counter()
     await ws.send(json.dumps(start))
     last: float | None = None
@@ -126,6 +136,14 @@ class BenchReport:
         # sent, on the turn's clock): the start's way in and the daemon's reading of it
         # before the turn begins, and the token's way back.
         outside = [r.ttft_ms - t for r in ok if r.ttft_ms is not None and (t := timing(r, "ttft_ms")) is not None]
+        # ... split at the turn's start: the way in (the start read behind other
+        # sessions' messages on the daemon's loop) and the first token's way back.
+        inbound, outbound = [], []
+        for r in ok:
+            sent, way_in = timing(r, "ttft_ms"), r.inbound_ms()
+            if r.ttft_ms is not None and sent is not None and way_in is not None:
+                inbound.append(way_in)
+                outbound.append(r.ttft_ms - sent - way_in)
         # Per turn, the daemon's own delay in sending the first token once it had all it
         # waits for: the chat's first text and, when a tool decides, the decision sent.
         held = []
@@ -151,6 +169,8 @@ class BenchReport:
             "server_tool_ms": server("tool_ms"),
             "server_ttft_ms": server("ttft_ms"),
             "outside_turn_ms": {"p50": pct(outside, 50), "p95": pct(outside, 95)},
+            "inbound_ms": {"p50": pct(inbound, 50), "p95": pct(inbound, 95)},
+            "outbound_ms": {"p50": pct(outbound, 50), "p95": pct(outbound, 95)},
             "first_token_after_ready_ms": {"p50": pct(held, 50), "p95": pct(held, 95)},
         }
 

@@ -917,6 +917,10 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"| {c} | in yapd: first token sent p50 / p95 ms; client TTFT beyond it p50 / p95 ms | "
                          f"{two('yapd', lvl, 'server_ttft_ms', 'p50', 'p95')}; "
                          f"{two('yapd', lvl, 'outside_turn_ms', 'p50', 'p95')} | - | - |")
+        if data.get("yapd", {}).get(lvl, {}).get("inbound_ms", {}).get("p50") is not None:
+            lines.append(f"| {c} | client TTFT beyond it: the start's way in (sent -> turn begins) / the first "
+                         f"token's way back, p50 / p95 ms | {two('yapd', lvl, 'inbound_ms', 'p50', 'p95')}; "
+                         f"{two('yapd', lvl, 'outbound_ms', 'p50', 'p95')} | - | - |")
         if data.get("yapd", {}).get(lvl, {}).get("first_token_after_ready_ms"):
             lines.append(f"| {c} | in yapd: chat first text p50 / p95 ms; first token sent after it and the "
                          f"decision p50 / p95 ms | {two('yapd', lvl, 'server_engine_text_ms', 'p50', 'p95')}; "
