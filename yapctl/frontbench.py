@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in figures.items():
         print(f"{name}: TTFT p50/p95 {s['ttft_ms']['p50']} / {s['ttft_ms']['p95']} ms, tool {s['tool_ms']['p50']} / "
               f"{s['tool_ms']['p95']}, outside yapd's turn {s['outside_turn_ms']['p50']} / "
-              f"{s['outside_turn_ms']['p95']} (the start's way in {s['inbound_ms']['p50']} / {s['inbound_ms']['p95']}); "
+              f"{s['outside_turn_ms']['p95']} (the start's way in {s['inbound_ms']['p50']} / "
+              f"{s['inbound_ms']['p95']}); "
               f"requests made after the start was sent: chat "
               f"{s['chat_request_after_send_ms']['p50']} / {s['chat_request_after_send_ms']['p95']}, tool "
               f"{s['tool_request_after_send_ms']['p50']} / {s['tool_request_after_send_ms']['p95']}; a round's "
