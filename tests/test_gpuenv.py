@@ -81,11 +81,11 @@ def test_mps_runs_the_runs_daemon_around_other_phases_and_lets_yapd_run_its_own(
     assert Setup(tmp_path, work).config().engines.mps == "off"  # without --mps yapd runs none
     assert Setup(tmp_path, work, mps_priority="equal").config().engines.mps_priority == "equal"
     assert Setup(tmp_path, work, event_loop="asyncio").config().server.event_loop == "asyncio"
-    assert Setup(tmp_path, work, request_order="chats_then_tools").config().turn.request_order == "chats_then_tools"
-    assert Setup(tmp_path, work).config().turn.request_order == "tool_first"  # yapd's own defaults
+    assert Setup(tmp_path, work, request_order="tool_first").config().turn.request_order == "tool_first"
+    assert Setup(tmp_path, work).config().turn.request_order == "chats_then_tools"  # yapd's own defaults
     assert Setup(tmp_path, work).config().engines.mps_priority == "equal"
-    assert data["setup"]["mps_priority"] == "equal" and data["setup"]["request_order"] == "tool_first"
-    assert "yapd's engines at equal MPS priority; yapd's request order tool_first" in (out / "t.md").read_text()
+    assert data["setup"]["mps_priority"] == "equal" and data["setup"]["request_order"] == "chats_then_tools"
+    assert "yapd's engines at equal MPS priority; yapd's request order chats_then_tools" in (out / "t.md").read_text()
     # An A/B of the priority goes under two names: one file holds phases run alike.
     assert main([str(tmp_path / "models"), "--out", str(out), "--work", str(work), "--name", "t", "--mps",
                  "--mps-priority", "tool", "--phases", "raw", "--levels", "1"]) == 2

@@ -108,3 +108,32 @@ def test_waits_are_set_apart_from_busy_time():
     assert summary["busy_s"] < 0.09, summary
     assert not [r for r in summary["top"] if "sleep" in r["function"] or "'poll'" in r["function"]
                 or "'select'" in r["function"]], summary["top"]
+
+
+def test_top_total_ranks_a_path_of_small_calls_by_what_it_holds():
+    """A turn's start is many small functions: by own time none stands out, by total time
+    the function they run under comes first; a selector's wait, whose total holds idle
+    time, is left out."""
+
+    def small() -> str:
+        return json.dumps({"a": list(range(20))})
+
+    def a_start() -> None:
+        for _ in range(3000):
+            small()
+
+    prof = cProfile.Profile()
+    prof.enable()
+    a_start()
+    with selectors.DefaultSelector() as sel:
+        r, w = socket.socketpair()
+        with r, w:
+            sel.register(r, selectors.EVENT_READ)
+            sel.select(0.05)
+    prof.disable()
+    summary = summarize(pstats.Stats(prof), wall_s=1.0, top=50)
+    assert "a_start" in summary["top_total"][0]["function"], summary["top_total"][:3]
+    assert "a_start" not in summary["top"][0]["function"]
+    assert not [r for r in summary["top_total"] if r["function"].startswith("selectors: ")], summary["top_total"]
+    totals = [r["total_ms"] for r in summary["top_total"]]
+    assert totals == sorted(totals, reverse=True)

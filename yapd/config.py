@@ -118,13 +118,15 @@ class EnginesConfig:
 @dataclass
 class TurnConfig:
     concurrent: bool = False
-    # Concurrent mode, the order a turn's two requests leave in. "tool_first": the tool's,
-    # then the chat's (the decision holds the reply back; measured on an H200, run l:
-    # decision p50 at 1 / 16 sessions 23.1 -> 20.1 / 83.5 -> 51.2 ms against chat_first).
-    # "chat_first": the chat's, then the tool's. "chats_then_tools": the chat's at once,
-    # the tool's a loop round later, so turns that start together send all their chat
-    # requests before any tool request (as raw vLLM's benchmark turns do).
-    request_order: RequestOrder = "tool_first"
+    # Concurrent mode, the order a turn's two requests leave in. "chats_then_tools": the
+    # chat's at once, the tool's a loop round later, so turns that start together send all
+    # their chat requests before any tool request (as raw vLLM's benchmark turns do).
+    # "tool_first": the tool's, then the chat's. "chat_first": the chat's, then the tool's.
+    # Measured on H200s, the two orders taking turns round by round on the same sessions
+    # (docs/bench/README.md, runs o and p): one session alike (TTFT p50 19.5 / 19.51 and
+    # 19.8 / 20.26 ms); TTFT p95 at 16 sessions 89.87 -> 80.81 and 103.33 -> 97.32, at 24
+    # (run p) 120.03 -> 112.79; at 8 one run each way (62.3 -> 55.48, 56.92 -> 78.23).
+    request_order: RequestOrder = "chats_then_tools"
     stream_flush_ms: float = 0.0
     chat_max_out: int = 200
     history_max_tokens: int = 3000

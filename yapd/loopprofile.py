@@ -26,6 +26,11 @@ MAX_SECONDS = 300.0
 WAITS = re.compile(r"<method '(poll|select|control|acquire|acquire_lock|wait)' of "
                    r"'(select|_thread|selectors)\.\w+' objects>|<built-in method (time\.sleep|select\.select)>")
 
+# The loop's own machinery (and a selector's wait): in ``top_total`` their time holds
+# everything else's.
+LOOP_ROWS = re.compile(r"^selectors: |^asyncio: (base_events|events|runners)\.py:\d+\((run_forever|_run_once|_run|"
+                       r"run_until_complete|run)\)$|^threading: ")
+
 
 class ProfileError(RuntimeError):
     pass
@@ -69,8 +74,10 @@ class Packages:
 
 def summarize(stats: pstats.Stats, wall_s: float, top: int = 25, packages: Packages | None = None) -> dict[str, Any]:
     """Own time by package (a C function's time goes to the package that called it: a
-    socket send made by websockets is websockets' time) and the ``top`` functions by own
-    time, waits (:data:`WAITS`) apart."""
+    socket send made by websockets is websockets' time), the ``top`` functions by own
+    time, waits (:data:`WAITS`) apart, and the ``top`` by time with what they call
+    (``top_total``: a path such as a turn's start, made of many small functions, shows
+    there as one line)."""
     pk = packages or Packages.imported()
     groups: dict[str, float] = {}
     rows = []
@@ -91,6 +98,8 @@ def summarize(stats: pstats.Stats, wall_s: float, top: int = 25, packages: Packa
             where = f"{key}: {os.path.basename(filename)}:{line}({func})"
         rows.append({"function": where, "calls": calls, "own_ms": round(own * 1000, 2),
                      "total_ms": round(total * 1000, 2)})
+    by_total = sorted((r for r in rows if not LOOP_ROWS.search(r["function"])), key=lambda r: r["total_ms"],
+                      reverse=True)
     rows.sort(key=lambda r: r["own_ms"], reverse=True)
     busy = sum(groups.values())
     return {
@@ -100,6 +109,7 @@ def summarize(stats: pstats.Stats, wall_s: float, top: int = 25, packages: Packa
         "by_package": [{"package": k, "own_ms": round(v * 1000, 1), "share": round(v / busy, 3) if busy else 0.0}
                        for k, v in sorted(groups.items(), key=lambda kv: kv[1], reverse=True)],
         "top": rows[:top],
+        "top_total": by_total[:top],
     }
 
 
