@@ -188,6 +188,10 @@ def test_bench_completes_every_session(shared_yapd):
         # The first token leaves after the decision, and the client's clock started first.
         assert s["server_tool_ms"][q] <= s["server_ttft_ms"][q] <= s["ttft_ms"][q], s
         assert 0 < s["outside_turn_ms"][q] < s["ttft_ms"][q], s
+        # ... made of the start's way in (to the ack's "now", on this host's wall clock)
+        # and the token's way back.
+        assert 0 < s["inbound_ms"][q] < s["outside_turn_ms"][q] + 0.5, s
+        assert -0.5 < s["outbound_ms"][q] < s["outside_turn_ms"][q], s
         # The first text comes with or after the first output; the token leaves after it.
         assert s["server_engine_ttft_ms"][q] <= s["server_engine_text_ms"][q] <= s["server_ttft_ms"][q], s
         assert 0 <= s["first_token_after_ready_ms"][q] < s["server_ttft_ms"][q], s

@@ -337,5 +337,5 @@ async def test_request_orders_serve_turns_and_a_bad_value_is_refused(make_yapd, 
     r = subprocess.run([sys.executable, "-m", "yapd", "--config", str(bad)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "turn.request_order: 'tools_first' is not one of" in r.stderr, r.stderr
-    from_env = config.load(None, env={"YAP_TURN_REQUEST_ORDER": "chats_then_tools"})
-    assert from_env.turn.request_order == "chats_then_tools"
+    from_env = config.load(None, env={"YAP_TURN_REQUEST_ORDER": "tool_first"})
+    assert from_env.turn.request_order == "tool_first"  # not the default

@@ -11,9 +11,9 @@ def test_frontbench_times_a_real_front_end_with_stand_in_engines(tmp_path, cache
     out = tmp_path / "fb.json"
     assert main(["--cache-dir", str(cache_dir), "--levels", "1,3", "--rounds", "2", "--max-out", "3",
                  "--chat-first-ms", "30", "--tool-first-ms", "10", "--itl-ms", "2",
-                 "--request-order", "chats_then_tools", "--json", str(out)]) == 0
+                 "--request-order", "tool_first", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["setup"]["request_order"] == "chats_then_tools" and report["setup"]["models"] == "demo"
+    assert report["setup"]["request_order"] == "tool_first" and report["setup"]["models"] == "demo"
     one, three = report["levels"]["c1"], report["levels"]["c3"]
     assert one["turns"] == 2 and three["turns"] == 6
     for s in (one, three):
@@ -24,5 +24,7 @@ def test_frontbench_times_a_real_front_end_with_stand_in_engines(tmp_path, cache
         assert 0 < s["chat_request_after_send_ms"]["p50"] < s["ttft_ms"]["p50"] - 29, s
         assert 0 < s["tool_request_after_send_ms"]["p50"] < s["tool_ms"]["p50"] - 9, s
         assert s["outside_turn_ms"]["p50"] >= 0, s
+        # The turn begins (its ack's "now") before it makes its chat request.
+        assert 0 < s["inbound_ms"]["p50"] <= s["chat_request_after_send_ms"]["p50"], s
     assert three["round_requests_span_ms"]["p50"] > 0 and three["per_turn_start_ms"] > 0
     assert "c3: TTFT p50/p95" in capsys.readouterr().out

@@ -241,13 +241,13 @@ def test_ab_takes_live_keys_only(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "engines.mps_priority" in err and "server.event_loop" in err and "nothing changes" in err
     assert "turn.nonsense" in err
-    assert main([*base, "--ab", 'turn.request_order="chats_then_tools"']) == 0
-    assert main([*base, "--ab", 'turn.request_order="chats_then_tools"', "--ab-interleave"]) == 0
+    assert main([*base, "--ab", 'turn.request_order="tool_first"']) == 0
+    assert main([*base, "--ab", 'turn.request_order="tool_first"', "--ab-interleave"]) == 0
     with pytest.raises(SystemExit) as exc:  # nothing to take turns with
         main([*base, "--ab-interleave"])
     assert exc.value.code == 2 and "give --ab too" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # yapd's default already: nothing to compare
-        main([*base, "--ab", 'turn.request_order="tool_first"'])
+        main([*base, "--ab", 'turn.request_order="chats_then_tools"'])
 
 
 async def test_ab_reloads_a_real_yapd_live_and_refuses_what_a_reload_cannot_apply(make_yapd):
