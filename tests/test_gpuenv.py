@@ -418,3 +418,21 @@ async def test_interleaved_ab_takes_turns_round_by_round_on_a_real_yapd(make_yap
     assert d.config_path.read_text() == text
     # A, B, A, B, A, B, then back to A: six changes.
     assert len([line for line in d.lines if "reload applied live keys: turn.chat_max_out" in line]) == 6
+
+
+def test_phases_on_different_machines_are_flagged_in_the_table():
+    """A lease lost between two calls puts the next phase on another host: the table says
+    so, and says nothing while every phase ran on one machine."""
+    from yapctl.gpubench import host_identity, markdown
+
+    here = host_identity()
+    assert len(here["boot_id"]) >= 32  # Linux: every machine (and boot) has its own
+    level = {"c1": {"ttft_ms": {"p50": 1.0, "p95": 2.0}}}
+    one = {"date": "2026-12-03", "machine": "H200", "setup": {},
+           "yapd": {**level, "host": here}, "raw": {**level, "host": dict(here)}}
+    assert "different machines" not in markdown(one)
+    other = {**here, "boot_id": "0123456789abcdef-another-host"}
+    two = {**one, "raw": {**level, "host": other}}
+    warning = [line for line in markdown(two).splitlines() if "different machines" in line]
+    assert len(warning) == 1 and "yapd on boot " + here["boot_id"][:8] in warning[0]
+    assert "raw on boot 01234567" in warning[0]

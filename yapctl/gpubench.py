@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import functools
 import itertools
@@ -198,6 +199,37 @@ class Results:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.data, indent=1))
         print(f"RESULT {section}.{key} {json.dumps(value)}", flush=True)
+
+
+def other_hosts(data: dict[str, Any]) -> list[str]:
+    """A warning when the file's phases ran on more than one machine."""
+    hosts = {ph: data[ph]["host"] for ph in PHASES if isinstance(data.get(ph), dict) and data[ph].get("host")}
+    if len({json.dumps(h, sort_keys=True) for h in hosts.values()}) < 2:
+        return []
+    which = "; ".join(f"{ph} on boot {h.get('boot_id', '?')[:8]}, GPU {h.get('gpu_uuid', '?')[:13]}"
+                      for ph, h in hosts.items())
+    return [f"**The phases ran on different machines** ({which}): their columns are not comparable "
+            "with each other.", ""]
+
+
+def host_identity() -> dict[str, str]:
+    """Which machine a phase ran on: the kernel's boot id (a new one on every machine and
+    every boot) and the GPU's UUID. Phases of one file can run in separate calls, and a
+    lent machine taken back in between means the next call runs on another host, whose
+    figures are not comparable with the first's (run o: 20.75 against 19.5 ms at one
+    session on the same GPU model)."""
+    out: dict[str, str] = {}
+    try:
+        out["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        pass
+    # nvidia-smi, not torch: no CUDA context in this process for the phase's engines to share.
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        uuids = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=30).stdout.split()
+        if uuids:
+            out["gpu_uuid"] = ",".join(uuids)
+    return out
 
 
 def _gpu_name() -> str:
@@ -869,7 +901,7 @@ def markdown(data: dict[str, Any]) -> str:
              f"{data.get('setup', {}).get('chat_tensor_parallel_size', 1)} GPU(s). TTFT and ITL count outputs "
              "that carry text, as a client receives them (random weights often emit a token that is only part "
              "of a character; its text comes with the next one); raw per token as well.", "",
-             *run_conditions(data.get("setup", {})),
+             *run_conditions(data.get("setup", {})), *other_hosts(data),
              "| sessions | figure | yapd | raw AsyncLLM | vllm serve |", "| --- | --- | --- | --- | --- |"]
     def two(sec: str, lvl: str, metric: str, a: str, b: str) -> str:
         return f"{g(sec, lvl, metric, a)} / {g(sec, lvl, metric, b)}"
@@ -1117,6 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
                     mps.stop()
                 elif mps is not None:
                     mps.start()
+                res.put(ph, "host", host_identity())
                 _run(PHASES[ph](res, setup), setup.event_loop)
             except Exception as exc:
                 res.put(ph, "error", f"{type(exc).__name__}: {exc}")
