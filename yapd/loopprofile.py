@@ -26,10 +26,10 @@ MAX_SECONDS = 300.0
 WAITS = re.compile(r"<method '(poll|select|control|acquire|acquire_lock|wait)' of "
                    r"'(select|_thread|selectors)\.\w+' objects>|<built-in method (time\.sleep|select\.select)>")
 
-# The loop's own machinery (and a selector's wait): in ``top_total`` their time holds
-# everything else's.
+# The loop's own machinery and the Python wrappers of waits (a selector's, a process
+# pipe's in vLLM's threads): in ``top_total`` their time holds everything else's, or idle.
 LOOP_ROWS = re.compile(r"^selectors: |^asyncio: (base_events|events|runners)\.py:\d+\((run_forever|_run_once|_run|"
-                       r"run_until_complete|run)\)$|^threading: ")
+                       r"run_until_complete|run)\)$|^threading: |^multiprocessing: connection\.py:\d+\(wait\)$")
 
 
 class ProfileError(RuntimeError):
