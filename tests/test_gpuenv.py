@@ -146,7 +146,9 @@ def test_an_empty_phase_list_runs_only_the_set_up(tmp_path, package, monkeypatch
 
 
 def test_an_unknown_phase_or_no_rounds_is_refused_before_anything_runs(tmp_path, capsys):
-    for argv, why in ((["--phases", "yapd,rwa"], "unknown phase(s) rwa"), (["--rounds", "0"], "at least 1")):
+    for argv, why in ((["--phases", "yapd,rwa"], "unknown phase(s) rwa"), (["--rounds", "0"], "at least 1"),
+                      (["--serve-passes", "text,toll"], "--serve-passes takes some of"),
+                      (["--serve-passes", ","], "--serve-passes takes some of")):
         with pytest.raises(SystemExit) as exc:
             main([str(tmp_path / "models"), "--out", str(tmp_path / "out"), *argv])
         assert exc.value.code == 2 and why in capsys.readouterr().err
@@ -436,3 +438,56 @@ def test_phases_on_different_machines_are_flagged_in_the_table():
     warning = [line for line in markdown(two).splitlines() if "different machines" in line]
     assert len(warning) == 1 and "yapd on boot " + here["boot_id"][:8] in warning[0]
     assert "raw on boot 01234567" in warning[0]
+
+
+@pytest.mark.parametrize("passes", [("text", "ids", "tool"), ("text", "tool"), ("ids",)])
+async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch, passes):
+    """--serve-passes: each level is timed with the chat prompt as text and as token ids,
+    and the tool server is started and asked beside the chat, only where asked for."""
+    from yapctl import gpubench
+
+    posted: list[tuple[int, bool]] = []
+    started: list[int] = []
+
+    class Prompts:
+        def __init__(self, s: Setup) -> None:
+            pass
+
+        def all(self, levels: Any, rounds: int) -> None:
+            pass
+
+        def turn(self, i: int) -> tuple[list[int], list[int]]:
+            return [1, 2, 3], [4, 5]
+
+        def chat_text(self, i: int) -> str:
+            return "a b c"
+
+    async def post_stream(body: dict[str, Any], port: int = gpubench.SERVE_PORT, until: Any = None) -> Any:
+        posted.append((port, isinstance(body["prompt"], str)))
+        return 1.0, [0.5], 2.0
+
+    async def healthy(proc: Any, port: int, log: Path) -> None:
+        started.append(port)
+
+    monkeypatch.setattr(gpubench, "TurnPrompts", Prompts)
+    monkeypatch.setattr(gpubench, "_serve", lambda kw, port, log, env: object())
+    monkeypatch.setattr(gpubench, "_wait_healthy", healthy)
+    monkeypatch.setattr(gpubench, "_post_stream", post_stream)
+    monkeypatch.setattr(gpubench, "stop", lambda proc: None)
+    (tmp_path / "models" / "nemo-12b").mkdir(parents=True)
+    (tmp_path / "models" / "hammer-3b").mkdir()
+    setup = Setup(tmp_path / "models", tmp_path / "work", levels=(1, 2), rounds=1, serve_passes=passes)
+    res = gpubench.Results(tmp_path / "r.json")
+    await gpubench.phase_serve(res, setup)
+    serve = res.data["serve"]
+    tool = "tool" in passes
+    assert started == [gpubench.SERVE_PORT, gpubench.SERVE_PORT + 1][:1 + tool]
+    for c in (1, 2):
+        assert ("ttft_ms" in serve[f"c{c}"]) == ("text" in passes)
+        assert ("token_ids" in serve[f"c{c}"]) == ("ids" in passes)
+        assert (f"c{c}_with_tool" in serve) == tool
+    chat = [as_text for port, as_text in posted if port == gpubench.SERVE_PORT]
+    turns = sum(c + gpubench.turns_for(c, 1) for c in (1, 2))  # warm-up turns and timed ones
+    assert chat.count(True) == turns * ("text" in passes)
+    assert chat.count(False) == turns * ("ids" in passes) + turns * tool  # beside the tool: token ids
+    assert len(posted) - len(chat) == turns * tool

@@ -125,6 +125,7 @@ async def level(url: str, c: int, rounds: int, prompts: dict[str, str]) -> dict[
             if res.ok and res.done is not None:
                 rows.append({"rid": res.done["request_id"], "round": i, "ttft_ms": res.ttft_ms,
                              "tool_ms": res.tool_ms, "server_ttft_ms": (res.done.get("timings") or {}).get("ttft_ms"),
+                             "engine_text_ms": (res.done.get("timings") or {}).get("engine_text_ms"),
                              "inbound_ms": res.inbound_ms()})
     return {"sent": sent, "rows": rows}
 
@@ -150,6 +151,8 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
     outside = [r["ttft_ms"] - r["server_ttft_ms"] for r in rows
                if r["ttft_ms"] is not None and r["server_ttft_ms"] is not None]
     tool = [r["tool_ms"] for r in rows if r["tool_ms"] is not None]
+    text_to_sent = [r["server_ttft_ms"] - r["engine_text_ms"] for r in rows
+                    if r["server_ttft_ms"] is not None and r.get("engine_text_ms") is not None]
     inbound = [r["inbound_ms"] for r in rows if r["inbound_ms"] is not None]
 
     def q(xs: list[float]) -> dict[str, float | None]:
@@ -158,7 +161,7 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
     return {
         "sessions": c, "turns": len(rows),
         "ttft_ms": q(ttft), "tool_ms": q(tool), "outside_turn_ms": q(outside),
-        "inbound_ms": q(inbound),
+        "inbound_ms": q(inbound), "text_to_sent_ms": q(text_to_sent),
         "chat_request_after_send_ms": q(delay["chat"]), "tool_request_after_send_ms": q(delay["tool"]),
         "round_requests_span_ms": {"p50": round(statistics.median(spans), 2) if spans else None},
         "per_turn_start_ms": round(statistics.median(spans) / (c - 1), 3) if spans and c > 1 else None,
@@ -238,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: TTFT p50/p95 {s['ttft_ms']['p50']} / {s['ttft_ms']['p95']} ms, tool {s['tool_ms']['p50']} / "
               f"{s['tool_ms']['p95']}, outside yapd's turn {s['outside_turn_ms']['p50']} / "
               f"{s['outside_turn_ms']['p95']} (the start's way in {s['inbound_ms']['p50']} / "
-              f"{s['inbound_ms']['p95']}); "
-              f"requests made after the start was sent: chat "
+              f"{s['inbound_ms']['p95']}); first text to sent {s['text_to_sent_ms']['p50']} / "
+              f"{s['text_to_sent_ms']['p95']}; requests made after the start was sent: chat "
               f"{s['chat_request_after_send_ms']['p50']} / {s['chat_request_after_send_ms']['p95']}, tool "
               f"{s['tool_request_after_send_ms']['p50']} / {s['tool_request_after_send_ms']['p95']}; a round's "
               f"requests over {s['round_requests_span_ms']['p50']} ms ({s['per_turn_start_ms']} ms a turn)")

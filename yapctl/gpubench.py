@@ -50,6 +50,9 @@ PROFILE_S = 10.0
 PROFILE_TOP = 80
 PORT = 8123
 SERVE_PORT = 8124
+# The serve phase's passes over the levels: the chat prompt as text (as users call it), as
+# yapd's token ids, and beside a second server for the tool model.
+SERVE_PASSES = ("text", "ids", "tool")
 
 
 def text(n_words: int, seed: int) -> str:
@@ -113,6 +116,7 @@ class Setup:
     order_probe: bool = False  # the raw phase also times one session's requests in each order
     raw_order: str = "chats_then_tools"  # raw's turns: chat request at once, tool's a loop round later; or tool_first
     profile_level: int = 0  # yapd and raw run this level once more with their event loop profiled (0: not)
+    serve_passes: tuple[str, ...] = SERVE_PASSES  # what the serve phase times (see --serve-passes)
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
         return f"""
@@ -793,10 +797,15 @@ async def phase_serve(res: Results, s: Setup) -> None:
                     "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)}}
 
         for c in s.levels:
-            as_text = await at_level(c, functools.partial(post, False), s.rounds)
-            figures: dict[str, Any] = {"prompt": "text", **summary(as_text)}
-            figures["token_ids"] = summary(await at_level(c, functools.partial(post, True), s.rounds))
-            res.put("serve", f"c{c}", figures)
+            figures: dict[str, Any] = {}
+            if "text" in s.serve_passes:
+                figures = {"prompt": "text", **summary(await at_level(c, functools.partial(post, False), s.rounds))}
+            if "ids" in s.serve_passes:
+                figures["token_ids"] = summary(await at_level(c, functools.partial(post, True), s.rounds))
+            if figures:
+                res.put("serve", f"c{c}", figures)
+        if "tool" not in s.serve_passes:
+            return
 
         # What a user would run instead of yapd's two engines: a second `vllm serve` for
         # the tool model on the same GPU, both asked each turn (token ids, as yapd's).
@@ -1084,6 +1093,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-level", type=int, default=0, metavar="SESSIONS",
                    help="after the levels, yapd and raw run this level once more with their event loop under "
                         f"cProfile for {PROFILE_S:g} s (yapctl profile): where each loop's time goes, by package")
+    p.add_argument("--serve-passes", default=",".join(SERVE_PASSES),
+                   help="what the serve phase times at each level, comma-separated: text (the chat prompt as "
+                        "users send it), ids (as yapd's token ids), tool (beside a second server for the tool "
+                        "model); fewer passes fit a shorter device call")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set in the environment of every phase (yapd's process, raw's engines, vllm serve), "
                         "e.g. a VLLM_* switch to compare start times; repeatable")
@@ -1096,13 +1109,16 @@ def main(argv: list[str] | None = None) -> int:
         if not eq or not key.strip():
             p.error(f"--env takes KEY=VALUE, not {item!r}")
         env[key.strip()] = value
+    serve_passes = tuple(x for x in args.serve_passes.split(",") if x)
+    if not serve_passes or set(serve_passes) - set(SERVE_PASSES):
+        p.error(f"--serve-passes takes some of {', '.join(SERVE_PASSES)}, not {args.serve_passes!r}")
     unknown = {name for name in args.phases.split(",") if name} - set(PHASES)
     if unknown:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     args.work.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
                   args.mps, args.mps_priority, args.event_loop, args.request_order, tuple(args.ab), args.ab_interleave,
-                  args.order_probe, args.raw_order, args.profile_level)
+                  args.order_probe, args.raw_order, args.profile_level, serve_passes)
     if args.ab_interleave and not setup.ab:
         p.error("--ab-interleave takes turns between the config and --ab's changes: give --ab too")
     if setup.ab:
