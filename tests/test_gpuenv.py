@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -491,3 +492,113 @@ async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch,
     assert chat.count(True) == turns * ("text" in passes)
     assert chat.count(False) == turns * ("ids" in passes) + turns * tool  # beside the tool: token ids
     assert len(posted) - len(chat) == turns * tool
+
+
+class _Out:
+    """What AsyncLLM.generate yields, as far as the raw turns read it."""
+
+    def __init__(self, text: str, n: int = 1) -> None:
+        self.outputs = [type("Completion", (), {"text": text, "token_ids": list(range(n))})()]
+
+
+class _Engine:
+    """An AsyncLLM stand-in: ``texts`` one output each, a loop round apart; notes each
+    request's prompt and whether its stream was closed before its end (the abort)."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.prompts: list[list[int]] = []
+        self.closed_early = 0
+
+    async def generate(self, prompt: Any, sp: Any, request_id: str) -> Any:
+        self.prompts.append(list(prompt["prompt_token_ids"]))
+        sent = 0
+        try:
+            for text in self.texts:
+                await asyncio.sleep(0.001)
+                sent += 1
+                yield _Out(text)
+        finally:
+            if sent < len(self.texts):
+                self.closed_early += 1
+
+
+async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_first_output_on_both_clocks():
+    """A first token that is only part of a character has no text: TTFT waits for the
+    next one, the per-token figure does not; the tool's request is read until its
+    decision settles and then closed, and its first output is timed on its own clock and
+    on the turn's (the one yapd's figures use)."""
+    from yapctl.gpubench import RawEngines, raw_level
+
+    chat = _Engine(["", "Hel", "lo", " there"])
+    tool = _Engine(["[]\n\n", "never read"])
+    raw = RawEngines(chat, tool, lambda i: ([10, i], [20, i]), ["get_weather"], "chats_then_tools", None, None)
+    turn = await raw.turn(3)
+    assert chat.prompts == [[10, 3]] and tool.prompts == [[20, 3]]
+    assert tool.closed_early == 1 and chat.closed_early == 0
+    assert turn.first_token is not None and turn.ttft is not None and turn.ttft > turn.first_token
+    assert len(turn.gaps) == 2 and len(turn.token_gaps) == 3
+    assert turn.tool_first is not None and turn.tool_first_turn is not None
+    assert turn.tool_first_turn >= turn.tool_first and turn.tool_done >= turn.tool_first
+    level = raw_level([turn, await raw.turn(4)])
+    assert level["turns"] == 2 and level["ttft_ms"]["p50"] is not None
+    assert level["tool_first_turn_ms"]["p50"] >= level["tool_first_token_ms"]["p50"]
+    assert set(level["itl_ms"]) == {"p50", "p99"}
+
+
+async def test_a_paired_level_runs_a_raw_round_before_each_yapd_round_with_the_same_turns(make_yapd):
+    """The pair phase's level on a real yapd (CPU engines) and stand-in raw turns: raw's
+    warm-up round, then before each of yapd's rounds raw's round of the same turn
+    numbers; every turn of a level has its own number (its own prompt)."""
+    from tests.conftest import KEY
+    from yapctl.gpubench import RawTurn, paired_level, turns_for
+
+    d = make_yapd("[turn]\nconcurrent = true\nignore_eos = true\nchat_max_out = 4\n")
+    raw_at: dict[int, float] = {}
+
+    async def raw_turn(i: int) -> RawTurn:
+        raw_at.setdefault(i, time.perf_counter())
+        await asyncio.sleep(0)
+        return RawTurn(5.0, [1.0], 2.0, 3.0, [1.0], 4.0, 2.5)
+
+    c, rounds = 2, 2
+    sent: dict[str, float] = {}
+    out = await paired_level(d.url(key=None), raw_turn, c, rounds, key=KEY, sent=sent)
+    n = turns_for(c, rounds)
+    # (turn number, sent at) of yapd's timed turns; request ids end in "-<number>"
+    yapd_turns = [(int(rid.rsplit("-", 1)[1]), at) for rid, at in sent.items() if not rid.endswith("--1")]
+    assert len(yapd_turns) == n
+    assert out["raw"]["turns"] == n and out["yapd"]["completed"] == n
+    assert sorted(raw_at) == [-1, *range(n)]
+    assert out["raw"]["tool_first_turn_ms"]["p50"] == 2.5
+    for i in range(n // c):
+        yapd_round = [t for t in yapd_turns if t[0] // c == i]
+        assert sorted(t[0] for t in yapd_round) == [i * c + w for w in range(c)]
+        # raw's round i ran after yapd's round i - 1 was sent and before yapd's round i was
+        assert all(raw_at[i * c + w] < min(t[1] for t in yapd_round) for w in range(c))
+        if i:
+            assert all(raw_at[i * c + w] > max(t[1] for t in yapd_turns if t[0] // c == i - 1)
+                       for w in range(c))
+
+
+def test_pair_fractions_must_leave_room_for_two_of_each(tmp_path, capsys):
+    for bad in ("0.5,0.2", "0.4", "x,0.1", "0,0.1"):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path / "models"), "--out", str(tmp_path / "out"), "--pair-fractions", bad])
+        assert "--pair-fractions" in capsys.readouterr().err
+
+
+def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
+    from yapctl.gpubench import pair_table
+
+    level = {"yapd": {"ttft_ms": {"p50": 21.0, "p95": 24.0}, "tool_ms": {"p50": 18.0, "p95": 23.0},
+                      "server_engine_ttft_ms": {"p50": 19.0}, "server_tool_first_ms": {"p50": 17.5},
+                      "itl_ms": {"p99": 11.5}},
+             "raw": {"ttft_ms": {"p50": 17.0, "p95": 23.0}, "ttft_gated_ms": {"p50": 17.5, "p95": 23.0},
+                     "tool_first_turn_ms": {"p50": 13.0, "p95": 18.0}, "itl_ms": {"p99": 11.4}}}
+    lines = pair_table({"gpu_memory_utilization": {"chat": 0.38, "tool": 0.09}, "c8": level, "c1": level})
+    rows = [line for line in lines if line.startswith("| 1 ") or line.startswith("| 8 ")]
+    assert [r[:4] for r in rows] == ["| 1 ", "| 8 "]
+    assert rows[0] == ("| 1 | 21 / 24 | 17 / 23 | 17.5 / 23 | 18 / 23; 13 / 18 | 19.0 / 17.5 | 11.5 / 11.4 |")
+    assert "chat 0.38, tool 0.09" in "\n".join(lines)
+    assert pair_table({}) == []

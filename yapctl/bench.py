@@ -255,13 +255,15 @@ async def lockstep(cfg: BenchConfig, rounds: int, before_round: Callable[[int], 
     ends when all its turns are done. ``before_round(i)`` runs before round i (a live
     config change, so that two configs can take turns round by round on the same
     sessions); ``sent`` gets each turn's request_id -> perf_counter() as its start is
-    sent. Each round's results, in session order."""
+    sent. Turn ``w`` of round ``i`` is turn number ``i * concurrency + w`` (its utterance:
+    :func:`turn_utterance`), so that no two turns of a level send one prompt, as
+    :func:`bench`'s turns do. Each round's results, in session order."""
     async with contextlib.AsyncExitStack() as stack:
         conns = [await stack.enter_async_context(_connect(cfg)) for _ in range(cfg.concurrency)]
         sessions = [f"lockstep-{uuid.uuid4().hex[:8]}-{w}" for w in range(cfg.concurrency)]
 
         async def turn(ws: ClientConnection, session: str, i: int) -> TurnResult:
-            start = _start(cfg, session, i)
+            start = _start(cfg, session, i)  # i: the turn's number, -1 for the warm-up round
             if sent is not None:
                 sent[start["request_id"]] = time.perf_counter()
             return await _timed_turn(ws, start, cfg.timeout)
@@ -270,7 +272,8 @@ async def lockstep(cfg: BenchConfig, rounds: int, before_round: Callable[[int], 
         for i in range(-1 if cfg.warmup else 0, rounds):
             if i >= 0 and before_round is not None:
                 await before_round(i)
-            results = await asyncio.gather(*(turn(ws, s, i) for ws, s in zip(conns, sessions, strict=True)))
+            results = await asyncio.gather(*(turn(ws, s, i * cfg.concurrency + w if i >= 0 else -1)
+                                             for w, (ws, s) in enumerate(zip(conns, sessions, strict=True))))
             if i >= 0:
                 out.append(list(results))
     return out

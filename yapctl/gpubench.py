@@ -117,6 +117,9 @@ class Setup:
     raw_order: str = "chats_then_tools"  # raw's turns: chat request at once, tool's a loop round later; or tool_first
     profile_level: int = 0  # yapd and raw run this level once more with their event loop profiled (0: not)
     serve_passes: tuple[str, ...] = SERVE_PASSES  # what the serve phase times (see --serve-passes)
+    # The pair phase's chat and tool gpu_memory_utilization, for yapd's engines and raw's
+    # alike: two of each share the GPU.
+    pair_fractions: tuple[float, float] = (0.38, 0.09)
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
         return f"""
@@ -510,14 +513,113 @@ class TurnPrompts:
             self.turn(i)
 
 
-async def phase_raw(res: Results, s: Setup) -> None:
-    from vllm import AsyncEngineArgs, SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-    from vllm.v1.engine.async_llm import AsyncLLM
+@dataclass(frozen=True)
+class RawTurn:
+    """One raw turn's timings (ms from the turn's start, just before its chat request)."""
 
+    ttft: float | None  # the first output with text: what a client sees first
+    gaps: list[float]  # between outputs with text
+    tool_first: float | None  # the tool's first output, on the tool request's own clock
+    tool_done: float  # the decision read, on the tool request's own clock
+    token_gaps: list[float]  # between every token, text or not
+    first_token: float | None  # the first token, text or not
+    tool_first_turn: float | None = None  # the tool's first output on the turn's clock (yapd's clock)
+
+
+def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
+    """A level's figures from its raw turns."""
+    def q(xs: list[float], hi: int = 95) -> dict[str, float | None]:
+        return {"p50": pct(xs, 50), f"p{hi}": pct(xs, hi)}
+
+    ttft = [r.ttft for r in rows if r.ttft is not None]
+    # What a client of yapd's protocol could at best see on these engines: the reply waits
+    # for the tool decision (toolcall comes before any token).
+    gated = [max(r.ttft, r.tool_done) for r in rows if r.ttft is not None]
+    return {"turns": len(rows), "ttft_ms": q(ttft), "ttft_gated_ms": q(gated),
+            "ttft_token_ms": q([r.first_token for r in rows if r.first_token is not None]),
+            "itl_ms": q([g for r in rows for g in r.gaps], 99),
+            "itl_token_ms": q([g for r in rows for g in r.token_gaps], 99),
+            "tool_first_token_ms": q([r.tool_first for r in rows if r.tool_first is not None]),
+            "tool_first_turn_ms": q([r.tool_first_turn for r in rows if r.tool_first_turn is not None]),
+            "tool_ms": q([r.tool_done for r in rows])}
+
+
+class RawEngines:
+    """The floor: a chat and a tool ``AsyncLLM`` fed the token ids yapd builds, a turn
+    as yapd's concurrent mode runs one (both requests, in ``order``; the tool's read
+    until its decision settles, then aborted)."""
+
+    def __init__(self, chat: Any, tool: Any, prompts: Callable[[int], tuple[list[int], list[int]]],
+                 tool_names: Sequence[str], order: str, chat_sp: Any, tool_sp: Any) -> None:
+        self.chat, self.tool, self.prompts = chat, tool, prompts
+        self.tool_names = list(tool_names)
+        self.order = order
+        self.chat_sp, self.tool_sp = chat_sp, tool_sp
+
+    @classmethod
+    def start(cls, cfg: Config, prompts: Callable[[int], tuple[list[int], list[int]]], order: str) -> RawEngines:
+        from vllm import AsyncEngineArgs, SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from yapd.engines.vllm import engine_kwargs, gpu_capability
+
+        chat = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("chat", cfg, cfg.chat.model,
+                                                                          gpu_capability())))
+        tool = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("tool", cfg, cfg.tool.model,
+                                                                          gpu_capability())))
+        chat_sp = SamplingParams(max_tokens=200, min_tokens=200, ignore_eos=True, temperature=0.8, top_p=0.95,
+                                 output_kind=RequestOutputKind.DELTA)
+        # No stop string, as yapd asks: vLLM would hold a one-character first token back a step.
+        tool_sp = SamplingParams(max_tokens=96, temperature=0.0, top_k=1, output_kind=RequestOutputKind.DELTA)
+        return cls(chat, tool, prompts, [x.name for x in cfg.tools], order, chat_sp, tool_sp)
+
+    def shutdown(self) -> None:
+        self.chat.shutdown()
+        self.tool.shutdown()
+
+    async def _tool(self, i: int, turn_t0: float) -> tuple[float | None, float, float | None]:
+        from yapd.engines.vllm import token_prompt
+        from yapd.toolcall import DecisionReader
+
+        t0 = time.perf_counter()
+        first = first_turn = None
+        reader = DecisionReader(self.tool_names)
+        gen = self.tool.generate(token_prompt(self.prompts(i)[1]), self.tool_sp, uuid.uuid4().hex)
+        async for out in gen:
+            if first is None:
+                now = time.perf_counter()
+                first, first_turn = (now - t0) * 1000, (now - turn_t0) * 1000
+            if reader.feed(out.outputs[0].text) is not None:
+                break
+        done = (time.perf_counter() - t0) * 1000
+        await gen.aclose()  # the abort, as yapd sends it once the decision is out
+        return first, done, first_turn
+
+    async def turn(self, i: int) -> RawTurn:
+        """Turn ``i`` (see TurnPrompts.turn): both engines together."""
+        from yapd.engines.vllm import token_prompt
+
+        t0 = time.perf_counter()
+        tool_task = tool_request(self._tool(i, t0), self.order)
+        stamps: list[float] = []  # outputs with text: what a client of yapd or vllm serve sees
+        token_stamps: list[float] = []  # every token, text or not (a byte of a character held back)
+        async for out in self.chat.generate(token_prompt(self.prompts(i)[0]), self.chat_sp, uuid.uuid4().hex):
+            if out.outputs[0].token_ids:
+                now = time.perf_counter()
+                token_stamps.append(now)
+                if out.outputs[0].text:
+                    stamps.append(now)
+        tool_first, tool_done, tool_first_turn = await tool_task
+        # TTFT as a client counts it: the first text (the first token may be part of a
+        # character, with nothing to show yet); the first token's time is kept beside it.
+        return RawTurn((stamps[0] - t0) * 1000 if stamps else None, gaps(stamps), tool_first, tool_done,
+                       gaps(token_stamps), (token_stamps[0] - t0) * 1000 if token_stamps else None,
+                       tool_first_turn)
+
+
+async def phase_raw(res: Results, s: Setup) -> None:
     from yapd.daemon import cache_env
-    from yapd.engines.vllm import engine_kwargs, gpu_capability, token_prompt
-    from yapd.toolcall import DecisionReader
 
     cfg = s.config()
     cache_env(cfg)
@@ -526,78 +628,76 @@ async def phase_raw(res: Results, s: Setup) -> None:
     chat_ids, tool_ids = tp.turn(0)
     res.put("raw", "prompt_tokens", {"chat": len(chat_ids), "tool": len(tool_ids)})
     t0 = time.perf_counter()
-    chat = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("chat", cfg, cfg.chat.model, gpu_capability())))
-    tool = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("tool", cfg, cfg.tool.model, gpu_capability())))
+    raw = RawEngines.start(cfg, tp.turn, s.raw_order)
     res.put("raw", "start_s", round(time.perf_counter() - t0, 1))
-    chat_sp = SamplingParams(max_tokens=200, min_tokens=200, ignore_eos=True, temperature=0.8, top_p=0.95,
-                             output_kind=RequestOutputKind.DELTA)
-    # No stop string, as yapd asks: vLLM would hold a one-character first token back a step.
-    tool_sp = SamplingParams(max_tokens=96, temperature=0.0, top_k=1, output_kind=RequestOutputKind.DELTA)
+    try:
+        for c in s.levels:
+            res.put("raw", f"c{c}", raw_level(await at_level(c, raw.turn, s.rounds)))
+        if s.profile_level:  # the same window as yapd's, on raw's own loop
+            from yapd.loopprofile import LoopProfiler
 
-    async def one_tool(i: int) -> tuple[float | None, float]:
+            res.put("raw", f"profile_c{s.profile_level}", await profiled(
+                at_level(s.profile_level, raw.turn, s.rounds), lambda: LoopProfiler().run(PROFILE_S, PROFILE_TOP)))
+        if s.order_probe:
+            from vllm import SamplingParams
+            from vllm.sampling_params import RequestOutputKind
+
+            short = SamplingParams(max_tokens=8, min_tokens=8, ignore_eos=True, temperature=0.8, top_p=0.95,
+                                   output_kind=RequestOutputKind.DELTA)
+            res.put("raw", "order_probe", await order_probe(raw.chat, raw.tool, tp.turn, short, raw.tool_sp,
+                                                            3 * s.rounds))
+    finally:
+        raw.shutdown()
+
+
+async def phase_pair(res: Results, s: Setup) -> None:
+    """yapd and raw on one GPU at once, each with part of its memory, taking turns round
+    by round at every level: the drift of the machine between two phases (a few ms at one
+    session, seen between runs q and r) hits both alike. Both under the run's MPS daemon."""
+    from yapd.daemon import cache_env
+
+    text = with_overrides(s.config_text(), [f"{role}.gpu_memory_utilization={frac}"
+                                            for role, frac in zip(("chat", "tool"), s.pair_fractions, strict=True)])
+    path = s.work / "yapd-pair.toml"
+    path.write_text(text)
+    cfg = config.from_mapping(config.tomllib.loads(text), str(path))
+    res.put("pair", "gpu_memory_utilization", {"chat": s.pair_fractions[0], "tool": s.pair_fractions[1]})
+    proc, started = start_yapd(path, s.work / "yapd.log")
+    res.put("pair", "yapd_start_s", round(started, 1))
+    try:
+        cache_env(cfg)
+        tp = TurnPrompts(s)
+        tp.all(s.levels, s.rounds)
         t0 = time.perf_counter()
-        first = None
-        reader = DecisionReader([x.name for x in cfg.tools])
-        gen = tool.generate(token_prompt(tp.turn(i)[1]), tool_sp, uuid.uuid4().hex)
-        async for out in gen:
-            if first is None:
-                first = (time.perf_counter() - t0) * 1000
-            if reader.feed(out.outputs[0].text) is not None:
-                break
-        done = (time.perf_counter() - t0) * 1000
-        await gen.aclose()  # the abort, as yapd sends it once the decision is out
-        return first, done
+        raw = RawEngines.start(cfg, tp.turn, s.raw_order)
+        res.put("pair", "raw_start_s", round(time.perf_counter() - t0, 1))
+        try:
+            for c in s.levels:
+                res.put("pair", f"c{c}", await paired_level(f"ws://127.0.0.1:{PORT}/ws", raw.turn, c, s.rounds))
+        finally:
+            raw.shutdown()
+    finally:
+        stop(proc)
 
-    async def one_turn(i: int) -> tuple[float | None, list[float], float | None, float, list[float], float | None]:
-        # Both engines together, as yapd's concurrent mode runs them.
-        utt = tp.turn(i)[0]
-        t0 = time.perf_counter()
-        tool_task = tool_request(one_tool(i), s.raw_order)
-        stamps: list[float] = []  # outputs with text: what a client of yapd or vllm serve sees
-        token_stamps: list[float] = []  # every token, text or not (a byte of a character held back)
-        async for out in chat.generate(token_prompt(utt), chat_sp, uuid.uuid4().hex):
-            if out.outputs[0].token_ids:
-                now = time.perf_counter()
-                token_stamps.append(now)
-                if out.outputs[0].text:
-                    stamps.append(now)
-        tool_first, tool_done = await tool_task
-        # TTFT as a client counts it: the first text (the first token may be part of a
-        # character, with nothing to show yet); the first token's time is kept beside it.
-        first = (stamps[0] - t0) * 1000 if stamps else None
-        first_token = (token_stamps[0] - t0) * 1000 if token_stamps else None
-        return first, gaps(stamps), tool_first, tool_done, gaps(token_stamps), first_token
 
-    for c in s.levels:
-        n = turns_for(c, s.rounds)
-        rows = await at_level(c, one_turn, s.rounds)
-        ttft = [r[0] for r in rows if r[0] is not None]
-        ttft_token = [r[5] for r in rows if r[5] is not None]
-        itl = [g for r in rows for g in r[1]]
-        itl_tokens = [g for r in rows for g in r[4]]
-        tfirst = [r[2] for r in rows if r[2] is not None]
-        tdone = [r[3] for r in rows]
-        # What a client of yapd's protocol could at best see on these engines: the reply
-        # waits for the tool decision (toolcall comes before any token).
-        gated = [max(r[0], r[3]) for r in rows if r[0] is not None]
-        res.put("raw", f"c{c}", {"turns": n, "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
-                                 "ttft_gated_ms": {"p50": pct(gated, 50), "p95": pct(gated, 95)},
-                                 "ttft_token_ms": {"p50": pct(ttft_token, 50), "p95": pct(ttft_token, 95)},
-                                 "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
-                                 "itl_token_ms": {"p50": pct(itl_tokens, 50), "p99": pct(itl_tokens, 99)},
-                                 "tool_first_token_ms": {"p50": pct(tfirst, 50), "p95": pct(tfirst, 95)},
-                                 "tool_ms": {"p50": pct(tdone, 50), "p95": pct(tdone, 95)}})
-    if s.profile_level:  # the same window as yapd's, on raw's own loop
-        from yapd.loopprofile import LoopProfiler
+async def paired_level(url: str, raw_turn: Callable[[int], Awaitable[RawTurn]], c: int, rounds: int,
+                       key: str = "bench", sent: dict[str, float] | None = None) -> dict[str, Any]:
+    """Level ``c`` for yapd (over ``url``) and raw taking turns: before each of yapd's
+    lockstep rounds, raw runs its own round of ``c`` turns with the same prompts
+    (:func:`turns_for`'s count for each, after a warm-up round each). ``sent``: as
+    :func:`lockstep`'s."""
+    raw_rows: list[RawTurn] = []
 
-        res.put("raw", f"profile_c{s.profile_level}", await profiled(
-            at_level(s.profile_level, one_turn, s.rounds), lambda: LoopProfiler().run(PROFILE_S, PROFILE_TOP)))
-    if s.order_probe:
-        short = SamplingParams(max_tokens=8, min_tokens=8, ignore_eos=True, temperature=0.8, top_p=0.95,
-                               output_kind=RequestOutputKind.DELTA)
-        res.put("raw", "order_probe", await order_probe(chat, tool, tp.turn, short, tool_sp, 3 * s.rounds))
-    chat.shutdown()
-    tool.shutdown()
+    async def raw_round(i: int) -> None:
+        raw_rows.extend(await asyncio.gather(*(raw_turn(i * c + w) for w in range(c))))
+
+    await asyncio.gather(*(raw_turn(-1) for _ in range(c)))
+    cfg = BenchConfig(url=url, key=key, concurrency=c, timeout=120, utterance=UTTERANCE, persona_text=PERSONA,
+                      history_text=HISTORY)
+    t0 = time.perf_counter()
+    done = await lockstep(cfg, turns_for(c, rounds) // c, raw_round, sent)
+    wall = time.perf_counter() - t0
+    return {"yapd": BenchReport([r for rs in done for r in rs], wall / 2, c).summary(), "raw": raw_level(raw_rows)}
 
 
 async def profiled(level: Awaitable[Any], profile: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
@@ -889,6 +989,36 @@ def profile_table(data: dict[str, Any], packages: int = 10) -> list[str]:
             *(f"| {n} | {cell('yapd', n)} | {cell('raw', n)} |" for n in names[:packages])]
 
 
+def pair_table(pair: dict[str, Any]) -> list[str]:
+    """The pair phase's lines: yapd and raw level by level, their rounds taking turns."""
+    levels = sorted((k for k in pair if k[:1] == "c" and k[1:].isdigit()), key=lambda k: int(k[1:]))
+    if not levels:
+        return []
+
+    def two(side: str, lvl: str, metric: str, a: str = "p50", b: str = "p95") -> str:
+        v = pair[lvl].get(side, {}).get(metric) or {}
+        return " / ".join("-" if v.get(q) is None else f"{v[q]:g}" for q in (a, b))
+
+    frac = pair.get("gpu_memory_utilization", {})
+    lines = ["## yapd and raw taking turns round by round (pair phase)", "",
+             f"Both on the GPU at once, each engine with part of its memory (chat {frac.get('chat')}, tool "
+             f"{frac.get('tool')}), under one MPS daemon; before each of yapd's rounds raw runs one of its own "
+             f"with the same prompts. yapd started in {pair.get('yapd_start_s')} s, raw's engines in "
+             f"{pair.get('raw_start_s')} s.", "",
+             "| sessions | TTFT p50 / p95 ms: yapd | raw | raw held for the decision | tool decision (yapd) / "
+             "tool first output (raw, turn's clock) p50 / p95 ms | chat / tool engine first output in yapd p50 ms "
+             "| ITL p99 ms: yapd / raw |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for lvl in levels:
+        y, r = pair[lvl].get("yapd", {}), pair[lvl].get("raw", {})
+        engine = " / ".join(str((y.get(m) or {}).get("p50", "-")) for m in ("server_engine_ttft_ms",
+                                                                            "server_tool_first_ms"))
+        itl = " / ".join(str((side.get("itl_ms") or {}).get("p99", "-")) for side in (y, r))
+        lines.append(f"| {lvl[1:]} | {two('yapd', lvl, 'ttft_ms')} | {two('raw', lvl, 'ttft_ms')} | "
+                     f"{two('raw', lvl, 'ttft_gated_ms')} | {two('yapd', lvl, 'tool_ms')}; "
+                     f"{two('raw', lvl, 'tool_first_turn_ms')} | {engine} | {itl} |")
+    return [*lines, ""]
+
+
 def markdown(data: dict[str, Any]) -> str:
     def g(sec: str, lvl: str, metric: str, q: str) -> str:
         v = data.get(sec, {}).get(lvl, {}).get(metric, {}).get(q)
@@ -1018,6 +1148,7 @@ def markdown(data: dict[str, Any]) -> str:
             itl = f"{g('yapd', lvl, 'itl_ms', 'p99')} / {g('yapd_b', lvl, 'itl_ms', 'p99')}"
             lines.append(f"| {lvl[1:]} | {' | '.join(cells)} | {itl} |")
         lines.append("")
+    lines += pair_table(data.get("pair") or {})
     st = data.get("startup")
     if st:
         lines += ["## Start and restart", "",
@@ -1047,7 +1178,7 @@ YAPD_PHASES = {"yapd", "startup", "warm"}
 
 PHASES: dict[str, Callable[[Results, Setup], Coroutine[Any, Any, None]]] = {
     "yapd": phase_yapd, "raw": phase_raw, "serve": phase_serve, "startup": phase_startup, "warm": phase_warm,
-    "spawn": phase_spawn}
+    "spawn": phase_spawn, "pair": phase_pair}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1097,6 +1228,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="what the serve phase times at each level, comma-separated: text (the chat prompt as "
                         "users send it), ids (as yapd's token ids), tool (beside a second server for the tool "
                         "model); fewer passes fit a shorter device call")
+    p.add_argument("--pair-fractions", default=",".join(map(str, Setup.pair_fractions)), metavar="CHAT,TOOL",
+                   help="the pair phase's gpu_memory_utilization for each chat and tool engine (yapd's and raw's "
+                        "alike: the four share the GPU)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set in the environment of every phase (yapd's process, raw's engines, vllm serve), "
                         "e.g. a VLLM_* switch to compare start times; repeatable")
@@ -1112,13 +1246,20 @@ def main(argv: list[str] | None = None) -> int:
     serve_passes = tuple(x for x in args.serve_passes.split(",") if x)
     if not serve_passes or set(serve_passes) - set(SERVE_PASSES):
         p.error(f"--serve-passes takes some of {', '.join(SERVE_PASSES)}, not {args.serve_passes!r}")
+    try:
+        chat_frac, tool_frac = (float(x) for x in args.pair_fractions.split(","))
+    except ValueError:
+        p.error(f"--pair-fractions takes CHAT,TOOL, not {args.pair_fractions!r}")
+    if not (0 < chat_frac and 0 < tool_frac and 2 * (chat_frac + tool_frac) <= 0.98):
+        p.error(f"--pair-fractions {args.pair_fractions}: two of each must fit on one GPU (2 x (chat + tool) "
+                "<= 0.98)")
     unknown = {name for name in args.phases.split(",") if name} - set(PHASES)
     if unknown:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     args.work.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
                   args.mps, args.mps_priority, args.event_loop, args.request_order, tuple(args.ab), args.ab_interleave,
-                  args.order_probe, args.raw_order, args.profile_level, serve_passes)
+                  args.order_probe, args.raw_order, args.profile_level, serve_passes, (chat_frac, tool_frac))
     if args.ab_interleave and not setup.ab:
         p.error("--ab-interleave takes turns between the config and --ab's changes: give --ab too")
     if setup.ab:
