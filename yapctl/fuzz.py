@@ -303,7 +303,8 @@ ADMIN_FIELDS = ("n", "level", "grep", "follow", "target", "on", "action", "secon
 @st.composite
 def admin_requests(draw: st.DrawFn) -> bytes:
     """One request line. Never one that changes the daemon for good or never ends:
-    no real restart, no drain on, no log follow, no AWQ rebuild."""
+    no real restart, no drain on, no log follow, no AWQ rebuild; and no profile window
+    of a second or more (its default is 10 s: a few of them were most of the run)."""
     from yapd.admin import COMMANDS
 
     roll = draw(st.integers(0, 9))
@@ -321,6 +322,9 @@ def admin_requests(draw: st.DrawFn) -> bytes:
         req["on"] = draw(JSON.filter(lambda v: v is not True))
     if req["cmd"] == "logs":
         req["follow"] = draw(JSON.filter(lambda v: not v))
+    if req["cmd"] == "profile":
+        req["seconds"] = draw(st.floats(0.01, 0.2) | JSON.filter(
+            lambda v: isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1))
     if req["cmd"] == "awq" and req.get("action") == "rebuild":
         req["action"] = "status"
     return json.dumps(req).encode() + b"\n"
