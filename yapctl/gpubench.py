@@ -618,13 +618,20 @@ class RawEngines:
                        tool_first_turn)
 
 
-async def phase_raw(res: Results, s: Setup) -> None:
+def raw_prompts(s: Setup, cfg: Config) -> TurnPrompts:
+    """Every turn's prompts, built ahead of the clock, for raw's engines on ``cfg`` (whose
+    compile caches are yapd's)."""
     from yapd.daemon import cache_env
 
-    cfg = s.config()
     cache_env(cfg)
     tp = TurnPrompts(s)
     tp.all(s.levels, s.rounds)
+    return tp
+
+
+async def phase_raw(res: Results, s: Setup) -> None:
+    cfg = s.config()
+    tp = raw_prompts(s, cfg)
     chat_ids, tool_ids = tp.turn(0)
     res.put("raw", "prompt_tokens", {"chat": len(chat_ids), "tool": len(tool_ids)})
     t0 = time.perf_counter()
@@ -654,20 +661,16 @@ async def phase_pair(res: Results, s: Setup) -> None:
     """yapd and raw on one GPU at once, each with part of its memory, taking turns round
     by round at every level: the drift of the machine between two phases (a few ms at one
     session, seen between runs q and r) hits both alike. Both under the run's MPS daemon."""
-    from yapd.daemon import cache_env
-
-    text = with_overrides(s.config_text(), [f"{role}.gpu_memory_utilization={frac}"
-                                            for role, frac in zip(("chat", "tool"), s.pair_fractions, strict=True)])
+    fractions = [f"{role}.gpu_memory_utilization={frac}"
+                 for role, frac in zip(("chat", "tool"), s.pair_fractions, strict=True)]
     path = s.work / "yapd-pair.toml"
-    path.write_text(text)
-    cfg = config.from_mapping(config.tomllib.loads(text), str(path))
+    path.write_text(with_overrides(s.config_text(), fractions))
     res.put("pair", "gpu_memory_utilization", {"chat": s.pair_fractions[0], "tool": s.pair_fractions[1]})
     proc, started = start_yapd(path, s.work / "yapd.log")
     res.put("pair", "yapd_start_s", round(started, 1))
     try:
-        cache_env(cfg)
-        tp = TurnPrompts(s)
-        tp.all(s.levels, s.rounds)
+        cfg = s.config(fractions)
+        tp = raw_prompts(s, cfg)
         t0 = time.perf_counter()
         raw = RawEngines.start(cfg, tp.turn, s.raw_order)
         res.put("pair", "raw_start_s", round(time.perf_counter() - t0, 1))
