@@ -195,6 +195,10 @@ def test_bench_completes_every_session(shared_yapd):
         # The first text comes with or after the first output; the token leaves after it.
         assert s["server_engine_ttft_ms"][q] <= s["server_engine_text_ms"][q] <= s["server_ttft_ms"][q], s
         assert 0 <= s["first_token_after_ready_ms"][q] < s["server_ttft_ms"][q], s
+        # The engines' own stamps: queued, taken up, first token, before yapd had it.
+        for role, first in (("chat", "server_engine_ttft_ms"), ("tool", "server_tool_first_ms")):
+            assert (0 <= s[f"server_{role}_queued_ms"][q] <= s[f"server_{role}_scheduled_ms"][q]
+                    <= s[f"server_{role}_first_token_ms"][q] <= s[first][q] + 0.01), s
     table = yapctl("bench", "-n", "2", "-c", "2", "--url", shared_yapd.url(key=None), "--key", KEY)
     assert table.returncode == EXIT_OK
     assert "2/2 turns completed" in table.stdout and "ttft" in table.stdout and "P99" in table.stdout

@@ -55,6 +55,9 @@ model = "{MODEL}"
 backend = "vllm"
 gpu_memory_utilization = 0.20
 max_model_len = 4096
+# vLLM's request stats on for the tool engine only: its turns' done timings then say
+# where its first output's time went, the chat's do not (checked below).
+extra_engine_args = {{ disable_log_stats = false }}
 [turn]
 concurrent = true
 """, server={"max_connections": 32})
@@ -94,7 +97,17 @@ async def test_gpu_turns_cancel_barge_in(gpu_yapd):
               f"{PIPE_ENV} set: {PIPE_ENV in os.environ}, devices renumbered: {renumbered_devices(os.environ)}")
     async with ws_connect(gpu_yapd.url()) as ws:
         for i in range(3):
-            check_turn(await run_turn(ws, user_utterance=f"who was Columbus? {i}", history_text="User: hi\n" * 50))
+            msgs = await run_turn(ws, user_utterance=f"who was Columbus? {i}", history_text="User: hi\n" * 50)
+            check_turn(msgs)
+            timings = msgs[-1]["timings"]
+            stamps = timings["engines"]["tool"]
+            assert "chat" not in timings["engines"], timings
+            # The EngineCore's stamps (its own process, one monotonic clock): queued, then
+            # scheduled, then the first token, which reached yapd after that.
+            assert 0 <= stamps["queued_ms"] <= stamps["scheduled_ms"] <= stamps["first_token_ms"], stamps
+            assert stamps["first_token_ms"] <= timings["tool_first_ms"] + 0.01, timings
+        print(f"tool engine stamps (ms from the turn's start): {stamps}, first output in yapd "
+              f"{timings['tool_first_ms']}")
         await send(ws, type="start", session_id="s", user_utterance="story", request_id="a")
         while (await recv(ws))["type"] != "token":
             pass

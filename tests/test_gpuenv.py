@@ -497,27 +497,36 @@ async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch,
 class _Out:
     """What AsyncLLM.generate yields, as far as the raw turns read it."""
 
-    def __init__(self, text: str, n: int = 1) -> None:
-        self.outputs = [type("Completion", (), {"text": text, "token_ids": list(range(n))})()]
+    def __init__(self, text: str, metrics: Any = None) -> None:
+        self.outputs = [type("Completion", (), {"text": text, "token_ids": [1]})()]
+        self.metrics = metrics
 
 
 class _Engine:
     """An AsyncLLM stand-in: ``texts`` one output each, a loop round apart; notes each
-    request's prompt and whether its stream was closed before its end (the abort)."""
+    request's prompt and whether its stream was closed before its end (the abort). With
+    ``stats``, its outputs carry request stats as vLLM's do with them on."""
 
-    def __init__(self, texts: list[str]) -> None:
+    def __init__(self, texts: list[str], stats: bool = False) -> None:
         self.texts = texts
+        self.stats = stats
         self.prompts: list[list[int]] = []
         self.closed_early = 0
 
     async def generate(self, prompt: Any, sp: Any, request_id: str) -> Any:
+        from types import SimpleNamespace
+
         self.prompts.append(list(prompt["prompt_token_ids"]))
+        queued = time.monotonic()
+        metrics = SimpleNamespace(queued_ts=queued, scheduled_ts=0.0, first_token_ts=0.0) if self.stats else None
         sent = 0
         try:
             for text in self.texts:
                 await asyncio.sleep(0.001)
+                if metrics is not None and not metrics.first_token_ts:
+                    metrics.scheduled_ts, metrics.first_token_ts = queued + 0.0005, time.monotonic()
                 sent += 1
-                yield _Out(text)
+                yield _Out(text, metrics)
         finally:
             if sent < len(self.texts):
                 self.closed_early += 1
@@ -530,7 +539,7 @@ async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_fi
     on the turn's (the one yapd's figures use)."""
     from yapctl.gpubench import RawEngines, raw_level
 
-    chat = _Engine(["", "Hel", "lo", " there"])
+    chat = _Engine(["", "Hel", "lo", " there"], stats=True)
     tool = _Engine(["[]\n\n", "never read"])
     raw = RawEngines(chat, tool, lambda i: ([10, i], [20, i]), ["get_weather"], "chats_then_tools", None, None)
     turn = await raw.turn(3)
@@ -540,10 +549,15 @@ async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_fi
     assert len(turn.gaps) == 2 and len(turn.token_gaps) == 3
     assert turn.tool_first is not None and turn.tool_first_turn is not None
     assert turn.tool_first_turn >= turn.tool_first and turn.tool_done >= turn.tool_first
+    # The chat engine keeps request stats, the tool's does not: only the chat's stamps,
+    # on the turn's clock, the first token's before the turn had it.
+    queued, scheduled, first = turn.stamps["chat"]
+    assert 0 <= queued <= scheduled <= first <= turn.first_token + 0.01 and "tool" not in turn.stamps
     level = raw_level([turn, await raw.turn(4)])
     assert level["turns"] == 2 and level["ttft_ms"]["p50"] is not None
     assert level["tool_first_turn_ms"]["p50"] >= level["tool_first_token_ms"]["p50"]
     assert set(level["itl_ms"]) == {"p50", "p99"}
+    assert level["chat_queued_ms"]["p50"] <= level["chat_first_token_ms"]["p50"] and "tool_queued_ms" not in level
 
 
 async def test_a_paired_level_runs_a_raw_round_before_each_yapd_round_with_the_same_turns(make_yapd):
@@ -601,4 +615,35 @@ def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
     assert [r[:4] for r in rows] == ["| 1 ", "| 8 "]
     assert rows[0] == ("| 1 | 21 / 24 | 17 / 23 | 17.5 / 23 | 18 / 23; 13 / 18 | 19.0 / 17.5 | 11.5 / 11.4 |")
     assert "chat 0.38, tool 0.09" in "\n".join(lines)
+    assert not any("engine's own stamps" in line for line in lines)
+    level["yapd"]["server_tool_queued_ms"] = {"p50": 0.4}
+    level["raw"].update(tool_queued_ms={"p50": 0.2}, tool_scheduled_ms={"p50": 0.3}, tool_first_token_ms={"p50": 9.0})
+    lines = pair_table({"c1": level})
+    assert "| 1 | tool | 0.4 / - / - | 0.2 / 0.3 / 9.0 |" in lines and not any("| chat |" in x for x in lines)
     assert pair_table({}) == []
+
+
+def test_set_reaches_yapds_config_and_the_engines_settings_and_is_recorded(tmp_path, monkeypatch, capsys):
+    from yapctl import gpubench
+    from yapd.engines.vllm import engine_kwargs
+
+    seen: list[Setup] = []
+
+    async def probe(res, setup):
+        seen.append(setup)
+
+    monkeypatch.setitem(gpubench.PHASES, "raw", probe)
+    base = [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--name", "t",
+            "--phases", "raw"]
+    assert main([*base, "--set", "tool.extra_engine_args={disable_log_stats=false}"]) == 0
+    cfg = seen[0].config()
+    assert engine_kwargs("tool", cfg, cfg.tool.model, (9, 0))["disable_log_stats"] is False
+    assert engine_kwargs("chat", cfg, cfg.chat.model, (9, 0))["disable_log_stats"] is True
+    assert "[tool]" in seen[0].config_text() and "disable_log_stats=false" in seen[0].config_text()
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["setup"]["set"] == ["tool.extra_engine_args={disable_log_stats=false}"]
+    assert "yapd config `tool.extra_engine_args={disable_log_stats=false}`" in (tmp_path / "t.md").read_text()
+    for bad in ("turn.temperature=9", "nodot=1"):
+        with pytest.raises(SystemExit):
+            main([*base, "--name", "u", "--set", bad])
+        assert "--set" in capsys.readouterr().err

@@ -57,6 +57,12 @@ async def test_full_turn_messages_and_order(shared_yapd):
         assert done["usage"]["completion_tokens"] >= sum(1 for m in msgs if m["type"] == "token")
         t = done["timings"]
         assert t["tool_ms"] > 0 and t["total_ms"] >= t["tool_ms"]
+        # Where each engine's time to its first output went, in its own words (the CPU
+        # engines keep these always): queued, taken up, first token; the first output
+        # reached the turn after that.
+        for role, first in (("chat", t["engine_ttft_ms"]), ("tool", t["tool_first_ms"])):
+            st = t["engines"][role]
+            assert 0 <= st["queued_ms"] <= st["scheduled_ms"] <= st["first_token_ms"] <= first + 0.01, t
         if any(m["type"] == "token" for m in msgs):
             assert t["tool_ms"] <= t["ttft_ms"] <= t["total_ms"]
         # A second turn without request_id gets a server-made one, distinct.

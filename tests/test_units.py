@@ -746,3 +746,43 @@ def test_loop_lag_keeps_a_window_of_time_and_reports_in_ms():
     assert lag.snapshot() == {"samples": 20, "window_s": 1.0, "p50_ms": 20.0, "p99_ms": 29.0, "max_ms": 29.0}
     lag.add(100.0, 0.5)  # a loop held for long: the samples before it are out of the window
     assert lag.snapshot() == {"samples": 1, "window_s": 0.1, "p50_ms": 500.0, "p99_ms": 500.0, "max_ms": 500.0}
+
+
+def test_vllm_stream_carries_the_engines_stamps_on_the_first_delta_only(monkeypatch):
+    """With vLLM's request stats on, a request's first output holds when its EngineCore
+    queued it, scheduled it and made its first token; the stream hands them on with the
+    first delta. Stats off (yapd's default): metrics is None and nothing is claimed. The
+    GPU test module checks the same on a real engine."""
+    from types import SimpleNamespace
+
+    from yapd.engines import vllm as vllm_engine
+    from yapd.engines.base import EngineStamps, SamplingSpec
+
+    def output(text: str, metrics: object) -> SimpleNamespace:
+        done = text == "!"
+        return SimpleNamespace(outputs=[SimpleNamespace(text=text, token_ids=[1], finish_reason="length" if done
+                                                        else None)], finished=done, prompt_token_ids=[1, 2],
+                               num_cached_tokens=0, metrics=metrics)
+
+    class LLM:
+        def __init__(self, metrics: object) -> None:
+            self.metrics = metrics
+
+        async def generate(self, prompt: object, sp: object, request_id: str):  # type: ignore[no-untyped-def]
+            for text in ("a", "b", "!"):
+                yield output(text, self.metrics)
+
+    monkeypatch.setattr(vllm_engine, "sampling_params", lambda spec, role: None)
+    cfg = config.from_mapping({}, "test")
+
+    async def deltas(metrics: object) -> list:  # type: ignore[type-arg]
+        engine = vllm_engine.VllmEngine("tool", cfg)
+        engine._state, engine._llm = "ready", LLM(metrics)
+        return [d async for d in engine.stream([1, 2], SamplingSpec(max_tokens=3), "r")]
+
+    stats = SimpleNamespace(queued_ts=10.0, scheduled_ts=10.5, first_token_ts=11.0)
+    on = asyncio.run(deltas(stats))
+    assert [d.text for d in on] == ["a", "b", "!"]
+    assert on[0].stamps == EngineStamps(10.0, 10.5, 11.0) and on[1].stamps is None and on[2].stamps is None
+    assert all(d.stamps is None for d in asyncio.run(deltas(None)))
+    assert vllm_engine.request_stamps(SimpleNamespace(queued_ts=0.0)) is None  # stats on, nothing stamped yet

@@ -151,6 +151,14 @@ class BenchReport:
             sent, text, decided = timing(r, "ttft_ms"), timing(r, "engine_text_ms"), timing(r, "tool_ms")
             if sent is not None and text is not None:
                 held.append(sent - max(text, decided if decided is not None else text))
+        # Where the engines say each one's time to its first output went (done.timings.engines,
+        # ms from the turn's start): queued, first scheduled, first token.
+        stamps: dict[str, list[float]] = {}
+        for r in ok:
+            for role, st in ((r.done or {}).get("timings", {}).get("engines") or {}).items():
+                for name, at in st.items():
+                    stamps.setdefault(f"server_{role}_{name}", []).append(at)
+        engines = {key: {"p50": pct(xs, 50), "p95": pct(xs, 95)} for key, xs in sorted(stamps.items())}
         errors: dict[str, int] = {}
         for r in self.results:
             if not r.ok:
@@ -172,6 +180,7 @@ class BenchReport:
             "inbound_ms": {"p50": pct(inbound, 50), "p95": pct(inbound, 95)},
             "outbound_ms": {"p50": pct(outbound, 50), "p95": pct(outbound, 95)},
             "first_token_after_ready_ms": {"p50": pct(held, 50), "p95": pct(held, 95)},
+            **engines,
         }
 
 

@@ -28,7 +28,7 @@ import time
 import typing
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,6 +53,8 @@ SERVE_PORT = 8124
 # The serve phase's passes over the levels: the chat prompt as text (as users call it), as
 # yapd's token ids, and beside a second server for the tool model.
 SERVE_PASSES = ("text", "ids", "tool")
+# An engine's stamps of a request (yapd.engines.base.EngineStamps), as figures are named.
+STAMP_NAMES = ("queued", "scheduled", "first_token")
 
 
 def text(n_words: int, seed: int) -> str:
@@ -120,9 +122,12 @@ class Setup:
     # The pair phase's chat and tool gpu_memory_utilization, for yapd's engines and raw's
     # alike: two of each share the GPU.
     pair_fractions: tuple[float, float] = (0.38, 0.09)
+    # yapd config keys set for every phase (SECTION.KEY=VALUE, value as TOML): yapd's
+    # config, and raw's and vllm serve's engines where they read it (engine_kwargs)
+    sets: tuple[str, ...] = ()
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
-        return f"""
+        return with_overrides(f"""
 [server]
 host = "127.0.0.1"
 port = {PORT}
@@ -151,7 +156,7 @@ concurrent = true
 request_order = "{self.request_order}"
 ignore_eos = true
 chat_max_out = 200
-"""
+""", self.sets)
 
     def config(self, overrides: Sequence[str] = ()) -> Config:
         return config.from_mapping(config.tomllib.loads(with_overrides(self.config_text(), overrides)), "bench")
@@ -524,6 +529,9 @@ class RawTurn:
     token_gaps: list[float]  # between every token, text or not
     first_token: float | None  # the first token, text or not
     tool_first_turn: float | None = None  # the tool's first output on the turn's clock (yapd's clock)
+    # Each engine's stamps (queued, scheduled, first token; ms on the turn's clock) where
+    # its request stats are on (--set ROLE.extra_engine_args={disable_log_stats=false})
+    stamps: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
@@ -541,7 +549,10 @@ def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
             "itl_token_ms": q([g for r in rows for g in r.token_gaps], 99),
             "tool_first_token_ms": q([r.tool_first for r in rows if r.tool_first is not None]),
             "tool_first_turn_ms": q([r.tool_first_turn for r in rows if r.tool_first_turn is not None]),
-            "tool_ms": q([r.tool_done for r in rows])}
+            "tool_ms": q([r.tool_done for r in rows]),
+            **{f"{role}_{name}_ms": q([r.stamps[role][k] for r in rows if role in r.stamps])
+               for role in ("chat", "tool") if any(role in r.stamps for r in rows)
+               for k, name in enumerate(STAMP_NAMES)}}
 
 
 class RawEngines:
@@ -578,7 +589,8 @@ class RawEngines:
         self.chat.shutdown()
         self.tool.shutdown()
 
-    async def _tool(self, i: int, turn_t0: float) -> tuple[float | None, float, float | None]:
+    async def _tool(self, i: int, turn_t0: float, engine_stamps: dict[str, tuple[float, float, float]],
+                    t0_monotonic: float) -> tuple[float | None, float, float | None]:
         from yapd.engines.vllm import token_prompt
         from yapd.toolcall import DecisionReader
 
@@ -590,6 +602,7 @@ class RawEngines:
             if first is None:
                 now = time.perf_counter()
                 first, first_turn = (now - t0) * 1000, (now - turn_t0) * 1000
+                _keep_stamps(engine_stamps, "tool", out, t0_monotonic)
             if reader.feed(out.outputs[0].text) is not None:
                 break
         done = (time.perf_counter() - t0) * 1000
@@ -600,13 +613,16 @@ class RawEngines:
         """Turn ``i`` (see TurnPrompts.turn): both engines together."""
         from yapd.engines.vllm import token_prompt
 
-        t0 = time.perf_counter()
-        tool_task = tool_request(self._tool(i, t0), self.order)
+        t0, t0_monotonic = time.perf_counter(), time.monotonic()
+        engine_stamps: dict[str, tuple[float, float, float]] = {}
+        tool_task = tool_request(self._tool(i, t0, engine_stamps, t0_monotonic), self.order)
         stamps: list[float] = []  # outputs with text: what a client of yapd or vllm serve sees
         token_stamps: list[float] = []  # every token, text or not (a byte of a character held back)
         async for out in self.chat.generate(token_prompt(self.prompts(i)[0]), self.chat_sp, uuid.uuid4().hex):
             if out.outputs[0].token_ids:
                 now = time.perf_counter()
+                if not token_stamps:
+                    _keep_stamps(engine_stamps, "chat", out, t0_monotonic)
                 token_stamps.append(now)
                 if out.outputs[0].text:
                     stamps.append(now)
@@ -615,7 +631,20 @@ class RawEngines:
         # character, with nothing to show yet); the first token's time is kept beside it.
         return RawTurn((stamps[0] - t0) * 1000 if stamps else None, gaps(stamps), tool_first, tool_done,
                        gaps(token_stamps), (token_stamps[0] - t0) * 1000 if token_stamps else None,
-                       tool_first_turn)
+                       tool_first_turn, engine_stamps)
+
+
+def _keep_stamps(into: dict[str, tuple[float, float, float]], role: str, out: Any, t0_monotonic: float) -> None:
+    """A first output's engine stamps (yapd.engines.vllm.request_stamps), as ms on the
+    turn's clock, where the engine keeps them."""
+    from yapd.engines.vllm import request_stamps
+
+    st = request_stamps(getattr(out, "metrics", None))
+    if st is not None:
+        def ms(at: float) -> float:
+            return round((at - t0_monotonic) * 1000, 2)
+
+        into[role] = (ms(st.queued), ms(st.scheduled), ms(st.first_token))
 
 
 def raw_prompts(s: Setup, cfg: Config) -> TurnPrompts:
@@ -960,6 +989,8 @@ def run_conditions(setup: dict[str, Any]) -> list[str]:
         parts.append(f"yapd's request order {setup['request_order']}")
     elif "tool_first" in setup:  # runs before request_order (run n and earlier)
         parts.append(f"yapd sends each turn's {'tool' if setup['tool_first'] else 'chat'} request first")
+    if setup.get("set"):
+        parts.append("yapd config " + ", ".join(f"`{x}`" for x in setup["set"]))
     if setup.get("raw_order") == "tool_first":
         parts.append("raw sends each turn's tool request first, then its chat request, as yapd does")
     for pkg, st in (setup.get("bytecode") or {}).items():
@@ -1019,6 +1050,17 @@ def pair_table(pair: dict[str, Any]) -> list[str]:
         lines.append(f"| {lvl[1:]} | {two('yapd', lvl, 'ttft_ms')} | {two('raw', lvl, 'ttft_ms')} | "
                      f"{two('raw', lvl, 'ttft_gated_ms')} | {two('yapd', lvl, 'tool_ms')}; "
                      f"{two('raw', lvl, 'tool_first_turn_ms')} | {engine} | {itl} |")
+    stamps = []
+    for lvl in levels:
+        for role in ("chat", "tool"):
+            y, r = (" / ".join(str((pair[lvl].get(side, {}).get(f"{pre}{role}_{name}_ms") or {}).get("p50", "-"))
+                               for name in STAMP_NAMES) for side, pre in (("yapd", "server_"), ("raw", "")))
+            if y != "- / - / -" or r != "- / - / -":
+                stamps.append(f"| {lvl[1:]} | {role} | {y} | {r} |")
+    if stamps:
+        lines += ["", "Each engine's own stamps of a turn's request, p50 ms on the turn's clock: queued / "
+                  "scheduled / first token.", "", "| sessions | engine | yapd | raw |", "| --- | --- | --- | --- |",
+                  *stamps]
     return [*lines, ""]
 
 
@@ -1084,6 +1126,12 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {c} | in yapd: chat / tool engine first output p50 ms | "
                      f"{g('yapd', lvl, 'server_engine_ttft_ms', 'p50')} / "
                      f"{g('yapd', lvl, 'server_tool_first_ms', 'p50')} | - | - |")
+        for role in ("chat", "tool"):
+            y, r = (" / ".join(g(sec, lvl, f"{pre}{role}_{name}_ms", "p50") for name in STAMP_NAMES)
+                    for sec, pre in (("yapd", "server_"), ("raw", "")))
+            if y != "- / - / -" or r != "- / - / -":
+                lines.append(f"| {c} | {role} engine's own stamps: queued / scheduled / first token p50 ms "
+                             f"(turn's clock) | {y} | {r} | - |")
         if data.get("yapd", {}).get(lvl, {}).get("server_tool_ms"):
             lines.append(f"| {c} | in yapd: tool decision sent p50 / p95 ms | "
                          f"{two('yapd', lvl, 'server_tool_ms', 'p50', 'p95')} | - | - |")
@@ -1234,6 +1282,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pair-fractions", default=",".join(map(str, Setup.pair_fractions)), metavar="CHAT,TOOL",
                    help="the pair phase's gpu_memory_utilization for each chat and tool engine (yapd's and raw's "
                         "alike: the four share the GPU)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="sets",
+                   help="a yapd config key for every phase (value as TOML; repeatable): yapd's config and the "
+                        "engine settings raw and vllm serve take from it, e.g. "
+                        "'tool.extra_engine_args={disable_log_stats=false}' (vLLM's request stats: where each "
+                        "engine's time to its first output went)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set in the environment of every phase (yapd's process, raw's engines, vllm serve), "
                         "e.g. a VLLM_* switch to compare start times; repeatable")
@@ -1262,7 +1315,12 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
                   args.mps, args.mps_priority, args.event_loop, args.request_order, tuple(args.ab), args.ab_interleave,
-                  args.order_probe, args.raw_order, args.profile_level, serve_passes, (chat_frac, tool_frac))
+                  args.order_probe, args.raw_order, args.profile_level, serve_passes, (chat_frac, tool_frac),
+                  tuple(args.sets))
+    try:
+        config.validate(setup.config())
+    except (ValueError, config.ConfigError) as exc:
+        p.error(f"--set: {exc}")
     if args.ab_interleave and not setup.ab:
         p.error("--ab-interleave takes turns between the config and --ab's changes: give --ab too")
     if setup.ab:
@@ -1282,7 +1340,7 @@ def main(argv: list[str] | None = None) -> int:
     alike = {"rounds": setup.rounds, "mps": args.mps, "mps_priority": args.mps_priority,
              "event_loop": args.event_loop, "request_order": args.request_order, "ab": list(setup.ab),
              "ab_interleave": args.ab_interleave,
-             "env": env, "raw_order": args.raw_order} if phases else {}
+             "env": env, "raw_order": args.raw_order, "set": list(setup.sets)} if phases else {}
     earlier = res.data.get("setup", {})
     for key, value in alike.items():
         if earlier.get(key, value) != value:

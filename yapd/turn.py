@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from yapd import protocol
 from yapd.config import Config, TurnConfig
-from yapd.engines.base import Delta, Engine, EngineError, SamplingSpec
+from yapd.engines.base import Delta, Engine, EngineError, EngineStamps, SamplingSpec
 from yapd.prompts import PromptCache, build_chat_prompt, clip_text
 from yapd.runtime import Runtime
 from yapd.toolcall import Decision, DecisionReader, query_block
@@ -49,6 +49,7 @@ class Turn:
         self.chat_cache = chat_cache
         self.tool_cache = tool_cache
         self.t0 = time.perf_counter()
+        self.t0_monotonic = time.monotonic()  # the engines' stamps' clock
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.ttft_ms: float | None = None
@@ -60,6 +61,9 @@ class Turn:
         # The chat's first output with text: the first token of a reply can be part of a
         # character, whose text comes with the next one.
         self.chat_text_ms: float | None = None
+        # Where each engine's time to its first output went, where the engine says (see
+        # EngineStamps).
+        self.stamps: dict[str, EngineStamps] = {}
         self.text_parts: list[str] = []
         self.decision: Decision | None = None
         self.state = "starting"
@@ -140,6 +144,8 @@ class Turn:
             async for delta in stream:
                 if self.tool_first_ms is None:
                     self.tool_first_ms = self._ms()
+                    if delta.stamps is not None:
+                        self.stamps["tool"] = delta.stamps
                 self.rt.metrics.tokens.labels("tool").inc(delta.n_tokens)
                 if reader.feed(delta.text) is not None:
                     break
@@ -192,6 +198,8 @@ class Turn:
                     at = self._ms()
                     if self.chat_first_ms is None:
                         self.chat_first_ms = at
+                        if delta.stamps is not None:
+                            self.stamps["chat"] = delta.stamps
                     if delta.text:
                         self.chat_text_ms = at
                 yield delta
@@ -251,9 +259,16 @@ class Turn:
                         "tool_first_ms": self.tool_first_ms},
             "cancelled": cancelled,
         }
+        if self.stamps:
+            msg["timings"]["engines"] = {role: self._stamps_ms(st) for role, st in self.stamps.items()}
         if error:
             msg["error"] = error
         return msg
+
+    def _stamps_ms(self, st: EngineStamps) -> dict[str, float]:
+        """An engine's stamps as ms from the turn's start."""
+        return {f"{name}_ms": round((at - self.t0_monotonic) * 1000, 2)
+                for name, at in (("queued", st.queued), ("scheduled", st.scheduled), ("first_token", st.first_token))}
 
     async def _send_done(self, *, cancelled: bool, error: str | None = None) -> None:
         self.done_sent = True

@@ -26,6 +26,18 @@ class SamplingSpec:
     ignore_eos: bool = False
 
 
+@dataclass(frozen=True)
+class EngineStamps:
+    """When a request reached the engine's queue, was first scheduled and had its first
+    token, as ``time.monotonic()`` seconds (CLOCK_MONOTONIC: one clock for every process
+    of the host, so an engine process's stamps compare with yapd's): where an engine's
+    time to its first output went."""
+
+    queued: float
+    scheduled: float
+    first_token: float
+
+
 @dataclass
 class Delta:
     """New text since the last delta of one request."""
@@ -36,6 +48,9 @@ class Delta:
     finish_reason: str | None = None  # "stop", "length", "abort"
     prompt_tokens: int = 0
     cached_tokens: int | None = None
+    # On a request's first delta, where the engine keeps them (vLLM: with its request
+    # stats on, disable_log_stats = false in extra_engine_args).
+    stamps: EngineStamps | None = None
 
 
 @dataclass

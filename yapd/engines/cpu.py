@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineState, SamplingSpec
+from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineStamps, EngineState, SamplingSpec
 from yapd.engines.tokenizer import load_tokenizer
 
 log = logging.getLogger("yapd.engine.cpu")
@@ -40,6 +40,14 @@ class _Request:
     request_id: str
     queue: asyncio.Queue[Any]
     abort: threading.Event = field(default_factory=threading.Event)
+    # time.monotonic() as it was queued, a worker took it up and its first token came
+    # (the worker writes the last two before it hands that token over)
+    queued: float = field(default_factory=time.monotonic)
+    scheduled: float = 0.0
+    first_token: float = 0.0
+
+    def stamps(self) -> EngineStamps | None:
+        return EngineStamps(self.queued, self.scheduled, self.first_token) if self.first_token else None
 
 
 class CpuEngine(Engine):
@@ -127,18 +135,25 @@ class CpuEngine(Engine):
         ids: list[int] = []
         sent = ""
         held = 0  # tokens decoded but not yet reported: the start of a character
+        first = True
+
+        def stamps() -> EngineStamps | None:  # on the first delta only
+            nonlocal first
+            was, first = first, False
+            return req.stamps() if was else None
+
         try:
             while True:
                 item = await req.queue.get()
                 if item is _END:
                     finish = "abort" if req.abort.is_set() else "length"
-                    yield Delta(self._flush(ids, sent), held, True, finish, len(prompt_ids))
+                    yield Delta(self._flush(ids, sent), held, True, finish, len(prompt_ids), stamps=stamps())
                     return
                 if isinstance(item, BaseException):
                     raise EngineError(f"{self.role} engine failed: {item}") from item
                 token_id, is_eos = item
                 if is_eos and not spec.ignore_eos:
-                    yield Delta(self._flush(ids, sent), held, True, "stop", len(prompt_ids))
+                    yield Delta(self._flush(ids, sent), held, True, "stop", len(prompt_ids), stamps=stamps())
                     return
                 ids.append(token_id)
                 held += 1
@@ -150,11 +165,11 @@ class CpuEngine(Engine):
                     at = text.find(stop, max(0, len(sent) - len(stop)))
                     if at >= 0:
                         req.abort.set()
-                        yield Delta(text[len(sent):at], held, True, "stop", len(prompt_ids))
+                        yield Delta(text[len(sent):at], held, True, "stop", len(prompt_ids), stamps=stamps())
                         return
                 sent = text
                 n, held = held, 0
-                yield Delta(new, n, False, None, len(prompt_ids))
+                yield Delta(new, n, False, None, len(prompt_ids), stamps=stamps())
         finally:
             req.abort.set()
             self._requests.pop(request_id, None)
@@ -178,6 +193,7 @@ class CpuEngine(Engine):
             except RuntimeError:  # the loop closed under us (daemon exit): nobody is reading
                 req.abort.set()
 
+        req.scheduled = time.monotonic()
         try:
             gen = torch.Generator()
             gen.manual_seed(spec.seed if spec.seed is not None else int.from_bytes(os.urandom(4), "little"))
@@ -207,6 +223,8 @@ class CpuEngine(Engine):
                             raise RuntimeError("the model produced an invalid distribution twice")
                     seen.append(token_id)
                     is_eos = token_id in self._eos
+                    if not req.first_token:
+                        req.first_token = time.monotonic()
                     put((token_id, is_eos))
                     if is_eos and not spec.ignore_eos:
                         return

@@ -24,7 +24,7 @@ from typing import Any
 
 from yapd import awq, forking
 from yapd.config import Config, EngineConfig
-from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineState, SamplingSpec
+from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineStamps, EngineState, SamplingSpec
 from yapd.engines.memplan import MemoryPlans, Plan, plan_key, side_by_side
 from yapd.engines.memplan import now as memplan_now
 from yapd.engines.tokenizer import load_tokenizer
@@ -301,11 +301,14 @@ class VllmEngine(Engine):
             raise EngineError(f"{self.role} engine is {self._state}")
         gen = self._llm.generate(token_prompt(list(prompt_ids)), sampling_params(spec, self.role), request_id)
         self._inflight.add(request_id)
+        first = True
         try:
             async for out in gen:
                 o = out.outputs[0]
                 yield Delta(o.text, len(o.token_ids), out.finished, o.finish_reason,
-                            len(out.prompt_token_ids or ()), out.num_cached_tokens)
+                            len(out.prompt_token_ids or ()), out.num_cached_tokens,
+                            request_stamps(out.metrics) if first else None)
+                first = False
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
@@ -363,6 +366,15 @@ def sampling_params(spec: SamplingSpec, role: str) -> Any:
         return SamplingParams(**kwargs, skip_clone=True)
     except TypeError:  # a vLLM before skip_clone: it deep-copies
         return SamplingParams(**kwargs)
+
+
+def request_stamps(metrics: Any) -> EngineStamps | None:
+    """A first output's engine stamps from vLLM's request stats (``RequestOutput.metrics``,
+    there only while the engine logs stats; its EngineCore stamps with time.monotonic)."""
+    queued = getattr(metrics, "queued_ts", 0.0)
+    if not queued:
+        return None
+    return EngineStamps(queued, metrics.scheduled_ts, metrics.first_token_ts)
 
 
 def token_prompt(ids: list[int]) -> Any:
