@@ -307,7 +307,7 @@ class VllmEngine(Engine):
                 o = out.outputs[0]
                 yield Delta(o.text, len(o.token_ids), out.finished, o.finish_reason,
                             len(out.prompt_token_ids or ()), out.num_cached_tokens,
-                            request_stamps(out.metrics) if first else None)
+                            request_stamps(getattr(out, "metrics", None)) if first else None)
                 first = False
         except (asyncio.CancelledError, GeneratorExit):
             raise
