@@ -551,7 +551,7 @@ async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_fi
     assert turn.tool_first_turn >= turn.tool_first and turn.tool_done >= turn.tool_first
     # The chat engine keeps request stats, the tool's does not: only the chat's stamps,
     # on the turn's clock, the first token's before the turn had it.
-    queued, scheduled, first = turn.stamps["chat"]
+    queued, scheduled, first = (turn.stamps["chat"][f"{name}_ms"] for name in ("queued", "scheduled", "first_token"))
     assert 0 <= queued <= scheduled <= first <= turn.first_token + 0.01 and "tool" not in turn.stamps
     level = raw_level([turn, await raw.turn(4)])
     assert level["turns"] == 2 and level["ttft_ms"]["p50"] is not None

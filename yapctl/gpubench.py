@@ -53,7 +53,7 @@ SERVE_PORT = 8124
 # The serve phase's passes over the levels: the chat prompt as text (as users call it), as
 # yapd's token ids, and beside a second server for the tool model.
 SERVE_PASSES = ("text", "ids", "tool")
-# An engine's stamps of a request (yapd.engines.base.EngineStamps), as figures are named.
+# An engine's stamps of a request (yapd.engines.base.EngineStamps.ms_since), as figures are named.
 STAMP_NAMES = ("queued", "scheduled", "first_token")
 
 
@@ -529,9 +529,9 @@ class RawTurn:
     token_gaps: list[float]  # between every token, text or not
     first_token: float | None  # the first token, text or not
     tool_first_turn: float | None = None  # the tool's first output on the turn's clock (yapd's clock)
-    # Each engine's stamps (queued, scheduled, first token; ms on the turn's clock) where
-    # its request stats are on (--set ROLE.extra_engine_args={disable_log_stats=false})
-    stamps: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    # Each engine's stamps ({queued,scheduled,first_token}_ms on the turn's clock) where its
+    # request stats are on (--set ROLE.extra_engine_args={disable_log_stats=false})
+    stamps: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
@@ -550,9 +550,8 @@ def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
             "tool_first_token_ms": q([r.tool_first for r in rows if r.tool_first is not None]),
             "tool_first_turn_ms": q([r.tool_first_turn for r in rows if r.tool_first_turn is not None]),
             "tool_ms": q([r.tool_done for r in rows]),
-            **{f"{role}_{name}_ms": q([r.stamps[role][k] for r in rows if role in r.stamps])
-               for role in ("chat", "tool") if any(role in r.stamps for r in rows)
-               for k, name in enumerate(STAMP_NAMES)}}
+            **{f"{role}_{name}_ms": q([r.stamps[role][f"{name}_ms"] for r in rows if role in r.stamps])
+               for role in ("chat", "tool") if any(role in r.stamps for r in rows) for name in STAMP_NAMES}}
 
 
 class RawEngines:
@@ -589,7 +588,7 @@ class RawEngines:
         self.chat.shutdown()
         self.tool.shutdown()
 
-    async def _tool(self, i: int, turn_t0: float, engine_stamps: dict[str, tuple[float, float, float]],
+    async def _tool(self, i: int, turn_t0: float, engine_stamps: dict[str, dict[str, float]],
                     t0_monotonic: float) -> tuple[float | None, float, float | None]:
         from yapd.engines.vllm import token_prompt
         from yapd.toolcall import DecisionReader
@@ -614,7 +613,7 @@ class RawEngines:
         from yapd.engines.vllm import token_prompt
 
         t0, t0_monotonic = time.perf_counter(), time.monotonic()
-        engine_stamps: dict[str, tuple[float, float, float]] = {}
+        engine_stamps: dict[str, dict[str, float]] = {}
         tool_task = tool_request(self._tool(i, t0, engine_stamps, t0_monotonic), self.order)
         stamps: list[float] = []  # outputs with text: what a client of yapd or vllm serve sees
         token_stamps: list[float] = []  # every token, text or not (a byte of a character held back)
@@ -634,17 +633,23 @@ class RawEngines:
                        tool_first_turn, engine_stamps)
 
 
-def _keep_stamps(into: dict[str, tuple[float, float, float]], role: str, out: Any, t0_monotonic: float) -> None:
+def _keep_stamps(into: dict[str, dict[str, float]], role: str, out: Any, t0_monotonic: float) -> None:
     """A first output's engine stamps (yapd.engines.vllm.request_stamps), as ms on the
     turn's clock, where the engine keeps them."""
     from yapd.engines.vllm import request_stamps
 
     st = request_stamps(getattr(out, "metrics", None))
     if st is not None:
-        def ms(at: float) -> float:
-            return round((at - t0_monotonic) * 1000, 2)
+        into[role] = st.ms_since(t0_monotonic)
 
-        into[role] = (ms(st.queued), ms(st.scheduled), ms(st.first_token))
+
+def stamp_cells(p50: Callable[[str, str], str], role: str) -> tuple[str, str] | None:
+    """yapd's and raw's stamps of ``role``'s requests as two table cells ("queued /
+    scheduled / first token" p50), or None where neither run has them. ``p50(section,
+    figure)``: the figure's p50 as shown, "-" where missing."""
+    yapd, raw = ([p50(section, f"{prefix}{role}_{name}_ms") for name in STAMP_NAMES]
+                 for section, prefix in (("yapd", "server_"), ("raw", "")))
+    return None if all(v == "-" for v in yapd + raw) else (" / ".join(yapd), " / ".join(raw))
 
 
 def raw_prompts(s: Setup, cfg: Config) -> TurnPrompts:
@@ -1052,11 +1057,12 @@ def pair_table(pair: dict[str, Any]) -> list[str]:
                      f"{two('raw', lvl, 'tool_first_turn_ms')} | {engine} | {itl} |")
     stamps = []
     for lvl in levels:
+        def p50(side: str, figure: str, lvl: str = lvl) -> str:
+            return str((pair[lvl].get(side, {}).get(figure) or {}).get("p50", "-"))
+
         for role in ("chat", "tool"):
-            y, r = (" / ".join(str((pair[lvl].get(side, {}).get(f"{pre}{role}_{name}_ms") or {}).get("p50", "-"))
-                               for name in STAMP_NAMES) for side, pre in (("yapd", "server_"), ("raw", "")))
-            if y != "- / - / -" or r != "- / - / -":
-                stamps.append(f"| {lvl[1:]} | {role} | {y} | {r} |")
+            if stamped := stamp_cells(p50, role):
+                stamps.append(f"| {lvl[1:]} | {role} | {stamped[0]} | {stamped[1]} |")
     if stamps:
         lines += ["", "Each engine's own stamps of a turn's request, p50 ms on the turn's clock: queued / "
                   "scheduled / first token.", "", "| sessions | engine | yapd | raw |", "| --- | --- | --- | --- |",
@@ -1126,12 +1132,13 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {c} | in yapd: chat / tool engine first output p50 ms | "
                      f"{g('yapd', lvl, 'server_engine_ttft_ms', 'p50')} / "
                      f"{g('yapd', lvl, 'server_tool_first_ms', 'p50')} | - | - |")
+        def p50(sec: str, figure: str, lvl: str = lvl) -> str:
+            return g(sec, lvl, figure, "p50")
+
         for role in ("chat", "tool"):
-            y, r = (" / ".join(g(sec, lvl, f"{pre}{role}_{name}_ms", "p50") for name in STAMP_NAMES)
-                    for sec, pre in (("yapd", "server_"), ("raw", "")))
-            if y != "- / - / -" or r != "- / - / -":
+            if stamped := stamp_cells(p50, role):
                 lines.append(f"| {c} | {role} engine's own stamps: queued / scheduled / first token p50 ms "
-                             f"(turn's clock) | {y} | {r} | - |")
+                             f"(turn's clock) | {stamped[0]} | {stamped[1]} |")
         if data.get("yapd", {}).get(lvl, {}).get("server_tool_ms"):
             lines.append(f"| {c} | in yapd: tool decision sent p50 / p95 ms | "
                          f"{two('yapd', lvl, 'server_tool_ms', 'p50', 'p95')} | - | - |")

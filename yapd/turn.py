@@ -260,15 +260,10 @@ class Turn:
             "cancelled": cancelled,
         }
         if self.stamps:
-            msg["timings"]["engines"] = {role: self._stamps_ms(st) for role, st in self.stamps.items()}
+            msg["timings"]["engines"] = {role: st.ms_since(self.t0_monotonic) for role, st in self.stamps.items()}
         if error:
             msg["error"] = error
         return msg
-
-    def _stamps_ms(self, st: EngineStamps) -> dict[str, float]:
-        """An engine's stamps as ms from the turn's start."""
-        return {f"{name}_ms": round((at - self.t0_monotonic) * 1000, 2)
-                for name, at in (("queued", st.queued), ("scheduled", st.scheduled), ("first_token", st.first_token))}
 
     async def _send_done(self, *, cancelled: bool, error: str | None = None) -> None:
         self.done_sent = True

@@ -37,6 +37,12 @@ class EngineStamps:
     scheduled: float
     first_token: float
 
+    def ms_since(self, t0: float) -> dict[str, float]:
+        """The stamps as ms after ``t0`` (a time.monotonic()), as done timings name them."""
+        return {"queued_ms": round((self.queued - t0) * 1000, 2),
+                "scheduled_ms": round((self.scheduled - t0) * 1000, 2),
+                "first_token_ms": round((self.first_token - t0) * 1000, 2)}
+
 
 @dataclass
 class Delta:
