@@ -420,6 +420,7 @@ async def test_interleaved_ab_takes_turns_round_by_round_on_a_real_yapd(make_yap
     assert all(r.ok for r in a + b)
     assert d.config_path.read_text() == text
     # A, B, A, B, A, B, then back to A: six changes.
+    d.wait_for("reload applied live keys: turn.chat_max_out", count=6)
     assert len([line for line in d.lines if "reload applied live keys: turn.chat_max_out" in line]) == 6
 
 

@@ -82,26 +82,25 @@ class LocalYapd:
             if "yapd.server: listening" in line:
                 self.port = int(line.rsplit("port=", 1)[1].split()[0])
 
-    def wait_for(self, needle: str, timeout: float = 30) -> str:
-        """Wait for a log line containing ``needle`` (lines seen earlier count too)."""
-        for line in list(self.lines):
-            if needle in line:
-                return line
+    def wait_for(self, needle: str, timeout: float = 30, count: int = 1) -> str:
+        """Wait until ``count`` log lines contain ``needle`` (lines seen earlier count too);
+        the ``count``-th of them. The log is read by a thread of its own: a line the daemon
+        wrote before it answered a request can still be on its way here."""
         deadline = time.monotonic() + timeout
         while True:
+            found = [line for line in list(self.lines) if needle in line]
+            if len(found) >= count:
+                return found[count - 1]
             left = deadline - time.monotonic()
             if left <= 0:
                 tail = "\n".join(self.lines[-30:])
-                raise TimeoutError(f"no log line with {needle!r}; last lines:\n{tail}")
+                raise TimeoutError(f"{len(found)} of {count} log lines with {needle!r}; last lines:\n{tail}")
             try:
-                line = self._q.get(timeout=min(left, 0.5))
+                self._q.get(timeout=min(left, 0.5))  # a new line: look again
             except queue.Empty:
                 if self.proc is not None and self.proc.poll() is not None and self._q.empty():
                     tail = "\n".join(self.lines[-40:])
                     raise RuntimeError(f"yapd exited {self.proc.returncode}:\n{tail}") from None
-                continue
-            if needle in line:
-                return line
 
     def url(self, key: str | None = "", path: str = "/ws") -> str:
         """This daemon's WebSocket URL with ``key`` (default: its own; None: none)."""
