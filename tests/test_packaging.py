@@ -23,8 +23,8 @@ def test_unit_verifies(tmp_path):
     print(sec.stdout.strip().splitlines()[-1])
     text = unit.read_text()
     for key in ("Type=notify", "WatchdogSec=", "ExecReload=", "RuntimeDirectory=yapd", "CacheDirectory=yapd",
-                "StateDirectory=yapd", "LogsDirectory=yapd", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                "DeviceAllow=/dev/nvidiactl", "Restart=on-failure", "User=yapd"):
+                "StateDirectory=yapd", "LogsDirectory=yapd", "KillMode=mixed", "NoNewPrivileges=yes",
+                "ProtectSystem=strict", "DeviceAllow=/dev/nvidiactl", "Restart=on-failure", "User=yapd"):
         assert key in text, key
 
 
