@@ -87,8 +87,12 @@ class LocalYapd:
         the ``count``-th of them. The log is read by a thread of its own: a line the daemon
         wrote before it answered a request can still be on its way here."""
         deadline = time.monotonic() + timeout
+        found: list[str] = []
+        seen = 0  # each line is looked at once, however long the log
         while True:
-            found = [line for line in list(self.lines) if needle in line]
+            new = self.lines[seen:]
+            seen += len(new)
+            found += [line for line in new if needle in line]
             if len(found) >= count:
                 return found[count - 1]
             left = deadline - time.monotonic()
