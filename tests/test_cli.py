@@ -199,6 +199,9 @@ def test_bench_completes_every_session(shared_yapd):
         for role, first in (("chat", "server_engine_ttft_ms"), ("tool", "server_tool_first_ms")):
             assert (0 <= s[f"server_{role}_queued_ms"][q] <= s[f"server_{role}_scheduled_ms"][q]
                     <= s[f"server_{role}_first_token_ms"][q] <= s[first][q] + 0.01), s
+            assert s[f"server_{role}_cached_tokens"][q] == 0, s  # the CPU engine keeps no prefix cache
+    # A turn's first token comes from one engine step; one step makes at most one per session.
+    assert all(1 <= s[f"server_{role}_first_tokens_per_step"] <= 3 for role in ("chat", "tool")), s
     table = yapctl("bench", "-n", "2", "-c", "2", "--url", shared_yapd.url(key=None), "--key", KEY)
     assert table.returncode == EXIT_OK
     assert "2/2 turns completed" in table.stdout and "ttft" in table.stdout and "P99" in table.stdout

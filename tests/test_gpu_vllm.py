@@ -82,6 +82,9 @@ def _children(pid: int) -> list[tuple[int, str]]:
 async def test_gpu_turns_cancel_barge_in(gpu_yapd):
     st = json.loads(gpu_yapd.http("/status")[1])
     assert {e["backend"] for e in st["engines"].values()} == {"vllm"}
+    # Each engine names its EngineCore: one of yapd's own child processes.
+    cores = {p for p, _ in _children(gpu_yapd.proc.pid)}
+    assert {st["engines"][role]["pid"] for role in ("chat", "tool")} <= cores, (st["engines"], cores)
     if shutil.which(MPS_CONTROL) and PIPE_ENV not in os.environ and not renumbered_devices(os.environ):
         # engines.mps = "auto": both engines run under yapd's own MPS daemon, the chat
         # engine's EngineCore below normal priority (mps_priority = "tool" above).
@@ -101,13 +104,16 @@ async def test_gpu_turns_cancel_barge_in(gpu_yapd):
             check_turn(msgs)
             timings = msgs[-1]["timings"]
             stamps = timings["engines"]["tool"]
-            assert "chat" not in timings["engines"], timings
+            assert "queued_ms" not in timings["engines"]["chat"], timings  # its request stats are off
+            if i:  # the persona, the history and the tool list came before: in the prefix caches
+                assert all(timings["engines"][role]["cached_tokens"] > 0 for role in ("chat", "tool")), timings
             # The EngineCore's stamps (its own process, one monotonic clock): queued, then
             # scheduled, then the first token, which reached yapd after that.
             assert 0 <= stamps["queued_ms"] <= stamps["scheduled_ms"] <= stamps["first_token_ms"], stamps
             assert stamps["first_token_ms"] <= timings["tool_first_ms"] + 0.01, timings
         print(f"tool engine stamps (ms from the turn's start): {stamps}, first output in yapd "
-              f"{timings['tool_first_ms']}")
+              f"{timings['tool_first_ms']}; chat prompt {msgs[-1]['usage']['prompt_tokens']} tokens, "
+              f"{timings['engines']['chat']['cached_tokens']} of them cached")
         await send(ws, type="start", session_id="s", user_utterance="story", request_id="a")
         while (await recv(ws))["type"] != "token":
             pass

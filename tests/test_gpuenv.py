@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -498,19 +499,22 @@ async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch,
 class _Out:
     """What AsyncLLM.generate yields, as far as the raw turns read it."""
 
-    def __init__(self, text: str, metrics: Any = None) -> None:
+    def __init__(self, text: str, metrics: Any = None, cached: int | None = None) -> None:
         self.outputs = [type("Completion", (), {"text": text, "token_ids": [1]})()]
         self.metrics = metrics
+        self.num_cached_tokens = cached
 
 
 class _Engine:
     """An AsyncLLM stand-in: ``texts`` one output each, a loop round apart; notes each
     request's prompt and whether its stream was closed before its end (the abort). With
-    ``stats``, its outputs carry request stats as vLLM's do with them on."""
+    ``stats``, its outputs carry request stats as vLLM's do with them on; ``cached``, the
+    prompt tokens found in its prefix cache (vLLM's always say)."""
 
-    def __init__(self, texts: list[str], stats: bool = False) -> None:
+    def __init__(self, texts: list[str], stats: bool = False, cached: int | None = None) -> None:
         self.texts = texts
         self.stats = stats
+        self.cached = cached
         self.prompts: list[list[int]] = []
         self.closed_early = 0
 
@@ -527,7 +531,7 @@ class _Engine:
                 if metrics is not None and not metrics.first_token_ts:
                     metrics.scheduled_ts, metrics.first_token_ts = queued + 0.0005, time.monotonic()
                 sent += 1
-                yield _Out(text, metrics)
+                yield _Out(text, metrics, self.cached)
         finally:
             if sent < len(self.texts):
                 self.closed_early += 1
@@ -540,8 +544,8 @@ async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_fi
     on the turn's (the one yapd's figures use)."""
     from yapctl.gpubench import RawEngines, raw_level
 
-    chat = _Engine(["", "Hel", "lo", " there"], stats=True)
-    tool = _Engine(["[]\n\n", "never read"])
+    chat = _Engine(["", "Hel", "lo", " there"], stats=True, cached=16)
+    tool = _Engine(["[]\n\n", "never read"], cached=0)
     raw = RawEngines(chat, tool, lambda i: ([10, i], [20, i]), ["get_weather"], "chats_then_tools", None, None)
     turn = await raw.turn(3)
     assert chat.prompts == [[10, 3]] and tool.prompts == [[20, 3]]
@@ -551,14 +555,19 @@ async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_fi
     assert turn.tool_first is not None and turn.tool_first_turn is not None
     assert turn.tool_first_turn >= turn.tool_first and turn.tool_done >= turn.tool_first
     # The chat engine keeps request stats, the tool's does not: only the chat's stamps,
-    # on the turn's clock, the first token's before the turn had it.
+    # on the turn's clock, the first token's before the turn had it; both say what their
+    # prefix caches held.
     queued, scheduled, first = (turn.stamps["chat"][f"{name}_ms"] for name in ("queued", "scheduled", "first_token"))
-    assert 0 <= queued <= scheduled <= first <= turn.first_token + 0.01 and "tool" not in turn.stamps
+    assert 0 <= queued <= scheduled <= first <= turn.first_token + 0.01 and turn.stamps["tool"] == {"cached_tokens": 0}
+    assert turn.stamps["chat"]["cached_tokens"] == 16
     level = raw_level([turn, await raw.turn(4)])
     assert level["turns"] == 2 and level["ttft_ms"]["p50"] is not None
     assert level["tool_first_turn_ms"]["p50"] >= level["tool_first_token_ms"]["p50"]
     assert set(level["itl_ms"]) == {"p50", "p99"}
     assert level["chat_queued_ms"]["p50"] <= level["chat_first_token_ms"]["p50"] and "tool_queued_ms" not in level
+    assert level["chat_cached_tokens"]["p50"] == 16 and level["tool_cached_tokens"]["p50"] == 0
+    # Two turns one after the other: each first token from its own step.
+    assert level["chat_first_tokens_per_step"] == 1.0 and "tool_first_tokens_per_step" not in level
 
 
 async def test_a_paired_level_runs_a_raw_round_before_each_yapd_round_with_the_same_turns(make_yapd):
@@ -604,7 +613,7 @@ def test_pair_fractions_must_leave_room_for_two_of_each(tmp_path, capsys):
 
 
 def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
-    from yapctl.gpubench import pair_table
+    from yapctl.gpubench import CPU_HEAD, pair_table
 
     level = {"yapd": {"ttft_ms": {"p50": 21.0, "p95": 24.0}, "tool_ms": {"p50": 18.0, "p95": 23.0},
                       "server_engine_ttft_ms": {"p50": 19.0}, "server_tool_first_ms": {"p50": 17.5},
@@ -616,11 +625,17 @@ def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
     assert [r[:4] for r in rows] == ["| 1 ", "| 8 "]
     assert rows[0] == ("| 1 | 21 / 24 | 17 / 23 | 17.5 / 23 | 18 / 23; 13 / 18 | 19.0 / 17.5 | 11.5 / 11.4 |")
     assert "chat 0.38, tool 0.09" in "\n".join(lines)
-    assert not any("engine's own stamps" in line for line in lines)
-    level["yapd"]["server_tool_queued_ms"] = {"p50": 0.4}
-    level["raw"].update(tool_queued_ms={"p50": 0.2}, tool_scheduled_ms={"p50": 0.3}, tool_first_token_ms={"p50": 9.0})
+    assert not any("What each engine said" in line for line in lines)
+    level["yapd"].update(server_tool_queued_ms={"p50": 0.4}, server_tool_first_tokens_per_step=2.5)
+    level["raw"].update(tool_queued_ms={"p50": 0.2}, tool_scheduled_ms={"p50": 0.3}, tool_first_token_ms={"p50": 9.0},
+                        tool_cached_tokens={"p50": 448})
     lines = pair_table({"c1": level})
-    assert "| 1 | tool | 0.4 / - / - | 0.2 / 0.3 / 9.0 |" in lines and not any("| chat |" in x for x in lines)
+    assert "| 1 | tool | 0.4 / - / -; -; 2.5 | 0.2 / 0.3 / 9; 448; - |" in lines, lines
+    assert not any("| chat |" in x for x in lines)
+    level["yapd"]["cpu_ms_per_turn"] = {"front": 1.5, "chat": 12.25, "tool": 8.0}
+    level["raw"]["cpu_ms_per_turn"] = {"front": 2.0}
+    lines = pair_table({"c1": level})
+    assert f"| 1 | {CPU_HEAD} | 1.5 / 12.25 / 8 | 2 / - / - |" in lines
     assert pair_table({}) == []
 
 
@@ -648,3 +663,20 @@ def test_set_reaches_yapds_config_and_the_engines_settings_and_is_recorded(tmp_p
         with pytest.raises(SystemExit):
             main([*base, "--name", "u", "--set", bad])
         assert "--set" in capsys.readouterr().err
+
+
+def test_cpu_meter_counts_a_process_cpu_time_per_turn():
+    """/proc's CPU time of a real process (this one) over a stretch of work, per turn;
+    nothing for a process that is gone."""
+    from yapctl.gpubench import CpuMeter, cpu_seconds
+
+    me, gone = os.getpid(), subprocess.Popen(["true"])
+    gone.wait()
+    assert cpu_seconds(gone.pid) is None
+    meter = CpuMeter({"me": me, "gone": gone.pid})
+    start = cpu_seconds(me)
+    assert start is not None
+    while (cpu_seconds(me) or 0) - start < 0.1:  # burn 100 ms of CPU (/proc counts in ticks)
+        sum(range(10_000))
+    used = meter.per_turn_ms(2)
+    assert set(used) == {"me"} and 50 <= used["me"] < 500, used

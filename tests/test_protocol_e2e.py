@@ -8,6 +8,7 @@ import socket
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import KEY, recv, run_turn, send, until_done, ws_connect
@@ -39,6 +40,7 @@ def check_turn(msgs: list[dict], request_id: str | None = None, *, tool: bool = 
 
 
 async def test_full_turn_messages_and_order(shared_yapd):
+    before = prompt_counts(shared_yapd)
     async with ws_connect(shared_yapd.url()) as ws:
         msgs = await run_turn(ws, session_id="abc", user_utterance="who was Columbus?", request_id="r-1",
                               history_text="User: hi\nAssistant: hello!")
@@ -63,14 +65,33 @@ async def test_full_turn_messages_and_order(shared_yapd):
         for role, first in (("chat", t["engine_ttft_ms"]), ("tool", t["tool_first_ms"])):
             st = t["engines"][role]
             assert 0 <= st["queued_ms"] <= st["scheduled_ms"] <= st["first_token_ms"] <= first + 0.01, t
+            assert st["cached_tokens"] == 0, t  # the CPU engine keeps no prefix cache
         if any(m["type"] == "token" for m in msgs):
             assert t["tool_ms"] <= t["ttft_ms"] <= t["total_ms"]
         # A second turn without request_id gets a server-made one, distinct.
-        rid2 = check_turn(await run_turn(ws, session_id="abc", user_utterance="and then?"))
+        msgs2 = await run_turn(ws, session_id="abc", user_utterance="and then?")
+        rid2 = check_turn(msgs2)
         assert rid2 and rid2 != "r-1"
         # An empty request_id is still the client's: echoed, not replaced (the parser keeps
         # it too; the fuzzer found the server making a new one).
-        check_turn(await run_turn(ws, session_id="abc", user_utterance="and now?", request_id=""), "")
+        msgs3 = await run_turn(ws, session_id="abc", user_utterance="and now?", request_id="")
+        check_turn(msgs3, "")
+    # Every prompt sent is counted, per engine, as are the tokens its prefix cache held.
+    after = prompt_counts(shared_yapd)
+    sent = sum(m[-1]["usage"]["prompt_tokens"] for m in (msgs, msgs2, msgs3))
+    assert after["chat"][0] - before["chat"][0] == sent
+    assert after["tool"][0] - before["tool"][0] > 0
+    assert after["chat"][1] == before["chat"][1] and after["tool"][1] == before["tool"][1]
+
+
+def prompt_counts(d) -> dict[str, tuple[float, float]]:
+    """Per engine role, yapd's counts of prompt tokens sent and found in the prefix cache."""
+    got: dict[str, list[float]] = {"chat": [0.0, 0.0], "tool": [0.0, 0.0]}
+    for family in text_string_to_metric_families(d.http("/metrics")[1]):
+        for s in family.samples:
+            if s.name in ("yapd_prompt_tokens_total", "yapd_prompt_cached_tokens_total"):
+                got[s.labels["role"]][s.name == "yapd_prompt_cached_tokens_total"] = s.value
+    return {role: (sent, cached) for role, (sent, cached) in got.items()}
 
 
 async def test_cancel_ends_turn_and_no_token_follows(shared_yapd):

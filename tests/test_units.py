@@ -786,3 +786,13 @@ def test_vllm_stream_carries_the_engines_stamps_on_the_first_delta_only(monkeypa
     assert on[0].stamps == EngineStamps(10.0, 10.5, 11.0) and on[1].stamps is None and on[2].stamps is None
     assert all(d.stamps is None for d in asyncio.run(deltas(None)))
     assert vllm_engine.request_stamps(SimpleNamespace(queued_ts=0.0)) is None  # stats on, nothing stamped yet
+
+
+def test_first_tokens_per_step_groups_equal_stamps():
+    from yapctl.bench import per_step
+
+    # Three steps: two first tokens at ~0 (one stamp seen through two clocks), three at
+    # ~10, one at 30; steps are milliseconds apart.
+    assert per_step([0.0, 0.004, 10.0, 10.003, 9.998, 30.0]) == 2.0
+    assert per_step([5.0, 6.0, 7.0]) == 1.0
+    assert per_step([]) is None

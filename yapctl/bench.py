@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 import uuid
@@ -20,6 +21,22 @@ def pct(xs: list[float], p: float) -> float | None:
         return None
     s = sorted(xs)
     return round(s[min(len(s) - 1, int(p / 100 * len(s)))], 2)
+
+
+# vLLM stamps every output of one engine step with one time; an engine's steps are
+# milliseconds apart, the same time seen through two clocks a few microseconds.
+STEP_APART_MS = 0.5
+
+
+def per_step(times_ms: list[float]) -> float | None:
+    """How many of these first tokens (times in ms, one clock) an engine step made, on
+    average: 8 when a burst of 8 requests had its first tokens from one step, 1 when each
+    had its own."""
+    if not times_ms:
+        return None
+    s = sorted(times_ms)
+    steps = 1 + sum(1 for a, b in itertools.pairwise(s) if b - a > STEP_APART_MS)
+    return round(len(s) / steps, 2)
 
 
 @dataclass
@@ -151,14 +168,22 @@ class BenchReport:
             sent, text, decided = timing(r, "ttft_ms"), timing(r, "engine_text_ms"), timing(r, "tool_ms")
             if sent is not None and text is not None:
                 held.append(sent - max(text, decided if decided is not None else text))
-        # Where the engines say each one's time to its first output went (done.timings.engines,
-        # ms from the turn's start): queued, first scheduled, first token.
-        stamps: dict[str, list[float]] = {}
+        # What the engines say of each turn's requests (done.timings.engines): where the
+        # time to the first output went (ms from the turn's start: queued, first scheduled,
+        # first token) and the prompt tokens their prefix caches held. And how the turns'
+        # first tokens shared engine steps: each put on one clock through its turn's start
+        # (the ack's "now", with the daemon on this host).
+        said: dict[str, list[float]] = {}
+        firsts: dict[str, list[float]] = {}
         for r in ok:
+            now = r.ack.get("now") if r.ack else None
             for role, st in ((r.done or {}).get("timings", {}).get("engines") or {}).items():
-                for name, at in st.items():
-                    stamps.setdefault(f"server_{role}_{name}", []).append(at)
-        engines = {key: {"p50": pct(xs, 50), "p95": pct(xs, 95)} for key, xs in sorted(stamps.items())}
+                for name, value in st.items():
+                    said.setdefault(f"server_{role}_{name}", []).append(value)
+                if isinstance(now, (int, float)) and "first_token_ms" in st:
+                    firsts.setdefault(role, []).append(now * 1000 + st["first_token_ms"])
+        engines: dict[str, Any] = {key: {"p50": pct(xs, 50), "p95": pct(xs, 95)} for key, xs in sorted(said.items())}
+        engines.update({f"server_{role}_first_tokens_per_step": per_step(xs) for role, xs in sorted(firsts.items())})
         errors: dict[str, int] = {}
         for r in self.results:
             if not r.ok:

@@ -33,7 +33,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from yapctl import gpuenv
-from yapctl.bench import BenchConfig, BenchReport, TurnResult, bench, cancel_latency, lockstep, pct, turn_utterance
+from yapctl.bench import (
+    BenchConfig,
+    BenchReport,
+    TurnResult,
+    bench,
+    cancel_latency,
+    lockstep,
+    pct,
+    per_step,
+    turn_utterance,
+)
 from yapctl.client import AdminClient
 from yapd import config
 from yapd.config import Config, EnginesConfig, TurnConfig
@@ -77,6 +87,40 @@ def turns_for(c: int, rounds: int = ROUNDS) -> int:
     # Sessions whose turns are all alike run in lockstep, so a level is ``rounds`` bursts
     # of c starts and a p95 is decided by its slowest few bursts (one session: 3 x rounds).
     return max(3 * rounds, rounds * c)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """The CPU time (user and system, every thread) process ``pid`` has used so far; None
+    where it is gone (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class CpuMeter:
+    """The CPU time named processes use over a level, per turn: whether an EngineCore of
+    yapd's spends more of it on a turn than raw's does (the front end's too)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+    def per_turn_ms(self, turns: int) -> dict[str, float]:
+        out = {}
+        for name, pid in self.pids.items():
+            was, now = self.before[name], cpu_seconds(pid)
+            if was is not None and now is not None and turns:
+                out[name] = round((now - was) * 1000 / turns, 2)
+        return out
+
+
+async def yapd_processes(admin_socket: Path) -> dict[str, int]:
+    """yapd's process ("front") and its EngineCores (by role), from its status."""
+    async with AdminClient(admin_socket) as admin:
+        st = await admin.request("status")
+    return {"front": st["pid"], **{role: e["pid"] for role, e in st.get("engines", {}).items() if e.get("pid")}}
 
 
 async def at_level(c: int, one: Callable[[int], Awaitable[T]], rounds: int = ROUNDS) -> list[T]:
@@ -293,9 +337,12 @@ async def phase_yapd(res: Results, s: Setup) -> None:
     admin_socket = cfg.parent / "admin.sock"
 
     async def level(c: int) -> dict[str, Any]:
-        rep = await bench(BenchConfig(url=url, key="bench", n=turns_for(c, s.rounds), concurrency=c, timeout=120,
+        n = turns_for(c, s.rounds)
+        meter = CpuMeter(await yapd_processes(admin_socket))
+        rep = await bench(BenchConfig(url=url, key="bench", n=n, concurrency=c, timeout=120,
                                       utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
-        return {**rep.summary(), "loop_lag_ms": await loop_lag()}
+        # The warm-up turns are in the CPU time too: per turn of the whole level.
+        return {**rep.summary(), "loop_lag_ms": await loop_lag(), "cpu_ms_per_turn": meter.per_turn_ms(n + c)}
 
     async def loop_lag() -> Any:
         # How late yapd's event loop ran over the level's last 20 s: a loop held up
@@ -529,9 +576,11 @@ class RawTurn:
     token_gaps: list[float]  # between every token, text or not
     first_token: float | None  # the first token, text or not
     tool_first_turn: float | None = None  # the tool's first output on the turn's clock (yapd's clock)
-    # Each engine's stamps ({queued,scheduled,first_token}_ms on the turn's clock) where its
-    # request stats are on (--set ROLE.extra_engine_args={disable_log_stats=false})
+    # What each engine said of its request, as yapd's done timings name it: its stamps
+    # ({queued,scheduled,first_token}_ms on the turn's clock) where its request stats are on
+    # (--set ROLE.extra_engine_args={disable_log_stats=false}), and cached_tokens
     stamps: dict[str, dict[str, float]] = field(default_factory=dict)
+    t0_ms: float = 0.0  # the turn's start, time.monotonic() in ms: the stamps' own clock
 
 
 def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
@@ -550,8 +599,12 @@ def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
             "tool_first_token_ms": q([r.tool_first for r in rows if r.tool_first is not None]),
             "tool_first_turn_ms": q([r.tool_first_turn for r in rows if r.tool_first_turn is not None]),
             "tool_ms": q([r.tool_done for r in rows]),
-            **{f"{role}_{name}_ms": q([r.stamps[role][f"{name}_ms"] for r in rows if role in r.stamps])
-               for role in ("chat", "tool") if any(role in r.stamps for r in rows) for name in STAMP_NAMES}}
+            **{f"{role}_{name}": q([r.stamps[role][name] for r in rows if name in r.stamps.get(role, {})])
+               for role, name in sorted({(role, name) for r in rows for role, said in r.stamps.items()
+                                         for name in said})},
+            **{f"{role}_first_tokens_per_step": per_step(xs) for role in ("chat", "tool")
+               if (xs := [r.t0_ms + r.stamps[role]["first_token_ms"] for r in rows
+                          if "first_token_ms" in r.stamps.get(role, {})])}}
 
 
 class RawEngines:
@@ -587,6 +640,16 @@ class RawEngines:
     def shutdown(self) -> None:
         self.chat.shutdown()
         self.tool.shutdown()
+
+    def processes(self) -> dict[str, int]:
+        """This process (raw's front end, and the bench) and the engines' EngineCores."""
+        from yapd.engines.vllm import core_pid
+
+        pids = {"front": os.getpid()}
+        for role, llm in (("chat", self.chat), ("tool", self.tool)):
+            if (pid := core_pid(llm)) is not None:
+                pids[role] = pid
+        return pids
 
     async def _tool(self, i: int, turn_t0: float, engine_stamps: dict[str, dict[str, float]],
                     t0_monotonic: float) -> tuple[float | None, float, float | None]:
@@ -630,26 +693,51 @@ class RawEngines:
         # character, with nothing to show yet); the first token's time is kept beside it.
         return RawTurn((stamps[0] - t0) * 1000 if stamps else None, gaps(stamps), tool_first, tool_done,
                        gaps(token_stamps), (token_stamps[0] - t0) * 1000 if token_stamps else None,
-                       tool_first_turn, engine_stamps)
+                       tool_first_turn, engine_stamps, t0_monotonic * 1000)
 
 
 def _keep_stamps(into: dict[str, dict[str, float]], role: str, out: Any, t0_monotonic: float) -> None:
-    """A first output's engine stamps (yapd.engines.vllm.request_stamps), as ms on the
-    turn's clock, where the engine keeps them."""
+    """What a first output says of its request, as yapd's done timings name it: the engine's
+    stamps (yapd.engines.vllm.request_stamps) as ms on the turn's clock where the engine
+    keeps them, and the prompt tokens its prefix cache held."""
     from yapd.engines.vllm import request_stamps
 
     st = request_stamps(getattr(out, "metrics", None))
-    if st is not None:
-        into[role] = st.ms_since(t0_monotonic)
+    said = st.ms_since(t0_monotonic) if st is not None else {}
+    if isinstance(cached := getattr(out, "num_cached_tokens", None), int):
+        said["cached_tokens"] = cached
+    if said:
+        into[role] = said
 
 
-def stamp_cells(p50: Callable[[str, str], str], role: str) -> tuple[str, str] | None:
-    """yapd's and raw's stamps of ``role``'s requests as two table cells ("queued /
-    scheduled / first token" p50), or None where neither run has them. ``p50(section,
-    figure)``: the figure's p50 as shown, "-" where missing."""
-    yapd, raw = ([p50(section, f"{prefix}{role}_{name}_ms") for name in STAMP_NAMES]
-                 for section, prefix in (("yapd", "server_"), ("raw", "")))
-    return None if all(v == "-" for v in yapd + raw) else (" / ".join(yapd), " / ".join(raw))
+STAMP_HEAD = ("queued / scheduled / first token p50 ms (turn's clock); cached prompt tokens p50; "
+              "first tokens per engine step")
+
+
+def stamp_cells(figure: Callable[[str, str], Any], role: str) -> tuple[str, str] | None:
+    """What yapd's and raw's ``role`` engine said of their requests, as two table cells
+    (STAMP_HEAD), or None where neither run has it. ``figure(section, name)``: that
+    level's figure, None where missing."""
+    def shown(v: Any) -> str:
+        v = v.get("p50") if isinstance(v, dict) else v
+        return "-" if v is None else f"{v:g}"
+
+    cells = []
+    for section, prefix in (("yapd", "server_"), ("raw", "")):
+        said = [" / ".join(shown(figure(section, f"{prefix}{role}_{name}_ms")) for name in STAMP_NAMES),
+                shown(figure(section, f"{prefix}{role}_cached_tokens")),
+                shown(figure(section, f"{prefix}{role}_first_tokens_per_step"))]
+        cells.append("; ".join(said))
+    return None if all(set(c) <= set("-/; ") for c in cells) else (cells[0], cells[1])
+
+
+CPU_HEAD = "CPU ms per turn: front end / chat EngineCore / tool EngineCore"
+
+
+def cpu_cell(side: dict[str, Any]) -> str | None:
+    """A level's CPU time per turn (CPU_HEAD) of one side, None where not measured."""
+    cpu = side.get("cpu_ms_per_turn")
+    return " / ".join(f"{cpu[k]:g}" if k in cpu else "-" for k in ("front", "chat", "tool")) if cpu else None
 
 
 def raw_prompts(s: Setup, cfg: Config) -> TurnPrompts:
@@ -673,7 +761,9 @@ async def phase_raw(res: Results, s: Setup) -> None:
     res.put("raw", "start_s", round(time.perf_counter() - t0, 1))
     try:
         for c in s.levels:
-            res.put("raw", f"c{c}", raw_level(await at_level(c, raw.turn, s.rounds)))
+            meter = CpuMeter(raw.processes())
+            level = raw_level(await at_level(c, raw.turn, s.rounds))
+            res.put("raw", f"c{c}", {**level, "cpu_ms_per_turn": meter.per_turn_ms(level["turns"] + c)})
         if s.profile_level:  # the same window as yapd's, on raw's own loop
             from yapd.loopprofile import LoopProfiler
 
@@ -710,7 +800,13 @@ async def phase_pair(res: Results, s: Setup) -> None:
         res.put("pair", "raw_start_s", round(time.perf_counter() - t0, 1))
         try:
             for c in s.levels:
-                res.put("pair", f"c{c}", await paired_level(f"ws://127.0.0.1:{PORT}/ws", raw.turn, c, s.rounds))
+                yapd_cpu = CpuMeter(await yapd_processes(path.parent / "admin.sock"))
+                raw_cpu = CpuMeter(raw.processes())
+                level = await paired_level(f"ws://127.0.0.1:{PORT}/ws", raw.turn, c, s.rounds)
+                for side, meter in (("yapd", yapd_cpu), ("raw", raw_cpu)):
+                    # warm-up turns included; raw's front end also ran yapd's bench client here
+                    level[side]["cpu_ms_per_turn"] = meter.per_turn_ms(level[side]["turns"] + c)
+                res.put("pair", f"c{c}", level)
         finally:
             raw.shutdown()
     finally:
@@ -1057,16 +1153,19 @@ def pair_table(pair: dict[str, Any]) -> list[str]:
                      f"{two('raw', lvl, 'tool_first_turn_ms')} | {engine} | {itl} |")
     stamps = []
     for lvl in levels:
-        def p50(side: str, figure: str, lvl: str = lvl) -> str:
-            return str((pair[lvl].get(side, {}).get(figure) or {}).get("p50", "-"))
+        def said(side: str, name: str, lvl: str = lvl) -> Any:
+            return pair[lvl].get(side, {}).get(name)
 
         for role in ("chat", "tool"):
-            if stamped := stamp_cells(p50, role):
+            if stamped := stamp_cells(said, role):
                 stamps.append(f"| {lvl[1:]} | {role} | {stamped[0]} | {stamped[1]} |")
+        cpu = [cpu_cell(pair[lvl].get(side, {})) for side in ("yapd", "raw")]
+        if any(cpu):
+            stamps.append(f"| {lvl[1:]} | {CPU_HEAD} | {cpu[0] or '-'} | {cpu[1] or '-'} |")
     if stamps:
-        lines += ["", "Each engine's own stamps of a turn's request, p50 ms on the turn's clock: queued / "
-                  "scheduled / first token.", "", "| sessions | engine | yapd | raw |", "| --- | --- | --- | --- |",
-                  *stamps]
+        lines += ["", f"What each engine said of a turn's request ({STAMP_HEAD}), and the CPU time each "
+                  "process used per turn (warm-up turns included; raw's front end is also the bench's client).", "",
+                  "| sessions | engine or figure | yapd | raw |", "| --- | --- | --- | --- |", *stamps]
     return [*lines, ""]
 
 
@@ -1132,13 +1231,15 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {c} | in yapd: chat / tool engine first output p50 ms | "
                      f"{g('yapd', lvl, 'server_engine_ttft_ms', 'p50')} / "
                      f"{g('yapd', lvl, 'server_tool_first_ms', 'p50')} | - | - |")
-        def p50(sec: str, figure: str, lvl: str = lvl) -> str:
-            return g(sec, lvl, figure, "p50")
+        def said(sec: str, name: str, lvl: str = lvl) -> Any:
+            return data.get(sec, {}).get(lvl, {}).get(name)
 
         for role in ("chat", "tool"):
-            if stamped := stamp_cells(p50, role):
-                lines.append(f"| {c} | {role} engine's own stamps: queued / scheduled / first token p50 ms "
-                             f"(turn's clock) | {stamped[0]} | {stamped[1]} |")
+            if stamped := stamp_cells(said, role):
+                lines.append(f"| {c} | {role} engine: {STAMP_HEAD} | {stamped[0]} | {stamped[1]} |")
+        cpu = [cpu_cell(data.get(sec, {}).get(lvl, {})) for sec in ("yapd", "raw")]
+        if any(cpu):
+            lines.append(f"| {c} | {CPU_HEAD} | {cpu[0] or '-'} | {cpu[1] or '-'} | - |")
         if data.get("yapd", {}).get(lvl, {}).get("server_tool_ms"):
             lines.append(f"| {c} | in yapd: tool decision sent p50 / p95 ms | "
                          f"{two('yapd', lvl, 'server_tool_ms', 'p50', 'p95')} | - | - |")

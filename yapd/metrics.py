@@ -34,6 +34,13 @@ class Metrics:
                                       ["status", "reason"], registry=r)
         self.connections = Counter("yapd_connections", "Connections by outcome", ["outcome"], registry=r)
         self.tokens = Counter("yapd_generated_tokens", "Tokens generated", ["role"], registry=r)
+        # Their ratio is each engine's prefix-cache hit rate: the history trim in coarse
+        # steps is there to keep it high.
+        self.prompt_tokens = Counter("yapd_prompt_tokens", "Prompt tokens sent to the engines", ["role"],
+                                     registry=r)
+        self.prompt_cached_tokens = Counter("yapd_prompt_cached_tokens",
+                                            "Prompt tokens the engines found in their prefix cache", ["role"],
+                                            registry=r)
         self.engine_up = Gauge("yapd_engine_up", "1 when the engine serves", ["role"], registry=r)
         self.loop_lag = Histogram("yapd_event_loop_lag_seconds", "How late a 50 ms timer fires on the event loop",
                                   buckets=LOOP_LAG_BUCKETS, registry=r)

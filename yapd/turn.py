@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from yapd import protocol
 from yapd.config import Config, TurnConfig
-from yapd.engines.base import Delta, Engine, EngineError, EngineStamps, SamplingSpec
+from yapd.engines.base import Delta, Engine, EngineError, SamplingSpec
 from yapd.prompts import PromptCache, build_chat_prompt, clip_text
 from yapd.runtime import Runtime
 from yapd.toolcall import Decision, DecisionReader, query_block
@@ -61,13 +61,28 @@ class Turn:
         # The chat's first output with text: the first token of a reply can be part of a
         # character, whose text comes with the next one.
         self.chat_text_ms: float | None = None
-        # Where each engine's time to its first output went, where the engine says (see
-        # EngineStamps).
-        self.stamps: dict[str, EngineStamps] = {}
+        # What each engine says of its request at its first output, as done timings name
+        # it: where its time to that output went (EngineStamps), and how much of the prompt
+        # its prefix cache held.
+        self.engines: dict[str, dict[str, float]] = {}
         self.text_parts: list[str] = []
         self.decision: Decision | None = None
         self.state = "starting"
         self.done_sent = False
+
+    def _first_output(self, role: str, delta: Delta) -> float:
+        """A request's first output: when it reached the turn (ms), and what its engine says
+        of the request (done timings' ``engines``; the prompt cache counted in metrics)."""
+        at = self._ms()
+        said: dict[str, float] = delta.stamps.ms_since(self.t0_monotonic) if delta.stamps is not None else {}
+        metrics = self.rt.metrics
+        metrics.prompt_tokens.labels(role).inc(delta.prompt_tokens)
+        if delta.cached_tokens is not None:
+            said["cached_tokens"] = delta.cached_tokens
+            metrics.prompt_cached_tokens.labels(role).inc(delta.cached_tokens)
+        if said:
+            self.engines[role] = said
+        return at
 
     def _ms(self) -> float:
         return round((time.perf_counter() - self.t0) * 1000, 2)
@@ -143,9 +158,7 @@ class Turn:
         async def read() -> Decision:
             async for delta in stream:
                 if self.tool_first_ms is None:
-                    self.tool_first_ms = self._ms()
-                    if delta.stamps is not None:
-                        self.stamps["tool"] = delta.stamps
+                    self.tool_first_ms = self._first_output("tool", delta)
                 self.rt.metrics.tokens.labels("tool").inc(delta.n_tokens)
                 if reader.feed(delta.text) is not None:
                     break
@@ -195,11 +208,10 @@ class Turn:
         try:
             async for delta in stream:
                 if self.chat_text_ms is None:
-                    at = self._ms()
                     if self.chat_first_ms is None:
-                        self.chat_first_ms = at
-                        if delta.stamps is not None:
-                            self.stamps["chat"] = delta.stamps
+                        self.chat_first_ms = at = self._first_output("chat", delta)
+                    else:
+                        at = self._ms()
                     if delta.text:
                         self.chat_text_ms = at
                 yield delta
@@ -259,8 +271,8 @@ class Turn:
                         "tool_first_ms": self.tool_first_ms},
             "cancelled": cancelled,
         }
-        if self.stamps:
-            msg["timings"]["engines"] = {role: st.ms_since(self.t0_monotonic) for role, st in self.stamps.items()}
+        if self.engines:
+            msg["timings"]["engines"] = self.engines
         if error:
             msg["error"] = error
         return msg

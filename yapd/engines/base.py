@@ -53,7 +53,7 @@ class Delta:
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", "abort"
     prompt_tokens: int = 0
-    cached_tokens: int | None = None
+    cached_tokens: int | None = None  # of the prompt, found in the engine's prefix cache (None: not said)
     # On a request's first delta, where the engine keeps them (vLLM: with its request
     # stats on, disable_log_stats = false in extra_engine_args).
     stamps: EngineStamps | None = None

@@ -186,6 +186,8 @@ class VllmEngine(Engine):
             self._state, self._detail = "failed", "EngineCore process died"
             log.error("engine dead role=%s model=%s", self.role, self.model)
         extra: dict[str, Any] = {"start_seconds": self.start_seconds} if self.start_seconds else {}
+        if self._state == "ready" and (pid := self.engine_pid()) is not None:
+            extra["pid"] = pid  # the EngineCore's: its CPU time, its threads, a kill -9 test
         if self.child_env:
             extra["child_env"] = self.child_env
         return EngineHealth(self._state == "ready", self._state, self._detail, extra)
@@ -336,11 +338,16 @@ class VllmEngine(Engine):
 
     def engine_pid(self) -> int | None:
         """The EngineCore process id (for fault tests: kill -9 it)."""
-        try:
-            procs = self._llm.engine_core.resources.engine_manager.processes
-            return int(procs[0].pid)
-        except Exception:
-            return None
+        return core_pid(self._llm)
+
+
+def core_pid(llm: Any) -> int | None:
+    """An AsyncLLM's (first) EngineCore process id; None in-process or where this vLLM
+    keeps it elsewhere."""
+    try:
+        return int(llm.engine_core.resources.engine_manager.processes[0].pid)
+    except Exception:
+        return None
 
 
 @functools.lru_cache(maxsize=64)
