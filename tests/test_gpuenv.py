@@ -560,6 +560,7 @@ async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_fi
     queued, scheduled, first = (turn.stamps["chat"][f"{name}_ms"] for name in ("queued", "scheduled", "first_token"))
     assert 0 <= queued <= scheduled <= first <= turn.first_token + 0.01 and turn.stamps["tool"] == {"cached_tokens": 0}
     assert turn.stamps["chat"]["cached_tokens"] == 16
+    assert raw.processes() == {"front": os.getpid()}  # stand-ins: no EngineCore processes
     level = raw_level([turn, await raw.turn(4)])
     assert level["turns"] == 2 and level["ttft_ms"]["p50"] is not None
     assert level["tool_first_turn_ms"]["p50"] >= level["tool_first_token_ms"]["p50"]
@@ -575,9 +576,11 @@ async def test_a_paired_level_runs_a_raw_round_before_each_yapd_round_with_the_s
     warm-up round, then before each of yapd's rounds raw's round of the same turn
     numbers; every turn of a level has its own number (its own prompt)."""
     from tests.conftest import KEY
-    from yapctl.gpubench import RawTurn, paired_level, turns_for
+    from yapctl.gpubench import RawTurn, paired_level, turns_for, yapd_processes
 
     d = make_yapd("[turn]\nconcurrent = true\nignore_eos = true\nchat_max_out = 4\n")
+    # The processes whose CPU time a level counts: yapd's (its CPU engines run inside it).
+    assert await yapd_processes(d.admin_socket) == {"front": d.pid}
     raw_at: dict[int, float] = {}
 
     async def raw_turn(i: int) -> RawTurn:
