@@ -10,6 +10,8 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
+import select
 import shutil
 import signal
 import time
@@ -77,6 +79,42 @@ def _children(pid: int) -> list[tuple[int, str]]:
         except (OSError, ValueError, IndexError):
             continue
     return out
+
+
+def test_gpu_stop_while_an_engine_loads_ends_its_enginecore(tmp_path):
+    """SIGTERM while a vLLM engine loads (its own compile cache: a long first load) stops
+    the daemon in seconds, not at the load's end: its EngineCore is ended, the start
+    fails, the daemon exits 0 and leaves no EngineCore behind. First in the module, while
+    the GPU is free (no MPS daemon of gpu_yapd's yet)."""
+    d = Yapd(tmp_path / "d", tmp_path / "cache", demo=False, config=f"""
+[engines]
+deploy = "chat"
+mps = "off"
+[chat]
+model = "{MODEL}"
+backend = "vllm"
+quantization = "none"
+gpu_memory_utilization = 0.15
+max_model_len = 2048
+""")
+    d.start(wait=False)
+    try:
+        line = d.wait_for("Initializing a V1 LLM engine", timeout=300)  # the EngineCore's own first line
+        core = int(re.search(r"pid=(\d+)", line).group(1))  # type: ignore[union-attr]
+        gone = os.pidfd_open(core)  # readable once that process has ended
+        proc = d.proc
+        assert proc is not None
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+        took = time.perf_counter() - t0
+        assert select.select([gone], [], [], 10)[0], f"EngineCore {core} outlived yapd"
+        os.close(gone)
+    finally:
+        d.stop()
+    print(f"stop while loading: {took:.1f} s, rc {rc}")
+    assert rc == 0 and took < 30, (rc, took)
+    d.wait_for(f"stopping while engines load: ending their EngineCore pid={core}", timeout=5)
 
 
 async def test_gpu_turns_cancel_barge_in(gpu_yapd):
@@ -249,3 +287,4 @@ async def test_gpu_engine_cores_are_forked_and_hold_no_yapd_socket(gpu_yapd):
         for pid in cores:
             assert not (_fd_targets(pid) & ours), f"EngineCore {pid} holds a yapd socket"
         check_turn(await run_turn(ws))
+

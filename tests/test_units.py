@@ -796,3 +796,35 @@ def test_first_tokens_per_step_groups_equal_stamps():
     assert per_step([0.0, 0.004, 10.0, 10.003, 9.998, 30.0]) == 2.0
     assert per_step([5.0, 6.0, 7.0]) == 1.0
     assert per_step([]) is None
+
+
+def test_starting_cores_are_the_children_vllm_titled_enginecore():
+    """Real child processes: one titled as vLLM titles an EngineCore (in its command line,
+    as setproctitle leaves it), one not; a grandchild with the title is not ours to end."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from yapd.engines.vllm import starting_cores
+
+    sleep = "import subprocess, sys, time; time.sleep(60)"
+    # (the title joined in the grandchild: the parent's own command line must not hold it)
+    grand = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+             "time.sleep(60)', 'VLLM::' + 'EngineCore']); print(p.pid, flush=True); time.sleep(60)")
+    core = subprocess.Popen([sys.executable, "-c", sleep, "VLLM::EngineCore"])
+    other = subprocess.Popen([sys.executable, "-c", sleep, "something-else"])
+    parent = subprocess.Popen([sys.executable, "-c", grand, "plain"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        grandchild = int(parent.stdout.readline())
+        found = starting_cores()
+        assert core.pid in found and other.pid not in found and parent.pid not in found
+        assert grandchild not in found and starting_cores(parent.pid) == {grandchild}
+    finally:
+        with contextlib.suppress(NameError, ProcessLookupError):
+            os.kill(grandchild, signal.SIGKILL)
+        for p in (core, other, parent):
+            p.kill()
+            p.wait()

@@ -32,6 +32,10 @@ from yapd.runtime import Runtime
 from yapd.server import YapServer
 
 log = logging.getLogger("yapd.daemon")
+# A stop while engines load: how often to look for their EngineCores, and how long one
+# gets for SIGTERM before SIGKILL.
+CORE_CHECK_S = 0.25
+CORE_KILL_AFTER_S = 5.0
 
 
 class Notifier:
@@ -380,6 +384,32 @@ class Daemon:
         self.rt.stopping = True
         self.notifier.send("STOPPING=1", "STATUS=stopping")
         self._stop.set()
+        self._spawn(self._end_engine_starts())
+
+    async def _end_engine_starts(self) -> None:
+        """A stop while vLLM engines load: end their EngineCores (SIGTERM, SIGKILL if one
+        is still there CORE_KILL_AFTER_S later). A cold load takes minutes, more than
+        systemd's stop timeout; with its EngineCore gone a start fails at once, and the
+        daemon, stopping, exits as after any failed start. Looked for until no engine is
+        loading: a core may be forked after the stop (vLLM's import comes first)."""
+        from yapd.engines.vllm import starting_cores
+
+        ended: dict[int, float] = {}
+        while any(e.backend == "vllm" and e.health().state == "starting" for e in self.rt.engines.values()):
+            serving = {e.describe().get("pid") for e in self.rt.engines.values()}
+            now = time.monotonic()
+            for pid in sorted(starting_cores() - serving):
+                if pid not in ended:
+                    log.info("stopping while engines load: ending their EngineCore pid=%d", pid)
+                    sig = signal.SIGTERM
+                elif now - ended[pid] > CORE_KILL_AFTER_S:
+                    sig = signal.SIGKILL  # busy in a CUDA call, it has not got to its handler
+                else:
+                    continue
+                ended.setdefault(pid, now)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            await asyncio.sleep(CORE_CHECK_S)
 
     async def _shutdown(self) -> None:
         self.rt.stopping = True

@@ -341,6 +341,25 @@ class VllmEngine(Engine):
         return core_pid(self._llm)
 
 
+# vLLM titles each EngineCore process VLLM::EngineCore (_DPn with data parallelism) as it
+# starts, long before it is ready.
+CORE_TITLE = b"::EngineCore"
+
+
+def starting_cores(parent: int | None = None) -> set[int]:
+    """The vLLM EngineCore processes among ``parent``'s children (default: this process's),
+    found by their title (Linux /proc): also those still loading, which no AsyncLLM
+    names yet."""
+    parent = os.getpid() if parent is None else parent
+    cores = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent \
+                    and CORE_TITLE in (stat.parent / "cmdline").read_bytes():
+                cores.add(int(stat.parent.name))
+    return cores
+
+
 def core_pid(llm: Any) -> int | None:
     """An AsyncLLM's (first) EngineCore process id; None in-process or where this vLLM
     keeps it elsewhere."""
