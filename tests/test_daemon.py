@@ -402,3 +402,17 @@ def test_stopping_with_admin_clients_connected_logs_no_error(make_yapd):
         assert profiler.recv(1) == b""  # closed, with no reply to the cut-off profile
     errors = [line for line in d.lines if " error " in line or "Traceback" in line]
     assert not errors, errors
+
+
+def test_a_stop_between_two_engine_loads_begins_no_second_one(make_yapd, notify):
+    """Engines loading one after the other: a SIGTERM during the first load lets it end
+    (a CPU engine's load cannot be cut short) but begins no second one; exit 0."""
+    d = make_yapd("[engines]\nstart_in_parallel = false\n", start=False,
+                  env={"NOTIFY_SOCKET": str(notify.path), "YAPD_DEBUG_ENGINE_START_DELAY_S": "1.5"})
+    d.start(wait=False)
+    notify.wait("STATUS=loading chat engine")
+    d.signal(signal.SIGTERM)
+    assert d.proc is not None and d.proc.wait(60) == 0
+    d.wait_for("stopped while starting: stopping before the tool engine loaded", timeout=5)
+    assert not any("loading tool engine" in m for m in notify.texts())
+    assert not any("engine started role=tool" in line for line in d.lines)

@@ -214,6 +214,8 @@ class Daemon:
                 raise failed[0] if isinstance(failed[0], EngineError) else EngineError(str(failed[0]))
         if not parallel:
             for role, eng in engines.items():
+                if self._stop.is_set():  # a stop between two loads: none begins after it
+                    raise EngineError(f"stopping before the {role} engine loaded")
                 await self._start_one(role, eng)
 
     async def _shutdown_engines(self, roles: list[str], timeout: float | None) -> None:
