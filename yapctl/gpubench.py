@@ -714,30 +714,33 @@ STAMP_HEAD = ("queued / scheduled / first token p50 ms (turn's clock); cached pr
               "first tokens per engine step")
 
 
-def stamp_cells(figure: Callable[[str, str], Any], role: str) -> tuple[str, str] | None:
-    """What yapd's and raw's ``role`` engine said of their requests, as two table cells
-    (STAMP_HEAD), or None where neither run has it. ``figure(section, name)``: that
-    level's figure, None where missing."""
+CPU_HEAD = "CPU ms per turn: front end / chat EngineCore / tool EngineCore"
+
+
+def said_rows(figure: Callable[[str, str], Any]) -> list[tuple[str, str, str]]:
+    """A level's rows of what each engine said of its requests (a row per role:
+    STAMP_HEAD) and of the CPU time each process used (CPU_HEAD), as (role or CPU_HEAD,
+    yapd's cell, raw's cell); a row only where either run has its figures.
+    ``figure(section, name)``: that level's figure, None where missing."""
     def shown(v: Any) -> str:
         v = v.get("p50") if isinstance(v, dict) else v
         return "-" if v is None else f"{v:g}"
 
-    cells = []
-    for section, prefix in (("yapd", "server_"), ("raw", "")):
-        said = [" / ".join(shown(figure(section, f"{prefix}{role}_{name}_ms")) for name in STAMP_NAMES),
-                shown(figure(section, f"{prefix}{role}_cached_tokens")),
-                shown(figure(section, f"{prefix}{role}_first_tokens_per_step"))]
-        cells.append("; ".join(said))
-    return None if all(set(c) <= set("-/; ") for c in cells) else (cells[0], cells[1])
-
-
-CPU_HEAD = "CPU ms per turn: front end / chat EngineCore / tool EngineCore"
-
-
-def cpu_cell(side: dict[str, Any]) -> str | None:
-    """A level's CPU time per turn (CPU_HEAD) of one side, None where not measured."""
-    cpu = side.get("cpu_ms_per_turn")
-    return " / ".join(f"{cpu[k]:g}" if k in cpu else "-" for k in ("front", "chat", "tool")) if cpu else None
+    rows = []
+    for role in ("chat", "tool"):
+        names = [*(f"{role}_{name}_ms" for name in STAMP_NAMES), f"{role}_cached_tokens",
+                 f"{role}_first_tokens_per_step"]
+        said = {section: [figure(section, f"{prefix}{name}") for name in names]
+                for section, prefix in (("yapd", "server_"), ("raw", ""))}
+        if any(v is not None for values in said.values() for v in values):
+            cells = [f"{' / '.join(map(shown, v[:3]))}; {shown(v[3])}; {shown(v[4])}" for v in said.values()]
+            rows.append((role, cells[0], cells[1]))
+    cpu = {section: figure(section, "cpu_ms_per_turn") for section in ("yapd", "raw")}
+    if any(cpu.values()):
+        cells = [" / ".join(f"{c[k]:g}" if k in c else "-" for k in ("front", "chat", "tool")) if c else "-"
+                 for c in cpu.values()]
+        rows.append((CPU_HEAD, cells[0], cells[1]))
+    return rows
 
 
 def raw_prompts(s: Setup, cfg: Config) -> TurnPrompts:
@@ -1156,12 +1159,7 @@ def pair_table(pair: dict[str, Any]) -> list[str]:
         def said(side: str, name: str, lvl: str = lvl) -> Any:
             return pair[lvl].get(side, {}).get(name)
 
-        for role in ("chat", "tool"):
-            if stamped := stamp_cells(said, role):
-                stamps.append(f"| {lvl[1:]} | {role} | {stamped[0]} | {stamped[1]} |")
-        cpu = [cpu_cell(pair[lvl].get(side, {})) for side in ("yapd", "raw")]
-        if any(cpu):
-            stamps.append(f"| {lvl[1:]} | {CPU_HEAD} | {cpu[0] or '-'} | {cpu[1] or '-'} |")
+        stamps += [f"| {lvl[1:]} | {what} | {y} | {r} |" for what, y, r in said_rows(said)]
     if stamps:
         lines += ["", f"What each engine said of a turn's request ({STAMP_HEAD}), and the CPU time each "
                   "process used per turn (warm-up turns included; raw's front end is also the bench's client).", "",
@@ -1234,12 +1232,9 @@ def markdown(data: dict[str, Any]) -> str:
         def said(sec: str, name: str, lvl: str = lvl) -> Any:
             return data.get(sec, {}).get(lvl, {}).get(name)
 
-        for role in ("chat", "tool"):
-            if stamped := stamp_cells(said, role):
-                lines.append(f"| {c} | {role} engine: {STAMP_HEAD} | {stamped[0]} | {stamped[1]} |")
-        cpu = [cpu_cell(data.get(sec, {}).get(lvl, {})) for sec in ("yapd", "raw")]
-        if any(cpu):
-            lines.append(f"| {c} | {CPU_HEAD} | {cpu[0] or '-'} | {cpu[1] or '-'} | - |")
+        for what, y, r in said_rows(said):
+            what = what if what == CPU_HEAD else f"{what} engine: {STAMP_HEAD}"
+            lines.append(f"| {c} | {what} | {y} | {r} | - |")
         if data.get("yapd", {}).get(lvl, {}).get("server_tool_ms"):
             lines.append(f"| {c} | in yapd: tool decision sent p50 / p95 ms | "
                          f"{two('yapd', lvl, 'server_tool_ms', 'p50', 'p95')} | - | - |")
