@@ -23,6 +23,7 @@ from tests.conftest import Yapd, recv, run_turn, send, until_done, ws_connect
 from tests.test_cli import yapctl
 from tests.test_protocol_e2e import check_turn
 from yapd.mps import MPS_CONTROL, PIPE_ENV, PRIORITY_ENV, renumbered_devices
+from yapd.procfs import children
 
 
 def _cuda() -> bool:
@@ -69,16 +70,7 @@ concurrent = true
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                cpid = int(stat.parent.name)
-                out.append((cpid, (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
+    return [(kid, cmdline.replace(b"\0", b" ").decode()) for kid, cmdline in children(pid).items()]
 
 
 def test_gpu_stop_while_an_engine_loads_ends_its_enginecore(tmp_path):

@@ -671,7 +671,8 @@ def test_set_reaches_yapds_config_and_the_engines_settings_and_is_recorded(tmp_p
 def test_cpu_meter_counts_a_process_cpu_time_per_turn():
     """/proc's CPU time of a real process (this one) over a stretch of work, per turn;
     nothing for a process that is gone."""
-    from yapctl.gpubench import CpuMeter, cpu_seconds
+    from yapctl.gpubench import CpuMeter
+    from yapd.procfs import cpu_seconds
 
     me, gone = os.getpid(), subprocess.Popen(["true"])
     gone.wait()

@@ -48,6 +48,7 @@ from yapctl.client import AdminClient
 from yapd import config
 from yapd.config import Config, EnginesConfig, TurnConfig
 from yapd.mps import NO_BINARY, MpsDaemon
+from yapd.procfs import cpu_seconds
 
 LEVELS = (1, 8, 16, 24)
 WORDS = ("the quick brown fox jumps over a lazy dog while the persona keeps talking about music movies "
@@ -87,16 +88,6 @@ def turns_for(c: int, rounds: int = ROUNDS) -> int:
     # Sessions whose turns are all alike run in lockstep, so a level is ``rounds`` bursts
     # of c starts and a p95 is decided by its slowest few bursts (one session: 3 x rounds).
     return max(3 * rounds, rounds * c)
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """The CPU time (user and system, every thread) process ``pid`` has used so far; None
-    where it is gone (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 class CpuMeter:

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from yapd import awq, forking
+from yapd import awq, forking, procfs
 from yapd.config import Config, EngineConfig
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineStamps, EngineState, SamplingSpec
 from yapd.engines.memplan import MemoryPlans, Plan, plan_key, side_by_side
@@ -348,16 +348,9 @@ CORE_TITLE = b"::EngineCore"
 
 def starting_cores(parent: int | None = None) -> set[int]:
     """The vLLM EngineCore processes among ``parent``'s children (default: this process's),
-    found by their title (Linux /proc): also those still loading, which no AsyncLLM
-    names yet."""
-    parent = os.getpid() if parent is None else parent
-    cores = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent \
-                    and CORE_TITLE in (stat.parent / "cmdline").read_bytes():
-                cores.add(int(stat.parent.name))
-    return cores
+    found by their title: also those still loading, which no AsyncLLM names yet."""
+    kids = procfs.children(os.getpid() if parent is None else parent)
+    return {pid for pid, cmdline in kids.items() if CORE_TITLE in cmdline}
 
 
 def core_pid(llm: Any) -> int | None:
