@@ -136,8 +136,8 @@ class CpuEngine(Engine):
         sent = ""
         held = 0  # tokens decoded but not yet reported: the start of a character
         first = True
+        cached = 0  # no prefix cache: each request computes its whole prompt
 
-        # Each request computes its whole prompt (no prefix cache: cached_tokens 0).
         def stamps() -> EngineStamps | None:  # on the first delta only
             nonlocal first
             was, first = first, False
@@ -148,13 +148,13 @@ class CpuEngine(Engine):
                 item = await req.queue.get()
                 if item is _END:
                     finish = "abort" if req.abort.is_set() else "length"
-                    yield Delta(self._flush(ids, sent), held, True, finish, len(prompt_ids), 0, stamps())
+                    yield Delta(self._flush(ids, sent), held, True, finish, len(prompt_ids), cached, stamps())
                     return
                 if isinstance(item, BaseException):
                     raise EngineError(f"{self.role} engine failed: {item}") from item
                 token_id, is_eos = item
                 if is_eos and not spec.ignore_eos:
-                    yield Delta(self._flush(ids, sent), held, True, "stop", len(prompt_ids), 0, stamps())
+                    yield Delta(self._flush(ids, sent), held, True, "stop", len(prompt_ids), cached, stamps())
                     return
                 ids.append(token_id)
                 held += 1
@@ -166,11 +166,11 @@ class CpuEngine(Engine):
                     at = text.find(stop, max(0, len(sent) - len(stop)))
                     if at >= 0:
                         req.abort.set()
-                        yield Delta(text[len(sent):at], held, True, "stop", len(prompt_ids), 0, stamps())
+                        yield Delta(text[len(sent):at], held, True, "stop", len(prompt_ids), cached, stamps())
                         return
                 sent = text
                 n, held = held, 0
-                yield Delta(new, n, False, None, len(prompt_ids), 0, stamps())
+                yield Delta(new, n, False, None, len(prompt_ids), cached, stamps())
         finally:
             req.abort.set()
             self._requests.pop(request_id, None)
