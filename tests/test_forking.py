@@ -5,6 +5,7 @@ yapd gives up stays bound. Real sockets, real fork(), a child that lives on."""
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import socket
@@ -236,3 +237,60 @@ def test_a_child_environment_reaches_children_forked_inside_the_block_only(monke
     worker.start()
     worker.join(60)
     assert done == ["2"] and forking._child_env == {}
+
+
+# A daemon in miniature: an event loop taking SIGTERM (and SIGUSR1, a marker) through
+# its wakeup socket, yapd's fork hooks installed, a child forked from a worker thread as
+# vLLM forks an EngineCore. The child is sent SIGTERM, either still "loading" (no handler
+# of its own) or after setting one as vLLM's EngineCore does; it must end by it, and the
+# parent must not take it for its own. Prints what happened as JSON.
+SIGNALLED_CHILD = """
+import asyncio, json, multiprocessing, os, signal, sys
+
+from yapd import forking
+
+
+def child(own_handler, ready):
+    if own_handler:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(3))
+    ready.send("ready")
+    signal.sigtimedwait([], 10)  # sleeps; a signal that ends the process ends this too
+    os._exit(0)
+
+
+async def main(own_handler):
+    loop = asyncio.get_running_loop()
+    heard, marker = asyncio.Event(), asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, heard.set)
+    loop.add_signal_handler(signal.SIGUSR1, marker.set)
+    forking.keep_out(os.open(os.devnull, os.O_RDONLY))  # installs the hooks, as the server's start does
+    fork = multiprocessing.get_context("fork")
+    recv, send = fork.Pipe(duplex=False)
+    proc = fork.Process(target=child, args=(own_handler, send))
+    await asyncio.to_thread(proc.start)
+    assert await asyncio.to_thread(recv.poll, 30)
+    os.kill(proc.pid, signal.SIGTERM)
+    await asyncio.to_thread(proc.join, 30)
+    # A byte the child wrote to the shared wakeup socket came before this one.
+    os.kill(os.getpid(), signal.SIGUSR1)
+    await asyncio.wait_for(marker.wait(), 30)
+    print(json.dumps({"exitcode": proc.exitcode, "parent_heard": heard.is_set()}))
+
+
+if sys.argv[1] == "uvloop":
+    import uvloop
+    uvloop.install()
+asyncio.run(main(sys.argv[2] == "own"))
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("handler", ["loading", "own"])
+def test_a_signal_sent_to_a_forked_child_is_the_childs(loop: str, handler: str):
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    out = subprocess.run([sys.executable, "-c", SIGNALLED_CHILD, loop, handler], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    expected = -15 if handler == "loading" else 3
+    assert json.loads(out.stdout) == {"exitcode": expected, "parent_heard": False}

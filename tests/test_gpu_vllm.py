@@ -280,3 +280,20 @@ async def test_gpu_engine_cores_are_forked_and_hold_no_yapd_socket(gpu_yapd):
             assert not (_fd_targets(pid) & ours), f"EngineCore {pid} holds a yapd socket"
         check_turn(await run_turn(ws))
 
+
+
+def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd):
+    """Last in the module. Each engine restart above had vLLM SIGTERM a forked
+    EngineCore: none of those reached yapd as its own. Then SIGTERM stops yapd with
+    exit code 0, with its EngineCores gone (vLLM's shutdown SIGTERMs them once more)."""
+    assert not [line for line in gpu_yapd.lines if "received: draining" in line]
+    cores = [p for p, c in _children(gpu_yapd.proc.pid) if "EngineCore" in c]
+    assert len(cores) == 2, _children(gpu_yapd.proc.pid)
+    gone = {p: os.pidfd_open(p) for p in cores}  # each readable once its process has ended
+    rc = gpu_yapd.stop(120)
+    assert rc == 0, "\n".join(gpu_yapd.lines[-30:])
+    for pid, fd in gone.items():
+        assert select.select([fd], [], [], 10)[0], f"EngineCore {pid} outlived yapd"
+        os.close(fd)
+    gpu_yapd.wait_for("yapd.daemon: stopped", timeout=5)
+    assert not [line for line in gpu_yapd.lines if "exiting at once" in line]

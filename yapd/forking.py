@@ -10,12 +10,21 @@ has closed it (the peer sees no FIN while any copy lives). So right after a fork
 child, the sockets yapd owns are replaced by ``/dev/null``: the child drops its share of
 them, and the descriptor numbers stay taken, so a stale object closing its old number
 later cannot close a socket the child opened since.
+
+A forked child also inherits how yapd's event loop takes its signals: a handler that
+does nothing but write the signal's number to the loop's wakeup socket, which the child
+shares. Left so, a SIGTERM sent to an EngineCore that has not yet set its own handler
+(one still loading) does not end it, and reaches yapd's loop as yapd's own SIGTERM: a
+second one, while yapd stops, makes yapd exit at once with code 1. A handler the child
+sets later still writes to that socket. So the child gets the signal handling of a
+fresh process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import stat
 import threading
@@ -118,7 +127,22 @@ def _after_in_child() -> None:
     # No lock here: another thread may have held it at the fork, and it stays held. The
     # child's one thread is the one that forked, with the same id.
     os.environ.update(_child_env.get(threading.get_ident(), {}))
+    reset_signals()
     drop_protected()
+
+
+def reset_signals() -> None:
+    """In a freshly forked child: no signal wakeup descriptor, and Python's start-up
+    handling for each signal the parent had given a handler of its own (SIGINT raises
+    KeyboardInterrupt, the rest take their default action)."""
+    # The forking thread is the child's main thread, where these calls are allowed.
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):
+            handler = signal.getsignal(sig)
+            if callable(handler) and handler is not signal.default_int_handler:
+                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
 
 
 def drop_protected() -> None:
