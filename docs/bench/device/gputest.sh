@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # On the device: the GPU test module (tests/test_gpu_vllm.py), its log in $OUT.
-#   bash docs/bench/device/gputest.sh [SECONDS]
+#   bash docs/bench/device/gputest.sh [SECONDS [PYTEST ARGS...]]   (e.g. -k stop_while)
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+log="$OUT/gputest.log"
+[ -e "$log" ] && log="$OUT/gputest-$(date +%s).log"  # a second run in one call keeps the first's
 timeout "${1:-480}" python3 -m pytest -p no:cacheprovider tests/test_gpu_vllm.py -v -rA --durations=10 \
-  -o timeout=0 > "$OUT/gputest.log" 2>&1
+  -o timeout=0 "${@:2}" > "$log" 2>&1
 rc=$?
-tail -40 "$OUT/gputest.log"
+tail -40 "$log"
 echo "rc=$rc"
 exit $rc
