@@ -7,6 +7,7 @@ loading, random weights) as both chat and tool model: YAPD_GPU_MODEL points at i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -14,6 +15,7 @@ import re
 import select
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -89,23 +91,33 @@ quantization = "none"
 gpu_memory_utilization = 0.15
 max_model_len = 2048
 """)
+    started = time.perf_counter()
     d.start(wait=False)
+    # What it got to is printed as it goes (run with -s): a run cut short says where.
+    core = 0
     try:
         line = d.wait_for("Initializing a V1 LLM engine", timeout=300)  # the EngineCore's own first line
         core = int(re.search(r"pid=(\d+)", line).group(1))  # type: ignore[union-attr]
+        print(f"EngineCore pid={core} began {time.perf_counter() - started:.1f} s after the start", flush=True)
         gone = os.pidfd_open(core)  # readable once that process has ended
         proc = d.proc
         assert proc is not None
         t0 = time.perf_counter()
         proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=120)
+        try:
+            rc = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("yapd still running 120 s after SIGTERM:\n" + "\n".join(d.lines[-40:])) from None
         took = time.perf_counter() - t0
+        print(f"stop while loading: {took:.1f} s, rc {rc}", flush=True)
         assert select.select([gone], [], [], 10)[0], f"EngineCore {core} outlived yapd"
         os.close(gone)
     finally:
         d.stop()
-    print(f"stop while loading: {took:.1f} s, rc {rc}")
-    assert rc == 0 and took < 30, (rc, took)
+        if core:  # one left behind would hold GPU memory through the module's other tests
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(core, signal.SIGKILL)
+    assert rc == 0 and took < 30, (rc, took, "\n".join(d.lines[-40:]))
     d.wait_for(f"stopping while engines load: ending their EngineCore pid={core}", timeout=5)
 
 
