@@ -251,9 +251,10 @@ from yapd import forking
 
 
 def child(own_handler, ready):
+    hangup = signal.getsignal(signal.SIGHUP)  # yapd's "reload": the child lives through it
     if own_handler:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(3))
-    ready.send("ready")
+    ready.send(getattr(hangup, "name", repr(hangup)))
     signal.sigtimedwait([], 10)  # sleeps; a signal that ends the process ends this too
     os._exit(0)
 
@@ -263,18 +264,20 @@ async def main(own_handler):
     heard, marker = asyncio.Event(), asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, heard.set)
     loop.add_signal_handler(signal.SIGUSR1, marker.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     forking.keep_out(os.open(os.devnull, os.O_RDONLY))  # installs the hooks, as the server's start does
     fork = multiprocessing.get_context("fork")
     recv, send = fork.Pipe(duplex=False)
     proc = fork.Process(target=child, args=(own_handler, send))
     await asyncio.to_thread(proc.start)
     assert await asyncio.to_thread(recv.poll, 30)
+    hangup = recv.recv()
     os.kill(proc.pid, signal.SIGTERM)
     await asyncio.to_thread(proc.join, 30)
     # A byte the child wrote to the shared wakeup socket came before this one.
     os.kill(os.getpid(), signal.SIGUSR1)
     await asyncio.wait_for(marker.wait(), 30)
-    print(json.dumps({"exitcode": proc.exitcode, "parent_heard": heard.is_set()}))
+    print(json.dumps({"exitcode": proc.exitcode, "parent_heard": heard.is_set(), "child_sighup": hangup}))
 
 
 if sys.argv[1] == "uvloop":
@@ -293,4 +296,4 @@ def test_a_signal_sent_to_a_forked_child_is_the_childs(loop: str, handler: str):
                          text=True, timeout=60, cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
     expected = -15 if handler == "loading" else 3
-    assert json.loads(out.stdout) == {"exitcode": expected, "parent_heard": False}
+    assert json.loads(out.stdout) == {"exitcode": expected, "parent_heard": False, "child_sighup": "SIG_IGN"}

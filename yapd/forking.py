@@ -17,7 +17,7 @@ shares. Left so, a SIGTERM sent to an EngineCore that has not yet set its own ha
 (one still loading) does not end it, and reaches yapd's loop as yapd's own SIGTERM: a
 second one, while yapd stops, makes yapd exit at once with code 1. A handler the child
 sets later still writes to that socket. So the child gets the signal handling of a
-fresh process.
+fresh process, SIGHUP aside (ignored: see reset_signals).
 """
 
 from __future__ import annotations
@@ -132,9 +132,11 @@ def _after_in_child() -> None:
 
 
 def reset_signals() -> None:
-    """In a freshly forked child: no signal wakeup descriptor, and Python's start-up
-    handling for each signal the parent had given a handler of its own (SIGINT raises
-    KeyboardInterrupt, the rest take their default action)."""
+    """In a freshly forked child: no signal wakeup descriptor, and for each signal the
+    parent had given a handler of its own, Python's start-up handling (SIGINT raises
+    KeyboardInterrupt, the rest take their default action) - except SIGHUP, ignored: to
+    yapd it means "reload", so a terminal's hangup that yapd lives through must not end
+    its EngineCores."""
     # The forking thread is the child's main thread, where these calls are allowed.
     with contextlib.suppress(ValueError):
         signal.set_wakeup_fd(-1)
@@ -142,7 +144,11 @@ def reset_signals() -> None:
         with contextlib.suppress(OSError, ValueError):
             handler = signal.getsignal(sig)
             if callable(handler) and handler is not signal.default_int_handler:
-                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+                signal.signal(sig, _FRESH.get(sig, signal.SIG_DFL))
+
+
+_FRESH: dict[int, Callable[[int, Any], Any] | int] = {
+    signal.SIGINT: signal.default_int_handler, signal.SIGHUP: signal.SIG_IGN}
 
 
 def drop_protected() -> None:
