@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -402,6 +404,44 @@ def test_stopping_with_admin_clients_connected_logs_no_error(make_yapd):
         assert profiler.recv(1) == b""  # closed, with no reply to the cut-off profile
     errors = [line for line in d.lines if " error " in line or "Traceback" in line]
     assert not errors, errors
+
+
+def test_a_stop_while_vllm_engines_load_ends_their_enginecores(make_yapd):
+    """SIGTERM while two vLLM engines load (stand-ins: tests/loading_core.py, whose
+    EngineCores are forked and "load" for ten minutes): yapd finds both EngineCores by
+    their title and ends them with SIGTERM (a forked child once took that for yapd's own
+    SIGTERM, a second one: exit 1 at once), the starts fail, and yapd exits 0."""
+    d = make_yapd('''
+[engines]
+deploy = "both"
+mps = "off"
+[chat]
+backend = "vllm"
+model = "stand-in/chat"
+[tool]
+backend = "vllm"
+model = "stand-in/tool"
+''', start=False, demo=False, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    d.entry = [sys.executable, "-m", "tests.loading_core"]
+    d.start(wait=False)
+    d.wait_for("stand-in: Initializing a V1 LLM engine", timeout=60, count=2)
+    cores = [int(line.split("pid=")[1].split(")")[0]) for line in d.lines if "stand-in: Initializing" in line]
+    gone = {pid: os.pidfd_open(pid) for pid in cores}  # readable once that process has ended
+    try:
+        d.signal(signal.SIGTERM)
+        assert d.proc is not None and d.proc.wait(60) == 0, "\n".join(d.lines[-20:])
+        for pid, fd in gone.items():
+            assert select.select([fd], [], [], 10)[0], f"EngineCore {pid} outlived yapd"
+    finally:
+        for pid, fd in gone.items():
+            os.close(fd)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for pid in cores:
+        d.wait_for(f"stopping while engines load: ending their EngineCore pid={pid}", timeout=5)
+    # Ended by that SIGTERM (exit code -15), not by the SIGKILL that follows 5 s later.
+    d.wait_for("stopped while starting:", timeout=5)
+    assert "ended while loading (exit code -15)" in "\n".join(d.lines), "\n".join(d.lines[-20:])
 
 
 def test_a_stop_between_two_engine_loads_begins_no_second_one(make_yapd, notify):

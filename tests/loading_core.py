@@ -1,0 +1,89 @@
+"""yapd's own main with stand-in vLLM engines whose EngineCore never finishes loading
+(for tests/test_daemon.py: a stop while engines load).
+
+Each engine's start forks, from a worker thread as vLLM does, a child titled as vLLM
+titles its EngineCore, which prints a first line and then "loads" for ten minutes with
+no signal handler of its own (vLLM's EngineCore sets one only once it is built). The
+start waits for that child and fails when it ends, as vLLM's start does when its
+EngineCore dies. What is real: yapd, its stop, its search for EngineCores by title, the
+signals, and the fork with yapd's at-fork hooks.
+
+    python -m tests.loading_core --config FILE --admin-socket PATH
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import setproctitle
+
+from yapd.config import Config
+from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineState, SamplingSpec
+
+LOAD_S = 600.0
+
+
+def _core() -> None:
+    setproctitle.setproctitle("VLLM::EngineCore")
+    print(f"(EngineCore pid={os.getpid()}) stand-in: Initializing a V1 LLM engine", file=sys.stderr, flush=True)
+    time.sleep(LOAD_S)
+    os._exit(0)
+
+
+class LoadingEngine(Engine):
+    backend = "vllm"
+
+    def __init__(self, role: str, cfg: Config) -> None:
+        self.role = role
+        self.model = getattr(cfg, role).model
+        self._state: EngineState = "stopped"
+
+    @property
+    def tokenizer(self) -> Any:
+        raise EngineError(f"{self.role} engine is not started")
+
+    async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
+        self._state = "starting"
+        code = await asyncio.to_thread(self._fork_and_wait)
+        self._state = "failed"
+        raise EngineError(f"{self.role} engine failed to start: its EngineCore ended while loading (exit code {code})")
+
+    @staticmethod
+    def _fork_and_wait() -> int | None:
+        core = multiprocessing.get_context("fork").Process(target=_core, daemon=True)
+        core.start()
+        core.join()
+        return core.exitcode
+
+    def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec, request_id: str) -> AsyncIterator[Delta]:
+        raise EngineError(f"{self.role} engine is {self._state}")
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        self._state = "stopped"
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(False, self._state)
+
+    @property
+    def in_flight(self) -> int:
+        return 0
+
+
+def main() -> int:
+    from yapd import cli, daemon
+
+    daemon.create_engine = LoadingEngine
+    return cli.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
