@@ -2,6 +2,9 @@
 # On the device: the GPU test module (tests/test_gpu_vllm.py), its log in $OUT.
 #   bash docs/bench/device/gputest.sh [SECONDS [PYTEST ARGS...]]   (e.g. -k stop_while)
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# One compile cache for the module's daemon across calls on one machine: a second call
+# (the tests a first one had no time for) starts it warm.
+export YAPD_GPU_CACHE="${YAPD_GPU_CACHE:-/tmp/gpucache}"
 log="$OUT/gputest.log"
 [ -e "$log" ] && log="$OUT/gputest-$(date +%s).log"  # a second run in one call keeps the first's
 timeout "${1:-480}" python3 -m pytest -p no:cacheprovider tests/test_gpu_vllm.py -v -rA --durations=10 \
