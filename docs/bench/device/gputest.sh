@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On the device: the GPU test module (tests/test_gpu_vllm.py), its log in $OUT.
+# On the device: the GPU test module (tests/test_gpu_vllm.py), its log in $OUT (-s: what a
+# test prints is there as it goes, also from a run cut at its time limit).
 #   bash docs/bench/device/gputest.sh [SECONDS [PYTEST ARGS...]]   (e.g. -k stop_while)
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # One compile cache for the module's daemon across calls on one machine: a second call
@@ -7,7 +8,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export YAPD_GPU_CACHE="${YAPD_GPU_CACHE:-/tmp/gpucache}"
 log="$OUT/gputest.log"
 [ -e "$log" ] && log="$OUT/gputest-$(date +%s).log"  # a second run in one call keeps the first's
-timeout "${1:-480}" python3 -m pytest -p no:cacheprovider tests/test_gpu_vllm.py -v -rA --durations=10 \
+timeout "${1:-480}" python3 -m pytest -p no:cacheprovider tests/test_gpu_vllm.py -v -s -rA --durations=10 \
   -o timeout=0 "${@:2}" > "$log" 2>&1
 rc=$?
 tail -40 "$log"
