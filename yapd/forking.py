@@ -11,13 +11,14 @@ child, the sockets yapd owns are replaced by ``/dev/null``: the child drops its 
 them, and the descriptor numbers stay taken, so a stale object closing its old number
 later cannot close a socket the child opened since.
 
-A forked child also inherits how yapd's event loop takes its signals: a handler that
-does nothing but write the signal's number to the loop's wakeup socket, which the child
-shares. Left so, a SIGTERM sent to an EngineCore that has not yet set its own handler
-(one still loading) does not end it, and reaches yapd's loop as yapd's own SIGTERM: a
-second one, while yapd stops, makes yapd exit at once with code 1. A handler the child
-sets later still writes to that socket. So the child gets the signal handling of a
-fresh process, SIGHUP aside (ignored: see reset_signals).
+A forked child also inherits how yapd's event loop takes its signals: a Python handler
+that only notes the signal for that loop, and (before Python 3.12, whose asyncio drops
+it in a forked child) the loop's wakeup socket, which the child shares. Left so, a
+SIGTERM sent to an EngineCore that has not yet set its own handler (one still loading)
+does not end it; before 3.12 it also reaches yapd's loop as yapd's own SIGTERM (a second
+one while yapd stops: exit 1 at once), as does any signal the child handles later. So
+the child gets the signal handling of a fresh process, SIGHUP aside (ignored: see
+reset_signals).
 """
 
 from __future__ import annotations
