@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import os
+import select
+import signal
 import stat
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -58,6 +60,33 @@ class Yapd(LocalYapd):
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
+
+
+class EngineCores:
+    """yapd's EngineCores, which are not the test's children to wait for: watched through
+    a pidfd each (readable once the process has ended). ``assert_gone`` checks each has
+    ended; leaving the block kills any left, which would hold GPU memory through the
+    tests after."""
+
+    def __init__(self) -> None:
+        self.fds: dict[int, int] = {}
+
+    def watch(self, *pids: int) -> None:
+        for pid in pids:
+            self.fds[pid] = os.pidfd_open(pid)
+
+    def assert_gone(self, timeout: float = 10) -> None:
+        for pid, fd in self.fds.items():
+            assert select.select([fd], [], [], timeout)[0], f"EngineCore {pid} outlived yapd"
+
+    def __enter__(self) -> EngineCores:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds.values():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)  # the process itself, even if its pid is reused
+            os.close(fd)
 
 
 @pytest.fixture

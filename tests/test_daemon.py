@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import KEY, recv, run_turn, send, until_done, ws_connect
+from tests.conftest import KEY, EngineCores, recv, run_turn, send, until_done, ws_connect
 from tests.test_protocol_e2e import check_turn
 
 
@@ -428,17 +426,11 @@ model = "stand-in/tool"
     d.start(wait=False)
     d.wait_for("stand-in: Initializing a V1 LLM engine", timeout=120, count=2)
     cores = [int(line.split("pid=")[1].split(")")[0]) for line in d.lines if "stand-in: Initializing" in line]
-    gone = {pid: os.pidfd_open(pid) for pid in cores}  # readable once that process has ended
-    try:
+    with EngineCores() as watched:
+        watched.watch(*cores)
         d.signal(signal.SIGTERM)
         assert d.proc is not None and d.proc.wait(60) == 0, "\n".join(d.lines[-20:])
-        for pid, fd in gone.items():
-            assert select.select([fd], [], [], 10)[0], f"EngineCore {pid} outlived yapd"
-    finally:
-        for pid, fd in gone.items():
-            os.close(fd)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        watched.assert_gone()
     for pid in cores:
         d.wait_for(f"stopping while engines load: ending their EngineCore pid={pid}", timeout=5)
     # Ended by that SIGTERM (exit code -15), not by the SIGKILL that follows 5 s later.

@@ -7,12 +7,10 @@ loading, random weights) as both chat and tool model: YAPD_GPU_MODEL points at i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Yapd, recv, run_turn, send, until_done, ws_connect
+from tests.conftest import EngineCores, Yapd, recv, run_turn, send, until_done, ws_connect
 from tests.test_cli import yapctl
 from tests.test_protocol_e2e import check_turn
 from yapd.mps import MPS_CONTROL, PIPE_ENV, PRIORITY_ENV, renumbered_devices
@@ -94,31 +92,33 @@ max_model_len = 2048
     started = time.perf_counter()
     d.start(wait=False)
     # What it got to is printed as it goes (run with -s): a run cut short says where.
-    core = 0
     try:
         line = d.wait_for("Initializing a V1 LLM engine", timeout=300)  # the EngineCore's own first line
         core = int(re.search(r"pid=(\d+)", line).group(1))  # type: ignore[union-attr]
         print(f"EngineCore pid={core} began {time.perf_counter() - started:.1f} s after the start", flush=True)
-        gone = os.pidfd_open(core)  # readable once that process has ended
-        proc = d.proc
-        assert proc is not None
-        t0 = time.perf_counter()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("yapd still running 120 s after SIGTERM:\n" + "\n".join(d.lines[-40:])) from None
-        took = time.perf_counter() - t0
-        print(f"stop while loading: {took:.1f} s, rc {rc}", flush=True)
-        assert select.select([gone], [], [], 10)[0], f"EngineCore {core} outlived yapd"
-        os.close(gone)
+        with EngineCores() as watched:
+            watched.watch(core)
+            rc, took = _stop_timed(d)
+            watched.assert_gone()
     finally:
         d.stop()
-        if core:  # one left behind would hold GPU memory through the module's other tests
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(core, signal.SIGKILL)
     assert rc == 0 and took < 30, (rc, took, "\n".join(d.lines[-40:]))
     d.wait_for(f"stopping while engines load: ending their EngineCore pid={core}", timeout=5)
+
+
+def _stop_timed(d: Yapd) -> tuple[int, float]:
+    """SIGTERM, and yapd's exit code with the seconds it took (printed as it comes)."""
+    proc = d.proc
+    assert proc is not None
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("yapd still running 120 s after SIGTERM:\n" + "\n".join(d.lines[-40:])) from None
+    took = time.perf_counter() - t0
+    print(f"stop while loading: {took:.1f} s, rc {rc}", flush=True)
+    return rc, took
 
 
 async def test_gpu_turns_cancel_barge_in(gpu_yapd):
@@ -293,7 +293,6 @@ async def test_gpu_engine_cores_are_forked_and_hold_no_yapd_socket(gpu_yapd):
         check_turn(await run_turn(ws))
 
 
-
 def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd):
     """Last in the module. Each engine restart above had vLLM SIGTERM a forked
     EngineCore: none of those reached yapd as its own. Then SIGTERM stops yapd with
@@ -301,11 +300,10 @@ def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd):
     assert not [line for line in gpu_yapd.lines if "received: draining" in line]
     cores = [p for p, c in _children(gpu_yapd.proc.pid) if "EngineCore" in c]
     assert len(cores) == 2, _children(gpu_yapd.proc.pid)
-    gone = {p: os.pidfd_open(p) for p in cores}  # each readable once its process has ended
-    rc = gpu_yapd.stop(120)
-    assert rc == 0, "\n".join(gpu_yapd.lines[-30:])
-    for pid, fd in gone.items():
-        assert select.select([fd], [], [], 10)[0], f"EngineCore {pid} outlived yapd"
-        os.close(fd)
+    with EngineCores() as watched:
+        watched.watch(*cores)
+        rc = gpu_yapd.stop(120)
+        assert rc == 0, "\n".join(gpu_yapd.lines[-30:])
+        watched.assert_gone()
     gpu_yapd.wait_for("yapd.daemon: stopped", timeout=5)
     assert not [line for line in gpu_yapd.lines if "exiting at once" in line]
