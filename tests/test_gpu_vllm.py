@@ -93,8 +93,8 @@ max_model_len = 2048
     d.start(wait=False)
     # What it got to is printed as it goes (run with -s): a run cut short says where.
     try:
-        line = d.wait_for("Initializing a V1 LLM engine", timeout=300)  # the EngineCore's own first line
-        core = int(re.search(r"pid=(\d+)", line).group(1))  # type: ignore[union-attr]
+        line = d.wait_for("(EngineCore", timeout=300)  # the first line vLLM prefixes with the core's pid
+        core = int(re.search(r"\(EngineCore\S* pid=(\d+)\)", line).group(1))  # type: ignore[union-attr]
         print(f"EngineCore pid={core} began {time.perf_counter() - started:.1f} s after the start", flush=True)
         with EngineCores() as watched:
             watched.watch(core)
