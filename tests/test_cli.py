@@ -202,6 +202,11 @@ def test_bench_completes_every_session(shared_yapd):
             assert s[f"server_{role}_cached_tokens"][q] == 0, s  # the CPU engine keeps no prefix cache
     # A turn's first token comes from one engine step; one step makes at most one per session.
     assert all(1 <= s[f"server_{role}_first_tokens_per_step"] <= 3 for role in ("chat", "tool")), s
+    # Every completed turn is weighed for the slow tail, and a slow one lies in some burst.
+    slow = s["ttft_slow"]
+    # (over twice the median: pct's p50 is the upper middle of an even count)
+    assert slow["of"] == s["completed"] and 0 < slow["over_ms"] <= 2 * s["ttft_ms"]["p50"] + 0.01, slow
+    assert (slow["bursts"] == 0) == (slow["turns"] == 0) and slow["bursts"] <= slow["turns"], slow
     table = yapctl("bench", "-n", "2", "-c", "2", "--url", shared_yapd.url(key=None), "--key", KEY)
     assert table.returncode == EXIT_OK
     assert "2/2 turns completed" in table.stdout and "ttft" in table.stdout and "P99" in table.stdout

@@ -207,6 +207,19 @@ def test_yapds_event_loop_lag_gets_a_row_where_it_was_taken():
     assert rows == ["| 16 | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | 3.5 / 12.25 | - | - |"]
 
 
+def test_slow_turns_get_a_row_with_their_bursts():
+    slow = {"over_ms": 40.0, "turns": 16, "of": 256, "bursts": 1, "at_s": [12.5]}
+    data = {"date": "2026-12-03", "machine": "H200", "setup": {},
+            "yapd": {"c16": {"ttft_ms": {"p50": 20, "p95": 90}, "ttft_slow": slow},
+                     "c1": {"ttft_ms": {"p50": 18, "p95": 20}, "ttft_slow": {**slow, "turns": 0, "bursts": 0,
+                                                                              "at_s": []}}}}
+    rows = [line for line in markdown(data).splitlines() if "2 x p50" in line]
+    assert rows == ["| 1 | turns with TTFT over 40 ms (2 x p50): how many, in how many bursts of starts (each "
+                    "burst's start, s into the level) | 0 of 256, 0 (-) | - | - |",
+                    "| 16 | turns with TTFT over 40 ms (2 x p50): how many, in how many bursts of starts (each "
+                    "burst's start, s into the level) | 16 of 256, 1 (12.5) | - | - |"]
+
+
 @pytest.mark.parametrize(("flag", "loop"), [("auto", "asyncio"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])
 def test_raw_runs_on_the_event_loop_named(tmp_path, monkeypatch, flag, loop):
     """--event-loop names yapd's loop and, when named, the loop raw vLLM's clients run on

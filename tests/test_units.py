@@ -828,3 +828,15 @@ def test_starting_cores_are_the_children_vllm_titled_enginecore():
         for p in (core, other, parent):
             p.kill()
             p.wait()
+
+
+def test_slow_turns_are_counted_by_burst():
+    from yapctl.bench import slow_bursts
+
+    # Three bursts of four starts (1 ms apart), each 1 s after the last; the second burst
+    # is all slow, and one turn of the third: the tail is two bursts, one of them whole.
+    sent = [b + i * 0.001 for b in (100.0, 101.0, 102.0) for i in range(4)]
+    ttft = [20.0] * 4 + [90.0] * 4 + [20.0, 20.0, 41.0, 20.0]
+    assert slow_bursts(sent, ttft) == {"over_ms": 40.0, "turns": 5, "of": 12, "bursts": 2, "at_s": [1.0, 2.0]}
+    assert slow_bursts(sent, [20.0] * 12) == {"over_ms": 40.0, "turns": 0, "of": 12, "bursts": 0, "at_s": []}
+    assert slow_bursts([], []) is None

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,25 @@ def per_step(times_ms: list[float]) -> float | None:
     s = sorted(times_ms)
     steps = 1 + sum(1 for a, b in itertools.pairwise(s) if b - a > STEP_APART_MS)
     return round(len(s) / steps, 2)
+
+
+# A level's starts go out in bursts (one per session, all at once); its tail can be one
+# slow burst (every session behind one slow engine step) or slow turns everywhere.
+SLOW_OVER_P50 = 2.0
+BURST_APART_S = 0.05
+
+
+def slow_bursts(sent_at: list[float], ttft_ms: list[float]) -> dict[str, Any] | None:
+    """The turns whose TTFT was over ``SLOW_OVER_P50`` x the median, and the bursts they
+    came in: starts sent less than ``BURST_APART_S`` apart are one burst, ``at_s`` is each
+    such burst's first start, in seconds from the level's first start."""
+    if not ttft_ms:
+        return None
+    over = SLOW_OVER_P50 * statistics.median(ttft_ms)
+    slow = sorted(t for t, ms in zip(sent_at, ttft_ms, strict=True) if ms > over)
+    starts = [t for i, t in enumerate(slow) if i == 0 or t - slow[i - 1] >= BURST_APART_S]
+    return {"over_ms": round(over, 2), "turns": len(slow), "of": len(ttft_ms), "bursts": len(starts),
+            "at_s": [round(t - min(sent_at), 2) for t in starts[:20]]}
 
 
 @dataclass
@@ -184,6 +204,7 @@ class BenchReport:
                     firsts.setdefault(role, []).append(now * 1000 + st["first_token_ms"])
         engines: dict[str, Any] = {key: {"p50": pct(xs, 50), "p95": pct(xs, 95)} for key, xs in sorted(said.items())}
         engines.update({f"server_{role}_first_tokens_per_step": per_step(xs) for role, xs in sorted(firsts.items())})
+        timed = [(r.sent_at, r.ttft_ms) for r in ok if r.sent_at is not None and r.ttft_ms is not None]
         errors: dict[str, int] = {}
         for r in self.results:
             if not r.ok:
@@ -206,6 +227,7 @@ class BenchReport:
             "outbound_ms": {"p50": pct(outbound, 50), "p95": pct(outbound, 95)},
             "first_token_after_ready_ms": {"p50": pct(held, 50), "p95": pct(held, 95)},
             **engines,
+            "ttft_slow": slow_bursts([t for t, _ in timed], [ms for _, ms in timed]),
         }
 
 

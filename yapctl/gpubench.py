@@ -1241,6 +1241,12 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"| {c} | in yapd: chat first text p50 / p95 ms; first token sent after it and the "
                          f"decision p50 / p95 ms | {two('yapd', lvl, 'server_engine_text_ms', 'p50', 'p95')}; "
                          f"{two('yapd', lvl, 'first_token_after_ready_ms', 'p50', 'p95')} | - | - |")
+        slow = data.get("yapd", {}).get(lvl, {}).get("ttft_slow")
+        if slow:
+            at = ", ".join(f"{t:g}" for t in slow["at_s"])
+            lines.append(f"| {c} | turns with TTFT over {slow['over_ms']:g} ms (2 x p50): how many, in how many "
+                         f"bursts of starts (each burst's start, s into the level) | {slow['turns']} of "
+                         f"{slow['of']}, {slow['bursts']} ({at or '-'}) | - | - |")
         if data.get("yapd", {}).get(lvl, {}).get("loop_lag_ms"):
             lines.append(f"| {c} | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | "
                          f"{g('yapd', lvl, 'loop_lag_ms', 'p99_ms')} / {g('yapd', lvl, 'loop_lag_ms', 'max_ms')}"
