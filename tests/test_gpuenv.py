@@ -4,6 +4,7 @@ real; the MPS daemon's lifecycle against a stand-in control binary (MPS needs a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -212,12 +213,28 @@ def test_slow_turns_get_a_row_with_their_bursts():
     data = {"date": "2026-12-03", "machine": "H200", "setup": {},
             "yapd": {"c16": {"ttft_ms": {"p50": 20, "p95": 90}, "ttft_slow": slow},
                      "c1": {"ttft_ms": {"p50": 18, "p95": 20}, "ttft_slow": {**slow, "turns": 0, "bursts": 0,
-                                                                              "at_s": []}}}}
-    rows = [line for line in markdown(data).splitlines() if "2 x p50" in line]
-    assert rows == ["| 1 | turns with TTFT over 40 ms (2 x p50): how many, in how many bursts of starts (each "
-                    "burst's start, s into the level) | 0 of 256, 0 (-) | - | - |",
-                    "| 16 | turns with TTFT over 40 ms (2 x p50): how many, in how many bursts of starts (each "
-                    "burst's start, s into the level) | 16 of 256, 1 (12.5) | - | - |"]
+                                                                              "at_s": []}}},
+            "raw": {"c16": {"ttft_ms": {"p50": 20, "p95": 30}, "ttft_slow": {**slow, "at_s": [3.25, 7]}}}}
+    head = ("turns with TTFT over 2 x its p50 (raw: held for the decision): how many, in how many bursts of starts "
+            "(each burst's start, s into the level)")
+    rows = [line for line in markdown(data).splitlines() if "2 x its p50" in line]
+    assert rows == [f"| 1 | {head} | over 40 ms: 0 of 256, 0 (-) | - | - |",
+                    f"| 16 | {head} | over 40 ms: 16 of 256, 1 (12.5) | over 40 ms: 16 of 256, 1 (3.25, 7) | - |"]
+
+
+def test_raw_levels_count_their_slow_turns_held_for_the_decision():
+    from yapctl.gpubench import RawTurn, raw_level
+
+    # Two bursts of two turns; the second burst's decisions came late (its chat did not).
+    rows = [RawTurn(ttft=20.0, gaps=[], tool_first=10.0, tool_done=12.0, token_gaps=[], first_token=20.0,
+                    t0_ms=1000.0 + i)
+            for i in range(2)]
+    rows += [RawTurn(ttft=20.0, gaps=[], tool_first=10.0, tool_done=70.0, token_gaps=[], first_token=20.0,
+                     t0_ms=2000.0 + i)
+             for i in range(2)]
+    assert raw_level(rows)["ttft_slow"] == {"over_ms": 90.0, "turns": 0, "of": 4, "bursts": 0, "at_s": []}
+    rows[-1] = dataclasses.replace(rows[-1], tool_done=200.0)
+    assert raw_level(rows)["ttft_slow"] == {"over_ms": 90.0, "turns": 1, "of": 4, "bursts": 1, "at_s": [1.0]}
 
 
 @pytest.mark.parametrize(("flag", "loop"), [("auto", "asyncio"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])

@@ -42,6 +42,7 @@ from yapctl.bench import (
     lockstep,
     pct,
     per_step,
+    slow_bursts,
     turn_utterance,
 )
 from yapctl.client import AdminClient
@@ -595,7 +596,9 @@ def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
                                          for name in said})},
             **{f"{role}_first_tokens_per_step": per_step(xs) for role in ("chat", "tool")
                if (xs := [r.t0_ms + r.stamps[role]["first_token_ms"] for r in rows
-                          if "first_token_ms" in r.stamps.get(role, {})])}}
+                          if "first_token_ms" in r.stamps.get(role, {})])},
+            # held for the decision, as yapd's client TTFT is
+            "ttft_slow": slow_bursts([r.t0_ms / 1000 for r in rows if r.ttft is not None], gated)}
 
 
 class RawEngines:
@@ -1158,6 +1161,13 @@ def pair_table(pair: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def slow_cell(slow: dict[str, Any] | None) -> str:
+    if not slow:
+        return "-"
+    at = ", ".join(f"{t:g}" for t in slow["at_s"])
+    return f"over {slow['over_ms']:g} ms: {slow['turns']} of {slow['of']}, {slow['bursts']} ({at or '-'})"
+
+
 def markdown(data: dict[str, Any]) -> str:
     def g(sec: str, lvl: str, metric: str, q: str) -> str:
         v = data.get(sec, {}).get(lvl, {}).get(metric, {}).get(q)
@@ -1241,12 +1251,11 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"| {c} | in yapd: chat first text p50 / p95 ms; first token sent after it and the "
                          f"decision p50 / p95 ms | {two('yapd', lvl, 'server_engine_text_ms', 'p50', 'p95')}; "
                          f"{two('yapd', lvl, 'first_token_after_ready_ms', 'p50', 'p95')} | - | - |")
-        slow = data.get("yapd", {}).get(lvl, {}).get("ttft_slow")
-        if slow:
-            at = ", ".join(f"{t:g}" for t in slow["at_s"])
-            lines.append(f"| {c} | turns with TTFT over {slow['over_ms']:g} ms (2 x p50): how many, in how many "
-                         f"bursts of starts (each burst's start, s into the level) | {slow['turns']} of "
-                         f"{slow['of']}, {slow['bursts']} ({at or '-'}) | - | - |")
+        slows = [data.get(ph, {}).get(lvl, {}).get("ttft_slow") for ph in ("yapd", "raw")]
+        if any(slows):
+            lines.append(f"| {c} | turns with TTFT over 2 x its p50 (raw: held for the decision): how many, in how "
+                         f"many bursts of starts (each burst's start, s into the level) | "
+                         f"{' | '.join(slow_cell(x) for x in slows)} | - |")
         if data.get("yapd", {}).get(lvl, {}).get("loop_lag_ms"):
             lines.append(f"| {c} | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | "
                          f"{g('yapd', lvl, 'loop_lag_ms', 'p99_ms')} / {g('yapd', lvl, 'loop_lag_ms', 'max_ms')}"
