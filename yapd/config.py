@@ -99,7 +99,10 @@ class EnginesConfig:
     start_in_parallel: bool = True
     # How vLLM starts its EngineCore processes. "fork": ready ~13 s sooner per engine (no
     # second import of torch and vLLM; yapd's sockets are dropped in the child).
-    # "spawn": a fresh interpreter, for setups where fork is unsafe.
+    # "spawn": a fresh interpreter, for setups where fork is unsafe. On an H200 (run t,
+    # docs/bench/README.md) spawned EngineCores took 11.8 ms from request to first token
+    # at one session where forked ones had taken 20.4 (run s, another host): not yet
+    # compared on one machine, so the default stays.
     start_method: StartMethod = "fork"
     # CUDA MPS (yapd/mps.py): "auto" runs a private MPS daemon while two vLLM engines
     # share one GPU (they then run at once instead of taking turns: lower TTFT under
