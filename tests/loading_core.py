@@ -31,7 +31,9 @@ LOAD_S = 600.0
 
 def _core() -> None:
     setproctitle.setproctitle("VLLM::EngineCore")
-    print(f"(EngineCore pid={os.getpid()}) stand-in: Initializing a V1 LLM engine", file=sys.stderr, flush=True)
+    # One write, so that the two cores' lines cannot interleave in yapd's stderr (print
+    # writes the text and its newline apart).
+    os.write(2, f"(EngineCore pid={os.getpid()}) stand-in: Initializing a V1 LLM engine\n".encode())
     time.sleep(LOAD_S)
     os._exit(0)
 
