@@ -29,9 +29,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Test files run on up to 4 workers (one file's tests on one worker: they share its
+# daemons); most of the suite's time is spent waiting on real yapd processes.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 ## Lint, type-check and run the whole CPU test suite.
 test: install lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
