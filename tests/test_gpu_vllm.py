@@ -22,6 +22,7 @@ import pytest
 from tests.conftest import EngineCores, Yapd, recv, run_turn, send, until_done, ws_connect
 from tests.test_cli import yapctl
 from tests.test_protocol_e2e import check_turn
+from yapd.engines.vllm import starting_cores
 from yapd.mps import MPS_CONTROL, PIPE_ENV, PRIORITY_ENV, renumbered_devices
 from yapd.procfs import children
 
@@ -298,7 +299,7 @@ def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd):
     EngineCore: none of those reached yapd as its own. Then SIGTERM stops yapd with
     exit code 0, with its EngineCores gone (vLLM's shutdown SIGTERMs them once more)."""
     assert not [line for line in gpu_yapd.lines if "received: draining" in line]
-    cores = [p for p, c in _children(gpu_yapd.proc.pid) if "EngineCore" in c]
+    cores = starting_cores(gpu_yapd.proc.pid)
     assert len(cores) == 2, _children(gpu_yapd.proc.pid)
     with EngineCores() as watched:
         watched.watch(*cores)

@@ -55,8 +55,9 @@ def slow_bursts(sent_at: list[float], ttft_ms: list[float]) -> dict[str, Any] | 
     over = SLOW_OVER_P50 * statistics.median(ttft_ms)
     slow = sorted(t for t, ms in zip(sent_at, ttft_ms, strict=True) if ms > over)
     starts = [t for i, t in enumerate(slow) if i == 0 or t - slow[i - 1] >= BURST_APART_S]
+    first = min(sent_at)
     return {"over_ms": round(over, 2), "turns": len(slow), "of": len(ttft_ms), "bursts": len(starts),
-            "at_s": [round(t - min(sent_at), 2) for t in starts[:20]]}
+            "at_s": [round(t - first, 2) for t in starts[:20]]}
 
 
 @dataclass

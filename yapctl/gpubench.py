@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from yapctl import gpuenv
 from yapctl.bench import (
+    SLOW_OVER_P50,
     BenchConfig,
     BenchReport,
     TurnResult,
@@ -1251,9 +1252,10 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"| {c} | in yapd: chat first text p50 / p95 ms; first token sent after it and the "
                          f"decision p50 / p95 ms | {two('yapd', lvl, 'server_engine_text_ms', 'p50', 'p95')}; "
                          f"{two('yapd', lvl, 'first_token_after_ready_ms', 'p50', 'p95')} | - | - |")
-        slows = [data.get(ph, {}).get(lvl, {}).get("ttft_slow") for ph in ("yapd", "raw")]
+        slows = [said(ph, "ttft_slow") for ph in ("yapd", "raw")]
         if any(slows):
-            lines.append(f"| {c} | turns with TTFT over 2 x its p50 (raw: held for the decision): how many, in how "
+            lines.append(f"| {c} | turns with TTFT over {SLOW_OVER_P50:g} x its p50 (raw: held for the decision): "
+                         "how many, in how "
                          f"many bursts of starts (each burst's start, s into the level) | "
                          f"{' | '.join(slow_cell(x) for x in slows)} | - |")
         if data.get("yapd", {}).get(lvl, {}).get("loop_lag_ms"):
