@@ -3,10 +3,12 @@
 
 Each engine's start forks, from a worker thread as vLLM does, a child titled as vLLM
 titles its EngineCore, which prints a first line and then "loads" for ten minutes with
-no signal handler of its own (vLLM's EngineCore sets one only once it is built). The
-start waits for that child and fails when it ends, as vLLM's start does when its
-EngineCore dies. What is real: yapd, its stop, its search for EngineCores by title, the
-signals, and the fork with yapd's at-fork hooks.
+no signal handler of its own (vLLM's EngineCore sets one only once it is built). With
+``engines.start_method = "spawn"`` the child is spawned instead and stays untitled, as a
+spawned EngineCore is while it imports torch and vLLM. The start waits for that child
+and fails when it ends, as vLLM's start does when its EngineCore dies. What is real:
+yapd, its stop, its search for EngineCores, the signals, and the fork with yapd's
+at-fork hooks.
 
     python -m tests.loading_core --config FILE --admin-socket PATH
 """
@@ -29,8 +31,9 @@ from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineSt
 LOAD_S = 600.0
 
 
-def _core() -> None:
-    setproctitle.setproctitle("VLLM::EngineCore")
+def _core(titled: bool = True) -> None:
+    if titled:
+        setproctitle.setproctitle("VLLM::EngineCore")
     # One write, so that the two cores' lines cannot interleave in yapd's stderr (print
     # writes the text and its newline apart).
     os.write(2, f"(EngineCore pid={os.getpid()}) stand-in: Initializing a V1 LLM engine\n".encode())
@@ -44,6 +47,7 @@ class LoadingEngine(Engine):
     def __init__(self, role: str, cfg: Config) -> None:
         self.role = role
         self.model = getattr(cfg, role).model
+        self.method = cfg.engines.start_method
         self._state: EngineState = "stopped"
 
     @property
@@ -56,9 +60,9 @@ class LoadingEngine(Engine):
         self._state = "failed"
         raise EngineError(f"{self.role} engine failed to start: its EngineCore ended while loading (exit code {code})")
 
-    @staticmethod
-    def _fork_and_wait() -> int | None:
-        core = multiprocessing.get_context("fork").Process(target=_core, daemon=True)
+    def _fork_and_wait(self) -> int | None:
+        core = multiprocessing.get_context(self.method).Process(target=_core, args=(self.method == "fork",),
+                                                                daemon=True)
         core.start()
         core.join()
         return core.exitcode

@@ -404,17 +404,19 @@ def test_stopping_with_admin_clients_connected_logs_no_error(make_yapd):
     assert not errors, errors
 
 
-def test_a_stop_while_vllm_engines_load_ends_their_enginecores(make_yapd):
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_stop_while_vllm_engines_load_ends_their_enginecores(make_yapd, method):
     """SIGTERM while two vLLM engines load (stand-ins: tests/loading_core.py, whose
-    EngineCores are forked and "load" for ten minutes): yapd finds both EngineCores by
-    their title and ends them with SIGTERM, the starts fail, and yapd exits 0. Without
-    yapd's at-fork signal reset a loading core ignored that SIGTERM (ended by the SIGKILL
-    5 s later) and, before Python 3.12, passed it on to yapd's loop as a second SIGTERM:
-    exit 1 at once."""
-    d = make_yapd('''
+    EngineCores "load" for ten minutes): yapd finds both EngineCores, by their title when
+    forked, by multiprocessing's command line when spawned and not yet titled, and ends
+    them with SIGTERM; the starts fail, and yapd exits 0. Without yapd's at-fork signal
+    reset a forked core ignored that SIGTERM (ended by the SIGKILL 5 s later) and, before
+    Python 3.12, passed it on to yapd's loop as a second SIGTERM: exit 1 at once."""
+    d = make_yapd(f'''
 [engines]
 deploy = "both"
 mps = "off"
+start_method = "{method}"
 [chat]
 backend = "vllm"
 model = "stand-in/chat"

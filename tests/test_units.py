@@ -800,7 +800,8 @@ def test_first_tokens_per_step_groups_equal_stamps():
 
 def test_starting_cores_are_the_children_vllm_titled_enginecore():
     """Real child processes: one titled as vLLM titles an EngineCore (in its command line,
-    as setproctitle leaves it), one not; a grandchild with the title is not ours to end."""
+    as setproctitle leaves it), one started as multiprocessing's spawn starts one (not yet
+    titled: still importing), one neither; a grandchild with the title is not ours to end."""
     import contextlib
     import os
     import signal
@@ -815,17 +816,20 @@ def test_starting_cores_are_the_children_vllm_titled_enginecore():
              "time.sleep(60)', 'VLLM::' + 'EngineCore']); print(p.pid, flush=True); time.sleep(60)")
     core = subprocess.Popen([sys.executable, "-c", sleep, "VLLM::EngineCore"])
     other = subprocess.Popen([sys.executable, "-c", sleep, "something-else"])
+    # multiprocessing's spawn: -c 'from multiprocessing.spawn import spawn_main; spawn_main(...)'
+    spawned = subprocess.Popen([sys.executable, "-c", "from multiprocessing.spawn import spawn_main; "
+                                "import time; time.sleep(60)", "--multiprocessing-fork"])
     parent = subprocess.Popen([sys.executable, "-c", grand, "plain"], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout is not None
         grandchild = int(parent.stdout.readline())
         found = starting_cores()
-        assert core.pid in found and other.pid not in found and parent.pid not in found
+        assert core.pid in found and spawned.pid in found and other.pid not in found and parent.pid not in found
         assert grandchild not in found and starting_cores(parent.pid) == {grandchild}
     finally:
         with contextlib.suppress(NameError, ProcessLookupError):
             os.kill(grandchild, signal.SIGKILL)
-        for p in (core, other, parent):
+        for p in (core, spawned, other, parent):
             p.kill()
             p.wait()
 

@@ -342,15 +342,17 @@ class VllmEngine(Engine):
 
 
 # vLLM titles each EngineCore process VLLM::EngineCore (_DPn with data parallelism) as it
-# starts, long before it is ready.
-CORE_TITLE = b"::EngineCore"
+# starts, long before it is ready. A spawned one gets its title only after its interpreter
+# has imported torch and vLLM (10-20 s); until then multiprocessing's command line names it.
+CORE_MARKS = (b"::EngineCore", b"from multiprocessing.spawn import spawn_main")
 
 
 def starting_cores(parent: int | None = None) -> set[int]:
     """The vLLM EngineCore processes among ``parent``'s children (default: this process's),
-    found by their title: also those still loading, which no AsyncLLM names yet."""
+    found by their title, or as spawned children not yet titled: also those still
+    loading, which no AsyncLLM names yet."""
     kids = procfs.children(os.getpid() if parent is None else parent)
-    return {pid for pid, cmdline in kids.items() if CORE_TITLE in cmdline}
+    return {pid for pid, cmdline in kids.items() if any(mark in cmdline for mark in CORE_MARKS)}
 
 
 def core_pid(llm: Any) -> int | None:
