@@ -74,15 +74,19 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return [(kid, cmdline.replace(b"\0", b" ").decode()) for kid, cmdline in children(pid).items()]
 
 
-def test_gpu_stop_while_an_engine_loads_ends_its_enginecore(tmp_path):
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_gpu_stop_while_an_engine_loads_ends_its_enginecore(tmp_path, method):
     """SIGTERM while a vLLM engine loads (its own compile cache: a long first load) stops
     the daemon in seconds, not at the load's end: its EngineCore is ended, the start
-    fails, the daemon exits 0 and leaves no EngineCore behind. First in the module, while
-    the GPU is free (no MPS daemon of gpu_yapd's yet)."""
+    fails, the daemon exits 0 and leaves no EngineCore behind. Forked: at the core's first
+    line. Spawned: as the start begins, so that the core is ended while it still imports
+    torch and vLLM, untitled. First in the module, while the GPU is free (no MPS daemon of
+    gpu_yapd's yet)."""
     d = Yapd(tmp_path / "d", tmp_path / "cache", demo=False, config=f"""
 [engines]
 deploy = "chat"
 mps = "off"
+start_method = "{method}"
 [chat]
 model = "{MODEL}"
 backend = "vllm"
@@ -94,13 +98,27 @@ max_model_len = 2048
     d.start(wait=False)
     # What it got to is printed as it goes (run with -s): a run cut short says where.
     try:
-        line = d.wait_for("(EngineCore", timeout=300)  # the first line vLLM prefixes with the core's pid
-        core = int(re.search(r"\(EngineCore\S* pid=(\d+)\)", line).group(1))  # type: ignore[union-attr]
-        print(f"EngineCore pid={core} began {time.perf_counter() - started:.1f} s after the start", flush=True)
-        with EngineCores() as watched:
-            watched.watch(core)
+        if method == "fork":
+            line = d.wait_for("(EngineCore", timeout=300)  # the first line vLLM prefixes with the core's pid
+            core = int(re.search(r"\(EngineCore\S* pid=(\d+)\)", line).group(1))  # type: ignore[union-attr]
+            print(f"EngineCore pid={core} began {time.perf_counter() - started:.1f} s after the start", flush=True)
+            with EngineCores() as watched:
+                watched.watch(core)
+                rc, took = _stop_timed(d)
+                watched.assert_gone()
+        else:
+            d.wait_for("starting vLLM engine role=chat", timeout=300)
+            print(f"engine start began {time.perf_counter() - started:.1f} s after the start", flush=True)
             rc, took = _stop_timed(d)
-            watched.assert_gone()
+            line = d.wait_for("stopping while engines load: ending their EngineCore pid=", timeout=5)
+            core = int(line.rsplit("pid=", 1)[1].split()[0])
+            try:  # gone already (yapd has exited), or going
+                with EngineCores() as watched:
+                    watched.watch(core)
+                    watched.assert_gone()
+            except ProcessLookupError:
+                pass
+            assert not any("(EngineCore" in x for x in d.lines), "the core was ended after its import"
     finally:
         d.stop()
     assert rc == 0 and took < 30, (rc, took, "\n".join(d.lines[-40:]))
