@@ -48,6 +48,9 @@ def gpu_yapd(tmp_path_factory):
 deploy = "both"
 # Not the default ("equal" sets nothing): the chat engine below normal under MPS, checked below.
 mps_priority = "tool"
+# Named, not left to the default: the priority reaches only a forked EngineCore, and
+# test_gpu_engine_cores_are_forked_and_hold_no_yapd_socket checks forked cores.
+start_method = "fork"
 [chat]
 model = "{MODEL}"
 backend = "vllm"
