@@ -4,6 +4,8 @@
 Each engine's start forks, from a worker thread as vLLM does, a child titled as vLLM
 titles its EngineCore, which prints a first line and then "loads" for ten minutes with
 no signal handler of its own (vLLM's EngineCore sets one only once it is built). With
+LOADING_CORE_GATE set, a start first holds in its thread as vLLM's does while it imports
+and builds its config. With
 ``engines.start_method = "spawn"`` the child is spawned instead and stays untitled, as a
 spawned EngineCore is while it imports torch and vLLM. The start waits for that child
 and fails when it ends, as vLLM's start does when its EngineCore dies. What is real:
@@ -29,6 +31,7 @@ from yapd.config import Config
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineState, SamplingSpec
 
 LOAD_S = 600.0
+GATE_ENV = "LOADING_CORE_GATE"  # a FIFO: each start holds until it is opened for writing
 
 
 def _core(titled: bool = True) -> None:
@@ -56,11 +59,20 @@ class LoadingEngine(Engine):
 
     async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
         self._state = "starting"
-        code = await asyncio.to_thread(self._fork_and_wait)
-        self._state = "failed"
+        try:
+            code = await asyncio.to_thread(self._fork_and_wait)
+        finally:
+            self._state = "failed"
         raise EngineError(f"{self.role} engine failed to start: its EngineCore ended while loading (exit code {code})")
 
     def _fork_and_wait(self) -> int | None:
+        if gate := os.environ.get(GATE_ENV):
+            # vLLM's start before its EngineCore (its import, its config): seconds in this
+            # thread that nothing cuts short. Here: until the test opens the gate.
+            os.write(2, f"stand-in: {self.role} config step\n".encode())
+            with open(gate, "rb") as fifo:
+                fifo.read()
+            self.go_on("the config step")
         core = multiprocessing.get_context(self.method).Process(target=_core, args=(self.method == "fork",),
                                                                 daemon=True)
         core.start()

@@ -440,6 +440,35 @@ model = "stand-in/tool"
     assert "ended while loading (exit code -15)" in "\n".join(d.lines), "\n".join(d.lines[-20:])
 
 
+def test_a_stop_before_the_enginecore_exists_ends_the_start_after_its_step(make_yapd, tmp_path):
+    """SIGTERM while a vLLM start is still in yapd's own thread (importing vLLM, building
+    its config: steps nothing can cut short, 20-30 s from source on the H200): the start
+    ends after the step it is in, and no EngineCore is ever started. Without that, yapd
+    waited for vLLM to start the core before it could end it. The stand-in's config step
+    holds until the test opens a FIFO."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    d = make_yapd('''
+[engines]
+deploy = "chat"
+mps = "off"
+[chat]
+backend = "vllm"
+model = "stand-in/chat"
+''', start=False, demo=False, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                                   "LOADING_CORE_GATE": str(gate)})
+    d.entry = [sys.executable, "-m", "tests.loading_core"]
+    d.start(wait=False)
+    d.wait_for("stand-in: chat config step", timeout=120)
+    d.signal(signal.SIGTERM)
+    d.wait_for("stopping while engines load: each start ends after the step it is in", timeout=10)
+    with open(gate, "wb"):
+        pass  # the step ends
+    assert d.proc is not None and d.proc.wait(60) == 0, "\n".join(d.lines[-20:])
+    d.wait_for("stopped while starting: chat engine start abandoned after the config step", timeout=5)
+    assert not any("stand-in: Initializing" in line for line in d.lines), "\n".join(d.lines[-20:])
+
+
 def test_a_stop_between_two_engine_loads_begins_no_second_one(make_yapd, notify):
     """Engines loading one after the other: a SIGTERM during the first load lets it end
     (a CPU engine's load cannot be cut short) but begins no second one; exit 0."""

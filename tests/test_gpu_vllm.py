@@ -77,31 +77,33 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return [(kid, cmdline.replace(b"\0", b" ").decode()) for kid, cmdline in children(pid).items()]
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_gpu_stop_while_an_engine_loads_ends_its_enginecore(tmp_path, method):
+@pytest.mark.parametrize("when", ["fork", "spawn", "before-core"])
+def test_gpu_stop_while_an_engine_loads_ends_its_start(tmp_path, when):
     """SIGTERM while a vLLM engine loads (its own compile cache: a long first load) stops
-    the daemon in seconds, not at the load's end: its EngineCore is ended, the start
-    fails, the daemon exits 0 and leaves no EngineCore behind. Forked: at the core's first
-    line. Spawned: as the start begins, so that the core is ended while it still imports
-    torch and vLLM, untitled. First in the module, while the GPU is free (no MPS daemon of
-    gpu_yapd's yet)."""
+    the daemon in seconds, not at the load's end; it exits 0 and leaves no EngineCore.
+    fork: at a forked core's first line; the core is ended. spawn: as soon as a spawned
+    core exists, while it still imports torch and vLLM, untitled; the core is ended.
+    before-core: as vLLM's start begins in yapd's own thread (its config), before any
+    core; the start ends after that step and no core is started. First in the module,
+    while the GPU is free (no MPS daemon of gpu_yapd's yet)."""
     d = Yapd(tmp_path / "d", tmp_path / "cache", demo=False, config=f"""
 [engines]
 deploy = "chat"
 mps = "off"
-start_method = "{method}"
+start_method = "{"fork" if when == "fork" else "spawn"}"
 [chat]
 model = "{MODEL}"
 backend = "vllm"
 quantization = "none"
 gpu_memory_utilization = 0.15
 max_model_len = 2048
-""")
+""", env={"VLLM_LOGGING_STREAM": "ext://sys.stderr"})  # vLLM's lines beside yapd's, timed, in d.lines
     started = time.perf_counter()
     d.start(wait=False)
+    core = None
     # What it got to is printed as it goes (run with -s): a run cut short says where.
     try:
-        if method == "fork":
+        if when == "fork":
             line = d.wait_for("(EngineCore", timeout=300)  # the first line vLLM prefixes with the core's pid
             core = int(re.search(r"\(EngineCore\S* pid=(\d+)\)", line).group(1))  # type: ignore[union-attr]
             print(f"EngineCore pid={core} began {time.perf_counter() - started:.1f} s after the start", flush=True)
@@ -109,23 +111,45 @@ max_model_len = 2048
                 watched.watch(core)
                 rc, took = _stop_timed(d)
                 watched.assert_gone()
+        elif when == "spawn":
+            d.wait_for("vLLM config took", timeout=300)
+            core, title = _first_core(d)
+            print(f"EngineCore pid={core} spawned {time.perf_counter() - started:.1f} s after the start: {title}",
+                  flush=True)
+            assert "spawn_main" in title, title  # not yet titled: still importing
+            with EngineCores() as watched:
+                watched.watch(core)
+                rc, took = _stop_timed(d)
+                watched.assert_gone()
+            assert not any("(EngineCore" in x for x in d.lines), "the core was ended after its import"
         else:
             d.wait_for("starting vLLM engine role=chat", timeout=300)
             print(f"engine start began {time.perf_counter() - started:.1f} s after the start", flush=True)
             rc, took = _stop_timed(d)
-            line = d.wait_for("stopping while engines load: ending their EngineCore pid=", timeout=5)
-            core = int(line.rsplit("pid=", 1)[1].split()[0])
-            try:  # gone already (yapd has exited), or going
-                with EngineCores() as watched:
-                    watched.watch(core)
-                    watched.assert_gone()
-            except ProcessLookupError:
-                pass
-            assert not any("(EngineCore" in x for x in d.lines), "the core was ended after its import"
+            d.wait_for("stopped while starting: chat engine start abandoned after", timeout=5)
+            assert not any("ending their EngineCore" in x or "(EngineCore" in x for x in d.lines)
+    except BaseException:
+        print("\n".join(d.lines[-60:]), flush=True)  # here as it fails: a run cut short has no summary
+        raise
     finally:
         d.stop()
-    assert rc == 0 and took < 30, (rc, took, "\n".join(d.lines[-40:]))
-    d.wait_for(f"stopping while engines load: ending their EngineCore pid={core}", timeout=5)
+    print("\n".join(x for x in d.lines if "took" in x or "stop" in x), flush=True)
+    assert rc == 0 and took < 30, (rc, took)
+    if core is not None:
+        d.wait_for(f"stopping while engines load: ending their EngineCore pid={core}", timeout=5)
+
+
+def _first_core(d: Yapd, timeout: float = 120) -> tuple[int, str]:
+    """yapd's first EngineCore child and its command line, as soon as it exists (polled:
+    nothing tells another process of a child's birth)."""
+    assert d.proc is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cores := starting_cores(d.proc.pid):
+            pid = min(cores)
+            return pid, dict(_children(d.proc.pid)).get(pid, "")
+        time.sleep(0.02)
+    raise AssertionError(f"no EngineCore {timeout} s after vLLM's config:\n" + "\n".join(d.lines[-40:]))
 
 
 def _stop_timed(d: Yapd) -> tuple[int, float]:

@@ -195,6 +195,8 @@ class Daemon:
         for role, eng in engines.items():
             self.rt.engines[role] = eng
             self.rt.metrics.engine_up.labels(role).set(0)
+        if self._stop.is_set():  # stopped while it made ready (an AWQ build, MPS)
+            raise EngineError("stopping before the engines loaded")
         self.notifier.status(f"loading engines: {', '.join(f'{r}={e.model}' for r, e in engines.items())}")
         parallel = self.cfg.engines.start_in_parallel and await asyncio.to_thread(
             can_start_together, list(engines.values()))
@@ -393,9 +395,14 @@ class Daemon:
         is still there CORE_KILL_AFTER_S later). A cold load takes minutes, more than
         systemd's stop timeout; with its EngineCore gone a start fails at once, and the
         daemon, stopping, exits as after any failed start. Looked for until no engine is
-        loading: a core may be forked after the stop (vLLM's import comes first)."""
+        loading: a core may be forked after the stop (vLLM's import comes first). A start
+        that has no core yet ends after the step it is in (abandon_start)."""
         from yapd.engines.vllm import starting_cores
 
+        for eng in self.rt.engines.values():
+            eng.abandon_start()
+        if any(e.health().state == "starting" for e in self.rt.engines.values()):
+            log.info("stopping while engines load: each start ends after the step it is in")
         ended: dict[int, float] = {}
         while any(e.backend == "vllm" and e.health().state == "starting" for e in self.rt.engines.values()):
             serving = {e.describe().get("pid") for e in self.rt.engines.values()}

@@ -79,6 +79,8 @@ class Engine(abc.ABC):
     # at the same time makes that reading wrong (seen on the H100: "-7.21 GiB
     # available"); it may once a memory plan is recorded (yapd.engines.memplan).
     parallel_start_safe: bool = True
+    # Set for good by a stop (abandon_start); read by the start's own thread.
+    start_abandoned: bool = False
 
     @property
     @abc.abstractmethod
@@ -92,6 +94,17 @@ class Engine(abc.ABC):
 
     def forget_memory_plan(self) -> None:  # noqa: B027 - a hook: only vLLM engines keep plans
         """Drop what made a side-by-side start look safe (it just failed)."""
+
+    def abandon_start(self) -> None:
+        """The daemon is stopping: this engine's start, in progress or to come, fails at
+        its next go_on()."""
+        self.start_abandoned = True
+
+    def go_on(self, step: str) -> None:
+        """Called by a start (from any thread) after each of its steps that nothing can cut
+        short (an import, vLLM's config): after a stop, the start ends there."""
+        if self.start_abandoned:
+            raise EngineError(f"{self.role} engine start abandoned after {step}: the daemon is stopping")
 
     @abc.abstractmethod
     def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec, request_id: str) -> AsyncIterator[Delta]: ...

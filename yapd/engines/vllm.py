@@ -250,20 +250,31 @@ class VllmEngine(Engine):
         plan = self.memory_plan()
         if alongside and plan is not None:
             kwargs["kv_cache_memory_bytes"] = plan.kv_cache_memory_bytes
-        import vllm.v1.engine.async_llm  # noqa: F401 - here, off the event loop
+        import vllm.engine.arg_utils  # here, off the event loop
+        import vllm.v1.engine.async_llm  # noqa: F401
 
         log.info("loading vLLM took %.1f s role=%s", time.perf_counter() - t0, self.role)
+        self.go_on("loading vLLM")
         return kwargs, plan
 
-    @staticmethod
-    def _build(kwargs: dict[str, Any], child_env: dict[str, str]) -> Any:
+    def _build(self, kwargs: dict[str, Any], child_env: dict[str, str]) -> Any:
+        """AsyncLLM.from_engine_args in its two steps, so that a stop between them ends
+        the start before any EngineCore exists."""
         from vllm import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        t0 = time.perf_counter()
         # Every process this thread forks while vLLM starts (the EngineCore; with data
         # parallelism, each of them) gets ``child_env``.
         with forking.child_environment(child_env):
-            return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+            args = AsyncEngineArgs(**kwargs)
+            config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+            log.info("vLLM config took %.1f s role=%s", time.perf_counter() - t0, self.role)
+            self.go_on("vLLM's config")
+            return AsyncLLM.from_vllm_config(config, usage_context=UsageContext.ENGINE_CONTEXT,
+                                             enable_log_requests=args.enable_log_requests,
+                                             disable_log_stats=args.disable_log_stats)
 
     def _child_env_note(self, child_env: dict[str, str], used: str | None) -> None:
         """Say whether the EngineCore got ``child_env``: only a forked one can (a spawned
