@@ -401,7 +401,7 @@ class Daemon:
 
         for eng in self.rt.engines.values():
             eng.abandon_start()
-        if any(e.health().state == "starting" for e in self.rt.engines.values()):
+        if any(e.backend == "vllm" and e.health().state == "starting" for e in self.rt.engines.values()):
             log.info("stopping while engines load: each start ends after the step it is in")
         ended: dict[int, float] = {}
         while any(e.backend == "vllm" and e.health().state == "starting" for e in self.rt.engines.values()):
