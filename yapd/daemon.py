@@ -399,12 +399,15 @@ class Daemon:
         that has no core yet ends after the step it is in (abandon_start)."""
         from yapd.engines.vllm import starting_cores
 
+        def vllm_loading() -> bool:
+            return any(e.backend == "vllm" and e.health().state == "starting" for e in self.rt.engines.values())
+
         for eng in self.rt.engines.values():
             eng.abandon_start()
-        if any(e.backend == "vllm" and e.health().state == "starting" for e in self.rt.engines.values()):
+        if vllm_loading():
             log.info("stopping while engines load: each start ends after the step it is in")
         ended: dict[int, float] = {}
-        while any(e.backend == "vllm" and e.health().state == "starting" for e in self.rt.engines.values()):
+        while vllm_loading():
             serving = {e.describe().get("pid") for e in self.rt.engines.values()}
             now = time.monotonic()
             for pid in sorted(starting_cores() - serving):
