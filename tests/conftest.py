@@ -126,7 +126,7 @@ def control_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     tool.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{MPS_STANDIN}" "$@"\n')
     tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    for var in (mps.PIPE_ENV, mps.LOG_ENV, "STANDIN_FAIL", "STANDIN_DEAF"):
+    for var in (mps.PIPE_ENV, mps.LOG_ENV, "STANDIN_FAIL", "STANDIN_DEAF", "STANDIN_GATE"):
         monkeypatch.delenv(var, raising=False)
     return tool
 

@@ -5,7 +5,8 @@ the client, sending the command on stdin to that socket. Every step goes to
 $CUDA_MPS_LOG_DIRECTORY/control.log, as the real daemon logs there.
 
 Knobs: STANDIN_FAIL=1 exits at once (a daemon that will not start); STANDIN_DEAF=1
-ignores ``quit`` (a daemon that hangs on stop).
+ignores ``quit`` (a daemon that hangs on stop); STANDIN_GATE=FIFO: the daemon answers only
+once that FIFO has been opened for writing and closed (a slow start, held by the test).
 """
 
 import os
@@ -25,6 +26,9 @@ if sys.argv[1:] == ["-f"]:
     if os.environ.get("STANDIN_FAIL"):
         print("cannot start: no GPU here", flush=True)
         sys.exit(3)
+    if gate := os.environ.get("STANDIN_GATE"):
+        with open(gate, "rb") as held:
+            held.read()
     if os.path.exists(path):
         os.unlink(path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

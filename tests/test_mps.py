@@ -332,6 +332,22 @@ def test_a_real_yapd_runs_its_daemon_before_its_engines_and_stops_it_after(make_
     assert max(stopped) < text.index("MPS control daemon stopped") < text.index("yapd.daemon: stopped")
 
 
+def test_a_stop_while_the_mps_daemon_starts_begins_no_engine_load(make_yapd, control_binary, tmp_path):
+    """SIGTERM while yapd waits for its MPS daemon (held here on a FIFO), before any engine
+    loads: once the daemon is up, no engine begins to load; yapd exits 0."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    d = make_yapd(start=False, env={"YAPD_DEBUG_MPS_BACKENDS": "cpu", "PATH": os.environ["PATH"],
+                                    "STANDIN_GATE": str(gate)})
+    d.start(wait=False)
+    with open(gate, "wb"):  # opens once the daemon being started waits on it
+        d.signal(signal.SIGTERM)
+        d.wait_for("SIGTERM received", 10)
+    assert d.proc is not None and d.proc.wait(60) == 0, "\n".join(d.lines[-20:])
+    d.wait_for("stopped while starting: stopping before the engines loaded", 5)
+    assert not any("engine started role=" in line for line in d.lines), "\n".join(d.lines[-20:])
+
+
 def test_a_real_yapd_whose_engines_fail_under_mps_starts_them_without(make_yapd, control_binary, tmp_path):
     """A start that fails under the daemon "auto" started is tried once more without it
     (here the model is missing, so that fails too: the start fails, the daemon is gone)."""
