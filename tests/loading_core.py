@@ -6,10 +6,10 @@ titles its EngineCore, which prints a first line and then "loads" for ten minute
 no signal handler of its own (vLLM's EngineCore sets one only once it is built). With
 LOADING_CORE_GATE set, a start first holds in its thread as vLLM's does while it imports
 and builds its config. With ``engines.start_method = "spawn"`` the child is spawned
-instead and stays untitled, as a spawned EngineCore is while it imports torch and vLLM. The start waits for that child
-and fails when it ends, as vLLM's start does when its EngineCore dies. What is real:
-yapd, its stop, its search for EngineCores, the signals, and the fork with yapd's
-at-fork hooks.
+instead and stays untitled, as a spawned EngineCore is while it imports torch and vLLM.
+The start waits for that child and fails when it ends, as vLLM's start does when its
+EngineCore dies. What is real: yapd, its stop, its search for EngineCores, the signals,
+and the fork with yapd's at-fork hooks.
 
     python -m tests.loading_core --config FILE --admin-socket PATH
 """
