@@ -5,11 +5,12 @@ Each engine's start forks, from a worker thread as vLLM does, a child titled as 
 titles its EngineCore, which prints a first line and then "loads" for ten minutes with
 no signal handler of its own (vLLM's EngineCore sets one only once it is built). With
 LOADING_CORE_GATE set, a start first holds in its thread as vLLM's does while it imports
-and builds its config. With ``engines.start_method = "spawn"`` the child is spawned
-instead and stays untitled, as a spawned EngineCore is while it imports torch and vLLM.
-The start waits for that child and fails when it ends, as vLLM's start does when its
-EngineCore dies. What is real: yapd, its stop, its search for EngineCores, the signals,
-and the fork with yapd's at-fork hooks.
+and builds its config; with LOADING_CORE_INSPECT, it then runs a child with the command
+line of vLLM's model inspection, for ten minutes. With ``engines.start_method = "spawn"``
+the child is spawned instead and stays untitled, as a spawned EngineCore is while it
+imports torch and vLLM. The start waits for that child and fails when it ends, as vLLM's
+start does when its EngineCore dies. What is real: yapd, its stop, its search for
+EngineCores, the signals, and the fork with yapd's at-fork hooks.
 
     python -m tests.loading_core --config FILE --admin-socket PATH
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -31,6 +33,7 @@ from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineSt
 
 LOAD_S = 600.0
 GATE_ENV = "LOADING_CORE_GATE"  # a FIFO: each start holds until it is opened for writing
+INSPECT_ENV = "LOADING_CORE_INSPECT"  # set: each start inspects its model as vLLM does on a cache miss
 
 
 def _core(titled: bool = True) -> None:
@@ -60,6 +63,10 @@ class LoadingEngine(Engine):
         self._state = "starting"
         try:
             code = await asyncio.to_thread(self._fork_and_wait)
+        except EngineError:
+            raise
+        except RuntimeError as exc:  # as vLLM's start raises when its model inspection fails
+            raise self.start_error(exc) from exc
         finally:
             self._state = "failed"
         raise EngineError(f"{self.role} engine failed to start: its EngineCore ended while loading (exit code {code})")
@@ -72,6 +79,13 @@ class LoadingEngine(Engine):
             with open(gate, "rb") as fifo:
                 fifo.read()
             self.go_on("the config step")
+        if os.environ.get(INSPECT_ENV):
+            # vLLM's config inspecting the model class in a fresh interpreter (a cache miss)
+            inspection = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({LOAD_S})",
+                                           "-m", "vllm.model_executor.models.registry"])
+            os.write(2, f"stand-in: {self.role} model inspection pid={inspection.pid}\n".encode())
+            if inspection.wait() != 0:
+                raise RuntimeError(f"Error raised in subprocess: exit code {inspection.returncode}")
         core = multiprocessing.get_context(self.method).Process(target=_core, args=(self.method == "fork",),
                                                                 daemon=True)
         core.start()

@@ -469,6 +469,31 @@ model = "stand-in/chat"
     assert not any("stand-in: Initializing" in line for line in d.lines), "\n".join(d.lines[-20:])
 
 
+def test_a_stop_while_vllm_inspects_the_model_ends_the_inspection(make_yapd):
+    """SIGTERM while vLLM's config inspects the model class in a fresh interpreter (on a
+    miss of its cache: 20 s from source on the H200, before any EngineCore): yapd ends
+    that process too, the start fails at once as abandoned, and yapd exits 0 with no core
+    started. Without it yapd waited out the inspection (here: ten minutes)."""
+    d = make_yapd('''
+[engines]
+deploy = "chat"
+mps = "off"
+[chat]
+backend = "vllm"
+model = "stand-in/chat"
+''', start=False, demo=False, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                                   "LOADING_CORE_INSPECT": "1"})
+    d.entry = [sys.executable, "-m", "tests.loading_core"]
+    d.start(wait=False)
+    pid = int(d.wait_for("stand-in: chat model inspection pid=", timeout=120).rsplit("=", 1)[1])
+    d.signal(signal.SIGTERM)
+    assert d.proc is not None and d.proc.wait(60) == 0, "\n".join(d.lines[-20:])
+    d.wait_for(f"stopping while engines load: ending their model inspection pid={pid}", timeout=5)
+    d.wait_for("stopped while starting: chat engine start abandoned: the daemon is stopping "
+               "(Error raised in subprocess: exit code -15)", timeout=5)
+    assert not any("stand-in: Initializing" in line for line in d.lines), "\n".join(d.lines[-20:])
+
+
 def test_a_stop_between_two_engine_loads_begins_no_second_one(make_yapd, notify):
     """Engines loading one after the other: a SIGTERM during the first load lets it end
     (a CPU engine's load cannot be cut short) but begins no second one; exit 0."""

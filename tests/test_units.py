@@ -801,14 +801,15 @@ def test_first_tokens_per_step_groups_equal_stamps():
 def test_starting_cores_are_the_children_vllm_titled_enginecore():
     """Real child processes: one titled as vLLM titles an EngineCore (in its command line,
     as setproctitle leaves it), one started as multiprocessing's spawn starts one (not yet
-    titled: still importing), one neither; a grandchild with the title is not ours to end."""
+    titled: still importing), one with the command line of vLLM's model inspection, one
+    none of these; a grandchild with the title is not ours to end."""
     import contextlib
     import os
     import signal
     import subprocess
     import sys
 
-    from yapd.engines.vllm import starting_cores
+    from yapd.engines.vllm import start_children, starting_cores
 
     sleep = "import subprocess, sys, time; time.sleep(60)"
     # (the title joined in the grandchild: the parent's own command line must not hold it)
@@ -819,6 +820,8 @@ def test_starting_cores_are_the_children_vllm_titled_enginecore():
     # multiprocessing's spawn: -c 'from multiprocessing.spawn import spawn_main; spawn_main(...)'
     spawned = subprocess.Popen([sys.executable, "-c", "from multiprocessing.spawn import spawn_main; "
                                 "import time; time.sleep(60)", "--multiprocessing-fork"])
+    # vLLM runs: python -m vllm.model_executor.models.registry
+    inspection = subprocess.Popen([sys.executable, "-c", sleep, "-m", "vllm.model_executor.models.registry"])
     parent = subprocess.Popen([sys.executable, "-c", grand, "plain"], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout is not None
@@ -826,10 +829,13 @@ def test_starting_cores_are_the_children_vllm_titled_enginecore():
         found = starting_cores()
         assert core.pid in found and spawned.pid in found and other.pid not in found and parent.pid not in found
         assert grandchild not in found and starting_cores(parent.pid) == {grandchild}
+        kinds = start_children()
+        assert kinds[inspection.pid] == "model inspection" and inspection.pid not in found
+        assert kinds[core.pid] == kinds[spawned.pid] == "EngineCore" and other.pid not in kinds
     finally:
         with contextlib.suppress(NameError, ProcessLookupError):
             os.kill(grandchild, signal.SIGKILL)
-        for p in (core, spawned, other, parent):
+        for p in (core, spawned, other, inspection, parent):
             p.kill()
             p.wait()
 

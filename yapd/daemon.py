@@ -391,13 +391,14 @@ class Daemon:
         self._spawn(self._end_engine_starts())
 
     async def _end_engine_starts(self) -> None:
-        """A stop while vLLM engines load: end their EngineCores (SIGTERM, SIGKILL if one
-        is still there CORE_KILL_AFTER_S later). A cold load takes minutes, more than
+        """A stop while vLLM engines load: end their EngineCores and model inspections
+        (SIGTERM, SIGKILL if one is still there CORE_KILL_AFTER_S later). A cold load takes minutes, more than
         systemd's stop timeout; with its EngineCore gone a start fails at once, and the
         daemon, stopping, exits as after any failed start. Looked for until no engine is
         loading: a core may be forked after the stop (vLLM's import comes first). A start
-        that has no core yet ends after the step it is in (abandon_start)."""
-        from yapd.engines.vllm import starting_cores
+        that has no core yet ends after the step it is in (abandon_start), or, in vLLM's
+        config, as its model inspection is ended."""
+        from yapd.engines.vllm import start_children
 
         def vllm_loading() -> bool:
             return any(e.backend == "vllm" and e.health().state == "starting" for e in self.rt.engines.values())
@@ -410,9 +411,11 @@ class Daemon:
         while vllm_loading():
             serving = {e.describe().get("pid") for e in self.rt.engines.values()}
             now = time.monotonic()
-            for pid in sorted(starting_cores() - serving):
+            for pid, what in sorted(start_children().items()):
+                if pid in serving:
+                    continue
                 if pid not in ended:
-                    log.info("stopping while engines load: ending their EngineCore pid=%d", pid)
+                    log.info("stopping while engines load: ending their %s pid=%d", what, pid)
                     sig = signal.SIGTERM
                 elif now - ended[pid] > CORE_KILL_AFTER_S:
                     sig = signal.SIGKILL  # busy in a CUDA call, it has not got to its handler

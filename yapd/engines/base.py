@@ -100,6 +100,13 @@ class Engine(abc.ABC):
         its next go_on()."""
         self.start_abandoned = True
 
+    def start_error(self, exc: Exception) -> EngineError:
+        """What a start that raised ``exc`` fails with: abandoned after a stop (which may
+        have ended the process the start waited on), failed otherwise."""
+        if self.start_abandoned:
+            return EngineError(f"{self.role} engine start abandoned: the daemon is stopping ({exc})")
+        return EngineError(f"{self.role} engine failed to start {self.model}: {exc}")
+
     def go_on(self, step: str) -> None:
         """Called by a start (from any thread) after each of its steps that nothing can cut
         short (an import, vLLM's config): after a stop, the start ends there."""

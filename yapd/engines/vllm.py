@@ -238,7 +238,7 @@ class VllmEngine(Engine):
             raise
         except Exception as exc:
             self._state, self._detail = "failed", f"start failed: {exc}"
-            raise EngineError(f"{self.role} engine failed to start {self.model}: {exc}") from exc
+            raise self.start_error(exc) from exc
         self.start_seconds = round(time.perf_counter() - t0, 1)
         self._state, self._detail = "ready", ""
 
@@ -352,18 +352,30 @@ class VllmEngine(Engine):
         return core_pid(self._llm)
 
 
-# vLLM titles each EngineCore process VLLM::EngineCore (_DPn with data parallelism) as it
-# starts, long before it is ready. A spawned one gets its title only after its interpreter
-# has imported torch and vLLM (10-20 s); until then multiprocessing's command line names it.
-CORE_MARKS = (b"::EngineCore", b"from multiprocessing.spawn import spawn_main")
+# vLLM's own processes while an engine starts, by what their command lines hold. vLLM
+# titles each EngineCore VLLM::EngineCore (_DPn with data parallelism) as it starts, long
+# before it is ready; a spawned one gets its title only after its interpreter has imported
+# torch and vLLM (10-20 s), and until then multiprocessing's command line names it. Before
+# any core, vLLM's config inspects the model's class in a fresh interpreter when its cache
+# (VLLM_CACHE_ROOT/modelinfos) has no entry for it: 20 s from source on the H200.
+START_CHILDREN = {
+    b"::EngineCore": "EngineCore",
+    b"from multiprocessing.spawn import spawn_main": "EngineCore",
+    b"vllm.model_executor.models.registry": "model inspection",
+}
+
+
+def start_children(parent: int | None = None) -> dict[int, str]:
+    """vLLM's start processes among ``parent``'s children (default: this process's), each
+    with what it is: "EngineCore" (also one still loading, which no AsyncLLM names yet) or
+    "model inspection"."""
+    kids = procfs.children(os.getpid() if parent is None else parent)
+    return {pid: what for pid, cmdline in kids.items() for mark, what in START_CHILDREN.items() if mark in cmdline}
 
 
 def starting_cores(parent: int | None = None) -> set[int]:
-    """The vLLM EngineCore processes among ``parent``'s children (default: this process's),
-    found by their title, or as spawned children not yet titled: also those still
-    loading, which no AsyncLLM names yet."""
-    kids = procfs.children(os.getpid() if parent is None else parent)
-    return {pid for pid, cmdline in kids.items() if any(mark in cmdline for mark in CORE_MARKS)}
+    """The vLLM EngineCore processes among ``parent``'s children (see start_children)."""
+    return {pid for pid, what in start_children(parent).items() if what == "EngineCore"}
 
 
 def core_pid(llm: Any) -> int | None:
