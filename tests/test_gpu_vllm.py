@@ -69,6 +69,8 @@ extra_engine_args = {{ disable_log_stats = false }}
 concurrent = true
 """, server={"max_connections": 32})
     d.start(timeout=600)
+    # Where the start's time went, in every run's log
+    print("\n".join(x for x in d.lines if " took " in x or "engine started" in x), flush=True)
     yield d
     d.stop(60)
 
