@@ -4,6 +4,7 @@ real; the MPS daemon's lifecycle against a stand-in control binary (MPS needs a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -714,3 +715,55 @@ def test_cpu_meter_counts_a_process_cpu_time_per_turn():
         sum(range(10_000))
     used = meter.per_turn_ms(2)
     assert set(used) == {"me"} and 50 <= used["me"] < 500, used
+
+
+def test_a_phase_run_again_drops_the_error_an_earlier_call_left(tmp_path, monkeypatch):
+    """A call cut short leaves its phase's error in the file; the call that runs the phase
+    again must not carry it beside its own figures (run u-fork's file did, 2026-12-03)."""
+    from yapctl import gpubench
+
+    async def failing(res, setup):
+        raise RuntimeError("yapd exited 1")
+
+    async def working(res, setup):
+        res.put("raw", "c1", {"turns": 1})
+
+    base = [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--name", "t",
+            "--phases", "raw"]
+    monkeypatch.setitem(gpubench.PHASES, "raw", failing)
+    assert main(base) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["raw"]["error"] == "RuntimeError: yapd exited 1"
+    monkeypatch.setitem(gpubench.PHASES, "raw", working)
+    assert main(base) == 0
+    raw = json.loads((tmp_path / "t.json").read_text())["raw"]
+    assert raw["c1"] == {"turns": 1} and "error" not in raw
+
+
+def test_a_killed_bench_takes_the_yapd_it_started_with_it(tmp_path, cache_dir):
+    """A device call's time limit ends the bench mid-phase. The yapd it started lived on,
+    holding the port and the GPU, and the next call's yapd could not bind (2026-12-03):
+    now the kernel sends it SIGTERM when the bench dies, even by SIGKILL, and it stops as
+    on any SIGTERM."""
+    import select
+    import signal
+
+    cfg, log = tmp_path / "yapd.toml", tmp_path / "yapd.log"
+    cfg.write_text('demo = true\n[server]\nhost = "127.0.0.1"\nport = 0\napi_keys = ["k"]\n')
+    bench = ("import sys, time; from pathlib import Path; from yapctl.gpubench import start_yapd; "
+             "proc, _ = start_yapd(Path(sys.argv[1]), Path(sys.argv[2])); print(proc.pid, flush=True); "
+             "time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", bench, str(cfg), str(log)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "YAP_CACHE_DIR": str(cache_dir)})
+    try:
+        assert proc.stdout is not None
+        yapd = os.pidfd_open(int(proc.stdout.readline()))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    try:
+        assert select.select([yapd], [], [], 30)[0], "yapd outlived the bench"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the process itself, even if its pid is reused
+            signal.pidfd_send_signal(yapd, signal.SIGKILL)
+        os.close(yapd)
+    assert "SIGTERM received" in log.read_text() and "yapd.daemon: stopped" in log.read_text()

@@ -293,13 +293,33 @@ def _gpu_name() -> str:
 # --- yapd -------------------------------------------------------------------------
 
 
+def ends_with_us() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for a server the bench starts: the kernel sends it SIGTERM when the
+    bench dies, even by SIGKILL, and the server stops as on any SIGTERM. A device call's
+    time limit ends the bench mid-phase; its yapd lived on, holding the port and the GPU,
+    and the next call's yapd could not bind (2026-12-03). Linux only (``prctl``)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+    bench = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != bench:  # the bench died before that: nobody to serve
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 def start_yapd(cfg_path: Path, log: Path) -> tuple[subprocess.Popen[bytes], float]:
     t0 = time.perf_counter()
     offset = log.stat().st_size if log.exists() else 0  # the log is appended to: read only this start's lines
     out = log.open("ab")  # vLLM's own lines (phase timings) go to stdout: keep them
     proc = subprocess.Popen([sys.executable, "-m", "yapd", "--config", str(cfg_path), "--admin-socket",
                              str(cfg_path.parent / "admin.sock")], stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=ends_with_us())
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"yapd exited {proc.returncode}; see {log}")
@@ -990,7 +1010,8 @@ def _serve(kw: dict[str, Any], port: int, log: Path, env: dict[str, str]) -> sub
             "--port", str(port), "--host", "127.0.0.1", "--disable-log-stats"]
     if kw.get("quantization"):
         args += ["--quantization", kw["quantization"]]
-    return subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=ends_with_us())
 
 
 async def phase_serve(res: Results, s: Setup) -> None:
@@ -1478,6 +1499,7 @@ def main(argv: list[str] | None = None) -> int:
                     mps.stop()
                 elif mps is not None:
                     mps.start()
+                res.data.get(ph, {}).pop("error", None)  # an earlier call's, for this one to replace
                 res.put(ph, "host", host_identity())
                 _run(PHASES[ph](res, setup), setup.event_loop)
             except Exception as exc:
