@@ -394,10 +394,10 @@ class Daemon:
         """A stop while vLLM engines load: end their EngineCores and model inspections
         (SIGTERM, SIGKILL if one is still there CORE_KILL_AFTER_S later). A cold load
         takes minutes, more than systemd's stop timeout; with its EngineCore gone a start
-        fails at once, and the daemon, stopping, exits as after any failed start. Looked for until no engine is
-        loading: a core may be forked after the stop (vLLM's import comes first). A start
-        that has no core yet ends after the step it is in (abandon_start), or, in vLLM's
-        config, as its model inspection is ended."""
+        fails at once, and the daemon, stopping, exits as after any failed start. Looked
+        for until no engine is loading: a core may be forked after the stop (vLLM's
+        import comes first). A start that has no core yet ends after the step it is in
+        (abandon_start), or, in vLLM's config, as its model inspection is ended."""
         from yapd.engines.vllm import start_children
 
         def vllm_loading() -> bool:
