@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -404,6 +405,27 @@ def test_stopping_with_admin_clients_connected_logs_no_error(make_yapd):
     assert not errors, errors
 
 
+# One vLLM chat engine, a stand-in of tests/loading_core.py.
+STAND_IN_CHAT = '''
+[engines]
+deploy = "chat"
+mps = "off"
+[chat]
+backend = "vllm"
+model = "stand-in/chat"
+'''
+
+
+def loading_yapd(make_yapd: Any, config: str, **env: str) -> Any:
+    """yapd with tests/loading_core.py's stand-in vLLM engines (``env``: its knobs),
+    started without waiting for READY: its engines never finish loading."""
+    d = make_yapd(config, start=False, demo=False,
+                  env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent), **env})
+    d.entry = [sys.executable, "-m", "tests.loading_core"]
+    d.start(wait=False)
+    return d
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_a_stop_while_vllm_engines_load_ends_their_enginecores(make_yapd, method):
     """SIGTERM while two vLLM engines load (stand-ins: tests/loading_core.py, whose
@@ -412,7 +434,7 @@ def test_a_stop_while_vllm_engines_load_ends_their_enginecores(make_yapd, method
     them with SIGTERM; the starts fail, and yapd exits 0. Without yapd's at-fork signal
     reset a forked core ignored that SIGTERM (ended by the SIGKILL 5 s later) and, before
     Python 3.12, passed it on to yapd's loop as a second SIGTERM: exit 1 at once."""
-    d = make_yapd(f'''
+    d = loading_yapd(make_yapd, f'''
 [engines]
 deploy = "both"
 mps = "off"
@@ -423,9 +445,7 @@ model = "stand-in/chat"
 [tool]
 backend = "vllm"
 model = "stand-in/tool"
-''', start=False, demo=False, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    d.entry = [sys.executable, "-m", "tests.loading_core"]
-    d.start(wait=False)
+''')
     d.wait_for("stand-in: Initializing a V1 LLM engine", timeout=120, count=2)
     cores = [int(line.split("pid=")[1].split(")")[0]) for line in d.lines if "stand-in: Initializing" in line]
     with EngineCores() as watched:
@@ -448,17 +468,7 @@ def test_a_stop_before_the_enginecore_exists_ends_the_start_after_its_step(make_
     holds until the test opens a FIFO."""
     gate = tmp_path / "gate"
     os.mkfifo(gate)
-    d = make_yapd('''
-[engines]
-deploy = "chat"
-mps = "off"
-[chat]
-backend = "vllm"
-model = "stand-in/chat"
-''', start=False, demo=False, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-                                   "LOADING_CORE_GATE": str(gate)})
-    d.entry = [sys.executable, "-m", "tests.loading_core"]
-    d.start(wait=False)
+    d = loading_yapd(make_yapd, STAND_IN_CHAT, LOADING_CORE_GATE=str(gate))
     d.wait_for("stand-in: chat config step", timeout=120)
     d.signal(signal.SIGTERM)
     d.wait_for("stopping while engines load: each start ends after the step it is in", timeout=10)
@@ -474,17 +484,7 @@ def test_a_stop_while_vllm_inspects_the_model_ends_the_inspection(make_yapd):
     miss of its cache: 20 s from source on the H200, before any EngineCore): yapd ends
     that process too, the start fails at once as abandoned, and yapd exits 0 with no core
     started. Without it yapd waited out the inspection (here: ten minutes)."""
-    d = make_yapd('''
-[engines]
-deploy = "chat"
-mps = "off"
-[chat]
-backend = "vllm"
-model = "stand-in/chat"
-''', start=False, demo=False, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-                                   "LOADING_CORE_INSPECT": "1"})
-    d.entry = [sys.executable, "-m", "tests.loading_core"]
-    d.start(wait=False)
+    d = loading_yapd(make_yapd, STAND_IN_CHAT, LOADING_CORE_INSPECT="1")
     pid = int(d.wait_for("stand-in: chat model inspection pid=", timeout=120).rsplit("=", 1)[1])
     d.signal(signal.SIGTERM)
     assert d.proc is not None and d.proc.wait(60) == 0, "\n".join(d.lines[-20:])

@@ -1276,8 +1276,7 @@ def markdown(data: dict[str, Any]) -> str:
         slows = [said(ph, "ttft_slow") for ph in ("yapd", "raw")]
         if any(slows):
             lines.append(f"| {c} | turns with TTFT over {SLOW_OVER_P50:g} x its p50 (raw: held for the decision): "
-                         "how many, in how "
-                         f"many bursts of starts (each burst's start, s into the level) | "
+                         "how many, in how many bursts of starts (each burst's start, s into the level) | "
                          f"{' | '.join(slow_cell(x) for x in slows)} | - |")
         if data.get("yapd", {}).get(lvl, {}).get("loop_lag_ms"):
             lines.append(f"| {c} | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | "
