@@ -192,6 +192,92 @@ async def test_a_start_failing_before_its_fork_gives_up_its_turn_too():
         await built
 
 
+class StandInStarts:
+    """vLLM's steps in VllmEngine.start stood in: its preparation returns at once, its
+    build forks a real child from its worker thread (as vLLM forks the EngineCore), then
+    waits as vLLM waits for the EngineCore's load; our tokenizer's load is noted. Every
+    fork and every load goes into ``events`` in the order they happened."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail_build: bool = False) -> None:
+        from yapd import config
+        from yapd.engines import vllm as vllm_engine
+
+        self.events: list[str] = []
+        self.loaded = threading.Event()  # every engine's tokenizer loaded
+        self.cfg = config.from_mapping({"engines": {"cache_dir": str(tmp_path)}}, "test")
+        self._lock = threading.Lock()
+        self._building = threading.local()
+        self._fail_build = fail_build
+        # Noted in the forking thread at the fork, before yapd's own hook hands the turn on.
+        self._stop_noting = forking.on_fork(lambda: self._note(f"fork {self._building.role}"))
+        monkeypatch.setattr(vllm_engine.VllmEngine, "_prepare", lambda engine, alongside: (
+            {"model": engine.role, "tokenizer": engine.role, "revision": None}, None))
+        monkeypatch.setattr(vllm_engine.VllmEngine, "_build", lambda engine, kwargs, env: self._build(engine))
+        monkeypatch.setattr(vllm_engine, "load_tokenizer", self._load_tokenizer)
+
+    def engines(self, *roles: str) -> list[object]:
+        from yapd.engines.vllm import VllmEngine
+
+        return [VllmEngine(role, self.cfg) for role in roles]
+
+    def end(self) -> None:
+        self._stop_noting()
+
+    def _note(self, what: str) -> None:
+        with self._lock:
+            self.events.append(what)
+            if sum(e.startswith("tokenizer") for e in self.events) == 2:
+                self.loaded.set()
+
+    def _build(self, engine: object) -> object:
+        role = getattr(engine, "role")  # noqa: B009 - a stand-in method: engine is a VllmEngine
+        if self._fail_build:
+            # Long enough for a tokenizer load begun beside this build to be noted.
+            self.loaded.wait(2)
+            raise ValueError("bad engine args")
+        self._building.role = role
+        child = fork.Process(target=os._exit, args=(0,))
+        child.start()
+        child.join(30)
+        self.loaded.wait(30)  # the EngineCore's load
+        return object()
+
+    def _load_tokenizer(self, name: str, revision: str | None) -> str:
+        self._note(f"tokenizer {name}")
+        return name
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[StandInStarts]:
+    starts = StandInStarts(monkeypatch, tmp_path)
+    yield starts
+    starts.end()
+
+
+async def test_engines_loading_side_by_side_load_our_tokenizers_after_both_forks(stand_in: StandInStarts):
+    # Loading a large vocabulary holds the GIL for seconds: not while the other engine's
+    # start is still in vLLM's set-up in this process, before its fork.
+    chat, tool = stand_in.engines("chat", "tool")
+    await asyncio.wait_for(asyncio.gather(chat.start(alongside=True), tool.start(alongside=True)), 60)  # type: ignore[attr-defined]
+    assert stand_in.events[:2] == ["fork chat", "fork tool"]
+    assert sorted(stand_in.events[2:]) == ["tokenizer chat", "tokenizer tool"]
+    assert chat.tokenizer == "chat" and tool.tokenizer == "tool"  # type: ignore[attr-defined]
+
+
+async def test_a_start_failing_before_its_fork_loads_no_tokenizer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    from yapd.engines.base import EngineError
+
+    starts = StandInStarts(monkeypatch, tmp_path, fail_build=True)
+    try:
+        (chat,) = starts.engines("chat")
+        with pytest.raises(EngineError, match="bad engine args"):
+            await asyncio.wait_for(chat.start(), 60)  # type: ignore[attr-defined]
+    finally:
+        starts.end()
+    assert starts.events == []
+    assert chat.health().state == "failed"  # type: ignore[attr-defined]
+
+
 def _report_env(report: multiprocessing.connection.Connection) -> None:
     report.send(os.environ.get("YAP_TEST_CHILD_ENV"))
 

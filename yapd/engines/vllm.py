@@ -200,16 +200,13 @@ class VllmEngine(Engine):
         self._state = "starting"
         self._kwargs = None  # config may have been reloaded since the last start
         env = dict(child_env or {})
+        tok: asyncio.Future[Any] | None = None
         t0 = time.perf_counter()
         try:
             async with _start_turn():
                 # Importing vLLM takes seconds: never on the event loop (/healthz, the
                 # watchdog and the other engine's stream keep going).
                 kwargs, plan = await asyncio.to_thread(self._prepare, alongside)
-            # Our tokenizer loads (seconds for a large vocabulary) beside vLLM's start,
-            # not ahead of it.
-            tok = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, kwargs["tokenizer"], kwargs["revision"]))
-            tok.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failed start may not await it
             self.model = kwargs["model"]
             log.info("starting vLLM engine role=%s start_method=%s %s", self.role,
                      self.cfg.engines.start_method,
@@ -223,7 +220,15 @@ class VllmEngine(Engine):
                 async with _start_turn() if method == "fork" else contextlib.nullcontext():
                     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = method
                     work = asyncio.to_thread(self._build, kwargs, env)
+                    building = time.perf_counter()
                     built = await _until_forked(work) if method == "fork" else asyncio.ensure_future(work)
+                    if method == "fork" and not built.done():
+                        log.info("EngineCore forked %.1f s into vLLM's start role=%s",
+                                 time.perf_counter() - building, self.role)
+                # Our tokenizer loads while the EngineCore does, once no engine is in its
+                # set-up before the fork any more (see _load_tokenizer).
+                tok = asyncio.ensure_future(self._load_tokenizer(kwargs["tokenizer"], kwargs["revision"]))
+                tok.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failed start may not await it
                 self._llm = await built
                 # vLLM switches to spawn by itself when it must (a CUDA context here).
                 used = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
@@ -239,8 +244,27 @@ class VllmEngine(Engine):
         except Exception as exc:
             self._state, self._detail = "failed", f"start failed: {exc}"
             raise self.start_error(exc) from exc
+        finally:
+            if tok is not None:
+                tok.cancel()  # the start failed: no tokenizer for an engine that is not there
         self.start_seconds = round(time.perf_counter() - t0, 1)
         self._state, self._detail = "ready", ""
+
+    async def _load_tokenizer(self, name: str, revision: str | None) -> Any:
+        """yapd's own tokenizer for this engine, loaded once every engine starting beside
+        this one is past its EngineCore's fork. Loading a large vocabulary holds the GIL
+        for seconds (NeMo's Tekken: 2.4-2.9 s, a busy thread beside it kept 7 % of its
+        pace), and before the fork vLLM's own set-up runs in this process: its config and
+        tokenizer, which the other engine's start waits for. After the fork, vLLM only
+        waits on its EngineCore, in another process."""
+        t0 = time.perf_counter()
+        async with _start_turn():
+            pass  # the set-ups up to their forks queued before this one go first
+        waited = time.perf_counter() - t0
+        tok = await asyncio.to_thread(load_tokenizer, name, revision)
+        log.info("our tokenizer took %.1f s, after %.1f s waiting for its turn role=%s",
+                 time.perf_counter() - t0 - waited, waited, self.role)
+        return tok
 
     def _prepare(self, alongside: bool) -> tuple[dict[str, Any], Plan | None]:
         """Everything before vLLM's own start, in a worker thread."""
