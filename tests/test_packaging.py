@@ -11,6 +11,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def test_unit_keeps_every_cache_the_daemon_keeps_in_its_cache_directory():
+    """yapd run by hand points each cache at its folder of the cache dir (CACHE_VARS);
+    the unit, whose environment comes first, must name the same ones, or a restart under
+    systemd rebuilds what the first start built (minutes of compiling)."""
+    from yapd.daemon import CACHE_VARS
+
+    unit = (ROOT / "systemd" / "yapd.service").read_text().splitlines()
+    named = dict(line.removeprefix("Environment=").split("=", 1) for line in unit
+                 if line.startswith("Environment=") and line.split("=")[1] != "PYTHONUNBUFFERED")
+    assert named == {var: f"/var/cache/yapd/{sub}" for var, sub in CACHE_VARS.items()}
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_unit_verifies(tmp_path):
     yapd = shutil.which("yapd") or str(Path(__import__("sys").executable).parent / "yapd")

@@ -446,9 +446,17 @@ class Daemon:
         log.info("stopped")
 
 
+# The caches a restart reuses, each in its folder of the daemon's cache dir: weights, and
+# what vLLM, Triton, inductor, FlashInfer (its JIT-built sampling and attention ops) and
+# CUDA (PTX compiled for this GPU) build at a first start. The last two default to the
+# home directory, which a container may not keep. systemd/yapd.service names the same.
+CACHE_VARS = {"HF_HOME": "huggingface", "VLLM_CACHE_ROOT": "vllm", "TRITON_CACHE_DIR": "triton",
+              "TORCHINDUCTOR_CACHE_DIR": "inductor", "FLASHINFER_WORKSPACE_BASE": "flashinfer",
+              "CUDA_CACHE_PATH": "cuda"}
+
+
 def cache_env(cfg: Config) -> None:
-    """Point Hugging Face and vLLM caches at the daemon's cache dir unless set already."""
+    """Point the caches of CACHE_VARS at the daemon's cache dir unless set already."""
     root = cfg.cache_dir()
-    for var, sub in (("HF_HOME", "huggingface"), ("VLLM_CACHE_ROOT", "vllm"),
-                     ("TRITON_CACHE_DIR", "triton"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+    for var, sub in CACHE_VARS.items():
         os.environ.setdefault(var, str(Path(root) / sub))
