@@ -811,18 +811,24 @@ def test_starting_cores_are_the_children_vllm_titled_enginecore():
 
     from yapd.engines.vllm import start_children, starting_cores
 
-    sleep = "import subprocess, sys, time; time.sleep(60)"
+    def running(*args: str) -> subprocess.Popen[str]:
+        # Back once the child runs: in the middle of its exec its command line reads empty.
+        child = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdout.readline() == "\n"
+        return child
+
+    sleep = "import subprocess, sys, time; print(flush=True); time.sleep(60)"
     # (the title joined in the grandchild: the parent's own command line must not hold it)
     grand = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
-             "time.sleep(60)', 'VLLM::' + 'EngineCore']); print(p.pid, flush=True); time.sleep(60)")
-    core = subprocess.Popen([sys.executable, "-c", sleep, "VLLM::EngineCore"])
-    other = subprocess.Popen([sys.executable, "-c", sleep, "something-else"])
+             "print(flush=True); time.sleep(60)', 'VLLM::' + 'EngineCore'], stdout=subprocess.PIPE); "
+             "p.stdout.readline(); print(flush=True); print(p.pid, flush=True); time.sleep(60)")
+    core = running(sleep, "VLLM::EngineCore")
+    other = running(sleep, "something-else")
     # multiprocessing's spawn: -c 'from multiprocessing.spawn import spawn_main; spawn_main(...)'
-    spawned = subprocess.Popen([sys.executable, "-c", "from multiprocessing.spawn import spawn_main; "
-                                "import time; time.sleep(60)", "--multiprocessing-fork"])
+    spawned = running("from multiprocessing.spawn import spawn_main; " + sleep, "--multiprocessing-fork")
     # vLLM runs: python -m vllm.model_executor.models.registry
-    inspection = subprocess.Popen([sys.executable, "-c", sleep, "-m", "vllm.model_executor.models.registry"])
-    parent = subprocess.Popen([sys.executable, "-c", grand, "plain"], stdout=subprocess.PIPE, text=True)
+    inspection = running(sleep, "-m", "vllm.model_executor.models.registry")
+    parent = running(grand, "plain")
     try:
         assert parent.stdout is not None
         grandchild = int(parent.stdout.readline())

@@ -19,7 +19,8 @@ def stat_fields(pid: int) -> list[str] | None:
 
 def children(parent: int) -> dict[int, bytes]:
     """``parent``'s child processes, each with its command line (NUL-separated, as a
-    process title set by setproctitle leaves it)."""
+    process title set by setproctitle leaves it). A child in the middle of its exec shows
+    an empty command line for that moment: a caller that must not miss one looks again."""
     out = {}
     for entry in Path("/proc").glob("[0-9]*"):
         pid = int(entry.name)
