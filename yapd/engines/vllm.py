@@ -256,7 +256,8 @@ class VllmEngine(Engine):
         for seconds (NeMo's Tekken: 2.4-2.9 s, a busy thread beside it kept 7 % of its
         pace), and before the fork vLLM's own set-up runs in this process: its config and
         tokenizer, which the other engine's start waits for. After the fork, vLLM only
-        waits on its EngineCore, in another process."""
+        waits on its EngineCore, in another process. (A spawned start holds no turn, so
+        with spawn this loads beside vLLM's config.)"""
         t0 = time.perf_counter()
         async with _start_turn():
             pass  # the set-ups up to their forks queued before this one go first
