@@ -246,7 +246,7 @@ class VllmEngine(Engine):
             raise self.start_error(exc) from exc
         finally:
             if tok is not None:
-                tok.cancel()  # the start failed: no tokenizer for an engine that is not there
+                tok.cancel()  # after a failed start: no tokenizer for an engine that is not there
         self.start_seconds = round(time.perf_counter() - t0, 1)
         self._state, self._detail = "ready", ""
 
