@@ -198,16 +198,20 @@ class StandInStarts:
     waits as vLLM waits for the EngineCore's load; our tokenizer's load is noted. Every
     fork and every load goes into ``events`` in the order they happened."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail_build: bool = False) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail_build: bool = False,
+                 fail_tokenizer: bool = False) -> None:
         from yapd import config
         from yapd.engines import vllm as vllm_engine
 
         self.events: list[str] = []
         self.loaded = threading.Event()  # every engine's tokenizer loaded
+        self._engines = 0
         self.cfg = config.from_mapping({"engines": {"cache_dir": str(tmp_path)}}, "test")
         self._lock = threading.Lock()
         self._building = threading.local()
         self._fail_build = fail_build
+        self._fail_tokenizer = fail_tokenizer
+        self.built: list[StandInLLM] = []
         # Noted in the forking thread at the fork, before yapd's own hook hands the turn on.
         self._stop_noting = forking.on_fork(lambda: self._note(f"fork {self._building.role}"))
         monkeypatch.setattr(vllm_engine.VllmEngine, "_prepare", lambda engine, alongside: (
@@ -218,6 +222,7 @@ class StandInStarts:
     def engines(self, *roles: str) -> list[object]:
         from yapd.engines.vllm import VllmEngine
 
+        self._engines = len(roles)
         return [VllmEngine(role, self.cfg) for role in roles]
 
     def end(self) -> None:
@@ -226,7 +231,7 @@ class StandInStarts:
     def _note(self, what: str) -> None:
         with self._lock:
             self.events.append(what)
-            if sum(e.startswith("tokenizer") for e in self.events) == 2:
+            if sum(e.startswith("tokenizer") for e in self.events) == self._engines:
                 self.loaded.set()
 
     def _build(self, engine: object) -> object:
@@ -240,11 +245,26 @@ class StandInStarts:
         child.start()
         child.join(30)
         self.loaded.wait(30)  # the EngineCore's load
-        return object()
+        llm = StandInLLM()
+        self.built.append(llm)
+        return llm
 
     def _load_tokenizer(self, name: str, revision: str | None) -> str:
         self._note(f"tokenizer {name}")
+        if self._fail_tokenizer:
+            raise OSError(f"no tokenizer files in {name}")
         return name
+
+
+class StandInLLM:
+    """What vLLM's AsyncLLM is to a started engine: something to shut down."""
+
+    def __init__(self) -> None:
+        self.shut_down = False
+        self.errored = False
+
+    def shutdown(self) -> None:
+        self.shut_down = True
 
 
 @pytest.fixture
@@ -276,6 +296,23 @@ async def test_a_start_failing_before_its_fork_loads_no_tokenizer(monkeypatch: p
         starts.end()
     assert starts.events == []
     assert chat.health().state == "failed"  # type: ignore[attr-defined]
+
+
+async def test_a_start_failing_after_its_engine_started_shuts_that_engine_down(monkeypatch: pytest.MonkeyPatch,
+                                                                               tmp_path: Path):
+    # vLLM started (its EngineCore holds GPU memory) and then our tokenizer failed: the
+    # failed engine must not keep that memory until the next restart or stop.
+    from yapd.engines.base import EngineError
+
+    starts = StandInStarts(monkeypatch, tmp_path, fail_tokenizer=True)
+    try:
+        (chat,) = starts.engines("chat")
+        with pytest.raises(EngineError, match="no tokenizer files in chat"):
+            await asyncio.wait_for(chat.start(), 60)  # type: ignore[attr-defined]
+    finally:
+        starts.end()
+    assert [llm.shut_down for llm in starts.built] == [True]
+    assert chat.health().state == "failed" and chat._llm is None  # type: ignore[attr-defined]
 
 
 def _report_env(report: multiprocessing.connection.Connection) -> None:

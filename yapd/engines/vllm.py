@@ -240,15 +240,26 @@ class VllmEngine(Engine):
             self._tok = await tok
         except EngineError:
             self._state = "failed"
+            await self._end_failed_start()
             raise
         except Exception as exc:
             self._state, self._detail = "failed", f"start failed: {exc}"
+            await self._end_failed_start()
             raise self.start_error(exc) from exc
         finally:
             if tok is not None:
                 tok.cancel()  # after a failed start: no tokenizer for an engine that is not there
         self.start_seconds = round(time.perf_counter() - t0, 1)
         self._state, self._detail = "ready", ""
+
+    async def _end_failed_start(self) -> None:
+        """A start that failed after vLLM's own start (our tokenizer, say) leaves an
+        EngineCore holding GPU memory, which a failed engine must not keep until the next
+        restart or stop."""
+        try:
+            await self._end_llm()
+        except Exception as exc:  # the start's own error is the one to report
+            log.warning("ending the failed start's engine role=%s: %s", self.role, exc)
 
     async def _load_tokenizer(self, name: str, revision: str | None) -> Any:
         """yapd's own tokenizer for this engine, loaded once every engine starting beside
@@ -362,6 +373,11 @@ class VllmEngine(Engine):
 
     async def shutdown(self) -> None:
         self._state = "stopping"
+        await self._end_llm()
+        self._state = "stopped"
+
+    async def _end_llm(self) -> None:
+        """Shut the AsyncLLM down and wait for its EngineCore to exit."""
         pid = self.engine_pid()
         llm, self._llm = self._llm, None
         if llm is not None:
@@ -370,7 +386,6 @@ class VllmEngine(Engine):
             # The GPU memory comes back only when the EngineCore process is gone; a
             # restart measures free memory right after this (side-by-side gate).
             await asyncio.to_thread(wait_gone, pid, SHUTDOWN_WAIT_S)
-        self._state = "stopped"
 
     def engine_pid(self) -> int | None:
         """The EngineCore process id (for fault tests: kill -9 it)."""
