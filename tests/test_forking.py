@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -284,35 +285,35 @@ async def test_engines_loading_side_by_side_load_our_tokenizers_after_both_forks
     assert chat.tokenizer == "chat" and tool.tokenizer == "tool"  # type: ignore[attr-defined]
 
 
-async def test_a_start_failing_before_its_fork_loads_no_tokenizer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+async def failed_chat_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, match: str,
+                            **failing: bool) -> tuple[StandInStarts, Any]:
+    """A chat engine's start with vLLM's steps stood in and one of them failing
+    (``fail_build`` or ``fail_tokenizer``); the start must fail with ``match``."""
     from yapd.engines.base import EngineError
 
-    starts = StandInStarts(monkeypatch, tmp_path, fail_build=True)
+    starts = StandInStarts(monkeypatch, tmp_path, **failing)
     try:
         (chat,) = starts.engines("chat")
-        with pytest.raises(EngineError, match="bad engine args"):
+        with pytest.raises(EngineError, match=match):
             await asyncio.wait_for(chat.start(), 60)  # type: ignore[attr-defined]
     finally:
         starts.end()
-    assert starts.events == []
     assert chat.health().state == "failed"  # type: ignore[attr-defined]
+    return starts, chat
+
+
+async def test_a_start_failing_before_its_fork_loads_no_tokenizer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    starts, _ = await failed_chat_start(monkeypatch, tmp_path, "bad engine args", fail_build=True)
+    assert starts.events == []
 
 
 async def test_a_start_failing_after_its_engine_started_shuts_that_engine_down(monkeypatch: pytest.MonkeyPatch,
                                                                                tmp_path: Path):
     # vLLM started (its EngineCore holds GPU memory) and then our tokenizer failed: the
     # failed engine must not keep that memory until the next restart or stop.
-    from yapd.engines.base import EngineError
-
-    starts = StandInStarts(monkeypatch, tmp_path, fail_tokenizer=True)
-    try:
-        (chat,) = starts.engines("chat")
-        with pytest.raises(EngineError, match="no tokenizer files in chat"):
-            await asyncio.wait_for(chat.start(), 60)  # type: ignore[attr-defined]
-    finally:
-        starts.end()
+    starts, chat = await failed_chat_start(monkeypatch, tmp_path, "no tokenizer files in chat", fail_tokenizer=True)
     assert [llm.shut_down for llm in starts.built] == [True]
-    assert chat.health().state == "failed" and chat._llm is None  # type: ignore[attr-defined]
+    assert chat._llm is None
 
 
 def _report_env(report: multiprocessing.connection.Connection) -> None:
