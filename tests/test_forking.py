@@ -262,7 +262,6 @@ class StandInLLM:
 
     def __init__(self) -> None:
         self.shut_down = False
-        self.errored = False
 
     def shutdown(self) -> None:
         self.shut_down = True
