@@ -676,6 +676,27 @@ def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
     assert pair_table({}) == []
 
 
+def test_probe_options_reach_the_phases_and_raws_start_method_is_recorded(tmp_path, monkeypatch):
+    """--raw-start-method, --pyspy-level and --skip-restart reach the phases; raw's start
+    method is one the phases of one file must share (fork against spawn is two files)."""
+    from yapctl import gpubench
+
+    seen: list[Setup] = []
+
+    async def probe(res, setup):
+        seen.append(setup)
+
+    monkeypatch.setitem(gpubench.PHASES, "raw", probe)
+    base = [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--name", "t",
+            "--phases", "raw"]
+    assert main([*base, "--raw-start-method", "fork", "--pyspy-level", "1", "--skip-restart"]) == 0
+    assert (seen[0].raw_start_method, seen[0].pyspy_level, seen[0].skip_restart) == ("fork", 1, True)
+    assert json.loads((tmp_path / "t.json").read_text())["setup"]["raw_start_method"] == "fork"
+    assert main(base) == 2  # spawn (the default) into a file of fork's
+    assert main([*base, "--name", "u"]) == 0
+    assert (seen[1].raw_start_method, seen[1].pyspy_level, seen[1].skip_restart) == ("spawn", 0, False)
+
+
 def test_set_reaches_yapds_config_and_the_engines_settings_and_is_recorded(tmp_path, monkeypatch, capsys):
     from yapctl import gpubench
     from yapd.engines.vllm import engine_kwargs
@@ -702,10 +723,10 @@ def test_set_reaches_yapds_config_and_the_engines_settings_and_is_recorded(tmp_p
         assert "--set" in capsys.readouterr().err
 
 
-def test_cpu_meter_counts_a_process_cpu_time_per_turn():
-    """/proc's CPU time of a real process (this one) over a stretch of work, per turn;
-    nothing for a process that is gone."""
-    from yapctl.gpubench import CpuMeter
+def test_cpu_meter_counts_a_process_cpu_time_and_faults_per_turn():
+    """/proc's CPU time, page faults and busiest threads of a real process (this one) over
+    a stretch of work, per turn; nothing for a process that is gone."""
+    from yapctl.gpubench import CpuMeter, proc_figures
     from yapd.procfs import cpu_seconds
 
     me, gone = os.getpid(), subprocess.Popen(["true"])
@@ -714,10 +735,18 @@ def test_cpu_meter_counts_a_process_cpu_time_per_turn():
     meter = CpuMeter({"me": me, "gone": gone.pid})
     start = cpu_seconds(me)
     assert start is not None
+    pages = 8192
+    fresh = bytearray(pages * 4096)  # mapped, not yet touched: each page faults once when written
+    fresh[::4096] = b"x" * pages
     while (cpu_seconds(me) or 0) - start < 0.1:  # burn 100 ms of CPU (/proc counts in ticks)
         sum(range(10_000))
-    used = meter.per_turn_ms(2)
+    figures = proc_figures(meter, 2)
+    used = figures["cpu_ms_per_turn"]
     assert set(used) == {"me"} and 50 <= used["me"] < 500, used
+    mine = figures["proc_per_turn"]["me"]
+    assert mine["cpu_ms"] == used["me"] and mine["minflt"] >= pages / 2 / 2, mine
+    assert mine["threads_ms"] and sum(mine["threads_ms"].values()) >= 40, mine  # this thread did the work
+    assert mine["vcsw"] >= 0 and mine["ivcsw"] >= 0 and mine["majflt"] >= 0
 
 
 def test_a_phase_run_again_drops_the_error_an_earlier_call_left(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from yapctl import gpuenv
+from yapctl import gpuenv, pyspy
 from yapctl.bench import (
     SLOW_OVER_P50,
     BenchConfig,
@@ -50,7 +50,7 @@ from yapctl.client import AdminClient
 from yapd import config
 from yapd.config import Config, EnginesConfig, TurnConfig
 from yapd.mps import NO_BINARY, MpsDaemon
-from yapd.procfs import cpu_seconds
+from yapd.procfs import counters
 
 LEVELS = (1, 8, 16, 24)
 WORDS = ("the quick brown fox jumps over a lazy dog while the persona keeps talking about music movies "
@@ -94,19 +94,35 @@ def turns_for(c: int, rounds: int = ROUNDS) -> int:
 
 class CpuMeter:
     """The CPU time named processes use over a level, per turn: whether an EngineCore of
-    yapd's spends more of it on a turn than raw's does (the front end's too)."""
+    yapd's spends more of it on a turn than raw's does (the front end's too); and, for
+    where a slower one loses it, its page faults, context switches and busiest threads."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
-        self.before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        self.before = {name: counters(pid) for name, pid in pids.items()}
 
-    def per_turn_ms(self, turns: int) -> dict[str, float]:
+    def per_turn(self, turns: int) -> dict[str, dict[str, Any]]:
+        """Per process: CPU ms, minor and major faults, voluntary and involuntary context
+        switches per turn, and the CPU ms per turn of its busiest threads (by name)."""
         out = {}
         for name, pid in self.pids.items():
-            was, now = self.before[name], cpu_seconds(pid)
-            if was is not None and now is not None and turns:
-                out[name] = round((now - was) * 1000 / turns, 2)
+            was, now = self.before[name], counters(pid)
+            if was is None or now is None or not turns:
+                continue
+            d = now.since(was)
+            busiest = sorted(d.threads.items(), key=lambda kv: -kv[1])[:6]
+            out[name] = {"cpu_ms": round(d.cpu_s * 1000 / turns, 2), "minflt": round(d.minflt / turns, 1),
+                         "majflt": round(d.majflt / turns, 2), "vcsw": round(d.vcsw / turns, 1),
+                         "ivcsw": round(d.ivcsw / turns, 1),
+                         "threads_ms": {t: round(v * 1000 / turns, 2) for t, v in busiest if v > 0}}
         return out
+
+
+def proc_figures(meter: CpuMeter, turns: int) -> dict[str, Any]:
+    """A level's figures from ``meter``: CPU ms per turn by process, and the rest of
+    what /proc counted (:meth:`CpuMeter.per_turn`)."""
+    proc = meter.per_turn(turns)
+    return {"cpu_ms_per_turn": {name: p["cpu_ms"] for name, p in proc.items()}, "proc_per_turn": proc}
 
 
 async def yapd_processes(admin_socket: Path) -> dict[str, int]:
@@ -162,6 +178,12 @@ class Setup:
     # yapd config keys set for every phase (SECTION.KEY=VALUE, value as TOML): yapd's
     # config, and raw's and vllm serve's engines where they read it (engine_kwargs)
     sets: tuple[str, ...] = ()
+    # yapd's and raw's processes (front end, EngineCores) sampled by py-spy at this level (0: not)
+    pyspy_level: int = 0
+    # How raw's engines start their EngineCores: "spawn", as every run's raw did before this
+    # option (the bench process held a CUDA context, and vLLM then spawns), or "fork"
+    raw_start_method: str = "spawn"
+    skip_restart: bool = False  # the yapd phase ends without its process restart
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
         return with_overrides(f"""
@@ -282,12 +304,14 @@ def host_identity() -> dict[str, str]:
 
 
 def _gpu_name() -> str:
-    try:
-        import torch
-
-        return str(torch.cuda.get_device_name(0))
-    except Exception:
-        return "unknown"
+    # nvidia-smi, not torch: a CUDA context in this process would make vLLM spawn raw's
+    # EngineCores whatever --raw-start-method asks (and hold GPU memory).
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=30).stdout.splitlines()
+        if names and names[0].strip():
+            return names[0].strip()
+    return "unknown"
 
 
 # --- yapd -------------------------------------------------------------------------
@@ -351,11 +375,15 @@ async def phase_yapd(res: Results, s: Setup) -> None:
 
     async def level(c: int) -> dict[str, Any]:
         n = turns_for(c, s.rounds)
-        meter = CpuMeter(await yapd_processes(admin_socket))
-        rep = await bench(BenchConfig(url=url, key="bench", n=n, concurrency=c, timeout=120,
-                                      utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
+        pids = await yapd_processes(admin_socket)
+        meter = CpuMeter(pids)
+        spied: dict[str, Any] = {}
+        with pyspy.profiled(pids if c == s.pyspy_level else {}, s.work / "pyspy", spied):
+            rep = await bench(BenchConfig(url=url, key="bench", n=n, concurrency=c, timeout=120,
+                                          utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
         # The warm-up turns are in the CPU time too: per turn of the whole level.
-        return {**rep.summary(), "loop_lag_ms": await loop_lag(), "cpu_ms_per_turn": meter.per_turn_ms(n + c)}
+        return {**rep.summary(), "loop_lag_ms": await loop_lag(), **proc_figures(meter, n + c),
+                **({"pyspy": spied} if spied else {})}
 
     async def loop_lag() -> Any:
         # How late yapd's event loop ran over the level's last 20 s: a loop held up
@@ -387,6 +415,8 @@ async def phase_yapd(res: Results, s: Setup) -> None:
         res.put("yapd", "cancel", await cancel_latency(url, "bench", n=20, start=start))
     finally:
         stop(proc)
+    if s.skip_restart:
+        return
     offset = log.stat().st_size
     proc, warm = start_yapd(cfg, log)
     res.put("yapd", "start_s_restart", round(warm, 1))
@@ -628,20 +658,26 @@ class RawEngines:
     until its decision settles, then aborted)."""
 
     def __init__(self, chat: Any, tool: Any, prompts: Callable[[int], tuple[list[int], list[int]]],
-                 tool_names: Sequence[str], order: str, chat_sp: Any, tool_sp: Any) -> None:
+                 tool_names: Sequence[str], order: str, chat_sp: Any, tool_sp: Any,
+                 start_method: str | None = None) -> None:
         self.chat, self.tool, self.prompts = chat, tool, prompts
         self.tool_names = list(tool_names)
         self.order = order
         self.chat_sp, self.tool_sp = chat_sp, tool_sp
+        self.start_method = start_method  # how vLLM started the EngineCores (it may overrule what was asked)
 
     @classmethod
-    def start(cls, cfg: Config, prompts: Callable[[int], tuple[list[int], list[int]]], order: str) -> RawEngines:
+    def start(cls, cfg: Config, prompts: Callable[[int], tuple[list[int], list[int]]], order: str,
+              start_method: str = "spawn") -> RawEngines:
         from vllm import AsyncEngineArgs, SamplingParams
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from yapd.engines.vllm import engine_kwargs, gpu_capability
 
+        # vLLM reads it at each EngineCore's start, and sets "spawn" there itself where it
+        # must (a CUDA context in this process).
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = start_method
         chat = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("chat", cfg, cfg.chat.model,
                                                                           gpu_capability())))
         tool = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("tool", cfg, cfg.tool.model,
@@ -650,7 +686,8 @@ class RawEngines:
                                  output_kind=RequestOutputKind.DELTA)
         # No stop string, as yapd asks: vLLM would hold a one-character first token back a step.
         tool_sp = SamplingParams(max_tokens=96, temperature=0.0, top_k=1, output_kind=RequestOutputKind.DELTA)
-        return cls(chat, tool, prompts, [x.name for x in cfg.tools], order, chat_sp, tool_sp)
+        return cls(chat, tool, prompts, [x.name for x in cfg.tools], order, chat_sp, tool_sp,
+                   os.environ.get("VLLM_WORKER_MULTIPROC_METHOD"))
 
     def shutdown(self) -> None:
         self.chat.shutdown()
@@ -775,13 +812,18 @@ async def phase_raw(res: Results, s: Setup) -> None:
     chat_ids, tool_ids = tp.turn(0)
     res.put("raw", "prompt_tokens", {"chat": len(chat_ids), "tool": len(tool_ids)})
     t0 = time.perf_counter()
-    raw = RawEngines.start(cfg, tp.turn, s.raw_order)
+    raw = RawEngines.start(cfg, tp.turn, s.raw_order, s.raw_start_method)
     res.put("raw", "start_s", round(time.perf_counter() - t0, 1))
+    res.put("raw", "start_method", {"asked": s.raw_start_method, "used": raw.start_method})
     try:
         for c in s.levels:
-            meter = CpuMeter(raw.processes())
-            level = raw_level(await at_level(c, raw.turn, s.rounds))
-            res.put("raw", f"c{c}", {**level, "cpu_ms_per_turn": meter.per_turn_ms(level["turns"] + c)})
+            pids = raw.processes()
+            meter = CpuMeter(pids)
+            spied: dict[str, Any] = {}
+            with pyspy.profiled(pids if c == s.pyspy_level else {}, s.work / "pyspy", spied):
+                level = raw_level(await at_level(c, raw.turn, s.rounds))
+            res.put("raw", f"c{c}", {**level, **proc_figures(meter, level["turns"] + c),
+                                     **({"pyspy": spied} if spied else {})})
         if s.profile_level:  # the same window as yapd's, on raw's own loop
             from yapd.loopprofile import LoopProfiler
 
@@ -814,8 +856,9 @@ async def phase_pair(res: Results, s: Setup) -> None:
         cfg = s.config(fractions)
         tp = raw_prompts(s, cfg)
         t0 = time.perf_counter()
-        raw = RawEngines.start(cfg, tp.turn, s.raw_order)
+        raw = RawEngines.start(cfg, tp.turn, s.raw_order, s.raw_start_method)
         res.put("pair", "raw_start_s", round(time.perf_counter() - t0, 1))
+        res.put("pair", "raw_start_method", {"asked": s.raw_start_method, "used": raw.start_method})
         try:
             for c in s.levels:
                 yapd_cpu = CpuMeter(await yapd_processes(path.parent / "admin.sock"))
@@ -823,7 +866,7 @@ async def phase_pair(res: Results, s: Setup) -> None:
                 level = await paired_level(f"ws://127.0.0.1:{PORT}/ws", raw.turn, c, s.rounds)
                 for side, meter in (("yapd", yapd_cpu), ("raw", raw_cpu)):
                     # warm-up turns included; raw's front end also ran yapd's bench client here
-                    level[side]["cpu_ms_per_turn"] = meter.per_turn_ms(level[side]["turns"] + c)
+                    level[side].update(proc_figures(meter, level[side]["turns"] + c))
                 res.put("pair", f"c{c}", level)
         finally:
             raw.shutdown()
@@ -1403,6 +1446,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="raw's turns: the chat request at once and the tool's a loop round later (as every run "
                         "before run n), or the tool's first and the chat's right after; as yapd's request orders "
                         "of these names send them")
+    p.add_argument("--pyspy-level", type=int, default=0, metavar="SESSIONS",
+                   help="at this level, py-spy samples yapd's and raw's processes (front end, each EngineCore): "
+                        "where each one's CPU time goes, by function (needs py-spy installed)")
+    p.add_argument("--raw-start-method", choices=("spawn", "fork"), default="spawn",
+                   help="how raw's engines start their EngineCores (every run before this option: spawn)")
+    p.add_argument("--skip-restart", action="store_true",
+                   help="the yapd phase ends without its process restart (a shorter device call)")
     p.add_argument("--profile-level", type=int, default=0, metavar="SESSIONS",
                    help="after the levels, yapd and raw run this level once more with their event loop under "
                         f"cProfile for {PROFILE_S:g} s (yapctl profile): where each loop's time goes, by package")
@@ -1447,7 +1497,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
                   args.mps, args.mps_priority, args.event_loop, args.request_order, tuple(args.ab), args.ab_interleave,
                   args.order_probe, args.raw_order, args.profile_level, serve_passes, (chat_frac, tool_frac),
-                  tuple(args.sets))
+                  tuple(args.sets), args.pyspy_level, args.raw_start_method, args.skip_restart)
     try:
         config.validate(setup.config())
     except (ValueError, config.ConfigError) as exc:
@@ -1471,7 +1521,8 @@ def main(argv: list[str] | None = None) -> int:
     alike = {"rounds": setup.rounds, "mps": args.mps, "mps_priority": args.mps_priority,
              "event_loop": args.event_loop, "request_order": args.request_order, "ab": list(setup.ab),
              "ab_interleave": args.ab_interleave,
-             "env": env, "raw_order": args.raw_order, "set": list(setup.sets)} if phases else {}
+             "env": env, "raw_order": args.raw_order, "raw_start_method": args.raw_start_method,
+             "set": list(setup.sets)} if phases else {}
     earlier = res.data.get("setup", {})
     for key, value in alike.items():
         if earlier.get(key, value) != value:

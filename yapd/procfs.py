@@ -1,10 +1,12 @@
 """Other processes as Linux's /proc shows them: a process's children and the CPU time it
-has used (an EngineCore of vLLM's, say)."""
+has used (an EngineCore of vLLM's, say), with the page faults and context switches of
+its threads."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -37,5 +39,51 @@ def cpu_seconds(pid: int) -> float | None:
     fields = stat_fields(pid)
     try:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Counters:
+    """What process ``pid`` has spent so far, every thread of it together: CPU seconds,
+    page faults (minor: a page mapped without I/O, as after a copy-on-write or a freed and
+    touched-again page; major: read from disk), and context switches (voluntary: it
+    waited; involuntary: the scheduler took the CPU away). ``threads``: CPU seconds by
+    thread name (threads of one name added up)."""
+
+    cpu_s: float
+    minflt: int
+    majflt: int
+    vcsw: int
+    ivcsw: int
+    threads: dict[str, float] = field(default_factory=dict)
+
+    def since(self, before: Counters) -> Counters:
+        names = set(self.threads) | set(before.threads)
+        return Counters(self.cpu_s - before.cpu_s, self.minflt - before.minflt, self.majflt - before.majflt,
+                        self.vcsw - before.vcsw, self.ivcsw - before.ivcsw,
+                        {n: self.threads.get(n, 0.0) - before.threads.get(n, 0.0) for n in names})
+
+
+def counters(pid: int) -> Counters | None:
+    """Process ``pid``'s :class:`Counters`; None where it is gone. Threads that ended
+    before the call are in the process's CPU time and faults, not in ``threads``."""
+    fields = stat_fields(pid)
+    if fields is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    vcsw = ivcsw = 0
+    threads: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
+            vcsw += int(status["voluntary_ctxt_switches"])
+            ivcsw += int(status["nonvoluntary_ctxt_switches"])
+            name = status["Name"].strip()
+            tfields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            threads[name] = threads.get(name, 0.0) + (int(tfields[11]) + int(tfields[12])) / tick
+    try:
+        return Counters((int(fields[11]) + int(fields[12])) / tick, int(fields[7]), int(fields[9]), vcsw, ivcsw,
+                        threads)
     except (IndexError, ValueError):
         return None
