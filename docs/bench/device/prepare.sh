@@ -12,4 +12,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --abi abi3 --abi none --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform manylinux_2_28_x86_64 --platform any -d .whl \
   prometheus_client uvloop pytest pytest-asyncio pytest-timeout pluggy iniconfig pygments
+# py-spy: the bench's --pyspy-level (a manylinux1 wheel: the tags above do not take it)
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d .whl py-spy==0.4.3
 ls .devkit .whl
