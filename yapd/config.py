@@ -97,12 +97,13 @@ class EnginesConfig:
     # Hugging Face, compile and AWQ caches; "" means $CACHE_DIRECTORY or ~/.cache/yapd.
     cache_dir: str = ""
     start_in_parallel: bool = True
-    # How vLLM starts its EngineCore processes. "fork": ready ~13 s sooner per engine (no
-    # second import of torch and vLLM; yapd's sockets are dropped in the child).
-    # "spawn": a fresh interpreter, for setups where fork is unsafe. On an H200 (run t,
-    # docs/bench/README.md) spawned EngineCores took 11.8 ms from request to first token
-    # at one session where forked ones had taken 20.4 (run s, another host): not yet
-    # compared on one machine, so the default stays.
+    # How vLLM starts its EngineCore processes. "fork": ready sooner (no second import of
+    # torch and vLLM; yapd's sockets are dropped in the child): warm starts 28.8-35.6 s on
+    # one H200 where spawned ones took 46.1-52.6 (runs w-y, docs/bench/README.md). "spawn":
+    # a fresh interpreter, as `vllm serve` starts its own; on that lease every forked
+    # EngineCore (raw vLLM's too) spent 3-7x the CPU of a spawned one in vLLM's input
+    # preparation each step, and one session's TTFT p50 was 19.2-21.8 ms spawned, 20.7-23.1
+    # forked. Neither meets both the 45 s start and the TTFT target yet; fork stays.
     start_method: StartMethod = "fork"
     # CUDA MPS (yapd/mps.py): "auto" runs a private MPS daemon while two vLLM engines
     # share one GPU (they then run at once instead of taking turns: lower TTFT under
