@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from yapctl import forkprobe
+
+
+@pytest.fixture
+def folder():
+    # Short: the control socket's path must fit a Unix socket address.
+    with tempfile.TemporaryDirectory(prefix="fp", dir="/tmp") as d:
+        yield Path(d) / "mps"
 
 
 def test_children_of_each_way_time_every_call(capsys):
@@ -31,3 +40,35 @@ def test_bad_arguments_are_refused(bad):
     with pytest.raises(SystemExit) as exc:
         forkprobe.main(bad)
     assert exc.value.code == 2
+
+
+def test_under_mps_every_child_is_a_client_of_a_daemon_stopped_after(folder, control_binary, capsys):
+    """--mps: a private MPS daemon (the stand-in control binary here) runs while the
+    children do, each of them has its pipe folder, and it is gone after."""
+    from yapd.mps import PIPE_ENV
+
+    assert forkprobe.main(["--device", "cpu", "--parent", "torch", "--iterations", "5", "--rounds", "1",
+                           "--mps", str(folder)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    pipe = str(folder / "pipe")
+    assert got["mps"] == pipe
+    assert [r["mps_pipe"] for r in got["runs"]] == [pipe] * 3
+    assert PIPE_ENV not in os.environ
+    assert not (folder / "pipe" / "control").exists() or not _answers(folder / "pipe" / "control")
+
+
+def test_an_mps_daemon_that_will_not_start_is_a_clear_error(folder, control_binary, monkeypatch, capsys):
+    monkeypatch.setenv("STANDIN_FAIL", "1")
+    assert forkprobe.main(["--device", "cpu", "--parent", "torch", "--mps", str(folder)]) == 2
+    assert "forkprobe: --mps:" in capsys.readouterr().err
+
+
+def _answers(sock):
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(sock))
+        except OSError:
+            return False
+    return True

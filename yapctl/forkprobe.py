@@ -107,7 +107,7 @@ def _child(queue: Any, parent: str, device: str, iterations: int) -> None:
         # The thread the child runs on: a child forked from a worker thread runs on (a
         # copy of) that thread, not on a "MainThread".
         queue.put({"pid": os.getpid(), "thread": threading.current_thread().name,
-                   "ops": time_ops(device, iterations)})
+                   "mps_pipe": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"), "ops": time_ops(device, iterations)})
     except BaseException as exc:  # the parent must hear of it rather than wait
         queue.put({"pid": os.getpid(), "error": f"{type(exc).__name__}: {exc}"})
 
