@@ -193,21 +193,29 @@ async def test_a_start_failing_before_its_fork_gives_up_its_turn_too():
         await built
 
 
+def _stand_in_core(done: Any) -> None:
+    done.wait(60)  # an EngineCore loading, until the stand-in's build is over
+
+
 class StandInStarts:
     """vLLM's steps in VllmEngine.start stood in: its preparation returns at once, its
-    build forks a real child from its worker thread (as vLLM forks the EngineCore), then
-    waits as vLLM waits for the EngineCore's load; our tokenizer's load is noted. Every
-    fork and every load goes into ``events`` in the order they happened."""
+    build forks a real child from its worker thread (as vLLM forks the EngineCore), or
+    with ``method="spawn"`` spawns one (a fresh interpreter that lives until the build
+    ends, as a spawned EngineCore loads), then waits as vLLM waits for the EngineCore's
+    load; our tokenizer's load is noted. Every fork or spawn and every load goes into
+    ``events`` in the order they happened."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail_build: bool = False,
-                 fail_tokenizer: bool = False) -> None:
+                 fail_tokenizer: bool = False, method: str = "fork") -> None:
         from yapd import config
         from yapd.engines import vllm as vllm_engine
 
         self.events: list[str] = []
         self.loaded = threading.Event()  # every engine's tokenizer loaded
         self._engines = 0
-        self.cfg = config.from_mapping({"engines": {"cache_dir": str(tmp_path)}}, "test")
+        self._method = method
+        self._second_build = threading.Event()
+        self.cfg = config.from_mapping({"engines": {"cache_dir": str(tmp_path), "start_method": method}}, "test")
         self._lock = threading.Lock()
         self._building = threading.local()
         self._fail_build = fail_build
@@ -242,13 +250,37 @@ class StandInStarts:
             self.loaded.wait(2)
             raise ValueError("bad engine args")
         self._building.role = role
-        child = fork.Process(target=os._exit, args=(0,))
-        child.start()
-        child.join(30)
-        self.loaded.wait(30)  # the EngineCore's load
+        if self._method == "spawn":
+            self._spawn(role)
+        else:
+            child = fork.Process(target=os._exit, args=(0,))
+            child.start()
+            child.join(30)
+            self.loaded.wait(30)  # the EngineCore's load
         llm = StandInLLM()
         self.built.append(llm)
         return llm
+
+    def _spawn(self, role: str) -> None:
+        with self._lock:
+            first = not any(e.startswith("build") for e in self.events)
+            self.events.append(f"build {role}")
+        if first:
+            # vLLM's config and set-up take seconds before the spawn: another engine's
+            # build starting meanwhile would be seen here.
+            self._second_build.wait(1.0)
+        else:
+            self._second_build.set()
+        spawn = multiprocessing.get_context("spawn")
+        done = spawn.Event()
+        child = spawn.Process(target=_stand_in_core, args=(done,))
+        child.start()  # the process exists when this returns; its interpreter still starts
+        self._note(f"spawned {role}")
+        try:
+            self.loaded.wait(30)  # the EngineCore's load
+        finally:
+            done.set()
+            child.join(30)
 
     def _load_tokenizer(self, name: str, revision: str | None) -> str:
         self._note(f"tokenizer {name}")
@@ -284,13 +316,33 @@ async def test_engines_loading_side_by_side_load_our_tokenizers_after_both_forks
     assert chat.tokenizer == "chat" and tool.tokenizer == "tool"  # type: ignore[attr-defined]
 
 
-async def failed_chat_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, match: str,
+async def test_spawned_starts_take_turns_up_to_each_spawn_then_load_our_tokenizers(monkeypatch: pytest.MonkeyPatch,
+                                                                                   tmp_path: Path):
+    # vLLM's config and set-up hold the GIL for seconds: the tool engine's must not run
+    # beside the chat engine's, whose EngineCore would be spawned (and start importing
+    # torch and vLLM) that much later. A spawn runs no at-fork hook: yapd sees the new
+    # EngineCore in /proc.
+    starts = StandInStarts(monkeypatch, tmp_path, method="spawn")
+    try:
+        chat, tool = starts.engines("chat", "tool")
+        await asyncio.wait_for(asyncio.gather(chat.start(alongside=True), tool.start(alongside=True)), 60)  # type: ignore[attr-defined]
+    finally:
+        starts.end()
+    at = {e: i for i, e in enumerate(starts.events)}
+    assert len(at) == 6 and at["build chat"] < at["spawned chat"] < at["build tool"] < at["spawned tool"], at
+    # Each after the last build began (yapd may see the tool's core in /proc a moment
+    # before the stand-in, still handing the child its data, notes the spawn).
+    assert at["tokenizer chat"] > at["build tool"] and at["tokenizer tool"] > at["build tool"], at
+    assert chat.tokenizer == "chat" and tool.tokenizer == "tool"  # type: ignore[attr-defined]
+
+
+async def failed_chat_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, match: str, method: str = "fork",
                             **failing: bool) -> tuple[StandInStarts, Any]:
     """A chat engine's start with vLLM's steps stood in and one of them failing
     (``fail_build`` or ``fail_tokenizer``); the start must fail with ``match``."""
     from yapd.engines.base import EngineError
 
-    starts = StandInStarts(monkeypatch, tmp_path, **failing)
+    starts = StandInStarts(monkeypatch, tmp_path, method=method, **failing)
     try:
         (chat,) = starts.engines("chat")
         with pytest.raises(EngineError, match=match):
@@ -301,8 +353,11 @@ async def failed_chat_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mat
     return starts, chat
 
 
-async def test_a_start_failing_before_its_fork_loads_no_tokenizer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    starts, _ = await failed_chat_start(monkeypatch, tmp_path, "bad engine args", fail_build=True)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+async def test_a_start_failing_before_its_core_started_loads_no_tokenizer(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path, method: str):
+    # It also ends the start's turn: the wait for the core's fork or spawn ends with it.
+    starts, _ = await failed_chat_start(monkeypatch, tmp_path, "bad engine args", method, fail_build=True)
     assert starts.events == []
 
 

@@ -70,8 +70,8 @@ concurrent = true
 """, server={"max_connections": 32})
     d.start(timeout=600)
     # Where the start's time went, in every run's log
-    print("\n".join(x for x in d.lines if any(m in x for m in (" took ", "engine started", "EngineCore forked"))),
-          flush=True)
+    marks = (" took ", "engine started", "EngineCore forked", "EngineCore spawned")
+    print("\n".join(x for x in d.lines if any(m in x for m in marks)), flush=True)
     yield d
     d.stop(60)
 

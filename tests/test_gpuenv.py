@@ -189,8 +189,9 @@ def test_start_lines_keep_whether_torch_compiles_aot_artifact_was_used(tmp_path)
             "/c/model, reason: boom",
             "(EngineCore pid=7) INFO [decorators.py:708] saved AOT compiled function to /c/model",
             "(EngineCore pid=7) INFO [backends.py:1156] Dynamo bytecode transform time: 7.70 s",
-            # yapd's own: when each engine forked its EngineCore, and its tokenizer's load
+            # yapd's own: when each engine forked (or spawned) its EngineCore, and its tokenizer's load
             "INFO yapd.engine.vllm: EngineCore forked 4.2 s into vLLM's start role=chat",
+            "INFO yapd.engine.vllm: EngineCore spawned 1.3 s into vLLM's start role=tool",
             "INFO yapd.engine.vllm: our tokenizer took 2.6 s, after 3.1 s waiting for its turn role=chat"]
     log = tmp_path / "yapd.log"
     log.write_text("\n".join(["before", *kept, "(EngineCore pid=7) INFO [core.py:1] Waiting for init message"]))

@@ -459,7 +459,7 @@ async def reload_with(path: Path, text: str, overrides: Sequence[str], admin_soc
 # vLLM's own timing lines: where an engine start's seconds go.
 STARTUP_LINES = re.compile(r"(took|takes|finished in|Compiling a graph|Directly load|cache)"
                            r".*?[0-9.]+ ?(s|secs|seconds)\b|engine started role=|ready port=|engines load |"
-                           r"Overriding VLLM_WORKER|EngineCore started by|EngineCore forked|yapd\.mps:|"
+                           r"Overriding VLLM_WORKER|EngineCore started by|EngineCore (forked|spawned)|yapd\.mps:|"
                            # whether torch.compile's AOT artifact was saved and loaded (else Dynamo reruns)
                            r"AOT compil|Compiling model again|Dynamo bytecode transform")
 

@@ -215,16 +215,18 @@ class VllmEngine(Engine):
             before, since = (await asyncio.to_thread(gpu_memory), memplan_now()) if record else (None, 0.0)
             method = self.cfg.engines.start_method
             with self.plans.vllm_recording(record):
-                # A spawned EngineCore is a fresh interpreter: no lock of ours can be copied
-                # into it, and no at-fork callback would end the turn, so spawn takes none.
-                async with _start_turn() if method == "fork" else contextlib.nullcontext():
+                # The turn ends once the EngineCore's process exists: vLLM then only waits on
+                # it, and the next engine's config and set-up (which hold this process's GIL
+                # for seconds) no longer slow this one's down.
+                async with _start_turn():
                     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = method
                     work = asyncio.to_thread(self._build, kwargs, env)
                     building = time.perf_counter()
-                    built = await _until_forked(work) if method == "fork" else asyncio.ensure_future(work)
-                    if method == "fork" and not built.done():
-                        log.info("EngineCore forked %.1f s into vLLM's start role=%s",
-                                 time.perf_counter() - building, self.role)
+                    built = await (_until_forked(work) if method == "fork" else _until_spawned(work))
+                    if not built.done():
+                        log.info("EngineCore %s %.1f s into vLLM's start role=%s",
+                                 "forked" if method == "fork" else "spawned", time.perf_counter() - building,
+                                 self.role)
                 # Our tokenizer loads while the EngineCore does, once no engine is in its
                 # set-up before the fork any more (see _load_tokenizer).
                 tok = asyncio.ensure_future(self._load_tokenizer(kwargs["tokenizer"], kwargs["revision"]))
@@ -267,8 +269,7 @@ class VllmEngine(Engine):
         for seconds (NeMo's Tekken: 2.4-2.9 s, a busy thread beside it kept 7 % of its
         pace), and before the fork vLLM's own set-up runs in this process: its config and
         tokenizer, which the other engine's start waits for. After the fork, vLLM only
-        waits on its EngineCore, in another process. (A spawned start holds no turn, so
-        with spawn this loads beside vLLM's config.)"""
+        waits on its EngineCore, in another process (forked or spawned)."""
         t0 = time.perf_counter()
         async with _start_turn():
             pass  # the set-ups up to their forks queued before this one go first
@@ -475,10 +476,13 @@ _turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = wea
 
 
 def _start_turn() -> asyncio.Lock:
-    """Engines loading side by side take turns up to their EngineCore's fork: a fork
+    """Engines loading side by side take turns up to their EngineCore's start: a fork
     while another thread is inside vLLM's set-up could copy a lock that thread holds
-    into the child, and two threads importing vLLM at once can trip importlib's
-    deadlock detection."""
+    into the child, two threads importing vLLM at once can trip importlib's deadlock
+    detection, and vLLM's config and set-up hold this process's GIL: run one at a time,
+    the first engine's EngineCore starts (and, spawned, imports torch and vLLM) seconds
+    sooner. On an H200 two spawned starts without turns took 10.5 s for the chat
+    engine's config, 0.7-4.3 s forked with them (docs/bench/README.md, runs w-y)."""
     loop = asyncio.get_running_loop()
     if loop not in _turns:
         _turns[loop] = asyncio.Lock()
@@ -503,6 +507,31 @@ async def _until_forked(work: Awaitable[Any]) -> asyncio.Future[Any]:
         waiter.cancel()
     finally:
         stop()
+    return task
+
+
+SPAWN_POLL_S = 0.1
+
+
+async def _until_spawned(work: Awaitable[Any]) -> asyncio.Future[Any]:
+    """Start ``work`` (vLLM's start in a worker thread, its EngineCore spawned) and
+    return once a new EngineCore child of this process exists (seen in /proc: a spawn
+    runs no at-fork hook) or ``work`` is done. Returns the future of ``work``."""
+    before = await asyncio.to_thread(starting_cores)
+
+    async def spawned() -> None:
+        while True:  # nothing tells of a new child: /proc is read until it shows one
+            if (await asyncio.to_thread(starting_cores)) - before:
+                return
+            # A child can show an empty command line in the middle of its exec: look again.
+            await asyncio.sleep(SPAWN_POLL_S)
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(spawned())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
     return task
 
 
