@@ -34,6 +34,8 @@ def test_samples_are_counted_by_thread_and_function():
     assert total["run_busy_loop (vllm/v1/engine/core.py)"] == 90.0
     assert total["step (vllm/v1/engine/core.py)"] == 90.0  # 10 samples had it twice: counted once
     assert got["self_pct"][0][0].startswith("step")  # most first
+    short = pyspy.summarize(COLLAPSED, top=1, top_total=2)
+    assert [len(short["self_pct"]), len(short["total_pct"])] == [1, 2]
 
 
 def test_nothing_sampled_is_no_share():

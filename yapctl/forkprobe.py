@@ -31,14 +31,20 @@ from typing import Any
 
 BATCHES = 5
 WAYS = ("fork", "fork_thread", "spawn")
+# Host memory the parent wrote before starting its children: a forked child shares these
+# pages with it (copy-on-write) until one of them writes; a spawned child makes its own.
+_before_start: list[Any] = []
 
 
 def prepare(parent: str) -> None:
     """The modules (and NVML's answer) a parent of this kind holds before it starts a
     child: imported here in the parent, and again in a spawned child so both time the
     same code."""
-    import numpy  # noqa: F401
+    import numpy
     import torch  # noqa: F401
+
+    if not _before_start:
+        _before_start.append(numpy.arange(1 << 16, dtype=numpy.int32))
 
     if parent == "vllm":
         import vllm.engine.arg_utils
@@ -69,6 +75,8 @@ def time_ops(device: str, iterations: int) -> dict[str, float]:
     if gpu:
         dev = torch.device("cuda", 0)
         out = torch.empty(9, dtype=torch.int32, device=dev)
+        fresh = np.arange(1 << 16, dtype=np.int32)
+        big = torch.empty(1 << 16, dtype=torch.int32, device=dev)
         pinned = torch.from_numpy(a).pin_memory()
         event = torch.cuda.Event()
         sync = torch.cuda.synchronize
@@ -84,6 +92,9 @@ def time_ops(device: str, iterations: int) -> dict[str, float]:
             "h2d_copy_pinned": lambda: out.copy_(pinned, non_blocking=True),
             # vLLM 0.26's async_copy_to_gpu: pin, then copy without waiting
             "async_copy_to_gpu": lambda: out.copy_(torch.from_numpy(a).pin_memory(), non_blocking=True),
+            # from pageable memory: made here, and made by the parent before the start
+            "h2d_copy_pageable": lambda: big.copy_(torch.from_numpy(fresh), non_blocking=True),
+            "h2d_copy_inherited": lambda: big.copy_(torch.from_numpy(_before_start[0]), non_blocking=True),
             "event_round_trip": event_round_trip,
         })
     result = {}

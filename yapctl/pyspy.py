@@ -24,6 +24,7 @@ from typing import Any
 
 RATE = 200  # samples a second: one every 5 ms, finer than an engine step
 TOP = 25
+TOP_TOTAL = 60  # the first ~25 by total are the stack's roots, shared by every sample
 _LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
 _THREAD = re.compile(r"^thread \((?P<tid>\w+)\)")
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*?)(?::\d+)?\)$")
@@ -56,12 +57,14 @@ def frame_name(frame: str) -> str:
     return f"{m['func']} ({path})"
 
 
-def summarize(text: str, thread_names: Mapping[str, str] | None = None, top: int = TOP) -> dict[str, Any]:
+def summarize(text: str, thread_names: Mapping[str, str] | None = None, top: int = TOP,
+              top_total: int = TOP_TOTAL) -> dict[str, Any]:
     """py-spy's raw (collapsed) output with ``--threads`` as figures: samples in all, by
-    thread, and the ``top`` functions by share of the samples: ``self`` where the sample
-    was in the function itself, ``total`` where the function was anywhere on the stack
-    (once per sample). A thread is named by ``thread_names`` (thread id -> name) and by
-    the function it runs (its first frame outside threading's own)."""
+    thread, and the functions by share of the samples: ``self`` (the ``top`` first) where
+    the sample was in the function itself, ``total`` (the ``top_total`` first) where the
+    function was anywhere on the stack (once per sample). A thread is named by
+    ``thread_names`` (thread id -> name) and by the function it runs (its first frame
+    outside threading's own)."""
     names = thread_names or {}
     entry: dict[str, str] = {}
     threads: Counter[str] = Counter()
@@ -90,11 +93,11 @@ def summarize(text: str, thread_names: Mapping[str, str] | None = None, top: int
         for fn in set(named):
             total[fn] += count
 
-    def shares(counter: Counter[str]) -> list[tuple[str, float]]:
-        return [(fn, round(100 * n / samples, 1)) for fn, n in counter.most_common(top)] if samples else []
+    def shares(counter: Counter[str], n_top: int = top) -> list[tuple[str, float]]:
+        return [(fn, round(100 * n / samples, 1)) for fn, n in counter.most_common(n_top)] if samples else []
 
     return {"samples": samples, "threads": dict(threads.most_common()), "self_pct": shares(own),
-            "total_pct": shares(total)}
+            "total_pct": shares(total, top_total)}
 
 
 def thread_names(pid: int) -> dict[str, str]:
