@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 grep -qx '/.devkit/' .git/info/exclude 2>/dev/null || printf '/.devkit/\n/.whl/\n' >> .git/info/exclude
+# Compile caches an earlier lease packed (cache-out.sh / cache-in.sh): kept here, not in git
+grep -qx '/.devcache/' .git/info/exclude || printf '/.devcache/\n' >> .git/info/exclude
 [ -f .devkit/kit.part.00 ] || bash ../shared/device/build-kit.sh .devkit
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
