@@ -677,19 +677,25 @@ def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
     assert pair_table({}) == []
 
 
-def test_probe_options_reach_the_phases_and_raws_start_method_is_recorded(tmp_path, monkeypatch):
-    """--raw-start-method, --pyspy-level and --skip-restart reach the phases; raw's start
-    method is one the phases of one file must share (fork against spawn is two files)."""
+def setups_seen_by_raw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[Setup], list[str]]:
+    """The raw phase stood in by one that keeps the Setup each run hands it; with the
+    arguments of a run of that phase alone into tmp_path (file ``t``)."""
     from yapctl import gpubench
 
     seen: list[Setup] = []
 
-    async def probe(res, setup):
+    async def probe(res: Any, setup: Setup) -> None:
         seen.append(setup)
 
     monkeypatch.setitem(gpubench.PHASES, "raw", probe)
-    base = [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--name", "t",
-            "--phases", "raw"]
+    return seen, [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--name", "t",
+                  "--phases", "raw"]
+
+
+def test_probe_options_reach_the_phases_and_raws_start_method_is_recorded(tmp_path, monkeypatch):
+    """--raw-start-method, --pyspy-level and --skip-restart reach the phases; raw's start
+    method is one the phases of one file must share (fork against spawn is two files)."""
+    seen, base = setups_seen_by_raw(tmp_path, monkeypatch)
     assert main([*base, "--raw-start-method", "fork", "--pyspy-level", "1", "--skip-restart"]) == 0
     assert (seen[0].raw_start_method, seen[0].pyspy_level, seen[0].skip_restart) == ("fork", 1, True)
     assert json.loads((tmp_path / "t.json").read_text())["setup"]["raw_start_method"] == "fork"
@@ -699,17 +705,9 @@ def test_probe_options_reach_the_phases_and_raws_start_method_is_recorded(tmp_pa
 
 
 def test_set_reaches_yapds_config_and_the_engines_settings_and_is_recorded(tmp_path, monkeypatch, capsys):
-    from yapctl import gpubench
     from yapd.engines.vllm import engine_kwargs
 
-    seen: list[Setup] = []
-
-    async def probe(res, setup):
-        seen.append(setup)
-
-    monkeypatch.setitem(gpubench.PHASES, "raw", probe)
-    base = [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--name", "t",
-            "--phases", "raw"]
+    seen, base = setups_seen_by_raw(tmp_path, monkeypatch)
     assert main([*base, "--set", "tool.extra_engine_args={disable_log_stats=false}"]) == 0
     cfg = seen[0].config()
     assert engine_kwargs("tool", cfg, cfg.tool.model, (9, 0))["disable_log_stats"] is False
