@@ -67,7 +67,8 @@ class Counters:
 
 def counters(pid: int) -> Counters | None:
     """Process ``pid``'s :class:`Counters`; None where it is gone. Threads that ended
-    before the call are in the process's CPU time and faults, not in ``threads``."""
+    before the call are in the process's CPU time and faults, not in its context
+    switches or ``threads``."""
     fields = stat_fields(pid)
     if fields is None:
         return None

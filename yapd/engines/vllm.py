@@ -228,7 +228,7 @@ class VllmEngine(Engine):
                                  "forked" if method == "fork" else "spawned", time.perf_counter() - building,
                                  self.role)
                 # Our tokenizer loads while the EngineCore does, once no engine is in its
-                # set-up before the fork any more (see _load_tokenizer).
+                # set-up before its EngineCore's start any more (see _load_tokenizer).
                 tok = asyncio.ensure_future(self._load_tokenizer(kwargs["tokenizer"], kwargs["revision"]))
                 tok.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failed start may not await it
                 self._llm = await built
