@@ -97,6 +97,12 @@ def time_ops(device: str, iterations: int) -> dict[str, float]:
             "h2d_copy_inherited": lambda: big.copy_(torch.from_numpy(_before_start[0]), non_blocking=True),
             "event_round_trip": event_round_trip,
         })
+        try:  # vLLM's own, where it is installed (the parent kind "vllm" has it loaded)
+            from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
+        except ImportError:
+            pass
+        else:
+            ops["vllm_async_copy_to_gpu"] = lambda: async_copy_to_gpu(a, out=out)
     result = {}
     for name, op in ops.items():
         op()
