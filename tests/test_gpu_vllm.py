@@ -344,6 +344,41 @@ async def test_gpu_engine_cores_are_forked_and_hold_no_yapd_socket(gpu_yapd):
         check_turn(await run_turn(ws))
 
 
+async def test_gpu_spawned_engines_start_side_by_side_taking_turns(gpu_yapd):
+    """engines.start_method = "spawn", applied by an engine restart: both EngineCores
+    spawned, side by side, the tool engine's vLLM config only once the chat engine's core
+    exists (its turn; seen in /proc, a spawn runs no at-fork hook); turns work. Then back
+    to fork (an engine restart again)."""
+    forked = gpu_yapd.config_path.read_text()
+    assert 'start_method = "fork"' in forked
+    try:
+        gpu_yapd.config_path.write_text(forked.replace('start_method = "fork"', 'start_method = "spawn"'))
+        assert gpu_yapd.admin(cmd="reload")[-1]["needs_engine_restart"] == ["engines.start_method"]
+        n = len(gpu_yapd.lines)
+        t0 = time.perf_counter()
+        replies = gpu_yapd.admin(timeout=600, cmd="restart", target="both")
+        print(f"spawned side-by-side restart {time.perf_counter() - t0:.1f} s")
+        assert replies[-1]["ok"] is True, replies
+        lines = gpu_yapd.lines[n:]
+        print("\n".join(x for x in lines if any(m in x for m in (" took ", "EngineCore spawned", "started by"))))
+        log = "\n".join(lines)
+        assert "engines load side by side" in log
+        assert "EngineCore started by spawn role=chat" in log and "EngineCore started by spawn role=tool" in log
+
+        def at(*marks: str) -> int:
+            return next(i for i, x in enumerate(lines) if all(m in x for m in marks))
+
+        assert at("EngineCore spawned", "role=chat") < at("vLLM config took", "role=tool"), log[-4000:]
+        async with ws_connect(gpu_yapd.url()) as ws:
+            check_turn(await run_turn(ws))
+    finally:
+        gpu_yapd.config_path.write_text(forked)
+        gpu_yapd.admin(cmd="reload")
+        replies = gpu_yapd.admin(timeout=600, cmd="restart", target="both")
+    assert replies[-1]["ok"] is True, replies
+    assert "EngineCore started by fork role=chat" in _lines_since(gpu_yapd, n)
+
+
 def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd):
     """Last in the module. Each engine restart above had vLLM SIGTERM a forked
     EngineCore: none of those reached yapd as its own. Then SIGTERM stops yapd with
