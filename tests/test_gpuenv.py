@@ -693,15 +693,17 @@ def setups_seen_by_raw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple
 
 
 def test_probe_options_reach_the_phases_and_raws_start_method_is_recorded(tmp_path, monkeypatch):
-    """--raw-start-method, --pyspy-level and --skip-restart reach the phases; raw's start
+    """--raw-start-method, --pyspy-level, --pyspy-native and --skip-restart reach the phases; raw's start
     method is one the phases of one file must share (fork against spawn is two files)."""
     seen, base = setups_seen_by_raw(tmp_path, monkeypatch)
-    assert main([*base, "--raw-start-method", "fork", "--pyspy-level", "1", "--skip-restart"]) == 0
-    assert (seen[0].raw_start_method, seen[0].pyspy_level, seen[0].skip_restart) == ("fork", 1, True)
+    assert main([*base, "--raw-start-method", "fork", "--pyspy-level", "1", "--pyspy-native", "--skip-restart"]) == 0
+    assert (seen[0].raw_start_method, seen[0].pyspy_level, seen[0].pyspy_native, seen[0].skip_restart) == \
+        ("fork", 1, True, True)
     assert json.loads((tmp_path / "t.json").read_text())["setup"]["raw_start_method"] == "fork"
     assert main(base) == 2  # spawn (the default) into a file of fork's
     assert main([*base, "--name", "u"]) == 0
-    assert (seen[1].raw_start_method, seen[1].pyspy_level, seen[1].skip_restart) == ("spawn", 0, False)
+    assert (seen[1].raw_start_method, seen[1].pyspy_level, seen[1].pyspy_native, seen[1].skip_restart) == \
+        ("spawn", 0, False, False)
 
 
 def test_set_reaches_yapds_config_and_the_engines_settings_and_is_recorded(tmp_path, monkeypatch, capsys):

@@ -180,6 +180,7 @@ class Setup:
     sets: tuple[str, ...] = ()
     # yapd's and raw's processes (front end, EngineCores) sampled by py-spy at this level (0: not)
     pyspy_level: int = 0
+    pyspy_native: bool = False  # with C and C++ frames (py-spy stops each process per sample)
     # How raw's engines start their EngineCores: "spawn", as every run's raw did before this
     # option (the bench process held a CUDA context, and vLLM then spawns), or "fork"
     raw_start_method: str = "spawn"
@@ -378,12 +379,12 @@ async def phase_yapd(res: Results, s: Setup) -> None:
         pids = await yapd_processes(admin_socket)
         meter = CpuMeter(pids)
         spied: dict[str, Any] = {}
-        with pyspy.profiled(pids if c == s.pyspy_level else {}, s.work / "pyspy", spied):
+        with pyspy.profiled(pids if c == s.pyspy_level else {}, s.work / "pyspy", spied, s.pyspy_native):
             rep = await bench(BenchConfig(url=url, key="bench", n=n, concurrency=c, timeout=120,
                                           utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
         # The warm-up turns are in the CPU time too: per turn of the whole level.
         return {**rep.summary(), "loop_lag_ms": await loop_lag(), **proc_figures(meter, n + c),
-                **({"pyspy": spied} if spied else {})}
+                **({"pyspy": spied, "pyspy_native": s.pyspy_native} if spied else {})}
 
     async def loop_lag() -> Any:
         # How late yapd's event loop ran over the level's last 20 s: a loop held up
@@ -820,10 +821,10 @@ async def phase_raw(res: Results, s: Setup) -> None:
             pids = raw.processes()
             meter = CpuMeter(pids)
             spied: dict[str, Any] = {}
-            with pyspy.profiled(pids if c == s.pyspy_level else {}, s.work / "pyspy", spied):
+            with pyspy.profiled(pids if c == s.pyspy_level else {}, s.work / "pyspy", spied, s.pyspy_native):
                 level = raw_level(await at_level(c, raw.turn, s.rounds))
             res.put("raw", f"c{c}", {**level, **proc_figures(meter, level["turns"] + c),
-                                     **({"pyspy": spied} if spied else {})})
+                                     **({"pyspy": spied, "pyspy_native": s.pyspy_native} if spied else {})})
         if s.profile_level:  # the same window as yapd's, on raw's own loop
             from yapd.loopprofile import LoopProfiler
 
@@ -1449,6 +1450,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pyspy-level", type=int, default=0, metavar="SESSIONS",
                    help="at this level, py-spy samples yapd's and raw's processes (front end, each EngineCore): "
                         "where each one's CPU time goes, by function (needs py-spy installed)")
+    p.add_argument("--pyspy-native", action="store_true",
+                   help="with --pyspy-level: C and C++ frames too (where in torch or the CUDA driver a call's time "
+                        "goes); py-spy then stops each process for every sample, so that level's timings are "
+                        "disturbed")
     p.add_argument("--raw-start-method", choices=("spawn", "fork"), default="spawn",
                    help="how raw's engines start their EngineCores (every run before this option: spawn)")
     p.add_argument("--skip-restart", action="store_true",
@@ -1497,7 +1502,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(args.models, args.work, tuple(int(x) for x in args.levels.split(",")), args.chat_tp, args.rounds,
                   args.mps, args.mps_priority, args.event_loop, args.request_order, tuple(args.ab), args.ab_interleave,
                   args.order_probe, args.raw_order, args.profile_level, serve_passes, (chat_frac, tool_frac),
-                  tuple(args.sets), args.pyspy_level, args.raw_start_method, args.skip_restart)
+                  tuple(args.sets), pyspy_level=args.pyspy_level, pyspy_native=args.pyspy_native,
+                  raw_start_method=args.raw_start_method, skip_restart=args.skip_restart)
     try:
         config.validate(setup.config())
     except (ValueError, config.ConfigError) as exc:

@@ -23,10 +23,14 @@ from pathlib import Path
 from typing import Any
 
 RATE = 200  # samples a second: one every 5 ms, finer than an engine step
+# With native frames py-spy stops the process for each sample (it cannot read C stacks
+# without): fewer samples, and the level's timings are not the undisturbed ones.
+NATIVE_RATE = 50
 TOP = 25
 TOP_TOTAL = 60  # the first ~25 by total are the stack's roots, shared by every sample
 _LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
-_THREAD = re.compile(r"^thread \((?P<tid>\w+)\)")
+_THREAD = re.compile(r"^thread \((?P<tid>\w+)\)(?:: (?P<name>.+))?$")
+_PY_FRAME = re.compile(r"(\.py|<string>)\)$")  # a Python frame, not a native one (lib.so, 0x... address)
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*?)(?::\d+)?\)$")
 
 
@@ -65,7 +69,7 @@ def summarize(text: str, thread_names: Mapping[str, str] | None = None, top: int
     function was anywhere on the stack (once per sample). A thread is named by
     ``thread_names`` (thread id -> name) and by the function it runs (its first frame
     outside threading's own)."""
-    names = thread_names or {}
+    names = dict(thread_names or {})
     entry: dict[str, str] = {}
     threads: Counter[str] = Counter()
     own: Counter[str] = Counter()
@@ -80,10 +84,13 @@ def summarize(text: str, thread_names: Mapping[str, str] | None = None, top: int
         tid = "?"
         if frames and (t := _THREAD.match(frames[0])):
             tid = t["tid"]
+            if t["name"]:  # py-spy names a thread where it can (with --native)
+                names[tid] = t["name"]
             frames = frames[1:]
         named = [frame_name(f) for f in frames]
         if tid not in entry:
-            runs = next((f.split(" (")[0] for f in named if not f.endswith("threading.py)")), "")
+            python = (f for f in named if _PY_FRAME.search(f) and not f.endswith("threading.py)"))
+            runs = next((f.split(" (")[0] for f in python), "")
             entry[tid] = " ".join(x for x in (names.get(tid, tid), runs) if x)
         samples += count
         threads[entry[tid]] += count
@@ -110,9 +117,11 @@ def thread_names(pid: int) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def profiled(pids: Mapping[str, int], work: Path, into: dict[str, Any]) -> Iterator[None]:
+def profiled(pids: Mapping[str, int], work: Path, into: dict[str, Any], native: bool = False) -> Iterator[None]:
     """Sample each of ``pids`` (name -> pid) while the block runs; on leaving, ``into``
-    gets a :func:`summarize` of each by name (or why there is none)."""
+    gets a :func:`summarize` of each by name (or why there is none). ``native``: C and
+    C++ frames too (where in torch or the CUDA driver a call spends its time), at the
+    price of stopping each process for every sample (NATIVE_RATE)."""
     exe = binary()
     if not pids:
         yield
@@ -126,8 +135,9 @@ def profiled(pids: Mapping[str, int], work: Path, into: dict[str, Any]) -> Itera
     for name, pid in pids.items():
         out = work / f"pyspy-{name}-{pid}.txt"
         out.unlink(missing_ok=True)
-        proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", str(RATE), "--format", "raw",
-                                 "--threads", "--nonblocking", "--output", str(out)],
+        how = ["--native", "--rate", str(NATIVE_RATE)] if native else ["--nonblocking", "--rate", str(RATE)]
+        proc = subprocess.Popen([exe, "record", "--pid", str(pid), *how, "--format", "raw", "--threads",
+                                 "--output", str(out)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         running[name] = (proc, out, pid)
     try:
