@@ -1,7 +1,8 @@
 """Where other processes spend their CPU time, by function, from py-spy's samples: the
 GPU bench runs it on yapd's and raw vLLM's processes (an EngineCore each) during a level,
-without stopping them (``--nonblocking``), so that an EngineCore slower than another one
-can be looked into function by function.
+without stopping them (``--nonblocking``; with C and C++ frames py-spy must stop each
+process per sample), so that an EngineCore slower than another one can be looked into
+function by function.
 
 py-spy is a separate program (``pip install py-spy``; it reads the target's memory, which
 needs ptrace rights over it: root, or the same user with ptrace_scope 0). Where it is
