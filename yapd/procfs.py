@@ -5,7 +5,9 @@ its threads."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +26,37 @@ def children(parent: int) -> dict[int, bytes]:
     process title set by setproctitle leaves it). A child in the middle of its exec shows
     an empty command line for that moment: a caller that must not miss one looks again."""
     out = {}
+    for pid in _child_pids(parent):
+        with contextlib.suppress(OSError):
+            out[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return out
+
+
+def _child_pids(parent: int) -> set[int]:
+    # Each thread's children list (Linux 3.5+ with CONFIG_PROC_CHILDREN, as distributions
+    # build it) is a few reads; without it every process's parent is looked up in /proc,
+    # thousands of reads on a busy host, each time a start or a stop looks for its cores.
+    if not _has_children_lists():
+        return _child_pids_by_scan(parent)
+    out: set[int] = set()
+    for task in Path(f"/proc/{parent}/task").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError):  # a thread that ended meanwhile
+            out.update(int(pid) for pid in (task / "children").read_text().split())
+    return out
+
+
+@functools.cache
+def _has_children_lists() -> bool:
+    return Path(f"/proc/self/task/{threading.get_native_id()}/children").exists()
+
+
+def _child_pids_by_scan(parent: int) -> set[int]:
+    out = set()
     for entry in Path("/proc").glob("[0-9]*"):
-        pid = int(entry.name)
-        fields = stat_fields(pid)
-        with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = stat_fields(int(entry.name))
+        with contextlib.suppress(ValueError, IndexError):
             if fields is not None and int(fields[1]) == parent:
-                out[pid] = (entry / "cmdline").read_bytes()
+                out.add(int(entry.name))
     return out
 
 
