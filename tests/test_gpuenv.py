@@ -728,11 +728,15 @@ def test_cpu_meter_counts_a_process_cpu_time_and_faults_per_turn():
     """/proc's CPU time, page faults and busiest threads of a real process (this one) over
     a stretch of work, per turn; nothing for a process that is gone."""
     from yapctl.gpubench import CpuMeter, proc_figures
-    from yapd.procfs import cpu_seconds
+    from yapd.procfs import counters
+
+    def cpu_seconds(pid: int) -> float | None:
+        c = counters(pid)
+        return c.cpu_s if c is not None else None
 
     me, gone = os.getpid(), subprocess.Popen(["true"])
     gone.wait()
-    assert cpu_seconds(gone.pid) is None
+    assert counters(gone.pid) is None
     meter = CpuMeter({"me": me, "gone": gone.pid})
     start = cpu_seconds(me)
     assert start is not None

@@ -1,6 +1,5 @@
-"""Other processes as Linux's /proc shows them: a process's children and the CPU time it
-has used (an EngineCore of vLLM's, say), with the page faults and context switches of
-its threads."""
+"""Other processes as Linux's /proc shows them: a process's children, and the CPU time,
+page faults and context switches it has used (an EngineCore of vLLM's, say)."""
 
 from __future__ import annotations
 
@@ -15,10 +14,20 @@ from pathlib import Path
 def stat_fields(pid: int) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name (whose parentheses may hold
     spaces): state, ppid, ... (proc(5)'s third field on); None where the process is gone."""
+    return _stat_fields(Path(f"/proc/{pid}/stat"))
+
+
+def _stat_fields(path: Path) -> list[str] | None:
+    # A process's stat, or one thread's (/proc/PID/task/TID/stat): the same fields.
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return path.read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def _cpu_s(fields: list[str]) -> float:
+    """User and system time from stat fields (ticks, as seconds)."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children(parent: int) -> dict[int, bytes]:
@@ -60,16 +69,6 @@ def _child_pids_by_scan(parent: int) -> set[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """The CPU time (user and system, every thread) process ``pid`` has used so far; None
-    where it is gone."""
-    fields = stat_fields(pid)
-    try:
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else None
-    except (IndexError, ValueError):
-        return None
-
-
 @dataclass(frozen=True)
 class Counters:
     """What process ``pid`` has spent so far, every thread of it together: CPU seconds,
@@ -99,7 +98,6 @@ def counters(pid: int) -> Counters | None:
     fields = stat_fields(pid)
     if fields is None:
         return None
-    tick = os.sysconf("SC_CLK_TCK")
     vcsw = ivcsw = 0
     threads: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
@@ -108,10 +106,10 @@ def counters(pid: int) -> Counters | None:
             vcsw += int(status["voluntary_ctxt_switches"])
             ivcsw += int(status["nonvoluntary_ctxt_switches"])
             name = status["Name"].strip()
-            tfields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            threads[name] = threads.get(name, 0.0) + (int(tfields[11]) + int(tfields[12])) / tick
+            tfields = _stat_fields(task / "stat")
+            if tfields is not None:
+                threads[name] = threads.get(name, 0.0) + _cpu_s(tfields)
     try:
-        return Counters((int(fields[11]) + int(fields[12])) / tick, int(fields[7]), int(fields[9]), vcsw, ivcsw,
-                        threads)
+        return Counters(_cpu_s(fields), int(fields[7]), int(fields[9]), vcsw, ivcsw, threads)
     except (IndexError, ValueError):
         return None
