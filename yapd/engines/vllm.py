@@ -501,13 +501,9 @@ async def _until_forked(work: Awaitable[Any]) -> asyncio.Future[Any]:
 
     stop = forking.on_fork(wake)
     try:
-        task = asyncio.ensure_future(work)
-        waiter = asyncio.ensure_future(forked.wait())
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
+        return await _until(work, forked.wait())
     finally:
         stop()
-    return task
 
 
 SPAWN_POLL_S = 0.1
@@ -526,12 +522,18 @@ async def _until_spawned(work: Awaitable[Any]) -> asyncio.Future[Any]:
             # A child can show an empty command line in the middle of its exec: look again.
             await asyncio.sleep(SPAWN_POLL_S)
 
+    return await _until(work, spawned())
+
+
+async def _until(work: Awaitable[Any], started: Awaitable[Any]) -> asyncio.Future[Any]:
+    """Start ``work`` and return its future once ``started`` (its EngineCore exists) or
+    ``work`` itself is done; ``started`` is cancelled if still waiting."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(spawned())
+    waiter = asyncio.ensure_future(started)
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
+        waiter.cancel()
     return task
 
 
