@@ -460,6 +460,40 @@ async def test_interleaved_ab_takes_turns_round_by_round_on_a_real_yapd(make_yap
     assert len([line for line in d.lines if "reload applied live keys: turn.chat_max_out" in line]) == 6
 
 
+def test_the_gpus_are_named_by_nvidia_smi_not_by_a_cuda_context(tmp_path, monkeypatch):
+    """The bench names its GPU and the host's GPUs through nvidia-smi (a stand-in here):
+    a CUDA context in its process would make vLLM spawn raw's EngineCores."""
+    from yapctl import gpubench
+
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text('#!/bin/sh\ncase "$1" in\n--query-gpu=name) printf "NVIDIA H200\\nNVIDIA H200\\n" ;;\n'
+                    '--query-gpu=uuid) printf "GPU-a\\n\\nGPU-b\\n" ;;\nesac\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert gpubench._gpu_name() == "NVIDIA H200"
+    assert gpubench.host_identity()["gpu_uuid"] == "GPU-a,GPU-b"
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert gpubench._gpu_name() == "unknown" and "gpu_uuid" not in gpubench.host_identity()
+
+
+def test_a_level_is_watched_with_py_spy_at_its_level_only(tmp_path, monkeypatch):
+    """/proc's figures at every level; py-spy's (here: why there are none) only at
+    --pyspy-level, marked with whether native frames were asked for."""
+    from yapctl import gpubench, pyspy
+
+    monkeypatch.setattr(pyspy, "binary", lambda: None)
+    s = Setup(tmp_path, tmp_path / "w", pyspy_level=16, pyspy_native=True)
+    with gpubench.watching(s, 1, {"me": os.getpid()}) as figures:
+        pass
+    got = figures(2)
+    assert set(got) == {"cpu_ms_per_turn", "proc_per_turn"} and "me" in got["proc_per_turn"]
+    with gpubench.watching(s, 16, {"me": os.getpid()}) as figures:
+        pass
+    got = figures(2)
+    assert "py-spy is not installed" in got["pyspy"]["error"] and got["pyspy_native"] is True
+    assert "me" in got["cpu_ms_per_turn"]
+
+
 def test_phases_on_different_machines_are_flagged_in_the_table():
     """A lease lost between two calls puts the next phase on another host: the table says
     so, and says nothing while every phase ran on one machine."""

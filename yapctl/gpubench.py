@@ -27,7 +27,7 @@ import tempfile
 import time
 import typing
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -116,6 +116,21 @@ class CpuMeter:
                          "ivcsw": round(d.ivcsw / turns, 1),
                          "threads_ms": {t: round(v * 1000 / turns, 2) for t, v in busiest if v > 0}}
         return out
+
+
+@contextlib.contextmanager
+def watching(s: Setup, c: int, pids: dict[str, int]) -> Iterator[Callable[[int], dict[str, Any]]]:
+    """A level's watch on ``pids``: /proc's counters over it and, at --pyspy-level,
+    py-spy's samples. Yields what gives the level's figures from its turns (warm-up ones
+    included), to call once the block is left (the profiles are read then)."""
+    meter = CpuMeter(pids)
+    spied: dict[str, Any] = {}
+
+    def figures(turns: int) -> dict[str, Any]:
+        return {**proc_figures(meter, turns), **({"pyspy": spied, "pyspy_native": s.pyspy_native} if spied else {})}
+
+    with pyspy.profiled(pids if c == s.pyspy_level else {}, s.work / "pyspy", spied, s.pyspy_native):
+        yield figures
 
 
 def proc_figures(meter: CpuMeter, turns: int) -> dict[str, Any]:
@@ -295,24 +310,26 @@ def host_identity() -> dict[str, str]:
         out["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         pass
-    # nvidia-smi, not torch: no CUDA context in this process for the phase's engines to share.
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        uuids = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True,
-                               text=True, timeout=30).stdout.split()
-        if uuids:
-            out["gpu_uuid"] = ",".join(uuids)
+    uuids = _gpu_query("uuid")
+    if uuids:
+        out["gpu_uuid"] = ",".join(uuids)
     return out
 
 
 def _gpu_name() -> str:
-    # nvidia-smi, not torch: a CUDA context in this process would make vLLM spawn raw's
-    # EngineCores whatever --raw-start-method asks (and hold GPU memory).
+    names = _gpu_query("name")
+    return names[0] if names else "unknown"
+
+
+def _gpu_query(field: str) -> list[str]:
+    """One nvidia-smi field of each GPU (none without nvidia-smi). Not torch: a CUDA
+    context in this process would hold GPU memory, and make vLLM spawn raw's EngineCores
+    whatever --raw-start-method asks."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                               text=True, timeout=30).stdout.splitlines()
-        if names and names[0].strip():
-            return names[0].strip()
-    return "unknown"
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout
+        return [line.strip() for line in out.splitlines() if line.strip()]
+    return []
 
 
 # --- yapd -------------------------------------------------------------------------
@@ -376,15 +393,11 @@ async def phase_yapd(res: Results, s: Setup) -> None:
 
     async def level(c: int) -> dict[str, Any]:
         n = turns_for(c, s.rounds)
-        pids = await yapd_processes(admin_socket)
-        meter = CpuMeter(pids)
-        spied: dict[str, Any] = {}
-        with pyspy.profiled(pids if c == s.pyspy_level else {}, s.work / "pyspy", spied, s.pyspy_native):
+        with watching(s, c, await yapd_processes(admin_socket)) as figures:
             rep = await bench(BenchConfig(url=url, key="bench", n=n, concurrency=c, timeout=120,
                                           utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
         # The warm-up turns are in the CPU time too: per turn of the whole level.
-        return {**rep.summary(), "loop_lag_ms": await loop_lag(), **proc_figures(meter, n + c),
-                **({"pyspy": spied, "pyspy_native": s.pyspy_native} if spied else {})}
+        return {**rep.summary(), "loop_lag_ms": await loop_lag(), **figures(n + c)}
 
     async def loop_lag() -> Any:
         # How late yapd's event loop ran over the level's last 20 s: a loop held up
@@ -818,13 +831,9 @@ async def phase_raw(res: Results, s: Setup) -> None:
     res.put("raw", "start_method", {"asked": s.raw_start_method, "used": raw.start_method})
     try:
         for c in s.levels:
-            pids = raw.processes()
-            meter = CpuMeter(pids)
-            spied: dict[str, Any] = {}
-            with pyspy.profiled(pids if c == s.pyspy_level else {}, s.work / "pyspy", spied, s.pyspy_native):
+            with watching(s, c, raw.processes()) as figures:
                 level = raw_level(await at_level(c, raw.turn, s.rounds))
-            res.put("raw", f"c{c}", {**level, **proc_figures(meter, level["turns"] + c),
-                                     **({"pyspy": spied, "pyspy_native": s.pyspy_native} if spied else {})})
+            res.put("raw", f"c{c}", {**level, **figures(level["turns"] + c)})
         if s.profile_level:  # the same window as yapd's, on raw's own loop
             from yapd.loopprofile import LoopProfiler
 
