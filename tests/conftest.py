@@ -10,6 +10,7 @@ import select
 import signal
 import stat
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,14 @@ def shared_yapd(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> It
     d.start()
     yield d
     d.stop()
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    """A folder for an MPS daemon's pipes and log (tests/test_mps.py, the fork probe's),
+    short: the control socket's path must fit a Unix socket address."""
+    with tempfile.TemporaryDirectory(prefix="mps", dir="/tmp") as d:
+        yield Path(d) / "mps"
 
 
 @pytest.fixture

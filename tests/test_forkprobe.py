@@ -5,19 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from yapctl import forkprobe
-
-
-@pytest.fixture
-def folder():
-    # Short: the control socket's path must fit a Unix socket address.
-    with tempfile.TemporaryDirectory(prefix="fp", dir="/tmp") as d:
-        yield Path(d) / "mps"
 
 
 def test_children_of_each_way_time_every_call(capsys):

@@ -14,8 +14,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +21,6 @@ import pytest
 from tests.test_cli import yapctl
 from yapd import config
 from yapd.mps import LOG_ENV, MPS_CONTROL, NO_BINARY, PIPE_ENV, PRIORITY_ENV, Mps, MpsDaemon, MpsError, folder_for, plan
-
-
-@pytest.fixture
-def folder() -> Iterator[Path]:
-    # Short: the control socket's path must fit a Unix socket address.
-    with tempfile.TemporaryDirectory(prefix="mps", dir="/tmp") as d:
-        yield Path(d) / "mps"
 
 
 def control_log(folder: Path) -> list[str]:
