@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from yapd.mps import PIPE_ENV
+
 BATCHES = 5
 WAYS = ("fork", "fork_thread", "spawn")
 # Host memory the parent wrote before starting its children: a forked child shares these
@@ -124,7 +126,7 @@ def _child(queue: Any, parent: str, device: str, iterations: int) -> None:
         # The thread the child runs on: a child forked from a worker thread runs on (a
         # copy of) that thread, not on a "MainThread".
         queue.put({"pid": os.getpid(), "thread": threading.current_thread().name,
-                   "mps_pipe": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"), "ops": time_ops(device, iterations)})
+                   "mps_pipe": os.environ.get(PIPE_ENV), "ops": time_ops(device, iterations)})
     except BaseException as exc:  # the parent must hear of it rather than wait
         queue.put({"pid": os.getpid(), "error": f"{type(exc).__name__}: {exc}"})
 
@@ -163,7 +165,7 @@ def probe(parent: str, device: str, iterations: int, rounds: int) -> dict[str, A
     medians = {op: {way: round(statistics.median(v), 3) for way, v in by_way.items()}
                for op, by_way in samples.items()}
     return {"parent": parent, "device": device, "iterations": iterations, "rounds": rounds,
-            "mps": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"), "median_us": medians, "runs": runs}
+            "mps": os.environ.get(PIPE_ENV), "median_us": medians, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:
