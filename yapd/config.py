@@ -98,12 +98,11 @@ class EnginesConfig:
     cache_dir: str = ""
     start_in_parallel: bool = True
     # How vLLM starts its EngineCore processes. "fork": ready sooner (no second import of
-    # torch and vLLM; yapd's sockets are dropped in the child): warm starts 28.8-35.6 s on
-    # one H200 where spawned ones took 46.1-52.6 (runs w-y, docs/bench/README.md). "spawn":
-    # a fresh interpreter, as `vllm serve` starts its own; on that lease every forked
-    # EngineCore (raw vLLM's too) spent 3-7x the CPU of a spawned one in vLLM's input
-    # preparation each step, and one session's TTFT p50 was 19.2-21.8 ms spawned, 20.7-23.1
-    # forked. Neither meets both the 45 s start and the TTFT target yet; fork stays.
+    # torch and vLLM; yapd's sockets are dropped in the child): warm starts 28.8-36.8 s on
+    # H200s where spawned ones took 46.1-53.3 (runs r, w-z, docs/bench/README.md). "spawn":
+    # a fresh interpreter, as `vllm serve` starts its own. One session's TTFT p50 was
+    # 19.2-23.8 ms spawned and 20.7-23.1 forked: no call of a step is slower after a fork
+    # (run z's probe), so fork stays.
     start_method: StartMethod = "fork"
     # CUDA MPS (yapd/mps.py): "auto" runs a private MPS daemon while two vLLM engines
     # share one GPU (they then run at once instead of taking turns: lower TTFT under
