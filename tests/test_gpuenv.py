@@ -486,7 +486,7 @@ def test_a_level_is_watched_with_py_spy_at_its_level_only(tmp_path, monkeypatch)
     with gpubench.watching(s, 1, {"me": os.getpid()}) as figures:
         pass
     got = figures(2)
-    assert set(got) == {"cpu_ms_per_turn", "proc_per_turn"} and "me" in got["proc_per_turn"]
+    assert set(got) == {"cpu_ms_per_turn", "proc_per_turn", "host_cpu"} and "me" in got["proc_per_turn"]
     with gpubench.watching(s, 16, {"me": os.getpid()}) as figures:
         pass
     got = figures(2)
@@ -685,7 +685,7 @@ def test_pair_fractions_must_leave_room_for_two_of_each(tmp_path, capsys):
 
 
 def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
-    from yapctl.gpubench import CPU_HEAD, pair_table
+    from yapctl.gpubench import CPU_HEAD, RUNQ_HEAD, pair_table
 
     level = {"yapd": {"ttft_ms": {"p50": 21.0, "p95": 24.0}, "tool_ms": {"p50": 18.0, "p95": 23.0},
                       "server_engine_ttft_ms": {"p50": 19.0}, "server_tool_first_ms": {"p50": 17.5},
@@ -708,6 +708,11 @@ def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
     level["raw"]["cpu_ms_per_turn"] = {"front": 2.0}
     lines = pair_table({"c1": level})
     assert f"| 1 | {CPU_HEAD} | 1.5 / 12.25 / 8 | 2 / - / - |" in lines
+    assert not any(RUNQ_HEAD in x for x in lines)
+    level["yapd"]["proc_per_turn"] = {"front": {"runq_ms": 0.25}, "chat": {"runq_ms": 1.5}, "tool": {}}
+    level["yapd"]["host_cpu"] = {"cpus": 16, "busy_pct": 21.5, "steal_pct": 3.25}
+    lines = pair_table({"c1": level})
+    assert f"| 1 | {RUNQ_HEAD} | 0.25 / 1.5 / -; 21.5 / 3.25 | - |" in lines, lines
     assert pair_table({}) == []
 
 
@@ -786,6 +791,9 @@ def test_cpu_meter_counts_a_process_cpu_time_and_faults_per_turn():
     assert mine["cpu_ms"] == used["me"] and mine["minflt"] >= pages / 2 / 2, mine
     assert mine["threads_ms"] and sum(mine["threads_ms"].values()) >= 40, mine  # this thread did the work
     assert mine["vcsw"] >= 0 and mine["ivcsw"] >= 0 and mine["majflt"] >= 0
+    assert mine["runq_ms"] >= 0 and set(mine["threads_runq_ms"]) == set(mine["threads_ms"]), mine
+    host = figures["host_cpu"]
+    assert host["cpus"] >= 1 and 0 < host["busy_pct"] <= 100 and 0 <= host["steal_pct"] <= 100, host
 
 
 def test_a_phase_run_again_drops_the_error_an_earlier_call_left(tmp_path, monkeypatch):

@@ -46,3 +46,57 @@ def test_the_two_ways_agree_and_a_gone_parent_has_none(kids):
     gone = subprocess.Popen(["true"])
     gone.wait()
     assert procfs.children(gone.pid) == {}
+
+
+BURN = """
+import os, sys, time
+os.sched_setaffinity(0, {%d})
+t = time.process_time()
+while time.process_time() - t < 0.3:
+    pass
+print("burnt", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="this kernel keeps no schedstat")
+def test_two_busy_processes_on_one_cpu_each_wait_for_it():
+    """Two processes that each need 0.3 s of one CPU, pinned to the same CPU: each is
+    ready while the other runs, and /proc's run-queue wait counts that (a third of a
+    second each, about), named by thread."""
+    cpu = min(os.sched_getaffinity(0))
+    busy = [subprocess.Popen([sys.executable, "-c", BURN % cpu], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            for _ in range(2)]
+    try:
+        for p in busy:
+            assert p.stdout is not None and p.stdout.readline() == b"burnt\n"
+        seen = [procfs.counters(p.pid) for p in busy]
+    finally:
+        for p in busy:
+            p.communicate(b"")
+    assert all(c is not None for c in seen)
+    waits = [c.runq_s for c in seen if c is not None]
+    assert sum(waits) >= 0.2, waits
+    for c in seen:
+        assert c is not None and c.cpu_s >= 0.25
+        assert sum(c.threads_runq.values()) == pytest.approx(c.runq_s)
+        assert set(c.threads_runq) == set(c.threads)
+
+
+def test_the_machine_cpu_time_grows_as_this_process_works():
+    before = procfs.host_cpu()
+    assert before is not None and before.cpus >= len(os.sched_getaffinity(0))
+    t = os.times()
+    while os.times().user - t.user < 0.1:  # 100 ms of CPU: /proc/stat counts in ticks
+        sum(range(10_000))
+    after = procfs.host_cpu()
+    assert after is not None
+    d = after.since(before)
+    assert d.busy_s >= 0.05 and d.idle_s >= 0 and d.steal_s >= 0
+    shares = d.shares()
+    assert 0 < shares["busy_pct"] <= 100 and 0 <= shares["steal_pct"] <= 100
+
+
+def test_shares_of_the_machine_cpu_time():
+    assert procfs.HostCpu(4, busy_s=3.0, idle_s=5.0, steal_s=2.0).shares() == {"busy_pct": 30.0, "steal_pct": 20.0}
+    assert procfs.HostCpu(4, 0.0, 0.0, 0.0).shares() == {"busy_pct": 0.0, "steal_pct": 0.0}

@@ -50,7 +50,7 @@ from yapctl.client import AdminClient
 from yapd import config
 from yapd.config import Config, EnginesConfig, TurnConfig
 from yapd.mps import NO_BINARY, MpsDaemon
-from yapd.procfs import counters
+from yapd.procfs import counters, host_cpu
 
 LEVELS = (1, 8, 16, 24)
 WORDS = ("the quick brown fox jumps over a lazy dog while the persona keeps talking about music movies "
@@ -100,22 +100,34 @@ class CpuMeter:
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.before = {name: counters(pid) for name, pid in pids.items()}
+        self.host_before = host_cpu()
 
     def per_turn(self, turns: int) -> dict[str, dict[str, Any]]:
         """Per process: CPU ms, minor and major faults, voluntary and involuntary context
-        switches per turn, and the CPU ms per turn of its busiest threads (by name)."""
+        switches per turn, ms its threads were ready but waited for a CPU, and the CPU ms
+        and waits per turn of its busiest threads (by name)."""
         out = {}
         for name, pid in self.pids.items():
             was, now = self.before[name], counters(pid)
             if was is None or now is None or not turns:
                 continue
             d = now.since(was)
-            busiest = sorted(d.threads.items(), key=lambda kv: -kv[1])[:6]
+            busiest = [t for t, v in sorted(d.threads.items(), key=lambda kv: -kv[1])[:6] if v > 0]
             out[name] = {"cpu_ms": round(d.cpu_s * 1000 / turns, 2), "minflt": round(d.minflt / turns, 1),
                          "majflt": round(d.majflt / turns, 2), "vcsw": round(d.vcsw / turns, 1),
-                         "ivcsw": round(d.ivcsw / turns, 1),
-                         "threads_ms": {t: round(v * 1000 / turns, 2) for t, v in busiest if v > 0}}
+                         "ivcsw": round(d.ivcsw / turns, 1), "runq_ms": round(d.runq_s * 1000 / turns, 3),
+                         "threads_ms": {t: round(d.threads[t] * 1000 / turns, 2) for t in busiest},
+                         "threads_runq_ms": {t: round(d.threads_runq.get(t, 0.0) * 1000 / turns, 3)
+                                             for t in busiest}}
         return out
+
+    def host(self) -> dict[str, Any]:
+        """The machine's CPUs over the level: how many, the share of their time busy and
+        the share stolen by a virtual machine's host; empty where /proc/stat is unread."""
+        now = host_cpu()
+        if self.host_before is None or now is None:
+            return {}
+        return {"cpus": now.cpus, **now.since(self.host_before).shares()}
 
 
 @contextlib.contextmanager
@@ -137,7 +149,8 @@ def proc_figures(meter: CpuMeter, turns: int) -> dict[str, Any]:
     """A level's figures from ``meter``: CPU ms per turn by process, and the rest of
     what /proc counted (:meth:`CpuMeter.per_turn`)."""
     proc = meter.per_turn(turns)
-    return {"cpu_ms_per_turn": {name: p["cpu_ms"] for name, p in proc.items()}, "proc_per_turn": proc}
+    return {"cpu_ms_per_turn": {name: p["cpu_ms"] for name, p in proc.items()}, "proc_per_turn": proc,
+            **({"host_cpu": host} if (host := meter.host()) else {})}
 
 
 async def yapd_processes(admin_socket: Path) -> dict[str, int]:
@@ -781,12 +794,15 @@ STAMP_HEAD = ("queued / scheduled / first token p50 ms (turn's clock); cached pr
 
 
 CPU_HEAD = "CPU ms per turn: front end / chat EngineCore / tool EngineCore"
+RUNQ_HEAD = ("ms per turn ready to run but waiting for a CPU: front end / chat EngineCore / tool EngineCore; "
+             "the machine's CPUs busy / stolen by its host, %")
 
 
 def said_rows(figure: Callable[[str, str], Any]) -> list[tuple[str, str, str]]:
     """A level's rows of what each engine said of its requests (a row per role:
-    STAMP_HEAD) and of the CPU time each process used (CPU_HEAD), as (role or CPU_HEAD,
-    yapd's cell, raw's cell); a row only where either run has its figures.
+    STAMP_HEAD), of the CPU time each process used (CPU_HEAD) and of its waits for a CPU
+    (RUNQ_HEAD), as (role or head, yapd's cell, raw's cell); a row only where either run
+    has its figures.
     ``figure(section, name)``: that level's figure, None where missing."""
     def shown(v: Any) -> str:
         v = v.get("p50") if isinstance(v, dict) else v
@@ -801,11 +817,20 @@ def said_rows(figure: Callable[[str, str], Any]) -> list[tuple[str, str, str]]:
         if any(v is not None for values in said.values() for v in values):
             cells = [f"{' / '.join(map(shown, v[:3]))}; {shown(v[3])}; {shown(v[4])}" for v in said.values()]
             rows.append((role, cells[0], cells[1]))
+    def by_process(values: dict[str, Any] | None) -> str:
+        return " / ".join(f"{values[k]:g}" if k in values else "-" for k in ("front", "chat", "tool")) \
+            if values else "-"
+
     cpu = {section: figure(section, "cpu_ms_per_turn") for section in ("yapd", "raw")}
     if any(cpu.values()):
-        cells = [" / ".join(f"{c[k]:g}" if k in c else "-" for k in ("front", "chat", "tool")) if c else "-"
-                 for c in cpu.values()]
+        cells = [by_process(c) for c in cpu.values()]
         rows.append((CPU_HEAD, cells[0], cells[1]))
+    waits = {section: ({name: p["runq_ms"] for name, p in (figure(section, "proc_per_turn") or {}).items()
+                        if "runq_ms" in p}, figure(section, "host_cpu") or {}) for section in ("yapd", "raw")}
+    if any(runq or host for runq, host in waits.values()):
+        cells = [f"{by_process(runq)}; {host.get('busy_pct', '-')} / {host.get('steal_pct', '-')}"
+                 if runq or host else "-" for runq, host in waits.values()]
+        rows.append((RUNQ_HEAD, cells[0], cells[1]))
     return rows
 
 
@@ -1309,7 +1334,7 @@ def markdown(data: dict[str, Any]) -> str:
             return data.get(sec, {}).get(lvl, {}).get(name)
 
         for what, y, r in said_rows(said):
-            what = what if what == CPU_HEAD else f"{what} engine: {STAMP_HEAD}"
+            what = f"{what} engine: {STAMP_HEAD}" if what in ("chat", "tool") else what
             lines.append(f"| {c} | {what} | {y} | {r} | - |")
         if data.get("yapd", {}).get(lvl, {}).get("server_tool_ms"):
             lines.append(f"| {c} | in yapd: tool decision sent p50 / p95 ms | "

@@ -1,5 +1,6 @@
 """Other processes as Linux's /proc shows them: a process's children, and the CPU time,
-page faults and context switches it has used (an EngineCore of vLLM's, say)."""
+page faults, context switches and run-queue waits it has had (an EngineCore of vLLM's,
+say); and the machine's CPU time, a virtual machine's stolen time with it."""
 
 from __future__ import annotations
 
@@ -75,7 +76,9 @@ class Counters:
     page faults (minor: a page mapped without I/O, as after a copy-on-write or a freed and
     touched-again page; major: read from disk), and context switches (voluntary: it
     waited; involuntary: the scheduler took the CPU away). ``threads``: CPU seconds by
-    thread name (threads of one name added up)."""
+    thread name (threads of one name added up). ``runq_s``: seconds its threads were
+    ready to run but waited for a CPU (the scheduler's run queue: CPUs short, or a
+    virtual machine's CPUs held back by its host); ``threads_runq``: the same by name."""
 
     cpu_s: float
     minflt: int
@@ -83,12 +86,18 @@ class Counters:
     vcsw: int
     ivcsw: int
     threads: dict[str, float] = field(default_factory=dict)
+    runq_s: float = 0.0
+    threads_runq: dict[str, float] = field(default_factory=dict)
 
     def since(self, before: Counters) -> Counters:
-        names = set(self.threads) | set(before.threads)
         return Counters(self.cpu_s - before.cpu_s, self.minflt - before.minflt, self.majflt - before.majflt,
                         self.vcsw - before.vcsw, self.ivcsw - before.ivcsw,
-                        {n: self.threads.get(n, 0.0) - before.threads.get(n, 0.0) for n in names})
+                        _minus(self.threads, before.threads), self.runq_s - before.runq_s,
+                        _minus(self.threads_runq, before.threads_runq))
+
+
+def _minus(now: dict[str, float], was: dict[str, float]) -> dict[str, float]:
+    return {n: now.get(n, 0.0) - was.get(n, 0.0) for n in set(now) | set(was)}
 
 
 def counters(pid: int) -> Counters | None:
@@ -100,6 +109,7 @@ def counters(pid: int) -> Counters | None:
         return None
     vcsw = ivcsw = 0
     threads: dict[str, float] = {}
+    runq: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
@@ -109,7 +119,46 @@ def counters(pid: int) -> Counters | None:
             tfields = _stat_fields(task / "stat")
             if tfields is not None:
                 threads[name] = threads.get(name, 0.0) + _cpu_s(tfields)
+            # schedstat: ns on a CPU, ns waiting on a run queue, time slices
+            runq[name] = runq.get(name, 0.0) + int((task / "schedstat").read_text().split()[1]) / 1e9
     try:
-        return Counters(_cpu_s(fields), int(fields[7]), int(fields[9]), vcsw, ivcsw, threads)
+        return Counters(_cpu_s(fields), int(fields[7]), int(fields[9]), vcsw, ivcsw, threads,
+                        sum(runq.values()), runq)
     except (IndexError, ValueError):
         return None
+
+
+@dataclass(frozen=True)
+class HostCpu:
+    """The machine's CPU time so far, its CPUs added up (/proc/stat, seconds): ``busy_s``
+    (user, nice, system, interrupts), ``idle_s`` (iowait too) and ``steal_s``: time a
+    virtual machine's CPUs had work while its host ran something else (0 on bare metal)."""
+
+    cpus: int
+    busy_s: float
+    idle_s: float
+    steal_s: float
+
+    def since(self, before: HostCpu) -> HostCpu:
+        return HostCpu(self.cpus, self.busy_s - before.busy_s, self.idle_s - before.idle_s,
+                       self.steal_s - before.steal_s)
+
+    def shares(self) -> dict[str, float]:
+        """Busy and steal time as percentages of all the CPUs' time."""
+        total = self.busy_s + self.idle_s + self.steal_s
+        if total <= 0:
+            return {"busy_pct": 0.0, "steal_pct": 0.0}
+        return {"busy_pct": round(100 * self.busy_s / total, 2), "steal_pct": round(100 * self.steal_s / total, 2)}
+
+
+def host_cpu() -> HostCpu | None:
+    """This machine's :class:`HostCpu`; None where /proc/stat cannot be read."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+        ticks = [int(v) for v in lines[0].split()[1:9]]
+    except (OSError, IndexError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks + [0] * (8 - len(ticks))
+    hz = os.sysconf("SC_CLK_TCK")
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return HostCpu(cpus, (user + nice + system + irq + softirq) / hz, (idle + iowait) / hz, steal / hz)
