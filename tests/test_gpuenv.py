@@ -791,7 +791,8 @@ def test_cpu_meter_counts_a_process_cpu_time_and_faults_per_turn():
     assert mine["cpu_ms"] == used["me"] and mine["minflt"] >= pages / 2 / 2, mine
     assert mine["threads_ms"] and sum(mine["threads_ms"].values()) >= 40, mine  # this thread did the work
     assert mine["vcsw"] >= 0 and mine["ivcsw"] >= 0 and mine["majflt"] >= 0
-    assert mine["runq_ms"] >= 0 and set(mine["threads_runq_ms"]) == set(mine["threads_ms"]), mine
+    assert mine["runq_ms"] >= 0 and mine["migrations"] >= 0, mine
+    assert set(mine["threads_runq_ms"]) == set(mine["threads_ms"]), mine
     host = figures["host_cpu"]
     assert host["cpus"] >= 1 and 0 < host["busy_pct"] <= 100 and 0 <= host["steal_pct"] <= 100, host
 

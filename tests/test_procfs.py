@@ -81,6 +81,29 @@ def test_two_busy_processes_on_one_cpu_each_wait_for_it():
         assert c is not None and c.cpu_s >= 0.25
         assert sum(c.threads_runq.values()) == pytest.approx(c.runq_s)
         assert set(c.threads_runq) == set(c.threads)
+        assert c.migrations >= 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/sched"), reason="this kernel has no CONFIG_SCHED_DEBUG")
+def test_a_process_moved_between_cpus_counts_its_migrations():
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one CPU here")
+    hop = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys
+for _ in range(20):
+    for cpu in {cpus[:2]}:
+        os.sched_setaffinity(0, {{cpu}})
+        sum(range(1000))
+print("moved", flush=True)
+sys.stdin.read()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert hop.stdout is not None and hop.stdout.readline() == b"moved\n"
+        seen = procfs.counters(hop.pid)
+    finally:
+        hop.communicate(b"")
+    assert seen is not None and seen.migrations >= 20, seen
 
 
 def test_the_machine_cpu_time_grows_as_this_process_works():

@@ -104,7 +104,8 @@ class CpuMeter:
 
     def per_turn(self, turns: int) -> dict[str, dict[str, Any]]:
         """Per process: CPU ms, minor and major faults, voluntary and involuntary context
-        switches per turn, ms its threads were ready but waited for a CPU, and the CPU ms
+        switches per turn, ms its threads were ready but waited for a CPU, moves of its
+        threads from one CPU to another, and the CPU ms
         and waits per turn of its busiest threads (by name)."""
         out = {}
         for name, pid in self.pids.items():
@@ -116,6 +117,7 @@ class CpuMeter:
             out[name] = {"cpu_ms": round(d.cpu_s * 1000 / turns, 2), "minflt": round(d.minflt / turns, 1),
                          "majflt": round(d.majflt / turns, 2), "vcsw": round(d.vcsw / turns, 1),
                          "ivcsw": round(d.ivcsw / turns, 1), "runq_ms": round(d.runq_s * 1000 / turns, 3),
+                         "migrations": round(d.migrations / turns, 1),
                          "threads_ms": {t: round(d.threads[t] * 1000 / turns, 2) for t in busiest},
                          "threads_runq_ms": {t: round(d.threads_runq.get(t, 0.0) * 1000 / turns, 3)
                                              for t in busiest}}

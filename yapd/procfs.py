@@ -78,7 +78,9 @@ class Counters:
     waited; involuntary: the scheduler took the CPU away). ``threads``: CPU seconds by
     thread name (threads of one name added up). ``runq_s``: seconds its threads were
     ready to run but waited for a CPU (the scheduler's run queue: CPUs short, or a
-    virtual machine's CPUs held back by its host); ``threads_runq``: the same by name."""
+    virtual machine's CPUs held back by its host); ``threads_runq``: the same by name;
+    ``migrations``: how often its threads moved to another CPU (0 where the kernel does
+    not say: /proc/PID/task/TID/sched needs CONFIG_SCHED_DEBUG)."""
 
     cpu_s: float
     minflt: int
@@ -88,12 +90,13 @@ class Counters:
     threads: dict[str, float] = field(default_factory=dict)
     runq_s: float = 0.0
     threads_runq: dict[str, float] = field(default_factory=dict)
+    migrations: int = 0
 
     def since(self, before: Counters) -> Counters:
         return Counters(self.cpu_s - before.cpu_s, self.minflt - before.minflt, self.majflt - before.majflt,
                         self.vcsw - before.vcsw, self.ivcsw - before.ivcsw,
                         _minus(self.threads, before.threads), self.runq_s - before.runq_s,
-                        _minus(self.threads_runq, before.threads_runq))
+                        _minus(self.threads_runq, before.threads_runq), self.migrations - before.migrations)
 
 
 def _minus(now: dict[str, float], was: dict[str, float]) -> dict[str, float]:
@@ -107,7 +110,7 @@ def counters(pid: int) -> Counters | None:
     fields = stat_fields(pid)
     if fields is None:
         return None
-    vcsw = ivcsw = 0
+    vcsw = ivcsw = migrations = 0
     threads: dict[str, float] = {}
     runq: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
@@ -121,11 +124,23 @@ def counters(pid: int) -> Counters | None:
                 threads[name] = threads.get(name, 0.0) + _cpu_s(tfields)
             # schedstat: ns on a CPU, ns waiting on a run queue, time slices
             runq[name] = runq.get(name, 0.0) + int((task / "schedstat").read_text().split()[1]) / 1e9
+            migrations += _migrations(task)
     try:
         return Counters(_cpu_s(fields), int(fields[7]), int(fields[9]), vcsw, ivcsw, threads,
-                        sum(runq.values()), runq)
+                        sum(runq.values()), runq, migrations)
     except (IndexError, ValueError):
         return None
+
+
+def _migrations(task: Path) -> int:
+    try:
+        with (task / "sched").open() as f:
+            for line in f:
+                if line.startswith("se.nr_migrations"):
+                    return int(line.split(":")[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 @dataclass(frozen=True)
