@@ -103,10 +103,9 @@ class CpuMeter:
         self.host_before = host_cpu()
 
     def per_turn(self, turns: int) -> dict[str, dict[str, Any]]:
-        """Per process: CPU ms, minor and major faults, voluntary and involuntary context
-        switches per turn, ms its threads were ready but waited for a CPU, moves of its
-        threads from one CPU to another, and the CPU ms
-        and waits per turn of its busiest threads (by name)."""
+        """Per process and turn: CPU ms, minor and major faults, voluntary and involuntary
+        context switches, ms its threads were ready but waited for a CPU, moves of its
+        threads between CPUs; and the CPU ms and waits of its busiest threads (by name)."""
         out = {}
         for name, pid in self.pids.items():
             was, now = self.before[name], counters(pid)

@@ -122,9 +122,9 @@ def counters(pid: int) -> Counters | None:
             tfields = _stat_fields(task / "stat")
             if tfields is not None:
                 threads[name] = threads.get(name, 0.0) + _cpu_s(tfields)
+            migrations += _migrations(task)
             # schedstat: ns on a CPU, ns waiting on a run queue, time slices
             runq[name] = runq.get(name, 0.0) + int((task / "schedstat").read_text().split()[1]) / 1e9
-            migrations += _migrations(task)
     try:
         return Counters(_cpu_s(fields), int(fields[7]), int(fields[9]), vcsw, ivcsw, threads,
                         sum(runq.values()), runq, migrations)
