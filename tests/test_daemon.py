@@ -385,6 +385,20 @@ def test_a_wedged_event_loop_shows_in_status_and_metrics(make_yapd):
     assert float(late[0].split()[-1]) < float(count[0].split()[-1])  # one sample above 0.25 s
 
 
+def test_a_long_garbage_collection_shows_in_status_and_metrics(make_yapd):
+    """A full collection over a big live heap holds the loop as a wedge does: yapd times
+    each collection, shows the long ones in /status and every one in /metrics."""
+    d = make_yapd(env={"YAPD_DEBUG_ADMIN": "1"})
+    held = d.admin(cmd="debug", action="gc_heap", objects=300_000)[-1]
+    assert held["collect_ms"] > 0.5, held
+    st = json.loads(d.http("/status")[1])["gc_pauses"]
+    assert st["long"] >= 1 and st["max_generation"] == 2 and st["max_ms"] >= held["collect_ms"] * 0.9, st
+    assert int(st["collections"]["2"]) >= 1 and st["ms"]["2"] >= st["max_ms"]
+    metrics = d.http("/metrics")[1].splitlines()
+    count = [line for line in metrics if line.startswith('yapd_gc_pause_seconds_count{generation="2"}')]
+    assert count and float(count[0].split()[-1]) >= 1, count
+
+
 def test_stopping_with_admin_clients_connected_logs_no_error(make_yapd):
     """A logs follower (what the TUI keeps open) and a running profile when yapd stops:
     their connections end, yapd exits 0, and its log has no error (before Python 3.12

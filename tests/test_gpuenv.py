@@ -211,6 +211,13 @@ def test_yapds_event_loop_lag_gets_a_row_where_it_was_taken():
                      "c8": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {}}}
     rows = [line for line in markdown(data).splitlines() if "event-loop lag" in line]
     assert rows == ["| 16 | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | 3.5 / 12.25 | - | - |"]
+    assert not any("garbage" in line for line in markdown(data).splitlines())
+    data["yapd"]["c16"]["gc_pauses"] = {"long_ms": 0.5, "long": 3, "max_ms": 31.5, "max_generation": 2}
+    data["yapd"]["c8"]["gc_pauses"] = {"long_ms": 0.5, "long": 0, "max_ms": None, "max_generation": None}
+    rows = [line for line in markdown(data).splitlines() if "garbage" in line]
+    head = "in yapd: garbage collections of 0.5 ms or more: how many, the longest ms (its generation)"
+    assert rows == [f"| 8 | {head} (the level's last 20 s) | 0 | - | - |",
+                    f"| 16 | {head} (the level's last 20 s) | 3, 31.5 (2) | - | - |"]
 
 
 def test_slow_turns_get_a_row_with_their_bursts():

@@ -151,6 +151,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
         # Late timers delay every engine output and frame: `yapctl profile` says why.
         print(f"event loop late by p50 {lag['p50_ms']} ms, p99 {lag['p99_ms']} ms, max {lag['max_ms']} ms "
               f"(last {lag['window_s']:g} s)")
+    gcp = st.get("gc_pauses") or {}
+    if gcp.get("long"):
+        print(f"garbage collection held it {gcp['long']} times for {gcp['long_ms']:g} ms or more, longest "
+              f"{gcp['max_ms']} ms (generation {gcp['max_generation']}; last {gcp['window_s']:g} s)")
     if st.get("systemd_status"):
         print(f"systemd: {st['systemd_status']}")
     mps = st.get("mps")

@@ -411,21 +411,22 @@ async def phase_yapd(res: Results, s: Setup) -> None:
             rep = await bench(BenchConfig(url=url, key="bench", n=n, concurrency=c, timeout=120,
                                           utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
         # The warm-up turns are in the CPU time too: per turn of the whole level.
-        return {**rep.summary(), "loop_lag_ms": await loop_lag(), **figures(n + c)}
+        return {**rep.summary(), **await loop_state(), **figures(n + c)}
 
-    async def loop_lag() -> Any:
-        # How late yapd's event loop ran over the level's last 20 s: a loop held up
-        # by token frames delays both engines' outputs too.
+    async def loop_state() -> dict[str, Any]:
+        # How late yapd's event loop ran over the level's last 20 s (a loop held up by
+        # token frames delays both engines' outputs too), and its long collections.
         async with AdminClient(admin_socket) as admin:
-            return (await admin.request("status")).get("loop_lag_ms")
+            st = await admin.request("status")
+        return {"loop_lag_ms": st.get("loop_lag_ms"), "gc_pauses": st.get("gc_pauses")}
 
     try:
         for c in s.levels:
             if s.ab and s.ab_interleave:
                 a, b, wall = await interleaved(url, admin_socket, cfg, s.config_text(), s.ab, c, s.rounds)
-                lag = await loop_lag()
-                res.put("yapd", f"c{c}", {**BenchReport(a, wall / 2, c).summary(), "loop_lag_ms": lag})
-                res.put("yapd_b", f"c{c}", {**BenchReport(b, wall / 2, c).summary(), "loop_lag_ms": lag})
+                state = await loop_state()
+                res.put("yapd", f"c{c}", {**BenchReport(a, wall / 2, c).summary(), **state})
+                res.put("yapd_b", f"c{c}", {**BenchReport(b, wall / 2, c).summary(), **state})
                 continue
             res.put("yapd", f"c{c}", await level(c))
             if s.ab:  # the same level again with the changes, then back
@@ -1361,6 +1362,11 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"| {c} | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | "
                          f"{g('yapd', lvl, 'loop_lag_ms', 'p99_ms')} / {g('yapd', lvl, 'loop_lag_ms', 'max_ms')}"
                          " | - | - |")
+        gcp = data.get("yapd", {}).get(lvl, {}).get("gc_pauses")
+        if gcp:
+            longest = "" if gcp["max_ms"] is None else f", {gcp['max_ms']} ({gcp['max_generation']})"
+            lines.append(f"| {c} | in yapd: garbage collections of {gcp['long_ms']:g} ms or more: how many, the "
+                         f"longest ms (its generation) (the level's last 20 s) | {gcp['long']}{longest} | - | - |")
     probe = data.get("raw", {}).get("order_probe")
     if probe:
         lines += ["", "Raw, one session, by the order each turn's two requests leave in (8-token replies, "

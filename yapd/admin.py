@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import grp
 import json
 import logging
@@ -266,13 +267,21 @@ class AdminServer:
 
     async def _debug(self, req: dict[str, Any]) -> dict[str, Any]:
         """Fault injection for tests, enabled only by YAPD_DEBUG_ADMIN=1 in the daemon's
-        environment: wedge the event loop, kill an engine as a crash would, fail or
-        stall its next generation steps."""
+        environment: wedge the event loop, hold it in a full garbage collection over a
+        heap of ``objects`` live objects (as a leak leaves), kill an engine as a crash
+        would, fail or stall its next generation steps."""
         action = req.get("action")
         if action == "block_loop":
             seconds = float(req.get("seconds", 1.0))
             time.sleep(min(seconds, 30.0))  # noqa: ASYNC251 -- blocking the loop is the fault injected
             return {"ok": True, "blocked_s": seconds}
+        if action == "gc_heap":
+            heap: list[list[int]] = [[] for _ in range(min(int(req.get("objects", 300_000)), 5_000_000))]
+            t0 = time.perf_counter()
+            gc.collect()
+            took = time.perf_counter() - t0
+            del heap
+            return {"ok": True, "collect_ms": round(took * 1000, 2)}
         if action == "kill_engine":
             eng = self.daemon.rt.engines.get(str(req.get("role", "chat")))
             if eng is None or not hasattr(eng, "kill"):

@@ -122,6 +122,9 @@ class Daemon:
         for item in uncompiled(engine_packages(self.cfg)):
             log.warning("%s", item.advice())
         self._spawn(self.rt.loop_lag.run(self.rt.metrics.loop_lag.observe))
+        pauses = [self.rt.metrics.gc_pause.labels(str(g)) for g in range(3)]
+        self.rt.gc_pauses.observe = lambda gen, seconds: pauses[gen].observe(seconds)
+        self.rt.gc_pauses.install()
         try:
             await self.server.start(s.host, s.port)
             await self._start_admin()
@@ -443,6 +446,7 @@ class Daemon:
             await self.admin.close()
         await self._shutdown_engines(list(self.rt.engines), timeout)
         await asyncio.to_thread(self.mps.stop)  # after the engines: their contexts live in its server
+        self.rt.gc_pauses.uninstall()
         log.info("stopped")
 
 

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
                    0.75, 1.0, 2.0, 5.0, 10.0)
 LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+GC_PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 ITL_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -44,6 +45,8 @@ class Metrics:
         self.engine_up = Gauge("yapd_engine_up", "1 when the engine serves", ["role"], registry=r)
         self.loop_lag = Histogram("yapd_event_loop_lag_seconds", "How late a 50 ms timer fires on the event loop",
                                   buckets=LOOP_LAG_BUCKETS, registry=r)
+        self.gc_pause = Histogram("yapd_gc_pause_seconds", "How long a garbage collection held the interpreter",
+                                  ["generation"], buckets=GC_PAUSE_BUCKETS, registry=r)
         self.mps_active = Gauge("yapd_mps_active", "1 while the engines run under CUDA MPS (yapd's or the host's)",
                                 registry=r)
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from yapd.config import Config
 from yapd.engines.base import Engine
+from yapd.gcpause import GcPauses
 from yapd.looplag import LoopLag
 from yapd.metrics import Metrics
 from yapd.prompts import ChatLayout, persona_styles
@@ -76,6 +77,7 @@ class Runtime:
     # The daemon's MPS state (yapd/mps.py), read when /status is asked.
     mps_status: Callable[[], dict[str, Any]] | None = None
     loop_lag: LoopLag = field(default_factory=LoopLag)
+    gc_pauses: GcPauses = field(default_factory=GcPauses)
     _layouts: dict[int, ChatLayout] = field(default_factory=dict)
     _tool_prefix: _ToolPrefix | None = None
 
@@ -156,5 +158,6 @@ class Runtime:
             "concurrent_mode": self.cfg.turn.concurrent,
             "mps": self.mps_status() if self.mps_status is not None else None,
             "loop_lag_ms": self.loop_lag.snapshot(),
+            "gc_pauses": self.gc_pauses.snapshot(),
             "demo": self.cfg.demo,
         }

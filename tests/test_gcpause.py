@@ -1,0 +1,74 @@
+"""yapd.gcpause on this interpreter's real collector: collections timed by generation,
+long pauses kept for a window, nothing done in a forked child."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+from yapd.gcpause import LONG_S, GcPauses
+
+
+@pytest.fixture
+def pauses():
+    seen: list[tuple[int, float]] = []
+    p = GcPauses(window_s=60.0, observe=lambda gen, s: seen.append((gen, s)))
+    p.install()
+    yield p, seen
+    p.uninstall()
+
+
+def test_a_full_collection_over_a_big_heap_is_a_long_pause(pauses):
+    p, seen = pauses
+    heap = [[] for _ in range(300_000)]  # live container objects: the collector walks each
+    gc.collect()
+    del heap
+    assert p.counts[2] >= 1 and p.seconds[2] > 0
+    assert any(gen == 2 and s >= LONG_S for gen, s in seen), seen
+    snap = p.snapshot()
+    assert snap["long"] >= 1 and snap["max_generation"] == 2 and snap["max_ms"] >= LONG_S * 1000, snap
+    assert int(snap["collections"]["2"]) == p.counts[2] and snap["ms"]["2"] > 0
+    p.uninstall()
+    before = p.counts[2]
+    gc.collect()
+    assert p.counts[2] == before  # uninstalled: no longer called
+
+
+def test_young_collections_are_counted_as_they_happen(pauses):
+    p, _ = pauses
+    for _ in range(50_000):  # cycles: garbage only the collector frees
+        a: list[object] = []
+        a.append(a)
+    assert p.counts[0] >= 1
+
+
+def test_pauses_leave_the_window_as_it_passes():
+    p = GcPauses(window_s=0.0)
+    p.long.append((0.0, 2, 0.05))
+    assert p.snapshot()["long"] == 0 and p.snapshot()["max_ms"] is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_times_nothing(pauses):
+    """An EngineCore forked from yapd inherits gc.callbacks: there the callback must do
+    nothing (the histogram's lock may have been held by a thread of the parent)."""
+    p, seen = pauses
+    read, write = os.pipe()
+    gc.disable()  # no collection of the parent's between the count and the fork
+    counted_before = p.counts[2]
+    pid = os.fork()
+    gc.enable()
+    if pid == 0:  # the child: collect, then say what the callback saw
+        try:
+            n = len(seen)
+            gc.collect()
+            os.write(write, b"%d %d" % (len(seen) - n, p.counts[2]))
+        finally:
+            os._exit(0)
+    os.close(write)
+    out = os.read(read, 64).split()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert out[0] == b"0" and int(out[1]) == counted_before

@@ -1,0 +1,77 @@
+"""How long the garbage collector holds the interpreter.
+
+A collection runs on whichever thread allocates past the collector's threshold, the
+event loop's too, and holds the GIL throughout: every turn's starts and tokens wait for
+it. yapd freezes what its start leaves (daemon.py), so while serving the collector only
+walks what serving made; the loop-lag gauge says how late the loop ran, this says whether
+a collection was why.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+# Shorter pauses are the collector's everyday young-generation work; from here up a token
+# gap can feel one.
+LONG_S = 0.0005
+
+
+class GcPauses:
+    """Times each collection of this process (``gc.callbacks``): counts and seconds by
+    generation since :meth:`install`, and the pauses of LONG_S or more over the last
+    ``window_s`` seconds. ``observe(generation, seconds)`` is called for each one (the
+    daemon's histogram)."""
+
+    def __init__(self, window_s: float = 20.0, observe: Callable[[int, float], None] | None = None) -> None:
+        self.window_s = window_s
+        self.observe = observe
+        self.counts = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self.long: collections.deque[tuple[float, int, float]] = collections.deque(maxlen=4096)  # (when, gen, s)
+        self._pid = os.getpid()
+        self._t0 = 0.0
+
+    def install(self) -> None:
+        if self._callback not in gc.callbacks:
+            self._pid = os.getpid()
+            gc.callbacks.append(self._callback)
+
+    def uninstall(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        # A forked EngineCore inherits the callback: it must not touch locks (a histogram's)
+        # that a thread of the parent may have held at the fork.
+        if os.getpid() != self._pid:
+            return
+        now = time.perf_counter()
+        if phase == "start":
+            self._t0 = now
+            return
+        gen = min(max(info.get("generation", 0), 0), 2)
+        took = now - self._t0
+        self.counts[gen] += 1
+        self.seconds[gen] += took
+        if took >= LONG_S:
+            self.long.append((now, gen, took))
+        if self.observe is not None:
+            self.observe(gen, took)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Collections and ms spent in them by generation since install; pauses of LONG_S
+        or more in the last ``window_s`` seconds: how many, the longest (ms) and its
+        generation (None where there was none)."""
+        since = time.perf_counter() - self.window_s
+        recent = [(gen, took) for when, gen, took in list(self.long) if when >= since]
+        longest = max(recent, key=lambda r: r[1], default=None)
+        return {"collections": {str(g): n for g, n in enumerate(self.counts)},
+                "ms": {str(g): round(s * 1000, 2) for g, s in enumerate(self.seconds)},
+                "window_s": self.window_s, "long_ms": LONG_S * 1000, "long": len(recent),
+                "max_ms": round(longest[1] * 1000, 2) if longest else None,
+                "max_generation": longest[0] if longest else None}
