@@ -389,6 +389,10 @@ def test_a_long_garbage_collection_shows_in_status_and_metrics(make_yapd):
     """A full collection over a big live heap holds the loop as a wedge does: yapd times
     each collection, shows the long ones in /status and every one in /metrics."""
     d = make_yapd(env={"YAPD_DEBUG_ADMIN": "1"})
+    # Held off through the start (yapd/gcpause.py), back on once the engines loaded, with
+    # what the start left (torch, transformers, the models) frozen out of its walks.
+    ready = json.loads(d.http("/status")[1])["gc_pauses"]
+    assert ready["enabled"] is True and ready["frozen"] > 100_000, ready
     held = d.admin(cmd="debug", action="gc_heap", objects=300_000)[-1]
     assert held["collect_ms"] > 0.5, held
     st = json.loads(d.http("/status")[1])["gc_pauses"]

@@ -72,3 +72,53 @@ def test_a_forked_child_times_nothing(pauses):
     os.close(read)
     os.waitpid(pid, 0)
     assert out[0] == b"0" and int(out[1]) == counted_before
+
+
+HOLD = r"""
+import gc, json, os, sys
+from yapd import gcpause
+
+gcpause.hold_for_start()
+junk = [[i] for i in range(50_000)]  # what a start's imports and loads leave
+seen = {"held": not gc.isenabled()}
+
+def fork_and_ask():
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, json.dumps([gc.isenabled(), gc.get_freeze_count()]).encode())
+        os._exit(0)
+    os.close(write)
+    out = json.loads(os.read(read, 256))
+    os.close(read)
+    os.waitpid(pid, 0)
+    return out
+
+seen["child"] = fork_and_ask()
+seen["parent_after_fork"] = [gc.isenabled(), gc.get_freeze_count()]
+gcpause.settle()
+seen["settled"] = [gc.isenabled(), gc.get_freeze_count()]
+frozen = gc.get_freeze_count()
+seen["child_later"] = fork_and_ask()
+seen["frozen_by_later_fork"] = gc.get_freeze_count() - frozen
+print(json.dumps(seen))
+"""
+
+
+def test_a_start_holds_collection_and_a_child_forked_meanwhile_gets_it_back():
+    """Python's recipe for a parent that forks without exec, in a process of its own:
+    collection off from the start; a child forked then starts with the parent's objects
+    frozen and collection on; settle turns it back on in the parent with everything
+    frozen; a later fork freezes nothing and its child collects."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", HOLD], capture_output=True, text=True, timeout=60, check=True)
+    seen = json.loads(out.stdout)
+    assert seen["held"] is True
+    child_enabled, child_frozen = seen["child"]
+    assert child_enabled is True and child_frozen >= 50_000, seen
+    assert seen["parent_after_fork"][0] is False and seen["parent_after_fork"][1] >= 50_000, seen
+    assert seen["settled"][0] is True and seen["settled"][1] >= seen["parent_after_fork"][1], seen
+    assert seen["child_later"][0] is True and seen["frozen_by_later_fork"] == 0, seen

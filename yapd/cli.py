@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         path = str(DEFAULT_CONFIG)
     overrides = {"server.host": args.host, "server.port": args.port, "admin.socket": args.admin_socket,
                  "logging.level": args.log_level, "demo": args.demo}
+    from yapd import gcpause
+
+    gcpause.hold_for_start()  # before the imports: the daemon's, then torch's and vLLM's
     from yapd import config, daemon
 
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import gc
 import logging
 import os
 import signal
@@ -21,7 +20,7 @@ from typing import Any
 
 import sdnotify
 
-from yapd import __version__, config, logs
+from yapd import __version__, config, gcpause, logs
 from yapd.awq.jobs import AwqJobs
 from yapd.bytecode import engine_packages, uncompiled
 from yapd.config import Config, ConfigError
@@ -188,10 +187,10 @@ class Daemon:
                 await self._load_engines(roles)
         finally:
             extender.cancel()
-        # Model loads leave millions of long-lived objects; moving them out of the
-        # collector's view keeps gen-2 collections (pauses of 10+ ms mid-stream) short.
-        gc.collect()
-        gc.freeze()
+            # Model loads leave millions of long-lived objects; moving them out of the
+            # collector's view keeps gen-2 collections (pauses of 10+ ms mid-stream)
+            # short. A failed start too: the daemon serves on (the other engine, a retry).
+            gcpause.settle()
 
     async def _load_engines(self, roles: list[str]) -> None:
         engines = {role: create_engine(role, self.cfg) for role in roles}
