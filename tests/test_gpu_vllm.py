@@ -178,6 +178,11 @@ async def test_gpu_turns_cancel_barge_in(gpu_yapd):
     # Each engine names its EngineCore: one of yapd's own child processes.
     cores = {p for p, _ in _children(gpu_yapd.proc.pid)}
     assert {st["engines"][role]["pid"] for role in ("chat", "tool")} <= cores, (st["engines"], cores)
+    # Collection held off through the start (yapd/gcpause.py), on again once the engines
+    # loaded, torch's and vLLM's objects frozen out of its walks.
+    gcp = st["gc_pauses"]
+    assert gcp["enabled"] is True and gcp["frozen"] > 1_000_000, gcp
+    print(f"gc at ready: frozen {gcp['frozen']}, collections {gcp['collections']}, ms {gcp['ms']}")
     if shutil.which(MPS_CONTROL) and PIPE_ENV not in os.environ and not renumbered_devices(os.environ):
         # engines.mps = "auto": both engines run under yapd's own MPS daemon, the chat
         # engine's EngineCore below normal priority (mps_priority = "tool" above).
