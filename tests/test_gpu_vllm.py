@@ -181,7 +181,7 @@ async def test_gpu_turns_cancel_barge_in(gpu_yapd):
     # Collection held off through the start (yapd/gcpause.py), on again once the engines
     # loaded, torch's and vLLM's objects frozen out of its walks.
     gcp = st["gc_pauses"]
-    assert gcp["enabled"] is True and gcp["frozen"] > 1_000_000, gcp
+    assert gcp["enabled"] is True and gcp["frozen"] > 300_000, gcp
     print(f"gc at ready: frozen {gcp['frozen']}, collections {gcp['collections']}, ms {gcp['ms']}")
     if shutil.which(MPS_CONTROL) and PIPE_ENV not in os.environ and not renumbered_devices(os.environ):
         # engines.mps = "auto": both engines run under yapd's own MPS daemon, the chat
