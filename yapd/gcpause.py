@@ -118,10 +118,6 @@ def settle() -> None:
         gc.enable()
 
 
-def start_held() -> bool:
-    return _StartHold.held
-
-
 def _before_fork() -> None:
     # No collection first: it would walk everything, and what is frozen stays in the
     # parent too (settle's collection never frees it: import-time garbage, a few MB).
