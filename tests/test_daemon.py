@@ -401,6 +401,10 @@ def test_a_long_garbage_collection_shows_in_status_and_metrics(make_yapd):
     metrics = d.http("/metrics")[1].splitlines()
     count = [line for line in metrics if line.startswith('yapd_gc_pause_seconds_count{generation="2"}')]
     assert count and float(count[0].split()[-1]) >= 1, count
+    out = subprocess.run([sys.executable, "-m", "yapctl", "--socket", str(d.admin_socket), "status"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert any(line.startswith("garbage collection held it ") and "(generation 2;" in line
+               for line in out.splitlines()), out
 
 
 def test_stopping_with_admin_clients_connected_logs_no_error(make_yapd):
