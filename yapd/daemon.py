@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import gc
 import logging
 import os
 import signal
@@ -183,6 +184,9 @@ class Daemon:
                 # No time limit: MPS may only go once their EngineCores are gone (each
                 # engine's own shutdown is bounded).
                 await self._shutdown_engines(roles, timeout=None)
+                # The failed engines' cycles (their sockets, say) go now, not at settle():
+                # collection is held through the first start.
+                gc.collect()
                 await asyncio.to_thread(self.mps.give_up, str(exc))
                 await self._load_engines(roles)
         finally:
