@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -856,3 +858,34 @@ def test_slow_turns_are_counted_by_burst():
     assert slow_bursts(sent, ttft) == {"over_ms": 40.0, "turns": 5, "of": 12, "bursts": 2, "at_s": [1.0, 2.0]}
     assert slow_bursts(sent, [20.0] * 12) == {"over_ms": 40.0, "turns": 0, "of": 12, "bursts": 0, "at_s": []}
     assert slow_bursts([], []) is None
+
+
+RING_FORK = r"""
+import asyncio, json, logging, os
+from yapd.logs import RingHandler
+
+async def main():
+    ring = RingHandler(10)
+    queue = ring.follow()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked child that logs, as an EngineCore may
+        ring.emit(logging.LogRecord("yapd.x", logging.INFO, "child.py", 1, "from the child", None, None))
+        os.write(write, json.dumps([len(ring._followers), len(ring.ring)]).encode())
+        os._exit(0)
+    os.close(write)
+    child = json.loads(os.read(read, 64))
+    os.waitpid(pid, 0)
+    await asyncio.sleep(0.05)  # a record the child offered would have been queued by now
+    print(json.dumps({"child": child, "parent_followers": len(ring._followers), "queued": queue.qsize()}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_forked_child_logging_does_not_feed_the_parents_log_followers():
+    """The admin socket's log followers (yapctl logs -f, the TUI) live on yapd's loop: a
+    forked child that logs keeps its record and wakes nothing of the parent's."""
+    out = subprocess.run([sys.executable, "-c", RING_FORK], capture_output=True, text=True, timeout=60, check=True)
+    seen = json.loads(out.stdout)
+    assert seen == {"child": [0, 1], "parent_followers": 1, "queued": 0}, seen

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import logging.handlers
 import os
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +38,10 @@ class RingHandler(logging.Handler):
         self.ring: collections.deque[LogRecord] = collections.deque(maxlen=size)
         self._seq = 0
         self._followers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[LogRecord]]] = set()
+        # A forked child (an EngineCore) that logs must not feed the parent's followers:
+        # their loop is the parent's, and a call_soon_threadsafe from the child would write
+        # to that loop's wakeup descriptor, which the child shares.
+        os.register_at_fork(after_in_child=functools.partial(_forget_followers, weakref.ref(self)))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -65,6 +71,12 @@ class RingHandler(logging.Handler):
 
     def unfollow(self, queue: asyncio.Queue[LogRecord]) -> None:
         self._followers = {f for f in self._followers if f[1] is not queue}
+
+
+def _forget_followers(ref: weakref.ref[RingHandler]) -> None:
+    handler = ref()
+    if handler is not None:
+        handler._followers = set()
 
 
 def _offer(queue: asyncio.Queue[LogRecord], rec: LogRecord) -> None:
