@@ -122,3 +122,68 @@ def test_a_start_holds_collection_and_a_child_forked_meanwhile_gets_it_back():
     assert seen["parent_after_fork"][0] is False and seen["parent_after_fork"][1] >= 50_000, seen
     assert seen["settled"][0] is True and seen["settled"][1] >= seen["parent_after_fork"][1], seen
     assert seen["child_later"][0] is True and seen["frozen_by_later_fork"] == 0, seen
+
+
+CORES = r"""
+import gc, json, os, sys, threading, types
+from yapd import gcpause
+
+def freeze_gc_heap():  # as vLLM's (vllm/utils/gc_utils.py): collect, then freeze
+    gc.collect(0); gc.collect(1); gc.collect(2); gc.freeze()
+
+if sys.argv[1] == "vllm":
+    for name in ("vllm", "vllm.v1", "vllm.v1.engine"):
+        sys.modules[name] = types.ModuleType(name)
+    core = types.ModuleType("vllm.v1.engine.core")
+    core.freeze_gc_heap = freeze_gc_heap
+    sys.modules["vllm.v1.engine.core"] = core
+if sys.argv[2] == "held":
+    gcpause.hold_for_start()
+
+def fork_and_ask(out, hold):
+    # From a worker thread, as yapd's engine starts fork
+    with gcpause.held_in_cores(hold):
+        read, write = os.pipe()
+        pid = os.fork()
+    if pid == 0:
+        seen = [gc.isenabled()]
+        core = sys.modules.get("vllm.v1.engine.core")
+        if core is not None:
+            core.freeze_gc_heap()  # the EngineCore's start ends so
+            seen += [gc.isenabled(), core.freeze_gc_heap is freeze_gc_heap]
+        os.write(write, json.dumps(seen).encode())
+        os._exit(0)
+    os.close(write)
+    out.append(json.loads(os.read(read, 256)))
+    os.close(read)
+    os.waitpid(pid, 0)
+
+out = []
+for hold in (True, False):
+    t = threading.Thread(target=fork_and_ask, args=(out, hold))
+    t.start(); t.join()
+print(json.dumps({"children": out, "parent": gc.isenabled()}))
+"""
+
+
+@pytest.mark.parametrize("parent", ["held", "on"])
+@pytest.mark.parametrize("module", ["vllm", "none"])
+def test_a_core_forked_in_the_block_collects_only_once_vllm_froze_its_heap(parent, module):
+    """engines.hold_gc_in_core_start: an EngineCore forked inside held_in_cores starts with
+    collection off, on again once vLLM's own freeze_gc_heap has run (put back as it was);
+    a fork outside the block, or where no vLLM core module is loaded, has it as without."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", CORES, module, parent], capture_output=True, text=True,
+                         timeout=60, check=True)
+    seen = json.loads(out.stdout)
+    in_block, outside = seen["children"]
+    assert seen["parent"] is (parent == "on")
+    if module == "vllm":
+        assert in_block == [False, True, True], seen
+        assert outside == [True, True, True], seen  # on from the fork: the start's hold or not
+    else:
+        assert in_block == [True] and outside == [True], seen
+        assert out.stderr.count("no EngineCore heap freeze to wait for") == 1, out.stderr

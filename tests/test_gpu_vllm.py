@@ -384,6 +384,34 @@ async def test_gpu_spawned_engines_start_side_by_side_taking_turns(gpu_yapd):
     assert "EngineCore started by fork role=chat" in _lines_since(gpu_yapd, n)
 
 
+async def test_gpu_cores_start_with_collection_held(gpu_yapd):
+    """engines.hold_gc_in_core_start, applied by an engine restart: each forked
+    EngineCore turns collection back on when vLLM has frozen its heap (its log line says
+    so, from inside the core: vLLM's step was found), and turns work. Then back off."""
+    before = gpu_yapd.config_path.read_text()
+    assert 'start_method = "fork"' in before
+    n = len(gpu_yapd.lines)
+    try:
+        gpu_yapd.config_path.write_text(before.replace('start_method = "fork"',
+                                                       'start_method = "fork"\nhold_gc_in_core_start = true'))
+        assert gpu_yapd.admin(cmd="reload")[-1]["needs_engine_restart"] == ["engines.hold_gc_in_core_start"]
+        t0 = time.perf_counter()
+        replies = gpu_yapd.admin(timeout=600, cmd="restart", target="both")
+        print(f"restart with collection held in the cores {time.perf_counter() - t0:.1f} s")
+        assert replies[-1]["ok"] is True, replies
+        lines = _lines_since(gpu_yapd, n)
+        print("\n".join(x for x in lines.splitlines() if " took " in x or "collects again" in x))
+        assert lines.count("EngineCore collects again, its start done and its heap frozen") == 2, lines[-4000:]
+        assert "no EngineCore heap freeze to wait for" not in lines
+        async with ws_connect(gpu_yapd.url()) as ws:
+            check_turn(await run_turn(ws))
+    finally:
+        gpu_yapd.config_path.write_text(before)
+        gpu_yapd.admin(cmd="reload")
+        replies = gpu_yapd.admin(timeout=600, cmd="restart", target="both")
+    assert replies[-1]["ok"] is True, replies
+
+
 def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd):
     """Last in the module. Each engine restart above had vLLM SIGTERM a forked
     EngineCore: none of those reached yapd as its own. Then SIGTERM stops yapd with

@@ -21,12 +21,17 @@ freezes and turns it back on when the engines have loaded.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
+import logging
 import os
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+log = logging.getLogger("yapd.gcpause")
 
 # Shorter pauses are the collector's everyday young-generation work; from here up a token
 # gap can feel one.
@@ -94,17 +99,46 @@ class _StartHold:
     held = False
     hooked = False
     lock = threading.Lock()
+    # Threads starting vLLM engines whose forked EngineCores keep collection off through
+    # their own start (held_in_cores).
+    core_threads: set[int] = set()
+
+
+def _hook() -> None:
+    with _StartHold.lock:
+        if not _StartHold.hooked:
+            os.register_at_fork(before=_before_fork, after_in_child=_after_in_child)
+            _StartHold.hooked = True
 
 
 def hold_for_start() -> None:
     """Turn automatic collection off until :func:`settle`; children forked meanwhile
     start with the parent's objects frozen and collection on."""
+    _hook()
     with _StartHold.lock:
-        if not _StartHold.hooked:
-            os.register_at_fork(before=_before_fork, after_in_child=_after_in_child)
-            _StartHold.hooked = True
         _StartHold.held = True
     gc.disable()
+
+
+@contextlib.contextmanager
+def held_in_cores(enabled: bool = True) -> Iterator[None]:
+    """Children this thread forks inside the block (vLLM's EngineCores) run their own start
+    with automatic collection off too, and turn it on once vLLM has frozen their heap
+    (``freeze_gc_heap``, the last step of an EngineCore's start): the compile and model
+    load build millions of objects that the collector would walk again and again. Where
+    this vLLM has no such step, on at once, as without the block."""
+    if not enabled:
+        yield
+        return
+    _hook()
+    me = threading.get_ident()
+    with _StartHold.lock:
+        _StartHold.core_threads.add(me)
+    try:
+        yield
+    finally:
+        with _StartHold.lock:
+            _StartHold.core_threads.discard(me)
 
 
 def settle() -> None:
@@ -128,6 +162,32 @@ def _before_fork() -> None:
 
 def _after_in_child() -> None:
     # The lock may have been held by another thread of the parent at the fork: not taken.
-    if _StartHold.held:
-        _StartHold.held = False
+    # The child's one thread is the one that forked, with the same id.
+    held, _StartHold.held = _StartHold.held, False
+    if threading.get_ident() in _StartHold.core_threads and _until_vllm_freezes():
+        gc.disable()
+    elif held:
         gc.enable()
+    _StartHold.core_threads = set()
+
+
+def _until_vllm_freezes() -> bool:
+    """In a forked EngineCore: collection back on right after vLLM's EngineCore freezes its
+    heap; False where this vLLM has no such step to follow."""
+    core = sys.modules.get("vllm.v1.engine.core")
+    freeze = getattr(core, "freeze_gc_heap", None)
+    if core is None or not callable(freeze):
+        log.warning("this vLLM has no EngineCore heap freeze to wait for: the core collects from its start "
+                    "(engines.hold_gc_in_core_start) pid=%d", os.getpid())
+        return False
+
+    def freeze_then_collect() -> None:
+        try:
+            freeze()
+        finally:
+            setattr(core, "freeze_gc_heap", freeze)  # noqa: B010 -- a module mypy cannot see
+            gc.enable()
+            log.info("EngineCore collects again, its start done and its heap frozen pid=%d", os.getpid())
+
+    setattr(core, "freeze_gc_heap", freeze_then_collect)  # noqa: B010
+    return True

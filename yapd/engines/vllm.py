@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from yapd import awq, forking, procfs
+from yapd import awq, forking, gcpause, procfs
 from yapd.config import Config, EngineConfig
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineStamps, EngineState, SamplingSpec
 from yapd.engines.memplan import MemoryPlans, Plan, plan_key, side_by_side
@@ -304,7 +304,7 @@ class VllmEngine(Engine):
         t0 = time.perf_counter()
         # Every process this thread forks while vLLM starts (the EngineCore; with data
         # parallelism, each of them) gets ``child_env``.
-        with forking.child_environment(child_env):
+        with forking.child_environment(child_env), gcpause.held_in_cores(self.cfg.engines.hold_gc_in_core_start):
             args = AsyncEngineArgs(**kwargs)
             config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
             log.info("vLLM config took %.1f s role=%s", time.perf_counter() - t0, self.role)
