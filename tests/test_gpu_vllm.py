@@ -7,6 +7,7 @@ loading, random weights) as both chat and tool model: YAPD_GPU_MODEL points at i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -349,22 +351,38 @@ async def test_gpu_engine_cores_are_forked_and_hold_no_yapd_socket(gpu_yapd):
         check_turn(await run_turn(ws))
 
 
+@contextlib.contextmanager
+def _engines_restarted_with(d: Yapd, old: str, new: str, key: str, what: str) -> Iterator[list[str]]:
+    """The module daemon's config with ``old`` replaced by ``new`` (engine key ``key``),
+    applied by an engine restart (timed, printed as ``what``): yields its log lines since
+    the restart began. Then the config as it was, by a restart again."""
+    before = d.config_path.read_text()
+    assert old in before
+    try:
+        d.config_path.write_text(before.replace(old, new))
+        assert d.admin(cmd="reload")[-1]["needs_engine_restart"] == [key]
+        n = len(d.lines)
+        t0 = time.perf_counter()
+        replies = d.admin(timeout=600, cmd="restart", target="both")
+        print(f"{what} {time.perf_counter() - t0:.1f} s")
+        assert replies[-1]["ok"] is True, replies
+        yield d.lines[n:]
+    finally:
+        d.config_path.write_text(before)
+        d.admin(cmd="reload")
+        n = len(d.lines)
+        replies = d.admin(timeout=600, cmd="restart", target="both")
+    assert replies[-1]["ok"] is True, replies
+    assert "EngineCore started by fork role=chat" in _lines_since(d, n)
+
+
 async def test_gpu_spawned_engines_start_side_by_side_taking_turns(gpu_yapd):
     """engines.start_method = "spawn", applied by an engine restart: both EngineCores
     spawned, side by side, the tool engine's vLLM config only once the chat engine's core
     exists (its turn; seen in /proc, a spawn runs no at-fork hook); turns work. Then back
     to fork (an engine restart again)."""
-    forked = gpu_yapd.config_path.read_text()
-    assert 'start_method = "fork"' in forked
-    try:
-        gpu_yapd.config_path.write_text(forked.replace('start_method = "fork"', 'start_method = "spawn"'))
-        assert gpu_yapd.admin(cmd="reload")[-1]["needs_engine_restart"] == ["engines.start_method"]
-        n = len(gpu_yapd.lines)
-        t0 = time.perf_counter()
-        replies = gpu_yapd.admin(timeout=600, cmd="restart", target="both")
-        print(f"spawned side-by-side restart {time.perf_counter() - t0:.1f} s")
-        assert replies[-1]["ok"] is True, replies
-        lines = gpu_yapd.lines[n:]
+    with _engines_restarted_with(gpu_yapd, 'start_method = "fork"', 'start_method = "spawn"',
+                                 "engines.start_method", "spawned side-by-side restart") as lines:
         print("\n".join(x for x in lines if any(m in x for m in (" took ", "EngineCore spawned", "started by"))))
         log = "\n".join(lines)
         assert "engines load side by side" in log
@@ -376,40 +394,21 @@ async def test_gpu_spawned_engines_start_side_by_side_taking_turns(gpu_yapd):
         assert at("EngineCore spawned", "role=chat") < at("vLLM config took", "role=tool"), log[-4000:]
         async with ws_connect(gpu_yapd.url()) as ws:
             check_turn(await run_turn(ws))
-    finally:
-        gpu_yapd.config_path.write_text(forked)
-        gpu_yapd.admin(cmd="reload")
-        replies = gpu_yapd.admin(timeout=600, cmd="restart", target="both")
-    assert replies[-1]["ok"] is True, replies
-    assert "EngineCore started by fork role=chat" in _lines_since(gpu_yapd, n)
 
 
 async def test_gpu_cores_start_with_collection_held(gpu_yapd):
     """engines.hold_gc_in_core_start, applied by an engine restart: each forked
     EngineCore turns collection back on when vLLM has frozen its heap (its log line says
     so, from inside the core: vLLM's step was found), and turns work. Then back off."""
-    before = gpu_yapd.config_path.read_text()
-    assert 'start_method = "fork"' in before
-    n = len(gpu_yapd.lines)
-    try:
-        gpu_yapd.config_path.write_text(before.replace('start_method = "fork"',
-                                                       'start_method = "fork"\nhold_gc_in_core_start = true'))
-        assert gpu_yapd.admin(cmd="reload")[-1]["needs_engine_restart"] == ["engines.hold_gc_in_core_start"]
-        t0 = time.perf_counter()
-        replies = gpu_yapd.admin(timeout=600, cmd="restart", target="both")
-        print(f"restart with collection held in the cores {time.perf_counter() - t0:.1f} s")
-        assert replies[-1]["ok"] is True, replies
-        lines = _lines_since(gpu_yapd, n)
-        print("\n".join(x for x in lines.splitlines() if " took " in x or "collects again" in x))
-        assert lines.count("EngineCore collects again, its start done and its heap frozen") == 2, lines[-4000:]
-        assert "no EngineCore heap freeze to wait for" not in lines
+    with _engines_restarted_with(gpu_yapd, 'start_method = "fork"',
+                                 'start_method = "fork"\nhold_gc_in_core_start = true',
+                                 "engines.hold_gc_in_core_start", "restart with collection held in the cores") as lines:
+        print("\n".join(x for x in lines if " took " in x or "collects again" in x))
+        log = "\n".join(lines)
+        assert log.count("EngineCore collects again, its start done and its heap frozen") == 2, log[-4000:]
+        assert "no EngineCore heap freeze to wait for" not in log
         async with ws_connect(gpu_yapd.url()) as ws:
             check_turn(await run_turn(ws))
-    finally:
-        gpu_yapd.config_path.write_text(before)
-        gpu_yapd.admin(cmd="reload")
-        replies = gpu_yapd.admin(timeout=600, cmd="restart", target="both")
-    assert replies[-1]["ok"] is True, replies
 
 
 def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd):
