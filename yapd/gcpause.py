@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -130,6 +131,11 @@ def held_in_cores(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
+    if _vllm_core_freeze() is None:
+        log.warning("this vLLM has no EngineCore heap freeze to wait for: its cores collect from their start "
+                    "(engines.hold_gc_in_core_start)")
+        yield
+        return
     _hook()
     me = threading.get_ident()
     with _StartHold.lock:
@@ -173,13 +179,11 @@ def _after_in_child() -> None:
 
 def _until_vllm_freezes() -> bool:
     """In a forked EngineCore: collection back on right after vLLM's EngineCore freezes its
-    heap; False where this vLLM has no such step to follow."""
-    core = sys.modules.get("vllm.v1.engine.core")
-    freeze = getattr(core, "freeze_gc_heap", None)
-    if core is None or not callable(freeze):
-        log.warning("this vLLM has no EngineCore heap freeze to wait for: the core collects from its start "
-                    "(engines.hold_gc_in_core_start) pid=%d", os.getpid())
+    heap; False where this vLLM has no such step to follow (held_in_cores said so)."""
+    found = _vllm_core_freeze()
+    if found is None:
         return False
+    core, freeze = found
 
     def freeze_then_collect() -> None:
         try:
@@ -191,3 +195,13 @@ def _until_vllm_freezes() -> bool:
 
     setattr(core, "freeze_gc_heap", freeze_then_collect)  # noqa: B010
     return True
+
+
+def _vllm_core_freeze() -> tuple[types.ModuleType, Callable[[], None]] | None:
+    # vLLM's EngineCore calls its module's freeze_gc_heap as the last step of its start
+    # (vllm/v1/engine/core.py); AsyncLLM's import has loaded that module before any fork.
+    core = sys.modules.get("vllm.v1.engine.core")
+    freeze = getattr(core, "freeze_gc_heap", None)
+    if core is None or not callable(freeze):
+        return None
+    return core, freeze
