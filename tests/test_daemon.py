@@ -393,6 +393,9 @@ def test_a_long_garbage_collection_shows_in_status_and_metrics(make_yapd):
     # what the start left (torch, transformers, the models) frozen out of its walks.
     ready = json.loads(d.http("/status")[1])["gc_pauses"]
     assert ready["enabled"] is True and ready["frozen"] > 100_000, ready
+    # One full collection through the whole start: the one after the engines loaded (with
+    # collection on, loading the demo models ran seven).
+    assert ready["collections"]["2"] == 1, ready
     held = d.admin(cmd="debug", action="gc_heap", objects=300_000)[-1]
     assert held["collect_ms"] > 0.5, held
     st = json.loads(d.http("/status")[1])["gc_pauses"]
