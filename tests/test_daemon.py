@@ -272,6 +272,8 @@ async def test_admin_requests(make_yapd):
     (b'{"cmd": "restart", "target": "gpu"}\n', "chat, tool or both"),
     (b'{"cmd": "logs", "n": -1}\n', '"n"'),
     (b'{"cmd": "logs", "level": "loud"}\n', '"level"'),
+    (b'{"cmd": "status", "window_s": "soon"}\n', '"window_s"'),
+    (b'{"cmd": "status", "window_s": 0}\n', '"window_s"'),
     (b'{"cmd": "debug", "action": "block_loop"}\n', "unknown command"),
 ])
 def test_admin_bad_requests(shared_yapd, raw, needle):
@@ -379,6 +381,10 @@ def test_a_wedged_event_loop_shows_in_status_and_metrics(make_yapd):
     d.admin(cmd="debug", action="block_loop", seconds=0.4)
     st = json.loads(d.http("/status")[1])["loop_lag_ms"]
     assert st["max_ms"] >= 350 and st["window_s"] > 0, st
+    # Read over a span of its own (a benchmark level's), never more than the window kept.
+    for asked, span in ((5, 5.0), (600, 20.0)):
+        gcp = d.admin(cmd="status", window_s=asked)[-1]["gc_pauses"]
+        assert gcp["window_s"] == span, gcp
     metrics = d.http("/metrics")[1].splitlines()
     late = [line for line in metrics if line.startswith('yapd_event_loop_lag_seconds_bucket{le="0.25"}')]
     count = [line for line in metrics if line.startswith("yapd_event_loop_lag_seconds_count")]

@@ -50,6 +50,20 @@ def test_pauses_leave_the_window_as_it_passes():
     assert p.snapshot()["long"] == 0 and p.snapshot()["max_ms"] is None
 
 
+def test_a_shorter_span_leaves_out_the_pauses_before_it():
+    """A benchmark level shorter than the window asks for its own span: the start's full
+    collection (just before the level) is not the level's."""
+    import time
+
+    p = GcPauses(window_s=20.0)
+    now = time.perf_counter()
+    p.long.extend([(now - 15.0, 2, 0.023), (now - 1.0, 0, 0.0006)])
+    assert p.snapshot()["max_ms"] == 23.0 and p.snapshot()["long"] == 2
+    level = p.snapshot(5.0)
+    assert (level["long"], level["max_ms"], level["max_generation"], level["window_s"]) == (1, 0.6, 0, 5.0)
+    assert p.snapshot(600.0)["window_s"] == 20.0  # never more than the window kept
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_a_forked_child_times_nothing(pauses):
     """An EngineCore forked from yapd inherits gc.callbacks: there the callback must do

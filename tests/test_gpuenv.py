@@ -207,17 +207,36 @@ def test_yapds_own_mps_line_is_quoted_under_the_table():
 
 def test_yapds_event_loop_lag_gets_a_row_where_it_was_taken():
     data = {"date": "2026-12-02", "machine": "H200", "setup": {},
-            "yapd": {"c16": {"ttft_ms": {"p50": 1, "p95": 2}, "loop_lag_ms": {"p99_ms": 3.5, "max_ms": 12.25}},
+            "yapd": {"c16": {"ttft_ms": {"p50": 1, "p95": 2},
+                             "loop_lag_ms": {"p99_ms": 3.5, "max_ms": 12.25, "window_s": 13.2}},
                      "c8": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {}}}
     rows = [line for line in markdown(data).splitlines() if "event-loop lag" in line]
-    assert rows == ["| 16 | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | 3.5 / 12.25 | - | - |"]
-    assert not any("garbage" in line for line in markdown(data).splitlines())
-    data["yapd"]["c16"]["gc_pauses"] = {"long_ms": 0.5, "long": 3, "max_ms": 31.5, "max_generation": 2}
-    data["yapd"]["c8"]["gc_pauses"] = {"long_ms": 0.5, "long": 0, "max_ms": None, "max_generation": None}
+    assert rows == ["| 16 | in yapd: event-loop lag p99 / max ms (the last 13.2 s) | 3.5 / 12.25 | - | - |"]
+    assert not any("garbage" in line or "collections /" in line for line in markdown(data).splitlines())
+    data["yapd"]["c16"]["gc_pauses"] = {"long_ms": 0.5, "long": 3, "max_ms": 31.5, "max_generation": 2,
+                                        "window_s": 13.2}
+    data["yapd"]["c8"]["gc_pauses"] = {"long_ms": 0.5, "long": 0, "max_ms": None, "max_generation": None,
+                                       "window_s": 20.0}
     rows = [line for line in markdown(data).splitlines() if "garbage" in line]
     head = "in yapd: garbage collections of 0.5 ms or more: how many, the longest ms (its generation)"
-    assert rows == [f"| 8 | {head} (the level's last 20 s) | 0 | - | - |",
-                    f"| 16 | {head} (the level's last 20 s) | 3, 31.5 (2) | - | - |"]
+    assert rows == [f"| 8 | {head} (the last 20 s) | 0 | - | - |",
+                    f"| 16 | {head} (the last 13.2 s) | 3, 31.5 (2) | - | - |"]
+
+
+def test_a_levels_collections_are_the_difference_of_two_status_replies():
+    from yapctl.gpubench import gc_between
+
+    at_ready = {"collections": {"0": 2, "1": 0, "2": 1}, "ms": {"0": 0.31, "1": 0.0, "2": 24.57}}
+    after = {"collections": {"0": 18, "1": 1, "2": 1}, "ms": {"0": 9.36, "1": 1.45, "2": 24.57}}
+    level = gc_between(at_ready, after)
+    assert level == {"collections": {"0": 16, "1": 1, "2": 0}, "ms": {"0": 9.05, "1": 1.45, "2": 0.0}}
+    data = {"date": "2026-12-04", "machine": "H200", "setup": {},
+            "yapd": {"c16": {"ttft_ms": {"p50": 1, "p95": 2}, "gc_pauses": {
+                "long_ms": 0.5, "long": 0, "max_ms": None, "max_generation": None, "window_s": 13.2,
+                "level": level}}, "cancel": {}}}
+    rows = [line for line in markdown(data).splitlines() if "over the level" in line]
+    assert rows == ["| 16 | in yapd: collections / ms in them over the level, generations 0; 1; 2 | "
+                    "16 / 9.05; 1 / 1.45; 0 / 0.0 | - | - |"]
 
 
 def test_slow_turns_get_a_row_with_their_bursts():

@@ -746,6 +746,9 @@ def test_loop_lag_keeps_a_window_of_time_and_reports_in_ms():
     for ms in range(30):  # one a 50 ms tick: the last 0.975 s keep 20 of them
         lag.add(ms * 0.05, ms / 1000)
     assert lag.snapshot() == {"samples": 20, "window_s": 1.0, "p50_ms": 20.0, "p99_ms": 29.0, "max_ms": 29.0}
+    # Asked for a shorter span (a benchmark level's): only the samples in it, none before.
+    assert lag.snapshot(0.12) == {"samples": 3, "window_s": 0.1, "p50_ms": 28.0, "p99_ms": 29.0, "max_ms": 29.0}
+    assert lag.snapshot(60.0) == lag.snapshot()  # never more than the window kept
     lag.add(100.0, 0.5)  # a loop held for long: the samples before it are out of the window
     assert lag.snapshot() == {"samples": 1, "window_s": 0.1, "p50_ms": 500.0, "p99_ms": 500.0, "max_ms": 500.0}
 

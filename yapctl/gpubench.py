@@ -92,6 +92,13 @@ def turns_for(c: int, rounds: int = ROUNDS) -> int:
     return max(3 * rounds, rounds * c)
 
 
+def gc_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """yapd's collections and the ms spent in them, by generation, from one /status
+    ``gc_pauses`` to a later one: a level's own (the counts there run from yapd's start)."""
+    return {key: {g: round(after[key][g] - before[key].get(g, 0), 2) for g in after[key]}
+            for key in ("collections", "ms")}
+
+
 class CpuMeter:
     """The CPU time named processes use over a level, per turn: whether an EngineCore of
     yapd's spends more of it on a turn than raw's does (the front end's too); and, for
@@ -407,17 +414,23 @@ async def phase_yapd(res: Results, s: Setup) -> None:
 
     async def level(c: int) -> dict[str, Any]:
         n = turns_for(c, s.rounds)
+        before = (await loop_state())["gc_pauses"]
+        t0 = time.perf_counter()
         with watching(s, c, await yapd_processes(admin_socket)) as figures:
             rep = await bench(BenchConfig(url=url, key="bench", n=n, concurrency=c, timeout=120,
                                           utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
+        state = await loop_state(time.perf_counter() - t0)
+        state["gc_pauses"]["level"] = gc_between(before, state["gc_pauses"])
         # The warm-up turns are in the CPU time too: per turn of the whole level.
-        return {**rep.summary(), **await loop_state(), **figures(n + c)}
+        return {**rep.summary(), **state, **figures(n + c)}
 
-    async def loop_state() -> dict[str, Any]:
-        # How late yapd's event loop ran over the level's last 20 s (a loop held up by
-        # token frames delays both engines' outputs too), and its long collections.
+    async def loop_state(window_s: float | None = None) -> dict[str, Any]:
+        # How late yapd's event loop ran (a loop held up by token frames delays both
+        # engines' outputs too), and its long collections: over the level's own span, at
+        # most yapd's 20 s window. A level shorter than that window would otherwise take
+        # in the start's one full collection at READY (run aa's at 16 sessions did).
         async with AdminClient(admin_socket) as admin:
-            st = await admin.request("status")
+            st = await admin.request("status", **({} if window_s is None else {"window_s": window_s}))
         return {"loop_lag_ms": st.get("loop_lag_ms"), "gc_pauses": st.get("gc_pauses")}
 
     try:
@@ -1359,14 +1372,20 @@ def markdown(data: dict[str, Any]) -> str:
                          "how many, in how many bursts of starts (each burst's start, s into the level) | "
                          f"{' | '.join(slow_cell(x) for x in slows)} | - |")
         if data.get("yapd", {}).get(lvl, {}).get("loop_lag_ms"):
-            lines.append(f"| {c} | in yapd: event-loop lag p99 / max ms (the level's last 20 s) | "
+            lines.append(f"| {c} | in yapd: event-loop lag p99 / max ms (the last "
+                         f"{g('yapd', lvl, 'loop_lag_ms', 'window_s')} s) | "
                          f"{g('yapd', lvl, 'loop_lag_ms', 'p99_ms')} / {g('yapd', lvl, 'loop_lag_ms', 'max_ms')}"
                          " | - | - |")
         gcp = data.get("yapd", {}).get(lvl, {}).get("gc_pauses")
         if gcp:
             longest = "" if gcp["max_ms"] is None else f", {gcp['max_ms']} ({gcp['max_generation']})"
             lines.append(f"| {c} | in yapd: garbage collections of {gcp['long_ms']:g} ms or more: how many, the "
-                         f"longest ms (its generation) (the level's last 20 s) | {gcp['long']}{longest} | - | - |")
+                         f"longest ms (its generation) (the last {gcp['window_s']:g} s) | {gcp['long']}{longest} "
+                         "| - | - |")
+            if "level" in gcp:
+                by_gen = "; ".join(f"{n} / {gcp['level']['ms'][g]}" for g, n in gcp["level"]["collections"].items())
+                lines.append(f"| {c} | in yapd: collections / ms in them over the level, generations 0; 1; 2 | "
+                             f"{by_gen} | - | - |")
     probe = data.get("raw", {}).get("order_probe")
     if probe:
         lines += ["", "Raw, one session, by the order each turn's two requests leave in (8-token replies, "

@@ -188,7 +188,11 @@ class AdminServer:
         if cmd == "ping":
             await _write(writer, {"ok": True, "pid": os.getpid()})
         elif cmd == "status":
-            await _write(writer, {"ok": True, **self.status()})
+            window_s = req.get("window_s")
+            if window_s is not None and (isinstance(window_s, bool) or not isinstance(window_s, (int, float))
+                                         or not window_s > 0):
+                raise AdminError('"window_s" must be a number of seconds above 0')
+            await _write(writer, {"ok": True, **self.status(None if window_s is None else float(window_s))})
         elif cmd == "connections":
             await _write(writer, {"ok": True, "connections": [s.info() for s in d.rt.sessions]})
         elif cmd == "stats":
@@ -225,9 +229,9 @@ class AdminServer:
         else:
             raise AdminError(f"unknown command {cmd[:40]!r} (known: {', '.join(COMMANDS)})")
 
-    def status(self) -> dict[str, Any]:
+    def status(self, window_s: float | None = None) -> dict[str, Any]:
         d = self.daemon
-        return {**d.rt.status(), "pid": os.getpid(), "port": d.server.port if d.server._server else None,
+        return {**d.rt.status(window_s), "pid": os.getpid(), "port": d.server.port if d.server._server else None,
                 "admin_socket": str(self.path), "systemd_status": d.notifier.last_status,
                 "pending_restart_keys": d.pending_keys, "config": d.cfg.source}
 

@@ -81,17 +81,18 @@ class GcPauses:
         if self.observe is not None:
             self.observe(gen, took)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, window_s: float | None = None) -> dict[str, Any]:
         """Collections and ms spent in them by generation since install; pauses of LONG_S
-        or more in the last ``window_s`` seconds: how many, the longest (ms) and its
-        generation (None where there was none)."""
-        since = time.perf_counter() - self.window_s
+        or more in the last ``window_s`` seconds (at most the window kept): how many, the
+        longest (ms) and its generation (None where there was none)."""
+        span_s = self.window_s if window_s is None else max(0.0, min(window_s, self.window_s))
+        since = time.perf_counter() - span_s
         recent = [(gen, took) for when, gen, took in list(self.long) if when >= since]
         longest = max(recent, key=lambda r: r[1], default=None)
         return {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
                 "collections": {str(g): n for g, n in enumerate(self.counts)},
                 "ms": {str(g): round(s * 1000, 2) for g, s in enumerate(self.seconds)},
-                "window_s": self.window_s, "long_ms": LONG_S * 1000, "long": len(recent),
+                "window_s": span_s, "long_ms": LONG_S * 1000, "long": len(recent),
                 "max_ms": round(longest[1] * 1000, 2) if longest else None,
                 "max_generation": longest[0] if longest else None}
 

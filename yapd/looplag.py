@@ -37,15 +37,20 @@ class LoopLag:
         while self.samples and self.samples[0][0] < when - self.window_s:
             self.samples.popleft()
 
-    def snapshot(self) -> dict[str, Any]:
-        """p50 / p99 / max in ms over the last ``window_s`` seconds."""
-        if not self.samples:
+    def snapshot(self, window_s: float | None = None) -> dict[str, Any]:
+        """p50 / p99 / max in ms over the last ``window_s`` seconds (at most the window
+        kept; all of it by default): a caller that timed something shorter, as a benchmark
+        level, asks for its own span and gets nothing from before it."""
+        span_s = self.window_s if window_s is None else max(0.0, min(window_s, self.window_s))
+        last = self.samples[-1][0] if self.samples else 0.0
+        kept = [(when, lag) for when, lag in self.samples if when >= last - span_s]
+        if not kept:
             return {"samples": 0, "window_s": 0.0, "p50_ms": None, "p99_ms": None, "max_ms": None}
-        xs = sorted(lag for _, lag in self.samples)
+        xs = sorted(lag for _, lag in kept)
 
         def at(q: float) -> float:
             return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 2)
 
-        span = self.samples[-1][0] - self.samples[0][0] + self.interval
-        return {"samples": len(xs), "window_s": round(min(span, self.window_s), 1), "p50_ms": at(0.5),
+        span = kept[-1][0] - kept[0][0] + self.interval
+        return {"samples": len(xs), "window_s": round(min(span, span_s), 1), "p50_ms": at(0.5),
                 "p99_ms": at(0.99), "max_ms": round(xs[-1] * 1000, 2)}

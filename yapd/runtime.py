@@ -143,7 +143,9 @@ class Runtime:
     def styles(self) -> dict[str, str]:
         return persona_styles(self.cfg.personas)
 
-    def status(self) -> dict[str, Any]:
+    def status(self, window_s: float | None = None) -> dict[str, Any]:
+        """``window_s``: the span the event loop's lag and the long collections are read
+        over (their kept window by default)."""
         return {
             "version": self.version,
             # Which replica answered, behind a balancer (packaging/haproxy/).
@@ -157,7 +159,7 @@ class Runtime:
             "engines": {role: e.describe() for role, e in self.engines.items()},
             "concurrent_mode": self.cfg.turn.concurrent,
             "mps": self.mps_status() if self.mps_status is not None else None,
-            "loop_lag_ms": self.loop_lag.snapshot(),
-            "gc_pauses": self.gc_pauses.snapshot(),
+            "loop_lag_ms": self.loop_lag.snapshot(window_s),
+            "gc_pauses": self.gc_pauses.snapshot(window_s),
             "demo": self.cfg.demo,
         }
