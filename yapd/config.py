@@ -106,8 +106,10 @@ class EnginesConfig:
     start_method: StartMethod = "fork"
     # A forked EngineCore's own start (model load, compile, CUDA graphs) with automatic
     # garbage collection off until vLLM freezes its heap at the end of it (yapd/gcpause.py).
-    # Off until measured on a GPU: a synthetic start that builds 2.4M objects took 0.15 s
-    # with collection off against 0.75 s on, on this project's CPU machine.
+    # Off: on an H200 (run aa, docs/bench/README.md) it changed no EngineCore's start (init
+    # 10.74 / 7.46 s with it, 10.86 / 6.67 without; restarts to READY 28.1 against 24.8 s),
+    # though a synthetic start building 2.4M objects took 0.15 s with collection off
+    # against 0.75 s on, on this project's CPU machine: vLLM's start is not made of those.
     hold_gc_in_core_start: bool = False
     # CUDA MPS (yapd/mps.py): "auto" runs a private MPS daemon while two vLLM engines
     # share one GPU (they then run at once instead of taking turns: lower TTFT under
