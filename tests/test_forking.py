@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import multiprocessing
 import os
 import socket
@@ -206,16 +207,17 @@ class StandInStarts:
     ``events`` in the order they happened."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail_build: bool = False,
-                 fail_tokenizer: bool = False, method: str = "fork") -> None:
+                 fail_tokenizer: bool = False, method: str = "fork", tool_method: str = "") -> None:
         from yapd import config
         from yapd.engines import vllm as vllm_engine
 
         self.events: list[str] = []
         self.loaded = threading.Event()  # every engine's tokenizer loaded
         self._engines = 0
-        self._method = method
         self._second_build = threading.Event()
-        self.cfg = config.from_mapping({"engines": {"cache_dir": str(tmp_path), "start_method": method}}, "test")
+        self.cfg = config.from_mapping({"engines": {"cache_dir": str(tmp_path), "start_method": method},
+                                        "tool": {"start_method": tool_method}}, "test")
+        self.asked: dict[str, str | None] = {}  # what each build found in vLLM's variable
         self._lock = threading.Lock()
         self._building = threading.local()
         self._fail_build = fail_build
@@ -250,7 +252,8 @@ class StandInStarts:
             self.loaded.wait(2)
             raise ValueError("bad engine args")
         self._building.role = role
-        if self._method == "spawn":
+        self.asked[role] = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
+        if self.cfg.start_method(role) == "spawn":
             self._spawn(role)
         else:
             child = fork.Process(target=os._exit, args=(0,))
@@ -334,6 +337,28 @@ async def test_spawned_starts_take_turns_up_to_each_spawn_then_load_our_tokenize
     # before the stand-in, still handing the child its data, notes the spawn).
     assert at["tokenizer chat"] > at["build tool"] and at["tokenizer tool"] > at["build tool"], at
     assert chat.tokenizer == "chat" and tool.tokenizer == "tool"  # type: ignore[attr-defined]
+
+
+async def test_a_forked_chat_core_and_a_spawned_tool_core_start_side_by_side(monkeypatch: pytest.MonkeyPatch,
+                                                                               tmp_path: Path, caplog):
+    """``[tool] start_method = "spawn"`` beside the chat's fork: each build finds its own
+    method in vLLM's variable (process-wide, set under the start turn), and each engine
+    says how its core started, though the tool's start set "spawn" while the chat's core
+    was still loading."""
+    starts = StandInStarts(monkeypatch, tmp_path, method="fork", tool_method="spawn")
+    try:
+        chat, tool = starts.engines("chat", "tool")
+        with caplog.at_level(logging.INFO, logger="yapd.engine.vllm"):
+            await asyncio.wait_for(asyncio.gather(chat.start(alongside=True), tool.start(alongside=True)), 60)  # type: ignore[attr-defined]
+    finally:
+        starts.end()
+    assert starts.asked == {"chat": "fork", "tool": "spawn"}
+    at = {e: i for i, e in enumerate(starts.events)}
+    assert at["fork chat"] < at["build tool"] < at["spawned tool"], at
+    said = [r.getMessage() for r in caplog.records if "EngineCore started by" in r.getMessage()]
+    assert sorted(m.split(" pid=")[0] for m in said) == ["EngineCore started by fork role=chat",
+                                                         "EngineCore started by spawn role=tool"], said
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
 
 
 async def failed_chat_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, match: str, method: str = "fork",

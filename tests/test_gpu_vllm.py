@@ -411,6 +411,28 @@ async def test_gpu_cores_start_with_collection_held(gpu_yapd):
             check_turn(await run_turn(ws))
 
 
+async def test_gpu_a_spawned_tool_core_beside_a_forked_chat_core(gpu_yapd):
+    """``[tool] start_method = "spawn"``, applied by an engine restart: the chat's core
+    forked, the tool's spawned (each start says so, neither warns), side by side; the
+    tool engine's stamps still come with its first output (a spawned core keeps the
+    engine's arguments). Then back to a forked tool core."""
+    with _engines_restarted_with(gpu_yapd, "[tool]\n", '[tool]\nstart_method = "spawn"\n', "tool.start_method",
+                                 "restart, tool core spawned beside the forked chat core") as lines:
+        print("\n".join(x for x in lines if any(m in x for m in (" took ", "EngineCore ", "started by"))))
+        log = "\n".join(lines)
+        assert "EngineCore started by fork role=chat" in log and "EngineCore started by spawn role=tool" in log, \
+            log[-4000:]
+        assert "engines load side by side" in log
+        assert not [x for x in lines if " warning yapd.engine" in x], log[-4000:]
+        async with ws_connect(gpu_yapd.url()) as ws:
+            for i in range(3):
+                msgs = await run_turn(ws, user_utterance=f"who was Columbus? {i}", history_text="User: hi\n" * 50)
+                check_turn(msgs)
+            stamps = msgs[-1]["timings"]["engines"]["tool"]
+            assert 0 <= stamps["queued_ms"] <= stamps["first_token_ms"], stamps
+            print(f"tool engine stamps, spawned core: {stamps}")
+
+
 def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd):
     """Last in the module. Each engine restart above had vLLM SIGTERM a forked
     EngineCore: none of those reached yapd as its own. Then SIGTERM stops yapd with

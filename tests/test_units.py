@@ -83,6 +83,7 @@ def test_env_overrides_every_original_variable():
     ("[server]\napi_keys = []\n", "api_keys: at least one"),
     ("[engines]\ndeploy = 'all'\n", "engines.deploy: 'all' is not one of"),
     ("[engines]\nstart_method = 'thread'\n", "engines.start_method: 'thread' is not one of 'fork', 'spawn'"),
+    ("[tool]\nstart_method = 'forkserver'\n", "tool.start_method: 'forkserver' is not one of '', 'fork', 'spawn'"),
     ("[chat]\ngpu_memory_utilization = 0.8\n[tool]\ngpu_memory_utilization = 0.3\n", "leaves no room"),
     ("[turn]\ndefault_persona_style = 'grumpy'\n", "default_persona_style"),
     ("[[tools]]\ndescription = 'x'\n", "a tool needs a name"),
@@ -104,6 +105,9 @@ def test_bad_env_names_the_variable():
     with pytest.raises(ConfigError, match="YAP_ENGINE_START_METHOD"):
         config.load(None, env={"YAP_ENGINE_START_METHOD": "forkserver"})
     assert config.load(None, env={"YAP_ENGINE_START_METHOD": "spawn"}).engines.start_method == "spawn"
+    mixed = config.from_mapping({"engines": {"start_method": "fork"}, "tool": {"start_method": "spawn"}}, "t")
+    assert (mixed.start_method("chat"), mixed.start_method("tool")) == ("fork", "spawn")
+    assert config.load(None, env={"YAP_ENGINE_START_METHOD": "spawn"}).start_method("tool") == "spawn"
 
 
 def test_missing_file(tmp_path):

@@ -29,6 +29,7 @@ DeployMode = Literal["both", "chat", "tool"]
 Backend = Literal["auto", "vllm", "cpu"]
 Quantization = Literal["auto", "none", "fp8", "awq", "gptq"]
 StartMethod = Literal["fork", "spawn"]
+RoleStartMethod = Literal["", "fork", "spawn"]
 MpsMode = Literal["auto", "on", "off"]
 MpsPriority = Literal["tool", "equal"]
 RequestOrder = Literal["tool_first", "chat_first", "chats_then_tools"]
@@ -88,6 +89,11 @@ class EngineConfig:
     awq_model: str = ""
     # CPU engine only: generations computed at once.
     cpu_workers: int = 4
+    # How this engine's EngineCore starts; "" = engines.start_method. Across the H200 runs
+    # (docs/bench/README.md, run aa) yapd's forked tool core took 14.5-21.1 ms from queue
+    # to first token, its spawned one 11.8-14.5 and raw's 11.3-14.1: the decision every
+    # reply waits for. A spawned tool core beside a forked chat core is the experiment.
+    start_method: RoleStartMethod = ""
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -256,6 +262,11 @@ class Config:
 
     def deployed(self, role: str) -> bool:
         return self.engines.deploy in ("both", role)
+
+    def start_method(self, role: str) -> StartMethod:
+        """How ``role``'s EngineCore starts: its own section's choice, else engines'."""
+        own: RoleStartMethod = getattr(self, role).start_method
+        return own or self.engines.start_method
 
     def admin_socket_path(self) -> Path:
         """The admin socket's path (yapd's private MPS folder is named after it)."""

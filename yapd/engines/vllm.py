@@ -208,12 +208,11 @@ class VllmEngine(Engine):
                 # watchdog and the other engine's stream keep going).
                 kwargs, plan = await asyncio.to_thread(self._prepare, alongside)
             self.model = kwargs["model"]
-            log.info("starting vLLM engine role=%s start_method=%s %s", self.role,
-                     self.cfg.engines.start_method,
+            method = self.cfg.start_method(self.role)
+            log.info("starting vLLM engine role=%s start_method=%s %s", self.role, method,
                      " ".join(f"{k}={v}" for k, v in kwargs.items() if k != "tokenizer"))
             record = not alongside and plan is None
             before, since = (await asyncio.to_thread(gpu_memory), memplan_now()) if record else (None, 0.0)
-            method = self.cfg.engines.start_method
             with self.plans.vllm_recording(record):
                 # The turn ends once the EngineCore's process exists: vLLM then only waits on
                 # it, and the next engine's config and set-up (which hold this process's GIL
@@ -223,6 +222,10 @@ class VllmEngine(Engine):
                     work = asyncio.to_thread(self._build, kwargs, env)
                     building = time.perf_counter()
                     built = await (_until_forked(work) if method == "fork" else _until_spawned(work))
+                    # Read before the turn passes on: the next start sets its own (one
+                    # engine may fork and the other spawn), and vLLM switches to spawn by
+                    # itself where it must (a CUDA context in this process).
+                    used = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
                     if not built.done():
                         log.info("EngineCore %s %.1f s into vLLM's start role=%s",
                                  "forked" if method == "fork" else "spawned", time.perf_counter() - building,
@@ -232,8 +235,6 @@ class VllmEngine(Engine):
                 tok = asyncio.ensure_future(self._load_tokenizer(kwargs["tokenizer"], kwargs["revision"]))
                 tok.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failed start may not await it
                 self._llm = await built
-                # vLLM switches to spawn by itself when it must (a CUDA context here).
-                used = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
                 log.log(logging.INFO if used == method else logging.WARNING,
                         "EngineCore started by %s role=%s pid=%s", used, self.role, self.engine_pid())
                 self._child_env_note(env, used)
