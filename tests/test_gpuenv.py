@@ -315,6 +315,64 @@ def test_ab_takes_live_keys_only(tmp_path, capsys):
         main([*base, "--ab", 'turn.request_order="chats_then_tools"'])
 
 
+def test_ab_restarts_take_engine_keys_and_alternate_a_b_b_a(tmp_path, capsys):
+    from yapctl.gpubench import ab_arms
+
+    base = [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--phases", ""]
+    spawned_tool = 'tool.start_method="spawn"'
+    with pytest.raises(SystemExit) as exc:  # an engine key needs the engines restarted
+        main([*base, "--ab", spawned_tool])
+    assert exc.value.code == 2 and "--ab-restarts" in capsys.readouterr().err
+    assert main([*base, "--ab", spawned_tool, "--ab-restarts", "2"]) == 0
+    for bad in (["--ab-restarts", "2"], ["--ab", spawned_tool, "--ab-restarts", "2", "--ab-interleave"],
+                ["--ab", spawned_tool, "--ab-restarts", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*base, *bad])
+        assert exc.value.code == 2 and "--ab-restarts N" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # still no process-restart key, restarts or not
+        main([*base, "--ab", 'server.event_loop="asyncio"', "--ab-restarts", "2"])
+    assert "need yapd's process restarted: server.event_loop" in capsys.readouterr().err
+    assert ab_arms(1) == ["a", "b"]
+    assert ab_arms(2) == ["a", "b", "b", "a"]
+    assert ab_arms(3) == ["a", "b", "b", "a", "a", "b"]
+
+
+def test_each_ab_start_gets_a_row_in_the_order_they_ran():
+    def figures(ttft: float, tool_first: float) -> dict[str, Any]:
+        return {"ttft_ms": {"p50": ttft, "p95": ttft + 5}, "tool_ms": {"p50": ttft - 2},
+                "server_chat_queued_ms": {"p50": 1.7}, "server_chat_first_token_ms": {"p50": 16.5},
+                "server_tool_queued_ms": {"p50": 2.0}, "server_tool_first_token_ms": {"p50": tool_first}}
+
+    data = {"date": "2026-12-05", "machine": "H200", "setup": {"ab": ['tool.start_method="spawn"'], "ab_restarts": 1},
+            "yapd": {"c1": figures(21.9, 17.9)}, "yapd_b": {"c1": figures(19.2, 13.3)},
+            "yapd_ab_starts": {"c1": [{"arm": "a", "restart_s": 24.8, **figures(21.9, 17.9)},
+                                      {"arm": "b", "restart_s": 31.0, **figures(19.2, 13.3)}]}}
+    text = markdown(data)
+    assert "each level 1 times per config, A B B A ..., each on both engines restarted for it" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 1 | 1 A") or line.startswith("| 1 | 2 B")]
+    assert rows == ["| 1 | 1 A | 24.8 | 21.9 | 19.9 | 1.7 -> 16.5 | 2.0 -> 17.9 |",
+                    "| 1 | 2 B | 31.0 | 19.2 | 17.2 | 1.7 -> 16.5 | 2.0 -> 13.3 |"]
+
+
+async def test_an_ab_start_restarts_a_real_yapds_engines_with_an_engine_key(make_yapd, tmp_path):
+    """What --ab-restarts does between two measurements, on a real yapd with the CPU
+    engines: the config file with the change, a reload, both engines restarted (timed,
+    their start lines returned), the change then in force; a key that needs the process
+    restarted is refused."""
+    from yapctl.gpubench import restart_engines_with
+
+    log = tmp_path / "yapd.log"  # where the bench reads a restart's start lines from
+    d = make_yapd(f'[logging]\nfile = "{log}"\n')
+    text = d.config_path.read_text()
+    took, lines = await restart_engines_with(d.config_path, text, ["chat.cpu_workers=2"], d.admin_socket, log)
+    assert took >= 0 and any("engine started role=chat" in x for x in lines), lines
+    assert "cpu_workers = 2" in d.config_path.read_text()
+    assert d.admin(cmd="status")[-1]["pending_restart_keys"] == []
+    with pytest.raises(RuntimeError, match="needs a process restart"):
+        await restart_engines_with(d.config_path, text, ["server.write_buffer_bytes=65536"], d.admin_socket, log)
+    await restart_engines_with(d.config_path, text, [], d.admin_socket, log)  # back as it was
+
+
 async def test_ab_reloads_a_real_yapd_live_and_refuses_what_a_reload_cannot_apply(make_yapd):
     from yapctl.gpubench import reload_with
 

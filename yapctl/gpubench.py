@@ -221,6 +221,10 @@ class Setup:
     # option (the bench process held a CUDA context, and vLLM then spawns), or "fork"
     raw_start_method: str = "spawn"
     skip_restart: bool = False  # the yapd phase ends without its process restart
+    # With ab: each level is measured this many times per config, every time on engines
+    # restarted for it (A B B A ...): ab may then change engine keys, and the starts' own
+    # spread (several ms at one session, runs w-z) is sampled instead of deciding alone.
+    ab_restarts: int = 0
 
     def config_text(self, chat: str = "nemo-12b", tool: str = "hammer-3b") -> str:
         return with_overrides(f"""
@@ -412,7 +416,7 @@ async def phase_yapd(res: Results, s: Setup) -> None:
     url = f"ws://127.0.0.1:{PORT}/ws"
     admin_socket = cfg.parent / "admin.sock"
 
-    async def level(c: int) -> dict[str, Any]:
+    async def measured(c: int) -> tuple[dict[str, Any], BenchReport]:
         n = turns_for(c, s.rounds)
         before = (await loop_state())["gc_pauses"]
         t0 = time.perf_counter()
@@ -422,7 +426,32 @@ async def phase_yapd(res: Results, s: Setup) -> None:
         state = await loop_state(time.perf_counter() - t0)
         state["gc_pauses"]["level"] = gc_between(before, state["gc_pauses"])
         # The warm-up turns are in the CPU time too: per turn of the whole level.
-        return {**rep.summary(), **state, **figures(n + c)}
+        return {**rep.summary(), **state, **figures(n + c)}, rep
+
+    async def level(c: int) -> dict[str, Any]:
+        return (await measured(c))[0]
+
+    async def restarted_levels(c: int) -> None:
+        """``c`` measured ab_restarts times per config on engines restarted for each
+        measurement, A B B A ...: yapd / yapd_b get each config's turns pooled, and
+        ab_starts each start's own figures."""
+        pooled: dict[str, list[TurnResult]] = {"a": [], "b": []}
+        walls = {"a": 0.0, "b": 0.0}
+        starts = []
+        for arm in ab_arms(s.ab_restarts):
+            restart_s, lines = await restart_engines_with(cfg, s.config_text(), s.ab if arm == "b" else (),
+                                                          admin_socket, log)
+            summary, rep = await measured(c)
+            pooled[arm] += rep.results
+            walls[arm] += rep.wall_s
+            starts.append({"arm": arm, "restart_s": restart_s, "restart_lines": lines,
+                           **{k: summary.get(k) for k in AB_START_FIGURES}})
+            res.put("yapd_ab_starts", f"c{c}", starts)  # each start lands as it is measured
+        for arm, section in (("a", "yapd"), ("b", "yapd_b")):
+            res.put(section, f"c{c}", {**BenchReport(pooled[arm], walls[arm], c).summary(),
+                                       "starts": s.ab_restarts})
+        if starts[-1]["arm"] == "b":  # what follows (the cancel, the next level) runs as configured
+            await restart_engines_with(cfg, s.config_text(), (), admin_socket, log)
 
     async def loop_state(window_s: float | None = None) -> dict[str, Any]:
         # How late yapd's event loop ran (a loop held up by token frames delays both
@@ -440,6 +469,9 @@ async def phase_yapd(res: Results, s: Setup) -> None:
                 state = await loop_state()
                 res.put("yapd", f"c{c}", {**BenchReport(a, wall / 2, c).summary(), **state})
                 res.put("yapd_b", f"c{c}", {**BenchReport(b, wall / 2, c).summary(), **state})
+                continue
+            if s.ab and s.ab_restarts:
+                await restarted_levels(c)
                 continue
             res.put("yapd", f"c{c}", await level(c))
             if s.ab:  # the same level again with the changes, then back
@@ -464,6 +496,58 @@ async def phase_yapd(res: Results, s: Setup) -> None:
     res.put("yapd", "start_s_restart", round(warm, 1))
     res.put("yapd", "restart_lines", startup_lines(log, offset))
     stop(proc)
+
+
+# What ab_starts keeps of each start's level: enough to see how far the starts of one
+# config spread, beside the pooled figures.
+AB_START_FIGURES = ("ttft_ms", "tool_ms", "itl_ms", "server_chat_queued_ms", "server_chat_first_token_ms",
+                    "server_tool_queued_ms", "server_tool_first_token_ms", "cpu_ms_per_turn")
+
+
+def ab_starts_table(starts: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each start of an --ab-restarts run, in the order they ran: how far one config's
+    starts spread beside the other's."""
+    if not starts:
+        return []
+
+    def p50(start: dict[str, Any], key: str) -> Any:
+        return (start.get(key) or {}).get("p50", "-")
+
+    lines = ["Each start (A: as configured, B: with the change), p50 ms:", "",
+             "| sessions | start | engine restart s | TTFT | tool decision | chat engine queued -> first token | "
+             "tool engine queued -> first token |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for lvl in sorted(starts, key=lambda k: int(k[1:]) if k[1:].isdigit() else 0):
+        for i, st in enumerate(starts[lvl], 1):
+            lines.append(f"| {lvl[1:]} | {i} {st['arm'].upper()} | {st['restart_s']} | {p50(st, 'ttft_ms')} | "
+                         f"{p50(st, 'tool_ms')} | {p50(st, 'server_chat_queued_ms')} -> "
+                         f"{p50(st, 'server_chat_first_token_ms')} | {p50(st, 'server_tool_queued_ms')} -> "
+                         f"{p50(st, 'server_tool_first_token_ms')} |")
+    return [*lines, ""]
+
+
+def ab_arms(pairs: int) -> list[str]:
+    """A B B A A B ...: ``pairs`` measurements of each config, in an order that a steady
+    drift of the machine over the run hits both alike; it ends on A where it can."""
+    return [arm for i in range(pairs) for arm in (("a", "b") if i % 2 == 0 else ("b", "a"))]
+
+
+async def restart_engines_with(path: Path, text: str, overrides: Sequence[str], admin_socket: Path,
+                               log: Path) -> tuple[float, list[str]]:
+    """yapd's config file as ``text`` with ``overrides``, reloaded, then both engines
+    restarted (whether or not a key changed: every measurement gets engines of its own
+    start). Returns the restart's seconds and its start lines."""
+    await asyncio.to_thread(path.write_text, with_overrides(text, overrides))
+    offset = (await asyncio.to_thread(log.stat)).st_size
+    async with AdminClient(admin_socket, timeout=900) as admin:
+        reply = await admin.request("reload")
+        if not reply.get("ok") or reply.get("needs_daemon_restart"):
+            raise RuntimeError(f"reload for {list(overrides)} failed or needs a process restart: {reply}")
+        t0 = time.perf_counter()
+        reply = await admin.request("restart", target="both", timeout=900)
+        took = time.perf_counter() - t0
+    if not reply.get("ok"):
+        raise RuntimeError(f"engine restart for {list(overrides)} failed: {reply}")
+    return round(took, 1), startup_lines(log, offset)
 
 
 async def interleaved(url: str, admin_socket: Path, path: Path, text: str, ab: Sequence[str], c: int,
@@ -1421,8 +1505,11 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append("")
     if data.get("yapd_b"):
         ab = ", ".join(f"`{x}`" for x in data.get("setup", {}).get("ab", []))
-        how = ("its rounds taking turns with the ones above, on the same sessions" if data.get("setup", {}).get(
-            "ab_interleave") else "each level run right after the one above, on the same process")
+        restarts = data.get("setup", {}).get("ab_restarts")
+        how = (f"each level {restarts} times per config, A B B A ..., each on both engines restarted for it "
+               "(the turns of one config pooled; each start below)" if restarts else
+               "its rounds taking turns with the ones above, on the same sessions" if data.get("setup", {}).get(
+                   "ab_interleave") else "each level run right after the one above, on the same process")
         lines += [f"## yapd with {ab}: {how}", "",
                   "| sessions | TTFT p50 / p95 ms: as above / changed | tool decision p50 / p95 ms | "
                   "tool engine first output in yapd p50 / p95 ms | ITL p99 ms |", "| --- | --- | --- | --- | --- |"]
@@ -1434,6 +1521,7 @@ def markdown(data: dict[str, Any]) -> str:
             itl = f"{g('yapd', lvl, 'itl_ms', 'p99')} / {g('yapd_b', lvl, 'itl_ms', 'p99')}"
             lines.append(f"| {lvl[1:]} | {' | '.join(cells)} | {itl} |")
         lines.append("")
+        lines += ab_starts_table(data.get("yapd_ab_starts") or {})
     lines += pair_table(data.get("pair") or {})
     st = data.get("startup")
     if st:
@@ -1501,6 +1589,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ab-interleave", action="store_true",
                    help="with --ab: the two configs take turns round by round on the same sessions (each level "
                         "as many rounds of each as a level has), so that drift hits both alike")
+    p.add_argument("--ab-restarts", type=int, default=0, metavar="N",
+                   help="with --ab: measure each level N times per config (A B B A ...), each time on both "
+                        "engines restarted for it; --ab may then change engine keys (e.g. "
+                        "'tool.start_method=\"spawn\"'); yapd and yapd_b pool each config's turns, "
+                        "yapd_ab_starts keeps every start's figures")
     p.add_argument("--order-probe", action="store_true",
                    help="the raw phase also times one session's two requests in each order they can leave in")
     p.add_argument("--raw-order", choices=("chats_then_tools", "tool_first"), default="chats_then_tools",
@@ -1563,21 +1656,28 @@ def main(argv: list[str] | None = None) -> int:
                   args.mps, args.mps_priority, args.event_loop, args.request_order, tuple(args.ab), args.ab_interleave,
                   args.order_probe, args.raw_order, args.profile_level, serve_passes, (chat_frac, tool_frac),
                   tuple(args.sets), pyspy_level=args.pyspy_level, pyspy_native=args.pyspy_native,
-                  raw_start_method=args.raw_start_method, skip_restart=args.skip_restart)
+                  raw_start_method=args.raw_start_method, skip_restart=args.skip_restart,
+                  ab_restarts=args.ab_restarts)
     try:
         config.validate(setup.config())
     except (ValueError, config.ConfigError) as exc:
         p.error(f"--set: {exc}")
     if args.ab_interleave and not setup.ab:
         p.error("--ab-interleave takes turns between the config and --ab's changes: give --ab too")
+    if args.ab_restarts < 0 or (args.ab_restarts and (not setup.ab or args.ab_interleave)):
+        p.error("--ab-restarts N (N >= 1) restarts the engines between --ab's two configs: give --ab, "
+                "without --ab-interleave")
     if setup.ab:
         try:
             live, engine, restart = config.diff_keys(setup.config(), setup.config(setup.ab))
         except (ValueError, config.ConfigError) as exc:
             p.error(f"--ab: {exc}")
-        if engine or restart or not live:
-            p.error(f"--ab changes only live keys (a reload applies them); these do not: "
-                    f"{', '.join(engine + restart) or 'nothing changes'}")
+        if restart or not (live or engine):
+            p.error(f"--ab changes keys a reload applies (an engine restart too, with --ab-restarts); these "
+                    f"need yapd's process restarted: {', '.join(restart) or 'nothing changes'}")
+        if engine and not args.ab_restarts:
+            p.error(f"--ab changes only live keys (a reload applies them); these do not: {', '.join(engine)} "
+                    "(give --ab-restarts N to restart the engines between the two)")
     gpu = _gpu_name().replace("NVIDIA ", "").split()[0].lower() or "gpu"
     name = args.name or f"{gpu}-{datetime.date.today().isoformat()}"
     res = Results(args.out / f"{name}.json")
@@ -1586,7 +1686,7 @@ def main(argv: list[str] | None = None) -> int:
     # call runs none, so it neither checks nor records these).
     alike = {"rounds": setup.rounds, "mps": args.mps, "mps_priority": args.mps_priority,
              "event_loop": args.event_loop, "request_order": args.request_order, "ab": list(setup.ab),
-             "ab_interleave": args.ab_interleave,
+             "ab_interleave": args.ab_interleave, "ab_restarts": args.ab_restarts,
              "env": env, "raw_order": args.raw_order, "raw_start_method": args.raw_start_method,
              "set": list(setup.sets)} if phases else {}
     earlier = res.data.get("setup", {})
