@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import importlib
 import importlib.util
@@ -12,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -769,7 +771,7 @@ def test_pair_fractions_must_leave_room_for_two_of_each(tmp_path, capsys):
 
 
 def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
-    from yapctl.gpubench import CPU_HEAD, RUNQ_HEAD, pair_table
+    from yapctl.gpubench import CPU_HEAD, FAULT_HEAD, RUNQ_HEAD, pair_table
 
     level = {"yapd": {"ttft_ms": {"p50": 21.0, "p95": 24.0}, "tool_ms": {"p50": 18.0, "p95": 23.0},
                       "server_engine_ttft_ms": {"p50": 19.0}, "server_tool_first_ms": {"p50": 17.5},
@@ -797,6 +799,15 @@ def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
     level["yapd"]["host_cpu"] = {"cpus": 16, "busy_pct": 21.5, "steal_pct": 3.25}
     lines = pair_table({"c1": level})
     assert f"| 1 | {RUNQ_HEAD} | 0.25 / 1.5 / -; 21.5 / 3.25 | - |" in lines, lines
+    assert not any(FAULT_HEAD in x for x in lines)
+    level["yapd"]["proc_per_turn"] = {"front": {"minflt": 84.5, "threads_minflt": {"python3": 80.0}},
+                                      "chat": {"minflt": 7.1, "threads_minflt": {}},
+                                      "tool": {"minflt": 233.4, "threads_minflt": {"VLLM::EngineCor": 220.5,
+                                                                                   "ZMQbg/IO/0": 12.5}}}
+    level["raw"]["proc_per_turn"] = {"tool": {"minflt": 1.2, "threads_minflt": {}}}
+    lines = pair_table({"c1": level})
+    assert (f"| 1 | {FAULT_HEAD} | 84.5 / 7.1 / 233.4; VLLM::EngineCor 220.5, ZMQbg/IO/0 12.5 | "
+            "- / - / 1.2; - |") in lines, lines
     assert pair_table({}) == []
 
 
@@ -864,11 +875,26 @@ def test_cpu_meter_counts_a_process_cpu_time_and_faults_per_turn():
     start = cpu_seconds(me)
     assert start is not None
     pages = 8192
-    fresh = bytearray(pages * 4096)  # mapped, not yet touched: each page faults once when written
-    fresh[::4096] = b"x" * pages
+
+    touched, done = threading.Event(), threading.Event()
+
+    def touch() -> None:  # in a thread of its own name: /proc counts each thread's faults
+        ctypes.CDLL(None).prctl(15, b"toucher", 0, 0, 0)  # PR_SET_NAME
+        fresh = bytearray(pages * 4096)  # mapped, not yet touched: each page faults once when written
+        fresh[::4096] = b"x" * pages
+        touched.set()
+        done.wait(30)  # alive while /proc is read: an ended thread's faults are no thread's
+
+    toucher = threading.Thread(target=touch)
+    toucher.start()
+    assert touched.wait(30)
     while (cpu_seconds(me) or 0) - start < 0.1:  # burn 100 ms of CPU (/proc counts in ticks)
         sum(range(10_000))
-    figures = proc_figures(meter, 2)
+    try:
+        figures = proc_figures(meter, 2)
+    finally:
+        done.set()
+        toucher.join()
     used = figures["cpu_ms_per_turn"]
     assert set(used) == {"me"} and 50 <= used["me"] < 500, used
     mine = figures["proc_per_turn"]["me"]
@@ -877,6 +903,8 @@ def test_cpu_meter_counts_a_process_cpu_time_and_faults_per_turn():
     assert mine["vcsw"] >= 0 and mine["ivcsw"] >= 0 and mine["majflt"] >= 0
     assert mine["runq_ms"] >= 0 and mine["migrations"] >= 0, mine
     assert set(mine["threads_runq_ms"]) == set(mine["threads_ms"]), mine
+    # Which thread took them, per turn (pages / 2 turns, less what was touched before)
+    assert next(iter(mine["threads_minflt"])) == "toucher" and mine["threads_minflt"]["toucher"] >= pages / 2 / 2, mine
     host = figures["host_cpu"]
     assert host["cpus"] >= 1 and 0 < host["busy_pct"] <= 100 and 0 <= host["steal_pct"] <= 100, host
 

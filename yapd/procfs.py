@@ -80,7 +80,10 @@ class Counters:
     ready to run but waited for a CPU (the scheduler's run queue: CPUs short, or a
     virtual machine's CPUs held back by its host); ``threads_runq``: the same by name;
     ``migrations``: how often its threads moved to another CPU (0 where the kernel does
-    not say: /proc/PID/task/TID/sched needs CONFIG_SCHED_DEBUG)."""
+    not say: /proc/PID/task/TID/sched needs CONFIG_SCHED_DEBUG); ``threads_minflt``: minor
+    faults by thread name (which thread touches pages anew: a forked EngineCore's main
+    thread runs on the malloc arena of the parent thread that forked it, its later
+    threads on arenas of their own)."""
 
     cpu_s: float
     minflt: int
@@ -91,12 +94,14 @@ class Counters:
     runq_s: float = 0.0
     threads_runq: dict[str, float] = field(default_factory=dict)
     migrations: int = 0
+    threads_minflt: dict[str, float] = field(default_factory=dict)
 
     def since(self, before: Counters) -> Counters:
         return Counters(self.cpu_s - before.cpu_s, self.minflt - before.minflt, self.majflt - before.majflt,
                         self.vcsw - before.vcsw, self.ivcsw - before.ivcsw,
                         _minus(self.threads, before.threads), self.runq_s - before.runq_s,
-                        _minus(self.threads_runq, before.threads_runq), self.migrations - before.migrations)
+                        _minus(self.threads_runq, before.threads_runq), self.migrations - before.migrations,
+                        _minus(self.threads_minflt, before.threads_minflt))
 
 
 def _minus(now: dict[str, float], was: dict[str, float]) -> dict[str, float]:
@@ -113,6 +118,7 @@ def counters(pid: int) -> Counters | None:
     vcsw = ivcsw = migrations = 0
     threads: dict[str, float] = {}
     runq: dict[str, float] = {}
+    minflt: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
@@ -122,12 +128,13 @@ def counters(pid: int) -> Counters | None:
             tfields = _stat_fields(task / "stat")
             if tfields is not None:
                 threads[name] = threads.get(name, 0.0) + _cpu_s(tfields)
+                minflt[name] = minflt.get(name, 0.0) + int(tfields[7])
             migrations += _migrations(task)
             # schedstat: ns on a CPU, ns waiting on a run queue, time slices
             runq[name] = runq.get(name, 0.0) + int((task / "schedstat").read_text().split()[1]) / 1e9
     try:
         return Counters(_cpu_s(fields), int(fields[7]), int(fields[9]), vcsw, ivcsw, threads,
-                        sum(runq.values()), runq, migrations)
+                        sum(runq.values()), runq, migrations, minflt)
     except (IndexError, ValueError):
         return None
 
