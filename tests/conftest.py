@@ -40,6 +40,13 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# The demo chat model's weights are random and its replies sampled: about one turn in
+# 760 drew its end-of-sequence token first (p = 0.0013 for "a long story please"), a reply
+# with no token frame at all, which a test waiting for one waited out. Replies run to
+# turn.chat_max_out instead wherever a test needs a reply's tokens.
+UNENDING = "[turn]\nignore_eos = true\n"
+
+
 class Yapd(LocalYapd):
     """A yapd subprocess (demo mode unless ``demo=False``) with the test key, its own
     config, port and admin socket, and the suite's demo models."""
@@ -111,7 +118,7 @@ def make_yapd(tmp_path: Path, cache_dir: Path) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def shared_yapd(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Yapd]:
     """One daemon (deploy both, sequential) for the many tests that only talk to it."""
-    d = Yapd(tmp_path_factory.mktemp("shared"), cache_dir,
+    d = Yapd(tmp_path_factory.mktemp("shared"), cache_dir, UNENDING,
              server={"max_connections": 64, "rate_limit_per_s": 1000.0, "rate_limit_burst": 1000})
     d.start()
     yield d

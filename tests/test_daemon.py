@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import KEY, EngineCores, recv, run_turn, send, until_done, ws_connect
+from tests.conftest import KEY, UNENDING, EngineCores, recv, run_turn, send, until_done, ws_connect
 from tests.test_protocol_e2e import check_turn
 
 
@@ -148,7 +148,7 @@ def test_no_notify_socket_is_a_noop(make_yapd):
 
 
 async def test_sigterm_ends_turns_closes_1001_and_exits_zero(make_yapd):
-    d = make_yapd()
+    d = make_yapd(UNENDING)
     async with ws_connect(d.url()) as ws:
         await send(ws, type="start", session_id="s", user_utterance="a long story please", request_id="t1")
         while (await recv(ws))["type"] != "token":

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Yapd, recv, run_turn, send, until_done, ws_connect
+from tests.conftest import UNENDING, Yapd, recv, run_turn, send, until_done, ws_connect
 from tests.test_protocol_e2e import check_turn
 from yapd import config
 
 DEBUG = {"YAPD_DEBUG_ADMIN": "1"}
 # Replies run to chat_max_out: the demo model's random weights sometimes end a reply at
 # its first token, and a fault test needs its turn still streaming when it strikes.
-STREAMING = "[turn]\nignore_eos = true\n"
+STREAMING = UNENDING
 
 
 @pytest.fixture(scope="module")
