@@ -540,12 +540,9 @@ async def restart_engines_with(path: Path, text: str, overrides: Sequence[str], 
     """yapd's config file as ``text`` with ``overrides``, reloaded, then both engines
     restarted (whether or not a key changed: every measurement gets engines of its own
     start). Returns the restart's seconds and its start lines."""
-    await asyncio.to_thread(path.write_text, with_overrides(text, overrides))
     offset = (await asyncio.to_thread(log.stat)).st_size
+    await reload_with(path, text, overrides, admin_socket, engine_keys=True)
     async with AdminClient(admin_socket, timeout=900) as admin:
-        reply = await admin.request("reload")
-        if not reply.get("ok") or reply.get("needs_daemon_restart"):
-            raise RuntimeError(f"reload for {list(overrides)} failed or needs a process restart: {reply}")
         t0 = time.perf_counter()
         reply = await admin.request("restart", target="both", timeout=900)
         took = time.perf_counter() - t0
@@ -576,13 +573,18 @@ async def interleaved(url: str, admin_socket: Path, path: Path, text: str, ab: S
     return ([r for rs in rounds_done[::2] for r in rs], [r for rs in rounds_done[1::2] for r in rs], wall)
 
 
-async def reload_with(path: Path, text: str, overrides: Sequence[str], admin_socket: Path) -> None:
+async def reload_with(path: Path, text: str, overrides: Sequence[str], admin_socket: Path,
+                      engine_keys: bool = False) -> None:
     """Write yapd's config file ``path`` as ``text`` with ``overrides`` and have yapd
-    reload it; only live keys may change (anything else would wait for a restart)."""
+    reload it; only live keys may change (anything else would wait for a restart), or
+    with ``engine_keys`` engine keys too (the caller restarts the engines)."""
     await asyncio.to_thread(path.write_text, with_overrides(text, overrides))
     async with AdminClient(admin_socket) as admin:
         reply = await admin.request("reload")
-    if not reply.get("ok") or reply.get("needs_engine_restart") or reply.get("needs_daemon_restart"):
+    if engine_keys:
+        if not reply.get("ok") or reply.get("needs_daemon_restart"):
+            raise RuntimeError(f"reload for {list(overrides)} failed or needs a process restart: {reply}")
+    elif not reply.get("ok") or reply.get("needs_engine_restart") or reply.get("needs_daemon_restart"):
         raise RuntimeError(f"reload for {list(overrides)} did not apply live: {reply}")
 
 
@@ -930,13 +932,13 @@ def said_rows(figure: Callable[[str, str], Any]) -> list[tuple[str, str, str]]:
     if any(cpu.values()):
         cells = [by_process(c) for c in cpu.values()]
         rows.append((CPU_HEAD, cells[0], cells[1]))
-    waits = {section: ({name: p["runq_ms"] for name, p in (figure(section, "proc_per_turn") or {}).items()
-                        if "runq_ms" in p}, figure(section, "host_cpu") or {}) for section in ("yapd", "raw")}
+    procs = {section: figure(section, "proc_per_turn") or {} for section in ("yapd", "raw")}
+    waits = {section: ({name: p["runq_ms"] for name, p in per.items() if "runq_ms" in p},
+                       figure(section, "host_cpu") or {}) for section, per in procs.items()}
     if any(runq or host for runq, host in waits.values()):
         cells = [f"{by_process(runq)}; {host.get('busy_pct', '-')} / {host.get('steal_pct', '-')}"
                  if runq or host else "-" for runq, host in waits.values()]
         rows.append((RUNQ_HEAD, cells[0], cells[1]))
-    procs = {section: figure(section, "proc_per_turn") or {} for section in ("yapd", "raw")}
     if any("threads_minflt" in p for per in procs.values() for p in per.values()):
         def faults(per: dict[str, Any]) -> str:
             if not per:
