@@ -194,7 +194,8 @@ async def test_a_start_failing_before_its_fork_gives_up_its_turn_too():
         await built
 
 
-def _stand_in_core(done: Any) -> None:
+def _stand_in_core(done: Any, report: multiprocessing.connection.Connection) -> None:
+    _report_settings(report)
     done.wait(60)  # an EngineCore loading, until the stand-in's build is over
 
 
@@ -204,10 +205,12 @@ class StandInStarts:
     with ``method="spawn"`` spawns one (a fresh interpreter that lives until the build
     ends, as a spawned EngineCore loads), then waits as vLLM waits for the EngineCore's
     load; our tokenizer's load is noted. Every fork or spawn and every load goes into
-    ``events`` in the order they happened."""
+    ``events`` in the order they happened; what each core started with (its
+    YAP_TEST_CHILD_ENV and GIL switch interval) into ``core_settings``."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail_build: bool = False,
-                 fail_tokenizer: bool = False, method: str = "fork", tool_method: str = "") -> None:
+                 fail_tokenizer: bool = False, method: str = "fork", tool_method: str = "",
+                 **engines: Any) -> None:
         from yapd import config
         from yapd.engines import vllm as vllm_engine
 
@@ -215,9 +218,10 @@ class StandInStarts:
         self.loaded = threading.Event()  # every engine's tokenizer loaded
         self._engines = 0
         self._second_build = threading.Event()
-        self.cfg = config.from_mapping({"engines": {"cache_dir": str(tmp_path), "start_method": method},
+        self.cfg = config.from_mapping({"engines": {"cache_dir": str(tmp_path), "start_method": method, **engines},
                                         "tool": {"start_method": tool_method}}, "test")
         self.asked: dict[str, str | None] = {}  # what each build found in vLLM's variable
+        self.core_settings: dict[str, tuple[str | None, float]] = {}
         self._lock = threading.Lock()
         self._building = threading.local()
         self._fail_build = fail_build
@@ -227,7 +231,7 @@ class StandInStarts:
         self._stop_noting = forking.on_fork(lambda: self._note(f"fork {self._building.role}"))
         monkeypatch.setattr(vllm_engine.VllmEngine, "_prepare", lambda engine, alongside: (
             {"model": engine.role, "tokenizer": engine.role, "revision": None}, None))
-        monkeypatch.setattr(vllm_engine.VllmEngine, "_build", lambda engine, kwargs, env: self._build(engine))
+        monkeypatch.setattr(vllm_engine.VllmEngine, "_async_llm", lambda engine, kwargs: self._build(engine))
         monkeypatch.setattr(vllm_engine, "load_tokenizer", self._load_tokenizer)
 
     def engines(self, *roles: str) -> list[object]:
@@ -256,8 +260,11 @@ class StandInStarts:
         if self.cfg.start_method(role) == "spawn":
             self._spawn(role)
         else:
-            child = fork.Process(target=os._exit, args=(0,))
+            recv, send = fork.Pipe(duplex=False)
+            child = fork.Process(target=_report_settings, args=(send,))
             child.start()
+            send.close()
+            self._settings_of(role, recv)
             child.join(30)
             self.loaded.wait(30)  # the EngineCore's load
         llm = StandInLLM()
@@ -276,14 +283,21 @@ class StandInStarts:
             self._second_build.set()
         spawn = multiprocessing.get_context("spawn")
         done = spawn.Event()
-        child = spawn.Process(target=_stand_in_core, args=(done,))
+        recv, send = spawn.Pipe(duplex=False)
+        child = spawn.Process(target=_stand_in_core, args=(done, send))
         child.start()  # the process exists when this returns; its interpreter still starts
+        send.close()
         self._note(f"spawned {role}")
         try:
+            self._settings_of(role, recv)
             self.loaded.wait(30)  # the EngineCore's load
         finally:
             done.set()
             child.join(30)
+
+    def _settings_of(self, role: str, core: multiprocessing.connection.Connection) -> None:
+        assert core.poll(30), f"the {role} core said nothing"
+        self.core_settings[role] = core.recv()
 
     def _load_tokenizer(self, name: str, revision: str | None) -> str:
         self._note(f"tokenizer {name}")
@@ -293,7 +307,9 @@ class StandInStarts:
 
 
 class StandInLLM:
-    """What vLLM's AsyncLLM is to a started engine: something to shut down."""
+    """What vLLM's AsyncLLM is to a started engine: something to shut down, alive."""
+
+    errored = False
 
     def __init__(self) -> None:
         self.shut_down = False
@@ -361,6 +377,33 @@ async def test_a_forked_chat_core_and_a_spawned_tool_core_start_side_by_side(mon
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
 
 
+async def test_the_cores_switch_interval_and_environment_reach_a_forked_core_only(monkeypatch: pytest.MonkeyPatch,
+                                                                                    tmp_path: Path, caplog):
+    """``engines.core_switch_interval_ms`` and the engine's ``child_env`` reach its
+    EngineCore through yapd's at-fork hook, around vLLM's own start: a forked core runs
+    with both, a spawned one (a fresh interpreter) with neither, and each engine says so."""
+    monkeypatch.delenv("YAP_TEST_CHILD_ENV", raising=False)
+    starts = StandInStarts(monkeypatch, tmp_path, method="fork", tool_method="spawn", core_switch_interval_ms=0.5)
+    try:
+        chat, tool = starts.engines("chat", "tool")
+        env = {"YAP_TEST_CHILD_ENV": "1"}
+        with caplog.at_level(logging.INFO, logger="yapd.engine.vllm"):
+            await asyncio.wait_for(asyncio.gather(chat.start(alongside=True, child_env=env),  # type: ignore[attr-defined]
+                                                  tool.start(alongside=True, child_env=env)), 60)  # type: ignore[attr-defined]
+    finally:
+        starts.end()
+    assert starts.core_settings == {"chat": ("1", 0.0005), "tool": (None, 0.005)}
+    assert sys.getswitchinterval() == 0.005 and "YAP_TEST_CHILD_ENV" not in os.environ
+    chat_extra, tool_extra = chat.health().extra, tool.health().extra  # type: ignore[attr-defined]
+    assert chat_extra["core_switch_interval_ms"] == 0.5 and chat_extra["child_env"] == env
+    assert "core_switch_interval_ms" not in tool_extra and "child_env" not in tool_extra
+    said = {r.getMessage() for r in caplog.records}
+    assert "EngineCore runs with a GIL switch interval of 0.5 ms role=chat" in said
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("keeps Python's switch interval" in m and "role=tool" in m for m in warned), warned
+    assert any("without YAP_TEST_CHILD_ENV=1" in m and "role=tool" in m for m in warned), warned
+
+
 async def failed_chat_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, match: str, method: str = "fork",
                             **failing: bool) -> tuple[StandInStarts, Any]:
     """A chat engine's start with vLLM's steps stood in and one of them failing
@@ -395,51 +438,57 @@ async def test_a_start_failing_after_its_engine_started_shuts_that_engine_down(m
     assert chat._llm is None
 
 
-def _report_env(report: multiprocessing.connection.Connection) -> None:
-    report.send(os.environ.get("YAP_TEST_CHILD_ENV"))
+def _report_settings(report: multiprocessing.connection.Connection) -> None:
+    report.send((os.environ.get("YAP_TEST_CHILD_ENV"), sys.getswitchinterval()))
 
 
-def _env_of_forked_child() -> str | None:
+def _forked_child_settings() -> tuple[str | None, float]:
+    """What a child forked from the calling thread runs with: YAP_TEST_CHILD_ENV and its
+    GIL switch interval."""
     recv, send = fork.Pipe(duplex=False)
-    proc = fork.Process(target=_report_env, args=(send,), daemon=True)
+    proc = fork.Process(target=_report_settings, args=(send,), daemon=True)
     proc.start()
     send.close()
     assert recv.poll(30)
-    value: str | None = recv.recv()
+    value: tuple[str | None, float] = recv.recv()
     proc.join(30)
     return value
 
 
-def test_a_child_environment_reaches_children_forked_inside_the_block_only(monkeypatch):
+def test_child_settings_reach_children_forked_inside_the_block_only(monkeypatch):
     monkeypatch.delenv("YAP_TEST_CHILD_ENV", raising=False)
-    with forking.child_environment({"YAP_TEST_CHILD_ENV": "1"}):
-        assert _env_of_forked_child() == "1"
+    ours = sys.getswitchinterval()
+    assert ours != 0.0005
+    with forking.child_settings({"YAP_TEST_CHILD_ENV": "1"}, 0.0005):
+        assert _forked_child_settings() == ("1", 0.0005)
         # Not this process's own: a process some other part of yapd starts meanwhile
-        # (subprocess: no at-fork hooks) does not get it.
-        assert "YAP_TEST_CHILD_ENV" not in os.environ
-        out = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('YAP_TEST_CHILD_ENV'))"],
-                             capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == "None"
-        with pytest.raises(RuntimeError, match="do not nest"), forking.child_environment({"X": "1"}):
+        # (subprocess: no at-fork hooks) does not get them either.
+        assert "YAP_TEST_CHILD_ENV" not in os.environ and sys.getswitchinterval() == ours
+        out = subprocess.run([sys.executable, "-c", "import os, sys; print(os.environ.get('YAP_TEST_CHILD_ENV'), "
+                              "sys.getswitchinterval())"], capture_output=True, text=True, check=True)
+        assert out.stdout.split() == ["None", "0.005"]
+        with pytest.raises(RuntimeError, match="do not nest"), forking.child_settings({"X": "1"}):
             pass
         # Another thread's fork (the other engine starting beside this one) does not.
-        other: list[str | None] = []
-        thread = threading.Thread(target=lambda: other.append(_env_of_forked_child()))
+        other: list[tuple[str | None, float]] = []
+        thread = threading.Thread(target=lambda: other.append(_forked_child_settings()))
         thread.start()
         thread.join(60)
-        assert other == [None]
-    assert _env_of_forked_child() is None
+        assert other == [(None, ours)]
+    assert _forked_child_settings() == (None, ours)
 
-    # As vLLM's start uses it: the block and the fork in one worker thread.
-    def build() -> str | None:
-        with forking.child_environment({"YAP_TEST_CHILD_ENV": "2"}):
-            return _env_of_forked_child()
+    # As vLLM's start uses it: the block and the fork in one worker thread; either
+    # setting alone.
+    def build(env: dict[str, str], interval: float | None) -> tuple[str | None, float]:
+        with forking.child_settings(env, interval):
+            return _forked_child_settings()
 
-    done: list[str | None] = []
-    worker = threading.Thread(target=lambda: done.append(build()))
+    done: list[tuple[str | None, float]] = []
+    worker = threading.Thread(target=lambda: done.extend([build({"YAP_TEST_CHILD_ENV": "2"}, None),
+                                                          build({}, 0.0002), build({}, None)]))
     worker.start()
     worker.join(60)
-    assert done == ["2"] and forking._child_env == {}
+    assert done == [("2", ours), (None, pytest.approx(0.0002)), (None, ours)] and forking._child_settings == {}
 
 
 # A daemon in miniature: an event loop taking SIGTERM (and SIGUSR1, a marker) through

@@ -343,7 +343,8 @@ def test_each_ab_start_gets_a_row_in_the_order_they_ran():
     def figures(ttft: float, tool_first: float) -> dict[str, Any]:
         return {"ttft_ms": {"p50": ttft, "p95": ttft + 5}, "tool_ms": {"p50": ttft - 2},
                 "server_chat_queued_ms": {"p50": 1.7}, "server_chat_first_token_ms": {"p50": 16.5},
-                "server_tool_queued_ms": {"p50": 2.0}, "server_tool_first_token_ms": {"p50": tool_first}}
+                "server_tool_queued_ms": {"p50": 2.0}, "server_tool_first_token_ms": {"p50": tool_first},
+                "server_tool_core_to_front_ms": {"p50": 1.25}}
 
     data = {"date": "2026-12-05", "machine": "H200", "setup": {"ab": ['tool.start_method="spawn"'], "ab_restarts": 1},
             "yapd": {"c1": figures(21.9, 17.9)}, "yapd_b": {"c1": figures(19.2, 13.3)},
@@ -352,8 +353,8 @@ def test_each_ab_start_gets_a_row_in_the_order_they_ran():
     text = markdown(data)
     assert "each level 1 times per config, A B B A ..., each on both engines restarted for it" in text
     rows = [line for line in text.splitlines() if line.startswith("| 1 | 1 A") or line.startswith("| 1 | 2 B")]
-    assert rows == ["| 1 | 1 A | 24.8 | 21.9 | 19.9 | 1.7 -> 16.5 | 2.0 -> 17.9 |",
-                    "| 1 | 2 B | 31.0 | 19.2 | 17.2 | 1.7 -> 16.5 | 2.0 -> 13.3 |"]
+    assert rows == ["| 1 | 1 A | 24.8 | 21.9 | 19.9 | 1.7 -> 16.5 (-) | 2.0 -> 17.9 (1.25) |",
+                    "| 1 | 2 B | 31.0 | 19.2 | 17.2 | 1.7 -> 16.5 (-) | 2.0 -> 13.3 (1.25) |"]
 
 
 async def test_an_ab_start_restarts_a_real_yapds_engines_with_an_engine_key(make_yapd, tmp_path):
@@ -752,6 +753,9 @@ async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_fi
     assert set(level["itl_ms"]) == {"p50", "p99"}
     assert level["chat_queued_ms"]["p50"] <= level["chat_first_token_ms"]["p50"] and "tool_queued_ms" not in level
     assert level["chat_cached_tokens"]["p50"] == 16 and level["tool_cached_tokens"]["p50"] == 0
+    # Each first token's way from its core's stamp to this loop: only where stamps are kept.
+    assert -0.01 <= level["chat_core_to_front_ms"]["p50"] <= level["ttft_token_ms"]["p50"]
+    assert level["tool_core_to_front_ms"] == {"p50": None, "p95": None}
     # Two turns one after the other: each first token from its own step.
     assert level["chat_first_tokens_per_step"] == 1.0 and "tool_first_tokens_per_step" not in level
 
@@ -801,7 +805,7 @@ def test_pair_fractions_must_leave_room_for_two_of_each(tmp_path, capsys):
 
 
 def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
-    from yapctl.gpubench import CPU_HEAD, FAULT_HEAD, RUNQ_HEAD, pair_table
+    from yapctl.gpubench import CPU_HEAD, FAULT_HEAD, RUNQ_HEAD, WAY_OUT_HEAD, pair_table
 
     level = {"yapd": {"ttft_ms": {"p50": 21.0, "p95": 24.0}, "tool_ms": {"p50": 18.0, "p95": 23.0},
                       "server_engine_ttft_ms": {"p50": 19.0}, "server_tool_first_ms": {"p50": 17.5},
@@ -838,6 +842,13 @@ def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
     lines = pair_table({"c1": level})
     assert (f"| 1 | {FAULT_HEAD} | 84.5 / 7.1 / 233.4; VLLM::EngineCor 220.5, ZMQbg/IO/0 12.5 | "
             "- / - / 1.2; - |") in lines, lines
+    level["raw"]["chat_core_to_front_ms"] = {"p50": None, "p95": None}  # raw without request stats
+    assert not any(WAY_OUT_HEAD in x for x in pair_table({"c1": level}))
+    level["yapd"].update(server_chat_core_to_front_ms={"p50": 2.25, "p95": 3.5},
+                         server_tool_core_to_front_ms={"p50": 1.5, "p95": 2.0})
+    level["raw"]["chat_core_to_front_ms"] = {"p50": 1.75, "p95": None}
+    lines = pair_table({"c1": level})
+    assert f"| 1 | {WAY_OUT_HEAD} | 2.25, 3.5 / 1.5, 2 | 1.75 / - |" in lines, lines
     assert pair_table({}) == []
 
 

@@ -505,7 +505,8 @@ async def phase_yapd(res: Results, s: Setup) -> None:
 # What ab_starts keeps of each start's level: enough to see how far the starts of one
 # config spread, beside the pooled figures.
 AB_START_FIGURES = ("ttft_ms", "tool_ms", "itl_ms", "server_chat_queued_ms", "server_chat_first_token_ms",
-                    "server_tool_queued_ms", "server_tool_first_token_ms", "cpu_ms_per_turn")
+                    "server_chat_core_to_front_ms", "server_tool_queued_ms", "server_tool_first_token_ms",
+                    "server_tool_core_to_front_ms", "cpu_ms_per_turn")
 
 
 def ab_starts_table(starts: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -518,14 +519,15 @@ def ab_starts_table(starts: dict[str, list[dict[str, Any]]]) -> list[str]:
         return (start.get(key) or {}).get("p50", "-")
 
     lines = ["Each start (A: as configured, B: with the change), p50 ms:", "",
-             "| sessions | start | engine restart s | TTFT | tool decision | chat engine queued -> first token | "
-             "tool engine queued -> first token |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| sessions | start | engine restart s | TTFT | tool decision | chat engine queued -> first token "
+             "(its way out to yapd) | tool engine queued -> first token (its way out) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for lvl in sorted(starts, key=lambda k: int(k[1:]) if k[1:].isdigit() else 0):
         for i, st in enumerate(starts[lvl], 1):
+            engines = " | ".join(f"{p50(st, f'server_{role}_queued_ms')} -> {p50(st, f'server_{role}_first_token_ms')}"
+                                 f" ({p50(st, f'server_{role}_core_to_front_ms')})" for role in ("chat", "tool"))
             lines.append(f"| {lvl[1:]} | {i} {st['arm'].upper()} | {st['restart_s']} | {p50(st, 'ttft_ms')} | "
-                         f"{p50(st, 'tool_ms')} | {p50(st, 'server_chat_queued_ms')} -> "
-                         f"{p50(st, 'server_chat_first_token_ms')} | {p50(st, 'server_tool_queued_ms')} -> "
-                         f"{p50(st, 'server_tool_first_token_ms')} |")
+                         f"{p50(st, 'tool_ms')} | {engines} |")
     return [*lines, ""]
 
 
@@ -774,6 +776,12 @@ def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
             "tool_first_token_ms": q([r.tool_first for r in rows if r.tool_first is not None]),
             "tool_first_turn_ms": q([r.tool_first_turn for r in rows if r.tool_first_turn is not None]),
             "tool_ms": q([r.tool_done for r in rows]),
+            # each first token's way from its EngineCore's stamp to this loop (as yapd's)
+            "chat_core_to_front_ms": q([r.first_token - r.stamps["chat"]["first_token_ms"] for r in rows
+                                        if r.first_token is not None and "first_token_ms" in r.stamps.get("chat", {})]),
+            "tool_core_to_front_ms": q([r.tool_first_turn - r.stamps["tool"]["first_token_ms"] for r in rows
+                                        if r.tool_first_turn is not None
+                                        and "first_token_ms" in r.stamps.get("tool", {})]),
             **{f"{role}_{name}": q([r.stamps[role][name] for r in rows if name in r.stamps.get(role, {})])
                for role, name in sorted({(role, name) for r in rows for role, said in r.stamps.items()
                                          for name in said})},
@@ -894,6 +902,8 @@ def _keep_stamps(into: dict[str, dict[str, float]], role: str, out: Any, t0_mono
         into[role] = said
 
 
+WAY_OUT_HEAD = ("first token from its EngineCore's stamp to the front end holding it, chat / tool: "
+                "p50, p95 ms")
 STAMP_HEAD = ("queued / scheduled / first token p50 ms (turn's clock); cached prompt tokens p50; "
               "first tokens per engine step")
 
@@ -924,6 +934,13 @@ def said_rows(figure: Callable[[str, str], Any]) -> list[tuple[str, str, str]]:
         if any(v is not None for values in said.values() for v in values):
             cells = [f"{' / '.join(map(shown, v[:3]))}; {shown(v[3])}; {shown(v[4])}" for v in said.values()]
             rows.append((role, cells[0], cells[1]))
+    way_out = {section: [figure(section, f"{prefix}{role}_core_to_front_ms") for role in ("chat", "tool")]
+               for section, prefix in (("yapd", "server_"), ("raw", ""))}
+    if any((v or {}).get("p50") is not None for values in way_out.values() for v in values):
+        cells = [" / ".join(f"{shown(v)}, {v.get('p95'):g}" if v and v.get("p95") is not None else shown(v)
+                            for v in values) for values in way_out.values()]
+        rows.append((WAY_OUT_HEAD, cells[0], cells[1]))
+
     def by_process(values: dict[str, Any] | None) -> str:
         return " / ".join(f"{values[k]:g}" if k in values else "-" for k in ("front", "chat", "tool")) \
             if values else "-"

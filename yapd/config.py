@@ -117,6 +117,14 @@ class EnginesConfig:
     # though a synthetic start building 2.4M objects took 0.15 s with collection off
     # against 0.75 s on, on this project's CPU machine: vLLM's start is not made of those.
     hold_gc_in_core_start: bool = False
+    # A forked EngineCore's GIL switch interval (sys.setswitchinterval), in ms; 0 leaves
+    # Python's 5 ms. Each EngineCore sends a step's outputs from a thread of its own while
+    # its main thread goes on to schedule and launch the next step in Python: the sender
+    # waits for the GIL until that thread blocks on the GPU or the switch interval forces
+    # a hand-over. On the H200 a first token reached yapd 1.1-2.6 ms after its core
+    # stamped it at one session and 11-17 ms at 16 (docs/bench/README.md, "The cores'
+    # GIL"); what a shorter interval gains on the GPU is not measured yet.
+    core_switch_interval_ms: float = 0.0
     # CUDA MPS (yapd/mps.py): "auto" runs a private MPS daemon while two vLLM engines
     # share one GPU (they then run at once instead of taking turns: lower TTFT under
     # load, a slower decode step); "on" also for one engine or several GPUs, and a start
@@ -518,6 +526,9 @@ def validate(cfg: Config) -> None:
         for key in ("tensor_parallel_size", "data_parallel_size", "max_num_seqs", "cpu_workers"):
             if getattr(e, key) < 1:
                 raise ConfigError(f"{src}: {role}.{key}: must be >= 1")
+    if cfg.engines.core_switch_interval_ms and not 0.01 <= cfg.engines.core_switch_interval_ms <= 100:
+        raise ConfigError(f"{src}: engines.core_switch_interval_ms: must be 0 (Python's own) or in [0.01, 100], got "
+                          f"{cfg.engines.core_switch_interval_ms}")
     if cfg.engines.deploy == "both":
         total = cfg.gpu_fraction("chat") + cfg.gpu_fraction("tool")
         if total > 0.98:

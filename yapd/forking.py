@@ -1,5 +1,5 @@
 """Children forked from yapd do not keep yapd's sockets (and can be given environment
-settings of their own: ``child_environment``).
+settings and a GIL switch interval of their own: ``child_settings``).
 
 vLLM starts each engine's EngineCore in a child process. Forked, that child is ready
 about 13 s sooner than spawned (it does not import torch and vLLM again:
@@ -28,8 +28,10 @@ import os
 import signal
 import socket
 import stat
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
@@ -45,7 +47,15 @@ _ports: set[int] = set()
 _paths: set[str] = set()
 _descriptors_out: set[int] = set()
 _forked: list[Callable[[], None]] = []
-_child_env: dict[int, dict[str, str]] = {}  # by the forking thread's id
+
+
+@dataclass(frozen=True)
+class _ChildSettings:
+    env: dict[str, str]
+    switch_interval_s: float | None
+
+
+_child_settings: dict[int, _ChildSettings] = {}  # by the forking thread's id
 _installed = False
 
 
@@ -90,25 +100,26 @@ def on_fork(callback: Callable[[], None]) -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def child_environment(env: Mapping[str, str]) -> Iterator[None]:
+def child_settings(env: Mapping[str, str], switch_interval_s: float | None = None) -> Iterator[None]:
     """Children this thread forks inside the block start with ``env`` added to their
-    environment. This process's own environment is left alone, and so are children of
-    other threads (another engine starting beside this one) and processes started with
-    ``subprocess`` (it runs no at-fork hooks)."""
-    if not env:
+    environment and, when given, ``switch_interval_s`` as their GIL switch interval
+    (``sys.setswitchinterval``). This process's own are left alone, and so are children
+    of other threads (another engine starting beside this one) and processes started
+    with ``subprocess`` (it runs no at-fork hooks)."""
+    if not env and not switch_interval_s:
         yield
         return
     _install()
     me = threading.get_ident()
     with _lock:
-        if me in _child_env:
-            raise RuntimeError("child_environment blocks do not nest")
-        _child_env[me] = dict(env)
+        if me in _child_settings:
+            raise RuntimeError("child_settings blocks do not nest")
+        _child_settings[me] = _ChildSettings(dict(env), switch_interval_s or None)
     try:
         yield
     finally:
         with _lock:
-            _child_env.pop(me, None)
+            _child_settings.pop(me, None)
 
 
 def _install() -> None:
@@ -127,7 +138,11 @@ def _after_in_parent() -> None:
 def _after_in_child() -> None:
     # No lock here: another thread may have held it at the fork, and it stays held. The
     # child's one thread is the one that forked, with the same id.
-    os.environ.update(_child_env.get(threading.get_ident(), {}))
+    settings = _child_settings.get(threading.get_ident())
+    if settings is not None:
+        os.environ.update(settings.env)
+        if settings.switch_interval_s:
+            sys.setswitchinterval(settings.switch_interval_s)
     reset_signals()
     drop_protected()
 

@@ -144,6 +144,7 @@ class VllmEngine(Engine):
         self.start_seconds: float | None = None
         self._kwargs: dict[str, Any] | None = None
         self.child_env: dict[str, str] = {}  # what its EngineCore was started with on top
+        self.core_switch_interval_ms: float | None = None  # its EngineCore's, where yapd set it
 
     def settings(self) -> dict[str, Any]:
         """The AsyncEngineArgs this engine starts with (resolved once per start)."""
@@ -190,6 +191,8 @@ class VllmEngine(Engine):
             extra["pid"] = pid  # the EngineCore's: its CPU time, its threads, a kill -9 test
         if self.child_env:
             extra["child_env"] = self.child_env
+        if self.core_switch_interval_ms:
+            extra["core_switch_interval_ms"] = self.core_switch_interval_ms
         return EngineHealth(self._state == "ready", self._state, self._detail, extra)
 
     async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
@@ -296,6 +299,15 @@ class VllmEngine(Engine):
         return kwargs, plan
 
     def _build(self, kwargs: dict[str, Any], child_env: dict[str, str]) -> Any:
+        """vLLM's start (``_async_llm``), with what yapd gives the EngineCore it forks."""
+        # Every process this thread forks while vLLM starts (the EngineCore; with data
+        # parallelism, each of them) gets ``child_env`` and the cores' switch interval.
+        e = self.cfg.engines
+        with forking.child_settings(child_env, e.core_switch_interval_ms / 1000), \
+                gcpause.held_in_cores(e.hold_gc_in_core_start):
+            return self._async_llm(kwargs)
+
+    def _async_llm(self, kwargs: dict[str, Any]) -> Any:
         """AsyncLLM.from_engine_args in its two steps, so that a stop between them ends
         the start before any EngineCore exists."""
         from vllm import AsyncEngineArgs
@@ -303,21 +315,26 @@ class VllmEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         t0 = time.perf_counter()
-        # Every process this thread forks while vLLM starts (the EngineCore; with data
-        # parallelism, each of them) gets ``child_env``.
-        with forking.child_environment(child_env), gcpause.held_in_cores(self.cfg.engines.hold_gc_in_core_start):
-            args = AsyncEngineArgs(**kwargs)
-            config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-            log.info("vLLM config took %.1f s role=%s", time.perf_counter() - t0, self.role)
-            self.go_on("vLLM's config")
-            return AsyncLLM.from_vllm_config(config, usage_context=UsageContext.ENGINE_CONTEXT,
-                                             enable_log_requests=args.enable_log_requests,
-                                             disable_log_stats=args.disable_log_stats)
+        args = AsyncEngineArgs(**kwargs)
+        config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        log.info("vLLM config took %.1f s role=%s", time.perf_counter() - t0, self.role)
+        self.go_on("vLLM's config")
+        return AsyncLLM.from_vllm_config(config, usage_context=UsageContext.ENGINE_CONTEXT,
+                                         enable_log_requests=args.enable_log_requests,
+                                         disable_log_stats=args.disable_log_stats)
 
     def _child_env_note(self, child_env: dict[str, str], used: str | None) -> None:
-        """Say whether the EngineCore got ``child_env``: only a forked one can (a spawned
-        one starts from a fresh environment, outside the at-fork hook)."""
+        """Say whether the EngineCore got ``child_env`` and the cores' switch interval:
+        only a forked one can (a spawned one starts from a fresh interpreter, outside the
+        at-fork hook)."""
         self.child_env = child_env if used == "fork" else {}
+        interval = self.cfg.engines.core_switch_interval_ms
+        self.core_switch_interval_ms = interval if used == "fork" and interval else None
+        if self.core_switch_interval_ms:
+            log.info("EngineCore runs with a GIL switch interval of %g ms role=%s", interval, self.role)
+        elif interval:
+            log.warning("EngineCore started by %s keeps Python's switch interval (engines.core_switch_interval_ms "
+                        "reaches forked cores only) role=%s", used, self.role)
         if not child_env:
             return
         settings = " ".join(f"{k}={v}" for k, v in child_env.items())
