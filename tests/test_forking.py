@@ -195,6 +195,13 @@ async def test_a_start_failing_before_its_fork_gives_up_its_turn_too():
 
 
 def _stand_in_core(done: Any, report: multiprocessing.connection.Connection) -> None:
+    # As a spawned EngineCore starts: vLLM runs the general plugins VLLM_PLUGINS allows.
+    from importlib.metadata import entry_points
+
+    allowed = os.environ.get("VLLM_PLUGINS")
+    for plugin in entry_points(group="vllm.general_plugins"):
+        if allowed is None or plugin.name in allowed.split(","):
+            plugin.load()()
     _report_settings(report)
     done.wait(60)  # an EngineCore loading, until the stand-in's build is over
 
@@ -377,12 +384,18 @@ async def test_a_forked_chat_core_and_a_spawned_tool_core_start_side_by_side(mon
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
 
 
-async def test_the_cores_switch_interval_and_environment_reach_a_forked_core_only(monkeypatch: pytest.MonkeyPatch,
-                                                                                    tmp_path: Path, caplog):
-    """``engines.core_switch_interval_ms`` and the engine's ``child_env`` reach its
-    EngineCore through yapd's at-fork hook, around vLLM's own start: a forked core runs
-    with both, a spawned one (a fresh interpreter) with neither, and each engine says so."""
+@pytest.mark.parametrize("plugins", [None, "another"])
+async def test_the_cores_switch_interval_reaches_forked_and_spawned_cores_the_environment_forked_ones(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog, plugins: str | None):
+    """``engines.core_switch_interval_ms`` reaches a forked EngineCore through yapd's
+    at-fork hook, and a spawned one (a fresh interpreter) through yapd's vLLM plugin,
+    which vLLM runs there unless VLLM_PLUGINS leaves it out; ``child_env`` reaches a
+    forked one only. Each engine says what its core got."""
     monkeypatch.delenv("YAP_TEST_CHILD_ENV", raising=False)
+    if plugins is None:
+        monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_PLUGINS", plugins)
     starts = StandInStarts(monkeypatch, tmp_path, method="fork", tool_method="spawn", core_switch_interval_ms=0.5)
     try:
         chat, tool = starts.engines("chat", "tool")
@@ -392,15 +405,22 @@ async def test_the_cores_switch_interval_and_environment_reach_a_forked_core_onl
                                                   tool.start(alongside=True, child_env=env)), 60)  # type: ignore[attr-defined]
     finally:
         starts.end()
-    assert starts.core_settings == {"chat": ("1", 0.0005), "tool": (None, 0.005)}
+    spawned = 0.0005 if plugins is None else 0.005
+    assert starts.core_settings == {"chat": ("1", 0.0005), "tool": (None, spawned)}
     assert sys.getswitchinterval() == 0.005 and "YAP_TEST_CHILD_ENV" not in os.environ
     chat_extra, tool_extra = chat.health().extra, tool.health().extra  # type: ignore[attr-defined]
     assert chat_extra["core_switch_interval_ms"] == 0.5 and chat_extra["child_env"] == env
-    assert "core_switch_interval_ms" not in tool_extra and "child_env" not in tool_extra
+    assert tool_extra.get("core_switch_interval_ms") == (0.5 if plugins is None else None)
+    assert "child_env" not in tool_extra
     said = {r.getMessage() for r in caplog.records}
-    assert "EngineCore runs with a GIL switch interval of 0.5 ms role=chat" in said
+    assert "EngineCore runs with a GIL switch interval of 0.5 ms (at its fork) role=chat" in said
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert any("keeps Python's switch interval" in m and "role=tool" in m for m in warned), warned
+    if plugins is None:
+        assert "EngineCore runs with a GIL switch interval of 0.5 ms (vLLM plugin yapd_core) role=tool" in said
+        assert not any("switch interval" in m for m in warned), warned
+    else:
+        assert ("EngineCore started by spawn keeps Python's switch interval: VLLM_PLUGINS=another leaves out "
+                "yapd_core role=tool") in warned, warned
     assert any("without YAP_TEST_CHILD_ENV=1" in m and "role=tool" in m for m in warned), warned
 
 
@@ -549,3 +569,66 @@ def test_a_signal_sent_to_a_forked_child_is_the_childs(loop: str, handler: str):
     assert out.returncode == 0, out.stderr
     expected = -15 if handler == "loading" else 3
     assert json.loads(out.stdout) == {"exitcode": expected, "parent_heard": False, "child_sighup": "SIG_IGN"}
+
+
+def _plugin_in_spawned_child(report: multiprocessing.connection.Connection) -> None:
+    from yapd import vllm_plugin
+
+    vllm_plugin.in_engine_core()
+    report.send(sys.getswitchinterval())
+
+
+def test_the_vllm_plugin_acts_only_in_a_child_given_the_interval(monkeypatch: pytest.MonkeyPatch):
+    from importlib import metadata
+
+    from yapd import vllm_plugin
+
+    spawn = multiprocessing.get_context("spawn")
+
+    def spawned_interval() -> float:
+        recv, send = spawn.Pipe(duplex=False)
+        child = spawn.Process(target=_plugin_in_spawned_child, args=(send,))
+        child.start()
+        send.close()
+        assert recv.poll(60)
+        value: float = recv.recv()
+        child.join(30)
+        return value
+
+    vllm_plugin.offer(0.25)
+    try:
+        assert os.environ[vllm_plugin.SWITCH_INTERVAL_ENV] == "0.25"
+        assert spawned_interval() == pytest.approx(0.00025)
+        vllm_plugin.in_engine_core()  # yapd's own process (no multiprocessing parent): left alone
+        assert sys.getswitchinterval() == 0.005
+        os.environ[vllm_plugin.SWITCH_INTERVAL_ENV] = "soon"  # not ours to judge: ignored
+        assert spawned_interval() == 0.005
+    finally:
+        vllm_plugin.offer(0)
+    assert vllm_plugin.SWITCH_INTERVAL_ENV not in os.environ and spawned_interval() == 0.005
+
+    # What would keep vLLM from running it: VLLM_PLUGINS without it, no entry point.
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    assert vllm_plugin.loadable() is None  # the test environment installs the package
+    monkeypatch.setenv("VLLM_PLUGINS", "a,yapd_core")
+    assert vllm_plugin.loadable() is None
+    monkeypatch.setenv("VLLM_PLUGINS", "a")
+    assert vllm_plugin.loadable() == "VLLM_PLUGINS=a leaves out yapd_core"
+    monkeypatch.delenv("VLLM_PLUGINS")
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [])
+    assert "no vllm.general_plugins entry point yapd_core" in (vllm_plugin.loadable() or "")
+
+
+def test_the_device_registers_the_plugin_of_an_uninstalled_tree(tmp_path: Path):
+    """On the device the project runs from its tree on PYTHONPATH; the kit's install
+    writes its entry points beside vLLM (docs/bench/device/register_plugin.py), where a
+    spawned EngineCore's vLLM finds the plugin."""
+    from importlib import metadata
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, str(root / "docs/bench/device/register_plugin.py"), str(tmp_path)], cwd=root,
+                   check=True, capture_output=True)
+    (dist,) = metadata.distributions(path=[str(tmp_path)])
+    assert dist.metadata["Name"] == "yap"
+    assert [(ep.group, ep.name, ep.value) for ep in dist.entry_points] == [
+        ("vllm.general_plugins", "yapd_core", "yapd.vllm_plugin:in_engine_core")]

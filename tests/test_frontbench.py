@@ -27,7 +27,8 @@ def test_frontbench_times_a_real_front_end_with_stand_in_engines(tmp_path, cache
         # The turn begins (its ack's "now") before it makes its chat request.
         assert 0 < s["inbound_ms"]["p50"] <= s["chat_request_after_send_ms"]["p50"], s
         # The first token leaves after the chat's first text reached the turn, within the
-        # turn's own time to it (the stand-in's first output comes 30 ms in).
-        assert 0 <= s["text_to_sent_ms"]["p50"] < s["ttft_ms"]["p50"] - 29, s
+        # turn's own time to it (the stand-in's first output comes 30 ms in), both on
+        # yapd's clock: the client's TTFT can end before yapd's send has returned.
+        assert 0 <= s["text_to_sent_ms"]["p50"] <= s["server_ttft_ms"]["p50"] - 29.9, s
     assert three["round_requests_span_ms"]["p50"] > 0 and three["per_turn_start_ms"] > 0
     assert "c3: TTFT p50/p95" in capsys.readouterr().out

@@ -53,6 +53,9 @@ mps_priority = "tool"
 # Named, not left to the default: the priority reaches only a forked EngineCore, and
 # test_gpu_engine_cores_are_forked_and_hold_no_yapd_socket checks forked cores.
 start_method = "fork"
+# Not the default (0 sets nothing): each core's GIL switch interval, a forked core's by the
+# at-fork hook, a spawned one's by yapd's vLLM plugin (checked below).
+core_switch_interval_ms = 0.5
 [chat]
 model = "{MODEL}"
 backend = "vllm"
@@ -69,7 +72,8 @@ max_model_len = 4096
 extra_engine_args = {{ disable_log_stats = false }}
 [turn]
 concurrent = true
-""", server={"max_connections": 32})
+""", server={"max_connections": 32},
+             env={"VLLM_LOGGING_STREAM": "ext://sys.stderr"})  # the EngineCores' own lines in d.lines
     d.start(timeout=600)
     # Where the start's time went, in every run's log
     marks = (" took ", "engine started", "EngineCore forked", "EngineCore spawned")
@@ -339,6 +343,8 @@ async def test_gpu_engine_cores_are_forked_and_hold_no_yapd_socket(gpu_yapd):
     listener and a client connection open while an engine restarts."""
     log = "\n".join(gpu_yapd.lines)
     assert "EngineCore started by fork role=chat" in log and "EngineCore started by fork role=tool" in log
+    for role in ("chat", "tool"):
+        assert f"EngineCore runs with a GIL switch interval of 0.5 ms (at its fork) role={role}" in log
     async with ws_connect(gpu_yapd.url()) as ws:
         replies = await asyncio.to_thread(gpu_yapd.admin, timeout=600, cmd="restart", target="tool")
         assert replies[-1]["ok"] is True, replies
@@ -413,7 +419,8 @@ async def test_gpu_cores_start_with_collection_held(gpu_yapd):
 
 async def test_gpu_a_spawned_tool_core_beside_a_forked_chat_core(gpu_yapd):
     """``[tool] start_method = "spawn"``, applied by an engine restart: the chat's core
-    forked, the tool's spawned (each start says so, neither warns), side by side; the
+    forked, the tool's spawned (each start says so, neither warns; each runs with the
+    module's GIL switch interval, the spawned one through yapd's vLLM plugin), side by side; the
     tool engine's stamps still come with its first output (a spawned core keeps the
     engine's arguments). Then back to a forked tool core."""
     with _engines_restarted_with(gpu_yapd, "[tool]\n", '[tool]\nstart_method = "spawn"\n', "tool.start_method",
@@ -424,6 +431,11 @@ async def test_gpu_a_spawned_tool_core_beside_a_forked_chat_core(gpu_yapd):
             log[-4000:]
         assert "engines load side by side" in log
         assert not [x for x in lines if " warning yapd.engine" in x], log[-4000:]
+        # The switch interval: the forked core's at its fork, the spawned one's from yapd's
+        # vLLM plugin, which says so in the core's own log.
+        assert "EngineCore runs with a GIL switch interval of 0.5 ms (at its fork) role=chat" in log
+        assert "EngineCore runs with a GIL switch interval of 0.5 ms (vLLM plugin yapd_core) role=tool" in log
+        assert "GIL switch interval 0.5 ms, as yapd asked" in log, log[-4000:]
         async with ws_connect(gpu_yapd.url()) as ws:
             for i in range(3):
                 msgs = await run_turn(ws, user_utterance=f"who was Columbus? {i}", history_text="User: hi\n" * 50)

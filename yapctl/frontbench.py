@@ -151,6 +151,7 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
     outside = [r["ttft_ms"] - r["server_ttft_ms"] for r in rows
                if r["ttft_ms"] is not None and r["server_ttft_ms"] is not None]
     tool = [r["tool_ms"] for r in rows if r["tool_ms"] is not None]
+    server_ttft = [r["server_ttft_ms"] for r in rows if r["server_ttft_ms"] is not None]
     text_to_sent = [r["server_ttft_ms"] - r["engine_text_ms"] for r in rows
                     if r["server_ttft_ms"] is not None and r.get("engine_text_ms") is not None]
     inbound = [r["inbound_ms"] for r in rows if r["inbound_ms"] is not None]
@@ -160,7 +161,7 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
 
     return {
         "sessions": c, "turns": len(rows),
-        "ttft_ms": q(ttft), "tool_ms": q(tool), "outside_turn_ms": q(outside),
+        "ttft_ms": q(ttft), "server_ttft_ms": q(server_ttft), "tool_ms": q(tool), "outside_turn_ms": q(outside),
         "inbound_ms": q(inbound), "text_to_sent_ms": q(text_to_sent),
         "chat_request_after_send_ms": q(delay["chat"]), "tool_request_after_send_ms": q(delay["tool"]),
         "round_requests_span_ms": {"p50": round(statistics.median(spans), 2) if spans else None},

@@ -117,13 +117,15 @@ class EnginesConfig:
     # though a synthetic start building 2.4M objects took 0.15 s with collection off
     # against 0.75 s on, on this project's CPU machine: vLLM's start is not made of those.
     hold_gc_in_core_start: bool = False
-    # A forked EngineCore's GIL switch interval (sys.setswitchinterval), in ms; 0 leaves
-    # Python's 5 ms. Each EngineCore sends a step's outputs from a thread of its own while
-    # its main thread goes on to schedule and launch the next step in Python: the sender
-    # waits for the GIL until that thread blocks on the GPU or the switch interval forces
-    # a hand-over. On the H200 a first token reached yapd 1.1-2.6 ms after its core
-    # stamped it at one session and 11-17 ms at 16 (docs/bench/README.md, "The cores'
-    # GIL"); what a shorter interval gains on the GPU is not measured yet.
+    # Each EngineCore's GIL switch interval (sys.setswitchinterval), in ms; 0 leaves
+    # Python's 5 ms. A forked core gets it at its fork, a spawned one through yapd's vLLM
+    # plugin (yapd/vllm_plugin.py, the installed package's entry point). An EngineCore
+    # sends a step's outputs from a thread of its own while its main thread goes on to
+    # schedule and launch the next step in Python: the sender waits for the GIL until
+    # that thread blocks on the GPU or the switch interval forces a hand-over. On H200s a
+    # first token reached yapd 1.1-2.8 ms after its core stamped it at one session and
+    # 3.8-17.2 ms at 16 (docs/bench/README.md, "The cores' GIL"); what a shorter interval
+    # gains there is not measured yet.
     core_switch_interval_ms: float = 0.0
     # CUDA MPS (yapd/mps.py): "auto" runs a private MPS daemon while two vLLM engines
     # share one GPU (they then run at once instead of taking turns: lower TTFT under

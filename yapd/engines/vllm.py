@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from yapd import awq, forking, gcpause, procfs
+from yapd import awq, forking, gcpause, procfs, vllm_plugin
 from yapd.config import Config, EngineConfig
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineStamps, EngineState, SamplingSpec
 from yapd.engines.memplan import MemoryPlans, Plan, plan_key, side_by_side
@@ -222,6 +222,7 @@ class VllmEngine(Engine):
                 # for seconds) no longer slow this one's down.
                 async with _start_turn():
                     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = method
+                    vllm_plugin.offer(self.cfg.engines.core_switch_interval_ms)  # to a spawned core
                     work = asyncio.to_thread(self._build, kwargs, env)
                     building = time.perf_counter()
                     built = await (_until_forked(work) if method == "fork" else _until_spawned(work))
@@ -324,17 +325,20 @@ class VllmEngine(Engine):
                                          disable_log_stats=args.disable_log_stats)
 
     def _child_env_note(self, child_env: dict[str, str], used: str | None) -> None:
-        """Say whether the EngineCore got ``child_env`` and the cores' switch interval:
-        only a forked one can (a spawned one starts from a fresh interpreter, outside the
-        at-fork hook)."""
+        """Say whether the EngineCore got ``child_env`` and the cores' switch interval. A
+        forked one gets both from the at-fork hook; a spawned one (a fresh interpreter)
+        no ``child_env``, and the switch interval only through yapd's vLLM plugin, where
+        vLLM can load it."""
         self.child_env = child_env if used == "fork" else {}
         interval = self.cfg.engines.core_switch_interval_ms
-        self.core_switch_interval_ms = interval if used == "fork" and interval else None
+        missing = None if used == "fork" else vllm_plugin.loadable()
+        self.core_switch_interval_ms = interval if interval and missing is None else None
         if self.core_switch_interval_ms:
-            log.info("EngineCore runs with a GIL switch interval of %g ms role=%s", interval, self.role)
+            log.info("EngineCore runs with a GIL switch interval of %g ms (%s) role=%s", interval,
+                     "at its fork" if used == "fork" else f"vLLM plugin {vllm_plugin.NAME}", self.role)
         elif interval:
-            log.warning("EngineCore started by %s keeps Python's switch interval (engines.core_switch_interval_ms "
-                        "reaches forked cores only) role=%s", used, self.role)
+            log.warning("EngineCore started by %s keeps Python's switch interval: %s role=%s", used, missing,
+                        self.role)
         if not child_env:
             return
         settings = " ".join(f"{k}={v}" for k, v in child_env.items())

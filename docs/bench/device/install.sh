@@ -6,6 +6,10 @@ set -euo pipefail
 cp .devkit/kit.part.02 /tmp/k/
 (cd /tmp/k && cat kit.part.* | tar xf - && bash kit/install.sh)
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v WARN || true
+# The project runs from this tree on PYTHONPATH, uninstalled: its vLLM plugin (pyproject's
+# entry point, run in the EngineCores vLLM spawns) is registered beside vLLM by hand.
+python3 docs/bench/device/register_plugin.py /tmp/site
+PYTHONPATH=/tmp/site:$PWD python3 -c "from yapd import vllm_plugin; print('yapd vLLM plugin:', vllm_plugin.loadable() or 'registered')"
 PYTHONPATH=/tmp/site:$PWD python3 -c "import vllm, uvloop, prometheus_client, pytest_asyncio, yapd.daemon; print('ok, vllm', vllm.__version__)"
 command -v nvidia-cuda-mps-control || echo "no MPS control binary"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
