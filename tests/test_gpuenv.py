@@ -376,7 +376,9 @@ async def test_an_ab_start_restarts_a_real_yapds_engines_with_an_engine_key(make
     await restart_engines_with(d.config_path, text, [], d.admin_socket, log)  # back as it was
 
 
-def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_path, cache_dir):
+@pytest.mark.parametrize("change,key", [('tool.start_method="spawn"', "start_method"),
+                                        ("engines.core_switch_interval_ms=0.5", "core_switch_interval_ms")])
+def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_path, cache_dir, change, key):
     """The whole yapd phase of an --ab-restarts run, on a real yapd whose engines are the
     CPU demo models under gpubench's model names (--set backend "cpu"): each config
     measured on engines restarted for it, the turns of each pooled, every start kept in
@@ -391,7 +393,7 @@ def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_p
     out, work = tmp_path / "out", tmp_path / "work"
     assert main([str(models), "--out", str(out), "--work", str(work), "--name", "t", "--phases", "yapd",
                  "--levels", "1", "--rounds", "1", "--skip-restart", *cpu,
-                 "--ab", 'tool.start_method="spawn"', "--ab-restarts", "1"]) == 0
+                 "--ab", change, "--ab-restarts", "1"]) == 0
     data = json.loads((out / "t.json").read_text())
     assert "error" not in data["yapd"], data["yapd"]
     starts = data["yapd_ab_starts"]["c1"]
@@ -401,7 +403,7 @@ def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_p
     assert all(st["ttft_ms"]["p50"] is not None for st in starts), starts
     for section in ("yapd", "yapd_b"):
         assert data[section]["c1"]["turns"] == 3 and data[section]["c1"]["starts"] == 1, data[section]["c1"]
-    assert "start_method" not in (work / "yapd.toml").read_text()  # back to A after B
+    assert key not in (work / "yapd.toml").read_text()  # back to A after B
     assert data["yapd"]["cancel"]["cancel_to_done_ms"]["p50"] is not None
     assert "| 1 | 2 B |" in (out / "t.md").read_text()
 
