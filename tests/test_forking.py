@@ -195,12 +195,13 @@ async def test_a_start_failing_before_its_fork_gives_up_its_turn_too():
 
 
 def _stand_in_core(done: Any, report: multiprocessing.connection.Connection) -> None:
-    # As a spawned EngineCore starts: vLLM runs the general plugins VLLM_PLUGINS allows.
+    # As a spawned EngineCore starts: vLLM runs the general plugins VLLM_PLUGINS allows
+    # (of those installed, yapd's here).
     from importlib.metadata import entry_points
 
     allowed = os.environ.get("VLLM_PLUGINS")
     for plugin in entry_points(group="vllm.general_plugins"):
-        if allowed is None or plugin.name in allowed.split(","):
+        if plugin.name == "yapd_core" and (allowed is None or plugin.name in allowed.split(",")):
             plugin.load()()
     _report_settings(report)
     done.wait(60)  # an EngineCore loading, until the stand-in's build is over
@@ -217,7 +218,7 @@ class StandInStarts:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail_build: bool = False,
                  fail_tokenizer: bool = False, method: str = "fork", tool_method: str = "",
-                 **engines: Any) -> None:
+                 fork_elsewhere: bool = False, **engines: Any) -> None:
         from yapd import config
         from yapd.engines import vllm as vllm_engine
 
@@ -233,9 +234,11 @@ class StandInStarts:
         self._building = threading.local()
         self._fail_build = fail_build
         self._fail_tokenizer = fail_tokenizer
+        self._fork_elsewhere = fork_elsewhere
+        self._elsewhere_role = ""
         self.built: list[StandInLLM] = []
         # Noted in the forking thread at the fork, before yapd's own hook hands the turn on.
-        self._stop_noting = forking.on_fork(lambda: self._note(f"fork {self._building.role}"))
+        self._stop_noting = forking.on_fork(lambda: self._note(f"fork {self._forking_role()}"))
         monkeypatch.setattr(vllm_engine.VllmEngine, "_prepare", lambda engine, alongside: (
             {"model": engine.role, "tokenizer": engine.role, "revision": None}, None))
         monkeypatch.setattr(vllm_engine.VllmEngine, "_async_llm", lambda engine, kwargs: self._build(engine))
@@ -249,6 +252,10 @@ class StandInStarts:
 
     def end(self) -> None:
         self._stop_noting()
+
+    def _forking_role(self) -> str:
+        # A fork from a thread of the stand-in's own (fork_elsewhere): the engine being built.
+        return getattr(self._building, "role", None) or self._elsewhere_role
 
     def _note(self, what: str) -> None:
         with self._lock:
@@ -269,7 +276,13 @@ class StandInStarts:
         else:
             recv, send = fork.Pipe(duplex=False)
             child = fork.Process(target=_report_settings, args=(send,))
-            child.start()
+            if self._fork_elsewhere:  # a vLLM whose start forks its core from a thread of its own
+                self._elsewhere_role = role
+                starter = threading.Thread(target=child.start)
+                starter.start()
+                starter.join(30)
+            else:
+                child.start()
             send.close()
             self._settings_of(role, recv)
             child.join(30)
@@ -391,7 +404,12 @@ async def test_the_cores_switch_interval_reaches_forked_and_spawned_cores_the_en
     at-fork hook, and a spawned one (a fresh interpreter) through yapd's vLLM plugin,
     which vLLM runs there unless VLLM_PLUGINS leaves it out; ``child_env`` reaches a
     forked one only. Each engine says what its core got."""
+    from yapd import vllm_plugin
+
+    assert vllm_plugin.loadable() in (None, "VLLM_PLUGINS=another leaves out yapd_core"), \
+        "the package's entry points are not installed: make install (pip install -e .)"
     monkeypatch.delenv("YAP_TEST_CHILD_ENV", raising=False)
+    monkeypatch.setenv(vllm_plugin.SWITCH_INTERVAL_ENV, "")  # the start sets it; the test's end removes it
     if plugins is None:
         monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     else:
@@ -422,6 +440,28 @@ async def test_the_cores_switch_interval_reaches_forked_and_spawned_cores_the_en
         assert ("EngineCore started by spawn keeps Python's switch interval: VLLM_PLUGINS=another leaves out "
                 "yapd_core role=tool") in warned, warned
     assert any("without YAP_TEST_CHILD_ENV=1" in m and "role=tool" in m for m in warned), warned
+
+
+async def test_a_core_forked_outside_yapds_hook_is_not_said_to_have_its_settings(monkeypatch: pytest.MonkeyPatch,
+                                                                                  tmp_path: Path, caplog):
+    """A vLLM whose start forked its EngineCore from a thread other than the one yapd ran
+    it in: the hook's settings do not reach that core, and the engine does not claim they
+    did (health, the log's warnings)."""
+    monkeypatch.delenv("YAP_TEST_CHILD_ENV", raising=False)
+    starts = StandInStarts(monkeypatch, tmp_path, fork_elsewhere=True, core_switch_interval_ms=0.5)
+    try:
+        (chat,) = starts.engines("chat")
+        with caplog.at_level(logging.INFO, logger="yapd.engine.vllm"):
+            await asyncio.wait_for(chat.start(child_env={"YAP_TEST_CHILD_ENV": "1"}), 60)  # type: ignore[attr-defined]
+    finally:
+        starts.end()
+    assert starts.core_settings == {"chat": (None, 0.005)}
+    extra = chat.health().extra  # type: ignore[attr-defined]
+    assert "core_switch_interval_ms" not in extra and "child_env" not in extra
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert ("EngineCore started by fork keeps Python's switch interval: no fork of vLLM's start went through "
+            "yapd's hook role=chat") in warned, warned
+    assert any("without YAP_TEST_CHILD_ENV=1" in m for m in warned), warned
 
 
 async def failed_chat_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, match: str, method: str = "fork",
@@ -479,7 +519,7 @@ def test_child_settings_reach_children_forked_inside_the_block_only(monkeypatch)
     monkeypatch.delenv("YAP_TEST_CHILD_ENV", raising=False)
     ours = sys.getswitchinterval()
     assert ours != 0.0005
-    with forking.child_settings({"YAP_TEST_CHILD_ENV": "1"}, 0.0005):
+    with forking.child_settings({"YAP_TEST_CHILD_ENV": "1"}, 0.0005) as settings:
         assert _forked_child_settings() == ("1", 0.0005)
         # Not this process's own: a process some other part of yapd starts meanwhile
         # (subprocess: no at-fork hooks) does not get them either.
@@ -495,7 +535,12 @@ def test_child_settings_reach_children_forked_inside_the_block_only(monkeypatch)
         thread.start()
         thread.join(60)
         assert other == [(None, ours)]
+    # Counted in the parent: the children that got them (this thread's one fork).
+    assert settings.forks == 1
     assert _forked_child_settings() == (None, ours)
+    for bad in (0, -0.001, float("nan")):
+        with pytest.raises(ValueError, match="above 0"), forking.child_settings({}, bad):
+            pass
 
     # As vLLM's start uses it: the block and the fork in one worker thread; either
     # setting alone.
@@ -578,7 +623,7 @@ def _plugin_in_spawned_child(report: multiprocessing.connection.Connection) -> N
     report.send(sys.getswitchinterval())
 
 
-def test_the_vllm_plugin_acts_only_in_a_child_given_the_interval(monkeypatch: pytest.MonkeyPatch):
+def test_the_vllm_plugin_acts_only_in_a_direct_child_of_the_process_that_offered(monkeypatch: pytest.MonkeyPatch):
     from importlib import metadata
 
     from yapd import vllm_plugin
@@ -595,21 +640,24 @@ def test_the_vllm_plugin_acts_only_in_a_child_given_the_interval(monkeypatch: py
         child.join(30)
         return value
 
+    monkeypatch.setenv(vllm_plugin.SWITCH_INTERVAL_ENV, "")  # removed at the test's end whatever happens
     vllm_plugin.offer(0.25)
-    try:
-        assert os.environ[vllm_plugin.SWITCH_INTERVAL_ENV] == "0.25"
-        assert spawned_interval() == pytest.approx(0.00025)
-        vllm_plugin.in_engine_core()  # yapd's own process (no multiprocessing parent): left alone
-        assert sys.getswitchinterval() == 0.005
-        os.environ[vllm_plugin.SWITCH_INTERVAL_ENV] = "soon"  # not ours to judge: ignored
-        assert spawned_interval() == 0.005
-    finally:
-        vllm_plugin.offer(0)
+    assert os.environ[vllm_plugin.SWITCH_INTERVAL_ENV] == f"0.25@{os.getpid()}"
+    assert spawned_interval() == pytest.approx(0.00025)
+    vllm_plugin.in_engine_core()  # the offering process itself: left alone
+    assert sys.getswitchinterval() == 0.005
+    # Not ours to judge: a value of another process (a core's own children, a vLLM that
+    # yapd did not start) or of another form is left alone, and never raises.
+    for value in (f"0.25@{os.getppid()}", "0.25", "soon@1", "0.25@x", "nan@" + str(os.getpid()),
+                  f"1000@{os.getpid()}", f"0@{os.getpid()}"):
+        monkeypatch.setenv(vllm_plugin.SWITCH_INTERVAL_ENV, value)
+        assert spawned_interval() == 0.005, value
+    vllm_plugin.offer(0)
     assert vllm_plugin.SWITCH_INTERVAL_ENV not in os.environ and spawned_interval() == 0.005
 
     # What would keep vLLM from running it: VLLM_PLUGINS without it, no entry point.
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
-    assert vllm_plugin.loadable() is None  # the test environment installs the package
+    assert vllm_plugin.loadable() is None, "the package's entry points are not installed: make install"
     monkeypatch.setenv("VLLM_PLUGINS", "a,yapd_core")
     assert vllm_plugin.loadable() is None
     monkeypatch.setenv("VLLM_PLUGINS", "a")

@@ -751,7 +751,7 @@ async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_fi
     assert raw.processes() == {"front": os.getpid()}  # stand-ins: no EngineCore processes
     level = raw_level([turn, await raw.turn(4)])
     assert level["turns"] == 2 and level["ttft_ms"]["p50"] is not None
-    assert level["tool_first_turn_ms"]["p50"] >= level["tool_first_token_ms"]["p50"]
+    assert level["tool_first_turn_ms"]["p50"] >= level["tool_first_output_ms"]["p50"]
     assert set(level["itl_ms"]) == {"p50", "p99"}
     assert level["chat_queued_ms"]["p50"] <= level["chat_first_token_ms"]["p50"] and "tool_queued_ms" not in level
     assert level["chat_cached_tokens"]["p50"] == 16 and level["tool_cached_tokens"]["p50"] == 0
@@ -760,6 +760,21 @@ async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_fi
     assert level["tool_core_to_front_ms"] == {"p50": None, "p95": None}
     # Two turns one after the other: each first token from its own step.
     assert level["chat_first_tokens_per_step"] == 1.0 and "tool_first_tokens_per_step" not in level
+
+
+async def test_a_raw_tool_first_output_keeps_its_own_clock_beside_its_cores_stamp():
+    """With the tool engine's request stats on, the level has both the tool's first output
+    on its own request's clock and its core's first-token stamp on the turn's clock (one
+    name once held both, the stamp overwriting the other)."""
+    from yapctl.gpubench import RawEngines, raw_level
+
+    chat = _Engine(["Hel", "lo"], stats=True, cached=16)
+    tool = _Engine(["[]\n\n", "never read"], stats=True, cached=0)
+    raw = RawEngines(chat, tool, lambda i: ([10, i], [20, i]), ["get_weather"], "chats_then_tools", None, None)
+    level = raw_level([await raw.turn(1), await raw.turn(2)])
+    own, stamp, turn = (level[k]["p50"] for k in ("tool_first_output_ms", "tool_first_token_ms", "tool_first_turn_ms"))
+    assert own is not None and stamp is not None and own <= turn and stamp <= turn + 0.01, level
+    assert -0.01 <= level["tool_core_to_front_ms"]["p50"] <= turn, level
 
 
 async def test_a_paired_level_runs_a_raw_round_before_each_yapd_round_with_the_same_turns(make_yapd):

@@ -194,23 +194,21 @@ class BenchReport:
         # first token) and the prompt tokens their prefix caches held. And how the turns'
         # first tokens shared engine steps: each put on one clock through its turn's start
         # (the ack's "now", with the daemon on this host).
+        # Also, per turn, each first token's way out: from its EngineCore's stamp to the
+        # turn holding it (the core's sending thread, the socket, the engine's output handler).
         said: dict[str, list[float]] = {}
         firsts: dict[str, list[float]] = {}
         for r in ok:
             now = r.ack.get("now") if r.ack else None
-            for role, st in ((r.done or {}).get("timings", {}).get("engines") or {}).items():
+            t = (r.done or {}).get("timings", {})
+            reached = {"chat": t.get("engine_ttft_ms"), "tool": t.get("tool_first_ms")}
+            for role, st in (t.get("engines") or {}).items():
                 for name, value in st.items():
                     said.setdefault(f"server_{role}_{name}", []).append(value)
                 if isinstance(now, (int, float)) and "first_token_ms" in st:
                     firsts.setdefault(role, []).append(now * 1000 + st["first_token_ms"])
-        # Per turn, each first token's way out: from its EngineCore's stamp to the turn
-        # holding it (the core's sending thread, the socket, the engine's output handler).
-        for r in ok:
-            t = (r.done or {}).get("timings", {})
-            for role, held_at in (("chat", t.get("engine_ttft_ms")), ("tool", t.get("tool_first_ms"))):
-                stamp = ((t.get("engines") or {}).get(role) or {}).get("first_token_ms")
-                if isinstance(held_at, (int, float)) and isinstance(stamp, (int, float)):
-                    said.setdefault(f"server_{role}_core_to_front_ms", []).append(held_at - stamp)
+                if isinstance(at := reached.get(role), (int, float)) and "first_token_ms" in st:
+                    said.setdefault(f"server_{role}_core_to_front_ms", []).append(at - st["first_token_ms"])
         engines: dict[str, Any] = {key: {"p50": pct(xs, 50), "p95": pct(xs, 95)} for key, xs in sorted(said.items())}
         engines.update({f"server_{role}_first_tokens_per_step": per_step(xs) for role, xs in sorted(firsts.items())})
         timed = [(r.sent_at, r.ttft_ms) for r in ok if r.sent_at is not None and r.ttft_ms is not None]

@@ -7,7 +7,7 @@ next step, in Python, until it blocks on the GPU. The sender, woken by the hand-
 needs the GIL to encode and send: it gets it when the main thread blocks, or when
 Python's switch interval (5 ms by default) makes the main thread give it up. So a first
 token can sit in its core for up to the main thread's Python time per step, at most the
-switch interval (yapd's ``engines.core_switch_interval_ms`` shortens it in forked cores).
+switch interval (yapd's ``engines.core_switch_interval_ms`` shortens it in its cores).
 
 This program plays both threads: a main thread that waits ``--gpu-ms`` with the GIL
 released (the GPU), hands a timestamp to a sender thread through ``queue.Queue``, then

@@ -773,7 +773,10 @@ def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
             "ttft_token_ms": q([r.first_token for r in rows if r.first_token is not None]),
             "itl_ms": q([g for r in rows for g in r.gaps], 99),
             "itl_token_ms": q([g for r in rows for g in r.token_gaps], 99),
-            "tool_first_token_ms": q([r.tool_first for r in rows if r.tool_first is not None]),
+            # on the tool request's own clock (tool_first_token_ms, where the engine keeps
+            # request stats, is its core's stamp on the turn's clock; before 2026-12-04 this
+            # figure had that name and the stamp overwrote it)
+            "tool_first_output_ms": q([r.tool_first for r in rows if r.tool_first is not None]),
             "tool_first_turn_ms": q([r.tool_first_turn for r in rows if r.tool_first_turn is not None]),
             "tool_ms": q([r.tool_done for r in rows]),
             # each first token's way from its EngineCore's stamp to this loop (as yapd's)
@@ -917,9 +920,10 @@ FAULT_HEAD = ("minor faults per turn: front end / chat EngineCore / tool EngineC
 
 def said_rows(figure: Callable[[str, str], Any]) -> list[tuple[str, str, str]]:
     """A level's rows of what each engine said of its requests (a row per role:
-    STAMP_HEAD), of the CPU time each process used (CPU_HEAD) and of its waits for a CPU
-    (RUNQ_HEAD), as (role or head, yapd's cell, raw's cell); a row only where either run
-    has its figures.
+    STAMP_HEAD), of each first token's way from its core's stamp to the front end
+    (WAY_OUT_HEAD), of the CPU time each process used (CPU_HEAD), of its waits for a CPU
+    (RUNQ_HEAD) and of its minor faults (FAULT_HEAD), as (role or head, yapd's cell, raw's
+    cell); a row only where either run has its figures.
     ``figure(section, name)``: that level's figure, None where missing."""
     def shown(v: Any) -> str:
         v = v.get("p50") if isinstance(v, dict) else v
@@ -1456,9 +1460,11 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{two('raw', lvl, 'itl_ms', 'p50', 'p99')} | {two('serve', lvl, 'itl_ms', 'p50', 'p99')} |")
         lines.append(f"| {c} | ITL per token p50 / p99 ms | - | {two('raw', lvl, 'itl_token_ms', 'p50', 'p99')} | - |")
         serve_tool = data.get("serve", {}).get(f"{lvl}_with_tool", {}).get("tool_ms")
+        own = "tool_first_output_ms" if "tool_first_output_ms" in data.get("raw", {}).get(lvl, {}) else \
+            "tool_first_token_ms"  # a file from before the rename (with request stats on: the core's stamp)
         lines.append(f"| {c} | tool decision p50 / p95 ms | {two('yapd', lvl, 'tool_ms', 'p50', 'p95')} | "
                      f"{two('raw', lvl, 'tool_ms', 'p50', 'p95')} (first token "
-                     f"{g('raw', lvl, 'tool_first_token_ms', 'p50')}) | "
+                     f"{g('raw', lvl, own, 'p50')}) | "
                      f"{two('serve', f'{lvl}_with_tool', 'tool_ms', 'p50', 'p95') if serve_tool else '-'} |")
         lines.append(f"| {c} | total p50 ms | {g('yapd', lvl, 'total_ms', 'p50')} | - | - |")
         lines.append(f"| {c} | in yapd: chat / tool engine first output p50 ms | "

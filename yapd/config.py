@@ -124,8 +124,9 @@ class EnginesConfig:
     # schedule and launch the next step in Python: the sender waits for the GIL until
     # that thread blocks on the GPU or the switch interval forces a hand-over. On H200s a
     # first token reached yapd 1.1-2.8 ms after its core stamped it at one session and
-    # 3.8-17.2 ms at 16 (docs/bench/README.md, "The cores' GIL"); what a shorter interval
-    # gains there is not measured yet.
+    # 3.8-17.2 ms at 16 (docs/bench/README.md, "The cores' GIL"); each hand-over waits at
+    # most the interval, so 0.5 ms can take at most ~4.5 ms off each. Not measured on the
+    # GPU yet.
     core_switch_interval_ms: float = 0.0
     # CUDA MPS (yapd/mps.py): "auto" runs a private MPS daemon while two vLLM engines
     # share one GPU (they then run at once instead of taking turns: lower TTFT under
@@ -528,9 +529,12 @@ def validate(cfg: Config) -> None:
         for key in ("tensor_parallel_size", "data_parallel_size", "max_num_seqs", "cpu_workers"):
             if getattr(e, key) < 1:
                 raise ConfigError(f"{src}: {role}.{key}: must be >= 1")
-    if cfg.engines.core_switch_interval_ms and not 0.01 <= cfg.engines.core_switch_interval_ms <= 100:
-        raise ConfigError(f"{src}: engines.core_switch_interval_ms: must be 0 (Python's own) or in [0.01, 100], got "
-                          f"{cfg.engines.core_switch_interval_ms}")
+    from yapd.vllm_plugin import MAX_INTERVAL_MS, MIN_INTERVAL_MS
+
+    interval = cfg.engines.core_switch_interval_ms
+    if interval and not MIN_INTERVAL_MS <= interval <= MAX_INTERVAL_MS:
+        raise ConfigError(f"{src}: engines.core_switch_interval_ms: must be 0 (Python's own) or in "
+                          f"[{MIN_INTERVAL_MS:g}, {MAX_INTERVAL_MS:g}], got {interval}")
     if cfg.engines.deploy == "both":
         total = cfg.gpu_fraction("chat") + cfg.gpu_fraction("tool")
         if total > 0.98:

@@ -49,13 +49,17 @@ _descriptors_out: set[int] = set()
 _forked: list[Callable[[], None]] = []
 
 
-@dataclass(frozen=True)
-class _ChildSettings:
+@dataclass
+class ChildSettings:
+    """What children forked inside a ``child_settings`` block start with, and how many
+    such children there were (counted in the parent: whether the settings reached any)."""
+
     env: dict[str, str]
     switch_interval_s: float | None
+    forks: int = 0
 
 
-_child_settings: dict[int, _ChildSettings] = {}  # by the forking thread's id
+_child_settings: dict[int, ChildSettings] = {}  # by the forking thread's id
 _installed = False
 
 
@@ -100,23 +104,27 @@ def on_fork(callback: Callable[[], None]) -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def child_settings(env: Mapping[str, str], switch_interval_s: float | None = None) -> Iterator[None]:
+def child_settings(env: Mapping[str, str], switch_interval_s: float | None = None) -> Iterator[ChildSettings]:
     """Children this thread forks inside the block start with ``env`` added to their
     environment and, when given, ``switch_interval_s`` as their GIL switch interval
     (``sys.setswitchinterval``). This process's own are left alone, and so are children
     of other threads (another engine starting beside this one) and processes started
-    with ``subprocess`` (it runs no at-fork hooks)."""
+    with ``subprocess`` (it runs no at-fork hooks). Yields the settings, whose ``forks``
+    counts the children that got them."""
+    if switch_interval_s is not None and not switch_interval_s > 0:
+        raise ValueError(f"a switch interval must be above 0 s, got {switch_interval_s}")
+    settings = ChildSettings(dict(env), switch_interval_s)
     if not env and not switch_interval_s:
-        yield
+        yield settings
         return
     _install()
     me = threading.get_ident()
     with _lock:
         if me in _child_settings:
             raise RuntimeError("child_settings blocks do not nest")
-        _child_settings[me] = _ChildSettings(dict(env), switch_interval_s or None)
+        _child_settings[me] = settings
     try:
-        yield
+        yield settings
     finally:
         with _lock:
             _child_settings.pop(me, None)
@@ -131,20 +139,25 @@ def _install() -> None:
 
 
 def _after_in_parent() -> None:
+    with _lock:
+        settings = _child_settings.get(threading.get_ident())
+        if settings is not None:
+            settings.forks += 1
     for callback in list(_forked):
         callback()
 
 
 def _after_in_child() -> None:
     # No lock here: another thread may have held it at the fork, and it stays held. The
-    # child's one thread is the one that forked, with the same id.
+    # child's one thread is the one that forked, with the same id. yapd's sockets go
+    # first: nothing after them may keep a child from dropping them.
+    reset_signals()
+    drop_protected()
     settings = _child_settings.get(threading.get_ident())
     if settings is not None:
         os.environ.update(settings.env)
         if settings.switch_interval_s:
             sys.setswitchinterval(settings.switch_interval_s)
-    reset_signals()
-    drop_protected()
 
 
 def reset_signals() -> None:

@@ -6,14 +6,15 @@ spawned one is a fresh interpreter; the one code of ours it runs is a vLLM gener
 loads in every process it starts, an EngineCore among them, before the core's threads
 start. yapd hands the settings over in the environment, which a spawned process inherits.
 
-The plugin does nothing in a process that is not a multiprocessing child (yapd itself,
-``vllm serve``, a script) or without the variable (any vLLM not started by yapd).
+The value names the process that set it, and the plugin acts only in that process's
+direct children, yapd's spawned EngineCores: in yapd itself, in the processes a core
+spawns in turn (tensor-parallel workers) and in a vLLM that yapd did not start (``vllm
+serve`` run where yapd's environment is, a script) it does nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import sys
 
@@ -23,28 +24,40 @@ GROUP = "vllm.general_plugins"
 SWITCH_INTERVAL_ENV = "YAPD_ENGINECORE_SWITCH_INTERVAL_MS"
 
 
+# engines.core_switch_interval_ms's range (config.py checks it; 0 there means "not set")
+MIN_INTERVAL_MS = 0.01
+MAX_INTERVAL_MS = 100.0
+
+
 def in_engine_core() -> None:
-    """The plugin: in a process vLLM started for yapd, the GIL switch interval yapd asked
-    for (engines.core_switch_interval_ms)."""
-    value = os.environ.get(SWITCH_INTERVAL_ENV)
-    if not value or multiprocessing.parent_process() is None:
+    """The plugin: in a process that yapd's vLLM start spawned, the GIL switch interval
+    yapd asked for (engines.core_switch_interval_ms)."""
+    ms, parent = _offered(os.environ.get(SWITCH_INTERVAL_ENV, ""))
+    if ms is None or parent != os.getppid():
         return
-    try:
-        ms = float(value)
-    except ValueError:
-        return
-    if 0 < ms <= 1000:
-        sys.setswitchinterval(ms / 1000)
-        # In the core's log, as vLLM's own lines: the core's own word that it got it.
-        logging.getLogger("vllm.yapd_core").info("GIL switch interval %g ms, as yapd asked", ms)
+    sys.setswitchinterval(ms / 1000)
+    # In the core's log, as vLLM's own lines: the core's own word that it got it.
+    logging.getLogger("vllm.yapd_core").info("GIL switch interval %g ms, as yapd asked", ms)
 
 
 def offer(switch_interval_ms: float) -> None:
-    """Hand the switch interval to the EngineCores vLLM spawns from now on (0: none)."""
+    """Hand the switch interval to the EngineCores that vLLM spawns from this process from
+    now on (0: none)."""
     if switch_interval_ms:
-        os.environ[SWITCH_INTERVAL_ENV] = f"{switch_interval_ms:g}"
+        os.environ[SWITCH_INTERVAL_ENV] = f"{switch_interval_ms:g}@{os.getpid()}"
     else:
         os.environ.pop(SWITCH_INTERVAL_ENV, None)
+
+
+def _offered(value: str) -> tuple[float | None, int | None]:
+    """(ms, the offering process's id) from the variable; (None, None) where it is not
+    one of ours: nothing in it may stop a vLLM start."""
+    ms, _, pid = value.partition("@")
+    try:
+        interval, parent = float(ms), int(pid)
+    except ValueError:
+        return None, None
+    return (interval, parent) if MIN_INTERVAL_MS <= interval <= MAX_INTERVAL_MS else (None, None)
 
 
 def loadable() -> str | None:

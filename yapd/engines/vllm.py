@@ -145,6 +145,7 @@ class VllmEngine(Engine):
         self._kwargs: dict[str, Any] | None = None
         self.child_env: dict[str, str] = {}  # what its EngineCore was started with on top
         self.core_switch_interval_ms: float | None = None  # its EngineCore's, where yapd set it
+        self._forked_with: forking.ChildSettings | None = None  # this start's, once vLLM's start ran
 
     def settings(self) -> dict[str, Any]:
         """The AsyncEngineArgs this engine starts with (resolved once per start)."""
@@ -202,6 +203,7 @@ class VllmEngine(Engine):
         starts from a fresh environment, which no at-fork hook reaches)."""
         self._state = "starting"
         self._kwargs = None  # config may have been reloaded since the last start
+        self.child_env, self.core_switch_interval_ms, self._forked_with = {}, None, None
         env = dict(child_env or {})
         tok: asyncio.Future[Any] | None = None
         t0 = time.perf_counter()
@@ -241,7 +243,9 @@ class VllmEngine(Engine):
                 self._llm = await built
                 log.log(logging.INFO if used == method else logging.WARNING,
                         "EngineCore started by %s role=%s pid=%s", used, self.role, self.engine_pid())
-                self._child_env_note(env, used)
+                interval = self.cfg.engines.core_switch_interval_ms
+                missing = (await asyncio.to_thread(vllm_plugin.loadable)) if interval and used != "fork" else None
+                self._child_env_note(env, used, missing)
                 if record:
                     await asyncio.to_thread(self._record_plan, before, since)
             self._tok = await tok
@@ -304,7 +308,7 @@ class VllmEngine(Engine):
         # Every process this thread forks while vLLM starts (the EngineCore; with data
         # parallelism, each of them) gets ``child_env`` and the cores' switch interval.
         e = self.cfg.engines
-        with forking.child_settings(child_env, e.core_switch_interval_ms / 1000), \
+        with forking.child_settings(child_env, e.core_switch_interval_ms / 1000 or None) as self._forked_with, \
                 gcpause.held_in_cores(e.hold_gc_in_core_start):
             return self._async_llm(kwargs)
 
@@ -324,28 +328,29 @@ class VllmEngine(Engine):
                                          enable_log_requests=args.enable_log_requests,
                                          disable_log_stats=args.disable_log_stats)
 
-    def _child_env_note(self, child_env: dict[str, str], used: str | None) -> None:
+    def _child_env_note(self, child_env: dict[str, str], used: str | None, plugin_missing: str | None) -> None:
         """Say whether the EngineCore got ``child_env`` and the cores' switch interval. A
-        forked one gets both from the at-fork hook; a spawned one (a fresh interpreter)
-        no ``child_env``, and the switch interval only through yapd's vLLM plugin, where
-        vLLM can load it."""
-        self.child_env = child_env if used == "fork" else {}
+        core forked from vLLM's start in our thread gets both from the at-fork hook; a
+        spawned one (a fresh interpreter) no ``child_env``, and the switch interval only
+        through yapd's vLLM plugin, where vLLM loads it (``plugin_missing``: why not)."""
+        hooked = used == "fork" and self._forked_with is not None and self._forked_with.forks > 0
         interval = self.cfg.engines.core_switch_interval_ms
-        missing = None if used == "fork" else vllm_plugin.loadable()
-        self.core_switch_interval_ms = interval if interval and missing is None else None
+        self.child_env = child_env if hooked else {}
+        got = hooked if used == "fork" else plugin_missing is None
+        self.core_switch_interval_ms = interval if interval and got else None
         if self.core_switch_interval_ms:
             log.info("EngineCore runs with a GIL switch interval of %g ms (%s) role=%s", interval,
                      "at its fork" if used == "fork" else f"vLLM plugin {vllm_plugin.NAME}", self.role)
         elif interval:
-            log.warning("EngineCore started by %s keeps Python's switch interval: %s role=%s", used, missing,
-                        self.role)
+            why = plugin_missing if used != "fork" else "no fork of vLLM's start went through yapd's hook"
+            log.warning("EngineCore started by %s keeps Python's switch interval: %s role=%s", used, why, self.role)
         if not child_env:
             return
         settings = " ".join(f"{k}={v}" for k, v in child_env.items())
-        if used == "fork":
+        if hooked:
             log.info("EngineCore started with %s role=%s", settings, self.role)
         else:
-            log.warning("EngineCore started by %s without %s (only a forked one gets it) role=%s",
+            log.warning("EngineCore started by %s without %s (only a core forked in yapd's hook gets it) role=%s",
                         used, settings, self.role)
 
     def _record_plan(self, before: tuple[int, int] | None, since: float) -> None:
