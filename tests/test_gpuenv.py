@@ -376,14 +376,18 @@ async def test_an_ab_start_restarts_a_real_yapds_engines_with_an_engine_key(make
     await restart_engines_with(d.config_path, text, [], d.admin_socket, log)  # back as it was
 
 
-@pytest.mark.parametrize("change,key", [('tool.start_method="spawn"', "start_method"),
-                                        ("engines.core_switch_interval_ms=0.5", "core_switch_interval_ms")])
-def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_path, cache_dir, change, key):
+@pytest.mark.parametrize("change,key,levels", [('tool.start_method="spawn"', "start_method", [1]),
+                                               ("engines.core_switch_interval_ms=0.5", "core_switch_interval_ms",
+                                                [1, 2])])
+def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_path, cache_dir, change, key, levels):
     """The whole yapd phase of an --ab-restarts run, on a real yapd whose engines are the
     CPU demo models under gpubench's model names (--set backend "cpu"): each config
-    measured on engines restarted for it, the turns of each pooled, every start kept in
-    order, the config as it was once the last (B) measurement is done."""
+    measured on engines restarted for it, each start measuring every level, the turns of
+    each config pooled per level, every start kept in order, the config as it was once the
+    last (B) measurement is done."""
     import shutil
+
+    from yapctl.gpubench import turns_for
 
     models = tmp_path / "models"
     for name, role in (("nemo-12b", "chat"), ("hammer-3b", "tool")):
@@ -392,17 +396,21 @@ def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_p
            for key, value in (("backend", '"cpu"'), ("load_format", '"auto"'), ("quantization", '"none"'))]
     out, work = tmp_path / "out", tmp_path / "work"
     assert main([str(models), "--out", str(out), "--work", str(work), "--name", "t", "--phases", "yapd",
-                 "--levels", "1", "--rounds", "1", "--skip-restart", *cpu,
+                 "--levels", ",".join(map(str, levels)), "--rounds", "1", "--skip-restart", *cpu,
                  "--ab", change, "--ab-restarts", "1"]) == 0
     data = json.loads((out / "t.json").read_text())
     assert "error" not in data["yapd"], data["yapd"]
-    starts = data["yapd_ab_starts"]["c1"]
-    assert [st["arm"] for st in starts] == ["a", "b"]
-    assert all(st["restart_s"] >= 0 and any("engine started role=tool" in x for x in st["restart_lines"])
-               for st in starts), starts
-    assert all(st["ttft_ms"]["p50"] is not None for st in starts), starts
-    for section in ("yapd", "yapd_b"):
-        assert data[section]["c1"]["turns"] == 3 and data[section]["c1"]["starts"] == 1, data[section]["c1"]
+    for c in levels:
+        starts = data["yapd_ab_starts"][f"c{c}"]
+        assert [st["arm"] for st in starts] == ["a", "b"]
+        assert all(st["restart_s"] >= 0 and any("engine started role=tool" in x for x in st["restart_lines"])
+                   for st in starts), starts
+        assert all(st["ttft_ms"]["p50"] is not None for st in starts), starts
+        # one restart per measurement, measuring every level
+        assert [st["restart_s"] for st in starts] == [st["restart_s"] for st in data["yapd_ab_starts"]["c1"]]
+        for section in ("yapd", "yapd_b"):
+            pooled = data[section][f"c{c}"]
+            assert pooled["turns"] == turns_for(c, 1) and pooled["starts"] == 1, pooled
     assert key not in (work / "yapd.toml").read_text()  # back to A after B
     assert data["yapd"]["cancel"]["cancel_to_done_ms"]["p50"] is not None
     assert "| 1 | 2 B |" in (out / "t.md").read_text()

@@ -435,26 +435,29 @@ async def phase_yapd(res: Results, s: Setup) -> None:
     async def level(c: int) -> dict[str, Any]:
         return (await measured(c))[0]
 
-    async def restarted_levels(c: int) -> None:
-        """``c`` measured ab_restarts times per config on engines restarted for each
-        measurement, A B B A ...: yapd / yapd_b get each config's turns pooled, and
-        ab_starts each start's own figures."""
-        pooled: dict[str, list[TurnResult]] = {"a": [], "b": []}
-        walls = {"a": 0.0, "b": 0.0}
-        starts = []
+    async def restarted_levels(levels: Sequence[int]) -> None:
+        """Every level measured ab_restarts times per config, A B B A ..., each start of
+        both engines (restarted for it) measuring every level: yapd / yapd_b get each
+        config's turns pooled per level, and ab_starts each start's own figures."""
+        pooled: dict[int, dict[str, list[TurnResult]]] = {c: {"a": [], "b": []} for c in levels}
+        walls = {c: {"a": 0.0, "b": 0.0} for c in levels}
+        starts: dict[int, list[dict[str, Any]]] = {c: [] for c in levels}
+        arm = "a"
         for arm in ab_arms(s.ab_restarts):
             restart_s, lines = await restart_engines_with(cfg, s.config_text(), s.ab if arm == "b" else (),
                                                           admin_socket, log)
-            summary, rep = await measured(c)
-            pooled[arm] += rep.results
-            walls[arm] += rep.wall_s
-            starts.append({"arm": arm, "restart_s": restart_s, "restart_lines": lines,
-                           **{k: summary.get(k) for k in AB_START_FIGURES}})
-            res.put("yapd_ab_starts", f"c{c}", starts)  # each start lands as it is measured
-        for arm, section in (("a", "yapd"), ("b", "yapd_b")):
-            res.put(section, f"c{c}", {**BenchReport(pooled[arm], walls[arm], c).summary(),
-                                       "starts": s.ab_restarts})
-        if starts[-1]["arm"] == "b":  # what follows (the cancel, the next level) runs as configured
+            for c in levels:
+                summary, rep = await measured(c)
+                pooled[c][arm] += rep.results
+                walls[c][arm] += rep.wall_s
+                starts[c].append({"arm": arm, "restart_s": restart_s, "restart_lines": lines,
+                                  **{k: summary.get(k) for k in AB_START_FIGURES}})
+                res.put("yapd_ab_starts", f"c{c}", starts[c])  # each start lands as it is measured
+        for c in levels:
+            for side, section in (("a", "yapd"), ("b", "yapd_b")):
+                res.put(section, f"c{c}", {**BenchReport(pooled[c][side], walls[c][side], c).summary(),
+                                           "starts": s.ab_restarts})
+        if arm == "b":  # what follows (the cancel) runs as configured
             await restart_engines_with(cfg, s.config_text(), (), admin_socket, log)
 
     async def loop_state(window_s: float | None = None) -> dict[str, Any]:
@@ -467,21 +470,21 @@ async def phase_yapd(res: Results, s: Setup) -> None:
         return {"loop_lag_ms": st.get("loop_lag_ms"), "gc_pauses": st.get("gc_pauses")}
 
     try:
-        for c in s.levels:
-            if s.ab and s.ab_interleave:
-                a, b, wall = await interleaved(url, admin_socket, cfg, s.config_text(), s.ab, c, s.rounds)
-                state = await loop_state()
-                res.put("yapd", f"c{c}", {**BenchReport(a, wall / 2, c).summary(), **state})
-                res.put("yapd_b", f"c{c}", {**BenchReport(b, wall / 2, c).summary(), **state})
-                continue
-            if s.ab and s.ab_restarts:
-                await restarted_levels(c)
-                continue
-            res.put("yapd", f"c{c}", await level(c))
-            if s.ab:  # the same level again with the changes, then back
-                await reload_with(cfg, s.config_text(), s.ab, admin_socket)
-                res.put("yapd_b", f"c{c}", await level(c))
-                await reload_with(cfg, s.config_text(), (), admin_socket)
+        if s.ab and s.ab_restarts:  # engine restarts cost tens of seconds each: one a measurement
+            await restarted_levels(s.levels)
+        else:
+            for c in s.levels:
+                if s.ab and s.ab_interleave:
+                    a, b, wall = await interleaved(url, admin_socket, cfg, s.config_text(), s.ab, c, s.rounds)
+                    state = await loop_state()
+                    res.put("yapd", f"c{c}", {**BenchReport(a, wall / 2, c).summary(), **state})
+                    res.put("yapd_b", f"c{c}", {**BenchReport(b, wall / 2, c).summary(), **state})
+                    continue
+                res.put("yapd", f"c{c}", await level(c))
+                if s.ab:  # the same level again with the changes, then back
+                    await reload_with(cfg, s.config_text(), s.ab, admin_socket)
+                    res.put("yapd_b", f"c{c}", await level(c))
+                    await reload_with(cfg, s.config_text(), (), admin_socket)
         if s.profile_level:
             async def profile() -> dict[str, Any]:
                 async with AdminClient(admin_socket, timeout=PROFILE_S + 30) as admin:
@@ -1631,8 +1634,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --ab: the two configs take turns round by round on the same sessions (each level "
                         "as many rounds of each as a level has), so that drift hits both alike")
     p.add_argument("--ab-restarts", type=int, default=0, metavar="N",
-                   help="with --ab: measure each level N times per config (A B B A ...), each time on both "
-                        "engines restarted for it; --ab may then change engine keys (e.g. "
+                   help="with --ab: measure every level N times per config (A B B A ...), each time on both "
+                        "engines restarted for it (one restart measures every level); --ab may then change engine "
+                        "keys (e.g. "
                         "'tool.start_method=\"spawn\"'); yapd and yapd_b pool each config's turns, "
                         "yapd_ab_starts keeps every start's figures")
     p.add_argument("--order-probe", action="store_true",
