@@ -414,7 +414,8 @@ async def test_the_cores_switch_interval_reaches_forked_and_spawned_cores_the_en
         monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     else:
         monkeypatch.setenv("VLLM_PLUGINS", plugins)
-    starts = StandInStarts(monkeypatch, tmp_path, method="fork", tool_method="spawn", core_switch_interval_ms=0.5)
+    starts = StandInStarts(monkeypatch, tmp_path, method="fork", tool_method="spawn", core_switch_interval_ms=0.5,
+                           core_steady_heap=True)
     try:
         chat, tool = starts.engines("chat", "tool")
         env = {"YAP_TEST_CHILD_ENV": "1"}
@@ -430,8 +431,14 @@ async def test_the_cores_switch_interval_reaches_forked_and_spawned_cores_the_en
     assert chat_extra["core_switch_interval_ms"] == 0.5 and chat_extra["child_env"] == env
     assert tool_extra.get("core_switch_interval_ms") == (0.5 if plugins is None else None)
     assert "child_env" not in tool_extra
+    # engines.core_steady_heap: for the forked core (glibc), not the spawned one
+    assert chat_extra.get("core_steady_heap") is (True if forking.steady_heap_supported() else None)
+    assert "core_steady_heap" not in tool_extra
     said = {r.getMessage() for r in caplog.records}
     assert "EngineCore runs with a GIL switch interval of 0.5 ms (at its fork) role=chat" in said
+    assert "EngineCore started by spawn: engines.core_steady_heap is for forked cores role=tool" in said
+    if forking.steady_heap_supported():
+        assert "EngineCore keeps a steady heap (glibc mmap threshold 32 MB, top pad 8 MB) role=chat" in said
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     if plugins is None:
         assert "EngineCore runs with a GIL switch interval of 0.5 ms (vLLM plugin yapd_core) role=tool" in said
@@ -448,7 +455,8 @@ async def test_a_core_forked_outside_yapds_hook_is_not_said_to_have_its_settings
     it in: the hook's settings do not reach that core, and the engine does not claim they
     did (health, the log's warnings)."""
     monkeypatch.delenv("YAP_TEST_CHILD_ENV", raising=False)
-    starts = StandInStarts(monkeypatch, tmp_path, fork_elsewhere=True, core_switch_interval_ms=0.5)
+    starts = StandInStarts(monkeypatch, tmp_path, fork_elsewhere=True, core_switch_interval_ms=0.5,
+                           core_steady_heap=True)
     try:
         (chat,) = starts.engines("chat")
         with caplog.at_level(logging.INFO, logger="yapd.engine.vllm"):
@@ -457,8 +465,11 @@ async def test_a_core_forked_outside_yapds_hook_is_not_said_to_have_its_settings
         starts.end()
     assert starts.core_settings == {"chat": (None, 0.005)}
     extra = chat.health().extra  # type: ignore[attr-defined]
-    assert "core_switch_interval_ms" not in extra and "child_env" not in extra
+    assert not {"core_switch_interval_ms", "child_env", "core_steady_heap"} & set(extra)
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if forking.steady_heap_supported():
+        assert ("EngineCore started by fork keeps malloc's defaults: no fork of vLLM's start went through yapd's "
+                "hook role=chat") in warned, warned
     assert ("EngineCore started by fork keeps Python's switch interval: no fork of vLLM's start went through "
             "yapd's hook role=chat") in warned, warned
     assert any("without YAP_TEST_CHILD_ENV=1" in m for m in warned), warned
@@ -680,3 +691,65 @@ def test_the_device_registers_the_plugin_of_an_uninstalled_tree(tmp_path: Path):
     assert dist.metadata["Name"] == "yap"
     assert [(ep.group, ep.name, ep.value) for ep in dist.entry_points] == [
         ("vllm.general_plugins", "yapd_core", "yapd.vllm_plugin:in_engine_core")]
+
+
+# A worker thread that built up its malloc arena and left it full of holes (as vLLM's
+# set-up does, in yapd's worker threads), then forked a child (as vLLM's start forks an
+# EngineCore) that allocates and frees buffers of 0.1-1 MB a step.
+_HEAP_CHURN = """
+import resource, sys, threading
+import numpy as np
+from yapd import forking
+
+def step():
+    buffers = [np.ones(n // 8) for n in (100_000, 300_000, 1_000_000)]
+    del buffers
+
+def child(report):
+    for _ in range(20):
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(100):
+        step()
+    report.send((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 100)
+
+import multiprocessing as mp
+fork = mp.get_context("fork")
+out = []
+
+def start():
+    # this thread's own arena, built up and left full of holes before it forks
+    junk = [bytearray(50_000) for _ in range(4000)] + [np.zeros(100_000) for _ in range(50)]
+    del junk[::3]
+    recv, send = fork.Pipe(duplex=False)
+    with forking.child_settings({}, None, steady_heap=sys.argv[1] == "steady") as settings:
+        p = fork.Process(target=child, args=(send,)); p.start()
+    send.close(); out.append((recv.recv(), settings.forks, settings.steady_heap)); p.join()
+
+t = threading.Thread(target=start); t.start(); t.join()
+print(*out[0])
+"""
+
+
+@pytest.mark.skipif(not forking.steady_heap_supported(), reason="glibc's mallopt only")
+def test_a_steady_heap_keeps_a_child_forked_from_a_worker_thread_from_faulting_every_step():
+    """What engines.core_steady_heap mends: the child's malloc arena (its forking
+    thread's) maps a fresh heap for the largest buffer every step, and faults on each of
+    its pages (~245 a step on glibc 2.36). Kept steady, the child reuses its heap. Run in a
+    process of its own: the arenas of this one (its threads come and go) are not the
+    scenario's."""
+    import platform
+
+    def faults(mode: str) -> tuple[float, int, bool]:
+        out = subprocess.run([sys.executable, "-c", _HEAP_CHURN, mode], capture_output=True, text=True, check=True,
+                             timeout=120, cwd=Path(__file__).resolve().parent.parent)
+        per_step, forks, steady = out.stdout.split()
+        return float(per_step), int(forks), steady == "True"
+
+    kept, forks, steady = faults("steady")
+    assert kept < 10 and forks == 1 and steady, kept
+    churning, forks, steady = faults("default")
+    assert forks == 0 and not steady  # nothing to hand the child: no settings, no count
+    libc, version = platform.libc_ver()
+    if libc == "glibc" and version.startswith("2.3"):  # where it was seen (this machine's 2.36)
+        assert churning >= 100, churning  # a page fault for most of the MB, every step

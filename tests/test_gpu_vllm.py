@@ -56,6 +56,8 @@ start_method = "fork"
 # Not the default (0 sets nothing): each core's GIL switch interval, a forked core's by the
 # at-fork hook, a spawned one's by yapd's vLLM plugin (checked below).
 core_switch_interval_ms = 0.5
+# Not the default either: a forked core's malloc keeps its heap (glibc), checked below.
+core_steady_heap = true
 [chat]
 model = "{MODEL}"
 backend = "vllm"
@@ -345,6 +347,7 @@ async def test_gpu_engine_cores_are_forked_and_hold_no_yapd_socket(gpu_yapd):
     assert "EngineCore started by fork role=chat" in log and "EngineCore started by fork role=tool" in log
     for role in ("chat", "tool"):
         assert f"EngineCore runs with a GIL switch interval of 0.5 ms (at its fork) role={role}" in log
+        assert f"EngineCore keeps a steady heap (glibc mmap threshold 32 MB, top pad 8 MB) role={role}" in log
     async with ws_connect(gpu_yapd.url()) as ws:
         replies = await asyncio.to_thread(gpu_yapd.admin, timeout=600, cmd="restart", target="tool")
         assert replies[-1]["ok"] is True, replies
@@ -436,6 +439,7 @@ async def test_gpu_a_spawned_tool_core_beside_a_forked_chat_core(gpu_yapd):
         assert "EngineCore runs with a GIL switch interval of 0.5 ms (at its fork) role=chat" in log
         assert "EngineCore runs with a GIL switch interval of 0.5 ms (vLLM plugin yapd_core) role=tool" in log
         assert "GIL switch interval 0.5 ms, as yapd asked" in log, log[-4000:]
+        assert "EngineCore started by spawn: engines.core_steady_heap is for forked cores role=tool" in log
         async with ws_connect(gpu_yapd.url()) as ws:
             for i in range(3):
                 msgs = await run_turn(ws, user_utterance=f"who was Columbus? {i}", history_text="User: hi\n" * 50)

@@ -128,6 +128,14 @@ class EnginesConfig:
     # most the interval, so 0.5 ms can take at most ~4.5 ms off each. Not measured on the
     # GPU yet.
     core_switch_interval_ms: float = 0.0
+    # A forked EngineCore's malloc set to keep its heap (glibc: mmap threshold 32 MB, top
+    # pad 8 MB; yapd/forking.py _steady_heap). yapd forks its cores from worker threads,
+    # whose malloc arena maps and unmaps a 64 MB heap for a buffer of a MB or so allocated
+    # and freed each step, a page fault per page each time: yapd's forked tool core took
+    # ~230 minor faults a turn on H200s, spawned cores and raw's forked from its main
+    # thread 1-13 (runs w-aa); reproduced here, none with it on (docs/bench/README.md,
+    # "A forked core's heap"). Not measured on the GPU yet.
+    core_steady_heap: bool = False
     # CUDA MPS (yapd/mps.py): "auto" runs a private MPS daemon while two vLLM engines
     # share one GPU (they then run at once instead of taking turns: lower TTFT under
     # load, a slower decode step); "on" also for one engine or several GPUs, and a start

@@ -1,5 +1,5 @@
 """Children forked from yapd do not keep yapd's sockets (and can be given environment
-settings and a GIL switch interval of their own: ``child_settings``).
+settings, a GIL switch interval and a steadier malloc heap of their own: ``child_settings``).
 
 vLLM starts each engine's EngineCore in a child process. Forked, that child is ready
 about 13 s sooner than spawned (it does not import torch and vLLM again:
@@ -24,6 +24,7 @@ reset_signals).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -56,7 +57,47 @@ class ChildSettings:
 
     env: dict[str, str]
     switch_interval_s: float | None
+    steady_heap: bool = False
     forks: int = 0
+
+
+# glibc's mallopt parameters (malloc.h) and what a steady heap sets them to.
+M_TOP_PAD, M_MMAP_THRESHOLD = -2, -3
+STEADY_MMAP_THRESHOLD = 32 << 20  # glibc's own largest dynamic threshold
+STEADY_TOP_PAD = 8 << 20
+
+
+def steady_heap_supported() -> bool:
+    """Whether this process's C library has glibc's ``mallopt``."""
+    return _mallopt() is not None
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    global _mallopt_fn
+    if _mallopt_fn is None:
+        try:
+            _mallopt_fn = ctypes.CDLL(None).mallopt
+        except (AttributeError, OSError):
+            _mallopt_fn = False
+    return _mallopt_fn or None
+
+
+_mallopt_fn: Any = None  # resolved in the parent, once: not in a freshly forked child
+
+
+def _steady_heap() -> None:
+    """In a child forked from a thread other than the main one: that thread's malloc
+    arena is one of glibc's thread arenas, made of 64 MB heaps that glibc maps when an
+    allocation does not fit and unmaps once the newest one is empty again. A child that
+    allocates and frees a buffer of a MB or so every step then maps a fresh heap every
+    step, and takes a page fault for each page of it (this project's CPU machine, glibc
+    2.36: ~245 a step for 1 MB, none forked from the main thread or spawned; yapd's forked
+    tool EngineCore on the H200: ~230 a turn, docs/bench/README.md). A top pad keeps the
+    newest heap, a fixed mmap threshold keeps such buffers in the heaps."""
+    mallopt = _mallopt()
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
+        mallopt(M_TOP_PAD, STEADY_TOP_PAD)
 
 
 _child_settings: dict[int, ChildSettings] = {}  # by the forking thread's id
@@ -104,17 +145,19 @@ def on_fork(callback: Callable[[], None]) -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def child_settings(env: Mapping[str, str], switch_interval_s: float | None = None) -> Iterator[ChildSettings]:
+def child_settings(env: Mapping[str, str], switch_interval_s: float | None = None,
+                   steady_heap: bool = False) -> Iterator[ChildSettings]:
     """Children this thread forks inside the block start with ``env`` added to their
-    environment and, when given, ``switch_interval_s`` as their GIL switch interval
-    (``sys.setswitchinterval``). This process's own are left alone, and so are children
-    of other threads (another engine starting beside this one) and processes started
-    with ``subprocess`` (it runs no at-fork hooks). Yields the settings, whose ``forks``
-    counts the children that got them."""
+    environment, when given ``switch_interval_s`` as their GIL switch interval
+    (``sys.setswitchinterval``), and with ``steady_heap`` glibc's malloc set to keep its
+    heap (see _steady_heap; nothing where the C library is not glibc). This process's
+    own are left alone, and so are children of other threads (another engine starting
+    beside this one) and processes started with ``subprocess`` (it runs no at-fork
+    hooks). Yields the settings, whose ``forks`` counts the children that got them."""
     if switch_interval_s is not None and not switch_interval_s > 0:
         raise ValueError(f"a switch interval must be above 0 s, got {switch_interval_s}")
-    settings = ChildSettings(dict(env), switch_interval_s)
-    if not env and not switch_interval_s:
+    settings = ChildSettings(dict(env), switch_interval_s, steady_heap and steady_heap_supported())
+    if not env and not switch_interval_s and not settings.steady_heap:
         yield settings
         return
     _install()
@@ -158,6 +201,8 @@ def _after_in_child() -> None:
         os.environ.update(settings.env)
         if settings.switch_interval_s:
             sys.setswitchinterval(settings.switch_interval_s)
+        if settings.steady_heap:
+            _steady_heap()
 
 
 def reset_signals() -> None:

@@ -145,6 +145,7 @@ class VllmEngine(Engine):
         self._kwargs: dict[str, Any] | None = None
         self.child_env: dict[str, str] = {}  # what its EngineCore was started with on top
         self.core_switch_interval_ms: float | None = None  # its EngineCore's, where yapd set it
+        self.core_steady_heap = False  # its EngineCore's malloc set to keep its heap
         self._forked_with: forking.ChildSettings | None = None  # this start's, once vLLM's start ran
 
     def settings(self) -> dict[str, Any]:
@@ -194,6 +195,8 @@ class VllmEngine(Engine):
             extra["child_env"] = self.child_env
         if self.core_switch_interval_ms:
             extra["core_switch_interval_ms"] = self.core_switch_interval_ms
+        if self.core_steady_heap:
+            extra["core_steady_heap"] = True
         return EngineHealth(self._state == "ready", self._state, self._detail, extra)
 
     async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
@@ -204,6 +207,7 @@ class VllmEngine(Engine):
         self._state = "starting"
         self._kwargs = None  # config may have been reloaded since the last start
         self.child_env, self.core_switch_interval_ms, self._forked_with = {}, None, None
+        self.core_steady_heap = False
         env = dict(child_env or {})
         tok: asyncio.Future[Any] | None = None
         t0 = time.perf_counter()
@@ -308,7 +312,8 @@ class VllmEngine(Engine):
         # Every process this thread forks while vLLM starts (the EngineCore; with data
         # parallelism, each of them) gets ``child_env`` and the cores' switch interval.
         e = self.cfg.engines
-        with forking.child_settings(child_env, e.core_switch_interval_ms / 1000 or None) as self._forked_with, \
+        with forking.child_settings(child_env, e.core_switch_interval_ms / 1000 or None,
+                                    e.core_steady_heap) as self._forked_with, \
                 gcpause.held_in_cores(e.hold_gc_in_core_start):
             return self._async_llm(kwargs)
 
@@ -344,6 +349,7 @@ class VllmEngine(Engine):
         elif interval:
             why = plugin_missing if used != "fork" else "no fork of vLLM's start went through yapd's hook"
             log.warning("EngineCore started by %s keeps Python's switch interval: %s role=%s", used, why, self.role)
+        self._steady_heap_note(used, hooked)
         if not child_env:
             return
         settings = " ".join(f"{k}={v}" for k, v in child_env.items())
@@ -352,6 +358,22 @@ class VllmEngine(Engine):
         else:
             log.warning("EngineCore started by %s without %s (only a core forked in yapd's hook gets it) role=%s",
                         used, settings, self.role)
+
+    def _steady_heap_note(self, used: str | None, hooked: bool) -> None:
+        """engines.core_steady_heap: a forked core's only (a spawned one's main thread has
+        glibc's main arena, whose heap does not come and go), and glibc's only."""
+        if not self.cfg.engines.core_steady_heap:
+            return
+        self.core_steady_heap = hooked and self._forked_with is not None and self._forked_with.steady_heap
+        if self.core_steady_heap:
+            log.info("EngineCore keeps a steady heap (glibc mmap threshold %d MB, top pad %d MB) role=%s",
+                     forking.STEADY_MMAP_THRESHOLD >> 20, forking.STEADY_TOP_PAD >> 20, self.role)
+        elif used == "fork":
+            why = "this C library has no glibc mallopt" if not forking.steady_heap_supported() else \
+                "no fork of vLLM's start went through yapd's hook"
+            log.warning("EngineCore started by fork keeps malloc's defaults: %s role=%s", why, self.role)
+        else:
+            log.info("EngineCore started by %s: engines.core_steady_heap is for forked cores role=%s", used, self.role)
 
     def _record_plan(self, before: tuple[int, int] | None, since: float) -> None:
         """After a start with nothing else loading: file vLLM's profiled KV size with
