@@ -452,11 +452,12 @@ async def phase_yapd(res: Results, s: Setup) -> None:
                 walls[c][arm] += rep.wall_s
                 starts[c].append({"arm": arm, "restart_s": restart_s, "restart_lines": lines,
                                   **{k: summary.get(k) for k in AB_START_FIGURES}})
-                res.put("yapd_ab_starts", f"c{c}", starts[c])  # each start lands as it is measured
-        for c in levels:
-            for side, section in (("a", "yapd"), ("b", "yapd_b")):
-                res.put(section, f"c{c}", {**BenchReport(pooled[c][side], walls[c][side], c).summary(),
-                                           "starts": s.ab_restarts})
+                # each start and each config's pool so far land as they are measured: a call
+                # cut at its time limit keeps them
+                res.put("yapd_ab_starts", f"c{c}", starts[c])
+                res.put("yapd" if arm == "a" else "yapd_b", f"c{c}", {
+                    **BenchReport(pooled[c][arm], walls[c][arm], c).summary(),
+                    "starts": sum(st["arm"] == arm for st in starts[c])})
         if arm == "b":  # what follows (the cancel) runs as configured
             await restart_engines_with(cfg, s.config_text(), (), admin_socket, log)
 
@@ -509,7 +510,7 @@ async def phase_yapd(res: Results, s: Setup) -> None:
 # config spread, beside the pooled figures.
 AB_START_FIGURES = ("ttft_ms", "tool_ms", "itl_ms", "server_chat_queued_ms", "server_chat_first_token_ms",
                     "server_chat_core_to_front_ms", "server_tool_queued_ms", "server_tool_first_token_ms",
-                    "server_tool_core_to_front_ms", "cpu_ms_per_turn")
+                    "server_tool_core_to_front_ms", "cpu_ms_per_turn", "proc_per_turn")
 
 
 def ab_starts_table(starts: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -523,14 +524,17 @@ def ab_starts_table(starts: dict[str, list[dict[str, Any]]]) -> list[str]:
 
     lines = ["Each start (A: as configured, B: with the change), p50 ms:", "",
              "| sessions | start | engine restart s | TTFT | tool decision | chat engine queued -> first token "
-             "(its way out to yapd) | tool engine queued -> first token (its way out) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "(its way out to yapd) | tool engine queued -> first token (its way out) | minor faults a turn: "
+             "chat / tool core |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for lvl in sorted(starts, key=lambda k: int(k[1:]) if k[1:].isdigit() else 0):
         for i, st in enumerate(starts[lvl], 1):
             engines = " | ".join(f"{p50(st, f'server_{role}_queued_ms')} -> {p50(st, f'server_{role}_first_token_ms')}"
                                  f" ({p50(st, f'server_{role}_core_to_front_ms')})" for role in ("chat", "tool"))
+            procs = st.get("proc_per_turn") or {}
+            faults = " / ".join(f"{procs[role]['minflt']:g}" if "minflt" in procs.get(role, {}) else "-"
+                                for role in ("chat", "tool"))
             lines.append(f"| {lvl[1:]} | {i} {st['arm'].upper()} | {st['restart_s']} | {p50(st, 'ttft_ms')} | "
-                         f"{p50(st, 'tool_ms')} | {engines} |")
+                         f"{p50(st, 'tool_ms')} | {engines} | {faults} |")
     return [*lines, ""]
 
 
@@ -597,6 +601,8 @@ async def reload_with(path: Path, text: str, overrides: Sequence[str], admin_soc
 STARTUP_LINES = re.compile(r"(took|takes|finished in|Compiling a graph|Directly load|cache)"
                            r".*?[0-9.]+ ?(s|secs|seconds)\b|engine started role=|ready port=|engines load |"
                            r"Overriding VLLM_WORKER|EngineCore started by|EngineCore (forked|spawned)|yapd\.mps:|"
+                           # what each core got of yapd's settings for it (engines.core_*)
+                           r"GIL switch interval|steady heap|keeps malloc's defaults|"
                            # whether torch.compile's AOT artifact was saved and loaded (else Dynamo reruns)
                            r"AOT compil|Compiling model again|Dynamo bytecode transform")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import signal
 import socket
 import stat
@@ -75,11 +76,27 @@ def steady_heap_supported() -> bool:
 def _mallopt() -> Callable[[int, int], int] | None:
     global _mallopt_fn
     if _mallopt_fn is None:
-        try:
-            _mallopt_fn = ctypes.CDLL(None).mallopt
-        except (AttributeError, OSError):
-            _mallopt_fn = False
+        _mallopt_fn = _glibc_mallopt() or False
     return _mallopt_fn or None
+
+
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's mallopt, where glibc's malloc is the one this process uses: not where
+    LD_PRELOAD put another allocator (tcmalloc, jemalloc) in front of it."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        here, libc = ctypes.CDLL(None), ctypes.CDLL("libc.so.6")
+        if any(_address(getattr(here, name)) != _address(getattr(libc, name)) for name in ("malloc", "mallopt")):
+            return None
+        fn: Callable[[int, int], int] = libc.mallopt
+        return fn
+    except (AttributeError, OSError):
+        return None
+
+
+def _address(fn: Any) -> int | None:
+    return ctypes.cast(fn, ctypes.c_void_p).value
 
 
 _mallopt_fn: Any = None  # resolved in the parent, once: not in a freshly forked child
@@ -93,7 +110,8 @@ def _steady_heap() -> None:
     step, and takes a page fault for each page of it (this project's CPU machine, glibc
     2.36: ~245 a step for 1 MB, none forked from the main thread or spawned; yapd's forked
     tool EngineCore on the H200: ~230 a turn, docs/bench/README.md). A top pad keeps the
-    newest heap, a fixed mmap threshold keeps such buffers in the heaps."""
+    newest heap, a fixed mmap threshold keeps such buffers in the heaps: buffers up to
+    about the pad (8 MB); larger ones still come and go."""
     mallopt = _mallopt()
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
