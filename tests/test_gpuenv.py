@@ -352,14 +352,16 @@ def test_each_ab_start_gets_a_row_in_the_order_they_ran():
     data = {"date": "2026-12-05", "machine": "H200", "setup": {"ab": ['tool.start_method="spawn"'], "ab_restarts": 1},
             "yapd": {"c1": figures(21.9, 17.9)}, "yapd_b": {"c1": figures(19.2, 13.3)},
             "yapd_ab_starts": {"c1": [{"arm": "a", "restart_s": 24.8, **figures(21.9, 17.9),
-                                       "proc_per_turn": {"chat": {"minflt": 17.0}, "tool": {"minflt": 233.4}}},
+                                       "proc_per_turn": {"chat": {"minflt": 17.0, "rss_mb": 5120.5},
+                                                         "tool": {"minflt": 233.4, "rss_mb": 2048.0}}},
                                       {"arm": "b", "restart_s": 31.0, **figures(19.2, 13.3),
                                        "proc_per_turn": {"tool": {"minflt": 1.2}}}]}}
     text = markdown(data)
-    assert "each level 1 times per config, A B B A ..., each on both engines restarted for it" in text
+    assert "every level 1 times per config, A B B A ..., each start of both engines (restarted for it)" in text
     rows = [line for line in text.splitlines() if line.startswith("| 1 | 1 A") or line.startswith("| 1 | 2 B")]
-    assert rows == ["| 1 | 1 A | 24.8 | 21.9 | 19.9 | 1.7 -> 16.5 (-) | 2.0 -> 17.9 (1.25) | 17 / 233.4 |",
-                    "| 1 | 2 B | 31.0 | 19.2 | 17.2 | 1.7 -> 16.5 (-) | 2.0 -> 13.3 (1.25) | - / 1.2 |"]
+    assert rows == [
+        "| 1 | 1 A | 24.8 | 21.9 | 19.9 | 1.7 -> 16.5 (-) | 2.0 -> 17.9 (1.25) | 17 / 233.4 | 5120.5 / 2048 |",
+        "| 1 | 2 B | 31.0 | 19.2 | 17.2 | 1.7 -> 16.5 (-) | 2.0 -> 13.3 (1.25) | - / 1.2 | - / - |"]
 
 
 async def test_an_ab_start_restarts_a_real_yapds_engines_with_an_engine_key(make_yapd, tmp_path):
@@ -978,6 +980,7 @@ def test_cpu_meter_counts_a_process_cpu_time_and_faults_per_turn():
     assert set(mine["threads_runq_ms"]) == set(mine["threads_ms"]), mine
     # Which thread took them, per turn (pages / 2 turns, less what was touched before)
     assert next(iter(mine["threads_minflt"])) == "toucher" and mine["threads_minflt"]["toucher"] >= pages / 2 / 2, mine
+    assert mine["rss_mb"] >= pages * 4096 / 2**20, mine  # the touched pages are resident (kept alive)
     host = figures["host_cpu"]
     assert host["cpus"] >= 1 and 0 < host["busy_pct"] <= 100 and 0 <= host["steal_pct"] <= 100, host
 

@@ -113,7 +113,7 @@ class CpuMeter:
         """Per process and turn: CPU ms, minor and major faults, voluntary and involuntary
         context switches, ms its threads were ready but waited for a CPU, moves of its
         threads between CPUs; the CPU ms and waits of its busiest threads (by name), and
-        the minor faults of the threads that take most."""
+        the minor faults of the threads that take most; and its resident MB at the end."""
         out = {}
         for name, pid in self.pids.items():
             was, now = self.before[name], counters(pid)
@@ -130,7 +130,9 @@ class CpuMeter:
                                              for t in busiest},
                          # which threads take the faults (a forked tool core: ~230 a turn)
                          "threads_minflt": {t: round(n / turns, 1) for t, n in
-                                            sorted(d.threads_minflt.items(), key=lambda kv: -kv[1])[:4] if n > 0}}
+                                            sorted(d.threads_minflt.items(), key=lambda kv: -kv[1])[:4] if n > 0},
+                         # resident memory at the level's end (what a malloc setting may cost)
+                         "rss_mb": round(d.rss_kb / 1024, 1)}
         return out
 
     def host(self) -> dict[str, Any]:
@@ -525,7 +527,8 @@ def ab_starts_table(starts: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = ["Each start (A: as configured, B: with the change), p50 ms:", "",
              "| sessions | start | engine restart s | TTFT | tool decision | chat engine queued -> first token "
              "(its way out to yapd) | tool engine queued -> first token (its way out) | minor faults a turn: "
-             "chat / tool core |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "chat / tool core | resident MB: chat / tool core |", "| --- | --- | --- | --- | --- | --- | --- | --- | "
+             "--- |"]
     for lvl in sorted(starts, key=lambda k: int(k[1:]) if k[1:].isdigit() else 0):
         for i, st in enumerate(starts[lvl], 1):
             engines = " | ".join(f"{p50(st, f'server_{role}_queued_ms')} -> {p50(st, f'server_{role}_first_token_ms')}"
@@ -533,8 +536,10 @@ def ab_starts_table(starts: dict[str, list[dict[str, Any]]]) -> list[str]:
             procs = st.get("proc_per_turn") or {}
             faults = " / ".join(f"{procs[role]['minflt']:g}" if "minflt" in procs.get(role, {}) else "-"
                                 for role in ("chat", "tool"))
+            rss = " / ".join(f"{procs[role]['rss_mb']:g}" if "rss_mb" in procs.get(role, {}) else "-"
+                             for role in ("chat", "tool"))
             lines.append(f"| {lvl[1:]} | {i} {st['arm'].upper()} | {st['restart_s']} | {p50(st, 'ttft_ms')} | "
-                         f"{p50(st, 'tool_ms')} | {engines} | {faults} |")
+                         f"{p50(st, 'tool_ms')} | {engines} | {faults} | {rss} |")
     return [*lines, ""]
 
 
@@ -1556,8 +1561,8 @@ def markdown(data: dict[str, Any]) -> str:
     if data.get("yapd_b"):
         ab = ", ".join(f"`{x}`" for x in data.get("setup", {}).get("ab", []))
         restarts = data.get("setup", {}).get("ab_restarts")
-        how = (f"each level {restarts} times per config, A B B A ..., each on both engines restarted for it "
-               "(the turns of one config pooled; each start below)" if restarts else
+        how = (f"every level {restarts} times per config, A B B A ..., each start of both engines (restarted for "
+               "it) measuring every level (the turns of one config pooled; each start below)" if restarts else
                "its rounds taking turns with the ones above, on the same sessions" if data.get("setup", {}).get(
                    "ab_interleave") else "each level run right after the one above, on the same process")
         lines += [f"## yapd with {ab}: {how}", "",

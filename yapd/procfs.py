@@ -95,13 +95,14 @@ class Counters:
     threads_runq: dict[str, float] = field(default_factory=dict)
     migrations: int = 0
     threads_minflt: dict[str, float] = field(default_factory=dict)
+    rss_kb: int = 0  # resident memory when read (not a count: ``since`` keeps the later one)
 
     def since(self, before: Counters) -> Counters:
         return Counters(self.cpu_s - before.cpu_s, self.minflt - before.minflt, self.majflt - before.majflt,
                         self.vcsw - before.vcsw, self.ivcsw - before.ivcsw,
                         _minus(self.threads, before.threads), self.runq_s - before.runq_s,
                         _minus(self.threads_runq, before.threads_runq), self.migrations - before.migrations,
-                        _minus(self.threads_minflt, before.threads_minflt))
+                        _minus(self.threads_minflt, before.threads_minflt), self.rss_kb)
 
 
 def _minus(now: dict[str, float], was: dict[str, float]) -> dict[str, float]:
@@ -134,9 +135,19 @@ def counters(pid: int) -> Counters | None:
             runq[name] = runq.get(name, 0.0) + int((task / "schedstat").read_text().split()[1]) / 1e9
     try:
         return Counters(_cpu_s(fields), int(fields[7]), int(fields[9]), vcsw, ivcsw, threads,
-                        sum(runq.values()), runq, migrations, minflt)
+                        sum(runq.values()), runq, migrations, minflt, _rss_kb(pid))
     except (IndexError, ValueError):
         return None
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _migrations(task: Path) -> int:
