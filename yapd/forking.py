@@ -68,8 +68,11 @@ STEADY_MMAP_THRESHOLD = 32 << 20  # glibc's own largest dynamic threshold
 STEADY_TOP_PAD = 8 << 20
 
 
+_mallopt_fn: Any = None  # resolved in the parent, once: not in a freshly forked child
+
+
 def steady_heap_supported() -> bool:
-    """Whether this process's C library has glibc's ``mallopt``."""
+    """Whether this process's malloc is glibc's (whose ``mallopt`` a steady heap sets)."""
     return _mallopt() is not None
 
 
@@ -97,9 +100,6 @@ def _glibc_mallopt() -> Callable[[int, int], int] | None:
 
 def _address(fn: Any) -> int | None:
     return ctypes.cast(fn, ctypes.c_void_p).value
-
-
-_mallopt_fn: Any = None  # resolved in the parent, once: not in a freshly forked child
 
 
 def _steady_heap() -> None:

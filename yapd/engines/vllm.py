@@ -310,7 +310,8 @@ class VllmEngine(Engine):
     def _build(self, kwargs: dict[str, Any], child_env: dict[str, str]) -> Any:
         """vLLM's start (``_async_llm``), with what yapd gives the EngineCore it forks."""
         # Every process this thread forks while vLLM starts (the EngineCore; with data
-        # parallelism, each of them) gets ``child_env`` and the cores' switch interval.
+        # parallelism, each of them) gets ``child_env``, the cores' switch interval and
+        # their steady heap.
         e = self.cfg.engines
         with forking.child_settings(child_env, e.core_switch_interval_ms / 1000 or None,
                                     e.core_steady_heap) as self._forked_with, \
@@ -369,7 +370,7 @@ class VllmEngine(Engine):
             log.info("EngineCore keeps a steady heap (glibc mmap threshold %d MB, top pad %d MB) role=%s",
                      forking.STEADY_MMAP_THRESHOLD >> 20, forking.STEADY_TOP_PAD >> 20, self.role)
         elif used == "fork":
-            why = "this C library has no glibc mallopt" if not forking.steady_heap_supported() else \
+            why = "this process's malloc is not glibc's" if not forking.steady_heap_supported() else \
                 "no fork of vLLM's start went through yapd's hook"
             log.warning("EngineCore started by fork keeps malloc's defaults: %s role=%s", why, self.role)
         else:
