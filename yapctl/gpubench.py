@@ -524,6 +524,10 @@ def ab_starts_table(starts: dict[str, list[dict[str, Any]]]) -> list[str]:
     def p50(start: dict[str, Any], key: str) -> Any:
         return (start.get(key) or {}).get("p50", "-")
 
+    def by_core(start: dict[str, Any], key: str) -> str:
+        procs = start.get("proc_per_turn") or {}
+        return " / ".join(f"{procs[role][key]:g}" if key in procs.get(role, {}) else "-" for role in ("chat", "tool"))
+
     lines = ["Each start (A: as configured, B: with the change), p50 ms:", "",
              "| sessions | start | engine restart s | TTFT | tool decision | chat engine queued -> first token "
              "(its way out to yapd) | tool engine queued -> first token (its way out) | minor faults a turn: "
@@ -533,13 +537,8 @@ def ab_starts_table(starts: dict[str, list[dict[str, Any]]]) -> list[str]:
         for i, st in enumerate(starts[lvl], 1):
             engines = " | ".join(f"{p50(st, f'server_{role}_queued_ms')} -> {p50(st, f'server_{role}_first_token_ms')}"
                                  f" ({p50(st, f'server_{role}_core_to_front_ms')})" for role in ("chat", "tool"))
-            procs = st.get("proc_per_turn") or {}
-            faults = " / ".join(f"{procs[role]['minflt']:g}" if "minflt" in procs.get(role, {}) else "-"
-                                for role in ("chat", "tool"))
-            rss = " / ".join(f"{procs[role]['rss_mb']:g}" if "rss_mb" in procs.get(role, {}) else "-"
-                             for role in ("chat", "tool"))
             lines.append(f"| {lvl[1:]} | {i} {st['arm'].upper()} | {st['restart_s']} | {p50(st, 'ttft_ms')} | "
-                         f"{p50(st, 'tool_ms')} | {engines} | {faults} | {rss} |")
+                         f"{p50(st, 'tool_ms')} | {engines} | {by_core(st, 'minflt')} | {by_core(st, 'rss_mb')} |")
     return [*lines, ""]
 
 
@@ -1647,8 +1646,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ab-restarts", type=int, default=0, metavar="N",
                    help="with --ab: measure every level N times per config (A B B A ...), each time on both "
                         "engines restarted for it (one restart measures every level); --ab may then change engine "
-                        "keys (e.g. "
-                        "'tool.start_method=\"spawn\"'); yapd and yapd_b pool each config's turns, "
+                        "keys (e.g. 'tool.start_method=\"spawn\"'); yapd and yapd_b pool each config's turns, "
                         "yapd_ab_starts keeps every start's figures")
     p.add_argument("--order-probe", action="store_true",
                    help="the raw phase also times one session's two requests in each order they can leave in")

@@ -339,10 +339,11 @@ class VllmEngine(Engine):
         core forked from vLLM's start in our thread gets both from the at-fork hook; a
         spawned one (a fresh interpreter) no ``child_env``, and the switch interval only
         through yapd's vLLM plugin, where vLLM loads it (``plugin_missing``: why not)."""
-        hooked = used == "fork" and self._forked_with is not None and self._forked_with.forks > 0
+        # the settings of this start's fork, where the EngineCore's fork went through our hook
+        hooked = self._forked_with if used == "fork" and self._forked_with and self._forked_with.forks else None
         interval = self.cfg.engines.core_switch_interval_ms
-        self.child_env = child_env if hooked else {}
-        got = hooked if used == "fork" else plugin_missing is None
+        self.child_env = child_env if hooked is not None else {}
+        got = hooked is not None if used == "fork" else plugin_missing is None
         self.core_switch_interval_ms = interval if interval and got else None
         if self.core_switch_interval_ms:
             log.info("EngineCore runs with a GIL switch interval of %g ms (%s) role=%s", interval,
@@ -354,18 +355,18 @@ class VllmEngine(Engine):
         if not child_env:
             return
         settings = " ".join(f"{k}={v}" for k, v in child_env.items())
-        if hooked:
+        if hooked is not None:
             log.info("EngineCore started with %s role=%s", settings, self.role)
         else:
             log.warning("EngineCore started by %s without %s (only a core forked in yapd's hook gets it) role=%s",
                         used, settings, self.role)
 
-    def _steady_heap_note(self, used: str | None, hooked: bool) -> None:
+    def _steady_heap_note(self, used: str | None, hooked: forking.ChildSettings | None) -> None:
         """engines.core_steady_heap: a forked core's only (a spawned one's main thread has
         glibc's main arena, whose heap does not come and go), and glibc's only."""
         if not self.cfg.engines.core_steady_heap:
             return
-        self.core_steady_heap = hooked and self._forked_with is not None and self._forked_with.steady_heap
+        self.core_steady_heap = hooked is not None and hooked.steady_heap
         if self.core_steady_heap:
             log.info("EngineCore keeps a steady heap (glibc mmap threshold %d MB, top pad %d MB) role=%s",
                      forking.STEADY_MMAP_THRESHOLD >> 20, forking.STEADY_TOP_PAD >> 20, self.role)
