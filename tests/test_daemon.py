@@ -201,6 +201,13 @@ async def test_reload_bad_file_keeps_running_config(make_yapd):
     d.config_path.write_text(good + "\n[turn]\nchat_max_out = 'lots'\n")
     reply = d.admin(cmd="reload")[-1]
     assert reply["ok"] is False and "turn.chat_max_out: expected an integer" in reply["error"]
+    # the EngineCores' settings: out of range, or of the wrong type
+    d.config_path.write_text(good + "\n[engines]\ncore_switch_interval_ms = 0.001\n")
+    reply = d.admin(cmd="reload")[-1]
+    assert reply["ok"] is False and "engines.core_switch_interval_ms: must be 0" in reply["error"], reply
+    d.config_path.write_text(good + "\n[engines]\ncore_steady_heap = 'yes'\n")
+    reply = d.admin(cmd="reload")[-1]
+    assert reply["ok"] is False and "engines.core_steady_heap: expected" in reply["error"], reply
     d.config_path.unlink()
     reply = d.admin(cmd="reload")[-1]
     assert reply["ok"] is False and "no such file" in reply["error"]
@@ -218,6 +225,12 @@ def test_reload_reports_engine_keys(make_yapd):
     d.wait_for("need an engine restart")
     assert d.admin(cmd="restart", target="both")[-1]["ok"] is True
     assert d.admin(cmd="status")[-1]["pending_restart_keys"] == []
+    # the EngineCores' own settings take an engine restart too
+    d.write_config("[chat]\nmax_num_seqs = 8\n[turn]\nchat_max_out = 20\n"
+                   "[engines]\ncore_switch_interval_ms = 0.5\ncore_steady_heap = true\n")
+    reply = d.admin(cmd="reload")[-1]
+    assert sorted(reply["needs_engine_restart"]) == ["engines.core_steady_heap",
+                                                     "engines.core_switch_interval_ms"], reply
 
 
 async def test_admin_requests(make_yapd):
