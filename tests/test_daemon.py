@@ -227,10 +227,10 @@ def test_reload_reports_engine_keys(make_yapd):
     assert d.admin(cmd="status")[-1]["pending_restart_keys"] == []
     # the EngineCores' own settings take an engine restart too
     d.write_config("[chat]\nmax_num_seqs = 8\n[turn]\nchat_max_out = 20\n"
-                   "[engines]\ncore_switch_interval_ms = 0.5\ncore_steady_heap = true\n")
+                   "[engines]\ncore_switch_interval_ms = 0.5\ncore_steady_heap = true\nfork_from_main_thread = true\n")
     reply = d.admin(cmd="reload")[-1]
-    assert sorted(reply["needs_engine_restart"]) == ["engines.core_steady_heap",
-                                                     "engines.core_switch_interval_ms"], reply
+    assert sorted(reply["needs_engine_restart"]) == ["engines.core_steady_heap", "engines.core_switch_interval_ms",
+                                                     "engines.fork_from_main_thread"], reply
 
 
 async def test_admin_requests(make_yapd):

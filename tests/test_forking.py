@@ -230,8 +230,9 @@ class StandInStarts:
                                         "tool": {"start_method": tool_method}}, "test")
         self.asked: dict[str, str | None] = {}  # what each build found in vLLM's variable
         self.core_settings: dict[str, tuple[str | None, float]] = {}
+        self.forked_by: dict[str, int] = {}  # the thread that forked each core (spawned: its own)
+        self._roles: dict[int, str] = {}  # the engine each build thread builds
         self._lock = threading.Lock()
-        self._building = threading.local()
         self._fail_build = fail_build
         self._fail_tokenizer = fail_tokenizer
         self._fork_elsewhere = fork_elsewhere
@@ -255,7 +256,7 @@ class StandInStarts:
 
     def _forking_role(self) -> str:
         # A fork from a thread of the stand-in's own (fork_elsewhere): the engine being built.
-        return getattr(self._building, "role", None) or self._elsewhere_role
+        return self._roles.get(forking.forking_for()) or self._elsewhere_role
 
     def _note(self, what: str) -> None:
         with self._lock:
@@ -269,7 +270,7 @@ class StandInStarts:
             # Long enough for a tokenizer load begun beside this build to be noted.
             self.loaded.wait(2)
             raise ValueError("bad engine args")
-        self._building.role = role
+        self._roles[threading.get_ident()] = role
         self.asked[role] = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
         if self.cfg.start_method(role) == "spawn":
             self._spawn(role)
@@ -317,7 +318,8 @@ class StandInStarts:
 
     def _settings_of(self, role: str, core: multiprocessing.connection.Connection) -> None:
         assert core.poll(30), f"the {role} core said nothing"
-        self.core_settings[role] = core.recv()
+        env, interval, self.forked_by[role] = core.recv()
+        self.core_settings[role] = (env, interval)
 
     def _load_tokenizer(self, name: str, revision: str | None) -> str:
         self._note(f"tokenizer {name}")
@@ -449,6 +451,40 @@ async def test_the_cores_switch_interval_reaches_forked_and_spawned_cores_the_en
     assert any("without YAP_TEST_CHILD_ENV=1" in m and "role=tool" in m for m in warned), warned
 
 
+@pytest.mark.parametrize("tool_method", ["", "spawn"])
+async def test_cores_forked_by_the_main_thread_get_their_engines_settings(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path, caplog, tool_method: str):
+    """``engines.fork_from_main_thread``: each forked EngineCore is forked by the event
+    loop's thread (here the test's main thread, as in yapd) while its start's worker
+    thread waits, side by side as before, with its own engine's settings; each engine
+    says so. A spawned core is left to its spawn."""
+    monkeypatch.delenv("YAP_TEST_CHILD_ENV", raising=False)
+    starts = StandInStarts(monkeypatch, tmp_path, method="fork", tool_method=tool_method, fork_from_main_thread=True)
+    try:
+        chat, tool = starts.engines("chat", "tool")
+        with caplog.at_level(logging.INFO, logger="yapd.engine.vllm"):
+            await asyncio.wait_for(asyncio.gather(chat.start(alongside=True, child_env={"YAP_TEST_CHILD_ENV": "c"}),  # type: ignore[attr-defined]
+                                                  tool.start(alongside=True)), 60)  # type: ignore[attr-defined]
+    finally:
+        starts.end()
+    main = threading.get_ident()
+    assert starts.forked_by["chat"] == main and starts.core_settings["chat"] == ("c", sys.getswitchinterval())
+    assert chat.health().extra["core_forked_by"] == "main thread"  # type: ignore[attr-defined]
+    said = [m for m in (r.getMessage() for r in caplog.records) if "main thread" in m or "main_thread" in m]
+    if tool_method == "spawn":
+        assert starts.forked_by["tool"] != main and "core_forked_by" not in tool.health().extra  # type: ignore[attr-defined]
+        assert sorted(said) == ["EngineCore forked by yapd's main thread role=chat",
+                                "EngineCore started by spawn: engines.fork_from_main_thread is for forked cores "
+                                "role=tool"], said
+    else:
+        assert starts.events[:2] == ["fork chat", "fork tool"]
+        assert starts.forked_by["tool"] == main and starts.core_settings["tool"] == (None, sys.getswitchinterval())
+        assert tool.health().extra["core_forked_by"] == "main thread"  # type: ignore[attr-defined]
+        assert sorted(said) == ["EngineCore forked by yapd's main thread role=chat",
+                                "EngineCore forked by yapd's main thread role=tool"], said
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
 async def test_a_core_forked_outside_yapds_hook_is_not_said_to_have_its_settings(monkeypatch: pytest.MonkeyPatch,
                                                                                   tmp_path: Path, caplog):
     """A vLLM whose start forked its EngineCore from a thread other than the one yapd ran
@@ -456,7 +492,7 @@ async def test_a_core_forked_outside_yapds_hook_is_not_said_to_have_its_settings
     did (health, the log's warnings)."""
     monkeypatch.delenv("YAP_TEST_CHILD_ENV", raising=False)
     starts = StandInStarts(monkeypatch, tmp_path, fork_elsewhere=True, core_switch_interval_ms=0.5,
-                           core_steady_heap=True)
+                           core_steady_heap=True, fork_from_main_thread=True)
     try:
         (chat,) = starts.engines("chat")
         with caplog.at_level(logging.INFO, logger="yapd.engine.vllm"):
@@ -465,7 +501,7 @@ async def test_a_core_forked_outside_yapds_hook_is_not_said_to_have_its_settings
         starts.end()
     assert starts.core_settings == {"chat": (None, 0.005)}
     extra = chat.health().extra  # type: ignore[attr-defined]
-    assert not {"core_switch_interval_ms", "child_env", "core_steady_heap"} & set(extra)
+    assert not {"core_switch_interval_ms", "child_env", "core_steady_heap", "core_forked_by"} & set(extra)
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     if forking.steady_heap_supported():
         assert ("EngineCore started by fork keeps malloc's defaults: no fork of vLLM's start went through yapd's "
@@ -473,6 +509,8 @@ async def test_a_core_forked_outside_yapds_hook_is_not_said_to_have_its_settings
     assert ("EngineCore started by fork keeps Python's switch interval: no fork of vLLM's start went through "
             "yapd's hook role=chat") in warned, warned
     assert any("without YAP_TEST_CHILD_ENV=1" in m for m in warned), warned
+    assert ("EngineCore not forked by yapd's main thread: no fork of vLLM's start was made in its thread "
+            "role=chat") in warned, warned
 
 
 async def failed_chat_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, match: str, method: str = "fork",
@@ -510,20 +548,26 @@ async def test_a_start_failing_after_its_engine_started_shuts_that_engine_down(m
 
 
 def _report_settings(report: multiprocessing.connection.Connection) -> None:
-    report.send((os.environ.get("YAP_TEST_CHILD_ENV"), sys.getswitchinterval()))
+    # A forked child's one thread has the id its forking thread has in the parent.
+    report.send((os.environ.get("YAP_TEST_CHILD_ENV"), sys.getswitchinterval(), threading.get_ident()))
 
 
-def _forked_child_settings() -> tuple[str | None, float]:
-    """What a child forked from the calling thread runs with: YAP_TEST_CHILD_ENV and its
-    GIL switch interval."""
+def _forked_child() -> tuple[str | None, float, int]:
+    """What a child forked by the calling thread (or for it: forking.forks_on) runs with:
+    YAP_TEST_CHILD_ENV, its GIL switch interval and the id of the thread that forked it."""
     recv, send = fork.Pipe(duplex=False)
     proc = fork.Process(target=_report_settings, args=(send,), daemon=True)
     proc.start()
     send.close()
     assert recv.poll(30)
-    value: tuple[str | None, float] = recv.recv()
+    value: tuple[str | None, float, int] = recv.recv()
     proc.join(30)
     return value
+
+
+def _forked_child_settings() -> tuple[str | None, float]:
+    env, interval, _ = _forked_child()
+    return env, interval
 
 
 def test_child_settings_reach_children_forked_inside_the_block_only(monkeypatch):
@@ -567,6 +611,78 @@ def test_child_settings_reach_children_forked_inside_the_block_only(monkeypatch)
     assert done == [("2", ours), (None, pytest.approx(0.0002)), (None, ours)] and forking._child_settings == {}
 
 
+def _forks_on_and_settings(loop: asyncio.AbstractEventLoop | None) -> tuple[tuple[str | None, float, int],
+                                                                          forking.LoopForks | None,
+                                                                          forking.ChildSettings, int]:
+    # As VllmEngine._build: both blocks in the thread that runs vLLM's start.
+    with forking.forks_on(loop) as on, forking.child_settings({"YAP_TEST_CHILD_ENV": "1"}, 0.0005) as settings:
+        child = _forked_child()
+    return child, on, settings, threading.get_ident()
+
+
+def _in_a_thread(work: Any) -> Any:
+    done: list[Any] = []
+    thread = threading.Thread(target=lambda: done.append(work()))
+    thread.start()
+    thread.join(60)
+    return done[0]
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_forks_on_a_loop_are_made_by_its_thread_and_keep_the_starting_threads_settings(
+        monkeypatch: pytest.MonkeyPatch, loop_kind: str):
+    """``forking.forks_on`` (engines.fork_from_main_thread): a worker thread's fork made by
+    the running loop's thread, its child still given the worker's ``child_settings`` and
+    counted there; a loop that is not running, or closed, leaves the fork to the worker;
+    a fork that fails on the loop's thread fails in the worker."""
+    monkeypatch.delenv("YAP_TEST_CHILD_ENV", raising=False)
+    monkeypatch.setattr(forking, "LOOP_CHECK_S", 0.05)
+    new_loop = pytest.importorskip("uvloop").new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+
+    async def from_a_worker() -> Any:
+        return await asyncio.to_thread(_forks_on_and_settings, asyncio.get_running_loop())
+
+    loop = new_loop()
+    try:
+        (env, interval, by), on, settings, worker = loop.run_until_complete(from_a_worker())
+    finally:
+        loop.close()
+    assert (env, interval) == ("1", 0.0005) and settings.forks == 1
+    assert by == threading.get_ident() != worker and on is not None and (on.forks, on.here) == (1, 0)
+    assert forking._loop_forks == {} and forking._child_settings == {}
+
+    idle = new_loop()  # never run: after LOOP_CHECK_S the worker forks itself
+    try:
+        (env, interval, by), on, settings, worker = _in_a_thread(lambda: _forks_on_and_settings(idle))
+        assert (env, interval, by) == ("1", 0.0005, worker) and on is not None and (on.forks, on.here) == (0, 1)
+    finally:
+        idle.close()
+    (env, interval, by), on, settings, worker = _in_a_thread(lambda: _forks_on_and_settings(idle))  # closed
+    assert (env, interval, by) == ("1", 0.0005, worker) and on is not None and (on.forks, on.here) == (0, 1)
+    # No loop: the block does nothing.
+    (env, interval, by), on, settings, worker = _in_a_thread(lambda: _forks_on_and_settings(None))
+    assert (env, interval, by) == ("1", 0.0005, worker) and on is None
+
+    async def failing() -> None:
+        def no_fork() -> int:
+            raise OSError(11, "Resource temporarily unavailable")
+
+        monkeypatch.setattr(os, "fork", no_fork)
+        with pytest.raises(OSError, match="temporarily unavailable"):
+            await asyncio.to_thread(_forks_on_and_settings, asyncio.get_running_loop())
+        monkeypatch.undo()
+        await asyncio.sleep(0)  # the loop goes on
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(failing())
+    finally:
+        loop.close()
+    assert forking._loop_forks == {}
+    with pytest.raises(RuntimeError, match="do not nest"), forking.forks_on(idle), forking.forks_on(idle):
+        pass
+
+
 # A daemon in miniature: an event loop taking SIGTERM (and SIGUSR1, a marker) through
 # its wakeup socket, yapd's fork hooks installed, a child forked from a worker thread as
 # vLLM forks an EngineCore. The child is sent SIGTERM, either still "loading" (no handler
@@ -597,7 +713,12 @@ async def main(own_handler):
     fork = multiprocessing.get_context("fork")
     recv, send = fork.Pipe(duplex=False)
     proc = fork.Process(target=child, args=(own_handler, send))
-    await asyncio.to_thread(proc.start)
+
+    def start():
+        with forking.forks_on(loop if sys.argv[3] == "main" else None):
+            proc.start()
+
+    await asyncio.to_thread(start)
     assert await asyncio.to_thread(recv.poll, 30)
     hangup = recv.recv()
     os.kill(proc.pid, signal.SIGTERM)
@@ -617,10 +738,13 @@ asyncio.run(main(sys.argv[2] == "own"))
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("handler", ["loading", "own"])
-def test_a_signal_sent_to_a_forked_child_is_the_childs(loop: str, handler: str):
+@pytest.mark.parametrize("forked_by", ["worker", "main"])
+def test_a_signal_sent_to_a_forked_child_is_the_childs(loop: str, handler: str, forked_by: str):
+    # forked_by "main": the worker's fork made by the loop's thread, inside a callback of
+    # the running loop (engines.fork_from_main_thread).
     if loop == "uvloop":
         pytest.importorskip("uvloop")
-    out = subprocess.run([sys.executable, "-c", SIGNALLED_CHILD, loop, handler], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", SIGNALLED_CHILD, loop, handler, forked_by], capture_output=True,
                          text=True, timeout=60, cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
     expected = -15 if handler == "loading" else 3
@@ -717,16 +841,25 @@ import multiprocessing as mp
 fork = mp.get_context("fork")
 out = []
 
-def start():
+def start(loop=None):
     # this thread's own arena, built up and left full of holes before it forks
     junk = [bytearray(50_000) for _ in range(4000)] + [np.zeros(100_000) for _ in range(50)]
     del junk[::3]
     recv, send = fork.Pipe(duplex=False)
-    with forking.child_settings({}, None, steady_heap=sys.argv[1] == "steady") as settings:
+    with forking.forks_on(loop) as on, \
+            forking.child_settings({}, None, steady_heap=sys.argv[1] == "steady") as settings:
         p = fork.Process(target=child, args=(send,)); p.start()
-    send.close(); out.append((recv.recv(), settings.forks, settings.steady_heap)); p.join()
+    send.close(); out.append((recv.recv(), settings.forks, settings.steady_heap, on.forks if on else 0)); p.join()
 
-t = threading.Thread(target=start); t.start(); t.join()
+if sys.argv[1] == "main":  # forked by the main thread, its loop's (engines.fork_from_main_thread)
+    import asyncio
+
+    async def main():
+        await asyncio.to_thread(start, asyncio.get_running_loop())
+
+    asyncio.run(main())
+else:
+    t = threading.Thread(target=start); t.start(); t.join()
 print(*out[0])
 """
 
@@ -740,16 +873,19 @@ def test_a_steady_heap_keeps_a_child_forked_from_a_worker_thread_from_faulting_e
     scenario's."""
     import platform
 
-    def faults(mode: str) -> tuple[float, int, bool]:
+    def faults(mode: str) -> tuple[float, int, bool, int]:
         out = subprocess.run([sys.executable, "-c", _HEAP_CHURN, mode], capture_output=True, text=True, check=True,
                              timeout=120, cwd=Path(__file__).resolve().parent.parent)
-        per_step, forks, steady = out.stdout.split()
-        return float(per_step), int(forks), steady == "True"
+        per_step, forks, steady, on_main = out.stdout.split()
+        return float(per_step), int(forks), steady == "True", int(on_main)
 
-    kept, forks, steady = faults("steady")
-    assert kept < 10 and forks == 1 and steady, kept
-    churning, forks, steady = faults("default")
-    assert forks == 0 and not steady  # nothing to hand the child: no settings, no count
+    kept, forks, steady, on_main = faults("steady")
+    assert kept < 10 and forks == 1 and steady and not on_main, kept
+    # engines.fork_from_main_thread: the child's arena is glibc's main one, which keeps its heap
+    main_arena, forks, steady, on_main = faults("main")
+    assert main_arena < 10 and on_main == 1 and not steady, main_arena
+    churning, forks, steady, on_main = faults("default")
+    assert forks == 0 and not steady and not on_main  # nothing to hand the child: no settings, no count
     libc, version = platform.libc_ver()
     if libc == "glibc" and version.startswith("2.3"):  # where it was seen (this machine's 2.36)
         assert churning >= 100, churning  # a page fault for most of the MB, every step

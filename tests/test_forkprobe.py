@@ -15,10 +15,10 @@ def test_children_of_each_way_time_every_call(capsys):
     assert forkprobe.main(["--device", "cpu", "--parent", "torch", "--iterations", "20", "--rounds", "1"]) == 0
     got = json.loads(capsys.readouterr().out)
     runs = {r["way"]: r for r in got["runs"]}
-    assert set(runs) == {"fork", "fork_thread", "spawn"}
+    assert set(runs) == {"fork", "fork_thread", "fork_by_main", "spawn"}
     assert all("error" not in r for r in runs.values()), runs
-    assert len({r["pid"] for r in runs.values()} | {os.getpid()}) == 4  # three children, none of them us
-    assert runs["fork"]["thread"] == runs["spawn"]["thread"] == "MainThread"
+    assert len({r["pid"] for r in runs.values()} | {os.getpid()}) == 5  # four children, none of them us
+    assert runs["fork"]["thread"] == runs["spawn"]["thread"] == runs["fork_by_main"]["thread"] == "MainThread"
     assert runs["fork_thread"]["thread"] != "MainThread"  # forked from a worker thread, as yapd's starts are
     for op in ("np_fromiter", "np_cumsum_out", "torch_from_numpy"):
         assert set(got["median_us"][op]) == set(forkprobe.WAYS)
@@ -43,7 +43,7 @@ def test_under_mps_every_child_is_a_client_of_a_daemon_stopped_after(folder, con
     got = json.loads(capsys.readouterr().out)
     pipe = str(folder / "pipe")
     assert got["mps"] == pipe
-    assert [r["mps_pipe"] for r in got["runs"]] == [pipe] * 3
+    assert [r["mps_pipe"] for r in got["runs"]] == [pipe] * 4
     assert PIPE_ENV not in os.environ
     assert not (folder / "pipe" / "control").exists() or not _answers(folder / "pipe" / "control")
 

@@ -26,7 +26,7 @@ from tests.test_cli import yapctl
 from tests.test_protocol_e2e import check_turn
 from yapd.engines.vllm import starting_cores
 from yapd.mps import MPS_CONTROL, PIPE_ENV, PRIORITY_ENV, renumbered_devices
-from yapd.procfs import children
+from yapd.procfs import children, counters
 
 
 def _cuda() -> bool:
@@ -447,6 +447,34 @@ async def test_gpu_a_spawned_tool_core_beside_a_forked_chat_core(gpu_yapd):
             stamps = msgs[-1]["timings"]["engines"]["tool"]
             assert 0 <= stamps["queued_ms"] <= stamps["first_token_ms"], stamps
             print(f"tool engine stamps, spawned core: {stamps}")
+
+
+async def test_gpu_cores_forked_by_yapds_main_thread(gpu_yapd):
+    """engines.fork_from_main_thread, applied by an engine restart: both EngineCores forked
+    by yapd's main thread (each start says so, none warns), with the module's switch
+    interval still reaching them through the at-fork hook; turns work. Prints each core's
+    minor faults a turn (/proc), the figure a core's malloc arena shows in. Then back."""
+    with _engines_restarted_with(gpu_yapd, 'start_method = "fork"',
+                                 'start_method = "fork"\nfork_from_main_thread = true', "engines.fork_from_main_thread",
+                                 "restart, cores forked by yapd's main thread") as lines:
+        print("\n".join(x for x in lines if " took " in x or "EngineCore " in x))
+        log = "\n".join(lines)
+        for role in ("chat", "tool"):
+            assert f"EngineCore forked by yapd's main thread role={role}" in log, log[-4000:]
+            assert f"EngineCore runs with a GIL switch interval of 0.5 ms (at its fork) role={role}" in log
+        assert not [x for x in lines if " warning yapd.engine" in x], log[-4000:]
+        engines = gpu_yapd.admin(cmd="status")[-1]["engines"]
+        assert {engines[r].get("core_forked_by") for r in ("chat", "tool")} == {"main thread"}, engines
+        pids = {role: engines[role]["pid"] for role in ("chat", "tool")}
+        async with ws_connect(gpu_yapd.url()) as ws:
+            check_turn(await run_turn(ws))  # the first turn's faults are the warm-up's
+            before = {role: counters(pid) for role, pid in pids.items()}
+            for i in range(5):
+                check_turn(await run_turn(ws, user_utterance=f"who was Columbus? {i}"))
+        for role, pid in pids.items():
+            was, now = before[role], counters(pid)
+            assert was is not None and now is not None
+            print(f"{role} core forked by the main thread: {now.since(was).minflt / 5:.1f} minor faults a turn")
 
 
 def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd):

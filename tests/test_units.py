@@ -88,6 +88,7 @@ def test_env_overrides_every_original_variable():
     ("[engines]\ncore_switch_interval_ms = -1\n", "engines.core_switch_interval_ms: must be 0"),
     ("[engines]\ncore_switch_interval_ms = 500\n", "engines.core_switch_interval_ms: must be 0"),
     ("[engines]\ncore_switch_interval_ms = '1'\n", "engines.core_switch_interval_ms: expected a number"),
+    ("[engines]\nfork_from_main_thread = 1\n", "engines.fork_from_main_thread: expected true or false, got int"),
     ("[chat]\ngpu_memory_utilization = 0.8\n[tool]\ngpu_memory_utilization = 0.3\n", "leaves no room"),
     ("[turn]\ndefault_persona_style = 'grumpy'\n", "default_persona_style"),
     ("[[tools]]\ndescription = 'x'\n", "a tool needs a name"),

@@ -7,8 +7,10 @@ yapd's and raw vLLM's alike, spent 3-7 times the samples of a spawned one in vLL
 creation on the GPU, pinned host memory, host-to-device copies) and correspondingly less
 waiting on the GPU. This program times those calls one by one, in children started each
 way from a parent in the state yapd forks from (torch and vLLM imported, NVML asked, no
-CUDA context), forked from the main thread and from a worker thread (yapd's starts run in
-worker threads), and prints the medians as JSON::
+CUDA context), forked from the main thread, from a worker thread whose malloc arena has
+been built up as vLLM's start leaves it in yapd (yapd's starts run in worker threads), by
+the main thread for such a worker (yapd's ``engines.fork_from_main_thread``), and spawned,
+and prints the medians as JSON::
 
     python -m yapctl.forkprobe [--iterations N] [--parent torch|vllm] [--mps DIR] [--device cpu]
 
@@ -18,6 +20,7 @@ worker threads), and prints the medians as JSON::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing as mp
 import os
@@ -29,10 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from yapd import forking
 from yapd.mps import PIPE_ENV
 
 BATCHES = 5
-WAYS = ("fork", "fork_thread", "spawn")
+WAYS = ("fork", "fork_thread", "fork_by_main", "spawn")
 # Host memory the parent wrote before starting its children: a forked child shares these
 # pages with it (copy-on-write) until one of them writes; a spawned child makes its own.
 _before_start: list[Any] = []
@@ -55,6 +59,16 @@ def prepare(parent: str) -> None:
         from yapd.engines.vllm import gpu_capability
 
         gpu_capability()  # through NVML, as yapd asks before its engines start
+
+
+def build_up_arena() -> list[Any]:
+    """This thread's malloc arena as a start leaves it in a worker thread: much allocated,
+    a third of it freed again in between (held by the caller until its child exists)."""
+    import numpy as np
+
+    kept: list[Any] = [bytearray(50_000) for _ in range(4000)] + [np.zeros(100_000) for _ in range(50)]
+    del kept[::3]
+    return kept
 
 
 def time_ops(device: str, iterations: int) -> dict[str, float]:
@@ -132,15 +146,28 @@ def _child(queue: Any, parent: str, device: str, iterations: int) -> None:
 
 
 def run_child(way: str, parent: str, device: str, iterations: int, timeout: float = 300) -> dict[str, Any]:
-    """One child started ``way`` (fork, fork_thread: forked from a worker thread, spawn)
-    and what it measured."""
+    """One child started ``way`` (fork: from the main thread; fork_thread: from a worker
+    thread with a built-up arena; fork_by_main: by the main thread's event loop for such a
+    worker; spawn) and what it measured."""
     ctx: Any = mp.get_context("spawn" if way == "spawn" else "fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, parent, device, iterations))
+
+    def start_in_worker(loop: asyncio.AbstractEventLoop | None) -> None:
+        kept = build_up_arena()
+        with forking.forks_on(loop):
+            proc.start()
+        del kept
+
+    async def start_by_main() -> None:
+        await asyncio.to_thread(start_in_worker, asyncio.get_running_loop())
+
     if way == "fork_thread":
-        starter = threading.Thread(target=proc.start)
+        starter = threading.Thread(target=start_in_worker, args=(None,))
         starter.start()
         starter.join()
+    elif way == "fork_by_main":
+        asyncio.run(start_by_main())
     else:
         proc.start()
     try:

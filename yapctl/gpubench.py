@@ -606,7 +606,7 @@ STARTUP_LINES = re.compile(r"(took|takes|finished in|Compiling a graph|Directly 
                            r".*?[0-9.]+ ?(s|secs|seconds)\b|engine started role=|ready port=|engines load |"
                            r"Overriding VLLM_WORKER|EngineCore started by|EngineCore (forked|spawned)|yapd\.mps:|"
                            # what each core got of yapd's settings for it (engines.core_*)
-                           r"GIL switch interval|steady heap|keeps malloc's defaults|"
+                           r"GIL switch interval|steady heap|keeps malloc's defaults|yapd's main thread|"
                            # whether torch.compile's AOT artifact was saved and loaded (else Dynamo reruns)
                            r"AOT compil|Compiling model again|Dynamo bytecode transform")
 

@@ -136,6 +136,14 @@ class EnginesConfig:
     # thread 1-13 (runs w-aa); reproduced here, none with it on (docs/bench/README.md,
     # "A forked core's heap"). Not measured on the GPU yet.
     core_steady_heap: bool = False
+    # Forked EngineCores forked by yapd's main thread (its event loop's) rather than the
+    # worker thread running vLLM's start (yapd/forking.py forks_on). The forking thread is
+    # the core's one thread and its malloc arena the core's: from the main thread, glibc's
+    # main arena, as in a spawned core or one raw vLLM forks from its main thread (13
+    # minor faults a turn on an H200, run w, against ~230 in yapd's forked tool core;
+    # tool core queued -> first token 13.85 ms there, yapd's forked 14.5-21.1, spawned
+    # 11.8-14.5: docs/bench/README.md). Not measured on the GPU yet.
+    fork_from_main_thread: bool = False
     # CUDA MPS (yapd/mps.py): "auto" runs a private MPS daemon while two vLLM engines
     # share one GPU (they then run at once instead of taking turns: lower TTFT under
     # load, a slower decode step); "on" also for one engine or several GPUs, and a start

@@ -1,5 +1,6 @@
 """Children forked from yapd do not keep yapd's sockets (and can be given environment
-settings, a GIL switch interval and a steadier malloc heap of their own: ``child_settings``).
+settings, a GIL switch interval and a steadier malloc heap of their own: ``child_settings``;
+and be forked by the event loop's thread for the thread that starts them: ``forks_on``).
 
 vLLM starts each engine's EngineCore in a child process. Forked, that child is ready
 about 13 s sooner than spawned (it does not import torch and vLLM again:
@@ -23,6 +24,8 @@ reset_signals).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import os
@@ -34,6 +37,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from multiprocessing import popen_fork
 from typing import Any, Protocol
 
 
@@ -122,6 +126,113 @@ _child_settings: dict[int, ChildSettings] = {}  # by the forking thread's id
 _installed = False
 
 
+@dataclass
+class LoopForks:
+    """Where the forks of a ``forks_on`` block were made: ``forks`` on the loop's thread,
+    ``here`` in the block's own thread (the loop was not running to take them)."""
+
+    loop: asyncio.AbstractEventLoop
+    forks: int = 0
+    here: int = 0
+
+
+_loop_forks: dict[int, LoopForks] = {}  # by the thread inside the forks_on block
+_fork_launch: Any = None  # multiprocessing's own fork, once forks_on has wrapped it
+_acting = threading.local()  # .thread: on a loop's thread, the thread it forks for
+LOOP_CHECK_S = 0.5  # how often a thread waiting for the loop to fork checks it still runs
+
+
+def forking_for() -> int:
+    """The thread whose blocks (``child_settings``, gcpause's) apply to a fork made now,
+    in the parent's at-fork hooks and the child's: this thread, or the one a loop's
+    thread is forking for (``forks_on``)."""
+    thread: int | None = getattr(_acting, "thread", None)
+    return thread if thread is not None else threading.get_ident()
+
+
+@contextlib.contextmanager
+def forks_on(loop: asyncio.AbstractEventLoop | None) -> Iterator[LoopForks | None]:
+    """Processes this thread starts with multiprocessing's fork inside the block are forked
+    by ``loop``'s thread (yapd's main thread) while this one waits; None: by this thread,
+    as without the block.
+
+    The thread that forks is the child's only thread, and so its malloc arena is the
+    child's: forked from a worker thread (vLLM's start runs in one, off the event loop)
+    an EngineCore allocates from one of glibc's thread arenas, whose heaps are mapped and
+    unmapped as buffers come and go (see _steady_heap); forked from the main thread, from
+    glibc's main arena, as a spawned core or one forked by a single-threaded program. The
+    fork holds the GIL either way, so the loop is no longer held up by it than before.
+    Where the loop has stopped (or is closed) the fork is made here. Settings of this
+    thread's ``child_settings`` and gcpause blocks still apply to its children.
+    Yields where the block's forks were made."""
+    if loop is None:
+        yield None
+        return
+    _install()
+    _wrap_fork_launch()
+    me = threading.get_ident()
+    forks = LoopForks(loop)
+    with _lock:
+        if me in _loop_forks:
+            raise RuntimeError("forks_on blocks do not nest")
+        _loop_forks[me] = forks
+    try:
+        yield forks
+    finally:
+        with _lock:
+            _loop_forks.pop(me, None)
+
+
+def _wrap_fork_launch() -> None:
+    # multiprocessing's fork start method forks in Popen._launch (Python 3.4 and later),
+    # whose child goes on to run the process's target: the one place where a fork and
+    # what its child runs can be moved to another thread together. The spawn and
+    # forkserver Popens have their own _launch, which this leaves alone.
+    global _fork_launch
+    with _lock:
+        if _fork_launch is None:
+            _fork_launch = popen_fork.Popen._launch  # type: ignore[attr-defined]  # (typeshed leaves it out)
+            popen_fork.Popen._launch = _launch  # type: ignore[attr-defined]
+
+
+def _launch(popen: Any, process_obj: Any) -> None:
+    me = threading.get_ident()
+    with _lock:
+        forks = _loop_forks.get(me)
+    if forks is None:
+        return _fork_launch(popen, process_obj)
+    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def fork_on_loop() -> None:
+        if not done.set_running_or_notify_cancel():
+            return  # the thread it was for gave up waiting and forked itself
+        _acting.thread = me
+        try:
+            _fork_launch(popen, process_obj)  # in the child this runs the target and exits
+        except BaseException as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+        finally:
+            _acting.thread = None
+
+    try:
+        forks.loop.call_soon_threadsafe(fork_on_loop)
+    except RuntimeError:  # the loop is closed
+        done.cancel()
+    while not done.cancelled():
+        try:
+            done.result(timeout=LOOP_CHECK_S)
+        except concurrent.futures.TimeoutError:
+            if not forks.loop.is_running():
+                done.cancel()  # False once the loop's thread has begun the fork
+            continue
+        forks.forks += 1
+        return None
+    forks.here += 1
+    return _fork_launch(popen, process_obj)
+
+
 def protect(sock: _Listener) -> None:
     """Keep this listening socket, and every connection it accepts, out of forked
     children (TCP: by local port; Unix: by bound path)."""
@@ -201,7 +312,7 @@ def _install() -> None:
 
 def _after_in_parent() -> None:
     with _lock:
-        settings = _child_settings.get(threading.get_ident())
+        settings = _child_settings.get(forking_for())
         if settings is not None:
             settings.forks += 1
     for callback in list(_forked):
@@ -214,7 +325,8 @@ def _after_in_child() -> None:
     # first: nothing after them may keep a child from dropping them.
     reset_signals()
     drop_protected()
-    settings = _child_settings.get(threading.get_ident())
+    _loop_forks.clear()  # the child has no loop running to fork on
+    settings = _child_settings.get(forking_for())
     if settings is not None:
         os.environ.update(settings.env)
         if settings.switch_interval_s:

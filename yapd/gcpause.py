@@ -32,6 +32,8 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from yapd import forking
+
 log = logging.getLogger("yapd.gcpause")
 
 # Shorter pauses are the collector's everyday young-generation work; from here up a token
@@ -169,9 +171,10 @@ def _before_fork() -> None:
 
 def _after_in_child() -> None:
     # The lock may have been held by another thread of the parent at the fork: not taken.
-    # The child's one thread is the one that forked, with the same id.
+    # The child's one thread is the one that forked, with the same id (or the loop's
+    # thread forking for it: forking.forks_on).
     held, _StartHold.held = _StartHold.held, False
-    if threading.get_ident() in _StartHold.core_threads and _until_vllm_freezes():
+    if forking.forking_for() in _StartHold.core_threads and _until_vllm_freezes():
         gc.disable()
     elif held:
         gc.enable()

@@ -147,6 +147,8 @@ class VllmEngine(Engine):
         self.core_switch_interval_ms: float | None = None  # its EngineCore's, where yapd set it
         self.core_steady_heap = False  # its EngineCore's malloc set to keep its heap
         self._forked_with: forking.ChildSettings | None = None  # this start's, once vLLM's start ran
+        self._forked_on: forking.LoopForks | None = None  # engines.fork_from_main_thread: this start's
+        self.core_forked_by_main = False  # its EngineCore forked by yapd's main thread
 
     def settings(self) -> dict[str, Any]:
         """The AsyncEngineArgs this engine starts with (resolved once per start)."""
@@ -197,6 +199,8 @@ class VllmEngine(Engine):
             extra["core_switch_interval_ms"] = self.core_switch_interval_ms
         if self.core_steady_heap:
             extra["core_steady_heap"] = True
+        if self.core_forked_by_main:
+            extra["core_forked_by"] = "main thread"
         return EngineHealth(self._state == "ready", self._state, self._detail, extra)
 
     async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
@@ -207,7 +211,8 @@ class VllmEngine(Engine):
         self._state = "starting"
         self._kwargs = None  # config may have been reloaded since the last start
         self.child_env, self.core_switch_interval_ms, self._forked_with = {}, None, None
-        self.core_steady_heap = False
+        self.core_steady_heap = self.core_forked_by_main = False
+        self._forked_on = None
         env = dict(child_env or {})
         tok: asyncio.Future[Any] | None = None
         t0 = time.perf_counter()
@@ -229,7 +234,7 @@ class VllmEngine(Engine):
                 async with _start_turn():
                     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = method
                     vllm_plugin.offer(self.cfg.engines.core_switch_interval_ms)  # to a spawned core
-                    work = asyncio.to_thread(self._build, kwargs, env)
+                    work = asyncio.to_thread(self._build, kwargs, env, asyncio.get_running_loop())
                     building = time.perf_counter()
                     built = await (_until_forked(work) if method == "fork" else _until_spawned(work))
                     # Read before the turn passes on: the next start sets its own (one
@@ -307,14 +312,15 @@ class VllmEngine(Engine):
         self.go_on("loading vLLM")
         return kwargs, plan
 
-    def _build(self, kwargs: dict[str, Any], child_env: dict[str, str]) -> Any:
+    def _build(self, kwargs: dict[str, Any], child_env: dict[str, str], loop: asyncio.AbstractEventLoop) -> Any:
         """vLLM's start (``_async_llm``), with what yapd gives the EngineCore it forks."""
         # Every process this thread forks while vLLM starts (the EngineCore; with data
         # parallelism, each of them) gets ``child_env``, the cores' switch interval and
-        # their steady heap.
+        # their steady heap, and is forked by the loop's thread where so configured.
         e = self.cfg.engines
-        with forking.child_settings(child_env, e.core_switch_interval_ms / 1000 or None,
-                                    e.core_steady_heap) as self._forked_with, \
+        with forking.forks_on(loop if e.fork_from_main_thread else None) as self._forked_on, \
+                forking.child_settings(child_env, e.core_switch_interval_ms / 1000 or None,
+                                       e.core_steady_heap) as self._forked_with, \
                 gcpause.held_in_cores(e.hold_gc_in_core_start):
             return self._async_llm(kwargs)
 
@@ -352,6 +358,7 @@ class VllmEngine(Engine):
             why = plugin_missing if used != "fork" else "no fork of vLLM's start went through yapd's hook"
             log.warning("EngineCore started by %s keeps Python's switch interval: %s role=%s", used, why, self.role)
         self._steady_heap_note(used, hooked)
+        self._fork_thread_note(used)
         if not child_env:
             return
         settings = " ".join(f"{k}={v}" for k, v in child_env.items())
@@ -376,6 +383,21 @@ class VllmEngine(Engine):
             log.warning("EngineCore started by fork keeps malloc's defaults: %s role=%s", why, self.role)
         else:
             log.info("EngineCore started by %s: engines.core_steady_heap is for forked cores role=%s", used, self.role)
+
+    def _fork_thread_note(self, used: str | None) -> None:
+        """engines.fork_from_main_thread: which thread forked the EngineCore."""
+        on = self._forked_on
+        if on is None or used != "fork":
+            if on is not None:
+                log.info("EngineCore started by %s: engines.fork_from_main_thread is for forked cores role=%s",
+                         used, self.role)
+            return
+        self.core_forked_by_main = on.forks > 0
+        if self.core_forked_by_main:
+            log.info("EngineCore forked by yapd's main thread role=%s", self.role)
+        else:
+            why = "yapd's event loop had stopped" if on.here else "no fork of vLLM's start was made in its thread"
+            log.warning("EngineCore not forked by yapd's main thread: %s role=%s", why, self.role)
 
     def _record_plan(self, before: tuple[int, int] | None, since: float) -> None:
         """After a start with nothing else loading: file vLLM's profiled KV size with
