@@ -817,75 +817,34 @@ def test_the_device_registers_the_plugin_of_an_uninstalled_tree(tmp_path: Path):
         ("vllm.general_plugins", "yapd_core", "yapd.vllm_plugin:in_engine_core")]
 
 
-# A worker thread that built up its malloc arena and left it full of holes (as vLLM's
-# set-up does, in yapd's worker threads), then forked a child (as vLLM's start forks an
-# EngineCore) that allocates and frees buffers of 0.1-1 MB a step.
-_HEAP_CHURN = """
-import resource, sys, threading
-import numpy as np
-from yapd import forking
-
-def step():
-    buffers = [np.ones(n // 8) for n in (100_000, 300_000, 1_000_000)]
-    del buffers
-
-def child(report):
-    for _ in range(20):
-        step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(100):
-        step()
-    report.send((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 100)
-
-import multiprocessing as mp
-fork = mp.get_context("fork")
-out = []
-
-def start(loop=None):
-    # this thread's own arena, built up and left full of holes before it forks
-    junk = [bytearray(50_000) for _ in range(4000)] + [np.zeros(100_000) for _ in range(50)]
-    del junk[::3]
-    recv, send = fork.Pipe(duplex=False)
-    with forking.forks_on(loop) as on, \
-            forking.child_settings({}, None, steady_heap=sys.argv[1] == "steady") as settings:
-        p = fork.Process(target=child, args=(send,)); p.start()
-    send.close(); out.append((recv.recv(), settings.forks, settings.steady_heap, on.forks if on else 0)); p.join()
-
-if sys.argv[1] == "main":  # forked by the main thread, its loop's (engines.fork_from_main_thread)
-    import asyncio
-
-    async def main():
-        await asyncio.to_thread(start, asyncio.get_running_loop())
-
-    asyncio.run(main())
-else:
-    t = threading.Thread(target=start); t.start(); t.join()
-print(*out[0])
-"""
-
-
 @pytest.mark.skipif(not forking.steady_heap_supported(), reason="glibc's mallopt only")
-def test_a_steady_heap_keeps_a_child_forked_from_a_worker_thread_from_faulting_every_step():
-    """What engines.core_steady_heap mends: the child's malloc arena (its forking
-    thread's) maps a fresh heap for the largest buffer every step, and faults on each of
-    its pages (~245 a step on glibc 2.36). Kept steady, the child reuses its heap. Run in a
-    process of its own: the arenas of this one (its threads come and go) are not the
-    scenario's."""
+def test_a_child_forked_from_a_worker_thread_faults_every_step_unless_kept_steady_or_forked_by_the_main_thread():
+    """What engines.core_steady_heap and engines.fork_from_main_thread mend (yapctl.heapprobe,
+    each child from a fresh process): forked from a worker thread that built up its
+    arena, a child that makes and drops ~1.4 MB of buffers a step maps a fresh heap for
+    them every step and faults on each of its pages (~245 a step on glibc 2.36). Kept
+    steady, it reuses its heap; forked by the main thread (for that worker), it allocates
+    from glibc's main arena, as one forked by the main thread itself does."""
     import platform
 
-    def faults(mode: str) -> tuple[float, int, bool, int]:
-        out = subprocess.run([sys.executable, "-c", _HEAP_CHURN, mode], capture_output=True, text=True, check=True,
-                             timeout=120, cwd=Path(__file__).resolve().parent.parent)
-        per_step, forks, steady, on_main = out.stdout.split()
-        return float(per_step), int(forks), steady == "True", int(on_main)
+    from yapctl import heapprobe
 
-    kept, forks, steady, on_main = faults("steady")
-    assert kept < 10 and forks == 1 and steady and not on_main, kept
-    # engines.fork_from_main_thread: the child's arena is glibc's main one, which keeps its heap
-    main_arena, forks, steady, on_main = faults("main")
-    assert main_arena < 10 and on_main == 1 and not steady, main_arena
-    churning, forks, steady, on_main = faults("default")
-    assert forks == 0 and not steady and not on_main  # nothing to hand the child: no settings, no count
+    got = {way: heapprobe.measure(way, steps=100) for way in heapprobe.WAYS}
+    assert all("error" not in r for r in got.values()), got
+    assert got["worker_steady"]["steady_heap"] and not got["worker_steady"]["by_main"]
+    assert got["by_main"]["by_main"] and not got["by_main"]["steady_heap"]
+    assert not any(got[way]["steady_heap"] or got[way]["by_main"] for way in ("worker", "main"))
+    for way in ("worker_steady", "by_main", "main"):
+        assert got[way]["minflt_per_step"] < 10, got
     libc, version = platform.libc_ver()
     if libc == "glibc" and version.startswith("2.3"):  # where it was seen (this machine's 2.36)
-        assert churning >= 100, churning  # a page fault for most of the MB, every step
+        assert got["worker"]["minflt_per_step"] >= 100, got  # a page fault for most of the MB, every step
+
+
+def test_the_heap_probe_refuses_bad_arguments():
+    from yapctl import heapprobe
+
+    for bad in (["--steps", "0"], ["--rounds", "0"], ["--one", "spawn"]):
+        with pytest.raises(SystemExit) as exc:
+            heapprobe.main(bad)
+        assert exc.value.code == 2
