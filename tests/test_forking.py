@@ -5,6 +5,7 @@ yapd gives up stays bound. Real sockets, real fork(), a child that lives on."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import multiprocessing
@@ -650,6 +651,17 @@ def test_forks_on_a_loop_are_made_by_its_thread_and_keep_the_starting_threads_se
     assert (env, interval) == ("1", 0.0005) and settings.forks == 1
     assert by == threading.get_ident() != worker and on is not None and (on.forks, on.here) == (1, 0)
     assert forking._loop_forks == {} and forking._child_settings == {}
+    assert forking.forking_for() == threading.get_ident()  # the loop's thread acts for no one after
+
+    async def on_the_loops_own_thread() -> Any:  # made there at once, not waited for forever
+        return _forks_on_and_settings(asyncio.get_running_loop())
+
+    loop = new_loop()
+    try:
+        (env, interval, by), on, settings, worker = loop.run_until_complete(on_the_loops_own_thread())
+    finally:
+        loop.close()
+    assert (env, interval, by) == ("1", 0.0005, worker) and on is not None and (on.forks, on.here) == (1, 0)
 
     idle = new_loop()  # never run: after LOOP_CHECK_S the worker forks itself
     try:
@@ -664,14 +676,15 @@ def test_forks_on_a_loop_are_made_by_its_thread_and_keep_the_starting_threads_se
     assert (env, interval, by) == ("1", 0.0005, worker) and on is None
 
     async def failing() -> None:
-        def no_fork() -> int:
-            raise OSError(11, "Resource temporarily unavailable")
+        for error in (errno.EAGAIN, errno.ETIMEDOUT):  # ETIMEDOUT: a TimeoutError, not a wait's end
+            def no_fork() -> int:
+                raise OSError(error, os.strerror(error))  # noqa: B023 - called in this iteration
 
-        monkeypatch.setattr(os, "fork", no_fork)
-        with pytest.raises(OSError, match="temporarily unavailable"):
-            await asyncio.to_thread(_forks_on_and_settings, asyncio.get_running_loop())
-        monkeypatch.undo()
-        await asyncio.sleep(0)  # the loop goes on
+            with monkeypatch.context() as m:
+                m.setattr(os, "fork", no_fork)
+                with pytest.raises(OSError, match=os.strerror(error)):
+                    await asyncio.wait_for(asyncio.to_thread(_forks_on_and_settings, asyncio.get_running_loop()), 30)
+            await asyncio.sleep(0)  # the loop goes on
 
     loop = new_loop()
     try:
@@ -681,6 +694,91 @@ def test_forks_on_a_loop_are_made_by_its_thread_and_keep_the_starting_threads_se
     assert forking._loop_forks == {}
     with pytest.raises(RuntimeError, match="do not nest"), forking.forks_on(idle), forking.forks_on(idle):
         pass
+
+
+def _runs_a_loop_of_its_own(report: multiprocessing.connection.Connection) -> None:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # no current loop: one is made
+            loop = asyncio.get_event_loop()
+        loop.run_until_complete(asyncio.sleep(0))
+        report.send("ran")
+    except RuntimeError as exc:  # Python 3.14: no current loop, none made
+        report.send("no current loop" if "no current event loop" in str(exc) else repr(exc))
+
+
+def test_a_child_forked_by_the_loops_thread_is_not_handed_that_loop():
+    """asyncio.run makes its loop the main thread's current one: a child forked by that
+    thread (forks_on) must not get it from asyncio.get_event_loop(), a loop running in the
+    parent that it cannot run (Python 3.12 and later forget it in a forked child; yapd's
+    hook does so before)."""
+    recv, send = fork.Pipe(duplex=False)
+
+    def start(loop: asyncio.AbstractEventLoop) -> None:
+        proc = fork.Process(target=_runs_a_loop_of_its_own, args=(send,))
+        with forking.forks_on(loop) as on:
+            proc.start()
+        assert on is not None and on.forks == 1
+        proc.join(30)
+
+    async def main() -> None:
+        await asyncio.to_thread(start, asyncio.get_running_loop())
+
+    asyncio.run(main())
+    assert recv.poll(30) and recv.recv() in ("ran", "no current loop")
+
+
+def _grandchild(report: multiprocessing.connection.Connection) -> None:
+    report.send("grandchild")
+
+
+def _forks_its_own(started: multiprocessing.connection.Connection,
+                   report: multiprocessing.connection.Connection) -> None:
+    # As an EngineCore with tensor parallelism starts its workers: a multiprocessing fork of
+    # its own (through forking's launch, which takes forking's lock).
+    started.send("started")
+    child = fork.Process(target=_grandchild, args=(report,))
+    child.start()
+    child.join(30)
+
+
+def test_a_child_forked_while_another_thread_held_the_lock_can_fork_its_own(monkeypatch: pytest.MonkeyPatch):
+    """forking's lock held by another thread as the loop's thread forks: in the child it
+    would stay held, and the child's own forks wait for it forever."""
+    go = threading.Event()
+    started_recv, started_send = fork.Pipe(duplex=False)
+    report_recv, report_send = fork.Pipe(duplex=False)
+    hand_over = forking._fork_on_loop
+
+    def lock_held_at_the_fork(loop: asyncio.AbstractEventLoop, popen: Any, process_obj: Any) -> Any:
+        done = hand_over(loop, popen, process_obj)
+        with forking._lock:  # this thread holds it while the loop's thread forks
+            go.set()
+            assert started_recv.poll(30), "the child did not start"
+        return done
+
+    monkeypatch.setattr(forking, "_fork_on_loop", lock_held_at_the_fork)
+    proc = fork.Process(target=_forks_its_own, args=(started_send, report_send))
+
+    def start(loop: asyncio.AbstractEventLoop) -> None:
+        with forking.forks_on(loop) as on:
+            proc.start()
+        assert on is not None and on.forks == 1
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_soon(go.wait, 30)  # the loop's thread forks only once the lock is taken
+        await loop.run_in_executor(None, start, loop)
+
+    asyncio.run(main())
+    try:
+        assert report_recv.poll(30) and report_recv.recv() == "grandchild"
+    finally:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
 
 
 # A daemon in miniature: an event loop taking SIGTERM (and SIGUSR1, a marker) through
@@ -715,10 +813,11 @@ async def main(own_handler):
     proc = fork.Process(target=child, args=(own_handler, send))
 
     def start():
-        with forking.forks_on(loop if sys.argv[3] == "main" else None):
+        with forking.forks_on(loop if sys.argv[3] == "main" else None) as on:
             proc.start()
+        return on.forks if on else 0
 
-    await asyncio.to_thread(start)
+    forked_by_main = await asyncio.to_thread(start)
     assert await asyncio.to_thread(recv.poll, 30)
     hangup = recv.recv()
     os.kill(proc.pid, signal.SIGTERM)
@@ -726,7 +825,8 @@ async def main(own_handler):
     # A byte the child wrote to the shared wakeup socket came before this one.
     os.kill(os.getpid(), signal.SIGUSR1)
     await asyncio.wait_for(marker.wait(), 30)
-    print(json.dumps({"exitcode": proc.exitcode, "parent_heard": heard.is_set(), "child_sighup": hangup}))
+    print(json.dumps({"exitcode": proc.exitcode, "parent_heard": heard.is_set(), "child_sighup": hangup,
+                      "forked_by_main": forked_by_main}))
 
 
 if sys.argv[1] == "uvloop":
@@ -748,7 +848,8 @@ def test_a_signal_sent_to_a_forked_child_is_the_childs(loop: str, handler: str, 
                          text=True, timeout=60, cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
     expected = -15 if handler == "loading" else 3
-    assert json.loads(out.stdout) == {"exitcode": expected, "parent_heard": False, "child_sighup": "SIG_IGN"}
+    assert json.loads(out.stdout) == {"exitcode": expected, "parent_heard": False, "child_sighup": "SIG_IGN",
+                                      "forked_by_main": int(forked_by == "main")}
 
 
 def _plugin_in_spawned_child(report: multiprocessing.connection.Connection) -> None:

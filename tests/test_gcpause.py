@@ -139,8 +139,8 @@ def test_a_start_holds_collection_and_a_child_forked_meanwhile_gets_it_back():
 
 
 CORES = r"""
-import gc, json, os, sys, threading, types
-from yapd import gcpause
+import asyncio, gc, json, multiprocessing, os, sys, threading, types
+from yapd import forking, gcpause
 
 def freeze_gc_heap():  # as vLLM's (vllm/utils/gc_utils.py): collect, then freeze
     gc.collect(0); gc.collect(1); gc.collect(2); gc.freeze()
@@ -172,25 +172,53 @@ def fork_and_ask(out, hold):
     os.close(read)
     os.waitpid(pid, 0)
 
+def ask(write):
+    seen = [gc.isenabled()]
+    core = sys.modules.get("vllm.v1.engine.core")
+    if core is not None:
+        core.freeze_gc_heap()
+        seen += [gc.isenabled(), core.freeze_gc_heap is freeze_gc_heap]
+    write.send(seen)
+
+def fork_by_main_and_ask(out, hold, loop):
+    # The fork made by the loop's thread for the worker (engines.fork_from_main_thread)
+    fork = multiprocessing.get_context("fork")
+    read, write = fork.Pipe(duplex=False)
+    proc = fork.Process(target=ask, args=(write,))
+    with gcpause.held_in_cores(hold), forking.forks_on(loop) as on:
+        proc.start()
+    assert on.forks == 1
+    out.append(read.recv())
+    proc.join(30)
+
+async def by_main(out):
+    for hold in (True, False):
+        await asyncio.to_thread(fork_by_main_and_ask, out, hold, asyncio.get_running_loop())
+
 out = []
-for hold in (True, False):
-    t = threading.Thread(target=fork_and_ask, args=(out, hold))
-    t.start(); t.join()
+if sys.argv[3] == "by_main":
+    asyncio.run(by_main(out))
+else:
+    for hold in (True, False):
+        t = threading.Thread(target=fork_and_ask, args=(out, hold))
+        t.start(); t.join()
 print(json.dumps({"children": out, "parent": gc.isenabled()}))
 """
 
 
 @pytest.mark.parametrize("parent", ["held", "on"])
 @pytest.mark.parametrize("module", ["vllm", "none"])
-def test_a_core_forked_in_the_block_collects_only_once_vllm_froze_its_heap(parent, module):
+@pytest.mark.parametrize("forked_by", ["worker", "by_main"])
+def test_a_core_forked_in_the_block_collects_only_once_vllm_froze_its_heap(parent, module, forked_by):
     """engines.hold_gc_in_core_start: an EngineCore forked inside held_in_cores starts with
     collection off, on again once vLLM's own freeze_gc_heap has run (put back as it was);
-    a fork outside the block, or where no vLLM core module is loaded, has it as without."""
+    a fork outside the block, or where no vLLM core module is loaded, has it as without.
+    by_main: the worker's fork made by the loop's thread (engines.fork_from_main_thread)."""
     import json
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", CORES, module, parent], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", CORES, module, parent, forked_by], capture_output=True, text=True,
                          timeout=60, check=True)
     seen = json.loads(out.stdout)
     in_block, outside = seen["children"]

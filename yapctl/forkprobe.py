@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from yapctl.heapprobe import build_up_arena, in_a_worker
 from yapd import forking
 from yapd.mps import PIPE_ENV
 
@@ -59,16 +60,6 @@ def prepare(parent: str) -> None:
         from yapd.engines.vllm import gpu_capability
 
         gpu_capability()  # through NVML, as yapd asks before its engines start
-
-
-def build_up_arena() -> list[Any]:
-    """This thread's malloc arena as a start leaves it in a worker thread: much allocated,
-    a third of it freed again in between (held by the caller until its child exists)."""
-    import numpy as np
-
-    kept: list[Any] = [bytearray(50_000) for _ in range(4000)] + [np.zeros(100_000) for _ in range(50)]
-    del kept[::3]
-    return kept
 
 
 def time_ops(device: str, iterations: int) -> dict[str, float]:
@@ -159,15 +150,8 @@ def run_child(way: str, parent: str, device: str, iterations: int, timeout: floa
             proc.start()
         del kept
 
-    async def start_by_main() -> None:
-        await asyncio.to_thread(start_in_worker, asyncio.get_running_loop())
-
-    if way == "fork_thread":
-        starter = threading.Thread(target=start_in_worker, args=(None,))
-        starter.start()
-        starter.join()
-    elif way == "fork_by_main":
-        asyncio.run(start_by_main())
+    if way in ("fork_thread", "fork_by_main"):
+        in_a_worker(start_in_worker, by_main=way == "fork_by_main")
     else:
         proc.start()
     try:

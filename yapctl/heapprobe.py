@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -107,18 +108,26 @@ def fork_one(way: str, steps: int, kind: str = "buffers") -> dict[str, Any]:
         made.update(got, by_main=bool(on and on.forks), steady_heap=settings.steady_heap)
         del kept
 
-    async def by_main() -> None:
-        await asyncio.to_thread(start, asyncio.get_running_loop())
-
     if way == "main":
         start(None)
-    elif way == "by_main":
-        asyncio.run(by_main())
+    else:
+        in_a_worker(start, by_main=way == "by_main")
+    return made
+
+
+def in_a_worker(start: Callable[[asyncio.AbstractEventLoop | None], None], by_main: bool) -> None:
+    """Run ``start`` in a worker thread, as yapd runs vLLM's start. ``by_main``: with an
+    event loop running on this thread meanwhile, handed to ``start`` (for its
+    ``forking.forks_on``); else None."""
+    if by_main:
+        async def main() -> None:
+            await asyncio.to_thread(start, asyncio.get_running_loop())
+
+        asyncio.run(main())
     else:
         worker = threading.Thread(target=start, args=(None,))
         worker.start()
         worker.join()
-    return made
 
 
 def measure(way: str, steps: int, torch: bool = False, kind: str = "buffers") -> dict[str, Any]:

@@ -196,41 +196,63 @@ def _wrap_fork_launch() -> None:
 
 
 def _launch(popen: Any, process_obj: Any) -> None:
-    me = threading.get_ident()
+    """multiprocessing's fork (``Popen._launch``) for the calling thread: made on the loop
+    of its ``forks_on`` block, else here (no block, the call comes from the loop's own
+    thread, or that loop has stopped)."""
     with _lock:
-        forks = _loop_forks.get(me)
+        forks = _loop_forks.get(threading.get_ident())
     if forks is None:
         return _fork_launch(popen, process_obj)
+    if _running_loop() is forks.loop:  # asked on the loop's thread: waiting for it would never end
+        forks.forks += 1
+        return _fork_launch(popen, process_obj)
+    done = _fork_on_loop(forks.loop, popen, process_obj)
+    while not done.done():
+        concurrent.futures.wait([done], timeout=LOOP_CHECK_S)
+        if not done.done() and not forks.loop.is_running():
+            done.cancel()  # False once the loop's thread has begun the fork: it is then waited for
+    if done.cancelled():
+        forks.here += 1
+        return _fork_launch(popen, process_obj)
+    done.result()  # what the fork raised, if it failed
+    forks.forks += 1
+    return None
+
+
+def _fork_on_loop(loop: asyncio.AbstractEventLoop, popen: Any, process_obj: Any) -> concurrent.futures.Future[None]:
+    """Hand the calling thread's fork to ``loop``'s thread; the future is done once it is
+    made there, or cancelled where the loop is closed. The hooks of the fork look up the
+    calling thread (forking_for)."""
+    me = threading.get_ident()
     done: concurrent.futures.Future[None] = concurrent.futures.Future()
 
-    def fork_on_loop() -> None:
+    def fork() -> None:
         if not done.set_running_or_notify_cancel():
             return  # the thread it was for gave up waiting and forked itself
-        _acting.thread = me
+        _acting.thread = me  # left so in the child: its hooks, and those of its own forks, read it
         try:
             _fork_launch(popen, process_obj)  # in the child this runs the target and exits
         except BaseException as exc:
             done.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, SystemExit: the loop's thread's own as well
         else:
             done.set_result(None)
         finally:
             _acting.thread = None
 
     try:
-        forks.loop.call_soon_threadsafe(fork_on_loop)
+        loop.call_soon_threadsafe(fork)
     except RuntimeError:  # the loop is closed
         done.cancel()
-    while not done.cancelled():
-        try:
-            done.result(timeout=LOOP_CHECK_S)
-        except concurrent.futures.TimeoutError:
-            if not forks.loop.is_running():
-                done.cancel()  # False once the loop's thread has begun the fork
-            continue
-        forks.forks += 1
+    return done
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
         return None
-    forks.here += 1
-    return _fork_launch(popen, process_obj)
 
 
 def protect(sock: _Listener) -> None:
@@ -320,12 +342,17 @@ def _after_in_parent() -> None:
 
 
 def _after_in_child() -> None:
-    # No lock here: another thread may have held it at the fork, and it stays held. The
-    # child's one thread is the one that forked, with the same id. yapd's sockets go
-    # first: nothing after them may keep a child from dropping them.
+    # The lock: another thread may have held it at the fork, and it would stay held; the
+    # child's own forks (a core's workers) take it. The child's one thread is the one that
+    # forked, with the same id. yapd's sockets go first: nothing after them may keep a
+    # child from dropping them.
+    global _lock
+    _lock = threading.Lock()
     reset_signals()
     drop_protected()
     _loop_forks.clear()  # the child has no loop running to fork on
+    if sys.version_info < (3, 12):
+        _forget_event_loop()
     settings = _child_settings.get(forking_for())
     if settings is not None:
         os.environ.update(settings.env)
@@ -333,6 +360,16 @@ def _after_in_child() -> None:
             sys.setswitchinterval(settings.switch_interval_s)
         if settings.steady_heap:
             _steady_heap()
+
+
+def _forget_event_loop() -> None:
+    """In a freshly forked child, as asyncio does itself from Python 3.12: no current event
+    loop. A child forked by the loop's thread (forks_on) would otherwise be handed the
+    parent's loop by ``asyncio.get_event_loop()``, a loop it cannot run."""
+    policy = getattr(asyncio.events, "_event_loop_policy", None)
+    local = getattr(policy, "_local", None)
+    if local is not None:
+        policy._local = type(local)()  # type: ignore[union-attr]
 
 
 def reset_signals() -> None:

@@ -392,11 +392,12 @@ class VllmEngine(Engine):
                 log.info("EngineCore started by %s: engines.fork_from_main_thread is for forked cores role=%s",
                          used, self.role)
             return
-        self.core_forked_by_main = on.forks > 0
+        self.core_forked_by_main = on.forks > 0 and not on.here
         if self.core_forked_by_main:
             log.info("EngineCore forked by yapd's main thread role=%s", self.role)
         else:
-            why = "yapd's event loop had stopped" if on.here else "no fork of vLLM's start was made in its thread"
+            why = f"yapd's event loop had stopped ({on.here} of {on.here + on.forks} forks)" if on.here else \
+                "no fork of vLLM's start was made in its thread"
             log.warning("EngineCore not forked by yapd's main thread: %s role=%s", why, self.role)
 
     def _record_plan(self, before: tuple[int, int] | None, since: float) -> None:
