@@ -38,7 +38,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing import popen_fork
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 
 class _Listener(Protocol):
@@ -48,6 +48,7 @@ class _Listener(Protocol):
     def getsockname(self) -> Any: ...
 
 
+_T = TypeVar("_T")
 _lock = threading.Lock()
 _ports: set[int] = set()
 _paths: set[str] = set()
@@ -170,17 +171,23 @@ def forks_on(loop: asyncio.AbstractEventLoop | None) -> Iterator[LoopForks | Non
         return
     _install()
     _wrap_fork_launch()
-    me = threading.get_ident()
-    forks = LoopForks(loop)
-    with _lock:
-        if me in _loop_forks:
-            raise RuntimeError("forks_on blocks do not nest")
-        _loop_forks[me] = forks
-    try:
+    with _this_threads(_loop_forks, LoopForks(loop), "forks_on") as forks:
         yield forks
+
+
+@contextlib.contextmanager
+def _this_threads(blocks: dict[int, _T], block: _T, name: str) -> Iterator[_T]:
+    """``block`` as the calling thread's entry in ``blocks`` for the with-block."""
+    me = threading.get_ident()
+    with _lock:
+        if me in blocks:
+            raise RuntimeError(f"{name} blocks do not nest")
+        blocks[me] = block
+    try:
+        yield block
     finally:
         with _lock:
-            _loop_forks.pop(me, None)
+            blocks.pop(me, None)
 
 
 def _wrap_fork_launch() -> None:
@@ -312,16 +319,8 @@ def child_settings(env: Mapping[str, str], switch_interval_s: float | None = Non
         yield settings
         return
     _install()
-    me = threading.get_ident()
-    with _lock:
-        if me in _child_settings:
-            raise RuntimeError("child_settings blocks do not nest")
-        _child_settings[me] = settings
-    try:
+    with _this_threads(_child_settings, settings, "child_settings"):
         yield settings
-    finally:
-        with _lock:
-            _child_settings.pop(me, None)
 
 
 def _install() -> None:
