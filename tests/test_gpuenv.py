@@ -719,10 +719,11 @@ class _Engine:
     ``stats``, its outputs carry request stats as vLLM's do with them on; ``cached``, the
     prompt tokens found in its prefix cache (vLLM's always say)."""
 
-    def __init__(self, texts: list[str], stats: bool = False, cached: int | None = None) -> None:
+    def __init__(self, texts: list[str], stats: bool = False, cached: int | None = None, step_s: float = 0.001) -> None:
         self.texts = texts
         self.stats = stats
         self.cached = cached
+        self.step_s = step_s
         self.prompts: list[list[int]] = []
         self.closed_early = 0
 
@@ -735,7 +736,7 @@ class _Engine:
         sent = 0
         try:
             for text in self.texts:
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(self.step_s)
                 if metrics is not None and not metrics.first_token_ts:
                     metrics.scheduled_ts, metrics.first_token_ts = queued + 0.0005, time.monotonic()
                 sent += 1
@@ -743,6 +744,59 @@ class _Engine:
         finally:
             if sent < len(self.texts):
                 self.closed_early += 1
+
+
+def tool_stand_in(texts: list[str], step_s: float = 0.001) -> tuple[_Engine, None]:
+    """yapctl.toolfront's factory for a stand-in tool engine (request stats on, nothing cached)."""
+    return _Engine(texts, stats=True, cached=0, step_s=step_s), None
+
+
+def failing_tool(texts: list[str]) -> tuple[_Engine, None]:
+    raise ValueError("no such model")
+
+
+async def test_a_tool_front_end_of_its_own_decides_turns_in_its_process():
+    """gpubench's rawsplit phase: raw's tool engine in a spawned process of its own deciding
+    the turns raw sends it, side by side, on the turn's clock (the host's one monotonic
+    clock), with its stamps; raw's turn and processes as with the tool in-process; a
+    factory that fails is a clear error at the start; the child ends at the shutdown."""
+    from yapctl.gpubench import RawEngines, raw_level
+    from yapctl.toolfront import RemoteTool
+
+    tool = RemoteTool.start("tests.test_gpuenv:tool_stand_in", [["[]\n\n", "never read"]], ["get_weather"])
+    try:
+        assert tool.pid != os.getpid()
+        t0, t0_monotonic = time.perf_counter(), time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*(tool.decide([20, i], t0, t0_monotonic) for i in range(4))),
+                                         30)
+        for first, done, first_turn, stamps in results:
+            assert first is not None and first_turn is not None and 0 <= first <= done and first <= first_turn
+            assert stamps["cached_tokens"] == 0 and 0 <= stamps["queued_ms"] <= stamps["first_token_ms"] <= first_turn
+        raw = RawEngines(_Engine(["Hel", "lo"], cached=16), tool, lambda i: ([10, i], [20, i]), ["get_weather"],
+                         "chats_then_tools", None, None)
+        level = raw_level([await raw.turn(1), await raw.turn(2)])
+        assert level["turns"] == 2 and level["tool_ms"]["p50"] is not None and level["ttft_gated_ms"]["p50"] is not None
+        assert level["tool_queued_ms"]["p50"] is not None  # the child's stamps reached the turn
+        assert raw.processes() == {"front": os.getpid(), "tool_front": tool.pid}  # stand-ins: no EngineCores
+    finally:
+        tool.shutdown()
+    assert not tool._proc.is_alive() and tool._proc.exitcode == 0
+    with pytest.raises(RuntimeError, match="did not start: ValueError: no such model"):
+        RemoteTool.start("tests.test_gpuenv:failing_tool", [[]], ["get_weather"])
+
+
+async def test_turns_waiting_on_a_tool_front_end_that_dies_fail_at_once():
+    from yapctl.toolfront import RemoteTool
+
+    tool = RemoteTool.start("tests.test_gpuenv:tool_stand_in", [["[]\n\n"], 30.0], ["get_weather"])
+    try:
+        waiting = asyncio.ensure_future(tool.decide([20, 1], time.perf_counter(), time.monotonic()))
+        await asyncio.sleep(0)  # sent
+        os.kill(tool.pid, 9)
+        with pytest.raises(RuntimeError, match="front end is gone"):
+            await asyncio.wait_for(waiting, 30)
+    finally:
+        tool.shutdown()
 
 
 async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_first_output_on_both_clocks():

@@ -47,6 +47,7 @@ from yapctl.bench import (
     turn_utterance,
 )
 from yapctl.client import AdminClient
+from yapctl.toolfront import RemoteTool, decide, keep_stamps, vllm_tool
 from yapd import config
 from yapd.config import Config, EnginesConfig, TurnConfig
 from yapd.mps import NO_BINARY, MpsDaemon
@@ -824,7 +825,10 @@ class RawEngines:
 
     @classmethod
     def start(cls, cfg: Config, prompts: Callable[[int], tuple[list[int], list[int]]], order: str,
-              start_method: str = "spawn") -> RawEngines:
+              start_method: str = "spawn", split_tool: bool = False) -> RawEngines:
+        """Both engines in this process, or with ``split_tool`` the tool's in a process of
+        its own (yapctl.toolfront), started once the chat's has loaded (each sizes its KV
+        cache from the memory it finds free)."""
         from vllm import AsyncEngineArgs, SamplingParams
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -836,47 +840,43 @@ class RawEngines:
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = start_method
         chat = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("chat", cfg, cfg.chat.model,
                                                                           gpu_capability())))
-        tool = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs("tool", cfg, cfg.tool.model,
-                                                                          gpu_capability())))
+        tool_kwargs = engine_kwargs("tool", cfg, cfg.tool.model, gpu_capability())
+        names = [x.name for x in cfg.tools]
+        tool, tool_sp = (RemoteTool.start("yapctl.toolfront:vllm_tool", [tool_kwargs], names), None) if split_tool \
+            else vllm_tool(tool_kwargs)
         chat_sp = SamplingParams(max_tokens=200, min_tokens=200, ignore_eos=True, temperature=0.8, top_p=0.95,
                                  output_kind=RequestOutputKind.DELTA)
-        # No stop string, as yapd asks: vLLM would hold a one-character first token back a step.
-        tool_sp = SamplingParams(max_tokens=96, temperature=0.0, top_k=1, output_kind=RequestOutputKind.DELTA)
-        return cls(chat, tool, prompts, [x.name for x in cfg.tools], order, chat_sp, tool_sp,
-                   os.environ.get("VLLM_WORKER_MULTIPROC_METHOD"))
+        return cls(chat, tool, prompts, names, order, chat_sp, tool_sp, os.environ.get("VLLM_WORKER_MULTIPROC_METHOD"))
 
     def shutdown(self) -> None:
         self.chat.shutdown()
         self.tool.shutdown()
 
     def processes(self) -> dict[str, int]:
-        """This process (raw's front end, and the bench) and the engines' EngineCores."""
+        """This process (raw's front end, and the bench), the tool's front end where it has
+        one of its own, and the engines' EngineCores."""
         from yapd.engines.vllm import core_pid
 
         pids = {"front": os.getpid()}
-        for role, llm in (("chat", self.chat), ("tool", self.tool)):
-            if (pid := core_pid(llm)) is not None:
-                pids[role] = pid
+        cores = {"chat": core_pid(self.chat)}
+        if isinstance(self.tool, RemoteTool):
+            pids["tool_front"] = self.tool.pid
+            cores["tool"] = self.tool.core_pid
+        else:
+            cores["tool"] = core_pid(self.tool)
+        pids.update({role: pid for role, pid in cores.items() if pid is not None})
         return pids
 
     async def _tool(self, i: int, turn_t0: float, engine_stamps: dict[str, dict[str, float]],
                     t0_monotonic: float) -> tuple[float | None, float, float | None]:
-        from yapd.engines.vllm import token_prompt
-        from yapd.toolcall import DecisionReader
-
-        t0 = time.perf_counter()
-        first = first_turn = None
-        reader = DecisionReader(self.tool_names)
-        gen = self.tool.generate(token_prompt(self.prompts(i)[1]), self.tool_sp, uuid.uuid4().hex)
-        async for out in gen:
-            if first is None:
-                now = time.perf_counter()
-                first, first_turn = (now - t0) * 1000, (now - turn_t0) * 1000
-                _keep_stamps(engine_stamps, "tool", out, t0_monotonic)
-            if reader.feed(out.outputs[0].text) is not None:
-                break
-        done = (time.perf_counter() - t0) * 1000
-        await gen.aclose()  # the abort, as yapd sends it once the decision is out
+        prompt = self.prompts(i)[1]
+        if isinstance(self.tool, RemoteTool):
+            first, done, first_turn, stamps = await self.tool.decide(prompt, turn_t0, t0_monotonic)
+        else:
+            first, done, first_turn, stamps = await decide(self.tool, prompt, self.tool_sp, self.tool_names,
+                                                           turn_t0, t0_monotonic)
+        if stamps:
+            engine_stamps["tool"] = stamps
         return first, done, first_turn
 
     async def turn(self, i: int) -> RawTurn:
@@ -892,7 +892,7 @@ class RawEngines:
             if out.outputs[0].token_ids:
                 now = time.perf_counter()
                 if not token_stamps:
-                    _keep_stamps(engine_stamps, "chat", out, t0_monotonic)
+                    keep_stamps(engine_stamps, "chat", out, t0_monotonic)
                 token_stamps.append(now)
                 if out.outputs[0].text:
                     stamps.append(now)
@@ -902,20 +902,6 @@ class RawEngines:
         return RawTurn((stamps[0] - t0) * 1000 if stamps else None, gaps(stamps), tool_first, tool_done,
                        gaps(token_stamps), (token_stamps[0] - t0) * 1000 if token_stamps else None,
                        tool_first_turn, engine_stamps, t0_monotonic * 1000)
-
-
-def _keep_stamps(into: dict[str, dict[str, float]], role: str, out: Any, t0_monotonic: float) -> None:
-    """What a first output says of its request, as yapd's done timings name it: the engine's
-    stamps (yapd.engines.vllm.request_stamps) as ms on the turn's clock where the engine
-    keeps them, and the prompt tokens its prefix cache held."""
-    from yapd.engines.vllm import request_stamps
-
-    st = request_stamps(getattr(out, "metrics", None))
-    said = st.ms_since(t0_monotonic) if st is not None else {}
-    if isinstance(cached := getattr(out, "num_cached_tokens", None), int):
-        said["cached_tokens"] = cached
-    if said:
-        into[role] = said
 
 
 WAY_OUT_HEAD = ("first token from its EngineCore's stamp to the front end holding it, chat / tool: "
@@ -996,20 +982,24 @@ def raw_prompts(s: Setup, cfg: Config) -> TurnPrompts:
     return tp
 
 
-async def phase_raw(res: Results, s: Setup) -> None:
+async def phase_raw(res: Results, s: Setup, section: str = "raw", split_tool: bool = False) -> None:
+    """raw: both engines' front ends in this process (as yapd has them); raw_split (the
+    ``rawsplit`` phase): the tool's in a process of its own (yapctl.toolfront)."""
     cfg = s.config()
     tp = raw_prompts(s, cfg)
     chat_ids, tool_ids = tp.turn(0)
-    res.put("raw", "prompt_tokens", {"chat": len(chat_ids), "tool": len(tool_ids)})
+    res.put(section, "prompt_tokens", {"chat": len(chat_ids), "tool": len(tool_ids)})
     t0 = time.perf_counter()
-    raw = RawEngines.start(cfg, tp.turn, s.raw_order, s.raw_start_method)
-    res.put("raw", "start_s", round(time.perf_counter() - t0, 1))
-    res.put("raw", "start_method", {"asked": s.raw_start_method, "used": raw.start_method})
+    raw = RawEngines.start(cfg, tp.turn, s.raw_order, s.raw_start_method, split_tool)
+    res.put(section, "start_s", round(time.perf_counter() - t0, 1))
+    res.put(section, "start_method", {"asked": s.raw_start_method, "used": raw.start_method})
     try:
         for c in s.levels:
             with watching(s, c, raw.processes()) as figures:
                 level = raw_level(await at_level(c, raw.turn, s.rounds))
-            res.put("raw", f"c{c}", {**level, **figures(level["turns"] + c)})
+            res.put(section, f"c{c}", {**level, **figures(level["turns"] + c)})
+        if split_tool:
+            return
         if s.profile_level:  # the same window as yapd's, on raw's own loop
             from yapd.loopprofile import LoopProfiler
 
@@ -1445,11 +1435,11 @@ def markdown(data: dict[str, Any]) -> str:
     def two(sec: str, lvl: str, metric: str, a: str, b: str) -> str:
         return f"{g(sec, lvl, metric, a)} / {g(sec, lvl, metric, b)}"
 
-    latency = any(sec in data for sec in ("yapd", "raw", "serve"))
+    latency = any(sec in data for sec in ("yapd", "raw", "raw_split", "serve"))
     if not latency:  # a start-time-only (or set-up only) run
         lines = [f"# yapd engine start: {data.get('machine')} ({data.get('date')}, vLLM {data.get('vllm')})", "",
                  *run_conditions(data.get("setup", {}))]
-    shown = sorted({int(k[1:]) for sec in ("yapd", "raw", "serve") for k in data.get(sec, {})
+    shown = sorted({int(k[1:]) for sec in ("yapd", "raw", "raw_split", "serve") for k in data.get(sec, {})
                     if k[:1] == "c" and k[1:].isdigit()})
     for c in shown if latency else ():
         lvl = f"c{c}"
@@ -1469,6 +1459,12 @@ def markdown(data: dict[str, Any]) -> str:
                          f"{two('serve', wt, 'ttft_gated_ms', 'p50', 'p95')} (with tool server) |")
             lines.append(f"| {c} | TTFT, vllm serve beside a tool server, chat alone counted, p50 / p95 ms | - | - | "
                          f"{two('serve', wt, 'ttft_ms', 'p50', 'p95')} |")
+        if lvl in data.get("raw_split", {}):
+            lines.append(f"| {c} | raw with the tool's front end in a process of its own: TTFT held for the "
+                         f"decision p50 / p95 ms; TTFT; tool decision | - | "
+                         f"{two('raw_split', lvl, 'ttft_gated_ms', 'p50', 'p95')}; "
+                         f"{two('raw_split', lvl, 'ttft_ms', 'p50', 'p95')}; "
+                         f"{two('raw_split', lvl, 'tool_ms', 'p50', 'p95')} | - |")
         lines.append(f"| {c} | ITL p50 / p99 ms | {two('yapd', lvl, 'itl_ms', 'p50', 'p99')} | "
                      f"{two('raw', lvl, 'itl_ms', 'p50', 'p99')} | {two('serve', lvl, 'itl_ms', 'p50', 'p99')} |")
         lines.append(f"| {c} | ITL per token p50 / p99 ms | - | {two('raw', lvl, 'itl_token_ms', 'p50', 'p99')} | - |")
@@ -1604,9 +1600,13 @@ def _run(main: Coroutine[Any, Any, None], loop: str) -> None:
 # The phases that start yapd: under --mps yapd runs its own MPS daemon there.
 YAPD_PHASES = {"yapd", "startup", "warm"}
 
+async def phase_rawsplit(res: Results, s: Setup) -> None:
+    await phase_raw(res, s, "raw_split", split_tool=True)
+
+
 PHASES: dict[str, Callable[[Results, Setup], Coroutine[Any, Any, None]]] = {
-    "yapd": phase_yapd, "raw": phase_raw, "serve": phase_serve, "startup": phase_startup, "warm": phase_warm,
-    "spawn": phase_spawn, "pair": phase_pair}
+    "yapd": phase_yapd, "raw": phase_raw, "rawsplit": phase_rawsplit, "serve": phase_serve,
+    "startup": phase_startup, "warm": phase_warm, "spawn": phase_spawn, "pair": phase_pair}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1615,7 +1615,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs/bench"))
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "yap-gpubench")
     p.add_argument("--phases", default="yapd,raw,serve",
-                   help="comma-separated: yapd, raw, serve, startup, warm, spawn; empty for only the set-up "
+                   help="comma-separated: yapd, raw, rawsplit (raw with the tool engine's front end in a process "
+                        "of its own), serve, startup, warm, spawn, pair; empty for only the set-up "
                         "(--compile-bytecode, say)")
     p.add_argument("--levels", default=",".join(map(str, LEVELS)))
     p.add_argument("--rounds", type=int, default=ROUNDS, help="lockstep rounds per level (p95s want many)")
