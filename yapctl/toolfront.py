@@ -135,7 +135,7 @@ class RemoteTool:
                     answer.set_result(tuple(value))
                 else:
                     answer.set_exception(RuntimeError(f"the tool's front end: {value}"))
-        except (EOFError, OSError) as exc:  # the child is gone: every turn waiting on it fails
+        except Exception as exc:  # the child is gone (or said nonsense): every turn waiting on it fails
             assert self._loop is not None
             self._loop.remove_reader(self._conn.fileno())
             for answer in self._waiting.values():
