@@ -746,9 +746,38 @@ class _Engine:
                 self.closed_early += 1
 
 
-def tool_stand_in(texts: list[str], step_s: float = 0.001) -> tuple[_Engine, None]:
+class _FailingOn(_Engine):
+    """A stand-in whose requests for a prompt ending in ``fail_on`` fail."""
+
+    def __init__(self, texts: list[str], fail_on: int, **kwargs: Any) -> None:
+        super().__init__(texts, **kwargs)
+        self.fail_on = fail_on
+
+    async def generate(self, prompt: Any, sp: Any, request_id: str) -> Any:
+        if prompt["prompt_token_ids"][-1] == self.fail_on:
+            raise ValueError("the engine refused the request")
+        async for out in super().generate(prompt, sp, request_id):
+            yield out
+
+
+def tool_stand_in(texts: list[str], step_s: float = 0.001, fail_on: int = -1) -> tuple[_Engine, None]:
     """yapctl.toolfront's factory for a stand-in tool engine (request stats on, nothing cached)."""
-    return _Engine(texts, stats=True, cached=0, step_s=step_s), None
+    return _FailingOn(texts, fail_on, stats=True, cached=0, step_s=step_s), None
+
+
+def tool_with_a_core(texts: list[str], step_s: float) -> tuple[Any, None]:
+    """A stand-in tool engine with a process of its own, as vLLM's EngineCore is: forked, so
+    it holds the front end's end of the pipe too; found where yapd looks for a core's pid."""
+    from types import SimpleNamespace
+
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(120)
+        os._exit(0)
+    engine: Any = _Engine(texts, step_s=step_s)
+    engine.engine_core = SimpleNamespace(resources=SimpleNamespace(
+        engine_manager=SimpleNamespace(processes=[SimpleNamespace(pid=pid)])))
+    return engine, None
 
 
 def failing_tool(texts: list[str]) -> tuple[_Engine, None]:
@@ -763,7 +792,7 @@ async def test_a_tool_front_end_of_its_own_decides_turns_in_its_process():
     from yapctl.gpubench import RawEngines, raw_level
     from yapctl.toolfront import RemoteTool
 
-    tool = RemoteTool.start("tests.test_gpuenv:tool_stand_in", [["[]\n\n", "never read"]], ["get_weather"])
+    tool = RemoteTool.start("tests.test_gpuenv:tool_stand_in", [["[]\n\n", "never read"], 0.2, 13], ["get_weather"])
     try:
         assert tool.pid != os.getpid()
         t0, t0_monotonic = time.perf_counter(), time.monotonic()
@@ -772,6 +801,11 @@ async def test_a_tool_front_end_of_its_own_decides_turns_in_its_process():
         for first, done, first_turn, stamps in results:
             assert first is not None and first_turn is not None and 0 <= first <= done and first <= first_turn
             assert stamps["cached_tokens"] == 0 and 0 <= stamps["queued_ms"] <= stamps["first_token_ms"] <= first_turn
+        # Side by side in the child: each first output a 0.2 s step after the turn began, not one after another.
+        assert max(r[2] for r in results if r[2] is not None) < 400, results
+        # A request the engine refuses fails its own turn only.
+        with pytest.raises(RuntimeError, match="the tool's front end: ValueError: the engine refused the request"):
+            await asyncio.wait_for(tool.decide([20, 13], t0, t0_monotonic), 30)
         raw = RawEngines(_Engine(["Hel", "lo"], cached=16), tool, lambda i: ([10, i], [20, i]), ["get_weather"],
                          "chats_then_tools", None, None)
         level = raw_level([await raw.turn(1), await raw.turn(2)])
@@ -785,18 +819,56 @@ async def test_a_tool_front_end_of_its_own_decides_turns_in_its_process():
         RemoteTool.start("tests.test_gpuenv:failing_tool", [[]], ["get_weather"])
 
 
-async def test_turns_waiting_on_a_tool_front_end_that_dies_fail_at_once():
+@pytest.mark.parametrize("factory", ["tool_stand_in", "tool_with_a_core"])
+async def test_turns_waiting_on_a_tool_front_end_that_dies_fail_at_once(factory: str):
+    """The child killed with a turn waiting: that turn fails, and every later one at once.
+    With a core process of its own holding the pipe open (vLLM's EngineCore, forked from
+    the front end) its end is seen all the same, and that core goes with it."""
     from yapctl.toolfront import RemoteTool
 
-    tool = RemoteTool.start("tests.test_gpuenv:tool_stand_in", [["[]\n\n"], 30.0], ["get_weather"])
+    tool = RemoteTool.start(f"tests.test_gpuenv:{factory}", [["[]\n\n"], 30.0], ["get_weather"])
     try:
         waiting = asyncio.ensure_future(tool.decide([20, 1], time.perf_counter(), time.monotonic()))
         await asyncio.sleep(0)  # sent
         os.kill(tool.pid, 9)
         with pytest.raises(RuntimeError, match="front end is gone"):
             await asyncio.wait_for(waiting, 30)
+        with pytest.raises(RuntimeError, match="front end is gone"):
+            await asyncio.wait_for(tool.decide([20, 2], time.perf_counter(), time.monotonic()), 5)
+        if tool.core_pid is not None:
+            assert _gone(tool.core_pid, 10), "the core outlived its front end"
     finally:
         tool.shutdown()
+        if tool.core_pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(tool.core_pid, 9)
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    """Whether ``pid`` has ended (or is a zombie no one has reaped yet) within ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.02)  # another process's end: nothing here to wait on
+    return False
+
+
+def test_the_table_has_a_row_for_raw_with_the_tools_front_end_apart():
+    data = {"date": "2026-12-05", "machine": "H200", "vllm": "0.26.0",
+            "raw": {"c16": {"ttft_ms": {"p50": 70.0, "p95": 85.0}}},
+            "raw_split": {"c16": {"ttft_gated_ms": {"p50": 64.5, "p95": 80.25}, "ttft_ms": {"p50": 63.0, "p95": 79.0},
+                                  "tool_ms": {"p50": 40.0, "p95": 55.0}, "itl_ms": {"p50": 6.0, "p99": 12.5},
+                                  "cpu_ms_per_turn": {"front": 12.5, "tool_front": 3.25, "chat": 600.0}}}}
+    rows = [line for line in markdown(data).splitlines() if line.startswith("| 16 | raw with the tool")]
+    assert rows == ["| 16 | raw with the tool's front end in a process of its own: TTFT held for the decision p50 / p95 "
+                    "ms; TTFT; tool decision (sent -> answer read); ITL p50 / p99; CPU ms per turn: front end / "
+                    "tool's front end / chat EngineCore / tool EngineCore | - | 64.5 / 80.25; 63 / 79; 40 / 55; "
+                    "6 / 12.5; 12.5 / 3.25 / 600 / - | - |"]
 
 
 async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_first_output_on_both_clocks():

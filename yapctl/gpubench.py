@@ -47,7 +47,7 @@ from yapctl.bench import (
     turn_utterance,
 )
 from yapctl.client import AdminClient
-from yapctl.toolfront import RemoteTool, decide, keep_stamps, vllm_tool
+from yapctl.toolfront import RemoteTool, decide, keep_stamps, run_loop, vllm_tool
 from yapd import config
 from yapd.config import Config, EnginesConfig, TurnConfig
 from yapd.mps import NO_BINARY, MpsDaemon
@@ -825,7 +825,7 @@ class RawEngines:
 
     @classmethod
     def start(cls, cfg: Config, prompts: Callable[[int], tuple[list[int], list[int]]], order: str,
-              start_method: str = "spawn", split_tool: bool = False) -> RawEngines:
+              start_method: str = "spawn", split_tool: bool = False, loop: str = "asyncio") -> RawEngines:
         """Both engines in this process, or with ``split_tool`` the tool's in a process of
         its own (yapctl.toolfront), started once the chat's has loaded (each sizes its KV
         cache from the memory it finds free)."""
@@ -842,8 +842,12 @@ class RawEngines:
                                                                           gpu_capability())))
         tool_kwargs = engine_kwargs("tool", cfg, cfg.tool.model, gpu_capability())
         names = [x.name for x in cfg.tools]
-        tool, tool_sp = (RemoteTool.start("yapctl.toolfront:vllm_tool", [tool_kwargs], names), None) if split_tool \
-            else vllm_tool(tool_kwargs)
+        try:
+            tool, tool_sp = (RemoteTool.start("yapctl.toolfront:vllm_tool", [tool_kwargs], names, loop), None) \
+                if split_tool else vllm_tool(tool_kwargs)
+        except BaseException:
+            chat.shutdown()  # its GPU memory, for the phases after this one
+            raise
         chat_sp = SamplingParams(max_tokens=200, min_tokens=200, ignore_eos=True, temperature=0.8, top_p=0.95,
                                  output_kind=RequestOutputKind.DELTA)
         return cls(chat, tool, prompts, names, order, chat_sp, tool_sp, os.environ.get("VLLM_WORKER_MULTIPROC_METHOD"))
@@ -990,7 +994,7 @@ async def phase_raw(res: Results, s: Setup, section: str = "raw", split_tool: bo
     chat_ids, tool_ids = tp.turn(0)
     res.put(section, "prompt_tokens", {"chat": len(chat_ids), "tool": len(tool_ids)})
     t0 = time.perf_counter()
-    raw = RawEngines.start(cfg, tp.turn, s.raw_order, s.raw_start_method, split_tool)
+    raw = RawEngines.start(cfg, tp.turn, s.raw_order, s.raw_start_method, split_tool, s.event_loop)
     res.put(section, "start_s", round(time.perf_counter() - t0, 1))
     res.put(section, "start_method", {"asked": s.raw_start_method, "used": raw.start_method})
     try:
@@ -999,7 +1003,7 @@ async def phase_raw(res: Results, s: Setup, section: str = "raw", split_tool: bo
                 level = raw_level(await at_level(c, raw.turn, s.rounds))
             res.put(section, f"c{c}", {**level, **figures(level["turns"] + c)})
         if split_tool:
-            return
+            return  # the profile and the order probe are of both engines' clients in this process
         if s.profile_level:  # the same window as yapd's, on raw's own loop
             from yapd.loopprofile import LoopProfiler
 
@@ -1015,6 +1019,10 @@ async def phase_raw(res: Results, s: Setup, section: str = "raw", split_tool: bo
                                                             3 * s.rounds))
     finally:
         raw.shutdown()
+
+
+async def phase_rawsplit(res: Results, s: Setup) -> None:
+    await phase_raw(res, s, "raw_split", split_tool=True)
 
 
 async def phase_pair(res: Results, s: Setup) -> None:
@@ -1420,7 +1428,8 @@ def markdown(data: dict[str, Any]) -> str:
                     else "as yapd's token ids")
     lines = [f"# yapd vs raw vLLM vs vllm serve: {data.get('machine')} ({data.get('date')}, vLLM {data.get('vllm')})",
              "", "Chat: Mistral-NeMo-12B shape, FP8 weights + FP8 KV, 0.70 of GPU memory; tool: Hammer-2.1-3B "
-             "shape, bf16, 0.20; both in one process; dummy weights. Prompt: 600-token persona + 2,000-token "
+             "shape, bf16, 0.20; both in one process (where shown, raw also with the tool's front end in a process of "
+             "its own); dummy weights. Prompt: 600-token persona + 2,000-token "
              "history + 20-word utterance numbered per turn, 200 output tokens. yapd: client-observed over "
              "WebSocket, concurrent mode. raw: AsyncLLM fed the token ids yapd builds for each turn, both engines "
              "loaded, chat + tool per turn. serve: `vllm serve` /v1/completions streaming, chat only, the same "
@@ -1460,11 +1469,16 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"| {c} | TTFT, vllm serve beside a tool server, chat alone counted, p50 / p95 ms | - | - | "
                          f"{two('serve', wt, 'ttft_ms', 'p50', 'p95')} |")
         if lvl in data.get("raw_split", {}):
+            cpu = data["raw_split"][lvl].get("cpu_ms_per_turn", {})
             lines.append(f"| {c} | raw with the tool's front end in a process of its own: TTFT held for the "
-                         f"decision p50 / p95 ms; TTFT; tool decision | - | "
+                         "decision p50 / p95 ms; TTFT; tool decision (sent -> answer read); ITL p50 / p99; CPU ms "
+                         "per turn: front end / tool's front end / chat EngineCore / tool EngineCore | - | "
                          f"{two('raw_split', lvl, 'ttft_gated_ms', 'p50', 'p95')}; "
                          f"{two('raw_split', lvl, 'ttft_ms', 'p50', 'p95')}; "
-                         f"{two('raw_split', lvl, 'tool_ms', 'p50', 'p95')} | - |")
+                         f"{two('raw_split', lvl, 'tool_ms', 'p50', 'p95')}; "
+                         f"{two('raw_split', lvl, 'itl_ms', 'p50', 'p99')}; "
+                         + " / ".join(f"{cpu[n]:g}" if n in cpu else "-"
+                                      for n in ("front", "tool_front", "chat", "tool")) + " | - |")
         lines.append(f"| {c} | ITL p50 / p99 ms | {two('yapd', lvl, 'itl_ms', 'p50', 'p99')} | "
                      f"{two('raw', lvl, 'itl_ms', 'p50', 'p99')} | {two('serve', lvl, 'itl_ms', 'p50', 'p99')} |")
         lines.append(f"| {c} | ITL per token p50 / p99 ms | - | {two('raw', lvl, 'itl_token_ms', 'p50', 'p99')} | - |")
@@ -1586,23 +1600,8 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _run(main: Coroutine[Any, Any, None], loop: str) -> None:
-    """Run a phase on the bench's side: asyncio's own loop unless uvloop is asked for by
-    name (yapd's phases only wait there; raw vLLM runs its engines' clients on it)."""
-    if loop == "uvloop":
-        import uvloop
-
-        uvloop.run(main)
-    else:
-        asyncio.run(main)
-
-
 # The phases that start yapd: under --mps yapd runs its own MPS daemon there.
 YAPD_PHASES = {"yapd", "startup", "warm"}
-
-async def phase_rawsplit(res: Results, s: Setup) -> None:
-    await phase_raw(res, s, "raw_split", split_tool=True)
-
 
 PHASES: dict[str, Callable[[Results, Setup], Coroutine[Any, Any, None]]] = {
     "yapd": phase_yapd, "raw": phase_raw, "rawsplit": phase_rawsplit, "serve": phase_serve,
@@ -1772,7 +1771,9 @@ def main(argv: list[str] | None = None) -> int:
                     mps.start()
                 res.data.get(ph, {}).pop("error", None)  # an earlier call's, for this one to replace
                 res.put(ph, "host", host_identity())
-                _run(PHASES[ph](res, setup), setup.event_loop)
+                # asyncio's own loop unless uvloop is named (yapd's phases only wait there; raw runs its engines'
+                # clients on it)
+                run_loop(PHASES[ph](res, setup), setup.event_loop)
             except Exception as exc:
                 res.put(ph, "error", f"{type(exc).__name__}: {exc}")
             if mps is not None and ph not in YAPD_PHASES:

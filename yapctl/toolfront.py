@@ -13,13 +13,17 @@ front end costs before yapd is built any other way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import itertools
 import multiprocessing as mp
 import os
+import signal
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 # (first output ms on the request's clock, decision ms, first output ms on the turn's
@@ -84,45 +88,62 @@ def vllm_tool(kwargs: dict[str, Any]) -> tuple[Any, Any]:
 class RemoteTool:
     """The tool engine in a child process of its own (spawned: a fresh interpreter, as a
     second `vllm serve` is), built there by ``factory`` ("module:function" returning the
-    engine and its sampling params), deciding the turns it is sent."""
+    engine and its sampling params), deciding the turns it is sent on an event loop of
+    the bench's kind (``loop``: "uvloop" or asyncio's own)."""
 
-    def __init__(self, conn: Any, proc: Any, pid: int, core_pid: int | None) -> None:
+    def __init__(self, conn: Connection, proc: BaseProcess, pid: int, core_pid: int | None) -> None:
         self._conn, self._proc = conn, proc
         self.pid, self.core_pid = pid, core_pid
         self._waiting: dict[int, asyncio.Future[ToolResult]] = {}
         self._keys = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._gone: Exception | None = None
+        self._pidfd: int | None = None
 
     @classmethod
-    def start(cls, factory: str, args: Sequence[Any], tool_names: Sequence[str]) -> RemoteTool:
+    def start(cls, factory: str, args: Sequence[Any], tool_names: Sequence[str], loop: str = "asyncio") -> RemoteTool:
         ctx = mp.get_context("spawn")
         ours, theirs = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(theirs, factory, list(args), list(tool_names)), name="tool-front")
+        proc = ctx.Process(target=_serve, args=(theirs, factory, list(args), list(tool_names), loop),
+                           name="tool-front")
         proc.start()
         theirs.close()
-        if not ours.poll(START_TIMEOUT_S):
-            proc.kill()
-            raise RuntimeError(f"the tool's front end said nothing in {START_TIMEOUT_S:.0f} s")
-        said = ours.recv()
+        try:
+            if not ours.poll(START_TIMEOUT_S):
+                raise RuntimeError(f"the tool's front end said nothing in {START_TIMEOUT_S:.0f} s")
+            said = ours.recv()
+        except (EOFError, OSError, RuntimeError) as exc:
+            _end(proc)
+            ours.close()
+            why = f"exit code {proc.exitcode}" if isinstance(exc, (EOFError, OSError)) else str(exc)
+            raise RuntimeError(f"the tool's front end did not start: {why}") from exc
         if "error" in said:
-            proc.join(30)
+            _end(proc)
+            ours.close()
             raise RuntimeError(f"the tool's front end did not start: {said['error']}")
         return cls(ours, proc, said["pid"], said.get("core_pid"))
 
     async def decide(self, prompt_ids: list[int], turn_t0: float, t0_monotonic: float) -> ToolResult:
+        """The turn's decision from the child. The decision's time is this side's, from the
+        send to the answer read here (the pipe both ways is in it, as a server's would be);
+        the first output's are the child's, on the turn's clock."""
+        if self._gone is not None:
+            raise RuntimeError(f"the tool's front end is gone ({self._gone!r})")
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            if self._loop is not None:
-                self._loop.remove_reader(self._conn.fileno())
+            self._unwatch()
             loop.add_reader(self._conn.fileno(), self._readable)
+            loop.add_reader(self._ended_fd(), self._ended)
             self._loop = loop
         key = next(self._keys)
         self._waiting[key] = answer = loop.create_future()
+        sent = time.perf_counter()
         self._conn.send(("turn", key, prompt_ids, turn_t0, t0_monotonic))
         try:
-            return await answer
+            first, _, first_turn, stamps = await answer
         finally:
             self._waiting.pop(key, None)
+        return first, (time.perf_counter() - sent) * 1000, first_turn, stamps
 
     def _readable(self) -> None:
         try:
@@ -135,28 +156,71 @@ class RemoteTool:
                     answer.set_result(tuple(value))
                 else:
                     answer.set_exception(RuntimeError(f"the tool's front end: {value}"))
-        except Exception as exc:  # the child is gone (or said nonsense): every turn waiting on it fails
-            assert self._loop is not None
-            self._loop.remove_reader(self._conn.fileno())
-            for answer in self._waiting.values():
-                if not answer.done():
-                    answer.set_exception(RuntimeError(f"the tool's front end is gone ({exc!r})"))
+        except Exception as exc:  # gone, or said what cannot be read: no turn can rely on it now
+            self._fail(exc)
 
-    def shutdown(self) -> None:
+    def _ended_fd(self) -> int:
+        """A descriptor that turns readable when the child ends. Its end comes as end-of-file
+        on the pipe, or on multiprocessing's sentinel, only where no process it forked
+        (vLLM's EngineCore) holds those open too: a pidfd (Linux 5.3) says so regardless."""
+        if self._pidfd is None:
+            try:
+                self._pidfd = os.pidfd_open(self._proc.pid)  # type: ignore[arg-type]
+            except (AttributeError, OSError):
+                self._pidfd = -1
+        return self._pidfd if self._pidfd >= 0 else self._proc.sentinel
+
+    def _ended(self) -> None:
+        self._fail(RuntimeError(f"exit code {self._proc.exitcode}"))
+
+    def _fail(self, exc: Exception) -> None:
+        self._gone = exc
+        self._unwatch()
+        _end(self._proc, self.core_pid)
+        for answer in self._waiting.values():
+            if not answer.done():
+                answer.set_exception(RuntimeError(f"the tool's front end is gone ({exc!r})"))
+
+    def _unwatch(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._conn.fileno())
-        try:
+            self._loop.remove_reader(self._ended_fd())
+        self._loop = None
+
+    def shutdown(self) -> None:
+        self._unwatch()
+        with contextlib.suppress(OSError):
             self._conn.send(("stop", None, None, None, None))
-        except OSError:
-            pass
-        self._proc.join(60)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(10)
+        _end(self._proc, self.core_pid, wait_s=60)
         self._conn.close()
+        if self._pidfd is not None and self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
 
 
-def _serve(conn: Any, factory: str, args: list[Any], tool_names: list[str]) -> None:
+def _end(proc: BaseProcess, core_pid: int | None = None, wait_s: float = 0) -> None:
+    """``proc`` ended: waited for up to ``wait_s``, else killed; where it did not end
+    cleanly, its EngineCore too (a grandchild, which a killed front end leaves behind)."""
+    proc.join(wait_s)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(10)
+    if proc.exitcode != 0 and core_pid is not None:
+        with contextlib.suppress(OSError):
+            os.kill(core_pid, signal.SIGKILL)
+
+
+def run_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
+    """Run ``main`` on asyncio's own loop unless uvloop is asked for by name."""
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
+def _serve(conn: Connection, factory: str, args: list[Any], tool_names: list[str], loop: str) -> None:
     try:
         module, _, name = factory.partition(":")
         engine, sp = getattr(importlib.import_module(module), name)(*args)
@@ -167,13 +231,13 @@ def _serve(conn: Any, factory: str, args: list[Any], tool_names: list[str]) -> N
 
     conn.send({"pid": os.getpid(), "core_pid": core_pid(engine)})
     try:
-        asyncio.run(_answer_turns(conn, engine, sp, tool_names))
+        run_loop(_answer_turns(conn, engine, sp, tool_names), loop)
     finally:
         if hasattr(engine, "shutdown"):
             engine.shutdown()
 
 
-async def _answer_turns(conn: Any, engine: Any, sp: Any, tool_names: list[str]) -> None:
+async def _answer_turns(conn: Connection, engine: Any, sp: Any, tool_names: list[str]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     turns: set[asyncio.Task[None]] = set()
@@ -181,10 +245,9 @@ async def _answer_turns(conn: Any, engine: Any, sp: Any, tool_names: list[str]) 
     async def answer(key: int, prompt_ids: list[int], turn_t0: float, t0_monotonic: float) -> None:
         try:
             result = await decide(engine, prompt_ids, sp, tool_names, turn_t0, t0_monotonic)
-        except Exception as exc:
-            conn.send(("error", key, f"{type(exc).__name__}: {exc}"))
-        else:
             conn.send(("ok", key, result))
+        except Exception as exc:  # the turn's, not the others': said to the bench, which fails that turn
+            conn.send(("error", key, f"{type(exc).__name__}: {exc}"))
 
     def readable() -> None:
         try:
@@ -202,5 +265,3 @@ async def _answer_turns(conn: Any, engine: Any, sp: Any, tool_names: list[str]) 
     loop.add_reader(conn.fileno(), readable)
     await stop.wait()
     loop.remove_reader(conn.fileno())
-    for turn in list(turns):
-        turn.cancel()
