@@ -865,9 +865,9 @@ def test_the_table_has_a_row_for_raw_with_the_tools_front_end_apart():
                                   "tool_ms": {"p50": 40.0, "p95": 55.0}, "itl_ms": {"p50": 6.0, "p99": 12.5},
                                   "cpu_ms_per_turn": {"front": 12.5, "tool_front": 3.25, "chat": 600.0}}}}
     rows = [line for line in markdown(data).splitlines() if line.startswith("| 16 | raw with the tool")]
-    assert rows == ["| 16 | raw with the tool's front end in a process of its own: TTFT held for the decision p50 / p95 "
-                    "ms; TTFT; tool decision (sent -> answer read); ITL p50 / p99; CPU ms per turn: front end / "
-                    "tool's front end / chat EngineCore / tool EngineCore | - | 64.5 / 80.25; 63 / 79; 40 / 55; "
+    assert rows == ["| 16 | raw with the tool's front end in a process of its own: TTFT held for the decision "
+                    "p50 / p95 ms; TTFT; tool decision (sent -> answer read); ITL p50 / p99; CPU ms per turn: front "
+                    "end / tool's front end / chat EngineCore / tool EngineCore | - | 64.5 / 80.25; 63 / 79; 40 / 55; "
                     "6 / 12.5; 12.5 / 3.25 / 600 / - | - |"]
 
 
