@@ -329,8 +329,9 @@ def test_ab_restarts_take_engine_keys_and_alternate_a_b_b_a(tmp_path, capsys):
         main([*base, "--ab", spawned_tool])
     assert exc.value.code == 2 and "--ab-restarts" in capsys.readouterr().err
     assert main([*base, "--ab", spawned_tool, "--ab-restarts", "2"]) == 0
-    # the next lease's: two engine keys in B
+    # the next lease's: three engine keys in B
     assert main([*base, "--ab", "engines.core_switch_interval_ms=0.5", "--ab", "engines.fork_from_main_thread=true",
+                 "--ab", "engines.core_steady_heap=true",
                  "--ab-restarts", "2"]) == 0
     for bad in (["--ab-restarts", "2"], ["--ab", spawned_tool, "--ab-restarts", "2", "--ab-interleave"],
                 ["--ab", spawned_tool, "--ab-restarts", "-1"]):

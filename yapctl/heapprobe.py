@@ -17,16 +17,19 @@ buffers (0.1, 0.3 and 1 MB) for a number of steps:
 It prints each way's minor faults and microseconds a step (median over its rounds) as
 JSON::
 
-    python -m yapctl.heapprobe [--steps N] [--rounds R] [--torch] [--step buffers|mixed]
+    python -m yapctl.heapprobe [--steps N] [--rounds R] [--torch] [--step buffers|mixed] [--busy-main]
 
-``--torch`` imports torch first, as every EngineCore's parent has, and ``--step mixed``
-adds small array operations to each step: both change how much the arena churns.
+``--torch`` imports torch first, as every EngineCore's parent has, ``--step mixed`` adds
+small array operations to each step, ``--busy-main`` has the main thread build up an arena
+of its own first (yapd's has, after its imports and while it serves): each changes how much
+the arenas churn.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import multiprocessing as mp
 import resource
@@ -36,6 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -130,11 +134,25 @@ def in_a_worker(start: Callable[[asyncio.AbstractEventLoop | None], None], by_ma
         worker.join()
 
 
-def measure(way: str, steps: int, torch: bool = False, kind: str = "buffers") -> dict[str, Any]:
+@dataclass(frozen=True)
+class Scenario:
+    """What the forking process is like: ``torch`` imported (as every EngineCore's parent
+    has), ``step`` (see STEPS), ``busy_main``: its main thread built up an arena of its own
+    first, as yapd's has after its imports and while it serves (the arena a child forked
+    by the main thread allocates from)."""
+
+    torch: bool = False
+    step: str = "buffers"
+    busy_main: bool = False
+
+    def flags(self) -> list[str]:
+        return ["--step", self.step] + ["--torch"] * self.torch + ["--busy-main"] * self.busy_main
+
+
+def measure(way: str, steps: int, scenario: Scenario = Scenario()) -> dict[str, Any]:
     """One child forked ``way`` from a fresh Python process (this one's arenas are not the
     scenario's): what it measured."""
-    args = [sys.executable, "-m", "yapctl.heapprobe", "--one", way, "--steps", str(steps), "--step", kind]
-    args += ["--torch"] * torch
+    args = [sys.executable, "-m", "yapctl.heapprobe", "--one", way, "--steps", str(steps), *scenario.flags()]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         return {"error": out.stderr.strip()[-2000:] or f"exit code {out.returncode}"}
@@ -142,15 +160,15 @@ def measure(way: str, steps: int, torch: bool = False, kind: str = "buffers") ->
     return result
 
 
-def probe(steps: int, rounds: int, torch: bool, kind: str) -> dict[str, Any]:
-    runs = [{"way": way, **measure(way, steps, torch, kind)} for _ in range(rounds) for way in WAYS]
+def probe(steps: int, rounds: int, scenario: Scenario) -> dict[str, Any]:
+    runs = [{"way": way, **measure(way, steps, scenario)} for _ in range(rounds) for way in WAYS]
     medians: dict[str, dict[str, float]] = {}
     for way in WAYS:
         ok = [r for r in runs if r["way"] == way and "error" not in r]
         if ok:
             medians[way] = {key: round(statistics.median(r[key] for r in ok), 2)
                             for key in ("minflt_per_step", "us_per_step")}
-    return {"steps": steps, "step": kind, "rounds": rounds, "torch": torch,
+    return {"steps": steps, "rounds": rounds, **dataclasses.asdict(scenario),
             "glibc_malloc": forking.steady_heap_supported(), "median": medians, "runs": runs}
 
 
@@ -161,16 +179,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch", action="store_true", help="import torch first, as an EngineCore's parent has")
     p.add_argument("--step", choices=sorted(STEPS), default="buffers",
                    help="buffers: 0.1, 0.3 and 1 MB made and dropped; mixed: with small array operations")
+    p.add_argument("--busy-main", action="store_true",
+                   help="the main thread builds up an arena of its own first, as yapd's has while it serves")
     p.add_argument("--one", choices=WAYS, help=argparse.SUPPRESS)  # one child, in this process
     args = p.parse_args(argv)
     if args.steps < 1 or args.rounds < 1:
         p.error("--steps and --rounds must be at least 1")
-    if args.one:
-        if args.torch:
-            import torch  # noqa: F401
-        print(json.dumps(fork_one(args.one, args.steps, args.step)))
-    else:
-        print(json.dumps(probe(args.steps, args.rounds, args.torch, args.step), indent=1))
+    scenario = Scenario(args.torch, args.step, args.busy_main)
+    if not args.one:
+        print(json.dumps(probe(args.steps, args.rounds, scenario), indent=1))
+        return 0
+    if scenario.torch:
+        import torch  # noqa: F401
+    kept = build_up_arena() if scenario.busy_main else None
+    print(json.dumps(fork_one(args.one, args.steps, scenario.step)))
+    del kept
     return 0
 
 

@@ -142,9 +142,10 @@ class EnginesConfig:
     # main arena, as in a spawned core or one raw vLLM forks from its main thread (13
     # minor faults a turn on an H200, run w, against ~230 in yapd's forked tool core;
     # tool core queued -> first token 13.85 ms there, yapd's forked 14.5-21.1, spawned
-    # 11.8-14.5: docs/bench/README.md). In yapctl.heapprobe's scenarios on a CPU the
-    # fewest faults and least time a step of every way (docs/bench/README.md, "Forked by
-    # the main thread"). Not measured on the GPU yet.
+    # 11.8-14.5: docs/bench/README.md). In yapctl.heapprobe's scenarios on a CPU it ended
+    # a churning child's faults in some and not in others (which way avoids them depends
+    # on the parent's allocation history: docs/bench/README.md, "Forked by the main
+    # thread"). Not measured on the GPU yet.
     fork_from_main_thread: bool = False
     # CUDA MPS (yapd/mps.py): "auto" runs a private MPS daemon while two vLLM engines
     # share one GPU (they then run at once instead of taking turns: lower TTFT under
