@@ -949,3 +949,25 @@ def test_the_heap_probe_refuses_bad_arguments():
         with pytest.raises(SystemExit) as exc:
             heapprobe.main(bad)
         assert exc.value.code == 2
+
+
+def test_another_allocator_is_found_by_the_libraries_mapped_and_glibcs_own_is_not():
+    """The steady heap is glibc's mallopt: left out where another malloc was preloaded or
+    linked in, and kept where only glibc's is there, also when the program's own malloc
+    symbol is its PLT entry (a non-PIE python3, as the device's: an address comparison
+    took glibc's malloc for another one there, run ab of 2026-12-05)."""
+    glibc_only = ("00400000-00420000 r--p 00000000 08:01 123 /usr/bin/python3.12\n"
+                  "7f0000000000-7f0000200000 r-xp 00028000 08:01 456 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+                  "7fff00000000-7fff00021000 rw-p 00000000 00:00 0                          [stack]\n"
+                  "7f1000000000-7f1000001000 rw-p 00000000 00:00 0 \n")
+    assert forking.other_allocator(glibc_only) is None
+    preloaded = glibc_only + ("7f2000000000-7f2000040000 r-xp 00000000 08:01 789 "
+                              "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.16\n")
+    assert forking.other_allocator(preloaded) == "libtcmalloc_minimal.so.4.5.16"
+    assert forking.other_allocator("7f3-7f4 r-xp 0 08:01 1 /opt/lib/libjemalloc.so.2 (deleted)\n") is not None
+    # This process: glibc's malloc alone (the suite's Python), so the steady heap applies.
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        assert forking.other_allocator(Path("/proc/self/maps").read_text()) is None
+        assert forking.steady_heap_supported()

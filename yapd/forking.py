@@ -38,6 +38,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing import popen_fork
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 
@@ -90,21 +91,37 @@ def _mallopt() -> Callable[[int, int], int] | None:
 
 def _glibc_mallopt() -> Callable[[int, int], int] | None:
     """glibc's mallopt, where glibc's malloc is the one this process uses: not where
-    LD_PRELOAD put another allocator (tcmalloc, jemalloc) in front of it."""
+    another allocator (tcmalloc, jemalloc, ...) was preloaded or linked in."""
     if platform.libc_ver()[0] != "glibc":
         return None
     try:
-        here, libc = ctypes.CDLL(None), ctypes.CDLL("libc.so.6")
-        if any(_address(getattr(here, name)) != _address(getattr(libc, name)) for name in ("malloc", "mallopt")):
-            return None
-        fn: Callable[[int, int], int] = libc.mallopt
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    if other_allocator(maps) is not None:
+        return None
+    try:
+        fn: Callable[[int, int], int] = ctypes.CDLL("libc.so.6").mallopt
         return fn
     except (AttributeError, OSError):
         return None
 
 
-def _address(fn: Any) -> int | None:
-    return ctypes.cast(fn, ctypes.c_void_p).value
+_OTHER_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc", "scudo", "hoard", "snmalloc", "tbbmalloc")
+
+
+def other_allocator(maps: str) -> str | None:
+    """The file name of a malloc other than glibc's among the libraries ``maps`` (a
+    /proc/PID/maps) shows mapped, if any. The libraries are named, not the symbols
+    compared: in a non-PIE executable that calls malloc (the device's python3), malloc's
+    address as the program sees it is its own PLT entry, not libc's, with no other
+    allocator anywhere."""
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        name = os.path.basename(fields[5]) if len(fields) == 6 else ""
+        if any(a in name for a in _OTHER_ALLOCATORS):
+            return name
+    return None
 
 
 def _steady_heap() -> None:
