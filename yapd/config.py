@@ -125,8 +125,9 @@ class EnginesConfig:
     # that thread blocks on the GPU or the switch interval forces a hand-over. On H200s a
     # first token reached yapd 1.1-2.8 ms after its core stamped it at one session and
     # 3.8-17.2 ms at 16 (docs/bench/README.md, "The cores' GIL"); each hand-over waits at
-    # most the interval, so 0.5 ms can take at most ~4.5 ms off each. Not measured on the
-    # GPU yet.
+    # most the interval, so 0.5 ms can take at most ~4.5 ms off each. On an H200 (run ab)
+    # 0.5 ms, with fork_from_main_thread, left that way out as it was (1.7-2.0 ms at one
+    # session, ~12 at 16) and TTFT too: off.
     core_switch_interval_ms: float = 0.0
     # A forked EngineCore's malloc set to keep its heap (glibc: mmap threshold 32 MB, top
     # pad 8 MB; yapd/forking.py _steady_heap). yapd forks its cores from worker threads,
@@ -134,7 +135,8 @@ class EnginesConfig:
     # and freed each step, a page fault per page each time: yapd's forked tool core took
     # ~230 minor faults a turn on H200s, spawned cores and raw's forked from its main
     # thread 1-13 (runs w-aa); reproduced here, none with it on (docs/bench/README.md,
-    # "A forked core's heap"). Not measured on the GPU yet.
+    # "A forked core's heap"). Not measured on the GPU yet (run ab's device refused it,
+    # its python3's malloc taken for another one's by a check since fixed).
     core_steady_heap: bool = False
     # Forked EngineCores forked by yapd's main thread (its event loop's) rather than the
     # worker thread running vLLM's start (yapd/forking.py forks_on). The forking thread is
@@ -145,7 +147,8 @@ class EnginesConfig:
     # 11.8-14.5: docs/bench/README.md). In yapctl.heapprobe's scenarios on a CPU it ended
     # a churning child's faults in some and not in others (which way avoids them depends
     # on the parent's allocation history: docs/bench/README.md, "Forked by the main
-    # thread"). Not measured on the GPU yet.
+    # thread"). On an H200 (run ab) it took the tool core from 87-89 faults a turn to
+    # 58-60 with no change in its first token or the TTFT: off.
     fork_from_main_thread: bool = False
     # CUDA MPS (yapd/mps.py): "auto" runs a private MPS daemon while two vLLM engines
     # share one GPU (they then run at once instead of taking turns: lower TTFT under
