@@ -27,7 +27,7 @@ import tempfile
 import time
 import typing
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -527,7 +527,7 @@ def ab_starts_table(starts: dict[str, list[dict[str, Any]]]) -> list[str]:
 
     def by_core(start: dict[str, Any], key: str) -> str:
         procs = start.get("proc_per_turn") or {}
-        return " / ".join(f"{procs[role][key]:g}" if key in procs.get(role, {}) else "-" for role in ("chat", "tool"))
+        return slashed({role: p[key] for role, p in procs.items() if key in p}, ("chat", "tool"))
 
     lines = ["Each start (A: as configured, B: with the change), p50 ms:", "",
              "| sessions | start | engine restart s | TTFT | tool decision | chat engine queued -> first token "
@@ -949,8 +949,7 @@ def said_rows(figure: Callable[[str, str], Any]) -> list[tuple[str, str, str]]:
         rows.append((WAY_OUT_HEAD, cells[0], cells[1]))
 
     def by_process(values: dict[str, Any] | None) -> str:
-        return " / ".join(f"{values[k]:g}" if k in values else "-" for k in ("front", "chat", "tool")) \
-            if values else "-"
+        return slashed(values, ("front", "chat", "tool")) if values else "-"
 
     cpu = {section: figure(section, "cpu_ms_per_turn") for section in ("yapd", "raw")}
     if any(cpu.values()):
@@ -1417,6 +1416,15 @@ def slow_cell(slow: dict[str, Any] | None) -> str:
     return f"over {slow['over_ms']:g} ms: {slow['turns']} of {slow['of']}, {slow['bursts']} ({at or '-'})"
 
 
+# The sections of a run's file with figures per level (c1, c8, ...).
+LATENCY_SECTIONS = ("yapd", "raw", "raw_split", "serve")
+
+
+def slashed(values: Mapping[str, Any], names: Sequence[str]) -> str:
+    """``values`` of ``names`` as "a / b / c", "-" for one that is missing."""
+    return " / ".join(f"{values[n]:g}" if n in values else "-" for n in names)
+
+
 def markdown(data: dict[str, Any]) -> str:
     def g(sec: str, lvl: str, metric: str, q: str) -> str:
         v = data.get(sec, {}).get(lvl, {}).get(metric, {}).get(q)
@@ -1444,11 +1452,11 @@ def markdown(data: dict[str, Any]) -> str:
     def two(sec: str, lvl: str, metric: str, a: str, b: str) -> str:
         return f"{g(sec, lvl, metric, a)} / {g(sec, lvl, metric, b)}"
 
-    latency = any(sec in data for sec in ("yapd", "raw", "raw_split", "serve"))
+    latency = any(sec in data for sec in LATENCY_SECTIONS)
     if not latency:  # a start-time-only (or set-up only) run
         lines = [f"# yapd engine start: {data.get('machine')} ({data.get('date')}, vLLM {data.get('vllm')})", "",
                  *run_conditions(data.get("setup", {}))]
-    shown = sorted({int(k[1:]) for sec in ("yapd", "raw", "raw_split", "serve") for k in data.get(sec, {})
+    shown = sorted({int(k[1:]) for sec in LATENCY_SECTIONS for k in data.get(sec, {})
                     if k[:1] == "c" and k[1:].isdigit()})
     for c in shown if latency else ():
         lvl = f"c{c}"
@@ -1477,8 +1485,7 @@ def markdown(data: dict[str, Any]) -> str:
                          f"{two('raw_split', lvl, 'ttft_ms', 'p50', 'p95')}; "
                          f"{two('raw_split', lvl, 'tool_ms', 'p50', 'p95')}; "
                          f"{two('raw_split', lvl, 'itl_ms', 'p50', 'p99')}; "
-                         + " / ".join(f"{cpu[n]:g}" if n in cpu else "-"
-                                      for n in ("front", "tool_front", "chat", "tool")) + " | - |")
+                         f"{slashed(cpu, ('front', 'tool_front', 'chat', 'tool'))} | - |")
         lines.append(f"| {c} | ITL p50 / p99 ms | {two('yapd', lvl, 'itl_ms', 'p50', 'p99')} | "
                      f"{two('raw', lvl, 'itl_ms', 'p50', 'p99')} | {two('serve', lvl, 'itl_ms', 'p50', 'p99')} |")
         lines.append(f"| {c} | ITL per token p50 / p99 ms | - | {two('raw', lvl, 'itl_token_ms', 'p50', 'p99')} | - |")
