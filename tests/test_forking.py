@@ -586,11 +586,7 @@ def test_child_settings_reach_children_forked_inside_the_block_only(monkeypatch)
         with pytest.raises(RuntimeError, match="do not nest"), forking.child_settings({"X": "1"}):
             pass
         # Another thread's fork (the other engine starting beside this one) does not.
-        other: list[tuple[str | None, float]] = []
-        thread = threading.Thread(target=lambda: other.append(_forked_child_settings()))
-        thread.start()
-        thread.join(60)
-        assert other == [(None, ours)]
+        assert _in_a_thread(_forked_child_settings) == (None, ours)
     # Counted in the parent: the children that got them (this thread's one fork).
     assert settings.forks == 1
     assert _forked_child_settings() == (None, ours)
@@ -604,11 +600,7 @@ def test_child_settings_reach_children_forked_inside_the_block_only(monkeypatch)
         with forking.child_settings(env, interval):
             return _forked_child_settings()
 
-    done: list[tuple[str | None, float]] = []
-    worker = threading.Thread(target=lambda: done.extend([build({"YAP_TEST_CHILD_ENV": "2"}, None),
-                                                          build({}, 0.0002), build({}, None)]))
-    worker.start()
-    worker.join(60)
+    done = _in_a_thread(lambda: [build({"YAP_TEST_CHILD_ENV": "2"}, None), build({}, 0.0002), build({}, None)])
     assert done == [("2", ours), (None, pytest.approx(0.0002)), (None, ours)] and forking._child_settings == {}
 
 

@@ -838,26 +838,14 @@ async def test_turns_waiting_on_a_tool_front_end_that_dies_fail_at_once(factory:
         with pytest.raises(RuntimeError, match="front end is gone"):
             await asyncio.wait_for(tool.decide([20, 2], time.perf_counter(), time.monotonic()), 5)
         if tool.core_pid is not None:
-            assert _gone(tool.core_pid, 10), "the core outlived its front end"
+            from yapd.engines.vllm import wait_gone
+
+            assert wait_gone(tool.core_pid, 10), "the core outlived its front end"
     finally:
         tool.shutdown()
         if tool.core_pid is not None:
             with contextlib.suppress(OSError):
                 os.kill(tool.core_pid, 9)
-
-
-def _gone(pid: int, within_s: float) -> bool:
-    """Whether ``pid`` has ended (or is a zombie no one has reaped yet) within ``within_s``."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.02)  # another process's end: nothing here to wait on
-    return False
 
 
 def test_the_table_has_a_row_for_raw_with_the_tools_front_end_apart():

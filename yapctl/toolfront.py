@@ -98,7 +98,11 @@ class RemoteTool:
         self._keys = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gone: Exception | None = None
-        self._pidfd: int | None = None
+        # What turns readable when the child ends. Its end comes as end-of-file on the pipe,
+        # or on multiprocessing's sentinel, only where no process it forked (vLLM's
+        # EngineCore) holds those open too: a pidfd (Linux 5.3) says so regardless.
+        self._pidfd = _pidfd(pid)
+        self._ended_fd = self._pidfd if self._pidfd is not None else proc.sentinel
 
     @classmethod
     def start(cls, factory: str, args: Sequence[Any], tool_names: Sequence[str], loop: str = "asyncio") -> RemoteTool:
@@ -133,7 +137,7 @@ class RemoteTool:
         if self._loop is not loop:
             self._unwatch()
             loop.add_reader(self._conn.fileno(), self._readable)
-            loop.add_reader(self._ended_fd(), self._ended)
+            loop.add_reader(self._ended_fd, self._ended)
             self._loop = loop
         key = next(self._keys)
         self._waiting[key] = answer = loop.create_future()
@@ -159,17 +163,6 @@ class RemoteTool:
         except Exception as exc:  # gone, or said what cannot be read: no turn can rely on it now
             self._fail(exc)
 
-    def _ended_fd(self) -> int:
-        """A descriptor that turns readable when the child ends. Its end comes as end-of-file
-        on the pipe, or on multiprocessing's sentinel, only where no process it forked
-        (vLLM's EngineCore) holds those open too: a pidfd (Linux 5.3) says so regardless."""
-        if self._pidfd is None:
-            try:
-                self._pidfd = os.pidfd_open(self._proc.pid)  # type: ignore[arg-type]
-            except (AttributeError, OSError):
-                self._pidfd = -1
-        return self._pidfd if self._pidfd >= 0 else self._proc.sentinel
-
     def _ended(self) -> None:
         self._fail(RuntimeError(f"exit code {self._proc.exitcode}"))
 
@@ -184,7 +177,7 @@ class RemoteTool:
     def _unwatch(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._conn.fileno())
-            self._loop.remove_reader(self._ended_fd())
+            self._loop.remove_reader(self._ended_fd)
         self._loop = None
 
     def shutdown(self) -> None:
@@ -193,9 +186,16 @@ class RemoteTool:
             self._conn.send(("stop", None, None, None, None))
         _end(self._proc, self.core_pid, wait_s=60)
         self._conn.close()
-        if self._pidfd is not None and self._pidfd >= 0:
+        if self._pidfd is not None:
             os.close(self._pidfd)
-            self._pidfd = -1
+            self._pidfd = None
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # before Linux 5.3 / Python 3.9
+        return None
 
 
 def _end(proc: BaseProcess, core_pid: int | None = None, wait_s: float = 0) -> None:
