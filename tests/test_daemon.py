@@ -208,6 +208,9 @@ async def test_reload_bad_file_keeps_running_config(make_yapd):
     d.config_path.write_text(good + "\n[engines]\ncore_steady_heap = 'yes'\n")
     reply = d.admin(cmd="reload")[-1]
     assert reply["ok"] is False and "engines.core_steady_heap: expected" in reply["error"], reply
+    d.config_path.write_text(good + "\n[engines]\nfork_from_main_thread = 1\n")
+    reply = d.admin(cmd="reload")[-1]
+    assert reply["ok"] is False and "engines.fork_from_main_thread: expected true or false" in reply["error"], reply
     d.config_path.unlink()
     reply = d.admin(cmd="reload")[-1]
     assert reply["ok"] is False and "no such file" in reply["error"]
