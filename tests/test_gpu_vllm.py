@@ -477,6 +477,41 @@ async def test_gpu_cores_forked_by_yapds_main_thread(gpu_yapd):
             print(f"{role} core forked by the main thread: {now.since(was).minflt / 5:.1f} minor faults a turn")
 
 
+async def test_gpu_a_tool_engine_in_a_host_of_its_own(gpu_yapd):
+    """``[tool] own_process = true``, applied by an engine restart: the tool's AsyncLLM in an
+    engine host (a child of yapd), its EngineCore forked by the host with the module's core
+    settings (the host's log lines reach yapd's), turns with the tool engine's stamps.
+    Then the host killed: yapd says the engine failed, the host's EngineCore goes too (it
+    would hold GPU memory), and a restart brings the tool engine back. Then back in process."""
+    with _engines_restarted_with(gpu_yapd, "[tool]\n", "[tool]\nown_process = true\n", "tool.own_process",
+                                 "restart, tool engine in a host of its own") as lines:
+        print("\n".join(x for x in lines if any(m in x for m in (" took ", "EngineCore ", "engine host"))))
+        log = "\n".join(lines)
+        assert "engine host ready role=tool" in log and "EngineCore started by fork role=tool" in log, log[-4000:]
+        assert "EngineCore runs with a GIL switch interval of 0.5 ms (at its fork) role=tool" in log
+        assert not [x for x in lines if " warning yapd.engine" in x], log[-4000:]
+        tool = gpu_yapd.admin(cmd="status")[-1]["engines"]["tool"]
+        host, core = tool["host_pid"], tool["pid"]
+        assert host in children(gpu_yapd.proc.pid) and core in children(host), (tool, _children(host))
+        async with ws_connect(gpu_yapd.url()) as ws:
+            for i in range(3):
+                msgs = await run_turn(ws, user_utterance=f"who was Columbus? {i}", history_text="User: hi\n" * 50)
+                check_turn(msgs)
+            stamps = msgs[-1]["timings"]["engines"]["tool"]
+            assert 0 <= stamps["queued_ms"] <= stamps["first_token_ms"], stamps
+            print(f"tool engine stamps, in its host: {stamps}, decision {msgs[-1]['timings']['tool_ms']} ms")
+        with EngineCores() as gone:
+            gone.watch(host, core)
+            os.kill(host, signal.SIGKILL)
+            gone.assert_gone(30)
+        gpu_yapd.wait_for("engine failed role=tool: the engine host exited with code -9")
+        assert gpu_yapd.http("/healthz", key=None)[0] == 503
+        replies = gpu_yapd.admin(timeout=600, cmd="restart", target="tool")
+        assert replies[-1]["ok"] is True, replies
+        async with ws_connect(gpu_yapd.url()) as ws:
+            check_turn(await run_turn(ws))
+
+
 def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd):
     """Last in the module. Each engine restart above had vLLM SIGTERM a forked
     EngineCore: none of those reached yapd as its own. Then SIGTERM stops yapd with

@@ -169,10 +169,13 @@ def proc_figures(meter: CpuMeter, turns: int) -> dict[str, Any]:
 
 
 async def yapd_processes(admin_socket: Path) -> dict[str, int]:
-    """yapd's process ("front") and its EngineCores (by role), from its status."""
+    """yapd's process ("front"), its EngineCores (by role) and its engine hosts ("tool_front"
+    for the tool's, as raw's split names it), from its status."""
     async with AdminClient(admin_socket) as admin:
         st = await admin.request("status")
-    return {"front": st["pid"], **{role: e["pid"] for role, e in st.get("engines", {}).items() if e.get("pid")}}
+    engines = st.get("engines", {})
+    return {"front": st["pid"], **{f"{role}_front": e["host_pid"] for role, e in engines.items() if e.get("host_pid")},
+            **{role: e["pid"] for role, e in engines.items() if e.get("pid")}}
 
 
 async def at_level(c: int, one: Callable[[int], Awaitable[T]], rounds: int = ROUNDS) -> list[T]:
@@ -949,7 +952,10 @@ def said_rows(figure: Callable[[str, str], Any]) -> list[tuple[str, str, str]]:
         rows.append((WAY_OUT_HEAD, cells[0], cells[1]))
 
     def by_process(values: dict[str, Any] | None) -> str:
-        return slashed(values, ("front", "chat", "tool")) if values else "-"
+        if not values:
+            return "-"
+        hosts = [f"{name} {values[name]:g}" for name in ("chat_front", "tool_front") if name in values]
+        return slashed(values, ("front", "chat", "tool")) + (f" (engine hosts: {', '.join(hosts)})" if hosts else "")
 
     cpu = {section: figure(section, "cpu_ms_per_turn") for section in ("yapd", "raw")}
     if any(cpu.values()):

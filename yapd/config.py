@@ -94,6 +94,13 @@ class EngineConfig:
     # to first token, its spawned one 11.8-14.5 and raw's 11.3-14.1: the decision every
     # reply waits for. A spawned tool core beside a forked chat core is the experiment.
     start_method: RoleStartMethod = ""
+    # This engine's front end (vLLM's AsyncLLM: request intake, output processing,
+    # detokenizing) in an engine host, a process of its own (yapd/engines/host.py), instead
+    # of on yapd's event loop beside the other engine's. Each delta then crosses a
+    # socketpair. On an H200 raw vLLM with the tool's front end apart answered 16 sessions
+    # 14 ms sooner at p50 and 22-33 ms at p95, 8 sessions 11-17 ms sooner, one alike
+    # (docs/bench/README.md, run ac).
+    own_process: bool = False
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -462,6 +469,8 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, str], ...]] = {
     "KV_DTYPE": (("chat", "kv_cache_dtype"), ("tool", "kv_cache_dtype")),
     "CHAT_MAX_LEN": (("chat", "max_model_len"),),
     "CHAT_TENSOR_PARALLEL_SIZE": (("chat", "tensor_parallel_size"),),
+    "CHAT_OWN_PROCESS": (("chat", "own_process"),),
+    "TOOL_OWN_PROCESS": (("tool", "own_process"),),
     "AWQ_CHAT_MODEL": (("chat", "awq_model"),),
     "AWQ_TOOL_MODEL": (("tool", "awq_model"),),
     "CONCURRENT_MODEL_CALL": (("turn", "concurrent"),),

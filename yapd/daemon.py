@@ -32,10 +32,6 @@ from yapd.runtime import Runtime
 from yapd.server import YapServer
 
 log = logging.getLogger("yapd.daemon")
-# A stop while engines load: how often to look for their EngineCores, and how long one
-# gets for SIGTERM before SIGKILL.
-CORE_CHECK_S = 0.25
-CORE_KILL_AFTER_S = 5.0
 
 
 class Notifier:
@@ -397,40 +393,11 @@ class Daemon:
         self._spawn(self._end_engine_starts())
 
     async def _end_engine_starts(self) -> None:
-        """A stop while vLLM engines load: end their EngineCores and model inspections
-        (SIGTERM, SIGKILL if one is still there CORE_KILL_AFTER_S later). A cold load
-        takes minutes, more than systemd's stop timeout; with its EngineCore gone a start
-        fails at once, and the daemon, stopping, exits as after any failed start. Looked
-        for until no engine is loading: a core may be forked after the stop (vLLM's
-        import comes first). A start that has no core yet ends after the step it is in
-        (abandon_start), or, in vLLM's config, as its model inspection is ended."""
-        from yapd.engines.vllm import start_children
+        """A stop while vLLM engines load: see yapd.engines.vllm.end_loading_starts (an
+        engine host does the same for its own engine)."""
+        from yapd.engines.vllm import end_loading_starts
 
-        def vllm_loading() -> bool:
-            return any(e.backend == "vllm" and e.health().state == "starting" for e in self.rt.engines.values())
-
-        for eng in self.rt.engines.values():
-            eng.abandon_start()
-        if vllm_loading():
-            log.info("stopping while engines load: each start ends after the step it is in")
-        ended: dict[int, float] = {}
-        while vllm_loading():
-            serving = {e.describe().get("pid") for e in self.rt.engines.values()}
-            now = time.monotonic()
-            for pid, what in sorted(start_children().items()):
-                if pid in serving:
-                    continue
-                if pid not in ended:
-                    log.info("stopping while engines load: ending their %s pid=%d", what, pid)
-                    sig = signal.SIGTERM
-                elif now - ended[pid] > CORE_KILL_AFTER_S:
-                    sig = signal.SIGKILL  # busy in a CUDA call, it has not got to its handler
-                else:
-                    continue
-                ended.setdefault(pid, now)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            await asyncio.sleep(CORE_CHECK_S)
+        await end_loading_starts(list(self.rt.engines.values()))
 
     async def _shutdown(self) -> None:
         self.rt.stopping = True

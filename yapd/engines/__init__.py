@@ -10,7 +10,7 @@ from yapd.config import Config, EngineConfig
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, SamplingSpec
 
 __all__ = ["Delta", "Engine", "EngineError", "EngineHealth", "SamplingSpec", "can_start_together", "create_engine",
-           "resolve_backend"]
+           "create_local_engine", "resolve_backend"]
 
 log = logging.getLogger("yapd.engines")
 
@@ -34,6 +34,18 @@ def resolve_backend(ecfg: EngineConfig, demo: bool) -> str:
 
 
 def create_engine(role: str, cfg: Config) -> Engine:
+    """``role``'s engine as its section says: in this process, or with ``own_process`` in
+    an engine host of its own (yapd/engines/hosted.py)."""
+    local = create_local_engine(role, cfg)
+    if getattr(cfg, role).own_process:
+        from yapd.engines.hosted import HostedEngine
+
+        return HostedEngine(role, cfg, local)
+    return local
+
+
+def create_local_engine(role: str, cfg: Config) -> Engine:
+    """``role``'s engine, to run in this process."""
     ecfg: EngineConfig = getattr(cfg, role)
     backend = resolve_backend(ecfg, cfg.demo)
     if backend == "vllm":
@@ -55,7 +67,10 @@ def can_start_together(engines: list[Engine]) -> bool:
     if len(engines) < 2 or all(e.parallel_start_safe for e in engines):
         return True
     if all(e.backend == "vllm" for e in engines):
+        from yapd.engines.hosted import HostedEngine
         from yapd.engines.vllm import VllmEngine, side_by_side_ok
 
-        return side_by_side_ok([e for e in engines if isinstance(e, VllmEngine)])
+        # A hosted engine's plans are its local twin's (one cache folder on disk).
+        local = [e.local if isinstance(e, HostedEngine) else e for e in engines]
+        return side_by_side_ok([e for e in local if isinstance(e, VllmEngine)])
     return False

@@ -86,6 +86,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def tokenizer(self) -> Any: ...
 
+    def tokenizer_source(self) -> tuple[str, str | None]:
+        """Where ``tokenizer`` loads from (yapd.engines.tokenizer.load_tokenizer's name and
+        revision): an engine host's yapd side loads its own from there."""
+        raise EngineError(f"a {self.backend} engine names no tokenizer source: it cannot run in an engine host")
+
     @abc.abstractmethod
     async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
         """Load the model; ``alongside``: another engine is loading at the same time;

@@ -80,6 +80,9 @@ class CpuEngine(Engine):
             raise EngineError(f"{self.role} engine is not started")
         return self._tok
 
+    def tokenizer_source(self) -> tuple[str, str | None]:
+        return self.model, self.revision
+
     @property
     def in_flight(self) -> int:
         return len(self._requests)

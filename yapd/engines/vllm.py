@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import os
+import signal
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
@@ -181,6 +182,10 @@ class VllmEngine(Engine):
         if self._tok is None:
             raise EngineError(f"{self.role} engine is not started")
         return self._tok
+
+    def tokenizer_source(self) -> tuple[str, str | None]:
+        kwargs = self.settings()
+        return kwargs["tokenizer"], kwargs["revision"]
 
     @property
     def in_flight(self) -> int:
@@ -658,6 +663,49 @@ def side_by_side_ok(engines: list[VllmEngine], settle_s: float = MEMORY_SETTLE_S
     log.info("engines load %s (plans: %s; free %s GiB, recorded start %.2f GiB, waited %.1f s)",
              "side by side" if ok else "one after the other", have, free, need, time.monotonic() - t0)
     return ok
+
+
+# A stop while engines load: how often to look for their EngineCores, and how long one
+# gets for SIGTERM before SIGKILL.
+CORE_CHECK_S = 0.25
+CORE_KILL_AFTER_S = 5.0
+
+
+async def end_loading_starts(engines: Sequence[Engine]) -> None:
+    """A stop while vLLM engines load: end their EngineCores and model inspections, this
+    process's children (SIGTERM, SIGKILL if one is still there CORE_KILL_AFTER_S later). A
+    cold load takes minutes, more than systemd's stop timeout; with its EngineCore gone a
+    start fails at once, and the daemon, stopping, exits as after any failed start. Looked
+    for until no engine is loading: a core may be forked after the stop (vLLM's import
+    comes first). A start that has no core yet ends after the step it is in
+    (abandon_start), or, in vLLM's config, as its model inspection is ended. An engine in
+    an engine host is ended by its host, which runs this for it."""
+
+    def vllm_loading() -> bool:
+        return any(e.backend == "vllm" and e.health().state == "starting" for e in engines)
+
+    for eng in engines:
+        eng.abandon_start()
+    if vllm_loading():
+        log.info("stopping while engines load: each start ends after the step it is in")
+    ended: dict[int, float] = {}
+    while vllm_loading():
+        serving = {e.describe().get("pid") for e in engines}
+        now = time.monotonic()
+        for pid, what in sorted(start_children().items()):
+            if pid in serving:
+                continue
+            if pid not in ended:
+                log.info("stopping while engines load: ending their %s pid=%d", what, pid)
+                sig = signal.SIGTERM
+            elif now - ended[pid] > CORE_KILL_AFTER_S:
+                sig = signal.SIGKILL  # busy in a CUDA call, it has not got to its handler
+            else:
+                continue
+            ended.setdefault(pid, now)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        await asyncio.sleep(CORE_CHECK_S)
 
 
 def wait_gone(pid: int, timeout: float) -> bool:

@@ -1,0 +1,190 @@
+"""Engines in engine hosts (``own_process = true``): a real yapd whose engines' front ends
+run in processes of their own (yapd/engines/host.py) with the real CPU engine in them, real
+turns through them, a host's faults and its end with yapd's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pickle
+import signal
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import UNENDING, EngineCores, Yapd, recv, run_turn, send, until_done, ws_connect
+from tests.test_faults import DEBUG, _first_token, wait_new
+from tests.test_protocol_e2e import check_turn
+from yapd.engines.pipe import MAX_MESSAGE, MessagePipe, PipeClosed
+
+HOSTED = UNENDING + "[chat]\nown_process = true\n[tool]\nown_process = true\n"
+
+
+@pytest.fixture(scope="module")
+def hosted_yapd(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
+    """Both engines hosted, the debug faults on; each test leaves both serving."""
+    d = Yapd(tmp_path_factory.mktemp("hosted"), cache_dir, config=HOSTED, env=DEBUG)
+    d.start()
+    yield d
+    d.stop()
+
+
+def status(d: Yapd) -> dict[str, Any]:
+    return json.loads(d.http("/status")[1])
+
+
+def hosts(d: Yapd) -> dict[str, int]:
+    return {role: e["host_pid"] for role, e in status(d)["engines"].items() if "host_pid" in e}
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+async def test_turns_run_through_both_engine_hosts(hosted_yapd):
+    d = hosted_yapd
+    pids = hosts(d)
+    assert set(pids) == {"chat", "tool"} and len(set(pids.values())) == 2, pids
+    assert all(parent_of(pid) == d.pid for pid in pids.values())
+    async with ws_connect(d.url()) as a, ws_connect(d.url()) as b:
+        turns = await asyncio.gather(run_turn(a, session_id="a", request_id="ha"),
+                                     run_turn(b, session_id="b", request_id="hb"))
+        check_turn(turns[0], "ha")
+        check_turn(turns[1], "hb")
+        # The engines' own timings crossed the pipe with the first deltas.
+        assert {"chat", "tool"} <= set(turns[0][-1]["timings"]["engines"])
+    # What the hosts logged is in yapd's log (its stderr here, the journal under systemd)
+    # and in the ring `yapctl logs` reads.
+    assert any("yapd.engine.cpu: engine ready role=tool backend=cpu" in line for line in d.lines)
+    logs = d.admin(cmd="logs", n=1000, grep="engine ready role=chat")
+    assert any(m.get("event") == "log" and m["logger"] == "yapd.engine.cpu" for m in logs), logs
+    st = status(d)
+    assert st["engines"]["chat"]["in_flight"] == 0 and st["engines"]["tool"]["in_flight"] == 0
+
+
+async def test_a_cancelled_turn_ends_its_request_in_the_host(hosted_yapd):
+    d = hosted_yapd
+    async with ws_connect(d.url()) as ws:
+        await send(ws, type="start", session_id="c", user_utterance="tell me a long story", request_id="long")
+        await _first_token(ws, "long")
+        assert status(d)["engines"]["chat"]["in_flight"] == 1
+        await send(ws, type="cancel")
+        done = (await until_done(ws))[-1]
+        assert done["request_id"] == "long" and done["cancelled"] is True
+        assert status(d)["engines"]["chat"]["in_flight"] == 0
+        check_turn(await run_turn(ws, session_id="c", request_id="next"), "next")
+
+
+async def test_an_engine_crash_in_its_host_fails_its_turn_and_a_restart_recovers(hosted_yapd):
+    d = hosted_yapd
+    before = hosts(d)
+    async with ws_connect(d.url()) as a, ws_connect(d.url()) as b:
+        await send(a, type="start", session_id="a", user_utterance="tell me a long story", request_id="k1")
+        await _first_token(a, "k1")
+        n = len(d.lines)
+        assert d.admin(cmd="debug", action="kill_engine", role="chat")[-1]["ok"]
+        msgs = await until_done(a)
+        err = next(m for m in msgs if m["type"] == "error")
+        assert err["error_code"] == "engine_unavailable" and "engine killed" in err["message"]
+        # The host tells yapd its engine's health changed; yapd says so and serves on.
+        wait_new(d, n, "engine unhealthy role=chat")
+        code, body = d.http("/healthz", key=None)
+        assert code == 503 and json.loads(body)["engines"]["chat"] == "failed"
+        await send(b, type="start", session_id="b", user_utterance="hi", request_id="k2")
+        assert (await recv(b))["error_code"] == "engine_unavailable"
+        with EngineCores() as old:
+            old.watch(before["chat"])
+            assert d.admin(cmd="restart", target="chat")[-1]["ok"] is True
+            old.assert_gone()  # the old host stopped with its engine
+        after = hosts(d)
+        assert after["chat"] != before["chat"] and after["tool"] == before["tool"]
+        assert d.http("/healthz", key=None)[0] == 200
+        check_turn(await run_turn(a))
+        check_turn(await run_turn(b))
+
+
+async def test_a_host_killed_is_a_failed_engine_and_a_restart_recovers(hosted_yapd):
+    d = hosted_yapd
+    pid = hosts(d)["tool"]
+    n = len(d.lines)
+    os.kill(pid, signal.SIGKILL)
+    wait_new(d, n, "engine failed role=tool: the engine host")
+    code, body = d.http("/healthz", key=None)
+    assert code == 503 and json.loads(body)["engines"]["tool"] == "failed"
+    st = status(d)["engines"]["tool"]
+    assert st["ok"] is False and "the engine host" in st["detail"], st
+    async with ws_connect(d.url()) as ws:
+        await send(ws, type="start", session_id="t", user_utterance="hi", request_id="t1")
+        assert (await recv(ws))["error_code"] == "engine_unavailable"
+        assert d.admin(cmd="restart", target="tool")[-1]["ok"] is True
+        assert d.http("/healthz", key=None)[0] == 200
+        check_turn(await run_turn(ws, session_id="t", request_id="t2"), "t2")
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_engine_hosts_end_with_yapd(make_yapd, how):
+    """A yapd stopped stops its hosts; one killed leaves none behind either: each host sees
+    its pipe end and stops its engine."""
+    d = make_yapd(UNENDING + "[tool]\nown_process = true\n")
+    pid = hosts(d)["tool"]
+    with EngineCores() as cores:
+        cores.watch(pid)
+        d.signal(how)
+        assert d.proc.wait(30) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
+        cores.assert_gone(30)
+
+
+def test_a_non_boolean_own_process_is_a_config_error(make_yapd):
+    d = make_yapd("[tool]\nown_process = \"yes\"\n", start=False)
+    d.start(wait=False)
+    assert d.proc.wait(30) == 2
+    assert any("tool.own_process: expected true or false" in line for line in d.lines)
+
+
+# --- the pipe itself -------------------------------------------------------------------
+
+
+async def _pipe_pair() -> tuple[MessagePipe, list[Any], list[Exception | None], socket.socket]:
+    ours, theirs = socket.socketpair()
+    got: list[Any] = []
+    closed: list[Exception | None] = []
+    pipe = await MessagePipe.open(ours, got.append, closed.append)
+    return pipe, got, closed, theirs
+
+
+async def _until(check: Any) -> None:
+    while not check():
+        await asyncio.sleep(0.01)
+
+
+async def test_messages_split_and_joined_across_reads_arrive_whole():
+    pipe, got, closed, theirs = await _pipe_pair()
+    frames = b"".join(struct.pack("!I", len(p)) + p
+                      for p in (pickle.dumps(("delta", "r", i, "x" * i * 100)) for i in range(20)))
+
+    def write() -> None:  # from a thread: the loop reads as it goes
+        for i in range(0, len(frames), 37):  # every message split, several in one read
+            theirs.sendall(frames[i:i + 37])
+
+    await asyncio.wait_for(asyncio.gather(asyncio.to_thread(write), _until(lambda: len(got) == 20)), 10)
+    assert [m[2] for m in got] == list(range(20)) and closed == []
+    pipe.close()
+    theirs.close()
+
+
+@pytest.mark.parametrize("frame", [struct.pack("!I", MAX_MESSAGE + 1), struct.pack("!I", 3) + b"abc"],
+                         ids=["too long", "not a pickle"])
+async def test_a_broken_message_closes_the_pipe_with_its_reason(frame):
+    pipe, got, closed, theirs = await _pipe_pair()
+    theirs.sendall(frame)
+    await asyncio.wait_for(_until(lambda: closed), 5)
+    assert got == [] and len(closed) == 1 and isinstance(closed[0], PipeClosed), closed
+    with pytest.raises(PipeClosed):
+        pipe.send("stream", "r")
+    assert theirs.recv(10) == b""  # our end was closed
+    theirs.close()

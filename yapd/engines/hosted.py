@@ -1,0 +1,301 @@
+"""An engine whose front end runs in an engine host (yapd/engines/host.py), a process of its
+own: ``own_process = true`` in its section.
+
+To yapd's turns it is an engine like the others: ``stream`` yields the host's deltas as
+they come, closing it aborts the request there, ``health`` is what the host last said
+(or "failed" once the host is gone). yapd keeps its own tokenizer for the engine (its
+turns build the prompts), loaded from the source the host names once its engine is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+from yapd import forking
+from yapd.config import Config
+from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineState, SamplingSpec
+from yapd.engines.host import command
+from yapd.engines.pipe import MessagePipe, PipeClosed
+from yapd.engines.tokenizer import load_tokenizer
+
+log = logging.getLogger("yapd.engine.hosted")
+
+# How long a shutdown waits for the host to stop its engine (vLLM's own shutdown waits for
+# its EngineCore) before the host and its EngineCore are killed.
+SHUTDOWN_WAIT_S = 30.0
+PIPE_GRACE_S = 1.0
+_END = object()
+
+
+class HostedEngine(Engine):
+    def __init__(self, role: str, cfg: Config, local: Engine) -> None:
+        self.role = role
+        self.cfg = cfg
+        # The engine as it would run in yapd, never started here: its model, backend and
+        # memory plans (on disk, shared with the host's copy) answer for this one.
+        self.local = local
+        self.model = local.model
+        self.backend = local.backend
+        self.parallel_start_safe = local.parallel_start_safe
+        self._state: EngineState = "stopped"
+        self._detail = ""
+        self._remote: EngineHealth | None = None
+        self._tok: Any = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pipe: MessagePipe | None = None
+        self._streams: dict[str, asyncio.Queue[Any]] = {}
+        self._started: asyncio.Future[tuple[str, ...]] | None = None
+        self._unkeep: Callable[[], None] = _nothing
+        self._reaper: asyncio.Task[None] | None = None
+        self.start_seconds: float | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tok is None:
+            raise EngineError(f"{self.role} engine is not started")
+        return self._tok
+
+    def tokenizer_source(self) -> tuple[str, str | None]:
+        return self.local.tokenizer_source()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    @property
+    def host_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def forget_memory_plan(self) -> None:
+        self.local.forget_memory_plan()
+
+    def health(self) -> EngineHealth:
+        extra: dict[str, Any] = dict(self._remote.extra) if self._remote is not None else {}
+        if self.start_seconds:
+            extra["start_seconds"] = self.start_seconds
+        if self._proc is not None:
+            extra["host_pid"] = self._proc.pid
+        if self._state == "ready" and self._remote is not None and not self._remote.ok:
+            return EngineHealth(False, self._remote.state, self._remote.detail, extra)
+        return EngineHealth(self._state == "ready", self._state, self._detail, extra)
+
+    async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
+        self._state, self._detail, self._remote, self._tok = "starting", "", None, None
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        self._started = loop.create_future()
+        self._started.add_done_callback(_retrieved)  # failed by the host's end after a start gave up
+        try:
+            await self._spawn()
+            assert self._pipe is not None
+            self._pipe.send("start", self.role, self.cfg, alongside, dict(child_env or {}),
+                            logging.getLogger("yapd").getEffectiveLevel())
+            model, name, revision = await self._started
+            self.model = model
+            tok = await asyncio.to_thread(load_tokenizer, name, revision or None)
+            self.go_on("our tokenizer")
+        except Exception as exc:
+            self._state = "failed"
+            self._detail = self._detail or f"start failed: {exc}"
+            await self._end_host(wait_s=SHUTDOWN_WAIT_S if self.host_pid is not None else 0)
+            raise exc if isinstance(exc, EngineError) else self.start_error(exc) from exc
+        self._tok = tok
+        self.start_seconds = round(time.perf_counter() - t0, 1)
+        self._state = "ready"
+        log.info("engine host ready role=%s pid=%s", self.role, self.host_pid)
+
+    async def _spawn(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # yapd's end stays out of every other child (an EngineCore yapd forks): the host
+        # sees yapd gone as the end of its pipe only once no copy of this end is left. The
+        # host's end may leak into a core forked at this very moment; the host's exit is
+        # then still seen, by the reaper.
+        self._unkeep = forking.keep_out(ours.fileno())
+        try:
+            self._proc = proc = await asyncio.create_subprocess_exec(
+                *command(theirs.fileno(), self.cfg.server.event_loop), pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        # The ends of this host, not of one an earlier start of this engine ran.
+        self._pipe = await MessagePipe.open(ours, self._on_message, lambda exc: self._on_closed(proc, exc))
+        self._reaper = asyncio.create_task(self._reap(proc))
+        log.info("engine host started role=%s pid=%s", self.role, proc.pid)
+
+    def abandon_start(self) -> None:
+        super().abandon_start()
+        if self._pipe is not None and not self._pipe.closed:
+            with contextlib.suppress(PipeClosed):
+                self._pipe.send("abandon")
+
+    def kill(self) -> None:
+        """The fault tests' crash of the engine, in the host (the CPU engine's kill)."""
+        if self._pipe is None or self._pipe.closed:
+            raise EngineError(f"{self.role} engine host is not running")
+        self._pipe.send("kill")
+
+    # --- what the host says ----------------------------------------------------------
+
+    def _on_message(self, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "delta":
+            if (queue := self._streams.get(msg[1])) is not None:
+                queue.put_nowait(msg[2])
+        elif kind == "end":
+            if (queue := self._streams.get(msg[1])) is not None:
+                queue.put_nowait(_END if msg[2] is None else EngineError(f"{self.role} engine: {msg[2]}"))
+        elif kind == "log":
+            record = logging.makeLogRecord(msg[1])
+            logger = logging.getLogger(record.name)
+            if logger.isEnabledFor(record.levelno):
+                logger.handle(record)
+        elif kind == "health":
+            self._set_remote(msg[1])
+        elif kind == "starting":
+            self.model = msg[1]
+        elif kind == "started":
+            _, model, (name, revision), health = msg
+            self._remote = health
+            _settle(self._started, (model, name, revision or ""))
+        elif kind == "start_failed":
+            _, error, health = msg
+            self._remote = health
+            self._detail = f"start failed: {error}"
+            if self._started is not None and not self._started.done():
+                self._started.set_exception(EngineError(error))
+
+    def _set_remote(self, health: EngineHealth) -> None:
+        was_ok = self._remote is None or self._remote.ok
+        self._remote = health
+        if was_ok and not health.ok and self._state == "ready":
+            log.error("engine unhealthy role=%s: %s", self.role, health.detail or health.state)
+            self._fail_streams(f"{self.role} engine is {health.state}: {health.detail}")
+
+    def _on_closed(self, proc: asyncio.subprocess.Process, exc: Exception | None) -> None:
+        if proc is not self._proc:
+            return
+        why = f"the engine host's pipe broke ({exc})" if exc else "the engine host closed its pipe"
+        # Nothing more comes from the host. Its exit code, which says more, comes from the
+        # reaper as a rule at once; a host that lives on without its pipe fails by this.
+        self._fail_streams(f"{self.role} engine: {why}")
+        if self._started is not None and not self._started.done():
+            self._started.set_exception(EngineError(why))
+        asyncio.get_running_loop().call_later(PIPE_GRACE_S, self._host_gone, proc, why)
+
+    async def _reap(self, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        self._host_gone(proc, f"the engine host exited with code {code}")
+
+    def _host_gone(self, proc: asyncio.subprocess.Process, why: str) -> None:
+        if proc is not self._proc:
+            return
+        if self._state in ("starting", "ready"):
+            self._state, self._detail = "failed", why
+            log.error("engine failed role=%s: %s", self.role, why)
+            self._kill_core()
+        if self._started is not None and not self._started.done():
+            self._started.set_exception(EngineError(why))
+        self._fail_streams(f"{self.role} engine: {why}")
+
+    def _fail_streams(self, why: str) -> None:
+        for queue in self._streams.values():
+            queue.put_nowait(EngineError(why))
+
+    def _kill_core(self) -> None:
+        """A host that died leaves its EngineCore (its child) holding GPU memory."""
+        pid = self._remote.extra.get("pid") if self._remote is not None else None
+        if isinstance(pid, int):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    # --- requests ----------------------------------------------------------------------
+
+    async def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec,
+                     request_id: str) -> AsyncIterator[Delta]:
+        if self._state != "ready" or self._pipe is None or (self._remote is not None and not self._remote.ok):
+            raise EngineError(f"{self.role} engine is {self.health().state}")
+        if request_id in self._streams:
+            raise EngineError(f"{self.role} engine: request {request_id} is already running")
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._streams[request_id] = queue
+        done = False
+        try:
+            self._pipe.send("stream", request_id, list(prompt_ids), spec)
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    done = True
+                    return
+                if isinstance(item, Exception):
+                    done = True
+                    raise item
+                done = item.finished
+                yield item
+                if done:
+                    return
+        except PipeClosed as exc:
+            done = True
+            raise EngineError(f"{self.role} engine: {exc}") from exc
+        finally:
+            del self._streams[request_id]
+            if not done:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self._pipe is not None and not self._pipe.closed:
+            with contextlib.suppress(PipeClosed):
+                self._pipe.send("abort", request_id)
+
+    async def shutdown(self) -> None:
+        if self._proc is None:
+            self._state = "stopped"
+            return
+        self._state = "stopping"
+        await self._end_host(SHUTDOWN_WAIT_S)
+        self._state = "stopped"
+
+    async def _end_host(self, wait_s: float) -> None:
+        """Ask the host to stop its engine and exit; past ``wait_s``, kill it and its
+        EngineCore."""
+        proc, pipe = self._proc, self._pipe
+        if proc is None:
+            return
+        if pipe is not None and not pipe.closed:
+            with contextlib.suppress(PipeClosed):
+                pipe.send("stop")
+        try:
+            await asyncio.wait_for(proc.wait(), wait_s)
+        except asyncio.TimeoutError:
+            log.warning("engine host did not stop in %.0f s: killing it role=%s pid=%s", wait_s, self.role, proc.pid)
+            self._kill_core()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        if pipe is not None:
+            pipe.close()
+        self._unkeep()
+        self._unkeep = _nothing
+        if self._reaper is not None:
+            await asyncio.gather(self._reaper, return_exceptions=True)
+        self._proc = self._pipe = self._reaper = None
+
+
+def _settle(future: asyncio.Future[Any] | None, value: Any) -> None:
+    if future is not None and not future.done():
+        future.set_result(value)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
