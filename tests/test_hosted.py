@@ -139,6 +139,20 @@ def test_engine_hosts_end_with_yapd(make_yapd, how):
         cores.assert_gone(30)
 
 
+def test_a_stop_while_a_host_starts_its_engine_ends_both(make_yapd):
+    """SIGTERM while the tool's host is still starting (importing, loading its model): the
+    host is told, its start ends, it exits, and yapd exits 0."""
+    d = make_yapd(UNENDING + "[tool]\nown_process = true\n", start=False)
+    d.start(wait=False)
+    pid = int(d.wait_for("engine host started role=tool", timeout=60).rsplit("pid=", 1)[1])
+    with EngineCores() as host:
+        host.watch(pid)
+        d.signal(signal.SIGTERM)
+        assert d.proc is not None and d.proc.wait(60) == 0, "\n".join(d.lines[-20:])
+        host.assert_gone(10)
+    assert not [line for line in d.lines if "Traceback" in line], "\n".join(d.lines[-20:])
+
+
 def test_a_non_boolean_own_process_is_a_config_error(make_yapd):
     d = make_yapd("[tool]\nown_process = \"yes\"\n", start=False)
     d.start(wait=False)

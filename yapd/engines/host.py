@@ -71,6 +71,7 @@ class Host:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._abandon: asyncio.Task[None] | None = None
+        self._abandoned = False  # yapd is stopping: a start not yet begun ends at its first step
 
     async def run(self) -> int:
         from yapd import forking
@@ -115,6 +116,7 @@ class Host:
             logging.getLogger().setLevel(level)
             self._start = asyncio.create_task(self._start_engine(role, cfg, alongside, child_env))
         elif kind == "abandon":
+            self._abandoned = True
             self._abandon = asyncio.create_task(self._end_start())
         elif kind == "kill":
             if self._engine is not None and hasattr(self._engine, "kill"):
@@ -134,6 +136,8 @@ class Host:
         try:
             _title(f"yapd {role} engine host")
             self._engine = engine = create_local_engine(role, cfg)
+            if self._abandoned:
+                engine.abandon_start()
             self.send("starting", engine.model, engine.backend)
             await engine.start(alongside=alongside, child_env=child_env)
         except Exception as exc:  # the start's error, said to yapd, whose start fails with it
@@ -181,6 +185,7 @@ class Host:
             await end_loading_starts([self._engine])
 
     async def _end(self) -> None:
+        self._abandoned = True
         if self._start is not None and not self._start.done():
             await (self._abandon if self._abandon is not None else self._end_start())
             with contextlib.suppress(Exception):
