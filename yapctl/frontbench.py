@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import json
 import os
 import statistics
@@ -40,7 +39,7 @@ from yapd.config import Config, RequestOrder, TurnConfig
 from yapd.engines.base import Delta, Engine, EngineHealth, SamplingSpec
 
 KEY = "frontbench"
-LOG_ENV = "YAPCTL_FRONTBENCH_LOG"  # where the stand-in daemon writes its requests at exit
+LOG_ENV = "YAPCTL_FRONTBENCH_LOG"  # each stand-in engine writes its requests to this path + ".<role>" as it stops
 TIMING_ENV = "YAPCTL_FRONTBENCH_MS"  # "chat_first,tool_first,itl"
 
 
@@ -49,7 +48,6 @@ class StandInEngine(Engine):
     (perf_counter: CLOCK_MONOTONIC, comparable with the client's in another process)."""
 
     backend = "standin"
-    made: list[tuple[str, str, float]] = []
 
     def __init__(self, role: str, cfg: Config) -> None:
         from yapd.awq import resolve_model
@@ -61,10 +59,14 @@ class StandInEngine(Engine):
         self.itl_s = itl_ms
         self._tok: Any = None
         self._in_flight = 0
+        self.made: list[tuple[str, str, float]] = []
 
     @property
     def tokenizer(self) -> Any:
         return self._tok
+
+    def tokenizer_source(self) -> tuple[str, str | None]:
+        return self.model, None
 
     async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
         from yapd.engines.tokenizer import load_tokenizer
@@ -91,7 +93,9 @@ class StandInEngine(Engine):
         return None
 
     async def shutdown(self) -> None:
-        return None
+        # In yapd's process or in an engine host's (own_process): where it ran.
+        if log := os.environ.get(LOG_ENV):
+            await asyncio.to_thread(Path(f"{log}.{self.role}").write_text, json.dumps(self.made))
 
     def health(self) -> EngineHealth:
         return EngineHealth(self._tok is not None, "ready" if self._tok is not None else "starting")
@@ -102,15 +106,21 @@ class StandInEngine(Engine):
 
 
 def serve(argv: list[str]) -> int:
-    """yapd's own main with stand-in engines (the daemon process of this program)."""
+    """yapd's own main with stand-in engines (the daemon process of this program); with
+    ``own_process``, in engine hosts of their own."""
     from yapd import cli, daemon
 
-    def write() -> None:
-        Path(os.environ[LOG_ENV]).write_text(json.dumps(StandInEngine.made))
-
-    atexit.register(write)
-    daemon.create_engine = StandInEngine
+    daemon.create_engine = stand_in
     return cli.main(argv)
+
+
+def stand_in(role: str, cfg: Config) -> Engine:
+    from yapd.engines.hosted import HostedEngine
+
+    local = StandInEngine(role, cfg)
+    if getattr(cfg, role).own_process:
+        return HostedEngine(role, cfg, local, "yapctl.frontbench:StandInEngine")
+    return local
 
 
 async def level(url: str, c: int, rounds: int, prompts: dict[str, str]) -> dict[str, Any]:
@@ -205,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--itl-ms", type=float, default=6.0)
     p.add_argument("--max-out", type=int, default=40, help="tokens per reply")
     p.add_argument("--event-loop", default="auto", choices=("auto", "asyncio", "uvloop"))
+    p.add_argument("--own-process", default="", choices=("", "chat", "tool", "both"),
+                   help="these engines in engine hosts of their own (own_process): what the hop costs")
     p.add_argument("--profile-level", type=int, default=0, metavar="SESSIONS",
                    help="then run this level with yapd's event loop profiled for 3 s (yapctl profile)")
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -215,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rounds and every level must be at least 1")
     with tempfile.TemporaryDirectory(prefix="frontbench-") as tmp:
         work = Path(tmp)
-        models = "" if args.models is None else (f'[chat]\nmodel = "{args.models / "nemo-12b"}"\n'
-                                                 f'[tool]\nmodel = "{args.models / "hammer-3b"}"\n')
+        hosted = {"chat", "tool"} if args.own_process == "both" else {args.own_process}
+        models = "".join(
+            f"[{role}]\n" + (f'model = "{args.models / folder}"\n' if args.models is not None else "")
+            + ("own_process = true\n" if role in hosted else "")
+            for role, folder in (("chat", "nemo-12b"), ("tool", "hammer-3b")))
         config = (f'{models}[turn]\nconcurrent = true\nignore_eos = true\nchat_max_out = {args.max_out}\n'
                   f'request_order = "{args.request_order}"\n')
         log = work / "requests.json"
@@ -231,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                           "utterance": UTTERANCE}, args.profile_level))
         finally:
             d.stop()
-        made = [(str(r), str(role), float(t)) for r, role, t in json.loads(log.read_text())]
+        made = [(str(r), str(role), float(t)) for role_log in sorted(work.glob(f"{log.name}.*"))
+                for r, role, t in json.loads(role_log.read_text())]
     setup: dict[str, Any] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"}
     setup.update(models=str(args.models or "demo"), python=sys.version.split()[0])
     figures = {f"c{c}": summarize(c, raw[c], made) for c in levels}

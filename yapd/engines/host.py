@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import signal
@@ -112,9 +113,9 @@ class Host:
             if (task := self._streams.pop(msg[1], None)) is not None:
                 task.cancel()  # closing the engine's stream aborts the request there
         elif kind == "start":
-            _, role, cfg, alongside, child_env, level = msg
+            _, factory, role, cfg, alongside, child_env, level = msg
             logging.getLogger().setLevel(level)
-            self._start = asyncio.create_task(self._start_engine(role, cfg, alongside, child_env))
+            self._start = asyncio.create_task(self._start_engine(factory, role, cfg, alongside, child_env))
         elif kind == "abandon":
             self._abandoned = True
             self._abandon = asyncio.create_task(self._end_start())
@@ -129,13 +130,14 @@ class Host:
             log.error("engine host: the pipe to yapd broke: %s", exc)
         self._stop.set()  # yapd is gone, or done with us: the engine goes too
 
-    async def _start_engine(self, role: str, cfg: Any, alongside: bool, child_env: Mapping[str, str]) -> None:
+    async def _start_engine(self, factory: str, role: str, cfg: Any, alongside: bool,
+                            child_env: Mapping[str, str]) -> None:
         from yapd import gcpause
-        from yapd.engines import create_local_engine
 
         try:
             _title(f"yapd {role} engine host")
-            self._engine = engine = create_local_engine(role, cfg)
+            module, _, name = factory.partition(":")
+            self._engine = engine = getattr(importlib.import_module(module), name)(role, cfg)
             if self._abandoned:
                 engine.abandon_start()
             self.send("starting", engine.model, engine.backend)

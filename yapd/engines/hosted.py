@@ -35,10 +35,15 @@ PIPE_GRACE_S = 1.0
 _END = object()
 
 
+# What a host builds its engine with: "module:callable", called with the role and config.
+LOCAL_FACTORY = "yapd.engines:create_local_engine"
+
+
 class HostedEngine(Engine):
-    def __init__(self, role: str, cfg: Config, local: Engine) -> None:
+    def __init__(self, role: str, cfg: Config, local: Engine, factory: str = LOCAL_FACTORY) -> None:
         self.role = role
         self.cfg = cfg
+        self.factory = factory
         # The engine as it would run in yapd, never started here: its model, backend and
         # memory plans (on disk, shared with the host's copy) answer for this one.
         self.local = local
@@ -96,7 +101,7 @@ class HostedEngine(Engine):
         try:
             await self._spawn()
             assert self._pipe is not None
-            self._pipe.send("start", self.role, self.cfg, alongside, dict(child_env or {}),
+            self._pipe.send("start", self.factory, self.role, self.cfg, alongside, dict(child_env or {}),
                             logging.getLogger("yapd").getEffectiveLevel())
             model, name, revision = await self._started
             self.model = model
