@@ -112,8 +112,18 @@ class LoadingEngine(Engine):
 def main() -> int:
     from yapd import cli, daemon
 
-    daemon.create_engine = LoadingEngine
+    daemon.create_engine = loading_engine
     return cli.main(sys.argv[1:])
+
+
+def loading_engine(role: str, cfg: Config) -> Engine:
+    """A stand-in, in an engine host of its own with ``own_process``."""
+    from yapd.engines.hosted import HostedEngine
+
+    local = LoadingEngine(role, cfg)
+    if getattr(cfg, role).own_process:
+        return HostedEngine(role, cfg, local, "tests.loading_core:LoadingEngine")
+    return local
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import UNENDING, EngineCores, Yapd, recv, run_turn, send, until_done, ws_connect
+from tests.test_daemon import STAND_IN_CHAT, loading_yapd
 from tests.test_faults import DEBUG, _first_token, wait_new
 from tests.test_protocol_e2e import check_turn
 from yapd.engines.pipe import MAX_MESSAGE, MessagePipe, PipeClosed
@@ -151,6 +152,25 @@ def test_a_stop_while_a_host_starts_its_engine_ends_both(make_yapd):
         assert d.proc is not None and d.proc.wait(60) == 0, "\n".join(d.lines[-20:])
         host.assert_gone(10)
     assert not [line for line in d.lines if "Traceback" in line], "\n".join(d.lines[-20:])
+
+
+def test_a_stop_while_a_hosted_vllm_engine_loads_ends_its_enginecore(make_yapd):
+    """SIGTERM while a hosted vLLM engine loads (tests/loading_core.py's stand-in, whose
+    EngineCore "loads" for ten minutes): the host, told by yapd, finds its EngineCore (its
+    own child) and ends it as yapd ends its own engines'; the start fails, the host exits,
+    and yapd exits 0."""
+    d = loading_yapd(make_yapd, STAND_IN_CHAT + "own_process = true\n")
+    line = d.wait_for("stand-in: Initializing a V1 LLM engine", timeout=120)
+    core = int(line.split("pid=")[1].split(")")[0])
+    host = hosts(d)["chat"]
+    assert parent_of(core) == host
+    with EngineCores() as watched:
+        watched.watch(core, host)
+        d.signal(signal.SIGTERM)
+        assert d.proc is not None and d.proc.wait(60) == 0, "\n".join(d.lines[-20:])
+        watched.assert_gone()
+    d.wait_for(f"stopping while engines load: ending their EngineCore pid={core}", timeout=5)
+    assert "ended while loading (exit code -15)" in "\n".join(d.lines), "\n".join(d.lines[-20:])
 
 
 def test_a_non_boolean_own_process_is_a_config_error(make_yapd):
