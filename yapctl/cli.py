@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
 
+from yapctl import fmt
 from yapctl.client import EXIT_DENIED, EXIT_DOWN, EXIT_FAILED, EXIT_OK, AdminClient, AdminError, socket_path
 from yapctl.fmt import ago
 
@@ -166,7 +167,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         print(f"mps {'on' if mps.get('active') else 'off'} ({where}{mps.get('reason')}{first})")
     rows = []
     for role, eng in sorted(st.get("engines", {}).items()):
-        rows.append([role, str(eng.get("state", "?")), str(eng.get("backend", "")), str(eng.get("model", "")),
+        rows.append([role, str(eng.get("state", "?")), fmt.backend(eng), str(eng.get("model", "")),
                      str(eng.get("in_flight", "")), str(eng.get("detail", "") or "")])
     if rows:
         print()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def ago(seconds: float) -> str:
     """A short duration for tables: 42s, 3m05s, 2h07m."""
@@ -11,3 +13,10 @@ def ago(seconds: float) -> str:
     if s < 7200:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def backend(engine: dict[str, Any]) -> str:
+    """An engine's backend as its status says it, and where its front end runs when that
+    is a process of its own (own_process: its engine host's pid)."""
+    name = str(engine.get("backend", ""))
+    return f"{name} (own process {engine['host_pid']})" if engine.get("host_pid") else name

@@ -17,6 +17,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, Log, ProgressBar, RichLog, Select, Sparkline, Static
 
+from yapctl import fmt
 from yapctl.client import AdminClient, AdminError
 from yapctl.fmt import ago
 from yapctl.tui.model import LEVELS, LogBook, LogLine, ms, numbers, percentile
@@ -100,7 +101,7 @@ class EnginesTable(DataTable[Any]):
             e = engines.get(role) or {}
             state = str(e.get("state", "absent"))
             self.add_row(role, Text(state, STATE_STYLE.get(state, "yellow")), str(e.get("in_flight", "")),
-                         short_model(str(e.get("model") or models.get(role) or "")), str(e.get("backend", "")),
+                         short_model(str(e.get("model") or models.get(role) or "")), fmt.backend(e),
                          str(e.get("detail") or ""), key=role)
 
 
