@@ -11,6 +11,8 @@ import pickle
 import signal
 import socket
 import struct
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,9 @@ from tests.conftest import UNENDING, EngineCores, Yapd, recv, run_turn, send, un
 from tests.test_daemon import STAND_IN_CHAT, loading_yapd
 from tests.test_faults import DEBUG, _first_token, wait_new
 from tests.test_protocol_e2e import check_turn
+from yapd import config, daemon
+from yapd.engines import SamplingSpec, create_engine
+from yapd.engines.hosted import HostedEngine
 from yapd.engines.pipe import MAX_MESSAGE, MessagePipe, PipeClosed
 
 HOSTED = UNENDING + "[chat]\nown_process = true\n[tool]\nown_process = true\n"
@@ -178,6 +183,38 @@ def test_a_non_boolean_own_process_is_a_config_error(make_yapd):
     d.start(wait=False)
     assert d.proc.wait(30) == 2
     assert any("tool.own_process: expected true or false" in line for line in d.lines)
+
+
+async def test_a_request_id_used_again_after_an_abort_gets_only_its_own_deltas(cache_dir):
+    """The engine itself, in this process, with the CPU demo chat engine in a real host: a
+    stream closed early (its abort on its way to the host, its next deltas already on
+    theirs) and the same request id at once again, as a client reusing its request id
+    makes it: the second stream reads its own tokens only, and nothing is left in flight."""
+    cfg = config.load(None, overrides={"demo": True})
+    cfg.engines.cache_dir = str(cache_dir)
+    cfg.chat.own_process = True
+    eng = create_engine("chat", daemon.prepare(cfg))
+    assert isinstance(eng, HostedEngine)
+    await eng.start()
+    try:
+        spec = SamplingSpec(max_tokens=40, ignore_eos=True)
+        prompt = eng.tokenizer("tell me a long story").input_ids
+        for _ in range(5):
+            first = eng.stream(prompt, spec, "again")
+            assert (await anext(first)).n_tokens >= 1
+            # yapd's loop busy: the host's next deltas wait unread in the socket, to be
+            # read only after the same request id is running again.
+            time.sleep(0.05)
+            await first.aclose()
+            n, finished = 0, False
+            async for delta in eng.stream(prompt, replace(spec, max_tokens=7), "again"):
+                n += delta.n_tokens
+                finished = delta.finished
+            assert (n, finished) == (7, True)
+        assert eng.in_flight == 0
+    finally:
+        await eng.shutdown()
+    assert eng.health().state == "stopped"
 
 
 # --- the pipe itself -------------------------------------------------------------------

@@ -67,7 +67,7 @@ class Host:
         self._pipe: MessagePipe | None = None
         self._engine: Engine | None = None
         self._start: asyncio.Task[None] | None = None
-        self._streams: dict[str, asyncio.Task[None]] = {}
+        self._streams: dict[int, asyncio.Task[None]] = {}  # by yapd's key for each stream
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -107,8 +107,8 @@ class Host:
     def _on_message(self, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == "stream":
-            _, rid, prompt_ids, spec = msg
-            self._streams[rid] = asyncio.create_task(self._stream(rid, prompt_ids, spec))
+            _, key, rid, prompt_ids, spec = msg
+            self._streams[key] = asyncio.create_task(self._stream(key, rid, prompt_ids, spec))
         elif kind == "abort":
             if (task := self._streams.pop(msg[1], None)) is not None:
                 task.cancel()  # closing the engine's stream aborts the request there
@@ -148,23 +148,22 @@ class Host:
         gcpause.settle()  # as yapd does after its own engines' loads
         self.send("started", engine.model, engine.tokenizer_source(), engine.health())
 
-    async def _stream(self, rid: str, prompt_ids: list[int], spec: SamplingSpec) -> None:
+    async def _stream(self, key: int, rid: str, prompt_ids: list[int], spec: SamplingSpec) -> None:
         finished = False
         try:
             if self._engine is None:
                 raise RuntimeError("the engine host has no engine")
             async for delta in self._engine.stream(prompt_ids, spec, rid):
-                self.send("delta", rid, delta)
+                self.send("delta", key, delta)
                 finished = delta.finished
             if not finished:
-                self.send("end", rid, None)
+                self.send("end", key, None)
         except asyncio.CancelledError:
             pass  # yapd aborted it: it reads no more of it
         except Exception as exc:  # this request's: said to yapd, which fails that turn only
-            self.send("end", rid, str(exc))
+            self.send("end", key, str(exc))
         finally:
-            if self._streams.get(rid) is asyncio.current_task():
-                del self._streams[rid]
+            self._streams.pop(key, None)
 
     async def _watch_health(self) -> None:
         told: EngineHealth | None = None

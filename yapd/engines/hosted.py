@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -56,7 +57,11 @@ class HostedEngine(Engine):
         self._tok: Any = None
         self._proc: asyncio.subprocess.Process | None = None
         self._pipe: MessagePipe | None = None
-        self._streams: dict[str, asyncio.Queue[Any]] = {}
+        # Each stream by a key of its own on the pipe, not its request id: a request id
+        # used again right after an abort must not get the old request's last deltas.
+        self._streams: dict[int, asyncio.Queue[Any]] = {}
+        self._keys_of: dict[str, int] = {}
+        self._next_key = itertools.count()
         self._started: asyncio.Future[tuple[str, ...]] | None = None
         self._unkeep: Callable[[], None] = _nothing
         self._reaper: asyncio.Task[None] | None = None
@@ -226,13 +231,14 @@ class HostedEngine(Engine):
                      request_id: str) -> AsyncIterator[Delta]:
         if self._state != "ready" or self._pipe is None or (self._remote is not None and not self._remote.ok):
             raise EngineError(f"{self.role} engine is {self.health().state}")
-        if request_id in self._streams:
+        if request_id in self._keys_of:
             raise EngineError(f"{self.role} engine: request {request_id} is already running")
+        key = next(self._next_key)
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._streams[request_id] = queue
+        self._streams[key], self._keys_of[request_id] = queue, key
         done = False
         try:
-            self._pipe.send("stream", request_id, list(prompt_ids), spec)
+            self._pipe.send("stream", key, request_id, list(prompt_ids), spec)
             while True:
                 item = await queue.get()
                 if item is _END:
@@ -249,14 +255,18 @@ class HostedEngine(Engine):
             done = True
             raise EngineError(f"{self.role} engine: {exc}") from exc
         finally:
-            del self._streams[request_id]
+            del self._streams[key], self._keys_of[request_id]
             if not done:
-                await self.abort(request_id)
+                self._abort(key)
 
     async def abort(self, request_id: str) -> None:
+        if (key := self._keys_of.get(request_id)) is not None:
+            self._abort(key)
+
+    def _abort(self, key: int) -> None:
         if self._pipe is not None and not self._pipe.closed:
             with contextlib.suppress(PipeClosed):
-                self._pipe.send("abort", request_id)
+                self._pipe.send("abort", key)
 
     async def shutdown(self) -> None:
         if self._proc is None:
