@@ -59,6 +59,9 @@ class LoadingEngine(Engine):
     def tokenizer(self) -> Any:
         raise EngineError(f"{self.role} engine is not started")
 
+    def tokenizer_source(self) -> tuple[str, str | None]:
+        return self.model, None  # never loaded: no start of this engine succeeds
+
     async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
         self._state = "starting"
         try:

@@ -164,7 +164,9 @@ def test_a_stop_while_a_hosted_vllm_engine_loads_ends_its_enginecore(make_yapd):
     EngineCore "loads" for ten minutes): the host, told by yapd, finds its EngineCore (its
     own child) and ends it as yapd ends its own engines'; the start fails, the host exits,
     and yapd exits 0."""
-    d = loading_yapd(make_yapd, STAND_IN_CHAT + "own_process = true\n")
+    # yapd's side loads the engine's tokenizer while the host starts the engine: offline,
+    # the stand-in's made-up model fails it at once (the start would end with it later).
+    d = loading_yapd(make_yapd, STAND_IN_CHAT + "own_process = true\n", HF_HUB_OFFLINE="1")
     line = d.wait_for("stand-in: Initializing a V1 LLM engine", timeout=120)
     core = int(line.split("pid=")[1].split(")")[0])
     host = hosts(d)["chat"]

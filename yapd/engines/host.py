@@ -140,13 +140,14 @@ class Host:
             self._engine = engine = getattr(importlib.import_module(module), name)(role, cfg)
             if self._abandoned:
                 engine.abandon_start()
-            self.send("starting", engine.model, engine.backend)
+            # yapd loads its own tokenizer for the engine while the engine loads here.
+            self.send("starting", engine.model, await asyncio.to_thread(engine.tokenizer_source))
             await engine.start(alongside=alongside, child_env=child_env)
         except Exception as exc:  # the start's error, said to yapd, whose start fails with it
             self.send("start_failed", str(exc), self._engine.health() if self._engine is not None else None)
             return
         gcpause.settle()  # as yapd does after its own engines' loads
-        self.send("started", engine.model, engine.tokenizer_source(), engine.health())
+        self.send("started", engine.model, engine.health())
 
     async def _stream(self, key: int, rid: str, prompt_ids: list[int], spec: SamplingSpec) -> None:
         finished = False

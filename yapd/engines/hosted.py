@@ -55,6 +55,7 @@ class HostedEngine(Engine):
         self._detail = ""
         self._remote: EngineHealth | None = None
         self._tok: Any = None
+        self._tok_load: asyncio.Future[Any] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._pipe: MessagePipe | None = None
         # Each stream by a key of its own on the pipe, not its request id: a request id
@@ -62,7 +63,7 @@ class HostedEngine(Engine):
         self._streams: dict[int, asyncio.Queue[Any]] = {}
         self._keys_of: dict[str, int] = {}
         self._next_key = itertools.count()
-        self._started: asyncio.Future[tuple[str, ...]] | None = None
+        self._started: asyncio.Future[str] | None = None
         self._unkeep: Callable[[], None] = _nothing
         self._reaper: asyncio.Task[None] | None = None
         self.start_seconds: float | None = None
@@ -98,7 +99,7 @@ class HostedEngine(Engine):
         return EngineHealth(self._state == "ready", self._state, self._detail, extra)
 
     async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
-        self._state, self._detail, self._remote, self._tok = "starting", "", None, None
+        self._state, self._detail, self._remote, self._tok, self._tok_load = "starting", "", None, None, None
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         self._started = loop.create_future()
@@ -108,19 +109,29 @@ class HostedEngine(Engine):
             assert self._pipe is not None
             self._pipe.send("start", self.factory, self.role, self.cfg, alongside, dict(child_env or {}),
                             logging.getLogger("yapd").getEffectiveLevel())
-            model, name, revision = await self._started
-            self.model = model
-            tok = await asyncio.to_thread(load_tokenizer, name, revision or None)
+            self.model = await self._started
+            if self._tok_load is None:
+                raise EngineError(f"{self.role} engine host named no tokenizer")
+            tok = await self._tok_load
             self.go_on("our tokenizer")
         except Exception as exc:
             self._state = "failed"
             self._detail = self._detail or f"start failed: {exc}"
+            if self._tok_load is not None:
+                self._tok_load.cancel()
             await self._end_host(wait_s=SHUTDOWN_WAIT_S if self.host_pid is not None else 0)
             raise exc if isinstance(exc, EngineError) else self.start_error(exc) from exc
         self._tok = tok
         self.start_seconds = round(time.perf_counter() - t0, 1)
         self._state = "ready"
         log.info("engine host ready role=%s pid=%s", self.role, self.host_pid)
+
+    async def _load_tokenizer(self, name: str, revision: str | None) -> Any:
+        if self.backend == "vllm":
+            from yapd.engines.vllm import after_the_setups
+
+            await after_the_setups()  # an engine starting in this process, its set-up's GIL
+        return await asyncio.to_thread(load_tokenizer, name, revision)
 
     async def _spawn(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -169,11 +180,13 @@ class HostedEngine(Engine):
         elif kind == "health":
             self._set_remote(msg[1])
         elif kind == "starting":
-            self.model = msg[1]
+            _, self.model, (name, revision) = msg
+            self._tok_load = asyncio.ensure_future(self._load_tokenizer(name, revision or None))
+            self._tok_load.add_done_callback(_retrieved)  # a failed start may not await it
         elif kind == "started":
-            _, model, (name, revision), health = msg
+            _, model, health = msg
             self._remote = health
-            _settle(self._started, (model, name, revision or ""))
+            _settle(self._started, model)
         elif kind == "start_failed":
             _, error, health = msg
             self._remote = health

@@ -294,8 +294,7 @@ class VllmEngine(Engine):
         tokenizer, which the other engine's start waits for. After the fork, vLLM only
         waits on its EngineCore, in another process (forked or spawned)."""
         t0 = time.perf_counter()
-        async with _start_turn():
-            pass  # the set-ups up to their forks queued before this one go first
+        await after_the_setups()
         waited = time.perf_counter() - t0
         tok = await asyncio.to_thread(load_tokenizer, name, revision)
         log.info("our tokenizer took %.1f s, after %.1f s waiting for its turn role=%s",
@@ -566,6 +565,14 @@ def _start_turn() -> asyncio.Lock:
     if loop not in _turns:
         _turns[loop] = asyncio.Lock()
     return _turns[loop]
+
+
+async def after_the_setups() -> None:
+    """Once the engine starts queued before now in this process are past their set-ups (up
+    to each EngineCore's fork): a tokenizer loaded then leaves their GIL alone (see
+    VllmEngine._load_tokenizer)."""
+    async with _start_turn():
+        pass
 
 
 async def _until_forked(work: Awaitable[Any]) -> asyncio.Future[Any]:
