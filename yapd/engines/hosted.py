@@ -4,7 +4,8 @@ own: ``own_process = true`` in its section.
 To yapd's turns it is an engine like the others: ``stream`` yields the host's deltas as
 they come, closing it aborts the request there, ``health`` is what the host last said
 (or "failed" once the host is gone). yapd keeps its own tokenizer for the engine (its
-turns build the prompts), loaded from the source the host names once its engine is up.
+turns build the prompts), loaded from the source the host names as it begins, while the
+engine loads there.
 """
 
 from __future__ import annotations
