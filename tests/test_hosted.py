@@ -180,6 +180,21 @@ def test_a_stop_while_a_hosted_vllm_engine_loads_ends_its_enginecore(make_yapd):
     assert "ended while loading (exit code -15)" in "\n".join(d.lines), "\n".join(d.lines[-20:])
 
 
+def test_an_engine_that_fails_to_load_in_its_host_fails_the_start_with_its_reason(make_yapd, tmp_path):
+    """The host's engine start fails (no model where the config says): yapd's start fails
+    with the engine's own reason, the host ends, and yapd exits 1."""
+    missing = tmp_path / "no-such-model"
+    d = make_yapd(f'[engines]\ndeploy = "tool"\n[tool]\nbackend = "cpu"\nmodel = "{missing}"\nown_process = true\n',
+                  start=False, demo=False, env={"HF_HUB_OFFLINE": "1"})
+    d.start(wait=False)
+    pid = int(d.wait_for("engine host started role=tool", timeout=60).rsplit("pid=", 1)[1])
+    with EngineCores() as host:
+        host.watch(pid)
+        assert d.proc is not None and d.proc.wait(60) == 1, "\n".join(d.lines[-20:])
+        host.assert_gone(10)
+    assert f"start failed: tool engine could not load {missing}" in d.wait_for("start failed:", timeout=5)
+
+
 def test_a_non_boolean_own_process_is_a_config_error(make_yapd):
     d = make_yapd("[tool]\nown_process = \"yes\"\n", start=False)
     d.start(wait=False)

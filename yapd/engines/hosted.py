@@ -121,7 +121,9 @@ class HostedEngine(Engine):
             if self._tok_load is not None:
                 self._tok_load.cancel()
             await self._end_host(wait_s=SHUTDOWN_WAIT_S if self.host_pid is not None else 0)
-            raise exc if isinstance(exc, EngineError) else self.start_error(exc) from exc
+            if isinstance(exc, EngineError):
+                raise
+            raise self.start_error(exc) from exc
         self._tok = tok
         self.start_seconds = round(time.perf_counter() - t0, 1)
         self._state = "ready"
