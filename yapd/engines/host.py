@@ -30,6 +30,7 @@ from typing import Any
 
 from yapd.engines.base import Engine, EngineHealth, SamplingSpec
 from yapd.engines.pipe import MessagePipe, PipeClosed
+from yapd.turn import start_now
 
 log = logging.getLogger("yapd.engine.host")
 
@@ -108,7 +109,10 @@ class Host:
         kind = msg[0]
         if kind == "stream":
             _, key, rid, prompt_ids, spec = msg
-            self._streams[key] = asyncio.create_task(self._stream(key, rid, prompt_ids, spec))
+            # On its way to the engine before this returns, as a turn's request in yapd is.
+            running = start_now(self._stream(key, rid, prompt_ids, spec))
+            if not running.done():
+                self._streams[key] = running
         elif kind == "abort":
             if (task := self._streams.pop(msg[1], None)) is not None:
                 task.cancel()  # closing the engine's stream aborts the request there
