@@ -180,6 +180,23 @@ def test_a_stop_while_a_hosted_vllm_engine_loads_ends_its_enginecore(make_yapd):
     assert "ended while loading (exit code -15)" in "\n".join(d.lines), "\n".join(d.lines[-20:])
 
 
+def test_a_host_killed_while_its_vllm_engine_loads_leaves_no_enginecore(make_yapd):
+    """The host SIGKILLed while its vLLM engine (loading_core's stand-in) loads: its
+    EngineCore, now nobody's child, would load on and hold GPU memory; yapd ends it from
+    what the host last said of its start processes, and the start fails."""
+    d = loading_yapd(make_yapd, STAND_IN_CHAT + "own_process = true\n", HF_HUB_OFFLINE="1")
+    line = d.wait_for("stand-in: Initializing a V1 LLM engine", timeout=120)
+    core = int(line.split("pid=")[1].split(")")[0])
+    d.wait_for(f"engine host's start processes role=chat pids={core}", timeout=10)
+    with EngineCores() as watched:
+        watched.watch(core)
+        os.kill(hosts(d)["chat"], signal.SIGKILL)
+        watched.assert_gone()
+        assert d.proc is not None and d.proc.wait(60) == 1, "\n".join(d.lines[-20:])
+    d.wait_for(f"ending the engine host's EngineCore role=chat pid={core}", timeout=5)
+    d.wait_for("start failed: the engine host exited with code -9", timeout=5)
+
+
 def test_an_engine_that_fails_to_load_in_its_host_fails_the_start_with_its_reason(make_yapd, tmp_path):
     """The host's engine start fails (no model where the config says): yapd's start fails
     with the engine's own reason, the host ends, and yapd exits 1."""

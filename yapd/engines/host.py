@@ -171,10 +171,22 @@ class Host:
             self._streams.pop(key, None)
 
     async def _watch_health(self) -> None:
+        """Tells yapd of each change of the engine's health once it has started, and while
+        a vLLM engine starts, of its start processes (its EngineCore, loading): should this
+        host die then, yapd ends them, as they would hold GPU memory with no one to stop
+        them."""
+        from yapd.engines.vllm import start_children
+
         told: EngineHealth | None = None
+        kids: list[int] = []
         while True:
             await asyncio.sleep(HEALTH_POLL_S)
-            if self._engine is None or self._start is None or not self._start.done():
+            if self._engine is None or self._start is None:
+                continue
+            if not self._start.done():
+                if self._engine.backend == "vllm" and (now := sorted(start_children())) != kids:
+                    self.send("children", now)
+                    kids = now
                 continue
             health = self._engine.health()
             if health != told:

@@ -55,6 +55,7 @@ class HostedEngine(Engine):
         self._state: EngineState = "stopped"
         self._detail = ""
         self._remote: EngineHealth | None = None
+        self._host_children: list[int] = []  # while its vLLM engine starts: its EngineCore, say
         self._tok: Any = None
         self._tok_load: asyncio.Future[Any] | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -101,6 +102,7 @@ class HostedEngine(Engine):
 
     async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
         self._state, self._detail, self._remote, self._tok, self._tok_load = "starting", "", None, None, None
+        self._host_children = []
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         self._started = loop.create_future()
@@ -186,9 +188,13 @@ class HostedEngine(Engine):
             _, self.model, (name, revision) = msg
             self._tok_load = asyncio.ensure_future(self._load_tokenizer(name, revision or None))
             self._tok_load.add_done_callback(_retrieved)  # a failed start may not await it
+        elif kind == "children":
+            self._host_children = list(msg[1])
+            log.info("engine host's start processes role=%s pids=%s", self.role,
+                     ",".join(map(str, self._host_children)) or "none")
         elif kind == "started":
             _, model, health = msg
-            self._remote = health
+            self._remote, self._host_children = health, []
             _settle(self._started, model)
         elif kind == "start_failed":
             _, error, health = msg
@@ -209,14 +215,15 @@ class HostedEngine(Engine):
             return
         why = f"the engine host's pipe broke ({exc})" if exc else "the engine host closed its pipe"
         # Nothing more comes from the host. Its exit code, which says more, comes from the
-        # reaper as a rule at once; a host that lives on without its pipe fails by this.
+        # reaper as a rule at once (a start fails with it); a host that lives on without
+        # its pipe fails by this.
         self._fail_streams(f"{self.role} engine: {why}")
-        if self._started is not None and not self._started.done():
-            self._started.set_exception(EngineError(why))
         asyncio.get_running_loop().call_later(PIPE_GRACE_S, self._host_gone, proc, why)
 
     async def _reap(self, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
+        if code != 0 and proc is self._proc:
+            self._kill_core()  # in any state: a stop may have begun as it died
         self._host_gone(proc, f"the engine host exited with code {code}")
 
     def _host_gone(self, proc: asyncio.subprocess.Process, why: str) -> None:
@@ -225,7 +232,6 @@ class HostedEngine(Engine):
         if self._state in ("starting", "ready"):
             self._state, self._detail = "failed", why
             log.error("engine failed role=%s: %s", self.role, why)
-            self._kill_core()
         if self._started is not None and not self._started.done():
             self._started.set_exception(EngineError(why))
         self._fail_streams(f"{self.role} engine: {why}")
@@ -235,11 +241,16 @@ class HostedEngine(Engine):
             queue.put_nowait(EngineError(why))
 
     def _kill_core(self) -> None:
-        """A host that died leaves its EngineCore (its child) holding GPU memory."""
+        """A host that died leaves its EngineCore (its child, loading or serving) holding GPU
+        memory: the one its health named, or the start processes it last said it had."""
+        from yapd.engines.vllm import is_start_child
+
         pid = self._remote.extra.get("pid") if self._remote is not None else None
-        if isinstance(pid, int):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        for core in {*self._host_children, *([pid] if isinstance(pid, int) else [])}:
+            if is_start_child(core):
+                log.warning("ending the engine host's EngineCore role=%s pid=%d", self.role, core)
+                with contextlib.suppress(OSError):
+                    os.kill(core, signal.SIGKILL)
 
     # --- requests ----------------------------------------------------------------------
 

@@ -492,6 +492,17 @@ def start_children(parent: int | None = None) -> dict[int, str]:
     return {pid: what for pid, cmdline in kids.items() for mark, what in START_CHILDREN.items() if mark in cmdline}
 
 
+def is_start_child(pid: int) -> bool:
+    """Whether process ``pid`` is one of vLLM's start processes still (see start_children),
+    whoever its parent is now: a pid kept a while may have ended and been given to another
+    process since."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return any(mark in cmdline for mark in START_CHILDREN)
+
+
 def starting_cores(parent: int | None = None) -> set[int]:
     """The vLLM EngineCore processes among ``parent``'s children (see start_children)."""
     return {pid for pid, what in start_children(parent).items() if what == "EngineCore"}
