@@ -212,6 +212,31 @@ def test_an_engine_that_fails_to_load_in_its_host_fails_the_start_with_its_reaso
     assert f"start failed: tool engine could not load {missing}" in d.wait_for("start failed:", timeout=5)
 
 
+async def test_own_process_applies_at_an_engine_restart_and_goes_back(make_yapd):
+    """Switched on in the config of a running yapd: a reload names it as waiting for an
+    engine restart, the restart moves the tool engine into a host, turns work; switched
+    off again, the next restart brings it back into yapd and its host ends."""
+    d = make_yapd(UNENDING)
+    before = d.config_path.read_text()
+    assert hosts(d) == {}
+    d.config_path.write_text(before + "[tool]\nown_process = true\n")
+    assert d.admin(cmd="reload")[-1]["needs_engine_restart"] == ["tool.own_process"]
+    assert hosts(d) == {}  # not before the restart
+    assert d.admin(cmd="restart", target="tool")[-1]["ok"] is True
+    pid = hosts(d)["tool"]
+    async with ws_connect(d.url()) as ws:
+        check_turn(await run_turn(ws, request_id="in-host"), "in-host")
+    d.config_path.write_text(before)
+    assert d.admin(cmd="reload")[-1]["needs_engine_restart"] == ["tool.own_process"]
+    with EngineCores() as host:
+        host.watch(pid)
+        assert d.admin(cmd="restart", target="tool")[-1]["ok"] is True
+        host.assert_gone()
+    assert hosts(d) == {}
+    async with ws_connect(d.url()) as ws:
+        check_turn(await run_turn(ws, request_id="in-yapd"), "in-yapd")
+
+
 def test_a_non_boolean_own_process_is_a_config_error(make_yapd):
     d = make_yapd("[tool]\nown_process = \"yes\"\n", start=False)
     d.start(wait=False)
