@@ -237,6 +237,14 @@ async def test_own_process_applies_at_an_engine_restart_and_goes_back(make_yapd)
         check_turn(await run_turn(ws, request_id="in-yapd"), "in-yapd")
 
 
+def test_own_process_from_the_environment():
+    cfg = config.load(None, env={"TOOL_OWN_PROCESS": "1"})
+    assert cfg.tool.own_process is True and cfg.chat.own_process is False
+    assert config.load(None, env={"CHAT_OWN_PROCESS": "false"}).chat.own_process is False
+    with pytest.raises(config.ConfigError, match="CHAT_OWN_PROCESS"):
+        config.load(None, env={"CHAT_OWN_PROCESS": "sometimes"})
+
+
 def test_a_non_boolean_own_process_is_a_config_error(make_yapd):
     d = make_yapd("[tool]\nown_process = \"yes\"\n", start=False)
     d.start(wait=False)
