@@ -420,6 +420,19 @@ async def test_gpu_cores_start_with_collection_held(gpu_yapd):
             check_turn(await run_turn(ws))
 
 
+async def _turns_with_tool_stamps(d: Yapd) -> dict:
+    """Three turns of one session with some history: the last one's done timings, whose
+    tool engine stamps (the module turns vLLM's request stats on for it) are in order."""
+    async with ws_connect(d.url()) as ws:
+        for i in range(3):
+            msgs = await run_turn(ws, user_utterance=f"who was Columbus? {i}", history_text="User: hi\n" * 50)
+            check_turn(msgs)
+    timings = msgs[-1]["timings"]
+    stamps = timings["engines"]["tool"]
+    assert 0 <= stamps["queued_ms"] <= stamps["first_token_ms"], stamps
+    return timings
+
+
 async def test_gpu_a_spawned_tool_core_beside_a_forked_chat_core(gpu_yapd):
     """``[tool] start_method = "spawn"``, applied by an engine restart: the chat's core
     forked, the tool's spawned (each start says so, neither warns; each runs with the
@@ -440,13 +453,8 @@ async def test_gpu_a_spawned_tool_core_beside_a_forked_chat_core(gpu_yapd):
         assert "EngineCore runs with a GIL switch interval of 0.5 ms (vLLM plugin yapd_core) role=tool" in log
         assert "GIL switch interval 0.5 ms, as yapd asked" in log, log[-4000:]
         assert "EngineCore started by spawn: engines.core_steady_heap is for forked cores role=tool" in log
-        async with ws_connect(gpu_yapd.url()) as ws:
-            for i in range(3):
-                msgs = await run_turn(ws, user_utterance=f"who was Columbus? {i}", history_text="User: hi\n" * 50)
-                check_turn(msgs)
-            stamps = msgs[-1]["timings"]["engines"]["tool"]
-            assert 0 <= stamps["queued_ms"] <= stamps["first_token_ms"], stamps
-            print(f"tool engine stamps, spawned core: {stamps}")
+        timings = await _turns_with_tool_stamps(gpu_yapd)
+        print(f"tool engine stamps, spawned core: {timings['engines']['tool']}")
 
 
 async def test_gpu_cores_forked_by_yapds_main_thread(gpu_yapd):
@@ -493,13 +501,8 @@ async def test_gpu_a_tool_engine_in_a_host_of_its_own(gpu_yapd):
         tool = gpu_yapd.admin(cmd="status")[-1]["engines"]["tool"]
         host, core = tool["host_pid"], tool["pid"]
         assert host in children(gpu_yapd.proc.pid) and core in children(host), (tool, _children(host))
-        async with ws_connect(gpu_yapd.url()) as ws:
-            for i in range(3):
-                msgs = await run_turn(ws, user_utterance=f"who was Columbus? {i}", history_text="User: hi\n" * 50)
-                check_turn(msgs)
-            stamps = msgs[-1]["timings"]["engines"]["tool"]
-            assert 0 <= stamps["queued_ms"] <= stamps["first_token_ms"], stamps
-            print(f"tool engine stamps, in its host: {stamps}, decision {msgs[-1]['timings']['tool_ms']} ms")
+        timings = await _turns_with_tool_stamps(gpu_yapd)
+        print(f"tool engine stamps, in its host: {timings['engines']['tool']}, decision {timings['tool_ms']} ms")
         with EngineCores() as gone:
             gone.watch(host, core)
             os.kill(host, signal.SIGKILL)

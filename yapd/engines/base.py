@@ -82,9 +82,14 @@ class Engine(abc.ABC):
     # Set for good by a stop (abandon_start); read by the start's own thread.
     start_abandoned: bool = False
 
+    _tok: Any = None  # set by the start
+
     @property
-    @abc.abstractmethod
-    def tokenizer(self) -> Any: ...
+    def tokenizer(self) -> Any:
+        """yapd's own tokenizer for this engine's model (its turns build the prompts)."""
+        if self._tok is None:
+            raise EngineError(f"{self.role} engine is not started")
+        return self._tok
 
     def tokenizer_source(self) -> tuple[str, str | None]:
         """Where ``tokenizer`` loads from (yapd.engines.tokenizer.load_tokenizer's name and

@@ -74,12 +74,6 @@ class CpuEngine(Engine):
         self.stall_next_step_s = 0.0
         self._stall_lock = threading.Lock()
 
-    @property
-    def tokenizer(self) -> Any:
-        if self._tok is None:
-            raise EngineError(f"{self.role} engine is not started")
-        return self._tok
-
     def tokenizer_source(self) -> tuple[str, str | None]:
         return self.model, self.revision
 

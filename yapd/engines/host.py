@@ -153,7 +153,7 @@ class Host:
         gcpause.settle()  # as yapd does after its own engines' loads
         self.send("started", engine.model, engine.health())
 
-    async def _stream(self, key: int, rid: str, prompt_ids: list[int], spec: SamplingSpec) -> None:
+    async def _stream(self, key: int, rid: str, prompt_ids: Sequence[int], spec: SamplingSpec) -> None:
         finished = False
         try:
             if self._engine is None:

@@ -70,12 +70,6 @@ class HostedEngine(Engine):
         self._reaper: asyncio.Task[None] | None = None
         self.start_seconds: float | None = None
 
-    @property
-    def tokenizer(self) -> Any:
-        if self._tok is None:
-            raise EngineError(f"{self.role} engine is not started")
-        return self._tok
-
     def tokenizer_source(self) -> tuple[str, str | None]:
         return self.local.tokenizer_source()
 
@@ -265,7 +259,7 @@ class HostedEngine(Engine):
         self._streams[key], self._keys_of[request_id] = queue, key
         done = False
         try:
-            self._pipe.send("stream", key, request_id, list(prompt_ids), spec)
+            self._pipe.send("stream", key, request_id, prompt_ids, spec)
             while True:
                 item = await queue.get()
                 if item is _END:

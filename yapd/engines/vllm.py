@@ -177,12 +177,6 @@ class VllmEngine(Engine):
         with contextlib.suppress(EngineError, OSError):
             self.plans.drop(self.plan_key())
 
-    @property
-    def tokenizer(self) -> Any:
-        if self._tok is None:
-            raise EngineError(f"{self.role} engine is not started")
-        return self._tok
-
     def tokenizer_source(self) -> tuple[str, str | None]:
         kwargs = self.settings()
         return kwargs["tokenizer"], kwargs["revision"]
@@ -489,7 +483,7 @@ def start_children(parent: int | None = None) -> dict[int, str]:
     with what it is: "EngineCore" (also one still loading, which no AsyncLLM names yet) or
     "model inspection"."""
     kids = procfs.children(os.getpid() if parent is None else parent)
-    return {pid: what for pid, cmdline in kids.items() for mark, what in START_CHILDREN.items() if mark in cmdline}
+    return {pid: what for pid, cmdline in kids.items() if (what := _start_child_kind(cmdline)) is not None}
 
 
 def is_start_child(pid: int) -> bool:
@@ -500,7 +494,11 @@ def is_start_child(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return any(mark in cmdline for mark in START_CHILDREN)
+    return _start_child_kind(cmdline) is not None
+
+
+def _start_child_kind(cmdline: bytes) -> str | None:
+    return next((what for mark, what in START_CHILDREN.items() if mark in cmdline), None)
 
 
 def starting_cores(parent: int | None = None) -> set[int]:
