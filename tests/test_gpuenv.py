@@ -981,6 +981,10 @@ def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
     level["raw"]["cpu_ms_per_turn"] = {"front": 2.0}
     lines = pair_table({"c1": level})
     assert f"| 1 | {CPU_HEAD} | 1.5 / 12.25 / 8 | 2 / - / - |" in lines
+    level["yapd"]["cpu_ms_per_turn"]["tool_front"] = 0.75  # the tool engine in a host of its own
+    hosted = pair_table({"c1": level})
+    assert f"| 1 | {CPU_HEAD} | 1.5 / 12.25 / 8 (engine hosts: tool_front 0.75) | 2 / - / - |" in hosted, hosted
+    del level["yapd"]["cpu_ms_per_turn"]["tool_front"]
     assert not any(RUNQ_HEAD in x for x in lines)
     level["yapd"]["proc_per_turn"] = {"front": {"runq_ms": 0.25}, "chat": {"runq_ms": 1.5}, "tool": {}}
     level["yapd"]["host_cpu"] = {"cpus": 16, "busy_pct": 21.5, "steal_pct": 3.25}

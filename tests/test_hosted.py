@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import UNENDING, EngineCores, Yapd, recv, run_turn, send, until_done, ws_connect
+from tests.test_cli import yapctl
 from tests.test_daemon import STAND_IN_CHAT, loading_yapd
 from tests.test_faults import DEBUG, _first_token, wait_new
 from tests.test_protocol_e2e import check_turn
+from yapctl.gpubench import yapd_processes
 from yapd import config, daemon
 from yapd.engines import SamplingSpec, create_engine
 from yapd.engines.hosted import HostedEngine
@@ -57,6 +59,8 @@ async def test_turns_run_through_both_engine_hosts(hosted_yapd):
     pids = hosts(d)
     assert set(pids) == {"chat", "tool"} and len(set(pids.values())) == 2, pids
     assert all(parent_of(pid) == d.pid for pid in pids.values())
+    for role, pid in pids.items():  # titled for ps and top (setproctitle: a test requirement too)
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(f"yapd {role} engine host".encode()), pid
     async with ws_connect(d.url()) as a, ws_connect(d.url()) as b:
         turns = await asyncio.gather(run_turn(a, session_id="a", request_id="ha"),
                                      run_turn(b, session_id="b", request_id="hb"))
@@ -71,6 +75,14 @@ async def test_turns_run_through_both_engine_hosts(hosted_yapd):
     assert any(m.get("event") == "log" and m["logger"] == "yapd.engine.cpu" for m in logs), logs
     st = status(d)
     assert st["engines"]["chat"]["in_flight"] == 0 and st["engines"]["tool"]["in_flight"] == 0
+    # The processes whose CPU the GPU bench counts: yapd's, and each host by its role.
+    assert await yapd_processes(d.admin_socket) == {"front": d.pid, "chat_front": pids["chat"],
+                                                    "tool_front": pids["tool"]}
+    # And where an operator looks: yapctl status names each engine's own process.
+    out = yapctl("status", sock=d.admin_socket)
+    for role, pid in pids.items():
+        assert any(line.startswith(role) and f"cpu (own process {pid})" in line for line in out.stdout.splitlines()), \
+            out.stdout
 
 
 async def test_a_cancelled_turn_ends_its_request_in_the_host(hosted_yapd):
