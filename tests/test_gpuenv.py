@@ -203,6 +203,32 @@ def test_start_lines_keep_whether_torch_compiles_aot_artifact_was_used(tmp_path)
     assert startup_lines(log, len("before\n")) == kept
 
 
+def test_each_engines_prompt_tokens_per_step_come_from_the_logs_to_the_report(tmp_path):
+    """vLLM picks max_num_batched_tokens by how it is started (2048 from Python, 8192 in
+    `vllm serve` on an H200: run ad), so the report says what each side ran with, and
+    `vllm serve` gets yapd's where yapd sets one."""
+    from yapctl.gpubench import serve_args, step_budgets
+
+    log = tmp_path / "yapd.log"
+    log.write_text("INFO [scheduler.py:252] Chunked prefill is enabled with max_num_batched_tokens=8192.\n"
+                   "INFO [scheduler.py:252] Chunked prefill is enabled with max_num_batched_tokens=2048.\n"
+                   "(EngineCore pid=9) INFO [core.py:1] Chunked prefill is enabled with max_num_batched_tokens=4096.\n")
+    first = len(log.read_text().splitlines()[0]) + 1
+    assert step_budgets(log) == [8192, 2048, 4096] and step_budgets(log, first) == [2048, 4096]
+    assert step_budgets(tmp_path / "missing.log") == []
+    assert startup_lines(log, first)[0].endswith("max_num_batched_tokens=2048.")  # an --ab start's too
+    data = {"date": "2026-12-05", "machine": "H200", "setup": {},
+            "yapd": {"c16": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {}, "step_budgets": [2048, 2048]},
+            "serve": {"step_budgets": [8192], "tool_step_budgets": [8192]}}
+    assert ("- prompt tokens per engine step (vLLM's max_num_batched_tokens, in the logs): yapd 2048, 2048; "
+            "vllm serve 8192; its tool server 8192") in markdown(data).splitlines()
+    kw = {"model": "/m", "load_format": "dummy", "kv_cache_dtype": "fp8", "gpu_memory_utilization": 0.7,
+          "max_model_len": 5760, "max_num_seqs": 64, "tensor_parallel_size": 1, "quantization": "fp8"}
+    assert "--max-num-batched-tokens" not in serve_args(kw, 1)  # serve's own default, as users run it
+    args = serve_args({**kw, "max_num_batched_tokens": 8192}, 1)
+    assert args[args.index("--max-num-batched-tokens") + 1] == "8192"
+
+
 def test_yapds_own_mps_line_is_quoted_under_the_table():
     line = "2026-12-02T05:25:24.848 info yapd.mps: MPS control daemon started pid=849 pipe=/w/mps/pipe (x)"
     data = {"date": "2026-12-02", "machine": "H200", "setup": {"mps": True},
@@ -682,7 +708,13 @@ async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch,
         started.append(port)
 
     monkeypatch.setattr(gpubench, "TurnPrompts", Prompts)
-    monkeypatch.setattr(gpubench, "_serve", lambda kw, port, log, env: object())
+    def serve(kw: dict[str, Any], port: int, log: Path, env: Any) -> object:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as f:  # as vLLM's scheduler says it at each start
+            f.write(f"INFO [scheduler.py:252] Chunked prefill is enabled with max_num_batched_tokens={port}.\n")
+        return object()
+
+    monkeypatch.setattr(gpubench, "_serve", serve)
     monkeypatch.setattr(gpubench, "_wait_healthy", healthy)
     monkeypatch.setattr(gpubench, "_post_stream", post_stream)
     monkeypatch.setattr(gpubench, "stop", lambda proc: None)
@@ -694,6 +726,9 @@ async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch,
     serve = res.data["serve"]
     tool = "tool" in passes
     assert started == [gpubench.SERVE_PORT, gpubench.SERVE_PORT + 1][:1 + tool]
+    # each server's budget from its own log, this start's line only
+    assert serve["step_budgets"] == [gpubench.SERVE_PORT]
+    assert serve.get("tool_step_budgets") == ([gpubench.SERVE_PORT + 1] if tool else None)
     for c in (1, 2):
         assert ("ttft_ms" in serve[f"c{c}"]) == ("text" in passes)
         assert ("token_ids" in serve[f"c{c}"]) == ("ids" in passes)

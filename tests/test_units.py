@@ -89,6 +89,9 @@ def test_env_overrides_every_original_variable():
     ("[engines]\ncore_switch_interval_ms = 500\n", "engines.core_switch_interval_ms: must be 0"),
     ("[engines]\ncore_switch_interval_ms = '1'\n", "engines.core_switch_interval_ms: expected a number"),
     ("[engines]\nfork_from_main_thread = 1\n", "engines.fork_from_main_thread: expected true or false, got int"),
+    ("[chat]\nmax_num_batched_tokens = -1\n", "chat.max_num_batched_tokens: must be >= 0"),
+    ("[tool]\nmax_num_batched_tokens = 1024\nenable_chunked_prefill = false\n",
+     "tool.max_num_batched_tokens: 1024 is below max_model_len (5760) with enable_chunked_prefill = false"),
     ("[chat]\ngpu_memory_utilization = 0.8\n[tool]\ngpu_memory_utilization = 0.3\n", "leaves no room"),
     ("[turn]\ndefault_persona_style = 'grumpy'\n", "default_persona_style"),
     ("[[tools]]\ndescription = 'x'\n", "a tool needs a name"),
@@ -462,6 +465,10 @@ def test_vllm_engine_args_from_config():
     assert gptq["quantization"] is None and gptq["kv_cache_dtype"] == "auto"
     ampere = engine_kwargs("chat", cfg, cfg.chat.model, (8, 0))
     assert ampere["kv_cache_dtype"] == "auto"
+    # 0: left to vLLM (2048 from Python); set, it reaches vLLM (and the memory plan's key)
+    assert "max_num_batched_tokens" not in chat
+    cfg.tool.max_num_batched_tokens = 8192
+    assert engine_kwargs("tool", cfg, cfg.tool.model, (9, 0))["max_num_batched_tokens"] == 8192
     cfg.chat.tensor_parallel_size = 2
     cfg.chat.extra_engine_args = {"max_num_batched_tokens": 4096}
     tp = engine_kwargs("chat", cfg, cfg.chat.model, (9, 0))

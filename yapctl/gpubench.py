@@ -423,6 +423,7 @@ async def phase_yapd(res: Results, s: Setup) -> None:
     res.put("yapd", "start_s_first", round(cold, 1))
     # Whether yapd's engines run under its own MPS daemon, in its words.
     res.put("yapd", "mps_lines", [line for line in startup_lines(log, offset) if "yapd.mps" in line])
+    res.put("yapd", "step_budgets", step_budgets(log, offset))
     url = f"ws://127.0.0.1:{PORT}/ws"
     admin_socket = cfg.parent / "admin.sock"
 
@@ -609,10 +610,26 @@ async def reload_with(path: Path, text: str, overrides: Sequence[str], admin_soc
 STARTUP_LINES = re.compile(r"(took|takes|finished in|Compiling a graph|Directly load|cache)"
                            r".*?[0-9.]+ ?(s|secs|seconds)\b|engine started role=|ready port=|engines load |"
                            r"Overriding VLLM_WORKER|EngineCore started by|EngineCore (forked|spawned)|yapd\.mps:|"
+                           # each engine's prompt tokens per step: an --ab may change it
+                           r"max_num_batched_tokens=|"
                            # what each core got of yapd's settings for it (engines.core_*)
                            r"GIL switch interval|steady heap|keeps malloc's defaults|yapd's main thread|"
                            # whether torch.compile's AOT artifact was saved and loaded (else Dynamo reruns)
                            r"AOT compil|Compiling model again|Dynamo bytecode transform")
+
+
+# vLLM's scheduler says its per-step prompt token budget as each engine starts.
+BUDGET_LINE = re.compile(rb"Chunked prefill is enabled with max_num_batched_tokens=(\d+)")
+
+
+def step_budgets(log: Path, offset: int = 0) -> list[int]:
+    """Each engine's max_num_batched_tokens, in the order they started, from ``log``
+    (vLLM picks 2048 from Python and 8192 in `vllm serve` on an H100/H200: run ad)."""
+    try:
+        text = log.read_bytes()[offset:]
+    except FileNotFoundError:
+        return []
+    return [int(m.group(1)) for m in BUDGET_LINE.finditer(text)]
 
 
 def startup_lines(log: Path, offset: int) -> list[str]:
@@ -1230,9 +1247,10 @@ async def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> 
         await asyncio.sleep(1)
 
 
-def _serve(kw: dict[str, Any], port: int, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """``vllm serve`` with yapd's own engine settings for one role, so the comparison is
-    like for like (and vLLM's compile cache, keyed on them, may already be warm)."""
+def serve_args(kw: dict[str, Any], port: int) -> list[str]:
+    """``vllm serve``'s command line with yapd's own engine settings for one role, so the
+    comparison is like for like (and vLLM's compile cache, keyed on them, may already be
+    warm)."""
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", kw["model"],
             "--load-format", kw["load_format"], "--kv-cache-dtype", kw["kv_cache_dtype"],
             "--gpu-memory-utilization", str(kw["gpu_memory_utilization"]),
@@ -1242,8 +1260,14 @@ def _serve(kw: dict[str, Any], port: int, log: Path, env: dict[str, str]) -> sub
             "--port", str(port), "--host", "127.0.0.1", "--disable-log-stats"]
     if kw.get("quantization"):
         args += ["--quantization", kw["quantization"]]
-    return subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            preexec_fn=ends_with_us())
+    if kw.get("max_num_batched_tokens"):  # yapd's where it sets one; else serve's own default
+        args += ["--max-num-batched-tokens", str(kw["max_num_batched_tokens"])]
+    return args
+
+
+def _serve(kw: dict[str, Any], port: int, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(serve_args(kw, port), stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True, preexec_fn=ends_with_us())
 
 
 async def phase_serve(res: Results, s: Setup) -> None:
@@ -1258,11 +1282,13 @@ async def phase_serve(res: Results, s: Setup) -> None:
     kw = engine_kwargs("chat", cfg, cfg.chat.model, gpu_capability())
     tool_kw = engine_kwargs("tool", cfg, cfg.tool.model, gpu_capability())
     procs = []
+    serve_offset = log.stat().st_size if log.exists() else 0
     try:
         t0 = time.perf_counter()
         procs.append(_serve(kw, SERVE_PORT, log, env))
         await _wait_healthy(procs[0], SERVE_PORT, log)
         res.put("serve", "start_s", round(time.perf_counter() - t0, 1))
+        res.put("serve", "step_budgets", step_budgets(log, serve_offset))
 
         def chat_body(ids: bool, i: int) -> dict[str, Any]:
             # As users call it: the prompt as text (the server tokenizes it every time);
@@ -1294,9 +1320,12 @@ async def phase_serve(res: Results, s: Setup) -> None:
         # What a user would run instead of yapd's two engines: a second `vllm serve` for
         # the tool model on the same GPU, both asked each turn (token ids, as yapd's).
         t0 = time.perf_counter()
-        procs.append(_serve(tool_kw, SERVE_PORT + 1, s.work / "serve-tool.log", env))
-        await _wait_healthy(procs[1], SERVE_PORT + 1, s.work / "serve-tool.log")
+        tool_log = s.work / "serve-tool.log"
+        tool_offset = tool_log.stat().st_size if tool_log.exists() else 0
+        procs.append(_serve(tool_kw, SERVE_PORT + 1, tool_log, env))
+        await _wait_healthy(procs[1], SERVE_PORT + 1, tool_log)
         res.put("serve", "tool_start_s", round(time.perf_counter() - t0, 1))
+        res.put("serve", "tool_step_budgets", step_budgets(tool_log, tool_offset))
 
         async def both(i: int) -> tuple[float | None, list[float], float]:
             reader = DecisionReader([x.name for x in cfg.tools])
@@ -1351,6 +1380,17 @@ def run_conditions(setup: dict[str, Any]) -> list[str]:
     if "bytecode_compile" in setup:
         parts.append(f"byte-compiled first in {setup['bytecode_compile'].get('seconds')} s")
     return [f"Run conditions: {'; '.join(parts)}.", ""] if parts else []
+
+
+def step_budget_lines(data: dict[str, Any]) -> list[str]:
+    """The engines' prompt tokens per step as their logs said (runs from ae on)."""
+    y, sv = data.get("yapd", {}), data.get("serve", {})
+    said = [f"yapd {', '.join(map(str, y['step_budgets']))}" if y.get("step_budgets") else "",
+            f"vllm serve {', '.join(map(str, sv['step_budgets']))}" if sv.get("step_budgets") else "",
+            f"its tool server {', '.join(map(str, sv['tool_step_budgets']))}" if sv.get("tool_step_budgets") else ""]
+    said = [x for x in said if x]
+    return [f"- prompt tokens per engine step (vLLM's max_num_batched_tokens, in the logs): {'; '.join(said)}"] \
+        if said else []
 
 
 def profile_table(data: dict[str, Any], packages: int = 10) -> list[str]:
@@ -1565,7 +1605,8 @@ def markdown(data: dict[str, Any]) -> str:
               f"{y.get('start_s_restart')} s",
               f"- raw engines start: {data.get('raw', {}).get('start_s')} s; vllm serve start: "
               f"{data.get('serve', {}).get('start_s')} s",
-              *(f"- yapd's MPS, in its log: {line}" for line in y.get("mps_lines", [])), ""]
+              *(f"- yapd's MPS, in its log: {line}" for line in y.get("mps_lines", [])),
+              *step_budget_lines(data), ""]
     sp = data.get("spawn")
     if sp:
         lines += ["## EngineCore start method", "",

@@ -79,6 +79,12 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.0
     max_model_len: int = 5760
     max_num_seqs: int = 64
+    # Prompt tokens the engine's scheduler takes in one step (vLLM's max_num_batched_tokens);
+    # 0 = vLLM's default for an engine built from Python, 2048. `vllm serve` takes 8192 on
+    # GPUs of 70 GiB or more (A100 aside): 8 or 16 sessions starting at once then prefill
+    # in a step or two where yapd's engine takes three to five, a candidate for serve's
+    # lead at 8 sessions (docs/bench/README.md, run ad). Not yet measured in yapd.
+    max_num_batched_tokens: int = 0
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -99,7 +105,8 @@ class EngineConfig:
     # of on yapd's event loop beside the other engine's. Each delta then crosses a
     # socketpair. On an H200 raw vLLM with the tool's front end apart answered 16 sessions
     # 14 ms sooner at p50 and 22-33 ms at p95, 8 sessions 11-17 ms sooner, one alike
-    # (docs/bench/README.md, run ac).
+    # (docs/bench/README.md, run ac); yapd with both hosted, 4 ms sooner at 16 and 2 ms
+    # later at 8 in one start each (run ad): off until more starts agree.
     own_process: bool = False
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
 
@@ -560,6 +567,13 @@ def validate(cfg: Config) -> None:
         for key in ("tensor_parallel_size", "data_parallel_size", "max_num_seqs", "cpu_workers"):
             if getattr(e, key) < 1:
                 raise ConfigError(f"{src}: {role}.{key}: must be >= 1")
+        if e.max_num_batched_tokens < 0:
+            raise ConfigError(f"{src}: {role}.max_num_batched_tokens: must be >= 0 (0: vLLM's default)")
+        if e.max_num_batched_tokens and not e.enable_chunked_prefill and e.max_num_batched_tokens < e.max_model_len:
+            # vLLM refuses it at the engine's start, minutes later: say so at load and reload
+            raise ConfigError(f"{src}: {role}.max_num_batched_tokens: {e.max_num_batched_tokens} is below "
+                              f"max_model_len ({e.max_model_len}) with enable_chunked_prefill = false: a prompt "
+                              "could never be scheduled")
     from yapd.vllm_plugin import MAX_INTERVAL_MS, MIN_INTERVAL_MS
 
     interval = cfg.engines.core_switch_interval_ms

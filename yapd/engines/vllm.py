@@ -123,6 +123,8 @@ def engine_kwargs(role: str, cfg: Config, model: str, capability: tuple[int, int
         load_format=ecfg.load_format,
         disable_log_stats=True,
     )
+    if ecfg.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = ecfg.max_num_batched_tokens
     kwargs.update(ecfg.extra_engine_args)
     return kwargs
 
