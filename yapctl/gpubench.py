@@ -75,8 +75,8 @@ def text(n_words: int, seed: int) -> str:
     return " ".join(WORDS[(i * 7 + seed) % len(WORDS)] for i in range(n_words))
 
 
-PERSONA = "<|persona|> " + text(450, 1)  # ~600 tokens
-HISTORY = "<|history|> " + text(1500, 2)  # ~2000 tokens
+PERSONA = "<|persona|> " + text(450, 1)  # 471 tokens with NeMo's tokenizer
+HISTORY = "<|history|> " + text(1500, 2)  # 1,555
 UTTERANCE = text(20, 100)
 
 
@@ -624,7 +624,7 @@ BUDGET_LINE = re.compile(rb"Chunked prefill is enabled with max_num_batched_toke
 
 def step_budgets(log: Path, offset: int = 0) -> list[int]:
     """Each engine's max_num_batched_tokens, in the order they started, from ``log``
-    (vLLM picks 2048 from Python and 8192 in `vllm serve` on an H100/H200: run ad)."""
+    (vLLM picks 2048 from Python and 8192 in `vllm serve` on an H200: run ad)."""
     try:
         text = log.read_bytes()[offset:]
     except FileNotFoundError:
@@ -1483,8 +1483,9 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [f"# yapd vs raw vLLM vs vllm serve: {data.get('machine')} ({data.get('date')}, vLLM {data.get('vllm')})",
              "", "Chat: Mistral-NeMo-12B shape, FP8 weights + FP8 KV, 0.70 of GPU memory; tool: Hammer-2.1-3B "
              "shape, bf16, 0.20; both in one process (where shown, raw also with the tool's front end in a process of "
-             "its own); dummy weights. Prompt: 600-token persona + 2,000-token "
-             "history + 20-word utterance numbered per turn, 200 output tokens. yapd: client-observed over "
+             "its own); dummy weights. Prompt: 450-word persona + 1,500-word "
+             "history + 20-word utterance numbered per turn (2,058 chat prompt tokens with NeMo's tokenizer, "
+             "2,048 of them cached from the turn before), 200 output tokens. yapd: client-observed over "
              "WebSocket, concurrent mode. raw: AsyncLLM fed the token ids yapd builds for each turn, both engines "
              "loaded, chat + tool per turn. serve: `vllm serve` /v1/completions streaming, chat only, the same "
              f"chat prompt sent {serve_prompt}; where shown, also beside a second `vllm serve` for the tool "
