@@ -181,6 +181,26 @@ def test_phases_added_to_a_file_must_run_alike(tmp_path, package, monkeypatch, c
     assert main([*base, "--rounds", "16", "--mps"]) == 2
     assert "mps=False, not True" in capsys.readouterr().err
     assert (tmp_path / "out" / "t.json").read_text() == before
+    # a file of runs before af (450 / 1,500 words): the prompt differs, so no phase joins it
+    data["prompt"] = {**data["prompt"], "persona_words": 450, "history_words": 1500}
+    (tmp_path / "out" / "t.json").write_text(json.dumps(data))
+    assert main([*base, "--rounds", "16"]) == 2
+    assert "the prompt {'persona_words': 450" in capsys.readouterr().err
+
+
+def test_the_report_says_the_prompt_its_file_was_run_with():
+    """The issue's 600 + 2,000-token prompt from run af on; older files keep their own
+    words in the report, and the tokens a phase counted."""
+    from yapctl.gpubench import PROMPT, prompt_line
+
+    assert prompt_line({"prompt": PROMPT, "raw": {"prompt_tokens": {"chat": 2632, "tool": 454}}}).startswith(
+        "575-word persona + 1,930-word history + 20-word utterance numbered per turn (2632 chat / 454 tool prompt "
+        "tokens), 200 output tokens")
+    old = {"prompt": {"persona_words": 450, "history_words": 1500, "utterance_words": 20, "max_out": 200}}
+    assert prompt_line(old).startswith("450-word persona + 1,500-word history + 20-word utterance numbered per "
+                                       "turn, 200 output tokens")
+    level = {"c16": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {}}
+    assert "450-word persona" in markdown({**old, "date": "2026-12-05", "machine": "H200", "setup": {}, "yapd": level})
 
 
 def test_start_lines_keep_whether_torch_compiles_aot_artifact_was_used(tmp_path):

@@ -75,9 +75,13 @@ def text(n_words: int, seed: int) -> str:
     return " ".join(WORDS[(i * 7 + seed) % len(WORDS)] for i in range(n_words))
 
 
-PERSONA = "<|persona|> " + text(450, 1)  # 471 tokens with NeMo's tokenizer
-HISTORY = "<|history|> " + text(1500, 2)  # 1,555
-UTTERANCE = text(20, 100)
+# The vLLM issue's prompt: a 600-token persona, a 2,000-token history (exactly, with NeMo's
+# tokenizer) and a short utterance; 200 tokens out. Runs before af had 450 and 1,500 words:
+# 471 and 1,555 tokens, a 2,058-token chat prompt where the issue asks ~2,630.
+PROMPT = {"persona_words": 575, "history_words": 1930, "utterance_words": 20, "max_out": 200}
+PERSONA = "<|persona|> " + text(PROMPT["persona_words"], 1)
+HISTORY = "<|history|> " + text(PROMPT["history_words"], 2)
+UTTERANCE = text(PROMPT["utterance_words"], 100)
 
 
 def gaps(stamps: list[float]) -> list[float]:
@@ -306,9 +310,7 @@ class Results:
         if path.exists():  # phases run in separate calls add to one file
             self.data = json.loads(path.read_text())
             return
-        self.data = {"date": datetime.date.today().isoformat(), "machine": _gpu_name(),
-                                     "prompt": {"persona_words": 450, "history_words": 1500,
-                                                "utterance_words": 20, "max_out": 200}}
+        self.data = {"date": datetime.date.today().isoformat(), "machine": _gpu_name(), "prompt": dict(PROMPT)}
         try:
             import vllm
 
@@ -1289,6 +1291,8 @@ async def phase_serve(res: Results, s: Setup) -> None:
         await _wait_healthy(procs[0], SERVE_PORT, log)
         res.put("serve", "start_s", round(time.perf_counter() - t0, 1))
         res.put("serve", "step_budgets", step_budgets(log, serve_offset))
+        chat_ids, tool_ids = tp.turn(0)
+        res.put("serve", "prompt_tokens", {"chat": len(chat_ids), "tool": len(tool_ids)})
 
         def chat_body(ids: bool, i: int) -> dict[str, Any]:
             # As users call it: the prompt as text (the server tokenizes it every time);
@@ -1380,6 +1384,17 @@ def run_conditions(setup: dict[str, Any]) -> list[str]:
     if "bytecode_compile" in setup:
         parts.append(f"byte-compiled first in {setup['bytecode_compile'].get('seconds')} s")
     return [f"Run conditions: {'; '.join(parts)}.", ""] if parts else []
+
+
+def prompt_line(data: dict[str, Any]) -> str:
+    """What each turn sent, from the file: words, and the tokens a phase counted."""
+    p = data.get("prompt") or {"persona_words": 450, "history_words": 1500, "utterance_words": 20, "max_out": 200}
+    counted = next((data[sec]["prompt_tokens"] for sec in ("raw", "raw_split", "serve")
+                    if isinstance(data.get(sec, {}).get("prompt_tokens"), dict)), None)
+    tokens = f" ({counted['chat']} chat / {counted['tool']} tool prompt tokens)" if counted else ""
+    return (f"{p['persona_words']}-word persona + {p['history_words']:,}-word history + {p['utterance_words']}-word "
+            f"utterance numbered per turn{tokens}, {p['max_out']} output tokens; all of a turn's chat prompt but "
+            "its utterance is cached from the turn before")
 
 
 def step_budget_lines(data: dict[str, Any]) -> list[str]:
@@ -1483,9 +1498,7 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [f"# yapd vs raw vLLM vs vllm serve: {data.get('machine')} ({data.get('date')}, vLLM {data.get('vllm')})",
              "", "Chat: Mistral-NeMo-12B shape, FP8 weights + FP8 KV, 0.70 of GPU memory; tool: Hammer-2.1-3B "
              "shape, bf16, 0.20; both in one process (where shown, raw also with the tool's front end in a process of "
-             "its own); dummy weights. Prompt: 450-word persona + 1,500-word "
-             "history + 20-word utterance numbered per turn (2,058 chat prompt tokens with NeMo's tokenizer, "
-             "2,048 of them cached from the turn before), 200 output tokens. yapd: client-observed over "
+             f"its own); dummy weights. Prompt: {prompt_line(data)}. yapd: client-observed over "
              "WebSocket, concurrent mode. raw: AsyncLLM fed the token ids yapd builds for each turn, both engines "
              "loaded, chat + tool per turn. serve: `vllm serve` /v1/completions streaming, chat only, the same "
              f"chat prompt sent {serve_prompt}; where shown, also beside a second `vllm serve` for the tool "
@@ -1799,6 +1812,10 @@ def main(argv: list[str] | None = None) -> int:
              "env": env, "raw_order": args.raw_order, "raw_start_method": args.raw_start_method,
              "set": list(setup.sets)} if phases else {}
     earlier = res.data.get("setup", {})
+    if phases and res.data.get("prompt", PROMPT) != PROMPT:
+        print(f"gpubench: {name}.json holds phases run with the prompt {res.data['prompt']}, not {PROMPT}: "
+              "run under another --name", file=sys.stderr)
+        return 2
     for key, value in alike.items():
         if earlier.get(key, value) != value:
             print(f"gpubench: {name}.json holds phases run with {key}={earlier[key]}, not {value}: "

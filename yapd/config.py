@@ -82,8 +82,8 @@ class EngineConfig:
     # Prompt tokens the engine's scheduler takes in one step (vLLM's max_num_batched_tokens);
     # 0 = vLLM's default for an engine built from Python, 2048. `vllm serve` takes 8192 on
     # GPUs of 70 GiB or more (A100 aside). It counts where many prompts are not in the
-    # prefix cache at once (a burst of new calls: 8 prompts of 2,000 tokens are nine steps
-    # at 2048, three at 8192), not for turns whose persona and history are cached
+    # prefix cache at once (a burst of new calls: 8 prompts of 2,000 tokens are eight steps
+    # at 2048, two at 8192), not for turns whose persona and history are cached
     # (docs/bench/README.md, run ad). Not yet measured in yapd.
     max_num_batched_tokens: int = 0
     enforce_eager: bool = False
