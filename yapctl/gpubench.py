@@ -739,13 +739,13 @@ class TurnPrompts:
     the floor and ``vllm serve`` get the prompts yapd's engines get."""
 
     def __init__(self, s: Setup) -> None:
-        from transformers import AutoTokenizer
-
+        from yapd.engines.tokenizer import load_tokenizer
         from yapd.runtime import Runtime
 
         self.cfg = s.config()
-        self.chat_tok: Any = AutoTokenizer.from_pretrained(s.models / "nemo-12b")
-        self.tool_tok: Any = AutoTokenizer.from_pretrained(s.models / "hammer-3b")
+        # yapd's own loading: a Mistral model's tokenizer gets its corrected pre-tokenizer
+        self.chat_tok: Any = load_tokenizer(str(s.models / "nemo-12b"))
+        self.tool_tok: Any = load_tokenizer(str(s.models / "hammer-3b"))
         rt = Runtime(self.cfg)
         self.layout = rt.layout(_Tok(self.chat_tok))  # type: ignore[arg-type]
         self.tool_prefix, self.tool_tail = rt.tool_prefix(_Tok(self.tool_tok))  # type: ignore[arg-type]
