@@ -183,6 +183,7 @@ def test_bench_completes_every_session(shared_yapd):
     # engine's first output and reaches the client later still, so their quantiles keep
     # that order too.
     assert s["server_engine_ttft_ms"]["p50"] is not None
+    assert 0 < s["prompt_tokens"]["p50"] <= s["prompt_tokens"]["max"], s  # the chat prompt yapd built
     for q in ("p50", "p95"):
         assert s["server_tool_first_ms"][q] <= s["server_tool_ms"][q] <= s["tool_ms"][q], s
         # The first token leaves after the decision, and the client's clock started first.

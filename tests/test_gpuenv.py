@@ -201,6 +201,8 @@ def test_the_report_says_the_prompt_its_file_was_run_with():
                                        "turn, 200 output tokens")
     level = {"c16": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {}}
     assert "450-word persona" in markdown({**old, "date": "2026-12-05", "machine": "H200", "setup": {}, "yapd": level})
+    level["c16"]["prompt_tokens"] = {"p50": 2632, "max": 2633}  # a yapd-only file: yapd's own count
+    assert "(2632 chat prompt tokens as yapd built them)" in prompt_line({"prompt": PROMPT, "yapd": level})
 
 
 def test_start_lines_keep_whether_torch_compiles_aot_artifact_was_used(tmp_path):

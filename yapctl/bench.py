@@ -211,6 +211,9 @@ class BenchReport:
                     said.setdefault(f"server_{role}_core_to_front_ms", []).append(at - st["first_token_ms"])
         engines: dict[str, Any] = {key: {"p50": pct(xs, 50), "p95": pct(xs, 95)} for key, xs in sorted(said.items())}
         engines.update({f"server_{role}_first_tokens_per_step": per_step(xs) for role, xs in sorted(firsts.items())})
+        # The chat prompt as the daemon built it (done.usage): what raw and serve must match.
+        prompts: list[float] = [n for r in ok
+                                if isinstance(n := ((r.done or {}).get("usage") or {}).get("prompt_tokens"), int)]
         timed = [(r.sent_at, r.ttft_ms) for r in ok if r.sent_at is not None and r.ttft_ms is not None]
         errors: dict[str, int] = {}
         for r in self.results:
@@ -233,6 +236,7 @@ class BenchReport:
             "inbound_ms": {"p50": pct(inbound, 50), "p95": pct(inbound, 95)},
             "outbound_ms": {"p50": pct(outbound, 50), "p95": pct(outbound, 95)},
             "first_token_after_ready_ms": {"p50": pct(held, 50), "p95": pct(held, 95)},
+            "prompt_tokens": {"p50": pct(prompts, 50), "max": max(prompts, default=None)},
             **engines,
             "ttft_slow": slow_bursts([t for t, _ in timed], [ms for _, ms in timed]),
         }

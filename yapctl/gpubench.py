@@ -1391,7 +1391,10 @@ def prompt_line(data: dict[str, Any]) -> str:
     p = data.get("prompt") or {"persona_words": 450, "history_words": 1500, "utterance_words": 20, "max_out": 200}
     counted = next((data[sec]["prompt_tokens"] for sec in ("raw", "raw_split", "serve")
                     if isinstance(data.get(sec, {}).get("prompt_tokens"), dict)), None)
-    tokens = f" ({counted['chat']} chat / {counted['tool']} tool prompt tokens)" if counted else ""
+    built = next((lvl["prompt_tokens"]["p50"] for lvl in data.get("yapd", {}).values()
+                  if isinstance(lvl, dict) and (lvl.get("prompt_tokens") or {}).get("p50")), None)
+    tokens = f" ({counted['chat']} chat / {counted['tool']} tool prompt tokens)" if counted else \
+        f" ({built:g} chat prompt tokens as yapd built them)" if built else ""
     return (f"{p['persona_words']}-word persona + {p['history_words']:,}-word history + {p['utterance_words']}-word "
             f"utterance numbered per turn{tokens}, {p['max_out']} output tokens; all of a turn's chat prompt but "
             "its utterance is cached from the turn before")
