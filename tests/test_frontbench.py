@@ -9,17 +9,20 @@ import pytest
 from yapctl.frontbench import main
 
 
-@pytest.mark.parametrize("hosted", ["", "tool"], ids=["in yapd", "tool engine hosted"])
-def test_frontbench_times_a_real_front_end_with_stand_in_engines(tmp_path, cache_dir, capsys, hosted):
+@pytest.mark.parametrize("hosted,fresh", [("", False), ("tool", False), ("", True)],
+                         ids=["in yapd", "tool engine hosted", "fresh prompts"])
+def test_frontbench_times_a_real_front_end_with_stand_in_engines(tmp_path, cache_dir, capsys, hosted, fresh):
     """With ``--own-process tool`` the tool's stand-in runs in an engine host of its own
-    (its requests counted there: they crossed the pipe)."""
+    (its requests counted there: they crossed the pipe); with ``--fresh-prompts`` every
+    turn brings a persona yapd has not tokenized yet."""
     out = tmp_path / "fb.json"
     assert main(["--cache-dir", str(cache_dir), "--levels", "1,3", "--rounds", "2", "--max-out", "3",
                  "--chat-first-ms", "30", "--tool-first-ms", "10", "--itl-ms", "2",
-                 "--request-order", "tool_first", "--own-process", hosted, "--json", str(out)]) == 0
+                 "--request-order", "tool_first", "--own-process", hosted, "--json", str(out),
+                 *(["--fresh-prompts"] if fresh else [])]) == 0
     report = json.loads(out.read_text())
     assert report["setup"]["request_order"] == "tool_first" and report["setup"]["models"] == "demo"
-    assert report["setup"]["own_process"] == hosted
+    assert report["setup"]["own_process"] == hosted and report["setup"]["fresh_prompts"] is fresh
     one, three = report["levels"]["c1"], report["levels"]["c3"]
     assert one["turns"] == 2 and three["turns"] == 6
     for s in (one, three):

@@ -188,6 +188,26 @@ def test_phases_added_to_a_file_must_run_alike(tmp_path, package, monkeypatch, c
     assert "the prompt {'persona_words': 450" in capsys.readouterr().err
 
 
+def test_fresh_prompts_salt_each_level_and_are_refused_where_two_sides_share_turns(tmp_path, capsys):
+    """--fresh-prompts: a new salt every level (so no level finds another's prompts cached),
+    nothing without it; said under the table; the pair phase and --ab-interleave share one
+    turn's prompt between two sides and are refused with it."""
+    from yapctl.gpubench import level_salt
+
+    models, work = tmp_path / "models", tmp_path / "work"
+    fresh = Setup(models, work, fresh_prompts=True)
+    salts = {level_salt(fresh) for _ in range(50)}
+    assert len(salts) == 50 and all(salts) and level_salt(Setup(models, work)) == ""
+    assert "every turn's persona new to the engines" in "".join(run_conditions({"fresh_prompts": True}))
+    assert "persona new" not in "".join(run_conditions({"fresh_prompts": False, "rounds": 8}))
+    base = [str(models), "--out", str(tmp_path / "out"), "--work", str(work), "--fresh-prompts"]
+    for argv in (["--phases", "yapd,pair"], ["--phases", "yapd", "--ab", "turn.temperature=0.5", "--ab-interleave"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*base, *argv])
+        assert exc.value.code == 2 and "--fresh-prompts salts each level" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_report_says_the_prompt_its_file_was_run_with():
     """The issue's 600 + 2,000-token prompt from run af on; older files keep their own
     words in the report, and the tokens a phase counted."""
@@ -708,6 +728,7 @@ async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch,
 
     posted: list[tuple[int, bool]] = []
     started: list[int] = []
+    levels: list[int] = []  # each pass's levels, each begun with its own prompts (a salt under --fresh-prompts)
 
     class Prompts:
         def __init__(self, s: Setup) -> None:
@@ -721,6 +742,9 @@ async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch,
 
         def chat_text(self, i: int) -> str:
             return "a b c"
+
+        def level(self, s: Setup, c: int) -> None:
+            levels.append(c)
 
     async def post_stream(body: dict[str, Any], port: int = gpubench.SERVE_PORT, until: Any = None) -> Any:
         posted.append((port, isinstance(body["prompt"], str)))
@@ -748,6 +772,8 @@ async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch,
     serve = res.data["serve"]
     tool = "tool" in passes
     assert started == [gpubench.SERVE_PORT, gpubench.SERVE_PORT + 1][:1 + tool]
+    chat_passes = [x for x in passes if x != "tool"]
+    assert levels == [c for c in (1, 2) for _ in chat_passes] + [1, 2] * tool, levels
     # each server's budget from its own log, this start's line only
     assert serve["step_budgets"] == [gpubench.SERVE_PORT]
     assert serve.get("tool_step_budgets") == ([gpubench.SERVE_PORT + 1] if tool else None)

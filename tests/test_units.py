@@ -732,6 +732,21 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir, monk
     rt.cfg.turn.request_order = "tool_first"
     run(inp)
     assert order == ["tool", "chat"]
+    # --fresh-prompts: a level's salt reaches yapd in the persona (the bench client's start
+    # message) and raw's prompts alike; the chat prompt then shares nothing past its first
+    # words with an unsalted one, the tool's (no persona in it) stays the same.
+    from yapctl.bench import salted_persona
+
+    tp = TurnPrompts(setup)
+    plain = tp.turn(5)
+    tp.salt = "c0ffee"
+    salted = TurnInput("r", "s", turn_utterance(UTTERANCE, 5), HISTORY, salted_persona(PERSONA, "c0ffee", 5), 1)
+    turn = Turn(rt, salted, send, PromptCache(rt.engines["chat"].tokenizer), PromptCache(rt.engines["tool"].tokenizer))
+    asyncio.run(turn.run({"type": "ack"}))
+    assert (seen["chat"], seen["tool"]) == tp.turn(5) and seen["tool"] == plain[1]
+    shared = next(k for k, (a, b) in enumerate(zip(plain[0], seen["chat"], strict=False)) if a != b)
+    assert shared < 16, shared  # under one KV block: nothing of it is found in a prefix cache
+    assert salted_persona(PERSONA, "", 5) == PERSONA
 
 
 @pytest.mark.parametrize("native", [True, False])

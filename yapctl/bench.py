@@ -146,6 +146,9 @@ class BenchConfig:
     persona_text: str | None = None
     history_text: str | None = None
     warmup: bool = True
+    # Non-empty: every turn's persona is new to the engines (salted_persona), as at the start
+    # of calls to many bots, so nothing of the chat prompt is in their prefix caches.
+    persona_salt: str = ""
 
 
 @dataclass
@@ -248,11 +251,18 @@ def turn_utterance(base: str, i: int) -> str:
     return f"{base} ({i})"
 
 
+def salted_persona(persona: str, salt: str, i: int) -> str:
+    """Turn ``i``'s persona under ``salt``: different from its first words on, so no prompt
+    of a salted level shares a cached prefix with another (the tool's prompt, which holds
+    no persona, stays cached)."""
+    return f"({salt} {i}) {persona}" if salt else persona
+
+
 def _start(cfg: BenchConfig, session: str, i: int) -> dict[str, Any]:
     msg: dict[str, Any] = {"type": "start", "session_id": session, "request_id": f"{session}-{i}",
                            "user_utterance": turn_utterance(cfg.utterance, i)}
     if cfg.persona_text is not None:
-        msg["persona_text"] = cfg.persona_text
+        msg["persona_text"] = salted_persona(cfg.persona_text, cfg.persona_salt, i)
     if cfg.history_text is not None:
         msg["history_text"] = cfg.history_text
     return msg

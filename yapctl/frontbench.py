@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import typing
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -123,12 +124,14 @@ def stand_in(role: str, cfg: Config) -> Engine:
     return local
 
 
-async def level(url: str, c: int, rounds: int, prompts: dict[str, str]) -> dict[str, Any]:
+async def level(url: str, c: int, rounds: int, prompts: dict[str, str], fresh: bool = False) -> dict[str, Any]:
     """``rounds`` lockstep rounds of ``c`` sessions (after a warm-up round): each turn's
-    send time and what its client saw."""
+    send time and what its client saw. ``fresh``: every turn's persona new (salted), so
+    yapd tokenizes each turn's persona and history whole, as at the start of a call."""
     sent: dict[str, float] = {}
     cfg = BenchConfig(url=url, key=KEY, concurrency=c, utterance=prompts["utterance"],
-                      persona_text=prompts["persona"], history_text=prompts["history"])
+                      persona_text=prompts["persona"], history_text=prompts["history"],
+                      persona_salt=uuid.uuid4().hex[:8] if fresh else "")
     rows: list[dict[str, Any]] = []
     for i, results in enumerate(await lockstep(cfg, rounds, sent=sent)):
         for res in results:
@@ -180,13 +183,13 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
 
 
 async def _measure(d: LocalYapd, levels: Sequence[int], rounds: int, prompts: dict[str, str],
-                   profile_level: int) -> tuple[dict[int, dict[str, Any]], dict[str, Any] | None]:
+                   profile_level: int, fresh: bool = False) -> tuple[dict[int, dict[str, Any]], dict[str, Any] | None]:
     from yapctl.client import AdminClient
 
     url = d.url(key=None)
     out: dict[int, dict[str, Any]] = {}
     for c in levels:
-        out[c] = await level(url, c, rounds, prompts)
+        out[c] = await level(url, c, rounds, prompts, fresh)
     profile = None
     if profile_level:
         async def window() -> dict[str, Any]:
@@ -196,7 +199,7 @@ async def _measure(d: LocalYapd, levels: Sequence[int], rounds: int, prompts: di
 
         task = asyncio.ensure_future(window())
         while not task.done():
-            await level(url, profile_level, rounds, prompts)
+            await level(url, profile_level, rounds, prompts, fresh)
         profile = await task
     return out, profile
 
@@ -219,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="these engines in engine hosts of their own (own_process): what the hop costs")
     p.add_argument("--profile-level", type=int, default=0, metavar="SESSIONS",
                    help="then run this level with yapd's event loop profiled for 3 s (yapctl profile)")
+    p.add_argument("--fresh-prompts", action="store_true",
+                   help="every turn's persona new to yapd (salted per level and turn): each turn's prompts "
+                        "tokenized whole, as at the start of a call, not from the session's cached persona")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--cache-dir", type=Path, help="yapd's cache directory (where the demo models are built)")
     args = p.parse_args(argv)
@@ -243,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         d.start(timeout=300)
         try:
             raw, profile = asyncio.run(_measure(d, levels, args.rounds, {"persona": PERSONA, "history": HISTORY,
-                                                                          "utterance": UTTERANCE}, args.profile_level))
+                                                                          "utterance": UTTERANCE}, args.profile_level,
+                                                   args.fresh_prompts))
         finally:
             d.stop()
         made = [(str(r), str(role), float(t)) for role_log in sorted(work.glob(f"{log.name}.*"))

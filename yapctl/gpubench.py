@@ -43,6 +43,7 @@ from yapctl.bench import (
     lockstep,
     pct,
     per_step,
+    salted_persona,
     slow_bursts,
     turn_utterance,
 )
@@ -89,6 +90,12 @@ def gaps(stamps: list[float]) -> list[float]:
 
 
 ROUNDS = 8
+
+
+def level_salt(s: Setup) -> str:
+    """A level's persona salt under --fresh-prompts (a new one every level, A/B arm and
+    start, so nothing is cached from an earlier one); "" otherwise."""
+    return uuid.uuid4().hex[:8] if s.fresh_prompts else ""
 
 
 def turns_for(c: int, rounds: int = ROUNDS) -> int:
@@ -235,6 +242,9 @@ class Setup:
     # option (the bench process held a CUDA context, and vLLM then spawns), or "fork"
     raw_start_method: str = "spawn"
     skip_restart: bool = False  # the yapd phase ends without its process restart
+    # Every turn's persona new to the engines (--fresh-prompts): each level under a salt
+    # of its own (level_salt), so no turn's chat prompt is in a prefix cache.
+    fresh_prompts: bool = False
     # With ab: each level is measured this many times per config, every time on engines
     # restarted for it (A B B A ...): ab may then change engine keys, and the starts' own
     # spread (several ms at one session, runs w-z) is sampled instead of deciding alone.
@@ -435,7 +445,8 @@ async def phase_yapd(res: Results, s: Setup) -> None:
         t0 = time.perf_counter()
         with watching(s, c, await yapd_processes(admin_socket)) as figures:
             rep = await bench(BenchConfig(url=url, key="bench", n=n, concurrency=c, timeout=120,
-                                          utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY))
+                                          utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY,
+                                          persona_salt=level_salt(s)))
         state = await loop_state(time.perf_counter() - t0)
         state["gc_pauses"]["level"] = gc_between(before, state["gc_pauses"])
         # The warm-up turns are in the CPU time too: per turn of the whole level.
@@ -749,33 +760,43 @@ class TurnPrompts:
         rt = Runtime(self.cfg)
         self.layout = rt.layout(_Tok(self.chat_tok))  # type: ignore[arg-type]
         self.tool_prefix, self.tool_tail = rt.tool_prefix(_Tok(self.tool_tok))  # type: ignore[arg-type]
-        self._memo: dict[int, tuple[list[int], list[int]]] = {}
+        self._memo: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+        self.salt = ""  # the level's persona salt (level_salt): set before building its turns
 
     def turn(self, i: int) -> tuple[list[int], list[int]]:
-        """(chat ids, tool ids) of turn ``i`` (see yapctl.bench.turn_utterance)."""
-        if i not in self._memo:
+        """(chat ids, tool ids) of turn ``i`` (see yapctl.bench.turn_utterance) under the
+        current salt."""
+        key = (self.salt, i)
+        if key not in self._memo:
             from yapd.prompts import PromptCache, build_chat_prompt
             from yapd.turn import tool_query
 
             t = self.cfg.turn
             utterance = turn_utterance(UTTERANCE, i)
-            chat = build_chat_prompt(PromptCache(self.chat_tok), self.layout, PERSONA, HISTORY, utterance,
+            persona = salted_persona(PERSONA, self.salt, i)
+            chat = build_chat_prompt(PromptCache(self.chat_tok), self.layout, persona, HISTORY, utterance,
                                      history_max_tokens=t.history_max_tokens, history_step=t.history_trim_step,
                                      utterance_max_tokens=t.user_utt_max_tokens,
                                      max_model_len=self.cfg.chat.max_model_len, max_out=t.chat_max_out,
                                      exact=t.exact_token_trim).ids
             query = PromptCache(self.tool_tok).encode_lines(tool_query(utterance, HISTORY, t))
-            self._memo[i] = chat, self.tool_prefix + query + self.tool_tail
-        return self._memo[i]
+            self._memo[key] = chat, self.tool_prefix + query + self.tool_tail
+        return self._memo[key]
 
     def chat_text(self, i: int) -> str:
         """Turn ``i``'s chat prompt as the text a `vllm serve` user would send."""
         return str(self.chat_tok.decode(self.turn(i)[0], skip_special_tokens=False))
 
     def all(self, levels: tuple[int, ...], rounds: int = ROUNDS) -> None:
-        """Build every turn's prompts ahead of the clock."""
+        """Build every turn's prompts ahead of the clock (under the current salt)."""
         for i in range(-1, max(turns_for(c, rounds) for c in levels)):
             self.turn(i)
+
+    def level(self, s: Setup, c: int) -> None:
+        """Before level ``c``: a salt of its own under --fresh-prompts, its turns built."""
+        if s.fresh_prompts:
+            self.salt = level_salt(s)
+            self.all((c,), s.rounds)
 
 
 @dataclass(frozen=True)
@@ -1023,6 +1044,7 @@ async def phase_raw(res: Results, s: Setup, section: str = "raw", split_tool: bo
     res.put(section, "start_method", {"asked": s.raw_start_method, "used": raw.start_method})
     try:
         for c in s.levels:
+            tp.level(s, c)
             with watching(s, c, raw.processes()) as figures:
                 level = raw_level(await at_level(c, raw.turn, s.rounds))
             res.put(section, f"c{c}", {**level, **figures(level["turns"] + c)})
@@ -1313,8 +1335,10 @@ async def phase_serve(res: Results, s: Setup) -> None:
         for c in s.levels:
             figures: dict[str, Any] = {}
             if "text" in s.serve_passes:
+                tp.level(s, c)
                 figures = {"prompt": "text", **summary(await at_level(c, functools.partial(post, False), s.rounds))}
             if "ids" in s.serve_passes:
+                tp.level(s, c)  # not the text pass's prompts: the server holds those cached
                 figures["token_ids"] = summary(await at_level(c, functools.partial(post, True), s.rounds))
             if figures:
                 res.put("serve", f"c{c}", figures)
@@ -1341,6 +1365,7 @@ async def phase_serve(res: Results, s: Setup) -> None:
             return chat[0], chat[1], (await tool)[2]
 
         for c in s.levels:
+            tp.level(s, c)
             rows = await at_level(c, both, s.rounds)
             gated = [max(r[0], r[2]) for r in rows if r[0] is not None]
             tool_ms = [r[2] for r in rows]
@@ -1376,6 +1401,9 @@ def run_conditions(setup: dict[str, Any]) -> list[str]:
         parts.append(f"yapd sends each turn's {'tool' if setup['tool_first'] else 'chat'} request first")
     if setup.get("set"):
         parts.append("yapd config " + ", ".join(f"`{x}`" for x in setup["set"]))
+    if setup.get("fresh_prompts"):
+        parts.append("every turn's persona new to the engines (--fresh-prompts): the chat prompt prefilled whole, "
+                     "the tool's still cached")
     if setup.get("raw_order") == "tool_first":
         parts.append("raw sends each turn's tool request first, then its chat request, as yapd does")
     for pkg, st in (setup.get("bytecode") or {}).items():
@@ -1736,6 +1764,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="how raw's engines start their EngineCores (every run before this option: spawn)")
     p.add_argument("--skip-restart", action="store_true",
                    help="the yapd phase ends without its process restart (a shorter device call)")
+    p.add_argument("--fresh-prompts", action="store_true",
+                   help="every turn's persona new to the engines (its first words salted per level and turn), "
+                        "so no chat prompt is in a prefix cache: the first turns of calls to many bots, where "
+                        "the chat engine prefills whole prompts (yapd, raw and serve; not pair, not --ab-interleave)")
     p.add_argument("--profile-level", type=int, default=0, metavar="SESSIONS",
                    help="after the levels, yapd and raw run this level once more with their event loop under "
                         f"cProfile for {PROFILE_S:g} s (yapctl profile): where each loop's time goes, by package")
@@ -1782,7 +1814,10 @@ def main(argv: list[str] | None = None) -> int:
                   args.order_probe, args.raw_order, args.profile_level, serve_passes, (chat_frac, tool_frac),
                   tuple(args.sets), pyspy_level=args.pyspy_level, pyspy_native=args.pyspy_native,
                   raw_start_method=args.raw_start_method, skip_restart=args.skip_restart,
-                  ab_restarts=args.ab_restarts)
+                  ab_restarts=args.ab_restarts, fresh_prompts=args.fresh_prompts)
+    if args.fresh_prompts and (args.ab_interleave or "pair" in args.phases.split(",")):
+        p.error("--fresh-prompts salts each level of yapd, raw and serve; the pair phase and --ab-interleave "
+                "share their turns' prompts between two sides and take none")
     try:
         config.validate(setup.config())
     except (ValueError, config.ConfigError) as exc:
@@ -1813,7 +1848,7 @@ def main(argv: list[str] | None = None) -> int:
              "event_loop": args.event_loop, "request_order": args.request_order, "ab": list(setup.ab),
              "ab_interleave": args.ab_interleave, "ab_restarts": args.ab_restarts,
              "env": env, "raw_order": args.raw_order, "raw_start_method": args.raw_start_method,
-             "set": list(setup.sets)} if phases else {}
+             "set": list(setup.sets), "fresh_prompts": args.fresh_prompts} if phases else {}
     earlier = res.data.get("setup", {})
     if phases and res.data.get("prompt", PROMPT) != PROMPT:
         print(f"gpubench: {name}.json holds phases run with the prompt {res.data['prompt']}, not {PROMPT}: "
