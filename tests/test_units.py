@@ -219,6 +219,37 @@ def test_second_turn_tokenizes_only_the_utterance():
     assert tok.decode(second.ids) == tok.decode(first.ids).replace("hello there", "bye now")
 
 
+def test_a_new_sessions_first_turn_finds_a_known_persona_tokenized():
+    """Calls to one bot send one persona: the daemon's SharedTexts keep it across sessions,
+    so a new session's first turn tokenizes only what is its own. Bounded, least recently
+    used out; over-long texts are tokenized and not kept; a restarted engine's tokenizer
+    gets a fresh store."""
+    from yapd.prompts import SharedTexts
+    from yapd.runtime import Runtime
+
+    tok = FakeTok()
+    tok.chat_template = "x"
+    rt = Runtime(config.load(None, env={}))
+    layout = ChatLayout("<s>[SYS]", "[/SYS] [INST]", "[/INST]", True)
+    kw = dict(history_max_tokens=3000, history_step=1, utterance_max_tokens=350, max_model_len=10000, max_out=200)
+    first = build_chat_prompt(PromptCache(tok, rt.shared_texts("chat", tok)), layout, "persona words", "", "hi", **kw)
+    tok.calls.clear()
+    other = build_chat_prompt(PromptCache(tok, rt.shared_texts("chat", tok)), layout, "persona words", "", "hi", **kw)
+    assert "<s>[SYS]persona words" not in tok.calls and other.ids == first.ids, tok.calls
+    assert rt.shared_texts("chat", FakeTok()) is not rt.shared_texts("chat", tok) is rt.shared_texts("chat", tok)
+
+    calls: list[str] = []
+
+    def encode(text: str) -> list[int]:
+        calls.append(text)
+        return [len(text)]
+
+    shared = SharedTexts(encode, max_items=2, max_chars=10)
+    assert [shared.ids(t) for t in ("a", "bb", "a", "ccc", "a", "bb")] == [[1], [2], [1], [3], [1], [2]]
+    assert calls == ["a", "bb", "ccc", "bb"]  # "bb" went out when "ccc" came (least recent)
+    assert shared.ids("x" * 11) == shared.ids("x" * 11) == [11] and calls[-2:] == ["x" * 11] * 2  # not kept
+
+
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
               r"\s*[\r\n]+|\s+(?!\S)|\s+")
 CONVERSATION = ("user: hi there, can you hear me?\nassistant: loud and clear!  \n\nuser: what's 42 times 7?\r\n"

@@ -17,7 +17,7 @@ from yapd.engines.base import Engine
 from yapd.gcpause import GcPauses
 from yapd.looplag import LoopLag
 from yapd.metrics import Metrics
-from yapd.prompts import ChatLayout, persona_styles
+from yapd.prompts import ChatLayout, SharedTexts, encoder, persona_styles
 from yapd.toolcall import instruction_block
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ class Runtime:
     gc_pauses: GcPauses = field(default_factory=GcPauses)
     _layouts: dict[int, ChatLayout] = field(default_factory=dict)
     _tool_prefix: _ToolPrefix | None = None
+    _shared_texts: dict[str, tuple[Any, SharedTexts]] = field(default_factory=dict)
 
     # --- engines -------------------------------------------------------------------
 
@@ -99,6 +100,14 @@ class Runtime:
         if layout is None:
             layout = self._layouts[key] = ChatLayout.from_tokenizer(tok)
         return layout
+
+    def shared_texts(self, role: str, tok: Any) -> SharedTexts:
+        """Every session's personas for ``role``'s engine, tokenized once by ``tok``; a
+        restarted engine's new tokenizer starts them afresh (its ids may differ)."""
+        held = self._shared_texts.get(role)
+        if held is None or held[0] is not tok:
+            held = self._shared_texts[role] = (tok, SharedTexts(encoder(tok)))
+        return held[1]
 
     def tool_prefix(self, engine: Engine) -> tuple[list[int], list[int]]:
         """Token ids of the Hammer prompt up to the query, and of its tail (cached per

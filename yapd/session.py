@@ -129,7 +129,7 @@ class Session:
         tok = engine.tokenizer
         held = self._caches.get(role)
         if held is None or held[0] is not tok:
-            held = (tok, PromptCache(tok))
+            held = (tok, PromptCache(tok, self.rt.shared_texts(role, tok)))
             self._caches[role] = held
         return held[1]
 
