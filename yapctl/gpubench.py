@@ -80,6 +80,7 @@ def text(n_words: int, seed: int) -> str:
 # tokenizer) and a short utterance; 200 tokens out. Runs before af had 450 and 1,500 words:
 # 471 and 1,555 tokens, a 2,058-token chat prompt where the issue asks ~2,630.
 PROMPT = {"persona_words": 575, "history_words": 1930, "utterance_words": 20, "max_out": 200}
+PROMPT_BEFORE_AF = {**PROMPT, "persona_words": 450, "history_words": 1500}  # files that recorded none
 PERSONA = "<|persona|> " + text(PROMPT["persona_words"], 1)
 HISTORY = "<|history|> " + text(PROMPT["history_words"], 2)
 UTTERANCE = text(PROMPT["utterance_words"], 100)
@@ -404,7 +405,7 @@ def ends_with_us() -> Callable[[], None] | None:
 
 def start_yapd(cfg_path: Path, log: Path) -> tuple[subprocess.Popen[bytes], float]:
     t0 = time.perf_counter()
-    offset = log.stat().st_size if log.exists() else 0  # the log is appended to: read only this start's lines
+    offset = log_end(log)  # the log is appended to: read only this start's lines
     out = log.open("ab")  # vLLM's own lines (phase timings) go to stdout: keep them
     proc = subprocess.Popen([sys.executable, "-m", "yapd", "--config", str(cfg_path), "--admin-socket",
                              str(cfg_path.parent / "admin.sock")], stdout=out, stderr=subprocess.STDOUT,
@@ -430,7 +431,7 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
 async def phase_yapd(res: Results, s: Setup) -> None:
     cfg = s.config_file()
     log = s.work / "yapd.log"
-    offset = log.stat().st_size if log.exists() else 0
+    offset = log_end(log)
     proc, cold = start_yapd(cfg, log)
     res.put("yapd", "start_s_first", round(cold, 1))
     # Whether yapd's engines run under its own MPS daemon, in its words.
@@ -645,6 +646,11 @@ def step_budgets(log: Path, offset: int = 0) -> list[int]:
     return [int(m.group(1)) for m in BUDGET_LINE.finditer(text)]
 
 
+def log_end(log: Path) -> int:
+    """Where the next start's lines will begin in ``log`` (appended to across starts)."""
+    return log.stat().st_size if log.exists() else 0
+
+
 def startup_lines(log: Path, offset: int) -> list[str]:
     text = log.read_bytes()[offset:].decode(errors="replace")
     return [line.strip()[:240] for line in text.splitlines() if STARTUP_LINES.search(line)]
@@ -655,7 +661,7 @@ async def phase_startup(res: Results, s: Setup) -> None:
     vLLM's own phase timings."""
     cfg = s.config_file()
     log = s.work / "startup.log"
-    offset = log.stat().st_size if log.exists() else 0
+    offset = log_end(log)
     proc, first = start_yapd(cfg, log)
     res.put("startup", "first_start_s", round(first, 1))
     res.put("startup", "first_start_lines", startup_lines(log, offset))
@@ -669,7 +675,7 @@ async def phase_warm(res: Results, s: Setup) -> None:
     cfg = s.config_file()
     log = s.work / "startup.log"
     put = functools.partial(res.put, "startup")  # each figure lands as soon as it is taken
-    offset = log.stat().st_size if log.exists() else 0
+    offset = log_end(log)
     proc, warm = start_yapd(cfg, log)
     put("process_restart_s", round(warm, 1))
     put("process_restart_lines", startup_lines(log, offset))
@@ -794,8 +800,8 @@ class TurnPrompts:
 
     def level(self, s: Setup, c: int) -> None:
         """Before level ``c``: a salt of its own under --fresh-prompts, its turns built."""
-        if s.fresh_prompts:
-            self.salt = level_salt(s)
+        self.salt = level_salt(s)
+        if self.salt:
             self.all((c,), s.rounds)
 
 
@@ -1306,7 +1312,7 @@ async def phase_serve(res: Results, s: Setup) -> None:
     kw = engine_kwargs("chat", cfg, cfg.chat.model, gpu_capability())
     tool_kw = engine_kwargs("tool", cfg, cfg.tool.model, gpu_capability())
     procs = []
-    serve_offset = log.stat().st_size if log.exists() else 0
+    serve_offset = log_end(log)
     try:
         t0 = time.perf_counter()
         procs.append(_serve(kw, SERVE_PORT, log, env))
@@ -1349,7 +1355,7 @@ async def phase_serve(res: Results, s: Setup) -> None:
         # the tool model on the same GPU, both asked each turn (token ids, as yapd's).
         t0 = time.perf_counter()
         tool_log = s.work / "serve-tool.log"
-        tool_offset = tool_log.stat().st_size if tool_log.exists() else 0
+        tool_offset = log_end(tool_log)
         procs.append(_serve(tool_kw, SERVE_PORT + 1, tool_log, env))
         await _wait_healthy(procs[1], SERVE_PORT + 1, tool_log)
         res.put("serve", "tool_start_s", round(time.perf_counter() - t0, 1))
@@ -1416,7 +1422,7 @@ def run_conditions(setup: dict[str, Any]) -> list[str]:
 
 def prompt_line(data: dict[str, Any]) -> str:
     """What each turn sent, from the file: words, and the tokens a phase counted."""
-    p = data.get("prompt") or {"persona_words": 450, "history_words": 1500, "utterance_words": 20, "max_out": 200}
+    p = data.get("prompt") or PROMPT_BEFORE_AF
     counted = next((data[sec]["prompt_tokens"] for sec in ("raw", "raw_split", "serve")
                     if isinstance(data.get(sec, {}).get("prompt_tokens"), dict)), None)
     built = next((lvl["prompt_tokens"]["p50"] for lvl in data.get("yapd", {}).values()
