@@ -194,8 +194,7 @@ class HostedEngine(Engine):
             _, error, health = msg
             self._remote = health
             self._detail = f"start failed: {error}"
-            if self._started is not None and not self._started.done():
-                self._started.set_exception(EngineError(error))
+            _settle(self._started, EngineError(error))
 
     def _set_remote(self, health: EngineHealth) -> None:
         was_ok = self._remote is None or self._remote.ok
@@ -226,8 +225,7 @@ class HostedEngine(Engine):
         if self._state in ("starting", "ready"):
             self._state, self._detail = "failed", why
             log.error("engine failed role=%s: %s", self.role, why)
-        if self._started is not None and not self._started.done():
-            self._started.set_exception(EngineError(why))
+        _settle(self._started, EngineError(why))
         self._fail_streams(f"{self.role} engine: {why}")
 
     def _fail_streams(self, why: str) -> None:
@@ -324,8 +322,12 @@ class HostedEngine(Engine):
 
 
 def _settle(future: asyncio.Future[Any] | None, value: Any) -> None:
+    """``future``'s result, or its exception when ``value`` is one, unless it has one."""
     if future is not None and not future.done():
-        future.set_result(value)
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
 
 
 def _nothing() -> None:
