@@ -211,6 +211,10 @@ async def test_reload_bad_file_keeps_running_config(make_yapd):
     d.config_path.write_text(good + "\n[engines]\nfork_from_main_thread = 1\n")
     reply = d.admin(cmd="reload")[-1]
     assert reply["ok"] is False and "engines.fork_from_main_thread: expected true or false" in reply["error"], reply
+    # a step budget vLLM would refuse minutes later, at the engine's start
+    d.config_path.write_text(good + "\n[chat]\nmax_num_batched_tokens = 1024\nenable_chunked_prefill = false\n")
+    reply = d.admin(cmd="reload")[-1]
+    assert reply["ok"] is False and "chat.max_num_batched_tokens: 1024 is below max_model_len" in reply["error"], reply
     d.config_path.unlink()
     reply = d.admin(cmd="reload")[-1]
     assert reply["ok"] is False and "no such file" in reply["error"]
