@@ -21,7 +21,10 @@ from typing import Any
 import pytest
 
 from yapctl import gpuenv
-from yapctl.gpubench import Setup, main, markdown, run_conditions, startup_lines
+from yapctl.gpubench.cli import main
+from yapctl.gpubench.report import markdown, run_conditions
+from yapctl.gpubench.runsetup import Setup
+from yapctl.gpubench.servers import startup_lines
 from yapd import config
 
 
@@ -117,7 +120,7 @@ async def test_raws_turns_send_their_requests_in_the_order_named(order, sent):
     turn. yapd's request orders of these names: tests/test_units.py."""
     if order == "tool_first" and sys.version_info < (3, 12):
         pytest.skip("tool_first leaves at once only with eager tasks (Python 3.12+, as on the device)")
-    from yapctl.gpubench import tool_request
+    from yapctl.gpubench.raw import tool_request
 
     log: list[str] = []
 
@@ -192,7 +195,7 @@ def test_fresh_prompts_salt_each_level_and_are_refused_where_two_sides_share_tur
     """--fresh-prompts: a new salt every level (so no level finds another's prompts cached),
     nothing without it; said under the table; the pair phase and --ab-interleave share one
     turn's prompt between two sides and are refused with it."""
-    from yapctl.gpubench import level_salt
+    from yapctl.gpubench.prompts import level_salt
 
     models, work = tmp_path / "models", tmp_path / "work"
     fresh = Setup(models, work, fresh_prompts=True)
@@ -211,7 +214,8 @@ def test_fresh_prompts_salt_each_level_and_are_refused_where_two_sides_share_tur
 def test_the_report_says_the_prompt_its_file_was_run_with():
     """The issue's 600 + 2,000-token prompt from run af on; older files keep their own
     words in the report, and the tokens a phase counted."""
-    from yapctl.gpubench import PROMPT, prompt_line
+    from yapctl.gpubench.prompts import PROMPT
+    from yapctl.gpubench.report import prompt_line
 
     assert prompt_line({"prompt": PROMPT, "raw": {"prompt_tokens": {"chat": 2632, "tool": 454}}}).startswith(
         "575-word persona + 1,930-word history + 20-word utterance numbered per turn (2632 chat / 454 tool prompt "
@@ -249,7 +253,8 @@ def test_each_engines_prompt_tokens_per_step_come_from_the_logs_to_the_report(tm
     """vLLM picks max_num_batched_tokens by how it is started (2048 from Python, 8192 in
     `vllm serve` on an H200: run ad), so the report says what each side ran with, and
     `vllm serve` gets yapd's where yapd sets one."""
-    from yapctl.gpubench import serve_args, step_budgets
+    from yapctl.gpubench.serve import serve_args
+    from yapctl.gpubench.servers import step_budgets
 
     log = tmp_path / "yapd.log"
     log.write_text("INFO [scheduler.py:252] Chunked prefill is enabled with max_num_batched_tokens=8192.\n"
@@ -297,7 +302,7 @@ def test_yapds_event_loop_lag_gets_a_row_where_it_was_taken():
 
 
 def test_a_levels_collections_are_the_difference_of_two_status_replies():
-    from yapctl.gpubench import gc_between
+    from yapctl.gpubench.measure import gc_between
 
     at_ready = {"collections": {"0": 2, "1": 0, "2": 1}, "ms": {"0": 0.31, "1": 0.0, "2": 24.57}}
     after = {"collections": {"0": 18, "1": 1, "2": 1}, "ms": {"0": 9.36, "1": 1.45, "2": 24.57}}
@@ -327,7 +332,7 @@ def test_slow_turns_get_a_row_with_their_bursts():
 
 
 def test_raw_levels_count_their_slow_turns_held_for_the_decision():
-    from yapctl.gpubench import RawTurn, raw_level
+    from yapctl.gpubench.raw import RawTurn, raw_level
 
     # Two bursts of two turns; the second burst's decisions came late (its chat did not).
     rows = [RawTurn(ttft=20.0, gaps=[], tool_first=10.0, tool_done=12.0, token_gaps=[], first_token=20.0,
@@ -345,21 +350,21 @@ def test_raw_levels_count_their_slow_turns_held_for_the_decision():
 def test_raw_runs_on_the_event_loop_named(tmp_path, monkeypatch, flag, loop):
     """--event-loop names yapd's loop and, when named, the loop raw vLLM's clients run on
     (so the two compare on one loop); "auto" keeps raw on asyncio's own, as before."""
-    from yapctl import gpubench
+    from yapctl.gpubench import cli
 
     seen: list[str] = []
 
     async def probe(res, setup):
         seen.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
 
-    monkeypatch.setitem(gpubench.PHASES, "raw", probe)
+    monkeypatch.setitem(cli.PHASES, "raw", probe)
     assert main([str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--name", "t",
                  "--phases", "raw", "--event-loop", flag]) == 0
     assert seen == [loop]
 
 
 def test_config_overrides_set_replace_and_add_keys():
-    from yapctl.gpubench import with_overrides
+    from yapctl.gpubench.runsetup import with_overrides
 
     text = "[server]\nport = 1\n[turn]\nconcurrent = true\n"
     out = with_overrides(text, ["turn.concurrent=false", "turn.exact_token_trim = true", "logging.level=\"debug\""])
@@ -389,7 +394,7 @@ def test_ab_takes_live_keys_only(tmp_path, capsys):
 
 
 def test_ab_restarts_take_engine_keys_and_alternate_a_b_b_a(tmp_path, capsys):
-    from yapctl.gpubench import ab_arms
+    from yapctl.gpubench.yapdphase import ab_arms
 
     base = [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--phases", ""]
     spawned_tool = 'tool.start_method="spawn"'
@@ -441,7 +446,7 @@ async def test_an_ab_start_restarts_a_real_yapds_engines_with_an_engine_key(make
     engines: the config file with the change, a reload, both engines restarted (timed,
     their start lines returned), the change then in force; a key that needs the process
     restarted is refused."""
-    from yapctl.gpubench import restart_engines_with
+    from yapctl.gpubench.yapdphase import restart_engines_with
 
     log = tmp_path / "yapd.log"  # where the bench reads a restart's start lines from
     d = make_yapd(f'[logging]\nfile = "{log}"\n')
@@ -466,7 +471,7 @@ def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_p
     last (B) measurement is done."""
     import shutil
 
-    from yapctl.gpubench import turns_for
+    from yapctl.gpubench.runsetup import turns_for
 
     models = tmp_path / "models"
     for name, role in (("nemo-12b", "chat"), ("hammer-3b", "tool")):
@@ -498,7 +503,7 @@ def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_p
 
 
 async def test_ab_reloads_a_real_yapd_live_and_refuses_what_a_reload_cannot_apply(make_yapd):
-    from yapctl.gpubench import reload_with
+    from yapctl.gpubench.yapdphase import reload_with
 
     d = make_yapd("[turn]\nconcurrent = true\n")
     text = d.config_path.read_text()
@@ -510,10 +515,10 @@ async def test_ab_reloads_a_real_yapd_live_and_refuses_what_a_reload_cannot_appl
 
 
 async def test_a_level_is_profiled_after_its_warm_up_and_a_failed_level_ends_the_window(monkeypatch):
-    from yapctl import gpubench
+    from yapctl.gpubench import measure
     from yapd.loopprofile import LoopProfiler
 
-    monkeypatch.setattr(gpubench, "PROFILE_AFTER_S", 0.05)
+    monkeypatch.setattr(measure, "PROFILE_AFTER_S", 0.05)
     asked: list[float] = []
 
     async def level() -> None:
@@ -524,7 +529,7 @@ async def test_a_level_is_profiled_after_its_warm_up_and_a_failed_level_ends_the
         return await LoopProfiler().run(0.1)
 
     t0 = asyncio.get_running_loop().time()
-    reply = await gpubench.profiled(level(), profile)
+    reply = await measure.profiled(level(), profile)
     assert reply["wall_s"] >= 0.1 and asked[0] - t0 >= 0.05
 
     async def failing() -> None:
@@ -533,7 +538,7 @@ async def test_a_level_is_profiled_after_its_warm_up_and_a_failed_level_ends_the
 
     asked.clear()
     with pytest.raises(RuntimeError, match="level failed"):
-        await gpubench.profiled(failing(), profile)
+        await measure.profiled(failing(), profile)
     await asyncio.sleep(0.1)
     assert asked == []  # the window was cancelled before it opened
 
@@ -594,7 +599,7 @@ async def test_the_order_probe_sends_each_turns_requests_in_its_order():
     first step of ``generate``, as AsyncLLM adds it) and stream a few outputs."""
     from types import SimpleNamespace
 
-    from yapctl.gpubench import PROBE_ORDERS, order_probe
+    from yapctl.gpubench.raw import PROBE_ORDERS, order_probe
 
     added: list[str] = []
     closed: list[str] = []
@@ -623,14 +628,14 @@ async def test_the_order_probe_sends_each_turns_requests_in_its_order():
 
 
 def test_env_reaches_every_phase_is_recorded_and_must_match(tmp_path, monkeypatch, capsys):
-    from yapctl import gpubench
+    from yapctl.gpubench import cli
 
     seen: list[str | None] = []
 
     async def probe(res, setup):
         seen.append(os.environ.get("YAP_BENCH_PROBE"))
 
-    monkeypatch.setitem(gpubench.PHASES, "raw", probe)
+    monkeypatch.setitem(cli.PHASES, "raw", probe)
     monkeypatch.delenv("YAP_BENCH_PROBE", raising=False)
     base = [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--name", "t",
             "--phases", "raw"]
@@ -651,7 +656,8 @@ async def test_interleaved_ab_takes_turns_round_by_round_on_a_real_yapd(make_yap
     round by round on the same sessions; every turn ran under its own config (A replies 8
     tokens, B 3), and the daemon is back on A afterwards."""
     from tests.conftest import KEY
-    from yapctl.gpubench import interleaved, turns_for
+    from yapctl.gpubench.runsetup import turns_for
+    from yapctl.gpubench.yapdphase import interleaved
 
     d = make_yapd("[turn]\nconcurrent = true\nignore_eos = true\nchat_max_out = 8\n")
     text = d.config_path.read_text()
@@ -671,31 +677,32 @@ async def test_interleaved_ab_takes_turns_round_by_round_on_a_real_yapd(make_yap
 def test_the_gpus_are_named_by_nvidia_smi_not_by_a_cuda_context(tmp_path, monkeypatch):
     """The bench names its GPU and the host's GPUs through nvidia-smi (a stand-in here):
     a CUDA context in its process would make vLLM spawn raw's EngineCores."""
-    from yapctl import gpubench
+    from yapctl.gpubench import results
 
     tool = tmp_path / "nvidia-smi"
     tool.write_text('#!/bin/sh\ncase "$1" in\n--query-gpu=name) printf "NVIDIA H200\\nNVIDIA H200\\n" ;;\n'
                     '--query-gpu=uuid) printf "GPU-a\\n\\nGPU-b\\n" ;;\nesac\n')
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    assert gpubench._gpu_name() == "NVIDIA H200"
-    assert gpubench.host_identity()["gpu_uuid"] == "GPU-a,GPU-b"
+    assert results.gpu_name() == "NVIDIA H200"
+    assert results.host_identity()["gpu_uuid"] == "GPU-a,GPU-b"
     monkeypatch.setenv("PATH", str(tmp_path / "none"))
-    assert gpubench._gpu_name() == "unknown" and "gpu_uuid" not in gpubench.host_identity()
+    assert results.gpu_name() == "unknown" and "gpu_uuid" not in results.host_identity()
 
 
 def test_a_level_is_watched_with_py_spy_at_its_level_only(tmp_path, monkeypatch):
     """/proc's figures at every level; py-spy's (here: why there are none) only at
     --pyspy-level, marked with whether native frames were asked for."""
-    from yapctl import gpubench, pyspy
+    from yapctl import pyspy
+    from yapctl.gpubench import measure
 
     monkeypatch.setattr(pyspy, "binary", lambda: None)
     s = Setup(tmp_path, tmp_path / "w", pyspy_level=16, pyspy_native=True)
-    with gpubench.watching(s, 1, {"me": os.getpid()}) as figures:
+    with measure.watching(s, 1, {"me": os.getpid()}) as figures:
         pass
     got = figures(2)
     assert set(got) == {"cpu_ms_per_turn", "proc_per_turn", "host_cpu"} and "me" in got["proc_per_turn"]
-    with gpubench.watching(s, 16, {"me": os.getpid()}) as figures:
+    with measure.watching(s, 16, {"me": os.getpid()}) as figures:
         pass
     got = figures(2)
     assert "py-spy is not installed" in got["pyspy"]["error"] and got["pyspy_native"] is True
@@ -705,7 +712,8 @@ def test_a_level_is_watched_with_py_spy_at_its_level_only(tmp_path, monkeypatch)
 def test_phases_on_different_machines_are_flagged_in_the_table():
     """A lease lost between two calls puts the next phase on another host: the table says
     so, and says nothing while every phase ran on one machine."""
-    from yapctl.gpubench import host_identity, markdown
+    from yapctl.gpubench.report import markdown
+    from yapctl.gpubench.results import host_identity
 
     here = host_identity()
     assert len(here["boot_id"]) >= 32  # Linux: every machine (and boot) has its own
@@ -724,7 +732,8 @@ def test_phases_on_different_machines_are_flagged_in_the_table():
 async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch, passes):
     """--serve-passes: each level is timed with the chat prompt as text and as token ids,
     and the tool server is started and asked beside the chat, only where asked for."""
-    from yapctl import gpubench
+    from yapctl.gpubench import results, runsetup
+    from yapctl.gpubench import serve as servephase
 
     posted: list[tuple[int, bool]] = []
     started: list[int] = []
@@ -746,43 +755,43 @@ async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch,
         def level(self, s: Setup, c: int) -> None:
             levels.append(c)
 
-    async def post_stream(body: dict[str, Any], port: int = gpubench.SERVE_PORT, until: Any = None) -> Any:
+    async def post_stream(body: dict[str, Any], port: int = runsetup.SERVE_PORT, until: Any = None) -> Any:
         posted.append((port, isinstance(body["prompt"], str)))
         return 1.0, [0.5], 2.0
 
     async def healthy(proc: Any, port: int, log: Path) -> None:
         started.append(port)
 
-    monkeypatch.setattr(gpubench, "TurnPrompts", Prompts)
+    monkeypatch.setattr(servephase, "TurnPrompts", Prompts)
     def serve(kw: dict[str, Any], port: int, log: Path, env: Any) -> object:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as f:  # as vLLM's scheduler says it at each start
             f.write(f"INFO [scheduler.py:252] Chunked prefill is enabled with max_num_batched_tokens={port}.\n")
         return object()
 
-    monkeypatch.setattr(gpubench, "_serve", serve)
-    monkeypatch.setattr(gpubench, "_wait_healthy", healthy)
-    monkeypatch.setattr(gpubench, "_post_stream", post_stream)
-    monkeypatch.setattr(gpubench, "stop", lambda proc: None)
+    monkeypatch.setattr(servephase, "_serve", serve)
+    monkeypatch.setattr(servephase, "_wait_healthy", healthy)
+    monkeypatch.setattr(servephase, "_post_stream", post_stream)
+    monkeypatch.setattr(servephase, "stop", lambda proc: None)
     (tmp_path / "models" / "nemo-12b").mkdir(parents=True)
     (tmp_path / "models" / "hammer-3b").mkdir()
     setup = Setup(tmp_path / "models", tmp_path / "work", levels=(1, 2), rounds=1, serve_passes=passes)
-    res = gpubench.Results(tmp_path / "r.json")
-    await gpubench.phase_serve(res, setup)
+    res = results.Results(tmp_path / "r.json")
+    await servephase.phase_serve(res, setup)
     serve = res.data["serve"]
     tool = "tool" in passes
-    assert started == [gpubench.SERVE_PORT, gpubench.SERVE_PORT + 1][:1 + tool]
+    assert started == [runsetup.SERVE_PORT, runsetup.SERVE_PORT + 1][:1 + tool]
     chat_passes = [x for x in passes if x != "tool"]
     assert levels == [c for c in (1, 2) for _ in chat_passes] + [1, 2] * tool, levels
     # each server's budget from its own log, this start's line only
-    assert serve["step_budgets"] == [gpubench.SERVE_PORT]
-    assert serve.get("tool_step_budgets") == ([gpubench.SERVE_PORT + 1] if tool else None)
+    assert serve["step_budgets"] == [runsetup.SERVE_PORT]
+    assert serve.get("tool_step_budgets") == ([runsetup.SERVE_PORT + 1] if tool else None)
     for c in (1, 2):
         assert ("ttft_ms" in serve[f"c{c}"]) == ("text" in passes)
         assert ("token_ids" in serve[f"c{c}"]) == ("ids" in passes)
         assert (f"c{c}_with_tool" in serve) == tool
-    chat = [as_text for port, as_text in posted if port == gpubench.SERVE_PORT]
-    turns = sum(c + gpubench.turns_for(c, 1) for c in (1, 2))  # warm-up turns and timed ones
+    chat = [as_text for port, as_text in posted if port == runsetup.SERVE_PORT]
+    turns = sum(c + runsetup.turns_for(c, 1) for c in (1, 2))  # warm-up turns and timed ones
     assert chat.count(True) == turns * ("text" in passes)
     assert chat.count(False) == turns * ("ids" in passes) + turns * tool  # beside the tool: token ids
     assert len(posted) - len(chat) == turns * tool
@@ -873,7 +882,7 @@ async def test_a_tool_front_end_of_its_own_decides_turns_in_its_process():
     the turns raw sends it, side by side, on the turn's clock (the host's one monotonic
     clock), with its stamps; raw's turn and processes as with the tool in-process; a
     factory that fails is a clear error at the start; the child ends at the shutdown."""
-    from yapctl.gpubench import RawEngines, raw_level
+    from yapctl.gpubench.raw import RawEngines, raw_level
     from yapctl.toolfront import RemoteTool
 
     tool = RemoteTool.start("tests.test_gpuenv:tool_stand_in", [["[]\n\n", "never read"], 0.5, 13], ["get_weather"])
@@ -949,7 +958,7 @@ async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_fi
     next one, the per-token figure does not; the tool's request is read until its
     decision settles and then closed, and its first output is timed on its own clock and
     on the turn's (the one yapd's figures use)."""
-    from yapctl.gpubench import RawEngines, raw_level
+    from yapctl.gpubench.raw import RawEngines, raw_level
 
     chat = _Engine(["", "Hel", "lo", " there"], stats=True, cached=16)
     tool = _Engine(["[]\n\n", "never read"], cached=0)
@@ -985,7 +994,7 @@ async def test_a_raw_tool_first_output_keeps_its_own_clock_beside_its_cores_stam
     """With the tool engine's request stats on, the level has both the tool's first output
     on its own request's clock and its core's first-token stamp on the turn's clock (one
     name once held both, the stamp overwriting the other)."""
-    from yapctl.gpubench import RawEngines, raw_level
+    from yapctl.gpubench.raw import RawEngines, raw_level
 
     chat = _Engine(["Hel", "lo"], stats=True, cached=16)
     tool = _Engine(["[]\n\n", "never read"], stats=True, cached=0)
@@ -1001,7 +1010,10 @@ async def test_a_paired_level_runs_a_raw_round_before_each_yapd_round_with_the_s
     warm-up round, then before each of yapd's rounds raw's round of the same turn
     numbers; every turn of a level has its own number (its own prompt)."""
     from tests.conftest import KEY
-    from yapctl.gpubench import RawTurn, paired_level, turns_for, yapd_processes
+    from yapctl.gpubench.pair import paired_level
+    from yapctl.gpubench.raw import RawTurn
+    from yapctl.gpubench.runsetup import turns_for
+    from yapctl.gpubench.yapdphase import yapd_processes
 
     d = make_yapd("[turn]\nconcurrent = true\nignore_eos = true\nchat_max_out = 4\n")
     # The processes whose CPU time a level counts: yapd's (its CPU engines run inside it).
@@ -1041,7 +1053,7 @@ def test_pair_fractions_must_leave_room_for_two_of_each(tmp_path, capsys):
 
 
 def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
-    from yapctl.gpubench import CPU_HEAD, FAULT_HEAD, RUNQ_HEAD, WAY_OUT_HEAD, pair_table
+    from yapctl.gpubench.report import CPU_HEAD, FAULT_HEAD, RUNQ_HEAD, WAY_OUT_HEAD, pair_table
 
     level = {"yapd": {"ttft_ms": {"p50": 21.0, "p95": 24.0}, "tool_ms": {"p50": 18.0, "p95": 23.0},
                       "server_engine_ttft_ms": {"p50": 19.0}, "server_tool_first_ms": {"p50": 17.5},
@@ -1095,14 +1107,14 @@ def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
 def setups_seen_by_raw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[Setup], list[str]]:
     """The raw phase stood in by one that keeps the Setup each run hands it; with the
     arguments of a run of that phase alone into tmp_path (file ``t``)."""
-    from yapctl import gpubench
+    from yapctl.gpubench import cli
 
     seen: list[Setup] = []
 
     async def probe(res: Any, setup: Setup) -> None:
         seen.append(setup)
 
-    monkeypatch.setitem(gpubench.PHASES, "raw", probe)
+    monkeypatch.setitem(cli.PHASES, "raw", probe)
     return seen, [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--name", "t",
                   "--phases", "raw"]
 
@@ -1142,7 +1154,7 @@ def test_set_reaches_yapds_config_and_the_engines_settings_and_is_recorded(tmp_p
 def test_cpu_meter_counts_a_process_cpu_time_and_faults_per_turn():
     """/proc's CPU time, page faults and busiest threads of a real process (this one) over
     a stretch of work, per turn; nothing for a process that is gone."""
-    from yapctl.gpubench import CpuMeter, proc_figures
+    from yapctl.gpubench.measure import CpuMeter, proc_figures
     from yapd.procfs import counters
 
     def cpu_seconds(pid: int) -> float | None:
@@ -1194,7 +1206,7 @@ def test_cpu_meter_counts_a_process_cpu_time_and_faults_per_turn():
 def test_a_phase_run_again_drops_the_error_an_earlier_call_left(tmp_path, monkeypatch):
     """A call cut short leaves its phase's error in the file; the call that runs the phase
     again must not carry it beside its own figures (run u-fork's file did, 2026-12-03)."""
-    from yapctl import gpubench
+    from yapctl.gpubench import cli
 
     async def failing(res, setup):
         raise RuntimeError("yapd exited 1")
@@ -1204,10 +1216,10 @@ def test_a_phase_run_again_drops_the_error_an_earlier_call_left(tmp_path, monkey
 
     base = [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--name", "t",
             "--phases", "raw"]
-    monkeypatch.setitem(gpubench.PHASES, "raw", failing)
+    monkeypatch.setitem(cli.PHASES, "raw", failing)
     assert main(base) == 0
     assert json.loads((tmp_path / "t.json").read_text())["raw"]["error"] == "RuntimeError: yapd exited 1"
-    monkeypatch.setitem(gpubench.PHASES, "raw", working)
+    monkeypatch.setitem(cli.PHASES, "raw", working)
     assert main(base) == 0
     raw = json.loads((tmp_path / "t.json").read_text())["raw"]
     assert raw["c1"] == {"turns": 1} and "error" not in raw
@@ -1223,7 +1235,7 @@ def test_a_killed_bench_takes_the_yapd_it_started_with_it(tmp_path, cache_dir):
 
     cfg, log = tmp_path / "yapd.toml", tmp_path / "yapd.log"
     cfg.write_text('demo = true\n[server]\nhost = "127.0.0.1"\nport = 0\napi_keys = ["k"]\n')
-    bench = ("import sys, time; from pathlib import Path; from yapctl.gpubench import start_yapd; "
+    bench = ("import sys, time; from pathlib import Path; from yapctl.gpubench.servers import start_yapd; "
              "proc, _ = start_yapd(Path(sys.argv[1]), Path(sys.argv[2])); print(proc.pid, flush=True); "
              "time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", bench, str(cfg), str(log)], stdout=subprocess.PIPE, text=True,

@@ -23,7 +23,7 @@ from tests.test_cli import yapctl
 from tests.test_daemon import STAND_IN_CHAT, loading_yapd
 from tests.test_faults import DEBUG, _first_token, wait_new
 from tests.test_protocol_e2e import check_turn
-from yapctl.gpubench import yapd_processes
+from yapctl.gpubench.yapdphase import yapd_processes
 from yapd import config, daemon
 from yapd.engines import SamplingSpec, create_engine
 from yapd.engines.hosted import HostedEngine

@@ -582,7 +582,8 @@ async def test_cpu_engine_shut_down_mid_step_logs_no_failure(cache_dir, caplog):
 
 
 def test_gpubench_setup_carries_tensor_parallelism_and_tables_show_every_level(tmp_path):
-    from yapctl.gpubench import Setup, markdown
+    from yapctl.gpubench.report import markdown
+    from yapctl.gpubench.runsetup import Setup
 
     cfg = Setup(tmp_path / "models", tmp_path / "work", (16, 32), chat_tp=2).config()
     assert cfg.chat.tensor_parallel_size == 2 and cfg.tool.tensor_parallel_size == 1
@@ -594,7 +595,7 @@ def test_gpubench_setup_carries_tensor_parallelism_and_tables_show_every_level(t
 
 
 def test_gpubench_table_shows_the_tool_gated_figures():
-    from yapctl.gpubench import markdown
+    from yapctl.gpubench.report import markdown
 
     data = {"yapd": {"c16": {"ttft_ms": {"p50": 70.0, "p95": 80.0}}},
             "raw": {"c16": {"ttft_ms": {"p50": 60.0, "p95": 70.0}, "ttft_gated_ms": {"p50": 65.0, "p95": 75.0}}},
@@ -613,7 +614,7 @@ def test_gpubench_table_shows_the_tool_gated_figures():
 def test_gpubench_serve_reader_stops_when_told_and_times_what_it_read():
     """The `vllm serve` client: first output with text, gaps after it, and a stop on the
     tool's decision that closes the connection (as a user's client would)."""
-    from yapctl.gpubench import _post_stream
+    from yapctl.gpubench.serve import _post_stream
 
     async def main() -> None:
         closed = asyncio.Event()
@@ -650,7 +651,8 @@ def test_gpubench_serve_reader_stops_when_told_and_times_what_it_read():
 
 
 def test_gpubench_level_warms_then_runs_each_turn_once_c_at_a_time():
-    from yapctl.gpubench import at_level, turns_for
+    from yapctl.gpubench.measure import at_level
+    from yapctl.gpubench.runsetup import turns_for
 
     running, most, seen = 0, 0, []
 
@@ -678,7 +680,8 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir, monk
     from transformers import AutoTokenizer
 
     from yapctl.bench import turn_utterance
-    from yapctl.gpubench import HISTORY, PERSONA, UTTERANCE, Setup, TurnPrompts
+    from yapctl.gpubench.prompts import HISTORY, PERSONA, UTTERANCE, TurnPrompts
+    from yapctl.gpubench.runsetup import Setup
     from yapd.engines.base import Delta, Engine, EngineHealth
     from yapd.prompts import PromptCache
     from yapd.runtime import Runtime
@@ -839,7 +842,7 @@ def test_vllm_stream_carries_the_engines_stamps_on_the_first_delta_only(monkeypa
             for text in ("a", "b", "!"):
                 yield output(text, self.metrics)
 
-    monkeypatch.setattr(vllm_engine, "sampling_params", lambda spec, role: None)
+    monkeypatch.setattr(vllm_engine, "sampling_params", lambda *args: None)
     cfg = config.from_mapping({}, "test")
 
     async def deltas(metrics: object) -> list:  # type: ignore[type-arg]

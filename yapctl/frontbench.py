@@ -205,7 +205,7 @@ async def _measure(d: LocalYapd, levels: Sequence[int], rounds: int, prompts: di
 
 
 def main(argv: list[str] | None = None) -> int:
-    from yapctl.gpubench import HISTORY, PERSONA, UTTERANCE
+    from yapctl.gpubench.prompts import HISTORY, PERSONA, UTTERANCE
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=Path, help="a folder with nemo-12b and hammer-3b tokenizer folders "

@@ -1,0 +1,3 @@
+from yapctl.gpubench.cli import main
+
+raise SystemExit(main())
