@@ -151,6 +151,8 @@ def test_config_loader_random_toml(content: bytes) -> None:
     (b"[server]\nwrite_buffer_bytes = 10\n", "server.write_buffer_bytes"),
     (b"[admin]\nmode = 4096\n", "admin.mode"),
     (b"[logging]\nring_lines = 0\n", "ring_lines"),
+    # vLLM's own range: a config it would refuse on every turn is refused at load
+    (b"[turn]\ntemperature = 2.5\n", "turn.temperature must be in [0, 2]"),
 ])
 def test_config_rejections_name_file_and_key(tmp_path: Path, text: bytes, needle: str) -> None:
     path = tmp_path / "c.toml"

@@ -238,15 +238,17 @@ async def test_gpu_turns_cancel_barge_in(gpu_yapd):
         assert (await recv(ws))["type"] == "warmed"
 
 
-def test_gpu_sampling_params_are_one_per_role_and_copied_shallow():
-    """What the engine hands vLLM for each request: one SamplingParams per spec and role,
-    which vLLM copies shallowly per request (skip_clone) instead of deep-copying."""
+def test_gpu_sampling_params_are_one_per_role_and_model_and_copied_shallow():
+    """What the engine hands vLLM for each request: one SamplingParams per spec, role and
+    model (vLLM adds a model's EOS ids to it in place), which vLLM copies shallowly per
+    request (skip_clone) instead of deep-copying."""
     from yapd.engines.base import SamplingSpec
     from yapd.engines.vllm import sampling_params
 
     spec = SamplingSpec(max_tokens=16, temperature=0.0, top_k=1)
-    chat, tool = sampling_params(spec, "chat"), sampling_params(spec, "tool")
-    assert chat is sampling_params(spec, "chat") and chat is not tool
+    chat, tool = sampling_params(spec, "chat", "m"), sampling_params(spec, "tool", "m")
+    assert chat is sampling_params(spec, "chat", "m") and chat is not tool
+    assert sampling_params(spec, "chat", "another") is not chat
     assert chat.skip_clone is True
     copy = chat.clone()
     assert copy is not chat and copy.max_tokens == 16 and copy.output_kind == chat.output_kind

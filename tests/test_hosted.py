@@ -5,9 +5,11 @@ turns through them, a host's faults and its end with yapd's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -294,6 +296,31 @@ async def test_a_request_id_used_again_after_an_abort_gets_only_its_own_deltas(c
     finally:
         await eng.shutdown()
     assert eng.health().state == "stopped"
+
+
+async def test_a_host_stop_cut_short_kills_the_host(cache_dir):
+    """yapd's stop waits on its engines for its drain time only: when that wait gives up
+    first (here on a host that cannot answer: stopped by SIGSTOP), the host is killed
+    instead of outliving yapd with its engine (on a GPU: its memory)."""
+    cfg = config.load(None, overrides={"demo": True})
+    cfg.engines.cache_dir = str(cache_dir)
+    cfg.chat.own_process = True
+    eng = create_engine("chat", daemon.prepare(cfg))
+    assert isinstance(eng, HostedEngine)
+    await eng.start()
+    pid = eng.host_pid
+    assert pid is not None
+    exited = os.pidfd_open(pid)  # readable once the process has ended, reaped or not
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(eng.shutdown(), 0.5)
+        assert select.select([exited], [], [], 10)[0], "the host lives on after its stop was cut short"
+    finally:
+        os.close(exited)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
 
 
 # --- the pipe itself -------------------------------------------------------------------

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -856,6 +857,135 @@ def test_vllm_stream_carries_the_engines_stamps_on_the_first_delta_only(monkeypa
     assert on[0].stamps == EngineStamps(10.0, 10.5, 11.0) and on[1].stamps is None and on[2].stamps is None
     assert all(d.stamps is None for d in asyncio.run(deltas(None)))
     assert vllm_engine.request_stamps(SimpleNamespace(queued_ts=0.0)) is None  # stats on, nothing stamped yet
+
+
+class _QueuedLLM:
+    """What yapd's vLLM engine sees of an AsyncLLM, fed by hand: each request's outputs
+    come from its queue, and abort ends a request as vLLM's output processor does, with
+    a final output whose finish reason is "abort"."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, asyncio.Queue[Any]] = {}
+        self.calls: list[str] = []
+
+    @staticmethod
+    def output(text: str, finish: str | None = None) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(outputs=[SimpleNamespace(text=text, token_ids=[1] if text else [],
+                                                        finish_reason=finish)],
+                               finished=finish is not None, prompt_token_ids=[1, 2], num_cached_tokens=0,
+                               metrics=None)
+
+    async def generate(self, prompt: object, sp: object, request_id: str):  # type: ignore[no-untyped-def]
+        q = self.queues.setdefault(request_id, asyncio.Queue())
+        while True:
+            out = await q.get()
+            yield out
+            if out.finished:
+                return
+
+    async def abort(self, request_id: Any) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        self.calls.append(f"abort {','.join(ids)}")
+        for rid in ids:
+            self.queues[rid].put_nowait(self.output("", "abort"))
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+
+
+def _queued_vllm_engine(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, _QueuedLLM]:
+    from yapd.engines import vllm as vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "sampling_params", lambda *args: None)
+    engine = vllm_engine.VllmEngine("chat", config.from_mapping({}, "test"))
+    llm = _QueuedLLM()
+    engine._state, engine._llm = "ready", llm
+    return engine, llm
+
+
+@pytest.mark.parametrize("reason", ["error", "abort"])
+async def test_a_request_the_vllm_engine_ends_itself_is_an_engine_error(monkeypatch, reason):
+    """vLLM ends a request it failed (finish reason "error") or aborted itself ("abort":
+    its shutdown) as a finished output; a reply cut short that way is the turn's engine
+    error, not a reply that came to its end. One yapd aborted ends as asked."""
+    from yapd.engines.base import EngineError, SamplingSpec
+
+    engine, llm = _queued_vllm_engine(monkeypatch)
+    stream = engine.stream([1, 2], SamplingSpec(max_tokens=8), "r")
+    llm.queues["r"] = asyncio.Queue()
+    llm.queues["r"].put_nowait(llm.output("hel"))
+    assert (await anext(stream)).text == "hel"
+    llm.queues["r"].put_nowait(llm.output("", reason))
+    with pytest.raises(EngineError, match="failed the request" if reason == "error" else "aborted the request"):
+        await anext(stream)
+    assert engine.in_flight == 0
+
+    asked = engine.stream([1, 2], SamplingSpec(max_tokens=8), "s")
+    llm.queues["s"] = asyncio.Queue()
+    llm.queues["s"].put_nowait(llm.output("a"))
+    assert (await anext(asked)).text == "a"
+    await engine.abort("s")
+    last = await anext(asked)
+    assert last.finished and last.finish_reason == "abort"
+    assert [d async for d in asked] == []
+    assert engine.in_flight == 0 and not engine._aborted
+
+
+async def test_a_vllm_engine_shut_down_mid_request_ends_its_streams_first(monkeypatch):
+    """vLLM's shutdown stops the task that feeds its requests' queues: a request still
+    running is aborted first, so its reader gets an error instead of waiting for ever."""
+    from yapd.engines.base import EngineError, SamplingSpec
+
+    engine, llm = _queued_vllm_engine(monkeypatch)
+    stream = engine.stream([1, 2], SamplingSpec(max_tokens=8), "r")
+    llm.queues["r"] = asyncio.Queue()
+    llm.queues["r"].put_nowait(llm.output("hel"))
+    assert (await anext(stream)).text == "hel"
+    reader = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)  # the reader waits on the request's next output
+    await engine.shutdown()
+    assert llm.calls == ["abort r", "shutdown"]
+    with pytest.raises(EngineError, match="aborted the request"):
+        await asyncio.wait_for(reader, 5)
+    assert engine.in_flight == 0
+
+
+def test_quantization_auto_leaves_a_quantized_checkpoint_to_its_own_method(tmp_path, monkeypatch):
+    """A chat checkpoint whose config.json names a quantization (compressed-tensors FP8,
+    say) starts with it: vLLM refuses quantization="fp8" on it. Read from a local folder
+    and from the Hub cache (no network); a float checkpoint still gets FP8 and FP8 KV."""
+    from yapd.engines.vllm import checkpoint_quantization, engine_kwargs
+
+    quantized, plain = tmp_path / "Model-FP8-dynamic", tmp_path / "plain"
+    for path, cfg in ((quantized, {"quantization_config": {"quant_method": "compressed-tensors"}}), (plain, {})):
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"model_type": "mistral", **cfg}))
+    assert checkpoint_quantization(str(quantized), None) == "compressed-tensors"
+    assert checkpoint_quantization(str(plain), None) is None
+    assert checkpoint_quantization(str(tmp_path / "none"), None) is None
+
+    # The Hub cache's layout (huggingface_hub's): refs/main names the snapshot
+    hub = tmp_path / "hub"
+    repo = hub / "models--someone--Chat-W8A8"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "fp8"}}))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    assert checkpoint_quantization("someone/Chat-W8A8", None) == "fp8"
+    assert checkpoint_quantization("someone/Not-Cached", None) is None
+
+    cfg = config.from_mapping({}, "test")
+    own = engine_kwargs("chat", cfg, str(quantized), (9, 0), checkpoint_quantization(str(quantized), None))
+    assert own["quantization"] is None and own["kv_cache_dtype"] == "auto"
+    fp8 = engine_kwargs("chat", cfg, str(plain), (9, 0), checkpoint_quantization(str(plain), None))
+    assert fp8["quantization"] == "fp8" and fp8["kv_cache_dtype"] == "fp8"
+    # asked for by name, the method is the config's, whatever the checkpoint
+    cfg.chat.quantization = "fp8"
+    assert engine_kwargs("chat", cfg, str(quantized), (9, 0), "compressed-tensors")["quantization"] == "fp8"
 
 
 def test_first_tokens_per_step_groups_equal_stamps():

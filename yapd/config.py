@@ -594,8 +594,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{src}: turn.{key}: must be >= 0")
     if t.stream_flush_ms < 0 or t.tool_timeout_s <= 0:
         raise ConfigError(f"{src}: turn.stream_flush_ms must be >= 0 and turn.tool_timeout_s > 0")
-    if not 0 <= t.temperature <= 5 or not 0 < t.top_p <= 1:
-        raise ConfigError(f"{src}: turn.temperature must be in [0, 5] and turn.top_p in (0, 1]")
+    if not 0 <= t.temperature <= 2 or not 0 < t.top_p <= 1:
+        raise ConfigError(f"{src}: turn.temperature must be in [0, 2] and turn.top_p in (0, 1]")
     from yapd.prompts import GENDERS, persona_styles
 
     if t.default_gender not in GENDERS:

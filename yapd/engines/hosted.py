@@ -232,6 +232,11 @@ class HostedEngine(Engine):
         for queue in self._streams.values():
             queue.put_nowait(EngineError(why))
 
+    def _kill_host(self, proc: asyncio.subprocess.Process) -> None:
+        self._kill_core()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+
     def _kill_core(self) -> None:
         """A host that died leaves its EngineCore (its child, loading or serving) holding GPU
         memory: the one its health named, or the start processes it last said it had."""
@@ -308,10 +313,14 @@ class HostedEngine(Engine):
             await asyncio.wait_for(proc.wait(), wait_s)
         except asyncio.TimeoutError:
             log.warning("engine host did not stop in %.0f s: killing it role=%s pid=%s", wait_s, self.role, proc.pid)
-            self._kill_core()
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            self._kill_host(proc)
             await proc.wait()
+        except asyncio.CancelledError:
+            # Whoever waited on this stop gave up first (yapd's own stop, past its drain
+            # time): the host and its EngineCore must not outlive yapd holding GPU memory.
+            log.warning("engine host stop cut short: killing it role=%s pid=%s", self.role, proc.pid)
+            self._kill_host(proc)
+            raise
         if pipe is not None:
             pipe.close()
         self._unkeep()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime
 import functools
+import json
 import logging
 import math
 import os
@@ -83,15 +84,49 @@ def device_identity() -> dict[str, Any]:
         return {}
 
 
-def engine_kwargs(role: str, cfg: Config, model: str, capability: tuple[int, int] | None) -> dict[str, Any]:
-    """AsyncEngineArgs keyword arguments for one engine (pure: unit-tested on CPUs)."""
+def checkpoint_quantization(model: str, revision: str | None, fetch: bool = False) -> str | None:
+    """How a checkpoint is quantized, as its config.json's ``quantization_config`` says
+    (``quant_method``: "gptq", "awq", "compressed-tensors", "fp8", ...); None for a float
+    checkpoint or a config.json not read. A local folder's is read; a Hub repo's from the
+    Hub cache, fetched into it first with ``fetch`` (a worker thread's: it may go to the
+    network, as vLLM's own config step would a moment later)."""
+    path: str | None = str(Path(model) / "config.json") if Path(model).is_dir() else None
+    if path is None:
+        try:
+            import huggingface_hub
+
+            if fetch:
+                with contextlib.suppress(Exception):  # offline, no such repo: vLLM's start says so
+                    huggingface_hub.hf_hub_download(model, "config.json", revision=revision)
+            found = huggingface_hub.try_to_load_from_cache(model, "config.json", revision=revision)
+        except Exception:
+            return None
+        path = found if isinstance(found, str) else None
+    if path is None:
+        return None
+    try:
+        qc = json.loads(Path(path).read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(qc, dict):
+        return None
+    return str(qc.get("quant_method") or "unknown")
+
+
+def engine_kwargs(role: str, cfg: Config, model: str, capability: tuple[int, int] | None,
+                  checkpoint_quant: str | None = None) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments for one engine (pure: unit-tested on CPUs).
+    ``checkpoint_quant``: how the checkpoint itself is quantized (checkpoint_quantization)."""
     ecfg: EngineConfig = getattr(cfg, role)
     q = ecfg.quantization
     name = model.lower()
     quantization: str | None
     if q == "auto":
-        if "gptq" in name or "awq" in name:
-            quantization = None  # the checkpoint says how; vLLM picks the Marlin kernels
+        if checkpoint_quant or "gptq" in name or "awq" in name:
+            # The checkpoint says how (GPTQ, AWQ, compressed-tensors, FP8 ...): vLLM reads it
+            # and picks the kernels (Marlin for GPTQ / AWQ); quantization="fp8" would be
+            # refused as not matching a checkpoint's own method.
+            quantization = None
         else:
             quantization = "fp8" if role == "chat" else None
     elif q in ("none", "gptq", "awq"):
@@ -144,6 +179,7 @@ class VllmEngine(Engine):
         self._state: EngineState = "stopped"
         self._detail = ""
         self._inflight: set[str] = set()
+        self._aborted: set[str] = set()  # requests abort() ended: their "abort" finish was asked for
         self.start_seconds: float | None = None
         self._kwargs: dict[str, Any] | None = None
         self.child_env: dict[str, str] = {}  # what its EngineCore was started with on top
@@ -153,11 +189,14 @@ class VllmEngine(Engine):
         self._forked_on: forking.LoopForks | None = None  # engines.fork_from_main_thread: this start's
         self.core_forked_by_main = False  # its EngineCore forked by yapd's main thread
 
-    def settings(self) -> dict[str, Any]:
-        """The AsyncEngineArgs this engine starts with (resolved once per start)."""
+    def settings(self, fetch: bool = False) -> dict[str, Any]:
+        """The AsyncEngineArgs this engine starts with (resolved once per start; ``fetch``:
+        in a worker thread, the checkpoint's config.json may come from the Hub)."""
         if self._kwargs is None:
             model = awq.resolve_model(self.role, self.ecfg, self.cfg)
-            self._kwargs = engine_kwargs(self.role, self.cfg, model, gpu_capability())
+            revision = (self.ecfg.revision or None) if model == self.ecfg.model else None
+            self._kwargs = engine_kwargs(self.role, self.cfg, model, gpu_capability(),
+                                         checkpoint_quantization(model, revision, fetch))
         return self._kwargs
 
     @property
@@ -300,7 +339,7 @@ class VllmEngine(Engine):
     def _prepare(self, alongside: bool) -> tuple[dict[str, Any], Plan | None]:
         """Everything before vLLM's own start, in a worker thread."""
         t0 = time.perf_counter()
-        kwargs = dict(self.settings())
+        kwargs = dict(self.settings(fetch=True))
         require_gpus(self.role, kwargs, gpu_count())
         plan = self.memory_plan()
         if alongside and plan is not None:
@@ -423,27 +462,38 @@ class VllmEngine(Engine):
                      request_id: str) -> AsyncIterator[Delta]:
         if self._state != "ready" or self._llm is None:
             raise EngineError(f"{self.role} engine is {self._state}")
-        gen = self._llm.generate(token_prompt(list(prompt_ids)), sampling_params(spec, self.role), request_id)
+        llm = self._llm
         self._inflight.add(request_id)
+        gen = None
         first = True
         try:
+            # vLLM checks the sampling settings here: a ValueError is this request's error
+            gen = llm.generate(token_prompt(list(prompt_ids)), sampling_params(spec, self.role, self.model),
+                               request_id)
             async for out in gen:
                 o = out.outputs[0]
+                if out.finished and o.finish_reason in ENDED_BY_ENGINE and request_id not in self._aborted:
+                    # vLLM ends a request it failed (or one its shutdown aborted) as a finished
+                    # output: a reply cut short, not one that came to its end.
+                    raise EngineError(f"{self.role} engine {ENDED_BY_ENGINE[o.finish_reason]}")
                 yield Delta(o.text, len(o.token_ids), out.finished, o.finish_reason,
                             len(out.prompt_token_ids or ()), out.num_cached_tokens,
                             request_stamps(getattr(out, "metrics", None)) if first else None)
                 first = False
-        except (asyncio.CancelledError, GeneratorExit):
+        except (asyncio.CancelledError, GeneratorExit, EngineError):
             raise
         except Exception as exc:
             self.health()
             raise EngineError(f"{self.role} engine: {type(exc).__name__}: {exc}") from exc
         finally:
             self._inflight.discard(request_id)
-            await gen.aclose()  # aborts the request in vLLM if it is still running
+            self._aborted.discard(request_id)
+            if gen is not None:
+                await gen.aclose()  # aborts the request in vLLM if it is still running
 
     async def abort(self, request_id: str) -> None:
-        if self._llm is not None:
+        if self._llm is not None and request_id in self._inflight:
+            self._aborted.add(request_id)  # its stream ends with "abort" as asked, not as an error
             await self._llm.abort(request_id)
 
     async def shutdown(self) -> None:
@@ -456,6 +506,12 @@ class VllmEngine(Engine):
         pid = self.engine_pid()
         llm, self._llm = self._llm, None
         if llm is not None:
+            if self._inflight:
+                # Each request still running ends now (its stream: an EngineError). vLLM's
+                # shutdown cancels the task that feeds their queues, and a request its
+                # EngineCore never answers before going would be waited on for ever.
+                with contextlib.suppress(Exception):
+                    await llm.abort(list(self._inflight))
             await asyncio.to_thread(llm.shutdown)
         if pid is not None:
             # The GPU memory comes back only when the EngineCore process is gone; a
@@ -517,15 +573,21 @@ def core_pid(llm: Any) -> int | None:
         return None
 
 
+# How vLLM ends a request yapd did not end, by the finish reason it gives: failed (an error
+# while adding or scheduling it), or aborted by the engine itself (its shutdown).
+ENDED_BY_ENGINE = {"error": "failed the request", "abort": "aborted the request (stopping or restarting)"}
+
+
 @functools.lru_cache(maxsize=64)
-def sampling_params(spec: SamplingSpec, role: str) -> Any:
+def sampling_params(spec: SamplingSpec, role: str, model: str = "") -> Any:
     """vLLM's SamplingParams for ``spec`` on ``role``'s engine. Built once per distinct
     spec (its checks cost tens of microseconds, paid on every turn's start otherwise).
     vLLM clones what it is given for each request, by default with a deep copy (19 us on
     this project's CPU machine, twice per turn, on the event loop); ``skip_clone`` makes
     that a shallow copy, as vllm serve's own per-request params do. What vLLM then
     changes in place is the set of stop token ids, to which it adds the engine's EOS ids:
-    the same ids on every request of one engine, so one object per role serves them all."""
+    the same ids on every request of one engine, so one object per role and model serves
+    them all (another model, after a restart, has other EOS ids)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
