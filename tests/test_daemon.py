@@ -113,6 +113,28 @@ def test_reload_and_stop_notifications_exit_zero(make_yapd, notify):
     assert d.proc.wait(30) == 0
 
 
+def test_while_the_engines_first_load_a_reload_says_no_ready_and_a_restart_is_refused(make_yapd, notify):
+    """Before the first READY=1 (the engines still loading): a reload answers and applies,
+    but tells systemd neither RELOADING=1 nor READY=1 (that would end the unit's start
+    early); an engine restart is refused (the start owns the engines until it is over)."""
+    d = make_yapd(start=False, env={"NOTIFY_SOCKET": str(notify.path), "YAPD_DEBUG_ENGINE_START_DELAY_S": "3"})
+    d.start(wait=False)
+    d.wait_for("admin socket listening")
+    d.write_config("[turn]\nchat_max_out = 20\n")
+    reply = d.admin(cmd="reload")[-1]
+    assert reply["ok"] is True and reply["applied"] == ["turn.chat_max_out"], reply
+    reply = d.admin(cmd="restart", target="chat")[-1]
+    assert reply["ok"] is False and "still starting" in reply["error"], reply
+    d.wait_for("yapd.daemon: ready port=")
+    ready = notify.wait("READY=1")
+    assert not any("RELOADING=1" in m for m in notify.texts()[:ready]), notify.texts()
+    assert sum("engine started role=chat" in line for line in d.lines) == 1  # no second one beside it
+    # once ready, a reload says both
+    d.signal(signal.SIGHUP)
+    r = notify.wait("RELOADING=1", after=ready + 1)
+    notify.wait("READY=1", after=r + 1)
+
+
 def test_watchdog_pings_and_their_absence(make_yapd, notify):
     d = make_yapd(start=False, env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000",
                                     "YAPD_DEBUG_ADMIN": "1"})
@@ -215,6 +237,10 @@ async def test_reload_bad_file_keeps_running_config(make_yapd):
     d.config_path.write_text(good + "\n[chat]\nmax_num_batched_tokens = 1024\nenable_chunked_prefill = false\n")
     reply = d.admin(cmd="reload")[-1]
     assert reply["ok"] is False and "chat.max_num_batched_tokens: 1024 is below max_model_len" in reply["error"], reply
+    # nested deeper than the TOML parser goes: an error like any other, READY=1 after it
+    d.config_path.write_text(good + "\n[turn]\nx = " + "[" * 5000 + "]" * 5000 + "\n")
+    reply = d.admin(cmd="reload")[-1]
+    assert reply["ok"] is False and "nested too deeply" in reply["error"], reply
     d.config_path.unlink()
     reply = d.admin(cmd="reload")[-1]
     assert reply["ok"] is False and "no such file" in reply["error"]
@@ -238,6 +264,41 @@ def test_reload_reports_engine_keys(make_yapd):
     reply = d.admin(cmd="reload")[-1]
     assert sorted(reply["needs_engine_restart"]) == ["engines.core_steady_heap", "engines.core_switch_interval_ms",
                                                      "engines.fork_from_main_thread"], reply
+
+
+def test_a_restart_of_one_engine_applies_its_own_keys_and_keeps_the_rest_pending(make_yapd):
+    """Reloaded keys of both engines and of [engines]: a restart of the chat engine applies
+    the chat's only; the tool's and the shared ones wait for theirs (both)."""
+    d = make_yapd()
+    d.write_config("[chat]\nmax_num_seqs = 8\n[tool]\nmax_num_seqs = 4\n[engines]\ncore_steady_heap = true\n")
+    reply = d.admin(cmd="reload")[-1]
+    assert sorted(reply["needs_engine_restart"]) == ["chat.max_num_seqs", "engines.core_steady_heap",
+                                                     "tool.max_num_seqs"], reply
+    assert d.admin(cmd="restart", target="chat")[-1]["ok"] is True
+    assert d.admin(cmd="status")[-1]["pending_restart_keys"] == ["engines.core_steady_heap", "tool.max_num_seqs"]
+    assert d.admin(cmd="restart", target="tool")[-1]["ok"] is True
+    assert d.admin(cmd="status")[-1]["pending_restart_keys"] == ["engines.core_steady_heap"]
+    assert d.admin(cmd="restart", target="both")[-1]["ok"] is True
+    assert d.admin(cmd="status")[-1]["pending_restart_keys"] == []
+
+
+async def test_a_restart_after_deploy_changed_stops_the_engine_no_longer_deployed(make_yapd):
+    both = UNENDING + '[engines]\ndeploy = "both"\n'
+    d = make_yapd(both)
+    d.write_config(both.replace('deploy = "both"', 'deploy = "chat"'))
+    assert d.admin(cmd="reload")[-1]["needs_engine_restart"] == ["engines.deploy"]
+    reply = d.admin(cmd="restart", target="both")[-1]
+    assert reply["ok"] is True and reply["roles"] == ["chat"] and reply["stopped"] == ["tool"], reply
+    assert json.loads(d.http("/healthz", key=None)[1])["engines"] == {"chat": "ready"}
+    assert "tool" not in d.admin(cmd="status")[-1]["engines"]
+    async with ws_connect(d.url()) as ws:
+        msgs = await run_turn(ws)
+        assert msgs[-1]["type"] == "done" and not any(m["type"] == "toolcall" for m in msgs)
+    d.write_config(both)  # and back: the tool engine starts again
+    d.admin(cmd="reload")
+    reply = d.admin(cmd="restart", target="both")[-1]
+    assert reply["ok"] is True and reply["roles"] == ["chat", "tool"] and "stopped" not in reply, reply
+    assert json.loads(d.http("/healthz", key=None)[1])["engines"] == {"chat": "ready", "tool": "ready"}
 
 
 async def test_admin_requests(make_yapd):

@@ -162,6 +162,11 @@ def test_config_rejections_name_file_and_key(tmp_path: Path, text: bytes, needle
     assert str(info.value).startswith(f"{path}: ") and needle in str(info.value)
 
 
+def test_a_config_path_that_is_a_directory_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="is a directory, not a config file"):
+        config.load(tmp_path, env={})
+
+
 @settings(FAST, max_examples=400)
 @given(fuzz.env_overrides())
 @example({"CHAT_GPU_FRAC": "nan"})

@@ -231,6 +231,8 @@ async def cmd_restart(args: argparse.Namespace) -> int:
                 print(msg.get("message", ""), flush=True)
             else:
                 note = "" if msg.get("drained", True) else " (drain timed out: turns in flight were cut)"
+                if msg.get("stopped"):
+                    note += f"; stopped {', '.join(msg['stopped'])} (no longer deployed)"
                 print(f"restarted {', '.join(msg.get('roles', [])) or 'nothing deployed'}{note}")
     return EXIT_OK
 

@@ -644,6 +644,12 @@ def load(
             raise ConfigError(f"{p}: no such file") from None
         except PermissionError:
             raise ConfigError(f"{p}: permission denied") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{p}: is a directory, not a config file") from None
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from None
+        except RecursionError:  # arrays or tables nested thousands deep
+            raise ConfigError(f"{p}: invalid TOML: nested too deeply") from None
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{p}: not UTF-8 text ({exc.reason})") from None
         except tomllib.TOMLDecodeError as exc:

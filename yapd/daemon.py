@@ -96,6 +96,7 @@ class Daemon:
         self.awq_jobs = AwqJobs(self, self._stop)
         self._signals = 0
         self._engine_lock = asyncio.Lock()
+        self._ready = False  # READY=1 sent: the first start is over
         self._tasks: list[asyncio.Task[Any]] = []
         self.exit_code = 0
         self.mps = Mps(mps_folder(cfg))
@@ -135,6 +136,7 @@ class Daemon:
             await self._shutdown()
             return 1
         if not self._stop.is_set():
+            self._ready = True
             self.notifier.ready(self._serving_status())
             log.info("ready port=%d loop=%s", self.server.port,
                      type(asyncio.get_running_loop()).__module__.split(".")[0])
@@ -290,9 +292,18 @@ class Daemon:
     def load_config(self) -> Config:
         return prepare(config.load(self.config_path, overrides=self.overrides))
 
+    def _reloaded(self, status: str) -> None:
+        """A reload's end for systemd: READY=1 once the daemon has been ready (a reload
+        while the engines first load must not tell it the start is over)."""
+        if self._ready:
+            self.notifier.ready(status)
+        else:
+            self.notifier.status(status)
+
     async def reload(self) -> dict[str, Any]:
         """Re-read the config. Live keys apply now; engine keys wait for a restart."""
-        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
+        if self._ready:
+            self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
         if self.admin is not None:
             try:
                 await self.admin.ensure()
@@ -300,9 +311,10 @@ class Daemon:
                 log.error("admin socket could not be re-created: %s", exc)
         try:
             new = await asyncio.to_thread(self.load_config)
-        except (ConfigError, OSError) as exc:
-            log.error("reload failed, keeping the running config: %s", exc)
-            self.notifier.ready(f"reload failed, running config kept: {exc}")
+        except Exception as exc:  # ConfigError above all; whatever else, the running config stays
+            log.error("reload failed, keeping the running config: %s", exc,
+                      exc_info=not isinstance(exc, (ConfigError, OSError)))
+            self._reloaded(f"reload failed, running config kept: {exc}")
             return {"ok": False, "error": str(exc)}
         old = self.cfg
         live, engine, restart = config.diff_keys(old, new)
@@ -325,7 +337,7 @@ class Daemon:
             log.warning("reload: these keys need a daemon restart: %s", ", ".join(restart))
         if not (live or engine or restart):
             log.info("reload: no changes")
-        self.notifier.ready(self._serving_status())
+        self._reloaded(self._serving_status())
         return {"ok": True, "applied": live, "needs_engine_restart": engine, "needs_daemon_restart": restart}
 
     # --- engine restart and drain ------------------------------------------------------
@@ -339,13 +351,35 @@ class Daemon:
             await asyncio.sleep(0.05)
         return False
 
+    def _apply_pending(self, roles: list[str]) -> None:
+        """A reload's engine keys for the engines restarting: a role's own section, and
+        the sections all engines share ([engines], [awq]) only when both restart. What
+        stays pending is what the running config still lacks."""
+        if self.pending is None:
+            return
+        both = {"chat", "tool"} <= set(roles)
+        for section in config.ENGINE_SECTIONS:
+            if section in roles or both:
+                setattr(self.rt.cfg, section, copy.deepcopy(getattr(self.pending, section)))
+        self.pending_keys = config.diff_keys(self.rt.cfg, self.pending)[1]
+        if not self.pending_keys:
+            self.pending = None
+
     async def restart_engines(self, roles: list[str]) -> dict[str, Any]:
+        if not self._ready:
+            # The first start owns the engines until it is over (its own may still be
+            # loading): a restart now would leave one running outside the daemon's reach.
+            return {"ok": False, "error": "yapd is still starting its engines; restart once it is ready",
+                    "roles": roles}
         async with self._engine_lock:
-            if self.pending is not None:
-                # Apply the reloaded engine sections now.
-                for section in config.ENGINE_SECTIONS:
-                    setattr(self.rt.cfg, section, getattr(self.pending, section))
-                self.pending, self.pending_keys = None, []
+            self._apply_pending(roles)
+            # Engines no longer deployed ([engines] deploy changed) stop: their GPU share
+            # is what the deployed ones now ask for.
+            undeployed = [r for r in list(self.rt.engines) if not self.cfg.deployed(r)]
+            for role in undeployed:
+                log.info("engine no longer deployed, stopping it role=%s", role)
+                await self._shutdown_engines([role], timeout=None)
+                self.rt.engines.pop(role, None)
             roles = [r for r in roles if self.cfg.deployed(r)]
             try:
                 # Quantize first (awq mode, nothing cached) while the old engines still serve.
@@ -367,7 +401,7 @@ class Daemon:
                 self.notifier.status(f"engine restart failed: {exc}")
                 return {"ok": False, "error": str(exc), "roles": roles}
             self.notifier.status(self._serving_status())
-            return {"ok": True, "roles": roles, "drained": drained}
+            return {"ok": True, "roles": roles, "drained": drained, **({"stopped": undeployed} if undeployed else {})}
 
     async def drain(self, on: bool = True) -> dict[str, Any]:
         """Refuse new turns and answer 503 on /healthz so a balancer sends new sessions
