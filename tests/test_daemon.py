@@ -214,6 +214,34 @@ async def test_reload_rotates_keys_live_and_keeps_connections(make_yapd):
     assert not any("new_key" in line for line in d.lines)
 
 
+async def test_reload_applies_the_logging_and_admin_keys_it_says_it_applied(make_yapd):
+    """What a reload reports as applied is in force: the admin socket's mode, the log
+    ring's size, stderr's timestamps; a larger max_frame_bytes than connections read
+    (their cap is set at start) is reported as needing a restart and not half-applied."""
+    d = make_yapd(server={"max_frame_bytes": 65536})
+    assert os.stat(d.admin_socket).st_mode & 0o777 == 0o660
+    d.write_config("[admin]\nmode = 0o600\n[logging]\nring_lines = 3\ntimestamps = \"on\"\n",
+                   server={"max_frame_bytes": 1 << 20})
+    reply = d.admin(cmd="reload")[-1]
+    assert reply["ok"] is True and set(reply["applied"]) == {"admin.mode", "logging.ring_lines",
+                                                             "logging.timestamps"}, reply
+    assert reply["needs_daemon_restart"] == ["server.max_frame_bytes"], reply
+    assert os.stat(d.admin_socket).st_mode & 0o777 == 0o600
+    logs = d.admin(cmd="logs", n=100)
+    assert logs[-1]["count"] == 3, logs[-1]
+    line = d.wait_for("reload: these keys need a daemon restart: server.max_frame_bytes")
+    assert line[:4].isdigit() and line[4] == "-", line  # 2026-...: a timestamp first
+    async with ws_connect(d.url()) as ws:  # the limit in force is still the one connections read
+        await send(ws, type="start", session_id="s", user_utterance="x" * 70000)
+        assert (await recv(ws))["error_code"] == "message_too_large"
+    d.write_config(server={"max_frame_bytes": 32768})  # lower: applied at once
+    reply = d.admin(cmd="reload")[-1]
+    assert "server.max_frame_bytes" in reply["applied"] and reply["needs_daemon_restart"] == [], reply
+    async with ws_connect(d.url()) as ws:
+        await send(ws, type="start", session_id="s", user_utterance="x" * 40000)
+        assert (await recv(ws))["error_code"] == "message_too_large"
+
+
 async def test_reload_bad_file_keeps_running_config(make_yapd):
     d = make_yapd()
     good = d.config_path.read_text()

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import re
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -217,3 +219,37 @@ def test_ruff_security_rules_are_on() -> None:
     text = (ROOT / "pyproject.toml").read_text()
     select = re.search(r"\[tool\.ruff\.lint\]\s*select\s*=\s*\[([^\]]*)\]", text)
     assert select is not None and '"S"' in select.group(1)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="runs yapctl as other users: needs root and setpriv")
+def test_the_admin_group_reaches_the_socket_and_no_one_else_does(make_yapd):
+    """[admin] group: its members get through the socket's directory (0750, made the
+    group's) and the peer check; a user outside it is refused, in so many words."""
+    import grp
+    import subprocess
+    import sys
+    import tempfile
+
+    users = grp.getgrnam("users").gr_gid
+    top = Path(tempfile.mkdtemp(prefix="yapd-admin-", dir="/tmp"))  # pytest's own tmp is 0700
+    try:
+        top.chmod(0o755)
+        d = make_yapd("[admin]\ngroup = \"users\"\n", start=False)
+        d.admin_socket = top / "run" / "admin.sock"  # yapd makes the directory
+        d.start()
+        folder = d.admin_socket.parent.stat()
+        assert folder.st_mode & 0o777 == 0o750 and folder.st_gid == users
+        assert d.admin_socket.stat().st_gid == users
+
+        def yapctl_as(gid: int) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["setpriv", "--reuid=65534", f"--regid={gid}", "--clear-groups", sys.executable,
+                                   "-m", "yapctl", "--socket", str(d.admin_socket), "status", "--json"],
+                                  capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+
+        member = yapctl_as(users)
+        assert member.returncode == 0 and json.loads(member.stdout)["pid"] == d.pid, member.stderr
+        outsider = yapctl_as(65534)
+        assert outsider.returncode == 4 and "add yourself to group users" in outsider.stderr, outsider
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -36,10 +36,13 @@ class AdminError(Exception):
 
 
 def _group_hint(path: Path) -> str:
-    try:
-        name = grp.getgrgid(path.stat().st_gid).gr_name
-    except (KeyError, OSError):
-        name = "yapd"
+    name = "yapd"
+    for where in (path, path.parent):  # a directory we may not enter hides the socket's group
+        try:
+            name = grp.getgrgid(where.stat().st_gid).gr_name
+            break
+        except (KeyError, OSError):
+            continue
     return f"permission denied: add yourself to group {name} (or run as root) to use {path}"
 
 
@@ -61,7 +64,11 @@ class AdminClient:
         await self.close()
 
     async def connect(self) -> None:
-        if not self.path.exists():
+        try:
+            there = self.path.exists()
+        except PermissionError:  # its directory is closed to us
+            raise AdminError(_group_hint(self.path), EXIT_DENIED) from None
+        if not there:
             raise AdminError(f"yapd is not running: no socket at {self.path}", EXIT_DOWN)
         try:
             self._reader, self._writer = await asyncio.wait_for(

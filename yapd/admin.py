@@ -27,6 +27,7 @@ from yapd import forking
 from yapd.loopprofile import LoopProfiler, ProfileError
 
 if TYPE_CHECKING:
+    from yapd.config import AdminConfig
     from yapd.daemon import Daemon
 
 log = logging.getLogger("yapd.admin")
@@ -47,6 +48,16 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def admin_gid(group: str) -> int:
+    """The group whose members may use the admin socket: ``group``, else the daemon's."""
+    if group:
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            log.warning("admin.group %r does not exist; using the daemon's group", group)
+    return os.getgid()
+
+
 class AdminServer:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -56,13 +67,8 @@ class AdminServer:
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[Any]] = set()
         self._closing = False  # close() ends the connected clients
-        self._gid = os.getgid()
+        self._gid = admin_gid(cfg.group)
         self._inode = 0
-        if cfg.group:
-            try:
-                self._gid = grp.getgrnam(cfg.group).gr_gid
-            except KeyError:
-                log.warning("admin.group %r does not exist; using the daemon's group", cfg.group)
 
     async def start(self) -> None:
         path = self.path
@@ -83,12 +89,29 @@ class AdminServer:
         self._server = await asyncio.start_unix_server(self._client, path=str(path), limit=MAX_REQUEST_BYTES)
         for sock in self._server.sockets:
             forking.protect(sock)
-        os.chmod(path, self.daemon.cfg.admin.mode)
-        if self._gid != os.getgid():
-            with contextlib.suppress(PermissionError):
-                os.chown(path, -1, self._gid)
+        self._permit()
         self._inode = path.stat().st_ino
         log.info("admin socket listening path=%s", path)
+
+    def _permit(self) -> None:
+        """The socket file's mode and group: who besides the daemon's user may connect.
+        Its directory (0750) goes to the same group where the daemon owns it, so that the
+        group's members can reach the file (systemd makes /run/yapd the daemon's group's)."""
+        os.chmod(self.path, self.daemon.cfg.admin.mode)
+        if self._gid != os.getgid():
+            # the daemon's user must be in the group (SupplementaryGroups= in the unit)
+            with contextlib.suppress(PermissionError):
+                os.chown(self.path, -1, self._gid)
+            folder = self.path.parent
+            if folder.stat().st_uid == os.getuid():
+                with contextlib.suppress(PermissionError):
+                    os.chown(folder, -1, self._gid)
+
+    def apply(self, cfg: AdminConfig) -> None:
+        """A reload's admin.mode and admin.group, on the socket file as it is."""
+        self._gid = admin_gid(cfg.group)
+        with contextlib.suppress(FileNotFoundError):
+            self._permit()
 
     async def ensure(self) -> bool:
         """Re-create the socket file if it is gone (an rm, a tmpfiles clean-up): the

@@ -29,7 +29,7 @@ from yapd.engines import EngineError, can_start_together, create_engine
 from yapd.mps import Mps, MpsError
 from yapd.mps import folder_for as mps_folder
 from yapd.runtime import Runtime
-from yapd.server import YapServer
+from yapd.server import YapServer, frame_cap
 
 log = logging.getLogger("yapd.daemon")
 
@@ -318,6 +318,11 @@ class Daemon:
             return {"ok": False, "error": str(exc)}
         old = self.cfg
         live, engine, restart = config.diff_keys(old, new)
+        if "server.max_frame_bytes" in live and frame_cap(new.server.max_frame_bytes) > self.server.hard_cap:
+            # Connections read frames up to the cap set at start: a larger limit needs a new one.
+            live.remove("server.max_frame_bytes")
+            restart.append("server.max_frame_bytes")
+            new.server.max_frame_bytes = old.server.max_frame_bytes
         self.pending = copy.deepcopy(new) if engine else None
         self.pending_keys = engine
         # Engine sections stay as running until an engine restart applies them.
@@ -327,7 +332,10 @@ class Daemon:
             section, _, name = key.partition(".")
             setattr(getattr(new, section), name, getattr(getattr(old, section), name))
         self.rt.cfg = new
-        logs.set_level(new.logging.level)
+        if any(key.startswith("logging.") for key in live):
+            logs.setup(new.logging, self.ring)
+        if self.admin is not None and {"admin.mode", "admin.group"} & set(live):
+            self.admin.apply(new.admin)
         self.rt.metrics.max_connections.set(new.max_connections)
         if live:
             log.info("reload applied live keys: %s", ", ".join(live))

@@ -43,6 +43,11 @@ class RingHandler(logging.Handler):
         # to that loop's wakeup descriptor, which the child shares.
         os.register_at_fork(after_in_child=functools.partial(_forget_followers, weakref.ref(self)))
 
+    def resize(self, size: int) -> None:
+        """Keep the last ``size`` records from now on (a reload's logging.ring_lines)."""
+        if size != self.ring.maxlen:
+            self.ring = collections.deque(self.ring, maxlen=size)
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             msg = record.getMessage()
@@ -140,6 +145,7 @@ def setup(cfg: LoggingConfig, ring: RingHandler | None = None) -> RingHandler:
             print(f"yapd: cannot open log file {cfg.file}: {exc}", file=sys.stderr, flush=True)
     if ring is None:
         ring = RingHandler(cfg.ring_lines)
+    ring.resize(cfg.ring_lines)
     _ours.append(ring)
     for h in _ours:
         root.addHandler(h)

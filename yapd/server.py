@@ -53,9 +53,17 @@ def request_key(request: Request) -> str | None:
     return values[0] if values else None
 
 
+def frame_cap(max_frame_bytes: int) -> int:
+    """The largest frame a connection reads. Frames up to max_frame_bytes are served;
+    bigger ones up to this cap get a message_too_large error and the connection stays;
+    past it websockets closes the connection (1009). Set at start, for every connection."""
+    return max(4 * max_frame_bytes, max_frame_bytes + (1 << 20))
+
+
 class YapServer:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self.hard_cap = frame_cap(rt.cfg.server.max_frame_bytes)
         self._server: Server | None = None
         self._conns: dict[Session, ServerConnection] = {}
 
@@ -66,13 +74,11 @@ class YapServer:
 
     async def start(self, host: str, port: int) -> None:
         s = self.rt.cfg.server
-        # Frames up to max_frame_bytes are served; bigger ones up to the hard cap get a
-        # message_too_large error and the connection stays; past the cap websockets closes 1009.
-        hard_cap = max(4 * s.max_frame_bytes, s.max_frame_bytes + (1 << 20))
+        self.hard_cap = frame_cap(s.max_frame_bytes)
         self._server = await serve(
             self._handle, host, port,
             process_request=self._process_request,
-            max_size=hard_cap,
+            max_size=self.hard_cap,
             # Token frames are tiny and latency-bound: compression costs more than it saves.
             compression=None,
             write_limit=s.write_buffer_bytes,
