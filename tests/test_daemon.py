@@ -310,6 +310,35 @@ def test_a_restart_of_one_engine_applies_its_own_keys_and_keeps_the_rest_pending
     assert d.admin(cmd="status")[-1]["pending_restart_keys"] == []
 
 
+async def test_a_restart_that_fails_on_reloaded_keys_rolls_back_and_keeps_serving(make_yapd, cache_dir):
+    """A reloaded model path that does not load: the restart fails with its reason, the
+    engine starts again as it ran, the keys stay pending (a corrected file and another
+    restart apply them), and the daemon serves on with its watchdog pinging, instead of a
+    failed engine that has systemd restart it into the same config in a loop."""
+    models = f'''
+[chat]
+backend = "cpu"
+model = "{cache_dir / "demo" / "chat"}"
+[tool]
+backend = "cpu"
+model = "{cache_dir / "demo" / "tool"}"
+'''
+    d = make_yapd(models, demo=False)
+    d.write_config(models.replace(str(cache_dir / "demo" / "chat"), "/nonexistent/chat"))
+    assert d.admin(cmd="reload")[-1]["needs_engine_restart"] == ["chat.model"]
+    reply = d.admin(cmd="restart", target="chat")[-1]
+    assert reply["ok"] is False and reply.get("rolled_back") is True, reply
+    assert "/nonexistent/chat" in reply["error"] and "stay pending: chat.model" in reply["error"], reply
+    st = d.admin(cmd="status")[-1]
+    assert st["pending_restart_keys"] == ["chat.model"] and st["engines"]["chat"]["state"] == "ready", st
+    assert d.http("/healthz", key=None)[0] == 200
+    async with ws_connect(d.url()) as ws:
+        check_turn(await run_turn(ws))
+    d.write_config(models)  # corrected: nothing left to apply
+    d.admin(cmd="reload")
+    assert d.admin(cmd="status")[-1]["pending_restart_keys"] == []
+
+
 async def test_a_restart_after_deploy_changed_stops_the_engine_no_longer_deployed(make_yapd):
     both = UNENDING + '[engines]\ndeploy = "both"\n'
     d = make_yapd(both)

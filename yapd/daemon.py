@@ -380,6 +380,8 @@ class Daemon:
             return {"ok": False, "error": "yapd is still starting its engines; restart once it is ready",
                     "roles": roles}
         async with self._engine_lock:
+            ran = {section: copy.deepcopy(getattr(self.rt.cfg, section)) for section in config.ENGINE_SECTIONS}
+            pending = self.pending, list(self.pending_keys)
             self._apply_pending(roles)
             # Engines no longer deployed ([engines] deploy changed) stop: their GPU share
             # is what the deployed ones now ask for.
@@ -406,10 +408,39 @@ class Daemon:
                 await self._start_engines(roles)
             except EngineError as exc:
                 log.error("engine restart failed: %s", exc)
-                self.notifier.status(f"engine restart failed: {exc}")
-                return {"ok": False, "error": str(exc), "roles": roles}
+                if self._stop.is_set() or all(getattr(self.rt.cfg, s) == v for s, v in ran.items()):
+                    self.notifier.status(f"engine restart failed: {exc}")
+                    return {"ok": False, "error": str(exc), "roles": roles}
+                return await self._roll_back(ran, pending, exc)
             self.notifier.status(self._serving_status())
             return {"ok": True, "roles": roles, "drained": drained, **({"stopped": undeployed} if undeployed else {})}
+
+    async def _roll_back(self, ran: dict[str, Any], pending: tuple[Config | None, list[str]],
+                         exc: EngineError) -> dict[str, Any]:
+        """A restart that failed with reloaded engine keys (a model path mistyped, say):
+        the engines start again with the settings they ran with, and the reloaded keys
+        stay pending, rather than a failed engine that stops the watchdog's pings and has
+        systemd restart the daemon into the same config again and again."""
+        for section, value in ran.items():
+            setattr(self.rt.cfg, section, value)
+        self.pending, self.pending_keys = pending
+        down = [r for r in self._deployed_roles() if (e := self.rt.engines.get(r)) is None or not e.health().ok]
+        log.warning("engine restart failed with the reloaded settings; starting %s again with the settings "
+                    "they ran with (the reloaded keys stay pending)", ", ".join(down))
+        gone = [r for r in list(self.rt.engines) if not self.cfg.deployed(r)]  # deployed by the failed keys only
+        await self._shutdown_engines(down + gone, timeout=None)
+        for role in gone:
+            self.rt.engines.pop(role, None)
+        try:
+            await self._start_engines(down)
+        except EngineError as again:
+            log.error("engine restart with the settings they ran with failed too: %s", again)
+            self.notifier.status(f"engine restart failed: {again}")
+            return {"ok": False, "error": f"{exc}; starting again as before failed too: {again}", "roles": down}
+        self.notifier.status(self._serving_status())
+        return {"ok": False, "error": f"{exc} (rolled back: {', '.join(down)} running with the settings they ran "
+                f"with; the reloaded keys stay pending: {', '.join(self.pending_keys)})", "roles": down,
+                "rolled_back": True}
 
     async def drain(self, on: bool = True) -> dict[str, Any]:
         """Refuse new turns and answer 503 on /healthz so a balancer sends new sessions
