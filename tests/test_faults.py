@@ -319,6 +319,36 @@ async def test_a_stalled_tool_engine_times_out_into_no_and_the_reply_goes_on(mak
         assert f"{timeouts} 1.0" in d.http("/metrics")[1].splitlines()  # no second timeout
 
 
+async def test_a_client_gone_while_the_decision_is_awaited_leaves_no_chat_request_running(make_yapd):
+    """Concurrent mode: the chat's first output read, the tool still deciding (its step
+    stalled), the chat's next step stalled too, and the client's TCP connection dropped.
+    Both engine requests are aborted at once; the chat's was left suspended (running to
+    its end, in flight for a restart's drain) until a garbage collection."""
+    d = make_yapd("[turn]\nconcurrent = true\ntool_timeout_s = 30\n", env=DEBUG)
+    assert d.admin(cmd="debug", action="stall_step", role="tool", seconds=60)[-1]["ok"]
+    async with ws_connect(d.url()) as ws:
+        await send(ws, type="start", session_id="s", user_utterance="what's the weather in Paris?")
+        assert (await recv(ws))["type"] == "ack"
+        chat_read = 'yapd_prompt_tokens_total{role="chat"}'
+        deadline = time.monotonic() + 30
+        while not any(line.startswith(chat_read) and not line.endswith(" 0.0")
+                      for line in d.http("/metrics")[1].splitlines()):  # the chat's first output read
+            assert time.monotonic() < deadline, "the chat's first output never came"
+            await asyncio.sleep(0.02)
+        assert d.admin(cmd="debug", action="stall_step", role="chat", seconds=60)[-1]["ok"]
+        after = len(d.lines)
+        ws.transport.abort()
+    wait_new(d, after, "injected stall ended by an abort request=", timeout=10)
+    stalls = [line for line in d.lines[after:] if "injected stall ended by an abort" in line]
+    deadline = time.monotonic() + 10
+    while len(stalls) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        stalls = [line for line in d.lines[after:] if "injected stall ended by an abort" in line]
+    assert {":chat" in line for line in stalls} == {True, False}, stalls  # both engines' requests
+    engines = json.loads(d.http("/status")[1])["engines"]
+    assert engines["chat"]["in_flight"] == 0 and engines["tool"]["in_flight"] == 0
+
+
 async def test_request_orders_serve_turns_and_a_bad_value_is_refused(make_yapd, tmp_path):
     """turn.request_order as a user sets it: turns run whole in every order (the order
     itself: tests/test_units.py), a reload changes it live, an unknown order is refused."""

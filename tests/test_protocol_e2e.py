@@ -205,7 +205,14 @@ async def test_warm_persona_and_history(shared_yapd):
     ('{"type": "warm_history"}', "invalid_message", "history_text"),
     ('{"type": "set_persona"}', "invalid_message", "set_persona"),
     ('{"type": "dance"}', "unknown_type", "dance"),
-    ('{"type": 7}', "invalid_message", "type"),
+    ('{"type": 7}', "invalid_message", "field 'type' must be a string, got number"),
+    # half of a surrogate pair, as a JS string cut inside an emoji leaves it: refused, named
+    ('{"type": "start", "session_id": "s", "user_utterance": "x", "request_id": "\\ud800"}', "invalid_message",
+     "field 'request_id' is not valid text"),
+    ('{"type": "start", "session_id": "s\\udfff", "user_utterance": "x"}', "invalid_message", "'session_id'"),
+    ('{"type": "start", "session_id": "s", "user_utterance": "x", "history_text": "hi \\ud83d"}',
+     "invalid_message", "'history_text' is not valid text"),
+    ('{"type": "warm_history", "history_text": "\\ud83d"}', "invalid_message", "'history_text' is not valid text"),
 ])
 async def test_bad_input_gets_error_and_connection_stays(shared_yapd, frame, code, needle):
     async with ws_connect(shared_yapd.url()) as ws:
@@ -215,6 +222,49 @@ async def test_bad_input_gets_error_and_connection_stays(shared_yapd, frame, cod
         assert needle in err["message"]
         await send(ws, type="ping")
         assert (await recv(ws))["type"] == "pong"
+
+
+async def test_two_sessions_may_use_the_same_request_id_at_once(shared_yapd):
+    """Clients choose their request ids: two that both number their turns "1" (or a
+    barge-in reusing its id) each get their own turn, not "already running"."""
+    async with ws_connect(shared_yapd.url()) as a, ws_connect(shared_yapd.url()) as b:
+        turns = await asyncio.gather(run_turn(a, session_id="alice", request_id="1"),
+                                     run_turn(b, session_id="bob", request_id="1"))
+        for msgs in turns:
+            check_turn(msgs, "1")
+        await send(a, type="start", session_id="alice", user_utterance="hi", request_id="2")
+        await send(a, type="start", session_id="alice", user_utterance="hi again", request_id="2")
+        msgs = await until_done(a)  # the first "2", barged in on
+        assert msgs[-1]["cancelled"] is True
+        check_turn(await until_done(a), "2")
+
+
+async def test_a_cancel_naming_another_turn_leaves_the_turn_in_flight(shared_yapd):
+    async with ws_connect(shared_yapd.url()) as ws:
+        await send(ws, type="start", session_id="s", user_utterance="hello", request_id="B")
+        await send(ws, type="cancel", request_id="A")  # late: turn A is long over
+        msgs = await until_done(ws)
+        check_turn(msgs, "B")
+        assert msgs[-1]["cancelled"] is False
+
+
+async def test_an_utterance_of_many_tokens_a_character_is_cut_in_tokens_for_the_tool(make_yapd):
+    """5,000 emoji: about 20,000 tokens, within the characters a clip keeps. The tool's
+    prompt is cut to user_utt_max_tokens of its own tokens as the chat's is: the decision
+    is read, not failed on a prompt over the tool engine's max_model_len."""
+    d = make_yapd(env={"DEPLOY_MODELS": "tool"})
+    async with ws_connect(d.url()) as ws:
+        msgs = await run_turn(ws, user_utterance="\U0001F389" * 5000, history_text="\u6f22\u5b57" * 3000)
+        check_turn(msgs, chat=False)
+    assert not [line for line in d.lines if "exceeds max_model_len" in line or "tool engine failed" in line]
+
+
+async def test_a_long_persona_is_warmed_as_a_turn_would_trim_it(shared_yapd):
+    async with ws_connect(shared_yapd.url()) as ws:
+        await send(ws, type="warm_persona", persona_text="be kind and brief. " * 3000)
+        w = await recv(ws)
+        assert w["type"] == "warmed" and w["segment"] == "persona", w
+        check_turn(await run_turn(ws, persona_text="be kind and brief. " * 3000))
 
 
 async def test_binary_frame(shared_yapd):

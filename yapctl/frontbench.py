@@ -38,6 +38,7 @@ from yapctl.bench import BenchConfig, lockstep, pct
 from yapctl.localyapd import LocalYapd
 from yapd.config import Config, RequestOrder, TurnConfig
 from yapd.engines.base import Delta, Engine, EngineHealth, SamplingSpec
+from yapd.turn import client_request_id
 
 KEY = "frontbench"
 LOG_ENV = "YAPCTL_FRONTBENCH_LOG"  # each stand-in engine writes its requests to this path + ".<role>" as it stops
@@ -147,7 +148,7 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
     sent, rows = data["sent"], data["rows"]
     at: dict[str, dict[str, float]] = {}
     for request_id, role, t in made:
-        at.setdefault(request_id.rsplit(":", 1)[0], {})[role] = t
+        at.setdefault(client_request_id(request_id), {})[role] = t
     delay: dict[str, list[float]] = {"chat": [], "tool": []}
     spans: list[float] = []
     by_round: dict[int, list[str]] = {}

@@ -258,6 +258,15 @@ class PromptCache:
         self._lines = kept  # only this call's lines: the memo never outgrows one window
         return ids
 
+    def clip_tokens(self, text: str, max_tokens: int, *, from_end: bool) -> str:
+        """``text`` cut to its first (or last) ``max_tokens`` tokens, as text: for a
+        prompt built as text (the tool's) whose limits are counted in tokens."""
+        ids = self.encode(text)
+        if len(ids) <= max_tokens:
+            return text
+        kept = ids[-max_tokens:] if from_end else ids[:max_tokens]
+        return str(self.tok.decode(kept, skip_special_tokens=False)) if kept else ""
+
     def persona_ids(self, text: str) -> list[int]:
         if text != self._persona.text:
             self._persona = _Segment(text, self.shared.ids(text) if self.shared is not None else self.encode(text))
@@ -296,6 +305,17 @@ class ChatPrompt:
     utterance_tokens: int
 
 
+def fit_prefix(persona_ids: list[int], history_ids: list[int], budget: int,
+               history_step: int) -> tuple[list[int], list[int]]:
+    """Persona and history cut to ``budget`` tokens together: history gives way first (in
+    whole steps, so the cached prefix survives), then the persona's end."""
+    if len(persona_ids) + len(history_ids) > budget:
+        history_ids = trim_history(history_ids, max(0, budget - len(persona_ids)), history_step)
+    if len(persona_ids) > budget:
+        persona_ids = persona_ids[: max(0, budget)]
+    return persona_ids, history_ids
+
+
 def build_chat_prompt(
     cache: PromptCache,
     layout: ChatLayout,
@@ -322,11 +342,8 @@ def build_chat_prompt(
     )
     middle = cache.encode_fixed(layout.middle)
     tail = cache.encode_fixed(layout.tail)
-    # What must fit: the reply. History gives way first (in whole steps), then the persona.
+    # What must fit: the reply.
     budget = max_model_len - max_out - len(middle) - len(tail) - len(utt_ids)
-    if len(persona_ids) + len(history_ids) > budget:
-        history_ids = trim_history(history_ids, max(0, budget - len(persona_ids)), history_step)
-    if len(persona_ids) > budget:
-        persona_ids = persona_ids[: max(0, budget)]
+    persona_ids, history_ids = fit_prefix(persona_ids, history_ids, budget, history_step)
     ids = persona_ids + history_ids + middle + utt_ids + tail
     return ChatPrompt(ids, len(persona_ids), len(history_ids), len(utt_ids))

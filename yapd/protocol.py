@@ -126,6 +126,12 @@ def _field(obj: dict[str, Any], name: str, *, required: bool = False, limit: int
         raise ProtocolError(INVALID_MESSAGE, f"field '{name}' must not be empty")
     if limit is not None and len(value) > limit:
         raise ProtocolError(INVALID_MESSAGE, f"field '{name}' is longer than {limit} characters")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # JSON's "\ud83d" alone: half of a character, as a cut JS string leaves
+            raise ProtocolError(INVALID_MESSAGE, f"field '{name}' is not valid text: it holds half of a "
+                                "UTF-16 surrogate pair (a character cut in two?)") from None
     return value
 
 
@@ -138,6 +144,8 @@ def _json_type(value: Any) -> str:
         return "array"
     if isinstance(value, dict):
         return "object"
+    if isinstance(value, str):
+        return "string"
     return "null" if value is None else type(value).__name__
 
 
@@ -171,8 +179,10 @@ def parse_client_message(frame: str) -> ClientMessage:
     if not isinstance(obj, dict):
         raise ProtocolError(INVALID_MESSAGE, f"a message must be a JSON object, got {_json_type(obj)}")
     kind = obj.get("type")
-    if not isinstance(kind, str):
+    if kind is None:
         raise ProtocolError(INVALID_MESSAGE, "missing required field 'type' (a string)")
+    if not isinstance(kind, str):
+        raise ProtocolError(INVALID_MESSAGE, f"field 'type' must be a string, got {_json_type(kind)}")
     request_id = None
     try:
         request_id = _field(obj, "request_id", limit=MAX_ID_CHARS, allow_int=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import collections
 import hmac
+import itertools
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -81,6 +82,12 @@ class Runtime:
     _layouts: dict[int, ChatLayout] = field(default_factory=dict)
     _tool_prefix: _ToolPrefix | None = None
     _shared_texts: dict[str, tuple[Any, SharedTexts]] = field(default_factory=dict)
+    # Each turn's number, in its engine requests' ids: clients choose their own request
+    # ids, and two sessions (or a barge-in reusing one) may choose the same.
+    _turn_numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def turn_number(self) -> int:
+        return next(self._turn_numbers)
 
     # --- engines -------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from yapd import protocol
 from yapd.engines.base import Engine, EngineError, SamplingSpec
-from yapd.prompts import PromptCache, compose_persona
+from yapd.prompts import PromptCache, compose_persona, fit_prefix, trim_history
 from yapd.runtime import Runtime
 from yapd.turn import Send, Turn, TurnInput, start_now
 
@@ -139,7 +139,9 @@ class Session:
         if isinstance(msg, protocol.Start):
             await self.start_turn(msg)
         elif isinstance(msg, protocol.Cancel):
-            await self.cancel_turn("cancel")
+            if msg.request_id is None or self.turn is None or msg.request_id == self.turn.inp.request_id:
+                await self.cancel_turn("cancel")
+            # else a cancel of a turn that is over (a late one): the turn now in flight goes on
         elif isinstance(msg, protocol.Ping):
             await self.send({"type": "pong", "now": time.time()})
         elif isinstance(msg, protocol.SetPersona):
@@ -246,14 +248,19 @@ class Session:
             cache = self._cache("chat", chat)
             assert cache is not None
             layout = rt.layout(chat)
-            ids = cache.persona_ids(layout.head + self.persona_text())
+            t = rt.cfg.turn
+            persona = cache.persona_ids(layout.head + self.persona_text())
+            hist: list[int] = []
             if segment == "history" and history_text.strip():
-                from yapd.prompts import trim_history
-
-                t = rt.cfg.turn
-                hist = cache.history_ids("\n\nConversation so far:\n" + history_text.strip(), t.history_max_tokens,
-                                         exact=t.exact_token_trim)
-                ids = ids + trim_history(hist, t.history_max_tokens, t.history_trim_step)
+                hist = trim_history(cache.history_ids("\n\nConversation so far:\n" + history_text.strip(),
+                                                      t.history_max_tokens, exact=t.exact_token_trim),
+                                    t.history_max_tokens, t.history_trim_step)
+            # Cut as a turn's prompt would be with the longest utterance: what is warmed is
+            # the prefix a turn then finds (a long persona is trimmed, not refused).
+            room = (rt.cfg.chat.max_model_len - t.chat_max_out - t.user_utt_max_tokens
+                    - len(cache.encode_fixed(layout.middle)) - len(cache.encode_fixed(layout.tail)))
+            persona, hist = fit_prefix(persona, hist, max(1, room), t.history_trim_step)
+            ids = persona + hist
             stream = chat.stream(ids, SamplingSpec(max_tokens=1, temperature=0.0), f"warm-{uuid.uuid4().hex[:12]}")
             try:
                 async for _ in stream:
@@ -267,6 +274,11 @@ class Session:
                 await self.send(protocol.error(protocol.ENGINE_UNAVAILABLE, f"warm-up failed: {exc}"))
         except protocol.ClientGone:
             pass  # nobody left to tell
+        except Exception as exc:  # a task of its own: said to the client, not lost in the loop's log
+            log.exception("warm-up crashed session=%s", self.session_id)
+            with contextlib.suppress(protocol.ClientGone):
+                await self.send(protocol.error(protocol.INTERNAL_ERROR, f"warm-up failed: internal error: "
+                                               f"{type(exc).__name__}"))
 
     # --- teardown ------------------------------------------------------------------
 

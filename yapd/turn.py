@@ -50,6 +50,7 @@ class Turn:
         self.tool_cache = tool_cache
         self.t0 = time.perf_counter()
         self.t0_monotonic = time.monotonic()  # the engines' stamps' clock
+        self.engine_id = engine_request_base(rt.turn_number(), inp.request_id)
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.ttft_ms: float | None = None
@@ -113,6 +114,10 @@ class Turn:
                     await self._stream_reply(chat_stream, None)
             finally:
                 await _settle(pending)
+                if chat_stream is not None:
+                    # Ended while waiting on the decision with the chat's first delta read,
+                    # its stream was left suspended: its request runs on until closed.
+                    await chat_stream.aclose()  # type: ignore[attr-defined]
         except EngineError as exc:
             log.error("turn failed request=%s session=%s: %s", self.inp.request_id, self.inp.session_id, exc)
             self.rt.metrics.errors.labels(protocol.ENGINE_UNAVAILABLE).inc()
@@ -143,9 +148,14 @@ class Turn:
 
     def _tool_prompt(self, tool: Engine) -> list[int]:
         prefix, tail = self.rt.tool_prefix(tool)
-        assert self.tool_cache is not None
-        query = tool_query(self.inp.utterance, self.inp.history_text, self.cfg.turn)
-        return prefix + self.tool_cache.encode_lines(query) + tail
+        cache, t = self.tool_cache, self.cfg.turn
+        assert cache is not None
+        query = cache.encode_lines(tool_query(self.inp.utterance, self.inp.history_text, t))
+        if len(query) > t.user_utt_max_tokens + t.tool_history_tokens + QUERY_FRAME_TOKENS:
+            # Cut in characters, the utterance or history ran over its tokens (emoji, CJK):
+            # cut again in the tool's own tokens, so the prompt fits its engine.
+            query = cache.encode_lines(tool_query(self.inp.utterance, self.inp.history_text, t, cache))
+        return prefix + query + tail
 
     async def _decide(self, tool: Engine) -> Decision:
         self.state = "tool"
@@ -153,7 +163,7 @@ class Turn:
         reader = DecisionReader([x.name for x in self.cfg.tools])
         # Greedy; no stop string: the reader ends the answer at a blank line itself.
         spec = SamplingSpec(max_tokens=t.tool_max_tokens, temperature=0.0, top_k=1)
-        stream = tool.stream(self._tool_prompt(tool), spec, f"{self.inp.request_id}:tool")
+        stream = tool.stream(self._tool_prompt(tool), spec, f"{self.engine_id}:tool")
 
         async def read() -> Decision:
             async for delta in stream:
@@ -204,7 +214,7 @@ class Turn:
         spec = SamplingSpec(max_tokens=t.chat_max_out, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
                             repetition_penalty=t.repetition_penalty, ignore_eos=t.ignore_eos,
                             seed=self.inp.seed if t.seeded_sampling else None)
-        stream = chat.stream(prompt.ids, spec, f"{self.inp.request_id}:chat")
+        stream = chat.stream(prompt.ids, spec, f"{self.engine_id}:chat")
         try:
             async for delta in stream:
                 if self.chat_text_ms is None:
@@ -285,6 +295,18 @@ class Turn:
         await self.send(self.done_message(cancelled=cancelled, error=error))
 
 
+def engine_request_base(number: int, request_id: str) -> str:
+    """A turn's engine requests' ids, less their ":chat" / ":tool": the turn's number makes
+    them unique (clients choose request ids, and two sessions may choose the same), its
+    request id says whose they are in the engines' logs."""
+    return f"{number}-{request_id}"
+
+
+def client_request_id(engine_request_id: str) -> str:
+    """The client's request id in one of its turn's engine request ids."""
+    return engine_request_id.rsplit(":", 1)[0].partition("-")[2]
+
+
 async def within(coro: Coroutine[Any, Any, T], seconds: float) -> T:
     """``coro``'s result, or asyncio.TimeoutError after ``seconds``. ``coro`` runs in the
     calling task: before Python 3.12 ``wait_for`` wraps it in a task of its own, so an
@@ -354,16 +376,26 @@ async def _first_delta(stream: AsyncIterator[Delta]) -> Delta:
     return await anext(stream)
 
 
-def tool_query(utterance: str, history_text: str, t: TurnConfig) -> str:
+# The tool query's own words around the utterance and history (query_block), in tokens, with room.
+QUERY_FRAME_TOKENS = 64
+
+
+def tool_query(utterance: str, history_text: str, t: TurnConfig, tokens: PromptCache | None = None) -> str:
     """The per-turn part of the tool prompt: the utterance and the end of the history,
-    cut to start on a whole line."""
+    cut to start on a whole line; in characters (about 4 a token), or with ``tokens``
+    (the tool's cache) in its own tokens too."""
     recent = ""
     if t.tool_history_tokens and history_text:
         recent = history_text[-t.tool_history_tokens * 4:]
+        if tokens is not None:
+            recent = tokens.clip_tokens(recent, t.tool_history_tokens, from_end=True)
         nl = recent.find("\n")
         if 0 <= nl < len(recent) - 1 and len(history_text) > len(recent):
             recent = recent[nl + 1:]
-    return query_block(clip_text(utterance, t.user_utt_max_tokens, from_end=False), recent)
+    utterance = clip_text(utterance, t.user_utt_max_tokens, from_end=False)
+    if tokens is not None:
+        utterance = tokens.clip_tokens(utterance, t.user_utt_max_tokens, from_end=False)
+    return query_block(utterance, recent)
 
 
 async def _prepend(first: Delta | None, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
