@@ -396,6 +396,17 @@ def test_persona_composition():
     assert "pirate" in styles and {"wholesome", "savage", "flirty"} <= set(styles)
 
 
+def test_a_custom_style_is_named_in_any_case_and_the_cache_dir_takes_a_daemon_restart():
+    """[personas] Pirate with default_persona_style = "Pirate" (styles are looked up
+    lower-cased: it was refused as unknown); engines.cache_dir reloaded is a restart key
+    (the caches' environment is set once, at start: an engine restart kept the old)."""
+    cfg = config.from_mapping({"personas": {"Pirate": "Talk like a pirate."},
+                               "turn": {"default_persona_style": "Pirate"}}, "test")
+    config.validate(cfg)
+    moved = config.from_mapping({"engines": {"cache_dir": "/elsewhere"}}, "test")
+    assert config.diff_keys(config.from_mapping({}, "test"), moved) == ([], [], ["engines.cache_dir"])
+
+
 # --- Hammer output ---------------------------------------------------------------
 
 KNOWN = ["take_screenshot", "get_weather"]
@@ -445,6 +456,18 @@ def test_reader_settles_yes_when_the_list_closes():
     assert r.decision is not None and r.decision.status == "yes"
     assert r.decision.calls[0].arguments == {"city": 'a ] tricky " [ city'}
     assert used <= len(call) + 2
+
+
+@pytest.mark.parametrize("text", [
+    '```json [{"name": "take_screenshot", "arguments": {}}]```',  # a fence on the list's own line
+    '```json [\n{"name": "take_screenshot",\n"arguments": {}}\n]\n```',  # ... and lines inside it
+    '```json\n[{"name": "take_screenshot", "arguments": {}}]\n```',
+])
+@pytest.mark.parametrize("step", [1, 4, 200])
+def test_reader_reads_a_fenced_list_as_parse_calls_does(text, step):
+    r, _ = feed_all(text + "\n\n", step)
+    assert r.decision is not None and (r.decision.status, r.decision.reason) == ("yes", "calls"), r.decision
+    assert parse_calls(text, KNOWN).status == "yes"
 
 
 def test_reader_ends_the_answer_at_a_blank_line():

@@ -332,8 +332,9 @@ class Config:
 # Sections whose changes need new engines; everything else applies live.
 ENGINE_SECTIONS = ("engines", "chat", "tool", "awq")
 # Keys that need the listening socket or admin socket recreated: a daemon restart.
+# engines.cache_dir: the caches' environment (HF_HOME, VLLM_CACHE_ROOT, ...) is set once, at start.
 RESTART_KEYS = ("server.host", "server.port", "server.event_loop", "server.write_buffer_bytes", "admin.socket",
-                "admin.enabled", "logging.file")
+                "admin.enabled", "logging.file", "engines.cache_dir")
 
 
 # --- loading ----------------------------------------------------------------------
@@ -596,12 +597,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: turn.stream_flush_ms must be >= 0 and turn.tool_timeout_s > 0")
     if not 0 <= t.temperature <= 2 or not 0 < t.top_p <= 1:
         raise ConfigError(f"{src}: turn.temperature must be in [0, 2] and turn.top_p in (0, 1]")
-    from yapd.prompts import GENDERS, persona_styles
+    from yapd.prompts import GENDERS, persona_styles, style_key
 
     if t.default_gender not in GENDERS:
         raise ConfigError(f"{src}: turn.default_gender: {t.default_gender!r} is not one of {sorted(GENDERS)}")
     styles = persona_styles(cfg.personas)
-    if t.default_persona_style not in styles:
+    if style_key(t.default_persona_style) not in styles:
         raise ConfigError(
             f"{src}: turn.default_persona_style: {t.default_persona_style!r} is not a style "
             f"(known: {', '.join(sorted(styles))})"

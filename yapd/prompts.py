@@ -41,10 +41,15 @@ SPOKEN_RULES = (
 )
 
 
+def style_key(name: str) -> str:
+    """A persona style's name as styles are looked up: "Pirate" and "pirate " alike."""
+    return name.strip().lower()
+
+
 def persona_styles(custom: Mapping[str, str]) -> dict[str, str]:
     """Built-in styles overlaid with the config's [personas] table."""
     styles = dict(BUILTIN_STYLES)
-    styles.update({k.strip().lower(): v for k, v in custom.items()})
+    styles.update({style_key(k): v for k, v in custom.items()})
     return styles
 
 

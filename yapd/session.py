@@ -14,7 +14,7 @@ from typing import Any
 
 from yapd import protocol
 from yapd.engines.base import Engine, EngineError, SamplingSpec
-from yapd.prompts import PromptCache, compose_persona, fit_prefix, trim_history
+from yapd.prompts import PromptCache, compose_persona, fit_prefix, style_key, trim_history
 from yapd.runtime import Runtime
 from yapd.turn import Send, Turn, TurnInput, start_now
 
@@ -59,7 +59,7 @@ class Session:
         self.turns = 0
         self.last_ttft_ms: float | None = None
         t = rt.cfg.turn
-        self.persona = PersonaState(t.default_persona_style, t.default_gender, t.default_user_identity)
+        self.persona = PersonaState(style_key(t.default_persona_style), t.default_gender, t.default_user_identity)
         self.history_text = ""
         self.turn: Turn | None = None
         self.turn_task: asyncio.Task[None] | None = None
@@ -119,7 +119,7 @@ class Session:
         if self.persona.text_override:
             return self.persona.text_override
         styles = self.rt.styles()
-        style = styles.get(self.persona.style) or styles[self.rt.cfg.turn.default_persona_style]
+        style = styles.get(self.persona.style) or styles[style_key(self.rt.cfg.turn.default_persona_style)]
         return compose_persona(style, self.persona.gender, self.persona.user_identity)
 
     def _cache(self, role: str, engine: Engine | None) -> PromptCache | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -78,6 +79,10 @@ class Decision:
         return {"status": self.status, "raw": self.raw, "calls": [c.as_json() for c in self.calls]}
 
 
+# A Markdown fence's opening: its backticks, a language tag, and the rest of its line.
+_FENCE = re.compile(r"```[A-Za-z]*[ \t]*\n?")
+
+
 def _strip_fence(text: str) -> str:
     s = text.strip()
     if s.startswith("```"):
@@ -140,20 +145,21 @@ class DecisionReader:
         self._pos = 0  # scan position in the fence-stripped body
         self._started = False
         self._list = False
+        self._cut: int | None = None  # where the body begins in the stripped text (after a fence)
 
     def _body(self) -> str | None:
-        """The text after an optional ```json fence; None while the fence is incomplete."""
+        """The text after an optional ```json fence, on a line of its own or not (```json
+        [...]```); None while the fence is incomplete. Where the body begins is decided
+        once: a newline inside the list must not move it."""
         s = self.text.lstrip()
-        if not s:
-            return None
-        if "```".startswith(s[:3]) and len(s) < 3:
-            return None
-        if s.startswith("```"):
-            nl = s.find("\n")
-            if nl < 0:
-                return None if len(s) < 16 else s[3:]
-            return s[nl + 1:]
-        return s
+        if self._cut is None:
+            if not s or (len(s) < 3 and "```".startswith(s)):
+                return None
+            fence = _FENCE.match(s)
+            if fence is not None and fence.end() == len(s) and not s.endswith("\n"):
+                return None  # the fence's line goes on
+            self._cut = fence.end() if fence is not None else 0
+        return s[self._cut:]
 
     def feed(self, delta: str) -> Decision | None:
         if self.decision is not None:
