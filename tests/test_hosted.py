@@ -266,17 +266,23 @@ def test_a_non_boolean_own_process_is_a_config_error(make_yapd):
     assert any("tool.own_process: expected true or false" in line for line in d.lines)
 
 
-async def test_a_request_id_used_again_after_an_abort_gets_only_its_own_deltas(cache_dir):
-    """The engine itself, in this process, with the CPU demo chat engine in a real host: a
-    stream closed early (its abort on its way to the host, its next deltas already on
-    theirs) and the same request id at once again, as a client reusing its request id
-    makes it: the second stream reads its own tokens only, and nothing is left in flight."""
+async def hosted_demo_chat(cache_dir: Path) -> HostedEngine:
+    """The CPU demo chat engine in a real host, started, driven from this process."""
     cfg = config.load(None, overrides={"demo": True})
     cfg.engines.cache_dir = str(cache_dir)
     cfg.chat.own_process = True
     eng = create_engine("chat", daemon.prepare(cfg))
     assert isinstance(eng, HostedEngine)
     await eng.start()
+    return eng
+
+
+async def test_a_request_id_used_again_after_an_abort_gets_only_its_own_deltas(cache_dir):
+    """The engine itself, in this process, with the CPU demo chat engine in a real host: a
+    stream closed early (its abort on its way to the host, its next deltas already on
+    theirs) and the same request id at once again, as a client reusing its request id
+    makes it: the second stream reads its own tokens only, and nothing is left in flight."""
+    eng = await hosted_demo_chat(cache_dir)
     try:
         spec = SamplingSpec(max_tokens=40, ignore_eos=True)
         prompt = eng.tokenizer("tell me a long story").input_ids
@@ -302,12 +308,7 @@ async def test_a_host_stop_cut_short_kills_the_host(cache_dir):
     """yapd's stop waits on its engines for its drain time only: when that wait gives up
     first (here on a host that cannot answer: stopped by SIGSTOP), the host is killed
     instead of outliving yapd with its engine (on a GPU: its memory)."""
-    cfg = config.load(None, overrides={"demo": True})
-    cfg.engines.cache_dir = str(cache_dir)
-    cfg.chat.own_process = True
-    eng = create_engine("chat", daemon.prepare(cfg))
-    assert isinstance(eng, HostedEngine)
-    await eng.start()
+    eng = await hosted_demo_chat(cache_dir)
     pid = eng.host_pid
     assert pid is not None
     exited = os.pidfd_open(pid)  # readable once the process has ended, reaped or not
