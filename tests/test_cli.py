@@ -138,12 +138,32 @@ def test_chat_prints_ack_tokens_metrics_and_final(shared_yapd):
 
 
 def test_chat_errors(shared_yapd):
+    """The exit code says who answered: a refused key is 4 (denied), a wrong path 1 (yapd
+    answered, the operation failed), nothing listening 3 (not running)."""
     out = yapctl("chat", "hi", "--url", shared_yapd.url(key=None), "--key", "wrong")
-    assert out.returncode != EXIT_OK
-    assert "authentication_failed" in out.stderr or "HTTP 401" in out.stderr or "1008" in out.stderr
+    assert out.returncode == EXIT_DENIED, (out.returncode, out.stderr)
+    assert "refused the connection: authentication_failed" in out.stderr, out.stderr
     assert "wrong" not in out.stdout
+    out = yapctl("chat", "hi", "--url", shared_yapd.url(key=None, path="/nowhere"), "--key", KEY)
+    assert out.returncode == EXIT_FAILED and "answered HTTP" in out.stderr, (out.returncode, out.stderr)
     out = yapctl("chat", "hi", "--url", "ws://127.0.0.1:9/ws", "--timeout", "5")
     assert out.returncode == EXIT_DOWN and "cannot reach yapd" in out.stderr
+
+
+def test_chat_json_is_one_object_a_line_and_the_global_timeout_reaches_turns(shared_yapd):
+    out = yapctl("chat", "hi", "--url", shared_yapd.url(key=None), "--key", KEY, "--json")
+    assert out.returncode == EXIT_OK, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert lines[0]["type"] == "ack" and lines[-2]["type"] == "done" and lines[-1]["type"] == "summary"
+    assert lines[-1]["final"] == next(m["text"] for m in lines if m["type"] == "final")
+    # A port that takes the connection and never answers: yapctl's --timeout (1 s) bounds
+    # the wait, not the turn's own default of 60 s (the run's own timeout would end it).
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        out = yapctl("--timeout", "1", "chat", "hi", "--url", f"ws://127.0.0.1:{silent.getsockname()[1]}/ws",
+                     timeout=30)
+    assert out.returncode == EXIT_DOWN and "cannot reach yapd" in out.stderr, out.stderr
 
 
 async def test_profile_shows_where_the_loop_spends_its_time_while_turns_run(shared_yapd):

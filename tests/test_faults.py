@@ -48,6 +48,12 @@ async def _first_token(ws, request_id: str) -> list[dict]:
             return msgs
 
 
+def _counter(d: Yapd, sample: str) -> float:
+    """A sample's value on /metrics (0 before it is first counted)."""
+    return next((float(line.rsplit(" ", 1)[1]) for line in d.http("/metrics")[1].splitlines()
+                 if line.startswith(sample + " ")), 0.0)
+
+
 async def test_engine_raises_mid_stream_one_turn_fails_others_go_on(fault_yapd):
     d = fault_yapd
     async with ws_connect(d.url()) as a, ws_connect(d.url()) as b:
@@ -57,6 +63,8 @@ async def test_engine_raises_mid_stream_one_turn_fails_others_go_on(fault_yapd):
         await _first_token(b, "tb")
         # Both stream now; the chat engine's next steps fail once, in whichever request.
         assert d.admin(cmd="debug", action="fail_steps", role="chat", steps=2)[-1]["ok"]
+        errors = 'yapd_errors_total{code="engine_unavailable"}'
+        sent_before = _counter(d, errors)
         ends = {"ta": await until_done(a, 60), "tb": await until_done(b, 60)}
         failed = [rid for rid, msgs in ends.items() if any(m["type"] == "error" for m in msgs)]
         assert len(failed) == 1, ends
@@ -65,6 +73,7 @@ async def test_engine_raises_mid_stream_one_turn_fails_others_go_on(fault_yapd):
         assert err["error_code"] == "engine_unavailable" and err["request_id"] == failed[0]
         assert "injected engine fault" in err["message"]
         assert msgs[-1]["type"] == "done" and msgs[-1]["error"] == "engine_unavailable"
+        assert _counter(d, errors) == sent_before + 1  # one error message sent, counted once
         other = ends["tb" if failed[0] == "ta" else "ta"]
         assert other[-1]["type"] == "done" and other[-1]["cancelled"] is False and "error" not in other[-1]
         # One failed request is not a dead engine: health stays 200 and both sessions go on.
@@ -88,6 +97,8 @@ async def test_engine_killed_turn_ends_health_503_restart_recovers(fault_yapd):
         assert code == 503 and json.loads(body)["engines"]["chat"] == "failed"
         st = json.loads(d.http("/status")[1])
         assert st["ready"] is False and st["engines"]["chat"]["state"] == "failed"
+        # the scrape sees it too (the gauge only changed at starts and stops)
+        assert 'yapd_engine_up{role="chat"} 0.0' in d.http("/metrics")[1].splitlines()
         # Other sessions stay connected and are told plainly; nothing hangs.
         await send(b, type="start", session_id="b", user_utterance="hi", request_id="k2")
         refused = await recv(b)
@@ -98,6 +109,7 @@ async def test_engine_killed_turn_ends_health_503_restart_recovers(fault_yapd):
         # the daemon when nobody does (tests/test_daemon.py checks the pings stop).
         assert d.admin(cmd="restart", target="chat")[-1]["ok"] is True
         assert d.http("/healthz", key=None)[0] == 200
+        assert 'yapd_engine_up{role="chat"} 1.0' in d.http("/metrics")[1].splitlines()
         check_turn(await run_turn(a))
         check_turn(await run_turn(b))
 

@@ -350,6 +350,8 @@ async def test_capacity_and_slot_release_after_abrupt_drop(make_yapd):
                 await recv(c)
             assert info.value.rcvd is not None and info.value.rcvd.code == 1013
         # Drop one abruptly mid-turn: no close frame, just a dead TCP connection.
+        gone = 'yapd_turns_total{outcome="client_gone"}'
+        assert gone not in d.http("/metrics")[1]
         await send(a, type="start", session_id="x", user_utterance="go")
         await recv(a)
         a.transport.abort()
@@ -359,6 +361,7 @@ async def test_capacity_and_slot_release_after_abrupt_drop(make_yapd):
                 break
             await asyncio.sleep(0.05)
         assert st["capacity"]["active"] == 1
+        assert f"{gone} 1.0" in d.http("/metrics")[1].splitlines()  # counted, as every turn started is
         async with ws_connect(d.url()) as e:
             check_turn(await run_turn(e))
 

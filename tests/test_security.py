@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -158,6 +159,47 @@ async def test_origin_allow_list(sec_yapd) -> None:
         code, body = http(d, "/status", {"X-API-Key": KEY, "Origin": origin})
         assert code == 403 and json.loads(body)["error_code"] == "origin_not_allowed"
         assert http(d, "/healthz", {"Origin": origin})[0] == 200
+
+
+def _raw_http(d: Yapd, request: bytes) -> bytes:
+    """One HTTP request as bytes on a fresh connection; the whole answer."""
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+async def test_repeated_auth_or_origin_headers_are_refused_plainly(sec_yapd) -> None:
+    """Two keys are no one's key, two Origins vouch for neither: refused with the usual
+    answers (websockets' get() raised on them: HTTP 500 with a traceback in the log at
+    ERROR level for each request, a 1011 on /ws)."""
+    d = sec_yapd
+    before = len(d.lines)
+    for headers in (f"X-API-Key: {KEY}\r\nX-API-Key: {KEY}\r\n", f"Authorization: Bearer {KEY}\r\n" * 2):
+        answer = _raw_http(d, f"GET /status HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 401") and b"authentication_failed" in answer, answer[:200]
+    answer = _raw_http(d, f"GET /status HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nOrigin: {ORIGIN}\r\n"
+                          f"Origin: https://evil.example\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 403") and b"origin_not_allowed" in answer, answer[:200]
+    async with ws_connect(d.url(key=None), additional_headers=[("X-API-Key", KEY), ("X-API-Key", KEY)]) as ws:
+        assert (await recv(ws))["error_code"] == "authentication_failed"  # then closed 1008, as any bad key
+        with pytest.raises(ConnectionClosed) as closed:
+            await recv(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert not [line for line in d.lines[before:] if "Traceback" in line or "handler failed" in line
+                or "process_request failed" in line]
+
+
+async def test_only_get_is_served(sec_yapd) -> None:
+    """Every route is read-only: HEAD, POST, OPTIONS get 405 with Allow: GET, not the
+    route's answer. (A request with a body websockets drops before yapd sees it.)"""
+    d = sec_yapd
+    for method, extra in (("HEAD", b""), ("POST", b"Content-Length: 0\r\n"), ("OPTIONS", b"")):
+        answer = _raw_http(d, method.encode() + b" /status HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 405") and b"Allow: GET" in answer, (method, answer[:200])
+    assert http(d, "/healthz")[0] == 200
 
 
 async def test_origin_allow_list_reloads_live(make_yapd) -> None:

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--socket", metavar="PATH", help="admin socket (default: $YAP_ADMIN_SOCKET, "
                    "$RUNTIME_DIRECTORY/admin.sock, /run/yapd/admin.sock, $XDG_RUNTIME_DIR/yapd/admin.sock)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each reply (default 30)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for each reply (default 30; a turn's for chat and bench: 60)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("status", help="daemon, engines, capacity")
@@ -92,12 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _ws_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--url", default=os.environ.get("YAP_URL", DEFAULT_URL), help=f"default $YAP_URL or {DEFAULT_URL}")
     s.add_argument("--key", default=os.environ.get("YAP_API_KEY", ""), help="API key (default $YAP_API_KEY)")
-    s.add_argument("--timeout", type=float, default=60.0, help="seconds per turn (default 60)")
+    s.add_argument("--timeout", type=float, default=None, dest="turn_timeout",
+                   help="seconds per turn (default: yapctl's --timeout, else 60)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `yapctl --timeout 5 chat ...` means the turn's too; each has its own default
+    if getattr(args, "turn_timeout", None) is None:
+        args.turn_timeout = args.timeout if args.timeout is not None else 60.0
+    if args.timeout is None:
+        args.timeout = 30.0
     if args.command is None:
         if sys.stdin.isatty() and sys.stdout.isatty():
             args.command = "tui"
@@ -328,9 +335,10 @@ def _start_message(args: argparse.Namespace) -> dict[str, Any]:
 
 async def cmd_chat(args: argparse.Namespace) -> int:
     from websockets.asyncio.client import connect
-    from websockets.exceptions import InvalidStatus, WebSocketException
+    from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
     from yapctl.bench import run_turn
+    from yapd.protocol import CLOSE_POLICY, CLOSE_TRY_AGAIN
 
     def show(msg: dict[str, Any]) -> None:
         if args.json:
@@ -345,26 +353,38 @@ async def cmd_chat(args: argparse.Namespace) -> int:
         elif msg["type"] == "error":
             print(f"\nerror {msg.get('error_code')}: {msg.get('message')}", file=sys.stderr, flush=True)
 
+    timeout = args.turn_timeout
     try:
         async with connect(args.url, additional_headers={"X-API-Key": args.key} if args.key else None,
-                           open_timeout=args.timeout, max_size=None, compression=None) as ws:
-            res = await run_turn(ws, _start_message(args), args.timeout, on_message=show)
-    except InvalidStatus as exc:
+                           open_timeout=timeout, max_size=None, compression=None) as ws:
+            res = await run_turn(ws, _start_message(args), timeout, on_message=show)
+    except InvalidStatus as exc:  # something answered, not with a WebSocket: a wrong path, a proxy
         print(f"yapctl: {args.url} answered HTTP {exc.response.status_code}", file=sys.stderr)
+        return EXIT_FAILED
+    except ConnectionClosed as exc:
+        # yapd answered and closed: a refused key (1008) or a full server (1013)
+        code = exc.rcvd.code if exc.rcvd is not None else None
+        if code in (CLOSE_POLICY, CLOSE_TRY_AGAIN):
+            print(f"yapctl: yapd refused the connection: {exc.rcvd.reason if exc.rcvd else code}", file=sys.stderr)
+            return EXIT_DENIED if code == CLOSE_POLICY else EXIT_FAILED
+        print(f"yapctl: the connection to {args.url} ended: {exc}", file=sys.stderr)
         return EXIT_DOWN
     except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
         print(f"yapctl: cannot reach yapd at {args.url}: {exc or type(exc).__name__}", file=sys.stderr)
         return EXIT_DOWN
     if res.error == "timeout":
-        print(f"\nyapctl: no done within {args.timeout:g} s", file=sys.stderr)
+        print(f"\nyapctl: no done within {timeout:g} s", file=sys.stderr)
         return EXIT_FAILED
-    if res.ttft_ms is not None and not args.json:
-        print()
     stream_ms = (res.total_ms - res.ttft_ms) if res.total_ms is not None and res.ttft_ms is not None else None
     metrics = {"ttfb_ms": _r(res.ttft_ms), "tool_ms": _r(res.tool_ms), "total_ms": _r(res.total_ms),
                "stream_ms": _r(stream_ms), "chunks": res.chunks, "chars": res.chars}
-    print("metrics " + " ".join(f"{k}={v}" for k, v in metrics.items()))
-    print(f"final {json.dumps(res.text)}")
+    if args.json:  # one JSON object a line, the summary too
+        print(json.dumps({"type": "summary", "metrics": metrics, "final": res.text}))
+    else:
+        if res.ttft_ms is not None:
+            print()
+        print("metrics " + " ".join(f"{k}={v}" for k, v in metrics.items()))
+        print(f"final {json.dumps(res.text)}")
     return EXIT_OK if res.ok else EXIT_FAILED
 
 
@@ -379,7 +399,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.c < 1:
         raise AdminError("-n and -c must be at least 1")
-    cfg = BenchConfig(url=args.url, key=args.key, n=args.n, concurrency=args.c, timeout=args.timeout,
+    cfg = BenchConfig(url=args.url, key=args.key, n=args.n, concurrency=args.c, timeout=args.turn_timeout,
                       utterance=args.utterance, warmup=not args.no_warmup)
     with Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_stderr_console(), transient=True) as bar:

@@ -88,6 +88,7 @@ class Daemon:
         self.ring = logs.setup(cfg.logging)
         self.rt = Runtime(cfg, version=__version__)
         self.rt.metrics.max_connections.set(cfg.max_connections)
+        self.rt.metrics.watch_engines(lambda: {r: e.health().ok for r, e in self.rt.engines.items()})
         self.server = YapServer(self.rt)
         self.admin: Any = None
         self.pending: Config | None = None  # a reloaded config whose engine keys wait for a restart
@@ -198,7 +199,6 @@ class Daemon:
         engines = {role: create_engine(role, self.cfg) for role in roles}
         for role, eng in engines.items():
             self.rt.engines[role] = eng
-            self.rt.metrics.engine_up.labels(role).set(0)
         if self._stop.is_set():  # stopped while it made ready (an AWQ build, MPS)
             raise EngineError("stopping before the engines loaded")
         self.notifier.status(f"loading engines: {', '.join(f'{r}={e.model}' for r, e in engines.items())}")
@@ -229,7 +229,6 @@ class Daemon:
             eng = self.rt.engines.get(role)
             if eng is None:
                 continue
-            self.rt.metrics.engine_up.labels(role).set(0)
             try:
                 await asyncio.wait_for(eng.shutdown(), timeout)
             except Exception as exc:
@@ -245,7 +244,6 @@ class Daemon:
         if delay:
             await asyncio.sleep(delay)
         await eng.start(alongside=alongside, child_env=self.mps.client_env(role))
-        self.rt.metrics.engine_up.labels(role).set(1)
         log.info("engine started role=%s backend=%s model=%s seconds=%.1f", role, eng.backend, eng.model,
                  time.perf_counter() - t0)
 
@@ -401,7 +399,6 @@ class Daemon:
             self.notifier.status(f"restarting engines: {', '.join(roles)}")
             for role in roles:
                 old = self.rt.engines.pop(role, None)
-                self.rt.metrics.engine_up.labels(role).set(0)
                 if old is not None:
                     await old.shutdown()
             try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 # Voice latency lives between a few ms and a few seconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
@@ -42,7 +45,6 @@ class Metrics:
         self.prompt_cached_tokens = Counter("yapd_prompt_cached_tokens",
                                             "Prompt tokens the engines found in their prefix cache", ["role"],
                                             registry=r)
-        self.engine_up = Gauge("yapd_engine_up", "1 when the engine serves", ["role"], registry=r)
         self.loop_lag = Histogram("yapd_event_loop_lag_seconds", "How late a 50 ms timer fires on the event loop",
                                   buckets=LOOP_LAG_BUCKETS, registry=r)
         self.gc_pause = Histogram("yapd_gc_pause_seconds", "How long a garbage collection held the interpreter",
@@ -50,5 +52,26 @@ class Metrics:
         self.mps_active = Gauge("yapd_mps_active", "1 while the engines run under CUDA MPS (yapd's or the host's)",
                                 registry=r)
 
+    def watch_engines(self, serving: Callable[[], Mapping[str, bool]]) -> None:
+        """yapd_engine_up{role}: each engine's health as of the scrape (``serving()``: role ->
+        serves), so an engine that dies shows at once, and one no longer deployed goes."""
+        self.registry.register(_EngineUp(serving))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineUp:
+    """A collector of yapd_engine_up, read from the engines when scraped."""
+
+    def __init__(self, serving: Callable[[], Mapping[str, bool]]) -> None:
+        self.serving = serving
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("yapd_engine_up", "1 when the engine serves", labels=["role"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("yapd_engine_up", "1 when the engine serves", labels=["role"])
+        for role, ok in self.serving().items():
+            family.add_metric([role], 1.0 if ok else 0.0)
+        yield family

@@ -41,12 +41,19 @@ def _json_response(conn: ServerConnection, status: int, body: Any) -> Response:
     return resp
 
 
+def _header(request: Request, name: str) -> str | None:
+    """One header's value; None when it is absent or repeated (two keys are no one's key:
+    refused as missing, never guessed; websockets' ``get`` raises on a repeated one)."""
+    values = request.headers.get_all(name)
+    return values[0] if len(values) == 1 else None
+
+
 def request_key(request: Request) -> str | None:
     """The API key of a request: ``X-API-Key``, ``Authorization: Bearer``, or ``?api_key=``."""
-    key = request.headers.get("X-API-Key")
+    key = _header(request, "X-API-Key")
     if key:
         return key
-    auth = request.headers.get("Authorization", "")
+    auth = _header(request, "Authorization") or ""
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
     values = parse_qs(urlsplit(request.path).query).get("api_key")
@@ -95,15 +102,20 @@ class YapServer:
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         rt = self.rt
+        if request.method != "GET":  # every route is read-only; a body would not be read
+            resp = _json_response(conn, 405, {"error_code": "method_not_allowed",
+                                              "message": f"{request.method[:16]} is not served: use GET"})
+            resp.headers["Allow"] = "GET"
+            return resp
         if path == "/healthz":
             ok = rt.engines_ready() and not rt.stopping and not rt.draining
             state = "stopping" if rt.stopping else "draining" if rt.draining else "ok" if ok else "unavailable"
             body = {"status": state,
                     "engines": {r: e.health().state for r, e in rt.engines.items()}}
             return _json_response(conn, 200 if ok else 503, body)
-        origin = request.headers.get("Origin")
+        origins = request.headers.get_all("Origin")
         allowed = rt.cfg.server.allowed_origins
-        if origin is not None and allowed and origin not in allowed:
+        if origins and allowed and (len(origins) > 1 or origins[0] not in allowed):  # two: neither is vouched for
             rt.metrics.errors.labels(protocol.ORIGIN_NOT_ALLOWED).inc()
             return _json_response(conn, 403, {"error_code": protocol.ORIGIN_NOT_ALLOWED,
                                               "message": "this Origin is not allowed"})

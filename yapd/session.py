@@ -202,9 +202,12 @@ class Session:
         except protocol.ClientGone:
             # The client left mid-turn (the server cancels this task as it notices too).
             log.debug("client gone mid-turn request=%s", turn.inp.request_id)
+            if not turn.done_sent:
+                self.rt.metrics.turns.labels("client_gone").inc()
         except Exception as exc:
             log.exception("turn crashed request=%s", turn.inp.request_id)
             if not turn.done_sent:
+                self.rt.metrics.turns.labels("error").inc()
                 with contextlib.suppress(Exception):
                     await self.send(protocol.error(protocol.INTERNAL_ERROR, f"internal error: {type(exc).__name__}",
                                                    turn.inp.request_id))
@@ -284,6 +287,9 @@ class Session:
 
     async def close(self) -> None:
         """The connection is gone: stop everything it started (no messages sent)."""
+        if self.turn is not None and self.turn_task is not None and not self.turn_task.done() \
+                and not self.turn.done_sent:
+            self.rt.metrics.turns.labels("client_gone").inc()  # every turn started is counted once
         tasks = [t for t in (self.turn_task, *self._side_tasks) if t is not None and not t.done()]
         for task in tasks:
             task.cancel()

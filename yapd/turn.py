@@ -120,7 +120,6 @@ class Turn:
                     await chat_stream.aclose()  # type: ignore[attr-defined]
         except EngineError as exc:
             log.error("turn failed request=%s session=%s: %s", self.inp.request_id, self.inp.session_id, exc)
-            self.rt.metrics.errors.labels(protocol.ENGINE_UNAVAILABLE).inc()
             await self.send(protocol.error(protocol.ENGINE_UNAVAILABLE, f"the engine failed this turn: {exc}",
                                            self.inp.request_id))
             self.state = "failed"
