@@ -461,6 +461,10 @@ def test_stopping_yapd_mid_rebuild_ends_the_job_and_keeps_the_old_entry(make_yap
             break
         time.sleep(0.2)
     assert job_pid and awq.is_complete(awq.tmp_path(entry, job_pid))
+    # No progress line while it waits; its elapsed time still runs (a Hub download's minutes showed 0 s).
+    held = d.admin(cmd="awq", action="status")[-1]["job"]["elapsed_s"]
+    time.sleep(1.1)
+    assert d.admin(cmd="awq", action="status")[-1]["job"]["elapsed_s"] >= held + 1
     assert d.stop() == 0
     t.join(10)
     assert replies and replies[-1]["ok"] is False and "stopping" in replies[-1]["error"]
@@ -468,3 +472,80 @@ def test_stopping_yapd_mid_rebuild_ends_the_job_and_keeps_the_old_entry(make_yap
         os.kill(job_pid, 0)
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # the job removed its temporary directory
     assert entry.stat().st_ino == inode and awq.is_complete(entry)  # the old entry is untouched
+
+
+def test_job_paths_are_absolute_whatever_folder_the_job_runs_in(tmp_path, monkeypatch, demo_tool):
+    """The job runs in the cache's awq folder: a calibration file, a local model and a
+    cache dir given relative to yapd's folder must reach it as absolute paths."""
+    from yapd.awq.jobs import job_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cal.txt").write_text("hello\n")
+    (tmp_path / "model").mkdir()
+    cfg = config.from_mapping({"engines": {"cache_dir": "cache"}, "awq": {"calibration_file": "cal.txt"}}, "test")
+    argv = job_command(cfg, "tool", "model", cfg.tool)
+    assert argv[argv.index("--calibration-file") + 1] == str(tmp_path / "cal.txt")
+    assert argv[argv.index("--model") + 1] == str(tmp_path / "model")
+    assert Path(argv[argv.index("--out") + 1]).is_absolute()
+    hub = job_command(cfg, "tool", "someone/Model", cfg.tool)
+    assert hub[hub.index("--model") + 1] == "someone/Model"  # a Hub repo id stays one
+
+
+def _in_thread(d: Any, **req: Any) -> tuple[threading.Thread, list[dict[str, Any]]]:
+    replies: list[dict[str, Any]] = []
+    t = threading.Thread(target=lambda: replies.extend(d.admin(timeout=300, **req)))
+    t.start()
+    return t, replies
+
+
+def test_a_restart_during_a_rebuild_does_not_quantize_the_model_again(make_yapd, tmp_path, cache_dir, built):
+    """The cache entry gone, a rebuild running (held before its commit), and an engine
+    restart asked meanwhile: the restart waits for the rebuild and finds the entry built,
+    instead of quantizing the same model a second time (an hour for a 12B model)."""
+    cache = daemon_cache(tmp_path, cache_dir)
+    entry = awq.cache_path(cache, str(cache_dir / "demo" / "tool"))
+    shutil.copytree(built[0], entry)
+    d = make_yapd(TINY_TOML, env={"YAP_CACHE_DIR": str(cache), "YAPD_DEBUG_AWQ_COMMIT_DELAY_S": "3"})
+    shutil.rmtree(entry)
+    rebuild, rebuilt = _in_thread(d, cmd="awq", action="rebuild", target="tool")
+    deadline = time.monotonic() + 60
+    while not (d.admin(cmd="awq", action="status")[-1]["job"] or {}).get("pid"):
+        assert time.monotonic() < deadline, "the rebuild never started"
+        time.sleep(0.1)
+    restart, restarted = _in_thread(d, cmd="restart", target="tool")
+    rebuild.join(120)
+    restart.join(120)
+    assert rebuilt[-1]["ok"] is True and restarted[-1]["ok"] is True, (rebuilt[-1], restarted[-1])
+    assert sum("AWQ job starting" in line for line in d.lines) == 1, [x for x in d.lines if "AWQ job" in x]
+
+
+def test_a_quantization_failing_at_a_restart_keeps_the_engine_and_the_keys_pending(make_yapd, tmp_path, cache_dir,
+                                                                                   built):
+    """A reloaded tool model that cannot be quantized (a config.json and no weights): the
+    restart fails with its reason, the running engine is untouched, the reloaded key
+    stays pending (it was dropped, and `awq status` named the broken model). A cache
+    folder that cannot be made is such a failure too, not a dropped admin connection."""
+    cache = daemon_cache(tmp_path, cache_dir)
+    tool = cache_dir / "demo" / "tool"
+    shutil.copytree(built[0], awq.cache_path(cache, str(tool)))
+    models = TINY_TOML.replace('quantization = "awq"', f'quantization = "awq"\nbackend = "cpu"\nmodel = "{tool}"')
+    d = make_yapd(models, demo=False, env={"YAP_CACHE_DIR": str(cache)})
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(tool / "config.json", broken / "config.json")
+    d.write_config(models.replace(f'model = "{tool}"', f'model = "{broken}"'))
+    assert d.admin(cmd="reload")[-1]["needs_engine_restart"] == ["tool.model"]
+    reply = d.admin(cmd="restart", target="tool", timeout=300)[-1]
+    assert reply["ok"] is False and "AWQ quantization" in reply["error"], reply
+    st = d.admin(cmd="status")[-1]
+    assert st["pending_restart_keys"] == ["tool.model"] and st["engines"]["tool"]["state"] == "ready", st
+    awq_tool = next(m for m in d.admin(cmd="awq", action="status")[-1]["models"] if m["role"] == "tool")
+    assert awq_tool["model"] == str(tool)
+    # The cache's awq folder replaced by a file: the job cannot begin; said as the restart's error.
+    shutil.rmtree(cache / "awq")
+    (cache / "awq").write_text("not a folder")
+    d.write_config(models)
+    d.admin(cmd="reload")
+    reply = d.admin(cmd="restart", target="tool", timeout=300)[-1]
+    assert reply["ok"] is False and "cannot make the AWQ cache folder" in reply["error"], reply
+    assert d.http("/healthz", key=None)[0] == 200

@@ -381,6 +381,15 @@ class Daemon:
             ran = {section: copy.deepcopy(getattr(self.rt.cfg, section)) for section in config.ENGINE_SECTIONS}
             pending = self.pending, list(self.pending_keys)
             self._apply_pending(roles)
+            roles = [r for r in roles if self.cfg.deployed(r)]
+            try:
+                # Quantize first (awq mode, nothing cached) while the old engines still serve.
+                await self.awq_jobs.ensure_cached(roles)
+            except EngineError as exc:
+                log.error("engine restart: %s", exc)
+                # Nothing was stopped: the engines go on as they ran, the reloaded keys pending.
+                self._restore(ran, pending)
+                return {"ok": False, "error": str(exc), "roles": roles}
             # Engines no longer deployed ([engines] deploy changed) stop: their GPU share
             # is what the deployed ones now ask for.
             undeployed = [r for r in list(self.rt.engines) if not self.cfg.deployed(r)]
@@ -388,13 +397,6 @@ class Daemon:
                 log.info("engine no longer deployed, stopping it role=%s", role)
                 await self._shutdown_engines([role], timeout=None)
                 self.rt.engines.pop(role, None)
-            roles = [r for r in roles if self.cfg.deployed(r)]
-            try:
-                # Quantize first (awq mode, nothing cached) while the old engines still serve.
-                await self.awq_jobs.ensure_cached(roles)
-            except EngineError as exc:
-                log.error("engine restart: %s", exc)
-                return {"ok": False, "error": str(exc), "roles": roles}
             drained = await self.wait_idle(roles, self.cfg.server.drain_timeout_s)
             self.notifier.status(f"restarting engines: {', '.join(roles)}")
             for role in roles:
@@ -412,15 +414,19 @@ class Daemon:
             self.notifier.status(self._serving_status())
             return {"ok": True, "roles": roles, "drained": drained, **({"stopped": undeployed} if undeployed else {})}
 
+    def _restore(self, ran: dict[str, Any], pending: tuple[Config | None, list[str]]) -> None:
+        """The engine sections as they ran, and the reloaded keys pending again."""
+        for section, value in ran.items():
+            setattr(self.rt.cfg, section, value)
+        self.pending, self.pending_keys = pending
+
     async def _roll_back(self, ran: dict[str, Any], pending: tuple[Config | None, list[str]],
                          exc: EngineError) -> dict[str, Any]:
         """A restart that failed with reloaded engine keys (a model path mistyped, say):
         the engines start again with the settings they ran with, and the reloaded keys
         stay pending, rather than a failed engine that stops the watchdog's pings and has
         systemd restart the daemon into the same config again and again."""
-        for section, value in ran.items():
-            setattr(self.rt.cfg, section, value)
-        self.pending, self.pending_keys = pending
+        self._restore(ran, pending)
         down = [r for r in self._deployed_roles() if (e := self.rt.engines.get(r)) is None or not e.health().ok]
         log.warning("engine restart failed with the reloaded settings; starting %s again with the settings "
                     "they ran with (the reloaded keys stay pending)", ", ".join(down))

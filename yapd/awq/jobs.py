@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from yapd import awq
@@ -54,15 +55,19 @@ def hf_token(cfg: Config) -> str:
 
 
 def job_command(cfg: Config, role: str, source: str, ecfg: EngineConfig) -> list[str]:
+    """The job's command line. Paths are made absolute here: the job runs in the cache's
+    awq folder, where a path relative to yapd's own folder means something else."""
     a = cfg.awq
-    out = awq.cache_path(cfg.cache_dir(), source)
+    out = awq.cache_path(cfg.cache_dir(), source).absolute()
+    if Path(source).exists():  # a local checkpoint (not a Hub repo id)
+        source = str(Path(source).absolute())
     argv = [a.python or sys.executable, "-m", "yapd.awq.job", "--model", source, "--out", str(out),
             "--role", role, "--bits", str(a.bits), "--group-size", str(a.group_size),
             "--samples", str(a.calibration_samples), "--max-len", str(a.calibration_max_len), "--device", a.device]
     if ecfg.revision:
         argv += ["--revision", ecfg.revision]
     if a.calibration_file:
-        argv += ["--calibration-file", a.calibration_file]
+        argv += ["--calibration-file", str(Path(a.calibration_file).absolute())]
     if a.push:
         argv += ["--push-repo", getattr(a, f"{role}_repo"), "--push-branch", a.branch,
                  "--push-private" if a.private else "--no-push-private",
@@ -84,6 +89,7 @@ class AwqJobs:
         self._listeners: set[asyncio.Queue[dict[str, Any]]] = set()
         self._terminated: set[int] = set()
         self.running: dict[str, Any] | None = None
+        self._started = 0.0  # the running job's start, time.monotonic()
         self.last: dict[str, dict[str, Any]] = {}
 
     @property
@@ -119,12 +125,19 @@ class AwqJobs:
                     info.update(created=meta.get("created"), group_size=q.get("group_size"), bits=q.get("bits"),
                                 library=f"{lib.get('name')} {lib.get('version')}")
             models.append(info)
-        return {"cache_dir": str(awq.cache_root(cfg.cache_dir())), "models": models, "job": self.running,
+        return {"cache_dir": str(awq.cache_root(cfg.cache_dir())), "models": models, "job": self._running_now(),
                 "last": self.last, "push": cfg.awq.push}
+
+    def _running_now(self) -> dict[str, Any] | None:
+        """The job running, its elapsed time as of now (the job says it only with its
+        progress lines, none for the minutes of a Hub download)."""
+        if self.running is None:
+            return None
+        return {**self.running, "elapsed_s": round(time.monotonic() - self._started, 1)}
 
     def summary(self) -> str:
         """One line for systemd's STATUS while a job runs."""
-        r = self.running
+        r = self._running_now()
         if r is None:
             return ""
         where = f"layer {r['layer']}/{r['layers']}" if r.get("layers") else r.get("stage", "starting")
@@ -238,9 +251,14 @@ class AwqJobs:
             problem = push_settings_error(self.cfg, role)
             if problem:
                 raise EngineError(f"{role}: {problem}")
-            log.warning("%s: quantization is awq and no AWQ model is cached for %s: quantizing it now "
-                        "(minutes to an hour; the engine starts when it is done)", role, ecfg.model)
-            res = await self.build(role)
+            async with self._lock:
+                # A rebuild running when this began may have built it meanwhile: an hour
+                # of quantizing the same model again otherwise.
+                if not awq.needs_build(ecfg, self.cfg):
+                    continue
+                log.warning("%s: quantization is awq and no AWQ model is cached for %s: quantizing it now "
+                            "(minutes to an hour; the engine starts when it is done)", role, ecfg.model)
+                res = await self._build(role)
             if "path" not in res:
                 raise EngineError(f"{role}: AWQ quantization of {ecfg.model} failed: {res.get('error')}")
             if res.get("push_error"):
@@ -264,7 +282,10 @@ class AwqJobs:
             return {"ok": False, "error": "stopped: the daemon is shutting down"}
         argv = job_command(cfg, role, source, ecfg)
         out_parent = awq.cache_root(cfg.cache_dir())
-        out_parent.mkdir(parents=True, exist_ok=True)
+        try:
+            out_parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # read-only, full, or a file in its place: this job's error, not the daemon's
+            return {"ok": False, "error": f"cannot make the AWQ cache folder {out_parent}: {exc}"}
         # Not a client of yapd's MPS daemon: that one is the engines' alone.
         env = {**self.daemon.mps.host_env(), "YAPD_AWQ_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1",
                "TOKENIZERS_PARALLELISM": "false"}
@@ -274,6 +295,7 @@ class AwqJobs:
         if cfg.awq.hub_endpoint:
             env["HF_ENDPOINT"] = cfg.awq.hub_endpoint
         t0 = time.monotonic()
+        self._started = t0
         self.running = {"role": role, "model": source, "stage": "starting", "layer": 0, "layers": 0,
                         "elapsed_s": 0.0, "eta_s": None, "message": "starting", "pid": None}
         self._notify_status()
