@@ -261,6 +261,31 @@ async def test_awq_progress_view(tmp_path):
             assert app.activity[-1] == "AWQ rebuild done: built chat, restarted chat"
 
 
+async def test_closing_the_awq_view_mid_job_stops_watching_and_the_dashboard_goes_on(tmp_path):
+    """Esc while progress lines still come (they keep coming: the job is the daemon's):
+    the view's watcher stops with it, instead of failing on the view's removed widgets
+    and taking the dashboard down (WorkerFailed: NoMatches '#awq-log')."""
+    sock = tmp_path / "admin.sock"
+    events = [{"event": "progress", "role": "chat", "stage": "starting", "message": "quantizing m/chat"},
+              *({"event": "progress", "role": "chat", "stage": "calibrating", "message": f"layer {i}/40",
+                 "layer": i, "layers": 40} for i in range(1, 30))]
+    async with scripted_daemon(sock, lambda: [*events, {"ok": False, "error": "chat: the job exited with -9"}]):
+        app = dashboard(sock)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.link == "connected", what="the first status")
+            await pilot.press("a", "y")
+            await until(pilot, lambda: isinstance(app.screen, AwqScreen), what="the progress view")
+            await pilot.pause(0.3)
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, AwqScreen), what="the view to close")
+            # The stand-in goes on sending its lines (one each 50 ms, then the job's error)
+            # on the connection the view had: time for all of them to arrive and be read.
+            await asyncio.sleep(2.5)
+            await pilot.pause()
+            assert app.is_running and app.return_code is None
+            assert app.activity[-1] == "AWQ rebuild goes on in the daemon (yapctl awq status)"
+
+
 # --- the parts without a screen ----------------------------------------------------------------
 
 

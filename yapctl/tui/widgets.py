@@ -346,6 +346,9 @@ class AwqScreen(ModalScreen[Outcome]):
         self.query_one("#awq-state", Static).update(Text("done", "bold green"))
 
     def action_close(self) -> None:
+        # Stop watching first: a progress line read after the view's widgets are gone
+        # would fail the worker, and a failed worker ends the whole dashboard.
+        self.workers.cancel_group(self, "awq")
         self.dismiss(self.outcome or Outcome(True, "AWQ rebuild goes on in the daemon (yapctl awq status)"))
 
     @on(Button.Pressed, "#close")
