@@ -27,7 +27,7 @@ from tests.test_faults import DEBUG, _first_token, wait_new
 from tests.test_protocol_e2e import check_turn
 from yapctl.gpubench.yapdphase import yapd_processes
 from yapd import config, daemon
-from yapd.engines import SamplingSpec, create_engine
+from yapd.engines import EngineError, SamplingSpec, create_engine
 from yapd.engines.hosted import HostedEngine
 from yapd.engines.pipe import MAX_MESSAGE, MessagePipe, PipeClosed
 
@@ -322,6 +322,81 @@ async def test_a_host_stop_cut_short_kills_the_host(cache_dir):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_a_host_logs_at_yapds_level_and_follows_its_reload(make_yapd, loop):
+    """yapd at debug: the host's debug lines reach yapd's log (under uvloop the start's
+    level was overwritten as the host opened its pipe); reloaded to info, they stop."""
+    text = UNENDING + '[chat]\nown_process = true\n[logging]\nlevel = "debug"\n'
+    d = make_yapd(text, server={"event_loop": loop})
+    async with ws_connect(d.url()) as ws:
+        check_turn(await run_turn(ws, request_id="seen"))
+        d.wait_for("yapd.engine.host: request ")
+        d.write_config(text.replace('"debug"', '"info"'), server={"event_loop": loop})
+        assert "logging.level" in d.admin(cmd="reload")[-1]["applied"]
+        after = len(d.lines)
+        check_turn(await run_turn(ws, request_id="unseen"))
+    assert not [line for line in d.lines[after:] if "yapd.engine.host: request " in line]
+
+
+async def test_a_hung_host_fails_its_streams_and_its_health(cache_dir, monkeypatch):
+    """A host that stops answering (SIGSTOP: a wedged loop looks the same) while a stream
+    waits on it: within HOST_SILENT_S the engine is failed, the stream ends with an
+    error, and the host is killed, instead of a turn waiting for ever on a host whose last
+    health said ready."""
+    from yapd.engines import hosted
+
+    monkeypatch.setattr(hosted, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(hosted, "HOST_SILENT_S", 1.0)
+    eng = await hosted_demo_chat(cache_dir)
+    pid = eng.host_pid
+    assert pid is not None
+    exited = os.pidfd_open(pid)
+    try:
+        stream = eng.stream(eng.tokenizer("tell me a long story").input_ids,
+                            SamplingSpec(max_tokens=400, ignore_eos=True), "hung")
+        assert (await anext(stream)).n_tokens >= 1
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(EngineError, match="has not answered"):
+            async with asyncio.timeout(30):
+                async for _ in stream:
+                    pass
+        assert eng.health().state == "failed" and eng.in_flight == 0
+        assert select.select([exited], [], [], 10)[0], "the hung host was not ended"
+    finally:
+        os.close(exited)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+        await eng.shutdown()
+
+
+async def test_an_abort_ends_the_hosted_stream_and_a_request_too_large_fails_alone(cache_dir, monkeypatch):
+    """engine.abort(): the stream ends as an in-process one does (finished, "abort"),
+    not waiting for deltas the host no longer sends. A request over the pipe's message
+    limit is that request's error; the host serves the next one."""
+    from yapd.engines import pipe
+
+    eng = await hosted_demo_chat(cache_dir)
+    try:
+        prompt = eng.tokenizer("tell me a long story").input_ids
+        stream = eng.stream(prompt, SamplingSpec(max_tokens=400, ignore_eos=True), "aborted")
+        assert (await anext(stream)).n_tokens >= 1
+        await eng.abort("aborted")
+        async with asyncio.timeout(10):
+            last = [d async for d in stream][-1]
+        assert last.finished and last.finish_reason == "abort" and eng.in_flight == 0
+        monkeypatch.setattr(pipe, "MAX_MESSAGE", 1000)
+        with pytest.raises(EngineError, match="too large to hand to its host"):
+            await anext(eng.stream(list(range(5000)), SamplingSpec(max_tokens=4), "huge"))
+        monkeypatch.undo()
+        n = 0
+        async for delta in eng.stream(prompt, SamplingSpec(max_tokens=3, ignore_eos=True), "after"):
+            n += delta.n_tokens
+        assert n == 3 and eng.health().ok
+    finally:
+        await eng.shutdown()
 
 
 # --- the pipe itself -------------------------------------------------------------------

@@ -26,6 +26,7 @@ from yapd.awq.jobs import AwqJobs
 from yapd.bytecode import engine_packages, uncompiled
 from yapd.config import Config, ConfigError
 from yapd.engines import EngineError, can_start_together, create_engine
+from yapd.engines.hosted import HostedEngine
 from yapd.mps import Mps, MpsError
 from yapd.mps import folder_for as mps_folder
 from yapd.runtime import Runtime
@@ -332,6 +333,9 @@ class Daemon:
         self.rt.cfg = new
         if any(key.startswith("logging.") for key in live):
             logs.setup(new.logging, self.ring)
+            for eng in self.rt.engines.values():  # engine hosts log in processes of their own
+                if isinstance(eng, HostedEngine):
+                    eng.set_log_level(logging.getLogger().getEffectiveLevel())
         if self.admin is not None and {"admin.mode", "admin.group"} & set(live):
             self.admin.apply(new.admin)
         self.rt.metrics.max_connections.set(new.max_connections)

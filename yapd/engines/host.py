@@ -83,10 +83,12 @@ class Host:
         # The engine's own children (a forked EngineCore) must not keep yapd's end of the
         # pipe from seeing this process end.
         forking.keep_out(self._sock.fileno())
-        self._pipe = await MessagePipe.open(self._sock, self._on_message, self._on_closed)
+        # Before the pipe opens: yapd's "start" (with its log level) may be read at once
+        # (uvloop reads it within open()), and must not be overwritten after.
         root = logging.getLogger()
         root.addHandler(_ToYapd(self))
         root.setLevel(logging.INFO)
+        self._pipe = await MessagePipe.open(self._sock, self._on_message, self._on_closed)
         self._loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         health = asyncio.create_task(self._watch_health())
         await self._stop.wait()
@@ -120,6 +122,10 @@ class Host:
             _, factory, role, cfg, alongside, child_env, level = msg
             logging.getLogger().setLevel(level)
             self._start = asyncio.create_task(self._start_engine(factory, role, cfg, alongside, child_env))
+        elif kind == "ping":
+            self.send("pong")
+        elif kind == "level":
+            logging.getLogger().setLevel(msg[1])
         elif kind == "abandon":
             self._abandoned = True
             self._abandon = asyncio.create_task(self._end_start())
@@ -155,6 +161,7 @@ class Host:
 
     async def _stream(self, key: int, rid: str, prompt_ids: Sequence[int], spec: SamplingSpec) -> None:
         finished = False
+        log.debug("request %s: %d prompt tokens, up to %d new", rid, len(prompt_ids), spec.max_tokens)
         try:
             if self._engine is None:
                 raise RuntimeError("the engine host has no engine")

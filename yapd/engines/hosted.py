@@ -25,7 +25,7 @@ from yapd import forking
 from yapd.config import Config
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineState, SamplingSpec
 from yapd.engines.host import command
-from yapd.engines.pipe import MessagePipe, PipeClosed
+from yapd.engines.pipe import MessagePipe, MessageTooLarge, PipeClosed
 from yapd.engines.tokenizer import load_tokenizer
 
 log = logging.getLogger("yapd.engine.hosted")
@@ -34,6 +34,11 @@ log = logging.getLogger("yapd.engine.hosted")
 # its EngineCore) before the host and its EngineCore are killed.
 SHUTDOWN_WAIT_S = 30.0
 PIPE_GRACE_S = 1.0
+# A serving host is asked to answer this often; one silent for HOST_SILENT_S is hung (a
+# stopped process, a wedged loop): it fails like a dead one, so its turns end and /healthz
+# says so, instead of streams that wait for ever on a host that looks healthy.
+HEARTBEAT_S = 5.0
+HOST_SILENT_S = 20.0
 _END = object()
 
 
@@ -68,6 +73,8 @@ class HostedEngine(Engine):
         self._started: asyncio.Future[str] | None = None
         self._unkeep: Callable[[], None] = _nothing
         self._reaper: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._heard = 0.0  # when the host last said anything, time.monotonic()
         self.start_seconds: float | None = None
 
     def tokenizer_source(self) -> tuple[str, str | None]:
@@ -123,7 +130,22 @@ class HostedEngine(Engine):
         self._tok = tok
         self.start_seconds = round(time.perf_counter() - t0, 1)
         self._state = "ready"
+        assert self._proc is not None
+        self._heartbeat = asyncio.create_task(self._watch(self._proc))
         log.info("engine host ready role=%s pid=%s", self.role, self.host_pid)
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        """Ask the serving host to answer, and fail it when it stays silent."""
+        self._heard = time.monotonic()
+        while proc is self._proc and self._state == "ready" and self._pipe is not None:
+            with contextlib.suppress(PipeClosed):
+                self._pipe.send("ping")
+            await asyncio.sleep(HEARTBEAT_S)
+            silent = time.monotonic() - self._heard
+            if silent > HOST_SILENT_S and proc is self._proc and self._state == "ready":
+                self._host_gone(proc, f"the engine host has not answered for {silent:.0f} s (hung)")
+                self._kill_host(proc)  # its end shows to the reaper; a restart starts another
+                return
 
     async def _load_tokenizer(self, name: str, revision: str | None) -> Any:
         if self.backend == "vllm":
@@ -155,6 +177,12 @@ class HostedEngine(Engine):
             with contextlib.suppress(PipeClosed):
                 self._pipe.send("abandon")
 
+    def set_log_level(self, level: int) -> None:
+        """yapd's log level, reloaded: the host logs as yapd does."""
+        if self._pipe is not None and not self._pipe.closed:
+            with contextlib.suppress(PipeClosed):
+                self._pipe.send("level", level)
+
     def kill(self) -> None:
         """The fault tests' crash of the engine, in the host (the CPU engine's kill)."""
         if self._pipe is None or self._pipe.closed:
@@ -164,7 +192,10 @@ class HostedEngine(Engine):
     # --- what the host says ----------------------------------------------------------
 
     def _on_message(self, msg: tuple[Any, ...]) -> None:
+        self._heard = time.monotonic()
         kind = msg[0]
+        if kind == "pong":
+            return
         if kind == "delta":
             if (queue := self._streams.get(msg[1])) is not None:
                 queue.put_nowait(msg[2])
@@ -262,7 +293,12 @@ class HostedEngine(Engine):
         self._streams[key], self._keys_of[request_id] = queue, key
         done = False
         try:
-            self._pipe.send("stream", key, request_id, prompt_ids, spec)
+            try:
+                self._pipe.send("stream", key, request_id, prompt_ids, spec)
+            except MessageTooLarge as exc:  # never sent: this request's error, the host serves on
+                done = True
+                raise EngineError(f"{self.role} engine: the request is too large to hand to its host: {exc}") \
+                    from None
             while True:
                 item = await queue.get()
                 if item is _END:
@@ -285,6 +321,9 @@ class HostedEngine(Engine):
 
     async def abort(self, request_id: str) -> None:
         if (key := self._keys_of.get(request_id)) is not None:
+            # The host says nothing of a request it aborts: its stream ends here, as a
+            # request aborted in this process ends (finished, "abort").
+            self._streams[key].put_nowait(Delta("", 0, True, "abort"))
             self._abort(key)
 
     def _abort(self, key: int) -> None:
@@ -303,6 +342,9 @@ class HostedEngine(Engine):
     async def _end_host(self, wait_s: float) -> None:
         """Ask the host to stop its engine and exit; past ``wait_s``, kill it and its
         EngineCore."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
         proc, pipe = self._proc, self._pipe
         if proc is None:
             return

@@ -24,6 +24,10 @@ class PipeClosed(ConnectionError):
     """The other end is gone."""
 
 
+class MessageTooLarge(ValueError):
+    """A message over MAX_MESSAGE, not sent: the other end would take it for a broken peer."""
+
+
 class MessagePipe(asyncio.Protocol):
     """One end. ``on_message`` gets each message; ``on_closed`` once, with the reason
     (None: the other end closed it)."""
@@ -72,6 +76,8 @@ class MessagePipe(asyncio.Protocol):
         if self.closed or self._transport is None:
             raise PipeClosed("the engine host's pipe is closed")
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        if len(data) > MAX_MESSAGE:
+            raise MessageTooLarge(f"a message of {len(data)} bytes (at most {MAX_MESSAGE})")
         self._transport.write(_LEN.pack(len(data)) + data)
 
     def close(self) -> None:
