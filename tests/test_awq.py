@@ -549,3 +549,9 @@ def test_a_quantization_failing_at_a_restart_keeps_the_engine_and_the_keys_pendi
     reply = d.admin(cmd="restart", target="tool", timeout=300)[-1]
     assert reply["ok"] is False and "cannot make the AWQ cache folder" in reply["error"], reply
     assert d.http("/healthz", key=None)[0] == 200
+    # `awq rebuild --json` prints the failed rebuild's whole reply too (it printed nothing of it)
+    out = subprocess.run([sys.executable, "-m", "yapctl", "--socket", str(d.admin_socket), "awq", "rebuild", "tool",
+                          "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    final = json.loads(out.stdout.splitlines()[-1])
+    assert out.returncode == 1 and final["ok"] is False and final["built"] == {}, (out.stdout, out.stderr)
+    assert "cannot make the AWQ cache folder" in final["error"] and "cannot make" in out.stderr

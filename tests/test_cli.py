@@ -192,6 +192,13 @@ async def test_profile_shows_where_the_loop_spends_its_time_while_turns_run(shar
         assert refused.returncode == EXIT_FAILED and ("seconds must" in refused.stderr or "top must" in refused.stderr)
 
 
+def test_bench_against_nothing_counts_every_turn_asked():
+    """No daemon: 2 turns asked over 1 connection that never opens are 0 of 2 completed
+    (it said 0/1: one failed result for the connection)."""
+    out = yapctl("bench", "-n", "2", "-c", "1", "--url", "ws://127.0.0.1:9/ws", "--timeout", "5")
+    assert out.returncode == EXIT_FAILED and out.stdout.startswith("0/2 turns completed"), out.stdout
+
+
 def test_bench_completes_every_session(shared_yapd):
     out = yapctl("bench", "-n", "6", "-c", "3", "--url", shared_yapd.url(key=None), "--key", KEY, "--json")
     assert out.returncode == EXIT_OK, out.stderr

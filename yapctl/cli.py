@@ -287,8 +287,16 @@ async def cmd_awq(args: argparse.Namespace) -> int:
     # Quantizing a 12B model takes a while: each progress line restarts the clock.
     async with AdminClient(socket_path(args.socket), timeout=max(args.timeout, 3600.0)) as c:
         if args.json:
-            async for msg in c.stream("awq", action="rebuild", target=args.target):
-                print(json.dumps(msg), flush=True)
+            try:
+                async for msg in c.stream("awq", action="rebuild", target=args.target):
+                    print(json.dumps(msg), flush=True)
+            except AdminError as exc:
+                if exc.reply is None:
+                    raise
+                # The failed rebuild's whole reply (what was built or pushed before the failure).
+                print(json.dumps(exc.reply), flush=True)
+                print(f"yapctl: {exc}", file=sys.stderr)
+                return exc.exit_code
             return EXIT_OK
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn())
@@ -405,11 +413,12 @@ async def cmd_bench(args: argparse.Namespace) -> int:
                   console=_stderr_console(), transient=True) as bar:
         task = bar.add_task("turns", total=args.n)
         report = await bench(cfg, lambda done, total: bar.update(task, completed=done))
-    summary = report.summary()
+    # Turns a connection that failed never ran count as asked and not completed.
+    summary = {**report.summary(), "asked": args.n}
     if args.json:
         _print_json(summary)
     else:
-        print(f"{summary['completed']}/{summary['turns']} turns completed, concurrency {summary['concurrency']}, "
+        print(f"{summary['completed']}/{args.n} turns completed, concurrency {summary['concurrency']}, "
               f"{summary['wall_s']} s")
         rows = [[name, *(_fmt(summary[key].get(p)) for p in ("p50", "p95", "p99"))]
                 for name, key in (("ttft", "ttft_ms"), ("tool decision", "tool_ms"), ("token gap", "itl_ms"),
@@ -417,7 +426,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         print(_table(rows, ["MS", "P50", "P95", "P99"]))
         if summary["errors"]:
             print("errors: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["errors"].items())))
-    return EXIT_OK if summary["completed"] == summary["turns"] else EXIT_FAILED
+    return EXIT_OK if summary["completed"] == args.n else EXIT_FAILED
 
 
 def _fmt(x: float | None) -> str:

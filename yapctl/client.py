@@ -30,9 +30,10 @@ LINE_LIMIT = 16 * 1024 * 1024
 
 
 class AdminError(Exception):
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED, reply: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.reply = reply  # yapd's {"ok": false, ...} where it answered so: what else it says
 
 
 def _group_hint(path: Path) -> str:
@@ -121,7 +122,7 @@ class AdminClient:
             raise AdminError(f"yapd sent a line that is not JSON: {line[:80]!r}") from None
         if msg.get("ok") is False:
             error = str(msg.get("error", "failed"))
-            raise AdminError(error, EXIT_DENIED if error.startswith("permission denied") else EXIT_FAILED)
+            raise AdminError(error, EXIT_DENIED if error.startswith("permission denied") else EXIT_FAILED, dict(msg))
         return dict(msg)
 
     async def request(self, cmd: str, timeout: float | None = -1, **args: Any) -> dict[str, Any]:

@@ -221,8 +221,11 @@ class AwqJobs:
                 if not restart.get("ok"):
                     errors.append(f"engine restart failed: {restart.get('error')}")
             elif final["built"]:
+                unused = [r for r in final["built"] if getattr(self.cfg, r).quantization != "awq"]
                 final["note"] = ("built; the engines are not in awq mode (quantization = \"awq\" / QUANTIZATION=awq "
-                                 "and `yapctl restart` put it to use)")
+                                 "and `yapctl restart` put it to use)" if unused else
+                                 f"built; {' and '.join(final['built'])} not deployed (engines.deploy): it is used "
+                                 "once deployed")
         except asyncio.CancelledError:
             errors.append("the daemon is stopping")
             raise
