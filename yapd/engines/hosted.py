@@ -140,7 +140,10 @@ class HostedEngine(Engine):
         while proc is self._proc and self._state == "ready" and self._pipe is not None:
             with contextlib.suppress(PipeClosed):
                 self._pipe.send("ping")
+            asleep = time.monotonic()
             await asyncio.sleep(HEARTBEAT_S)
+            if time.monotonic() - asleep > 2 * HEARTBEAT_S:
+                continue  # this loop was held up itself: the host's answers may be unread yet
             silent = time.monotonic() - self._heard
             if silent > HOST_SILENT_S and proc is self._proc and self._state == "ready":
                 self._host_gone(proc, f"the engine host has not answered for {silent:.0f} s (hung)")
