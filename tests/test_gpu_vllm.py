@@ -531,3 +531,42 @@ def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd):
         watched.assert_gone()
     gpu_yapd.wait_for("yapd.daemon: stopped", timeout=5)
     assert not [line for line in gpu_yapd.lines if "exiting at once" in line]
+
+
+async def test_gpu_a_shutdown_ends_the_requests_still_streaming(tmp_path, monkeypatch):
+    """vLLM's shutdown stops the task that feeds its requests' queues: the engine aborts
+    the requests still running first, so a request streaming when its engine stops (a
+    restart past its drain time) ends at once with the engine's error, not never. And a
+    request vLLM ends itself (that abort) is an error, not a reply cut short passed off as
+    complete. The engine in this process, beside gpu_yapd's (a small share of memory)."""
+    from yapd import config
+    from yapd.engines.base import EngineError, SamplingSpec
+    from yapd.engines.vllm import VllmEngine
+
+    cache = Path(os.environ.get("YAPD_GPU_CACHE", str(tmp_path)))
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(cache / "vllm"))  # gpu_yapd's compile cache, warm
+    cfg = config.from_mapping({"engines": {"cache_dir": str(cache), "mps": "off"},
+                               "chat": {"model": MODEL, "backend": "vllm", "quantization": "none",
+                                        "gpu_memory_utilization": 0.15, "max_model_len": 4096}}, "test")
+    eng = VllmEngine("chat", cfg)
+    await eng.start()
+    try:
+        stream = eng.stream(eng.tokenizer("tell me a long story").input_ids,
+                            SamplingSpec(max_tokens=3000, ignore_eos=True), "long")
+        assert (await anext(stream)).n_tokens >= 1
+
+        async def rest() -> None:
+            async for _ in stream:
+                pass
+
+        reader = asyncio.ensure_future(rest())
+        await asyncio.sleep(0)
+        t0 = time.perf_counter()
+        await eng.shutdown()
+        with pytest.raises(EngineError, match="aborted the request"):
+            await asyncio.wait_for(reader, 30)
+        print(f"shutdown with a request streaming: {time.perf_counter() - t0:.1f} s")
+        assert eng.in_flight == 0 and eng.health().state == "stopped"
+    finally:
+        if eng.health().state != "stopped":
+            await eng.shutdown()
