@@ -5,6 +5,7 @@ the input limits."""
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import os
@@ -17,12 +18,15 @@ from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.http11 import Request
 
 from tests.conftest import KEY, ROOT, Yapd, recv, run_turn, send, ws_connect
 from tests.test_protocol_e2e import check_turn
 from yapd.config import Config
 from yapd.runtime import Runtime
 
+# websockets 17 parses every method (its Request has one); earlier versions GET alone
+PARSES_METHODS = "method" in {f.name for f in dataclasses.fields(Request)}
 KEY2 = "second-key-4f1c9e"
 WRONG = "wrong-key-7d2b8a"
 ORIGIN = "https://app.example"
@@ -193,13 +197,25 @@ async def test_repeated_auth_or_origin_headers_are_refused_plainly(sec_yapd) -> 
 
 
 async def test_only_get_is_served(sec_yapd) -> None:
-    """Every route is read-only: HEAD, POST, OPTIONS get 405 with Allow: GET, not the
-    route's answer. (A request with a body websockets drops before yapd sees it.)"""
+    """Every route is read-only: POST, OPTIONS (and HEAD on the WebSocket paths) get 405
+    with Allow: GET, HEAD, not the route's answer. HEAD is a GET without its body (a load
+    balancer's health check). (A request with a body websockets drops before yapd sees it.)"""
     d = sec_yapd
-    for method, extra in (("HEAD", b""), ("POST", b"Content-Length: 0\r\n"), ("OPTIONS", b"")):
-        answer = _raw_http(d, method.encode() + b" /status HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n")
-        assert answer.startswith(b"HTTP/1.1 405") and b"Allow: GET" in answer, (method, answer[:200])
-    assert http(d, "/healthz")[0] == 200
+    for method, path, extra in (("POST", b"/status", b"Content-Length: 0\r\n"), ("OPTIONS", b"/healthz", b""),
+                                ("HEAD", b"/ws", b"")):
+        answer = _raw_http(d, method.encode() + b" " + path + b" HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n")
+        if not PARSES_METHODS:  # websockets before 17 refuses them itself, before yapd sees them
+            assert not answer.startswith(b"HTTP/1.1 2"), (method, answer[:200])
+            continue
+        assert answer.startswith(b"HTTP/1.1 405") and b"Allow: GET, HEAD" in answer, (method, answer[:200])
+    if not PARSES_METHODS:
+        return
+    head = _raw_http(d, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = http(d, "/healthz")
+    assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n"), head  # no body after the headers
+    assert f"Content-Length: {len(got[1].encode())}".encode() in head and got[0] == 200
+    head = _raw_http(d, b"HEAD /status HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), head  # as GET: a key is needed
 
 
 async def test_origin_allow_list_reloads_live(make_yapd) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import http
 import json
 import logging
@@ -101,12 +102,21 @@ class YapServer:
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
+        # websockets before 17 parse GET requests only (its Request has no method)
+        method = getattr(request, "method", "GET")
+        if method not in ("GET", "HEAD") or (method == "HEAD" and path in WS_PATHS):
+            # Every route is read-only (a body would not be read); an upgrade is a GET.
+            refused = _json_response(conn, 405, {"error_code": "method_not_allowed",
+                                                 "message": f"{method[:16]} is not served: use GET"})
+            refused.headers["Allow"] = "GET, HEAD"
+            return refused
+        resp = self._route(conn, request, path)
+        if method == "HEAD" and resp is not None:  # a load balancer's check: the GET's answer, no body
+            resp = dataclasses.replace(resp, body=b"")
+        return resp
+
+    def _route(self, conn: ServerConnection, request: Request, path: str) -> Response | None:
         rt = self.rt
-        if request.method != "GET":  # every route is read-only; a body would not be read
-            resp = _json_response(conn, 405, {"error_code": "method_not_allowed",
-                                              "message": f"{request.method[:16]} is not served: use GET"})
-            resp.headers["Allow"] = "GET"
-            return resp
         if path == "/healthz":
             ok = rt.engines_ready() and not rt.stopping and not rt.draining
             state = "stopping" if rt.stopping else "draining" if rt.draining else "ok" if ok else "unavailable"
