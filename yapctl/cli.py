@@ -383,6 +383,10 @@ async def cmd_chat(args: argparse.Namespace) -> int:
     if res.error == "timeout":
         print(f"\nyapctl: no done within {timeout:g} s", file=sys.stderr)
         return EXIT_FAILED
+    refused = (res.error or "").split(":", 1)[0]
+    if refused in ("authentication_failed", "server_at_capacity"):  # said before the close: same as 1008 / 1013
+        print(f"yapctl: yapd refused the connection: {refused}", file=sys.stderr)
+        return EXIT_DENIED if refused == "authentication_failed" else EXIT_FAILED
     stream_ms = (res.total_ms - res.ttft_ms) if res.total_ms is not None and res.ttft_ms is not None else None
     metrics = {"ttfb_ms": _r(res.ttft_ms), "tool_ms": _r(res.tool_ms), "total_ms": _r(res.total_ms),
                "stream_ms": _r(stream_ms), "chunks": res.chunks, "chars": res.chars}
