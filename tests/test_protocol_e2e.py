@@ -366,6 +366,39 @@ async def test_capacity_and_slot_release_after_abrupt_drop(make_yapd):
             check_turn(await run_turn(e))
 
 
+def turns_counted(d) -> float:
+    return sum(s.value for family in text_string_to_metric_families(d.http("/metrics")[1])
+               for s in family.samples if s.name == "yapd_turns_total")
+
+
+async def test_every_turn_is_counted_once_when_its_clients_vanish(make_yapd):
+    """Concurrent mode, 30 clients each dropping its TCP connection right after its ack,
+    and 30 right after sending their start (their ack finds them gone): each turn once in
+    yapd_turns_total, whatever ended it (the connection's close cancelled a turn settling
+    its requests after a failed send: that cancel was swallowed and the turn counted twice)."""
+    d = make_yapd("[turn]\nconcurrent = true\n", server={"max_connections": 64})
+    before = turns_counted(d)
+
+    async def vanish(i: int) -> None:
+        async with ws_connect(d.url()) as ws:
+            await send(ws, type="start", session_id=f"v{i}", user_utterance="tell me a long story")
+            assert (await recv(ws))["type"] == "ack"
+            ws.transport.abort()  # no close frame: the TCP connection just ends
+
+    async def gone_at_once(i: int) -> None:
+        async with ws_connect(d.url()) as ws:
+            await send(ws, type="start", session_id=f"g{i}", user_utterance="tell me a long story")
+            ws.transport.abort()
+
+    await asyncio.gather(*(vanish(i) for i in range(30)), *(gone_at_once(i) for i in range(30)))
+    deadline = time.monotonic() + 30
+    while json.loads(d.http("/status")[1])["capacity"]["active"] or \
+            any(e["in_flight"] for e in json.loads(d.http("/status")[1])["engines"].values()):
+        assert time.monotonic() < deadline, "the vanished clients' turns never settled"
+        await asyncio.sleep(0.05)
+    assert 30 <= turns_counted(d) - before <= 60  # the acked 30, and those of the rest that began
+
+
 async def test_deploy_chat_only(make_yapd):
     d = make_yapd(env={"DEPLOY_MODELS": "chat"})
     async with ws_connect(d.url()) as ws:

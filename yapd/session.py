@@ -203,11 +203,11 @@ class Session:
             # The client left mid-turn (the server cancels this task as it notices too).
             log.debug("client gone mid-turn request=%s", turn.inp.request_id)
             if not turn.done_sent:
-                self.rt.metrics.turns.labels("client_gone").inc()
+                turn.count("client_gone")
         except Exception as exc:
             log.exception("turn crashed request=%s", turn.inp.request_id)
             if not turn.done_sent:
-                self.rt.metrics.turns.labels("error").inc()
+                turn.count("error")
                 with contextlib.suppress(Exception):
                     await self.send(protocol.error(protocol.INTERNAL_ERROR, f"internal error: {type(exc).__name__}",
                                                    turn.inp.request_id))
@@ -229,7 +229,7 @@ class Session:
         if not turn.done_sent:
             turn.done_sent = True
             self.rt.metrics.cancels.labels(cause).inc()
-            self.rt.metrics.turns.labels("cancelled").inc()
+            turn.count("cancelled")
             await self.send(turn.done_message(cancelled=True))
             self.rt.metrics.cancel_latency.observe(time.perf_counter() - t0)
 
@@ -289,7 +289,7 @@ class Session:
         """The connection is gone: stop everything it started (no messages sent)."""
         if self.turn is not None and self.turn_task is not None and not self.turn_task.done() \
                 and not self.turn.done_sent:
-            self.rt.metrics.turns.labels("client_gone").inc()  # every turn started is counted once
+            self.turn.count("client_gone")
         tasks = [t for t in (self.turn_task, *self._side_tasks) if t is not None and not t.done()]
         for task in tasks:
             task.cancel()

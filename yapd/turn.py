@@ -9,7 +9,6 @@ of a cancelled turn can follow its ``done``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -70,6 +69,7 @@ class Turn:
         self.decision: Decision | None = None
         self.state = "starting"
         self.done_sent = False
+        self.counted = False  # in yapd_turns_total: each turn once, by its outcome
 
     def _first_output(self, role: str, delta: Delta) -> float:
         """A request's first output: when it reached the turn (ms), and what its engine says
@@ -113,11 +113,13 @@ class Turn:
                     await self._send_decision(await self._decide(tool))
                     await self._stream_reply(chat_stream, None)
             finally:
-                await _settle(pending)
-                if chat_stream is not None:
-                    # Ended while waiting on the decision with the chat's first delta read,
-                    # its stream was left suspended: its request runs on until closed.
-                    await chat_stream.aclose()  # type: ignore[attr-defined]
+                try:
+                    await _settle(pending)
+                finally:
+                    if chat_stream is not None:
+                        # Ended while waiting on the decision with the chat's first delta
+                        # read, its stream was left suspended: its request runs on until closed.
+                        await chat_stream.aclose()  # type: ignore[attr-defined]
         except EngineError as exc:
             log.error("turn failed request=%s session=%s: %s", self.inp.request_id, self.inp.session_id, exc)
             await self.send(protocol.error(protocol.ENGINE_UNAVAILABLE, f"the engine failed this turn: {exc}",
@@ -286,11 +288,17 @@ class Turn:
             msg["error"] = error
         return msg
 
+    def count(self, outcome: str) -> None:
+        """The turn's outcome in yapd_turns_total, once whoever ends it first says it."""
+        if not self.counted:
+            self.counted = True
+            self.rt.metrics.turns.labels(outcome).inc()
+
     async def _send_done(self, *, cancelled: bool, error: str | None = None) -> None:
         self.done_sent = True
         self.rt.recent.record(self.ttft_ms, self.tool_ms)
         self.rt.metrics.turn_total.observe(time.perf_counter() - self.t0)
-        self.rt.metrics.turns.labels("error" if error else "cancelled" if cancelled else "completed").inc()
+        self.count("error" if error else "cancelled" if cancelled else "completed")
         await self.send(self.done_message(cancelled=cancelled, error=error))
 
 
@@ -363,12 +371,17 @@ async def after_a_round(coro: Coroutine[Any, Any, T]) -> T:
 
 async def _settle(tasks: list[asyncio.Task[Any]]) -> None:
     """Cancel what is still running and collect every outcome (an error the turn
-    never awaited must not end up as "exception was never retrieved")."""
+    never awaited must not end up as "exception was never retrieved"). A cancel of the
+    turn itself while it waits here goes through (the connection closing as a barge-in
+    is being settled): swallowed, the turn ran on past its end."""
     for task in tasks:
         if not task.done():
             task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+    if tasks:
+        await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()
 
 
 async def _first_delta(stream: AsyncIterator[Delta]) -> Delta:
