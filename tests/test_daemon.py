@@ -339,6 +339,40 @@ model = "{cache_dir / "demo" / "tool"}"
     assert d.admin(cmd="status")[-1]["pending_restart_keys"] == []
 
 
+def _cpu_models(cache_dir: Path) -> str:
+    return f'''
+[chat]
+backend = "cpu"
+model = "{cache_dir / "demo" / "chat"}"
+[tool]
+backend = "cpu"
+model = "{cache_dir / "demo" / "tool"}"
+'''
+
+
+def test_a_reload_during_a_failing_restart_is_what_stays_pending(make_yapd, cache_dir):
+    """A restart failing on a bad model path, and the file corrected (and reloaded) while
+    it runs: after the rollback nothing is pending (the stale bad path was pending again,
+    and the next restart loaded it)."""
+    models = _cpu_models(cache_dir)
+    d = make_yapd(models, demo=False, env={"YAPD_DEBUG_ENGINE_START_DELAY_S": "2"}, start=False)
+    d.start(timeout=90)
+    d.write_config(models.replace(str(cache_dir / "demo" / "chat"), "/nonexistent/chat"))
+    assert d.admin(cmd="reload")[-1]["needs_engine_restart"] == ["chat.model"]
+    replies: list[dict[str, Any]] = []
+    restart = threading.Thread(target=lambda: replies.extend(d.admin(cmd="restart", target="chat")))
+    restart.start()
+    deadline = time.monotonic() + 30
+    while d.admin(cmd="status")[-1]["engines"].get("chat", {}).get("state") == "ready":  # its restart began
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    d.write_config(models)  # corrected while the restart runs
+    d.admin(cmd="reload")
+    restart.join(60)
+    assert replies[-1]["ok"] is False and replies[-1].get("rolled_back") is True, replies[-1]
+    assert d.admin(cmd="status")[-1]["pending_restart_keys"] == []
+
+
 async def test_a_restart_after_deploy_changed_stops_the_engine_no_longer_deployed(make_yapd):
     both = UNENDING + '[engines]\ndeploy = "both"\n'
     d = make_yapd(both)

@@ -407,6 +407,23 @@ def test_a_custom_style_is_named_in_any_case_and_the_cache_dir_takes_a_daemon_re
     assert config.diff_keys(config.from_mapping({}, "test"), moved) == ([], [], ["engines.cache_dir"])
 
 
+def test_an_engine_restart_applies_engine_keys_but_not_the_daemons_restart_keys(tmp_path):
+    """engines.cache_dir reloaded beside chat.max_num_seqs: a restart of both engines
+    applies the engine key and keeps the running cache dir (the caches' environment is
+    the process's, set at its start), and nothing stays pending for the engines."""
+    from yapd.daemon import Daemon
+
+    cfg = config.from_mapping({"engines": {"cache_dir": str(tmp_path / "a")}}, "test")
+    d = Daemon(cfg, None, {})
+    d._file_cfg = config.from_mapping({"engines": {"cache_dir": str(tmp_path / "b")},
+                                       "chat": {"max_num_seqs": 8}}, "test")
+    d._pending_from_file()
+    assert d.pending_keys == ["chat.max_num_seqs"]
+    d._apply_pending(["chat", "tool"])
+    assert d.cfg.chat.max_num_seqs == 8 and d.cfg.engines.cache_dir == str(tmp_path / "a")
+    assert d.pending_keys == [] and d.pending is None
+
+
 # --- Hammer output ---------------------------------------------------------------
 
 KNOWN = ["take_screenshot", "get_weather"]

@@ -94,6 +94,7 @@ class Daemon:
         self.admin: Any = None
         self.pending: Config | None = None  # a reloaded config whose engine keys wait for a restart
         self.pending_keys: list[str] = []
+        self._file_cfg = copy.deepcopy(cfg)  # the config file as last read: what pending is against
         self._stop = asyncio.Event()
         self.awq_jobs = AwqJobs(self, self._stop)
         self._signals = 0
@@ -322,8 +323,8 @@ class Daemon:
             live.remove("server.max_frame_bytes")
             restart.append("server.max_frame_bytes")
             new.server.max_frame_bytes = old.server.max_frame_bytes
-        self.pending = copy.deepcopy(new) if engine else None
-        self.pending_keys = engine
+        self._file_cfg = copy.deepcopy(new)
+        self._pending_from_file()
         # Engine sections stay as running until an engine restart applies them.
         for section in config.ENGINE_SECTIONS:
             setattr(new, section, getattr(old, section))
@@ -370,10 +371,20 @@ class Daemon:
         both = {"chat", "tool"} <= set(roles)
         for section in config.ENGINE_SECTIONS:
             if section in roles or both:
-                setattr(self.rt.cfg, section, copy.deepcopy(getattr(self.pending, section)))
-        self.pending_keys = config.diff_keys(self.rt.cfg, self.pending)[1]
-        if not self.pending_keys:
-            self.pending = None
+                running = getattr(self.rt.cfg, section)
+                applied = copy.deepcopy(getattr(self.pending, section))
+                for key in config.RESTART_KEYS:  # engines.cache_dir: a daemon restart's, not this one's
+                    if key.startswith(f"{section}."):
+                        name = key.partition(".")[2]
+                        setattr(applied, name, getattr(running, name))
+                setattr(self.rt.cfg, section, applied)
+        self._pending_from_file()
+
+    def _pending_from_file(self) -> None:
+        """The engine keys the running config lacks of the file as last read."""
+        engine = config.diff_keys(self.rt.cfg, self._file_cfg)[1]
+        self.pending = copy.deepcopy(self._file_cfg) if engine else None
+        self.pending_keys = engine
 
     async def restart_engines(self, roles: list[str]) -> dict[str, Any]:
         if not self._ready:
@@ -383,7 +394,6 @@ class Daemon:
                     "roles": roles}
         async with self._engine_lock:
             ran = {section: copy.deepcopy(getattr(self.rt.cfg, section)) for section in config.ENGINE_SECTIONS}
-            pending = self.pending, list(self.pending_keys)
             self._apply_pending(roles)
             roles = [r for r in roles if self.cfg.deployed(r)]
             try:
@@ -392,7 +402,7 @@ class Daemon:
             except EngineError as exc:
                 log.error("engine restart: %s", exc)
                 # Nothing was stopped: the engines go on as they ran, the reloaded keys pending.
-                self._restore(ran, pending)
+                self._restore(ran)
                 return {"ok": False, "error": str(exc), "roles": roles}
             # Engines no longer deployed ([engines] deploy changed) stop: their GPU share
             # is what the deployed ones now ask for.
@@ -414,23 +424,23 @@ class Daemon:
                 if self._stop.is_set() or all(getattr(self.rt.cfg, s) == v for s, v in ran.items()):
                     self.notifier.status(f"engine restart failed: {exc}")
                     return {"ok": False, "error": str(exc), "roles": roles}
-                return await self._roll_back(ran, pending, exc)
+                return await self._roll_back(ran, exc)
             self.notifier.status(self._serving_status())
             return {"ok": True, "roles": roles, "drained": drained, **({"stopped": undeployed} if undeployed else {})}
 
-    def _restore(self, ran: dict[str, Any], pending: tuple[Config | None, list[str]]) -> None:
-        """The engine sections as they ran, and the reloaded keys pending again."""
+    def _restore(self, ran: dict[str, Any]) -> None:
+        """The engine sections as they ran; pending again what the file (as last read, a
+        reload during the restart included) says beyond them."""
         for section, value in ran.items():
             setattr(self.rt.cfg, section, value)
-        self.pending, self.pending_keys = pending
+        self._pending_from_file()
 
-    async def _roll_back(self, ran: dict[str, Any], pending: tuple[Config | None, list[str]],
-                         exc: EngineError) -> dict[str, Any]:
+    async def _roll_back(self, ran: dict[str, Any], exc: EngineError) -> dict[str, Any]:
         """A restart that failed with reloaded engine keys (a model path mistyped, say):
         the engines start again with the settings they ran with, and the reloaded keys
         stay pending, rather than a failed engine that stops the watchdog's pings and has
         systemd restart the daemon into the same config again and again."""
-        self._restore(ran, pending)
+        self._restore(ran)
         down = [r for r in self._deployed_roles() if (e := self.rt.engines.get(r)) is None or not e.health().ok]
         log.warning("engine restart failed with the reloaded settings; starting %s again with the settings "
                     "they ran with (the reloaded keys stay pending)", ", ".join(down))
