@@ -372,6 +372,29 @@ async def test_a_hung_host_fails_its_streams_and_its_health(cache_dir, monkeypat
         await eng.shutdown()
 
 
+async def test_yapd_held_up_itself_does_not_fail_a_healthy_host(cache_dir, monkeypatch):
+    """yapd's own loop held (stopped by SIGSTOP, a debugger, a long pause) for longer than
+    HOST_SILENT_S: the host, answering all along, is not taken for hung (both engines
+    were failed and killed after `kill -STOP yapd; sleep 30; kill -CONT`)."""
+    from yapd.engines import hosted
+
+    monkeypatch.setattr(hosted, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(hosted, "HOST_SILENT_S", 1.0)
+    eng = await hosted_demo_chat(cache_dir)
+    try:
+        await asyncio.sleep(0.3)  # a few heartbeats answered
+        time.sleep(2.5)  # this loop held, as a stopped yapd's is
+        await asyncio.sleep(0.5)
+        assert eng.health().ok, eng.health()
+        n = 0
+        async for delta in eng.stream(eng.tokenizer("hi").input_ids, SamplingSpec(max_tokens=3, ignore_eos=True),
+                                      "after"):
+            n += delta.n_tokens
+        assert n == 3
+    finally:
+        await eng.shutdown()
+
+
 async def test_an_abort_ends_the_hosted_stream_and_a_request_too_large_fails_alone(cache_dir, monkeypatch):
     """engine.abort(): the stream ends as an in-process one does (finished, "abort"),
     not waiting for deltas the host no longer sends. A request over the pipe's message

@@ -143,7 +143,10 @@ class HostedEngine(Engine):
             asleep = time.monotonic()
             await asyncio.sleep(HEARTBEAT_S)
             if time.monotonic() - asleep > 2 * HEARTBEAT_S:
-                continue  # this loop was held up itself: the host's answers may be unread yet
+                # This loop was held up itself (yapd stopped, a long pause): the host's
+                # answers may be unread yet, and its silence is measured from now.
+                self._heard = max(self._heard, time.monotonic())
+                continue
             silent = time.monotonic() - self._heard
             if silent > HOST_SILENT_S and proc is self._proc and self._state == "ready":
                 self._host_gone(proc, f"the engine host has not answered for {silent:.0f} s (hung)")
