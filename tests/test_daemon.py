@@ -310,12 +310,9 @@ def test_a_restart_of_one_engine_applies_its_own_keys_and_keeps_the_rest_pending
     assert d.admin(cmd="status")[-1]["pending_restart_keys"] == []
 
 
-async def test_a_restart_that_fails_on_reloaded_keys_rolls_back_and_keeps_serving(make_yapd, cache_dir):
-    """A reloaded model path that does not load: the restart fails with its reason, the
-    engine starts again as it ran, the keys stay pending (a corrected file and another
-    restart apply them), and the daemon serves on with its watchdog pinging, instead of a
-    failed engine that has systemd restart it into the same config in a loop."""
-    models = f'''
+def _cpu_models(cache_dir: Path) -> str:
+    """Both engines on the CPU with the demo models, named as a config names real ones."""
+    return f'''
 [chat]
 backend = "cpu"
 model = "{cache_dir / "demo" / "chat"}"
@@ -323,6 +320,14 @@ model = "{cache_dir / "demo" / "chat"}"
 backend = "cpu"
 model = "{cache_dir / "demo" / "tool"}"
 '''
+
+
+async def test_a_restart_that_fails_on_reloaded_keys_rolls_back_and_keeps_serving(make_yapd, cache_dir):
+    """A reloaded model path that does not load: the restart fails with its reason, the
+    engine starts again as it ran, the keys stay pending (a corrected file and another
+    restart apply them), and the daemon serves on with its watchdog pinging, instead of a
+    failed engine that has systemd restart it into the same config in a loop."""
+    models = _cpu_models(cache_dir)
     d = make_yapd(models, demo=False)
     d.write_config(models.replace(str(cache_dir / "demo" / "chat"), "/nonexistent/chat"))
     assert d.admin(cmd="reload")[-1]["needs_engine_restart"] == ["chat.model"]
@@ -337,17 +342,6 @@ model = "{cache_dir / "demo" / "tool"}"
     d.write_config(models)  # corrected: nothing left to apply
     d.admin(cmd="reload")
     assert d.admin(cmd="status")[-1]["pending_restart_keys"] == []
-
-
-def _cpu_models(cache_dir: Path) -> str:
-    return f'''
-[chat]
-backend = "cpu"
-model = "{cache_dir / "demo" / "chat"}"
-[tool]
-backend = "cpu"
-model = "{cache_dir / "demo" / "tool"}"
-'''
 
 
 def test_a_reload_during_a_failing_restart_is_what_stays_pending(make_yapd, cache_dir):
