@@ -9,6 +9,7 @@ of a cancelled turn can follow its ``done``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -118,8 +119,11 @@ class Turn:
                 finally:
                     if chat_stream is not None:
                         # Ended while waiting on the decision with the chat's first delta
-                        # read, its stream was left suspended: its request runs on until closed.
-                        await chat_stream.aclose()  # type: ignore[attr-defined]
+                        # read, its stream was left suspended: its request runs on until
+                        # closed. (Still running in its cancelled first-delta task, when a
+                        # second cancel cut the settling short, it closes itself there.)
+                        with contextlib.suppress(RuntimeError):
+                            await chat_stream.aclose()  # type: ignore[attr-defined]
         except EngineError as exc:
             log.error("turn failed request=%s session=%s: %s", self.inp.request_id, self.inp.session_id, exc)
             await self.send(protocol.error(protocol.ENGINE_UNAVAILABLE, f"the engine failed this turn: {exc}",
