@@ -235,6 +235,10 @@ class PromptCache:
         self._history = _Segment()
         self._lines: dict[str, list[int]] = {}
         self._fixed: dict[str, list[int]] = {}
+        self._tail: dict[str, list[int]] = {}  # tail_lines' memo: the lines it kept last call
+        # Set once the tool prompt had to be cut in tokens (histories of many tokens a
+        # character): later turns cut that way at once, not in characters first.
+        self.cut_in_tokens = False
 
     def encode_fixed(self, text: str) -> list[int]:
         """Token ids of a text that is the same every turn (the chat template's pieces):
@@ -262,6 +266,26 @@ class PromptCache:
             ids += line_ids
         self._lines = kept  # only this call's lines: the memo never outgrows one window
         return ids
+
+    def tail_lines(self, text: str, max_tokens: int) -> str:
+        """``text``'s last whole lines within ``max_tokens`` tokens, each line tokenized
+        once while it stays in the window (a conversation's window slides down a line or
+        two a turn)."""
+        held = self._tail
+        kept: dict[str, list[int]] = {}
+        lines: list[str] = []
+        total = 0
+        for line in reversed(_AFTER_LINE_BREAKS.split(text)):
+            ids = held.get(line) or kept.get(line)
+            if ids is None:
+                ids = self.encode(line)
+            kept[line] = ids  # the first line that does not fit too: the next call asks it again
+            if total + len(ids) > max_tokens:
+                break
+            lines.append(line)
+            total += len(ids)
+        self._tail = kept
+        return "".join(reversed(lines))
 
     def clip_tokens(self, text: str, max_tokens: int, *, from_end: bool) -> str:
         """``text`` cut to its first (or last) ``max_tokens`` tokens, as text: for a

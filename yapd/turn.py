@@ -155,11 +155,14 @@ class Turn:
         prefix, tail = self.rt.tool_prefix(tool)
         cache, t = self.tool_cache, self.cfg.turn
         assert cache is not None
-        query = cache.encode_lines(tool_query(self.inp.utterance, self.inp.history_text, t))
-        if len(query) > t.user_utt_max_tokens + t.tool_history_tokens + QUERY_FRAME_TOKENS:
-            # Cut in characters, the utterance or history ran over its tokens (emoji, CJK):
-            # cut again in the tool's own tokens, so the prompt fits its engine.
-            query = cache.encode_lines(tool_query(self.inp.utterance, self.inp.history_text, t, cache))
+        if not cache.cut_in_tokens:
+            query = cache.encode_lines(tool_query(self.inp.utterance, self.inp.history_text, t))
+            if len(query) <= t.user_utt_max_tokens + t.tool_history_tokens + QUERY_FRAME_TOKENS:
+                return prefix + query + tail
+            # Cut in characters, the utterance or history ran over its tokens (emoji, a
+            # tokenizer that knows no CJK): cut in the tool's own tokens, from now on.
+            cache.cut_in_tokens = True
+        query = cache.encode_lines(tool_query(self.inp.utterance, self.inp.history_text, t, cache))
         return prefix + query + tail
 
     async def _decide(self, tool: Engine) -> Decision:
@@ -403,11 +406,11 @@ def tool_query(utterance: str, history_text: str, t: TurnConfig, tokens: PromptC
     recent = ""
     if t.tool_history_tokens and history_text:
         recent = history_text[-t.tool_history_tokens * 4:]
-        if tokens is not None:
-            recent = tokens.clip_tokens(recent, t.tool_history_tokens, from_end=True)
         nl = recent.find("\n")
         if 0 <= nl < len(recent) - 1 and len(history_text) > len(recent):
             recent = recent[nl + 1:]
+        if tokens is not None:  # its last whole lines within the tokens
+            recent = tokens.tail_lines(recent, t.tool_history_tokens)
     utterance = clip_text(utterance, t.user_utt_max_tokens, from_end=False)
     if tokens is not None:
         utterance = tokens.clip_tokens(utterance, t.user_utt_max_tokens, from_end=False)
