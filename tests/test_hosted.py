@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -304,6 +305,21 @@ async def test_a_request_id_used_again_after_an_abort_gets_only_its_own_deltas(c
     assert eng.health().state == "stopped"
 
 
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[int]:
+    """Process ``pid`` stopped (SIGSTOP) for the block; yields a pidfd, readable once the
+    process has ended (reaped or not); killed after the block whatever it did."""
+    exited = os.pidfd_open(pid)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield exited
+    finally:
+        os.close(exited)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+
+
 async def test_a_host_stop_cut_short_kills_the_host(cache_dir):
     """yapd's stop waits on its engines for its drain time only: when that wait gives up
     first (here on a host that cannot answer: stopped by SIGSTOP), the host is killed
@@ -311,17 +327,10 @@ async def test_a_host_stop_cut_short_kills_the_host(cache_dir):
     eng = await hosted_demo_chat(cache_dir)
     pid = eng.host_pid
     assert pid is not None
-    exited = os.pidfd_open(pid)  # readable once the process has ended, reaped or not
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    with stopped(pid) as exited:
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(eng.shutdown(), 0.5)
         assert select.select([exited], [], [], 10)[0], "the host lives on after its stop was cut short"
-    finally:
-        os.close(exited)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-            os.kill(pid, signal.SIGCONT)
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
@@ -352,23 +361,18 @@ async def test_a_hung_host_fails_its_streams_and_its_health(cache_dir, monkeypat
     eng = await hosted_demo_chat(cache_dir)
     pid = eng.host_pid
     assert pid is not None
-    exited = os.pidfd_open(pid)
     try:
         stream = eng.stream(eng.tokenizer("tell me a long story").input_ids,
                             SamplingSpec(max_tokens=400, ignore_eos=True), "hung")
         assert (await anext(stream)).n_tokens >= 1
-        os.kill(pid, signal.SIGSTOP)
-        with pytest.raises(EngineError, match="has not answered"):
-            async with asyncio.timeout(30):
-                async for _ in stream:
-                    pass
-        assert eng.health().state == "failed" and eng.in_flight == 0
-        assert select.select([exited], [], [], 10)[0], "the hung host was not ended"
+        with stopped(pid) as exited:
+            with pytest.raises(EngineError, match="has not answered"):
+                async with asyncio.timeout(30):
+                    async for _ in stream:
+                        pass
+            assert eng.health().state == "failed" and eng.in_flight == 0
+            assert select.select([exited], [], [], 10)[0], "the hung host was not ended"
     finally:
-        os.close(exited)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-            os.kill(pid, signal.SIGCONT)
         await eng.shutdown()
 
 
