@@ -320,6 +320,26 @@ def stopped(pid: int) -> Iterator[int]:
             os.kill(pid, signal.SIGCONT)
 
 
+async def test_a_host_that_cannot_be_started_leaves_no_descriptor_behind(cache_dir, monkeypatch):
+    """The host's program cannot be run (a broken venv): the start fails with the reason,
+    and yapd's end of the socketpair is closed and no longer kept out of forks (each
+    failed start leaked one)."""
+    from yapd import forking
+    from yapd.engines import hosted
+
+    monkeypatch.setattr(hosted, "command", lambda fd, loop: ["/nonexistent/python", "-m", "yapd.engines.host"])
+    cfg = config.load(None, overrides={"demo": True})
+    cfg.engines.cache_dir = str(cache_dir)
+    cfg.chat.own_process = True
+    eng = create_engine("chat", daemon.prepare(cfg))
+    kept = set(forking._descriptors_out)
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(EngineError, match="nonexistent"):
+        await eng.start()
+    assert set(forking._descriptors_out) == kept and set(os.listdir("/proc/self/fd")) <= fds
+    assert eng.health().state == "failed"
+
+
 async def test_a_host_stop_cut_short_kills_the_host(cache_dir):
     """yapd's stop waits on its engines for its drain time only: when that wait gives up
     first (here on a host that cannot answer: stopped by SIGSTOP), the host is killed

@@ -170,6 +170,11 @@ class HostedEngine(Engine):
         try:
             self._proc = proc = await asyncio.create_subprocess_exec(
                 *command(theirs.fileno(), self.cfg.server.event_loop), pass_fds=(theirs.fileno(),))
+        except BaseException:  # no host: yapd's end goes too (each failed start leaked it)
+            self._unkeep()
+            self._unkeep = _nothing
+            ours.close()
+            raise
         finally:
             theirs.close()
         # The ends of this host, not of one an earlier start of this engine ran.
