@@ -371,10 +371,8 @@ async def cmd_chat(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except ConnectionClosed as exc:
         # yapd answered and closed: a refused key (1008) or a full server (1013)
-        code = exc.rcvd.code if exc.rcvd is not None else None
-        if code in (CLOSE_POLICY, CLOSE_TRY_AGAIN):
-            print(f"yapctl: yapd refused the connection: {exc.rcvd.reason if exc.rcvd else code}", file=sys.stderr)
-            return EXIT_DENIED if code == CLOSE_POLICY else EXIT_FAILED
+        if exc.rcvd is not None and exc.rcvd.code in (CLOSE_POLICY, CLOSE_TRY_AGAIN):
+            return _refused(exc.rcvd.reason, denied=exc.rcvd.code == CLOSE_POLICY)
         print(f"yapctl: the connection to {args.url} ended: {exc}", file=sys.stderr)
         return EXIT_DOWN
     except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
@@ -385,8 +383,7 @@ async def cmd_chat(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     refused = (res.error or "").split(":", 1)[0]
     if refused in ("authentication_failed", "server_at_capacity"):  # said before the close: same as 1008 / 1013
-        print(f"yapctl: yapd refused the connection: {refused}", file=sys.stderr)
-        return EXIT_DENIED if refused == "authentication_failed" else EXIT_FAILED
+        return _refused(refused, denied=refused == "authentication_failed")
     stream_ms = (res.total_ms - res.ttft_ms) if res.total_ms is not None and res.ttft_ms is not None else None
     metrics = {"ttfb_ms": _r(res.ttft_ms), "tool_ms": _r(res.tool_ms), "total_ms": _r(res.total_ms),
                "stream_ms": _r(stream_ms), "chunks": res.chunks, "chars": res.chars}
@@ -398,6 +395,12 @@ async def cmd_chat(args: argparse.Namespace) -> int:
         print("metrics " + " ".join(f"{k}={v}" for k, v in metrics.items()))
         print(f"final {json.dumps(res.text)}")
     return EXIT_OK if res.ok else EXIT_FAILED
+
+
+def _refused(reason: str, *, denied: bool) -> int:
+    """yapd turned the connection away: a refused key is exit 4, a full server 1."""
+    print(f"yapctl: yapd refused the connection: {reason}", file=sys.stderr)
+    return EXIT_DENIED if denied else EXIT_FAILED
 
 
 def _r(x: float | None) -> float | None:

@@ -13,7 +13,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -335,6 +335,15 @@ ENGINE_SECTIONS = ("engines", "chat", "tool", "awq")
 # engines.cache_dir: the caches' environment (HF_HOME, VLLM_CACHE_ROOT, ...) is set once, at start.
 RESTART_KEYS = ("server.host", "server.port", "server.event_loop", "server.write_buffer_bytes", "admin.socket",
                 "admin.enabled", "logging.file", "engines.cache_dir")
+
+
+def keep_restart_keys(new: Config, running: Config, sections: Collection[str] | None = None) -> None:
+    """``new``'s RESTART_KEYS (those of ``sections``, or all) set as ``running`` has them:
+    a reload or an engine restart cannot apply them."""
+    for key in RESTART_KEYS:
+        section, _, name = key.partition(".")
+        if sections is None or section in sections:
+            setattr(getattr(new, section), name, getattr(getattr(running, section), name))
 
 
 # --- loading ----------------------------------------------------------------------

@@ -328,9 +328,7 @@ class Daemon:
         # Engine sections stay as running until an engine restart applies them.
         for section in config.ENGINE_SECTIONS:
             setattr(new, section, getattr(old, section))
-        for key in config.RESTART_KEYS:
-            section, _, name = key.partition(".")
-            setattr(getattr(new, section), name, getattr(getattr(old, section), name))
+        config.keep_restart_keys(new, old)
         self.rt.cfg = new
         if any(key.startswith("logging.") for key in live):
             logs.setup(new.logging, self.ring)
@@ -369,15 +367,11 @@ class Daemon:
         if self.pending is None:
             return
         both = {"chat", "tool"} <= set(roles)
-        for section in config.ENGINE_SECTIONS:
-            if section in roles or both:
-                running = getattr(self.rt.cfg, section)
-                applied = copy.deepcopy(getattr(self.pending, section))
-                for key in config.RESTART_KEYS:  # engines.cache_dir: a daemon restart's, not this one's
-                    if key.startswith(f"{section}."):
-                        name = key.partition(".")[2]
-                        setattr(applied, name, getattr(running, name))
-                setattr(self.rt.cfg, section, applied)
+        sections = [section for section in config.ENGINE_SECTIONS if section in roles or both]
+        running = copy.copy(self.rt.cfg)  # the sections as they run (replaced below, not changed)
+        for section in sections:
+            setattr(self.rt.cfg, section, copy.deepcopy(getattr(self.pending, section)))
+        config.keep_restart_keys(self.rt.cfg, running, sections)  # engines.cache_dir: a daemon restart's
         self._pending_from_file()
 
     def _pending_from_file(self) -> None:

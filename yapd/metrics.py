@@ -67,11 +67,15 @@ class _EngineUp:
     def __init__(self, serving: Callable[[], Mapping[str, bool]]) -> None:
         self.serving = serving
 
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("yapd_engine_up", "1 when the engine serves", labels=["role"])
+
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily("yapd_engine_up", "1 when the engine serves", labels=["role"])
+        yield self._family()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("yapd_engine_up", "1 when the engine serves", labels=["role"])
+        family = self._family()
         for role, ok in self.serving().items():
             family.add_metric([role], 1.0 if ok else 0.0)
         yield family

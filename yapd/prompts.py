@@ -287,14 +287,13 @@ class PromptCache:
         self._tail = kept
         return "".join(reversed(lines))
 
-    def clip_tokens(self, text: str, max_tokens: int, *, from_end: bool) -> str:
-        """``text`` cut to its first (or last) ``max_tokens`` tokens, as text: for a
+    def first_tokens(self, text: str, max_tokens: int) -> str:
+        """``text`` cut to its first ``max_tokens`` tokens (trim_utterance's), as text: for a
         prompt built as text (the tool's) whose limits are counted in tokens."""
         ids = self.encode(text)
         if len(ids) <= max_tokens:
             return text
-        kept = ids[-max_tokens:] if from_end else ids[:max_tokens]
-        return str(self.tok.decode(kept, skip_special_tokens=False)) if kept else ""
+        return str(self.tok.decode(trim_utterance(ids, max_tokens), skip_special_tokens=False))
 
     def persona_ids(self, text: str) -> list[int]:
         if text != self._persona.text:

@@ -82,7 +82,6 @@ class YapServer:
 
     async def start(self, host: str, port: int) -> None:
         s = self.rt.cfg.server
-        self.hard_cap = frame_cap(s.max_frame_bytes)
         self._server = await serve(
             self._handle, host, port,
             process_request=self._process_request,

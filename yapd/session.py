@@ -202,8 +202,7 @@ class Session:
         except protocol.ClientGone:
             # The client left mid-turn (the server cancels this task as it notices too).
             log.debug("client gone mid-turn request=%s", turn.inp.request_id)
-            if not turn.done_sent:
-                turn.count("client_gone")
+            turn.count("client_gone")  # unless its done counted it
         except Exception as exc:
             log.exception("turn crashed request=%s", turn.inp.request_id)
             if not turn.done_sent:
@@ -287,9 +286,8 @@ class Session:
 
     async def close(self) -> None:
         """The connection is gone: stop everything it started (no messages sent)."""
-        if self.turn is not None and self.turn_task is not None and not self.turn_task.done() \
-                and not self.turn.done_sent:
-            self.turn.count("client_gone")
+        if self.turn is not None and self.turn_task is not None and not self.turn_task.done():
+            self.turn.count("client_gone")  # unless its done counted it
         tasks = [t for t in (self.turn_task, *self._side_tasks) if t is not None and not t.done()]
         for task in tasks:
             task.cancel()

@@ -413,7 +413,7 @@ def tool_query(utterance: str, history_text: str, t: TurnConfig, tokens: PromptC
             recent = tokens.tail_lines(recent, t.tool_history_tokens)
     utterance = clip_text(utterance, t.user_utt_max_tokens, from_end=False)
     if tokens is not None:
-        utterance = tokens.clip_tokens(utterance, t.user_utt_max_tokens, from_end=False)
+        utterance = tokens.first_tokens(utterance, t.user_utt_max_tokens)
     return query_block(utterance, recent)
 
 

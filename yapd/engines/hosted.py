@@ -138,8 +138,7 @@ class HostedEngine(Engine):
         """Ask the serving host to answer, and fail it when it stays silent."""
         self._heard = time.monotonic()
         while proc is self._proc and self._state == "ready" and self._pipe is not None:
-            with contextlib.suppress(PipeClosed):
-                self._pipe.send("ping")
+            self._tell("ping")
             asleep = time.monotonic()
             await asyncio.sleep(HEARTBEAT_S)
             if time.monotonic() - asleep > 2 * HEARTBEAT_S:
@@ -184,15 +183,17 @@ class HostedEngine(Engine):
 
     def abandon_start(self) -> None:
         super().abandon_start()
-        if self._pipe is not None and not self._pipe.closed:
-            with contextlib.suppress(PipeClosed):
-                self._pipe.send("abandon")
+        self._tell("abandon")
 
     def set_log_level(self, level: int) -> None:
         """yapd's log level, reloaded: the host logs as yapd does."""
+        self._tell("level", level)
+
+    def _tell(self, *msg: Any) -> None:
+        """A message to the host, where its pipe is open (gone, it hears nothing more)."""
         if self._pipe is not None and not self._pipe.closed:
             with contextlib.suppress(PipeClosed):
-                self._pipe.send("level", level)
+                self._pipe.send(*msg)
 
     def kill(self) -> None:
         """The fault tests' crash of the engine, in the host (the CPU engine's kill)."""
@@ -338,9 +339,7 @@ class HostedEngine(Engine):
             self._abort(key)
 
     def _abort(self, key: int) -> None:
-        if self._pipe is not None and not self._pipe.closed:
-            with contextlib.suppress(PipeClosed):
-                self._pipe.send("abort", key)
+        self._tell("abort", key)
 
     async def shutdown(self) -> None:
         if self._proc is None:
@@ -359,9 +358,7 @@ class HostedEngine(Engine):
         proc, pipe = self._proc, self._pipe
         if proc is None:
             return
-        if pipe is not None and not pipe.closed:
-            with contextlib.suppress(PipeClosed):
-                pipe.send("stop")
+        self._tell("stop")
         try:
             await asyncio.wait_for(proc.wait(), wait_s)
         except asyncio.TimeoutError:
