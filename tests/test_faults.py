@@ -61,10 +61,11 @@ async def test_engine_raises_mid_stream_one_turn_fails_others_go_on(fault_yapd):
         await send(b, type="start", session_id="b", user_utterance="tell me a long story", request_id="tb")
         await _first_token(a, "ta")
         await _first_token(b, "tb")
-        # Both stream now; the chat engine's next steps fail once, in whichever request.
-        assert d.admin(cmd="debug", action="fail_steps", role="chat", steps=2)[-1]["ok"]
+        # Read before the fault: the failed turn's error may be counted before fail_steps answers.
         errors = 'yapd_errors_total{code="engine_unavailable"}'
         sent_before = _counter(d, errors)
+        # Both stream now; the chat engine's next steps fail once, in whichever request.
+        assert d.admin(cmd="debug", action="fail_steps", role="chat", steps=2)[-1]["ok"]
         ends = {"ta": await until_done(a, 60), "tb": await until_done(b, 60)}
         failed = [rid for rid, msgs in ends.items() if any(m["type"] == "error" for m in msgs)]
         assert len(failed) == 1, ends
