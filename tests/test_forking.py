@@ -548,6 +548,28 @@ async def test_a_start_failing_after_its_engine_started_shuts_that_engine_down(m
     assert chat._llm is None
 
 
+async def test_a_cancelled_start_shuts_down_the_engine_its_build_goes_on_to_make(stand_in: StandInStarts):
+    # A restart cancelled while vLLM loads (the admin client's task, at a stop): vLLM's
+    # start goes on in its worker thread, and the engine it then builds must not keep GPU
+    # memory with nothing left holding it.
+    (chat,) = stand_in.engines("chat")
+    loop, forked = asyncio.get_running_loop(), asyncio.Event()
+    stop = forking.on_fork(lambda: loop.call_soon_threadsafe(forked.set))
+    try:
+        start = asyncio.ensure_future(chat.start())  # type: ignore[attr-defined]
+        await asyncio.wait_for(forked.wait(), 30)
+    finally:
+        stop()
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    assert chat.health().state == "failed" and not stand_in.built  # type: ignore[attr-defined]
+    stand_in.loaded.set()  # the EngineCore's load ends: vLLM's start returns its engine
+    await asyncio.wait_for(chat.shutdown(), 30)  # type: ignore[attr-defined]
+    assert [llm.shut_down for llm in stand_in.built] == [True]
+    assert chat._llm is None  # type: ignore[attr-defined]
+
+
 def _report_settings(report: multiprocessing.connection.Connection) -> None:
     # A forked child's one thread has the id its forking thread has in the parent.
     report.send((os.environ.get("YAP_TEST_CHILD_ENV"), sys.getswitchinterval(), threading.get_ident()))

@@ -188,6 +188,7 @@ class VllmEngine(Engine):
         self._forked_with: forking.ChildSettings | None = None  # this start's, once vLLM's start ran
         self._forked_on: forking.LoopForks | None = None  # engines.fork_from_main_thread: this start's
         self.core_forked_by_main = False  # its EngineCore forked by yapd's main thread
+        self._ending: asyncio.Task[None] | None = None  # a cancelled start's engine, being shut down
 
     def settings(self, fetch: bool = False) -> dict[str, Any]:
         """The AsyncEngineArgs this engine starts with (resolved once per start; ``fetch``:
@@ -255,6 +256,7 @@ class VllmEngine(Engine):
         self._forked_on = None
         env = dict(child_env or {})
         tok: asyncio.Future[Any] | None = None
+        work: asyncio.Future[Any] | None = None
         t0 = time.perf_counter()
         try:
             async with _start_turn():
@@ -274,7 +276,8 @@ class VllmEngine(Engine):
                 async with _start_turn():
                     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = method
                     vllm_plugin.offer(self.cfg.engines.core_switch_interval_ms)  # to a spawned core
-                    work = asyncio.to_thread(self._build, kwargs, env, asyncio.get_running_loop())
+                    work = asyncio.ensure_future(asyncio.to_thread(self._build, kwargs, env,
+                                                                   asyncio.get_running_loop()))
                     building = time.perf_counter()
                     built = await (_until_forked(work) if method == "fork" else _until_spawned(work))
                     # Read before the turn passes on: the next start sets its own (one
@@ -306,6 +309,12 @@ class VllmEngine(Engine):
             self._state, self._detail = "failed", f"start failed: {exc}"
             await self._end_failed_start()
             raise self.start_error(exc) from exc
+        except asyncio.CancelledError:
+            # vLLM's start goes on in its worker thread (nothing stops one there): what it
+            # builds is shut down once built, never left holding GPU memory unreached.
+            self._state, self._detail = "failed", "start cancelled"
+            self._ending = asyncio.ensure_future(self._end_cancelled_start(work))
+            raise
         finally:
             if tok is not None:
                 tok.cancel()  # after a failed start: no tokenizer for an engine that is not there
@@ -320,6 +329,14 @@ class VllmEngine(Engine):
             await self._end_llm()
         except Exception as exc:  # the start's own error is the one to report
             log.warning("ending the failed start's engine role=%s: %s", self.role, exc)
+
+    async def _end_cancelled_start(self, work: asyncio.Future[Any] | None) -> None:
+        if self._llm is None and work is not None:
+            try:
+                self._llm = await work
+            except Exception:
+                return  # a build that failed left no engine behind
+        await self._end_failed_start()
 
     async def _load_tokenizer(self, name: str, revision: str | None) -> Any:
         """yapd's own tokenizer for this engine, loaded once every engine starting beside
@@ -498,6 +515,8 @@ class VllmEngine(Engine):
 
     async def shutdown(self) -> None:
         self._state = "stopping"
+        if self._ending is not None:
+            await asyncio.shield(self._ending)  # a cancelled start's engine is gone first
         await self._end_llm()
         self._state = "stopped"
 
