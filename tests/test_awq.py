@@ -27,6 +27,7 @@ from tests.hub_standin import HubStandIn
 from tests.test_daemon import NotifySocket
 from yapd import awq, config
 from yapd.awq import calibration
+from yapd.awq.jobs import job_command
 from yapd.engines.base import EngineError
 
 pytest.importorskip("llmcompressor", reason="the awq extra (llmcompressor) is not installed")
@@ -276,6 +277,28 @@ def test_slugs_and_engine_resolution(tmp_path, demo_tool):
     # compressed-tensors is read from config.json; the float model's revision is not the cache's.
     assert kw["quantization"] is None and kw["revision"] is None and kw["tokenizer"] == cached
     assert engine_kwargs("tool", cfg, cfg.tool.model, (9, 0))["revision"] == "abc123"
+
+
+def test_an_awq_entry_belongs_to_the_revision_it_was_built_from(tmp_path):
+    # A config moved to another revision of the float model must not load the AWQ build
+    # of the one before (other weights): it needs its own build, in its own folder.
+    cfg = config.load(None, env={"QUANTIZATION": "awq", "YAP_CACHE_DIR": str(tmp_path)})
+    cfg.tool.model = "MadeAgents/Hammer2.1-3b"
+    _fake_entry(awq.cache_path(tmp_path, cfg.tool.model), "2026-01-01T00:00:00+00:00")
+    cfg.tool.revision = "refs/pr/7"
+    assert awq.needs_build(cfg.tool, cfg)
+    with pytest.raises(EngineError, match="yapctl awq rebuild"):
+        awq.resolve_model("tool", cfg.tool, cfg)
+    out = awq.cache_path(tmp_path, cfg.tool.model, cfg.tool.revision)
+    assert out == tmp_path / "awq" / "MadeAgents--Hammer2.1-3b@refs-pr-7"
+    argv = job_command(cfg, "tool", cfg.tool.model, cfg.tool)
+    assert argv[argv.index("--out") + 1] == str(out.absolute()) and argv[argv.index("--revision") + 1] == "refs/pr/7"
+    _fake_entry(out, "2026-02-01T00:00:00+00:00")
+    assert awq.resolve_model("tool", cfg.tool, cfg) == str(out) and not awq.needs_build(cfg.tool, cfg)
+    # A local checkpoint has no revision: its entry is the same whatever the config says.
+    local = tmp_path / "float" / "tool"
+    local.mkdir(parents=True)
+    assert awq.model_slug(str(local), "v2") == awq.model_slug(str(local))
 
 
 # --- Hub push ------------------------------------------------------------------------------

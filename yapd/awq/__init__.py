@@ -43,25 +43,32 @@ class AwqSettingsError(AwqError):
     """The settings cannot work (no token, no repo, ...): found before any quantizing."""
 
 
-def model_slug(model: str) -> str:
-    """A directory name for a model id or path: ``org/name`` -> ``org--name``.
+def model_slug(model: str, revision: str = "") -> str:
+    """A directory name for a model id or path: ``org/name`` -> ``org--name``, and
+    ``org--name@v2`` for a Hub revision other than the default one.
 
     A local directory gets its base name plus a short hash of its absolute path, so
-    two different ``.../tool`` directories never share a cache entry."""
+    two different ``.../tool`` directories never share a cache entry; it has no revision."""
     base = model.rstrip("/")
     if _is_local(base):
         full = str(Path(base).expanduser().resolve())
         digest = hashlib.sha256(full.encode()).hexdigest()[:8]
-        base = f"{Path(full).name}-{digest}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", base.replace("/", "--")).strip("-.") or "model"
+        base, revision = f"{Path(full).name}-{digest}", ""
+    slug = _safe(base.replace("/", "--")) or "model"
+    # No Hub repo name has an "@": an entry of another revision never shares its folder.
+    return f"{slug}@{_safe(revision)}" if _safe(revision) else slug
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
 
 
 def cache_root(cache_dir: Path) -> Path:
     return Path(cache_dir) / "awq"
 
 
-def cache_path(cache_dir: Path, model: str) -> Path:
-    return cache_root(cache_dir) / model_slug(model)
+def cache_path(cache_dir: Path, model: str, revision: str = "") -> Path:
+    return cache_root(cache_dir) / model_slug(model, revision)
 
 
 def tmp_path(final: Path, pid: int | None = None) -> Path:
@@ -130,9 +137,9 @@ def cleanup(final: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
-def find_cached(cache_dir: Path, model: str) -> Path | None:
-    """The finished cache entry for ``model``, or None."""
-    final = cache_path(cache_dir, model)
+def find_cached(cache_dir: Path, model: str, revision: str = "") -> Path | None:
+    """The finished cache entry for ``model`` at ``revision``, or None."""
+    final = cache_path(cache_dir, model, revision)
     with contextlib.suppress(OSError):
         cleanup(final)
     return final if is_complete(final) else None
@@ -197,7 +204,7 @@ def needs_build(ecfg: EngineConfig, cfg: Config) -> bool:
     if ecfg.quantization != "awq":
         return False
     source = source_for(ecfg)
-    return source is not None and find_cached(cfg.cache_dir(), source) is None
+    return source is not None and find_cached(cfg.cache_dir(), source, ecfg.revision) is None
 
 
 def resolve_model(role: str, ecfg: EngineConfig, cfg: Config) -> str:
@@ -209,7 +216,7 @@ def resolve_model(role: str, ecfg: EngineConfig, cfg: Config) -> str:
         return ecfg.awq_model
     if is_prequantized(ecfg.model):
         return ecfg.model
-    cached = find_cached(cfg.cache_dir(), ecfg.model)
+    cached = find_cached(cfg.cache_dir(), ecfg.model, ecfg.revision)
     if cached is None:
         from yapd.engines.base import EngineError
 

@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error("--out or --cache-dir is required")
         from yapd.awq import cache_path
 
-        args.out = str(cache_path(Path(args.cache_dir), args.model))
+        args.out = str(cache_path(Path(args.cache_dir), args.model, args.revision))
     if args.samples < 1 or args.max_len < 16:
         build_parser().error("--samples must be >= 1 and --max-len >= 16")
     _die_with_parent()

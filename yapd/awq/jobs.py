@@ -58,7 +58,7 @@ def job_command(cfg: Config, role: str, source: str, ecfg: EngineConfig) -> list
     """The job's command line. Paths are made absolute here: the job runs in the cache's
     awq folder, where a path relative to yapd's own folder means something else."""
     a = cfg.awq
-    out = awq.cache_path(cfg.cache_dir(), source).absolute()
+    out = awq.cache_path(cfg.cache_dir(), source, ecfg.revision).absolute()
     if Path(source).exists():  # a local checkpoint (not a Hub repo id)
         source = str(Path(source).absolute())
     argv = [a.python or sys.executable, "-m", "yapd.awq.job", "--model", source, "--out", str(out),
@@ -117,7 +117,7 @@ class AwqJobs:
             if source is None:
                 info["prequantized"] = ecfg.awq_model or ecfg.model
             else:
-                path = awq.cache_path(cfg.cache_dir(), source)
+                path = awq.cache_path(cfg.cache_dir(), source, ecfg.revision)
                 meta = awq.read_metadata(path) if awq.is_complete(path) else None
                 info["cache"] = str(path) if meta else None
                 if meta:
@@ -303,7 +303,7 @@ class AwqJobs:
                         "elapsed_s": 0.0, "eta_s": None, "message": "starting", "pid": None}
         self._notify_status()
         self._broadcast({"event": "progress", "role": role, "stage": "starting", "message": f"quantizing {source}"})
-        log.info("AWQ job starting role=%s model=%s out=%s", role, source, awq.cache_path(cfg.cache_dir(), source))
+        log.info("AWQ job starting role=%s model=%s out=%s", role, source, argv[argv.index("--out") + 1])
         result: dict[str, Any] | None = None
         n_layers = 0
         tail: collections.deque[str] = collections.deque(maxlen=30)
