@@ -115,3 +115,26 @@ def test_wait_gone_sees_exit_and_zombies() -> None:
     assert wait_gone(proc.pid, 5) is True
     proc.wait()
     assert wait_gone(proc.pid, 0.1) is True
+
+
+def test_a_shutdown_waits_for_every_data_parallel_core() -> None:
+    # With data_parallel_size > 1 vLLM runs one EngineCore per rank: the GPU memory is
+    # back only once all of them are gone, not the first alone.
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from yapd.engines.vllm import core_pid, core_pids, wait_all_gone
+
+    done, running = (subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({s})"]) for s in (0, 30))
+    try:
+        done.wait()
+        llm = SimpleNamespace(engine_core=SimpleNamespace(resources=SimpleNamespace(
+            engine_manager=SimpleNamespace(processes=[done, running]))))
+        assert core_pids(llm) == [done.pid, running.pid] and core_pid(llm) == done.pid
+        assert wait_all_gone(core_pids(llm), 0.2) is False  # the second rank still runs
+    finally:
+        running.kill()
+    assert wait_all_gone([done.pid, running.pid], 5) is True
+    running.wait()
+    assert core_pids(object()) == [] and core_pid(object()) is None  # in-process: no core to wait for

@@ -522,7 +522,7 @@ class VllmEngine(Engine):
 
     async def _end_llm(self) -> None:
         """Shut the AsyncLLM down and wait for its EngineCore to exit."""
-        pid = self.engine_pid()
+        pids = core_pids(self._llm)
         llm, self._llm = self._llm, None
         if llm is not None:
             if self._inflight:
@@ -532,10 +532,10 @@ class VllmEngine(Engine):
                 with contextlib.suppress(Exception):
                     await llm.abort(list(self._inflight))
             await asyncio.to_thread(llm.shutdown)
-        if pid is not None:
-            # The GPU memory comes back only when the EngineCore process is gone; a
+        if pids:
+            # The GPU memory comes back only when every EngineCore process is gone; a
             # restart measures free memory right after this (side-by-side gate).
-            await asyncio.to_thread(wait_gone, pid, SHUTDOWN_WAIT_S)
+            await asyncio.to_thread(wait_all_gone, pids, SHUTDOWN_WAIT_S)
 
     def engine_pid(self) -> int | None:
         """The EngineCore process id (for fault tests: kill -9 it)."""
@@ -583,13 +583,18 @@ def starting_cores(parent: int | None = None) -> set[int]:
     return {pid for pid, what in start_children(parent).items() if what == "EngineCore"}
 
 
-def core_pid(llm: Any) -> int | None:
-    """An AsyncLLM's (first) EngineCore process id; None in-process or where this vLLM
-    keeps it elsewhere."""
+def core_pids(llm: Any) -> list[int]:
+    """An AsyncLLM's EngineCore process ids (one per data-parallel rank); none in-process
+    or where this vLLM keeps them elsewhere."""
     try:
-        return int(llm.engine_core.resources.engine_manager.processes[0].pid)
+        return [int(p.pid) for p in llm.engine_core.resources.engine_manager.processes]
     except Exception:
-        return None
+        return []
+
+
+def core_pid(llm: Any) -> int | None:
+    """An AsyncLLM's first EngineCore process id (see core_pids)."""
+    return next(iter(core_pids(llm)), None)
 
 
 # How vLLM ends a request yapd did not end, by the finish reason it gives: failed (an error
@@ -807,15 +812,22 @@ async def end_loading_starts(engines: Sequence[Engine]) -> None:
         await asyncio.sleep(CORE_CHECK_S)
 
 
+def wait_all_gone(pids: Sequence[int], timeout: float) -> bool:
+    """Wait until each of ``pids`` has exited, all within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    return all([wait_gone(pid, max(0.0, deadline - time.monotonic())) for pid in pids])
+
+
 def wait_gone(pid: int, timeout: float) -> bool:
     """Wait until process ``pid`` has exited (or is a zombie: its GPU memory is freed)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:  # looked at once at least, however little time is left
         try:
             with open(f"/proc/{pid}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] == "Z":
                     return True
         except (OSError, IndexError):
             return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
-    return False
