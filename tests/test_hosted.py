@@ -90,12 +90,20 @@ async def test_turns_run_through_both_engine_hosts(hosted_yapd):
 
 async def test_a_cancelled_turn_ends_its_request_in_the_host(hosted_yapd):
     d = hosted_yapd
+    host = hosts(d)["chat"]
     async with ws_connect(d.url()) as ws:
         await send(ws, type="start", session_id="c", user_utterance="tell me a long story", request_id="long")
         await _first_token(ws, "long")
-        assert status(d)["engines"]["chat"]["in_flight"] == 1
-        await send(ws, type="cancel")
-        done = (await until_done(ws))[-1]
+        # The host held (SIGSTOP) until the cancel's done: its reply's 200 tokens take a few
+        # hundred ms, and on a loaded machine the /status call and the cancel took longer
+        # (the turn ended uncancelled, or in_flight was 0 already).
+        os.kill(host, signal.SIGSTOP)
+        try:
+            assert status(d)["engines"]["chat"]["in_flight"] == 1
+            await send(ws, type="cancel")
+            done = (await until_done(ws))[-1]
+        finally:
+            os.kill(host, signal.SIGCONT)
         assert done["request_id"] == "long" and done["cancelled"] is True
         assert status(d)["engines"]["chat"]["in_flight"] == 0
         check_turn(await run_turn(ws, session_id="c", request_id="next"), "next")
