@@ -56,14 +56,16 @@ def _counter(d: Yapd, sample: str) -> float:
 
 async def test_engine_raises_mid_stream_one_turn_fails_others_go_on(fault_yapd):
     d = fault_yapd
+    # Read before the fault: the failed turn's error may be counted before fail_steps
+    # answers. And before the turns: a /metrics call between their first tokens and the
+    # fault took part of the few hundred ms their replies last (on a loaded machine, all).
+    errors = 'yapd_errors_total{code="engine_unavailable"}'
+    sent_before = _counter(d, errors)
     async with ws_connect(d.url()) as a, ws_connect(d.url()) as b:
         await send(a, type="start", session_id="a", user_utterance="tell me a long story", request_id="ta")
         await send(b, type="start", session_id="b", user_utterance="tell me a long story", request_id="tb")
         await _first_token(a, "ta")
         await _first_token(b, "tb")
-        # Read before the fault: the failed turn's error may be counted before fail_steps answers.
-        errors = 'yapd_errors_total{code="engine_unavailable"}'
-        sent_before = _counter(d, errors)
         # Both stream now; the chat engine's next steps fail once, in whichever request.
         assert d.admin(cmd="debug", action="fail_steps", role="chat", steps=2)[-1]["ok"]
         ends = {"ta": await until_done(a, 60), "tb": await until_done(b, 60)}
