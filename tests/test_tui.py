@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from textual.widgets import DataTable, Input, ProgressBar, Select, Static
 
 from tests.conftest import run_turn, ws_connect
 from tests.tui_screenshots import SIZE, capture, until
+from yapctl.client import AdminClient
 from yapctl.tui import Dashboard
 from yapctl.tui.model import Backoff, LogBook, LogLine, percentile
 from yapctl.tui.widgets import AwqScreen, ConfirmScreen
@@ -191,8 +193,12 @@ STATUS = {"ok": True, "version": "0.1.0", "pid": 4242, "port": 8000, "deploy": "
           "models": {"chat": "m/chat", "tool": "m/tool"}, "engines": {}}
 
 
+# A line the stand-in sends, or a step of its script it awaits between two lines.
+Scripted = dict[str, Any] | Callable[[], Awaitable[object]]
+
+
 @contextlib.asynccontextmanager
-async def scripted_daemon(path: Path, awq: Callable[[], list[dict[str, Any]]]) -> AsyncIterator[list[dict[str, Any]]]:
+async def scripted_daemon(path: Path, awq: Callable[[], list[Scripted]]) -> AsyncIterator[list[dict[str, Any]]]:
     """A stand-in admin socket: status, connections and stats as an idle daemon
     answers them, and ``awq()``'s lines for any awq request. Yields the requests seen."""
     seen: list[dict[str, Any]] = []
@@ -202,14 +208,19 @@ async def scripted_daemon(path: Path, awq: Callable[[], list[dict[str, Any]]]) -
             while line := await reader.readline():
                 req = json.loads(line)
                 seen.append(req)
-                replies = {"status": [STATUS], "connections": [{"ok": True, "connections": []}],
-                           "stats": [{"ok": True, "turns": 0, "ttft_ms": [], "tool_ms": []}]}.get(req["cmd"])
+                replies: list[Scripted] | None = {
+                    "status": [STATUS], "connections": [{"ok": True, "connections": []}],
+                    "stats": [{"ok": True, "turns": 0, "ttft_ms": [], "tool_ms": []}]}.get(req["cmd"])
                 if req["cmd"] == "awq":
                     replies = awq()
                 for msg in replies or []:
-                    writer.write(json.dumps(msg).encode() + b"\n")
-                    await writer.drain()
-                    await asyncio.sleep(0.05)
+                    if callable(msg):
+                        await msg()  # a step of the script: it goes on after its client left
+                    elif not writer.is_closing():  # its lines go nowhere once the client left
+                        writer.write(json.dumps(msg).encode() + b"\n")
+                        with contextlib.suppress(ConnectionError):
+                            await writer.drain()
+                        await asyncio.sleep(0.05)
                 if req["cmd"] == "logs":
                     await asyncio.Event().wait()  # a follow with nothing to say
         writer.close()
@@ -269,24 +280,54 @@ async def test_closing_the_awq_view_mid_job_stops_watching_and_the_dashboard_goe
     events = [{"event": "progress", "role": "chat", "stage": "starting", "message": "quantizing m/chat"},
               *({"event": "progress", "role": "chat", "stage": "calibrating", "message": f"layer {i}/40",
                  "layer": i, "layers": 40} for i in range(1, 30))]
-    async with scripted_daemon(sock, lambda: [*events, {"ok": False, "error": "chat: the job exited with -9"}]):
+    # Its lines go on through the Esc, and its end comes only once the view has closed:
+    # sent on a clock from the request, all of them (1.5 s) came before the Esc on a
+    # loaded machine, the job's error closed the view itself, and the Esc closed nothing.
+    escape, closed, sent = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def all_sent() -> None:
+        sent.set()
+
+    script: list[Scripted] = [*events[:5], escape.wait, *events[5:], closed.wait,
+                              {"ok": False, "error": "chat: the job exited with -9"}, all_sent]
+    async with scripted_daemon(sock, lambda: script):
         app = dashboard(sock)
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.link == "connected", what="the first status")
             await pilot.press("a", "y")
             await until(pilot, lambda: isinstance(app.screen, AwqScreen), what="the progress view")
-            await pilot.pause(0.3)
+            state = app.screen.query_one("#awq-state", Static)
+            await until(pilot, lambda: "layer 4/40" in text(state), what="the job's first lines")
+            escape.set()
             await pilot.press("escape")
             await until(pilot, lambda: not isinstance(app.screen, AwqScreen), what="the view to close")
             # The stand-in goes on sending its lines (one each 50 ms, then the job's error)
-            # on the connection the view had: time for all of them to arrive and be read.
-            await asyncio.sleep(2.5)
-            await pilot.pause()
+            # on the connection the view had, unless the view hung up: a watcher still
+            # reading them has them all, and time to fail on them.
+            closed.set()
+            await until(pilot, sent.is_set, what="the job's last lines")
+            await pilot.pause(0.5)
             assert app.is_running and app.return_code is None
             assert app.activity[-1] == "AWQ rebuild goes on in the daemon (yapctl awq status)"
 
 
 # --- the parts without a screen ----------------------------------------------------------------
+
+
+async def test_an_admin_read_cancelled_as_its_line_arrives_ends_cancelled(tmp_path):
+    """A watcher cancelled (the AWQ view's, at its close) in the loop round its next line
+    arrives in: the read ends cancelled. asyncio.wait_for (before Python 3.12) returned the
+    line instead, and the view's watcher read on into its removed widgets."""
+    sock = tmp_path / "admin.sock"
+    async with scripted_daemon(sock, lambda: []), AdminClient(sock) as client:
+        reading = asyncio.ensure_future(client.read(10))
+        for _ in range(5):
+            await asyncio.sleep(0)  # the read waits on its line
+        assert client._reader is not None and not reading.done()
+        client._reader.feed_data(b'{"event": "progress"}\n')  # the line, in this round
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
 
 
 def test_backoff_doubles_to_its_cap_and_resets():
