@@ -178,7 +178,7 @@ async def test_an_engine_start_gives_up_its_turn_at_the_fork():
         release.wait(30)  # the EngineCore's load
         return "engine"
 
-    built = await asyncio.wait_for(_until_forked(asyncio.to_thread(start)), 30)
+    built = await asyncio.wait_for(_until_forked(lambda: asyncio.ensure_future(asyncio.to_thread(start))), 30)
     assert not built.done()
     release.set()
     assert await built == "engine"
@@ -190,7 +190,7 @@ async def test_a_start_failing_before_its_fork_gives_up_its_turn_too():
     def start() -> str:
         raise ValueError("bad engine args")
 
-    built = await asyncio.wait_for(_until_forked(asyncio.to_thread(start)), 30)
+    built = await asyncio.wait_for(_until_forked(lambda: asyncio.ensure_future(asyncio.to_thread(start))), 30)
     with pytest.raises(ValueError, match="bad engine args"):
         await built
 

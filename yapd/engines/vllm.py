@@ -20,7 +20,7 @@ import os
 import signal
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -276,10 +276,15 @@ class VllmEngine(Engine):
                 async with _start_turn():
                     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = method
                     vllm_plugin.offer(self.cfg.engines.core_switch_interval_ms)  # to a spawned core
-                    work = asyncio.ensure_future(asyncio.to_thread(self._build, kwargs, env,
-                                                                   asyncio.get_running_loop()))
+                    loop = asyncio.get_running_loop()
+
+                    def begin() -> asyncio.Future[Any]:
+                        nonlocal work  # kept here: a cancelled start shuts down what it builds
+                        work = asyncio.ensure_future(asyncio.to_thread(self._build, kwargs, env, loop))
+                        return work
+
                     building = time.perf_counter()
-                    built = await (_until_forked(work) if method == "fork" else _until_spawned(work))
+                    built = await (_until_forked(begin) if method == "fork" else _until_spawned(begin))
                     # Read before the turn passes on: the next start sets its own (one
                     # engine may fork and the other spawn), and vLLM switches to spawn by
                     # itself where it must (a CUDA context in this process).
@@ -672,10 +677,10 @@ async def after_the_setups() -> None:
         pass
 
 
-async def _until_forked(work: Awaitable[Any]) -> asyncio.Future[Any]:
-    """Start ``work`` (vLLM's start in a worker thread) and return once this process has
-    forked (the EngineCore child exists; vLLM now only waits for it) or ``work`` is done.
-    Returns the future of ``work``."""
+async def _until_forked(begin: Callable[[], asyncio.Future[Any]]) -> asyncio.Future[Any]:
+    """Start vLLM's start in a worker thread (``begin``) and return once this process has
+    forked (the EngineCore child exists; vLLM now only waits for it) or the start is done.
+    Returns the start's future."""
     loop = asyncio.get_running_loop()
     forked = asyncio.Event()
 
@@ -684,7 +689,7 @@ async def _until_forked(work: Awaitable[Any]) -> asyncio.Future[Any]:
 
     stop = forking.on_fork(wake)
     try:
-        return await _until(work, forked.wait())
+        return await _until(begin, forked.wait())
     finally:
         stop()
 
@@ -692,11 +697,11 @@ async def _until_forked(work: Awaitable[Any]) -> asyncio.Future[Any]:
 SPAWN_POLL_S = 0.1
 
 
-async def _until_spawned(work: Awaitable[Any]) -> asyncio.Future[Any]:
-    """Start ``work`` (vLLM's start in a worker thread, its EngineCore spawned) and
+async def _until_spawned(begin: Callable[[], asyncio.Future[Any]]) -> asyncio.Future[Any]:
+    """Start vLLM's start in a worker thread (``begin``; its EngineCore spawned) and
     return once a new EngineCore child of this process exists (seen in /proc: a spawn
-    runs no at-fork hook) or ``work`` is done. Returns the future of ``work``."""
-    before = await asyncio.to_thread(starting_cores)
+    runs no at-fork hook) or the start is done. Returns the start's future."""
+    before = await asyncio.to_thread(starting_cores)  # before the start begins: its core is new
 
     async def spawned() -> None:
         while True:  # nothing tells of a new child: /proc is read until it shows one
@@ -705,13 +710,13 @@ async def _until_spawned(work: Awaitable[Any]) -> asyncio.Future[Any]:
             # A child can show an empty command line in the middle of its exec: look again.
             await asyncio.sleep(SPAWN_POLL_S)
 
-    return await _until(work, spawned())
+    return await _until(begin, spawned())
 
 
-async def _until(work: Awaitable[Any], started: Awaitable[Any]) -> asyncio.Future[Any]:
-    """Start ``work`` and return its future once ``started`` (its EngineCore exists) or
-    ``work`` itself is done; ``started`` is cancelled if still waiting."""
-    task = asyncio.ensure_future(work)
+async def _until(begin: Callable[[], asyncio.Future[Any]], started: Awaitable[Any]) -> asyncio.Future[Any]:
+    """Start the work ``begin`` starts and return its future once ``started`` (its
+    EngineCore exists) or the work itself is done; ``started`` is cancelled if still waiting."""
+    task = begin()
     waiter = asyncio.ensure_future(started)
     try:
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
