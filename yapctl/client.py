@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from yapd.paths import default_admin_socket
+from yapd.timeouts import within
 
 # Exit codes of yapctl (documented in ``yapctl --help``).
 EXIT_OK = 0
@@ -109,15 +110,9 @@ class AdminClient:
     async def read(self, timeout: float | None = None) -> dict[str, Any]:
         assert self._reader is not None
         try:
-            if hasattr(asyncio, "timeout"):  # Python 3.11+
-                # Not wait_for: before Python 3.12 it drops a cancel that comes as the line
-                # arrives and returns the line. The dashboard's AWQ view, closed (its watcher
-                # cancelled) as a progress line came, read on into its removed widgets and
-                # the failed watcher ended the dashboard.
-                async with asyncio.timeout(timeout):
-                    line = await self._reader.readline()
-            else:
-                line = await asyncio.wait_for(self._reader.readline(), timeout)
+            # The dashboard's AWQ view, closed (its watcher cancelled) as a progress line
+            # came, read on into its removed widgets with wait_for (see yapd.timeouts).
+            line = await within(self._reader.readline(), timeout)
         except asyncio.TimeoutError:
             raise AdminError(f"yapd did not answer within {timeout:g} s", EXIT_FAILED) from None
         except (ConnectionError, OSError) as exc:

@@ -24,6 +24,7 @@ from websockets.http11 import Request, Response
 from yapd import forking, protocol
 from yapd.runtime import Runtime
 from yapd.session import Session
+from yapd.timeouts import within
 
 log = logging.getLogger("yapd.server")
 
@@ -215,7 +216,7 @@ class YapServer:
             # The client stopped reading. Give it send_timeout_s, then cut it off so
             # one stuck reader never holds an engine request or memory hostage.
             try:
-                await asyncio.wait_for(ws.send(text), s.send_timeout_s)
+                await within(ws.send(text), s.send_timeout_s)  # a barge-in's cancel is never lost
             except ConnectionClosed as exc:
                 raise _ClientGone(exc.rcvd, exc.sent, exc.rcvd_then_sent) from None
             except asyncio.TimeoutError:
@@ -251,7 +252,7 @@ class YapServer:
         s = self.rt.cfg.server
         while True:
             try:
-                frame = await asyncio.wait_for(ws.recv(), s.idle_timeout_s)
+                frame = await within(ws.recv(), s.idle_timeout_s)
             except asyncio.TimeoutError:
                 await session.send(protocol.error(protocol.IDLE_TIMEOUT,
                                                   f"no message for {s.idle_timeout_s:g} s; closing"))

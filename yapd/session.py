@@ -62,6 +62,7 @@ class Session:
         self.persona = PersonaState(style_key(t.default_persona_style), t.default_gender, t.default_user_identity)
         self.history_text = ""
         self.turn: Turn | None = None
+        self.turn_ack: dict[str, Any] = {}  # the ack of self.turn, sent by its task or before its done
         self.turn_task: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._caches: dict[str, tuple[Any, PromptCache]] = {}
@@ -189,7 +190,7 @@ class Session:
                     self._cache("tool", rt.engine("tool") if rt.cfg.deployed("tool") else None))
         ack = {"type": "ack", "for": "start", "ok": True, "request_id": request_id, "session_id": msg.session_id,
                "seed": inp.seed, "now": time.time(), **self._persona_json(), "models": rt.models()}
-        self.turn = turn
+        self.turn, self.turn_ack = turn, ack
         self.turns += 1
         # Started at once: the turn's engine requests go out before this returns.
         self.turn_task = start_now(self._run_turn(turn, ack), name=f"turn-{request_id}")
@@ -208,6 +209,7 @@ class Session:
             if not turn.done_sent:
                 turn.count("error")
                 with contextlib.suppress(Exception):
+                    await self._ack_first(turn)
                     await self.send(protocol.error(protocol.INTERNAL_ERROR, f"internal error: {type(exc).__name__}",
                                                    turn.inp.request_id))
                     turn.done_sent = True
@@ -229,8 +231,16 @@ class Session:
             turn.done_sent = True
             self.rt.metrics.cancels.labels(cause).inc()
             turn.count("cancelled")
+            await self._ack_first(turn)
             await self.send(turn.done_message(cancelled=True))
             self.rt.metrics.cancel_latency.observe(time.perf_counter() - t0)
+
+    async def _ack_first(self, turn: Turn) -> None:
+        """A turn's ack, where it ends before its task sent one: barged in before the task
+        first ran (an ordinary task, before Python 3.12), its done still follows its ack."""
+        if not turn.ack_sent and turn is self.turn:
+            turn.ack_sent = True
+            await self.send(self.turn_ack)
 
     # --- warm-up -------------------------------------------------------------------
 

@@ -69,6 +69,7 @@ class Turn:
         self.text_parts: list[str] = []
         self.decision: Decision | None = None
         self.state = "starting"
+        self.ack_sent = False
         self.done_sent = False
         self.counted = False  # in yapd_turns_total: each turn once, by its outcome
 
@@ -100,6 +101,7 @@ class Turn:
             try:
                 if chat_stream is not None and tool is not None and self.cfg.turn.concurrent:
                     pending = list(self._start_both(tool, chat_stream))
+                self.ack_sent = True
                 await self.send(ack)
                 if tool is None:
                     if chat_stream is not None:

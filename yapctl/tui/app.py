@@ -30,6 +30,7 @@ from yapctl.tui.widgets import (
     LogPane,
     Outcome,
 )
+from yapd.timeouts import within
 
 Severity = Literal["information", "warning", "error"]
 LinkState = Literal["connecting", "connected", "reconnecting"]
@@ -165,7 +166,7 @@ class Dashboard(App[int]):
         """Sleep until the next poll, or until an action asks for fresh numbers."""
         self._kick.clear()
         try:
-            await asyncio.wait_for(self._kick.wait(), seconds)
+            await within(self._kick.wait(), seconds)
         except asyncio.TimeoutError:
             pass
 
