@@ -545,7 +545,9 @@ async def test_gpu_a_shutdown_ends_the_requests_still_streaming(tmp_path, monkey
 
     cache = Path(os.environ.get("YAPD_GPU_CACHE", str(tmp_path)))
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(cache / "vllm"))  # gpu_yapd's compile cache, warm
-    cfg = config.from_mapping({"engines": {"cache_dir": str(cache), "mps": "off"},
+    # Spawned: this module's torch.cuda.is_available() (cudaGetDeviceCount) poisoned forks
+    # of this process, unseen by vLLM's check (a forked core: "Cannot re-initialize CUDA").
+    cfg = config.from_mapping({"engines": {"cache_dir": str(cache), "mps": "off", "start_method": "spawn"},
                                "chat": {"model": MODEL, "backend": "vllm", "quantization": "none",
                                         "gpu_memory_utilization": 0.15, "max_model_len": 4096}}, "test")
     eng = VllmEngine("chat", cfg)
