@@ -550,16 +550,32 @@ async def test_a_start_failing_after_its_engine_started_shuts_that_engine_down(m
     assert chat._llm is None
 
 
-async def test_a_cancelled_start_shuts_down_the_engine_its_build_goes_on_to_make(stand_in: StandInStarts):
+@pytest.mark.parametrize("at", ["fork", "load"])
+async def test_a_cancelled_start_shuts_down_the_engine_its_build_goes_on_to_make(stand_in: StandInStarts,
+                                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                                 at: str):
     # A restart cancelled while vLLM loads (the admin client's task, at a stop): vLLM's
     # start goes on in its worker thread, and the engine it then builds must not keep GPU
-    # memory with nothing left holding it.
+    # memory with nothing left holding it. Cancelled as the core forks, or as it loads
+    # (the start waiting on vLLM's: most of a start's time).
+    from yapd.engines import vllm as vllm_engine
+
     (chat,) = stand_in.engines("chat")
-    loop, forked = asyncio.get_running_loop(), asyncio.Event()
-    stop = forking.on_fork(lambda: loop.call_soon_threadsafe(forked.set))
+    loop, reached = asyncio.get_running_loop(), asyncio.Event()
+    stop = forking.on_fork(lambda: loop.call_soon_threadsafe(reached.set)) if at == "fork" else lambda: None
+    if at == "load":
+        stand_in._engines = 2  # our tokenizer's load does not end the core's
+        load = vllm_engine.load_tokenizer
+
+        def loaded_then_told(name: str, revision: str | None) -> Any:
+            tok = load(name, revision)
+            loop.call_soon_threadsafe(reached.set)
+            return tok
+
+        monkeypatch.setattr(vllm_engine, "load_tokenizer", loaded_then_told)
     try:
         start = asyncio.ensure_future(chat.start())  # type: ignore[attr-defined]
-        await asyncio.wait_for(forked.wait(), 30)
+        await asyncio.wait_for(reached.wait(), 30)
     finally:
         stop()
     start.cancel()
@@ -569,7 +585,8 @@ async def test_a_cancelled_start_shuts_down_the_engine_its_build_goes_on_to_make
     stand_in.loaded.set()  # the EngineCore's load ends: vLLM's start returns its engine
     await asyncio.wait_for(chat.shutdown(), 30)  # type: ignore[attr-defined]
     assert [llm.shut_down for llm in stand_in.built] == [True]
-    assert chat._llm is None  # type: ignore[attr-defined]
+    assert chat._llm is None and chat.health().state == "stopped"  # type: ignore[attr-defined]
+    await asyncio.wait_for(chat.shutdown(), 30)  # type: ignore[attr-defined]  # again: nothing left to wait on
 
 
 def _report_settings(report: multiprocessing.connection.Connection) -> None:

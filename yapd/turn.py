@@ -21,6 +21,7 @@ from yapd.config import Config, TurnConfig
 from yapd.engines.base import Delta, Engine, EngineError, SamplingSpec
 from yapd.prompts import PromptCache, build_chat_prompt, clip_text
 from yapd.runtime import Runtime
+from yapd.timeouts import within
 from yapd.toolcall import Decision, DecisionReader, query_block
 
 log = logging.getLogger("yapd.turn")
@@ -321,34 +322,6 @@ def engine_request_base(number: int, request_id: str) -> str:
 def client_request_id(engine_request_id: str) -> str:
     """The client's request id in one of its turn's engine request ids."""
     return engine_request_id.rsplit(":", 1)[0].partition("-")[2]
-
-
-async def within(coro: Coroutine[Any, Any, T], seconds: float) -> T:
-    """``coro``'s result, or asyncio.TimeoutError after ``seconds``. ``coro`` runs in the
-    calling task: before Python 3.12 ``wait_for`` wraps it in a task of its own, so an
-    engine request it makes would leave a loop round later."""
-    if hasattr(asyncio, "timeout"):  # Python 3.11+
-        async with asyncio.timeout(seconds):
-            return await coro
-    # Python 3.10: the same, by hand: cancel this task when the time is up.
-    task = asyncio.current_task()
-    assert task is not None
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    handle = asyncio.get_running_loop().call_later(seconds, expire)
-    try:
-        return await coro
-    except asyncio.CancelledError:
-        if expired:
-            raise asyncio.TimeoutError from None
-        raise
-    finally:
-        handle.cancel()
 
 
 def start_now(coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:

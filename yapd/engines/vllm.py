@@ -249,6 +249,7 @@ class VllmEngine(Engine):
         KV cache size comes from this engine's memory plan instead of profiling.
         ``child_env``: added to the EngineCore's environment (fork only: a spawned one
         starts from a fresh environment, which no at-fork hook reaches)."""
+        await self._ended()  # a cancelled start before this one: its engine is gone first
         self._state = "starting"
         self._kwargs = None  # config may have been reloaded since the last start
         self.child_env, self.core_switch_interval_ms, self._forked_with = {}, None, None
@@ -297,7 +298,9 @@ class VllmEngine(Engine):
                 # set-up before its EngineCore's start any more (see _load_tokenizer).
                 tok = asyncio.ensure_future(self._load_tokenizer(kwargs["tokenizer"], kwargs["revision"]))
                 tok.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failed start may not await it
-                self._llm = await built
+                # Shielded: a cancel here (most of a start's time) must leave vLLM's start
+                # to its end, whose engine _end_cancelled_start then shuts down.
+                self._llm = await asyncio.shield(built)
                 log.log(logging.INFO if used == method else logging.WARNING,
                         "EngineCore started by %s role=%s pid=%s", used, self.role, self.engine_pid())
                 interval = self.cfg.engines.core_switch_interval_ms
@@ -339,9 +342,15 @@ class VllmEngine(Engine):
         if self._llm is None and work is not None:
             try:
                 self._llm = await work
-            except Exception:
+            except BaseException:
                 return  # a build that failed left no engine behind
         await self._end_failed_start()
+
+    async def _ended(self) -> None:
+        """Once a cancelled start's engine is shut down (see start)."""
+        ending, self._ending = self._ending, None
+        if ending is not None:
+            await asyncio.wait([ending])  # not cancelled with the caller; its outcome is its own
 
     async def _load_tokenizer(self, name: str, revision: str | None) -> Any:
         """yapd's own tokenizer for this engine, loaded once every engine starting beside
@@ -520,8 +529,7 @@ class VllmEngine(Engine):
 
     async def shutdown(self) -> None:
         self._state = "stopping"
-        if self._ending is not None:
-            await asyncio.shield(self._ending)  # a cancelled start's engine is gone first
+        await self._ended()
         await self._end_llm()
         self._state = "stopped"
 
