@@ -45,7 +45,8 @@ class AwqSettingsError(AwqError):
 
 def model_slug(model: str, revision: str = "") -> str:
     """A directory name for a model id or path: ``org/name`` -> ``org--name``, and
-    ``org--name@v2`` for a Hub revision other than the default one.
+    ``org--name@v2`` where the engine names a Hub revision (``main`` too: the name says
+    which weights were quantized, not what a branch points to now).
 
     A local directory gets its base name plus a short hash of its absolute path, so
     two different ``.../tool`` directories never share a cache entry; it has no revision."""
