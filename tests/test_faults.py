@@ -24,8 +24,9 @@ from yapd import config
 
 DEBUG = {"YAPD_DEBUG_ADMIN": "1"}
 # Replies run to chat_max_out: the demo model's random weights sometimes end a reply at
-# its first token, and a fault test needs its turn still streaming when it strikes.
-STREAMING = UNENDING
+# its first token, and a fault test needs its turn still streaming when it strikes (1,000
+# tokens: 1-2 s on the CPU engine, room for an admin call on a loaded machine).
+STREAMING = UNENDING + "chat_max_out = 1000\n"
 
 
 @pytest.fixture(scope="module")
