@@ -138,3 +138,30 @@ def test_a_shutdown_waits_for_every_data_parallel_core() -> None:
     assert wait_all_gone([done.pid, running.pid], 5) is True
     running.wait()
     assert core_pids(object()) == [] and core_pid(object()) is None  # in-process: no core to wait for
+
+
+async def test_an_engines_shutdown_returns_once_each_of_its_cores_is_gone(tmp_path) -> None:
+    # vLLM's shutdown has ended rank 0; rank 1 goes a moment later. The engine's shutdown
+    # (a restart reads free GPU memory right after it) must wait for that one too.
+    import subprocess
+    import sys
+    import threading
+    from types import SimpleNamespace
+
+    from yapd import config
+    from yapd.engines.vllm import VllmEngine, wait_gone
+
+    ranks = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) for _ in range(2)]
+    try:
+        eng = VllmEngine("chat", config.from_mapping({"engines": {"cache_dir": str(tmp_path)}}, "test"))
+        eng._llm = SimpleNamespace(engine_core=SimpleNamespace(resources=SimpleNamespace(
+            engine_manager=SimpleNamespace(processes=ranks))), shutdown=ranks[0].kill)
+        later = threading.Timer(0.5, ranks[1].kill)
+        later.start()
+        await eng.shutdown()
+        assert wait_gone(ranks[1].pid, 0), "shutdown returned with a core still running"
+        later.join()
+    finally:
+        for p in ranks:
+            p.kill()
+            p.wait()
