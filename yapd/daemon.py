@@ -231,12 +231,13 @@ class Daemon:
             eng = self.rt.engines.get(role)
             if eng is None:
                 continue
+            t0 = time.perf_counter()
             try:
                 await asyncio.wait_for(eng.shutdown(), timeout)
             except Exception as exc:
                 log.warning("engine %s shutdown: %s", role, exc)
             else:
-                log.info("engine stopped role=%s", role)
+                log.info("engine stopped role=%s seconds=%.1f", role, time.perf_counter() - t0)
 
     async def _start_one(self, role: str, eng: Any, alongside: bool = False) -> None:
         t0 = time.perf_counter()
@@ -410,7 +411,9 @@ class Daemon:
             for role in roles:
                 old = self.rt.engines.pop(role, None)
                 if old is not None:
-                    await old.shutdown()
+                    t0 = time.perf_counter()
+                    await old.shutdown()  # a restart's time: its stop is part of it
+                    log.info("engine stopped for the restart role=%s seconds=%.1f", role, time.perf_counter() - t0)
             try:
                 await self._start_engines(roles)
             except EngineError as exc:
