@@ -1161,3 +1161,28 @@ def test_a_forked_child_logging_does_not_feed_the_parents_log_followers():
     out = subprocess.run([sys.executable, "-c", RING_FORK], capture_output=True, text=True, timeout=60, check=True)
     seen = json.loads(out.stdout)
     assert seen == {"child": [0, 1], "parent_followers": 1, "queued": 0}, seen
+
+
+def test_backend_auto_asks_nvml_never_cudas_runtime(monkeypatch, caplog):
+    # torch.cuda.is_available() calls cudaGetDeviceCount, after which torch refuses CUDA
+    # in every forked child: yapd's forked EngineCores would all fail to start.
+    import torch
+
+    from yapd.engines import cuda_available, resolve_backend
+
+    def runtime_asked() -> int:
+        raise AssertionError("cudaGetDeviceCount poisons this process's forks")
+
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", runtime_asked, raising=False)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_is_compiled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: 2)
+    assert cuda_available()
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: -1)  # NVML could not tell
+    assert not cuda_available()
+    # With vLLM installed and no GPU seen, auto runs the CPU engine, and says so.
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name in ("vllm", "torch") else None)
+    cfg = config.load(None, env={})
+    with caplog.at_level("WARNING", logger="yapd.engines"):
+        assert resolve_backend(cfg.chat, demo=False) == "cpu"
+    assert "no GPU is visible" in caplog.text and cfg.chat.model in caplog.text

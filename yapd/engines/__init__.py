@@ -16,11 +16,17 @@ log = logging.getLogger("yapd.engines")
 
 
 def cuda_available() -> bool:
+    """Whether a CUDA GPU is visible (CUDA_VISIBLE_DEVICES applies), asked of NVML only.
+    Not torch.cuda.is_available(): that asks CUDA's runtime (cudaGetDeviceCount), after
+    which torch refuses CUDA in every child this process forks, vLLM's EngineCore
+    included ("Cannot re-initialize CUDA in forked subprocess"), unseen by vLLM's own
+    check. Where NVML cannot tell, no GPU is assumed."""
     if importlib.util.find_spec("torch") is None:
         return False
     import torch
 
-    return bool(torch.cuda.is_available())
+    count = getattr(torch.cuda, "_device_count_nvml", None)  # -1: NVML could not tell
+    return bool(torch.backends.cuda.is_built()) and count is not None and int(count()) > 0
 
 
 def resolve_backend(ecfg: EngineConfig, demo: bool) -> str:
@@ -28,8 +34,14 @@ def resolve_backend(ecfg: EngineConfig, demo: bool) -> str:
         return "cpu"
     if ecfg.backend != "auto":
         return ecfg.backend
-    if importlib.util.find_spec("vllm") is not None and cuda_available():
+    vllm = importlib.util.find_spec("vllm") is not None
+    if vllm and cuda_available():
         return "vllm"
+    if vllm:
+        # A GPU host whose GPU the service cannot reach (its unit's device rules, a driver
+        # mismatch) would otherwise serve a 12B model on the CPU, minutes a reply, unnoticed.
+        log.warning("backend auto: vLLM is installed but no GPU is visible; %s runs on the CPU engine "
+                    "(backend = \"vllm\" fails instead, backend = \"cpu\" says this is meant)", ecfg.model)
     return "cpu"
 
 
