@@ -54,10 +54,12 @@ if [ "$VENV" = 1 ]; then
 fi
 
 cp "$SRC/README.md" "$SRC/config.example.toml" "$ROOT/opt/yapd/share/"
+FIRST=0
 if [ -e "$ROOT/etc/yapd/config.toml" ]; then
   say "keeping the existing /etc/yapd/config.toml"
 else
   install -m 0640 "$SRC/config.example.toml" "$ROOT/etc/yapd/config.toml"
+  FIRST=1
   say "wrote /etc/yapd/config.toml: set [server] api_keys before exposing the port"
 fi
 install -m 0644 "$SRC/systemd/yapd.service" "$ROOT/etc/systemd/system/yapd.service"
@@ -69,8 +71,14 @@ if [ -z "$ROOT" ]; then
   systemd-tmpfiles --create /usr/lib/tmpfiles.d/yapd.conf || true
   ln -sf /opt/yapd/venv/bin/yapctl /usr/local/bin/yapctl
   systemctl daemon-reload
-  if [ "$START" = 1 ]; then
-    systemctl enable --now yapd
+  if [ "$START" = 1 ] && [ "$FIRST" = 1 ]; then
+    # The example config listens on every address with the demo key: not started until
+    # someone has set its keys (and models) for this host.
+    systemctl enable yapd
+    say "enabled, not started: edit /etc/yapd/config.toml ([server] api_keys, host), then: systemctl start yapd"
+  elif [ "$START" = 1 ]; then
+    systemctl enable yapd
+    systemctl restart yapd  # an upgrade's code takes effect; turns in flight drain first
     say "started: systemctl status yapd; yapctl status (as root or a member of group yapd)"
   else
     systemctl enable yapd

@@ -1186,3 +1186,29 @@ def test_backend_auto_asks_nvml_never_cudas_runtime(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="yapd.engines"):
         assert resolve_backend(cfg.chat, demo=False) == "cpu"
     assert "no GPU is visible" in caplog.text and cfg.chat.model in caplog.text
+
+
+def test_the_admin_socket_default_for_yapctl_and_for_a_second_daemon(tmp_path, monkeypatch):
+    # /run/yapd is the service's (0750, group yapd): yapctl run by someone outside the
+    # group takes its socket there (connecting says why it may not) instead of a traceback;
+    # a second yapd (make demo on that host) makes a socket of its own elsewhere.
+    from yapd import paths
+
+    run = tmp_path / "run-yapd"
+    run.mkdir()
+    (run / "admin.sock").touch()
+    monkeypatch.setattr(paths, "SYSTEM_RUNTIME_DIR", run)
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    monkeypatch.setattr(paths.os, "access", lambda path, mode: False)  # not this user's to write
+    assert paths.default_admin_socket(client=True) == run / "admin.sock"
+    assert paths.default_admin_socket() == tmp_path / "xdg" / "yapd" / "admin.sock"
+    real_exists = Path.exists
+
+    def denied(self: Path, *a: Any, **k: Any) -> bool:
+        if self.parent == run:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_exists(self, *a, **k)
+
+    monkeypatch.setattr(Path, "exists", denied)
+    assert paths.default_admin_socket(client=True) == run / "admin.sock"

@@ -53,7 +53,7 @@ class AdminClient:
     commands that send ``{"event": ...}`` lines before their final ``{"ok": ...}``."""
 
     def __init__(self, path: str | Path | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.path = Path(path) if path else default_admin_socket()
+        self.path = Path(path) if path else default_admin_socket(client=True)
         self.timeout = timeout
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -158,4 +158,4 @@ async def call(cmd: str, path: str | Path | None = None, timeout: float | None =
 def socket_path(arg: str | None) -> Path:
     """--socket, else $YAP_ADMIN_SOCKET, else where the daemon puts it by default."""
     env = os.environ.get("YAP_ADMIN_SOCKET")
-    return Path(arg) if arg else Path(env) if env else default_admin_socket()
+    return Path(arg) if arg else Path(env) if env else default_admin_socket(client=True)
