@@ -489,8 +489,13 @@ class Daemon:
     async def _shutdown(self) -> None:
         self.rt.stopping = True
         self.server.stop_accepting()
-        await self.awq_jobs.close()
         timeout = self.cfg.server.drain_timeout_s
+        # The stop's longest course, for systemd's TimeoutStopSec (60 s in the unit) not to
+        # SIGKILL the engines mid-stop where drain_timeout_s was raised (reloadable): the
+        # AWQ job's end, the drain, 5 s for the connections, each engine's stop, MPS's 10 s.
+        longest = 10 + timeout + 5 + timeout * len(self.rt.engines) + 10
+        self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(longest * 1e6)}")
+        await self.awq_jobs.close()
         try:
             await asyncio.wait_for(self.server.close_all(), timeout)
         except asyncio.TimeoutError:
