@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import subprocess
 import sys
 import weakref
@@ -1212,3 +1213,23 @@ def test_the_admin_socket_default_for_yapctl_and_for_a_second_daemon(tmp_path, m
 
     monkeypatch.setattr(Path, "exists", denied)
     assert paths.default_admin_socket(client=True) == run / "admin.sock"
+
+
+def test_a_demo_does_not_read_the_services_config_unless_named(tmp_path):
+    # On a host where the service runs, /etc/yapd/config.toml is its (0640, group yapd):
+    # `make demo` there failed on it, or served with its keys and port. (A process of its
+    # own: yapd's main holds the garbage collector for its start.)
+    service = tmp_path / "config.toml"
+    service.write_text("[server]\nport = 'not a port'\n")
+
+    def yapd(*args: str) -> subprocess.CompletedProcess[str]:
+        code = ("import sys; from pathlib import Path; from yapd import cli; "
+                f"cli.DEFAULT_CONFIG = Path({str(service)!r}); sys.exit(cli.main({list(args)!r}))")
+        env = {k: v for k, v in os.environ.items() if k != "YAPD_CONFIG"}
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+
+    read = yapd("--check-config")  # the service's, read by default
+    assert read.returncode == 2 and "port" in read.stderr
+    demo = yapd("--demo", "--check-config")
+    assert demo.returncode == 0 and json.loads(demo.stdout)["demo"] is True
+    assert yapd("--demo", "--check-config", "--config", str(service)).returncode == 2  # named: read

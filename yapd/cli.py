@@ -19,7 +19,7 @@ DEFAULT_CONFIG = Path("/etc/yapd/config.toml")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="yapd", description="Realtime text inference daemon for voice agents.")
     p.add_argument("--config", "-c", metavar="PATH",
-                   help=f"TOML config (default: $YAPD_CONFIG, else {DEFAULT_CONFIG} when it exists)")
+                   help=f"TOML config (default: $YAPD_CONFIG, else {DEFAULT_CONFIG} where it exists, not with --demo)")
     p.add_argument("--demo", action="store_true", default=None,
                    help="serve tiny random-weight demo models on the CPU (random text; no GPU, no network)")
     p.add_argument("--host", help="listen address (server.host)")
@@ -34,7 +34,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     path = args.config or os.environ.get("YAPD_CONFIG")
-    if path is None and DEFAULT_CONFIG.exists():
+    # A demo on a host where the service runs is not that service: its config (0640,
+    # group yapd) is read only when named.
+    if path is None and not args.demo and DEFAULT_CONFIG.exists():
         path = str(DEFAULT_CONFIG)
     overrides = {"server.host": args.host, "server.port": args.port, "admin.socket": args.admin_socket,
                  "logging.level": args.log_level, "demo": args.demo}
