@@ -3,6 +3,10 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
+# Where torch comes from: pip's own index by default. Public PyPI has only the CUDA build for
+# Linux x86_64 (several GB, no use to the CPU engine); TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# takes the CPU build (about 200 MB) where that host is reachable.
+TORCH_INDEX ?=
 
 .PHONY: demo test install lint typecheck check clean
 
@@ -10,10 +14,10 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch 2.13.0 (CPU build) first: a plain "torch" requirement would pull a multi-GB CUDA build.
+# torch 2.13.0 first, pinned: a plain "torch" requirement would take the newest CUDA build.
 # The awq extra (llmcompressor, for the AWQ job tests) fits this torch and transformers (docs/awq.md).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[cpu,dev,awq]"
 	touch $@
 

@@ -47,8 +47,10 @@ if [ "$VENV" = 1 ]; then
   python3 -m venv "$ROOT/opt/yapd/venv"
   "$ROOT/opt/yapd/venv/bin/pip" install -q --upgrade pip
   if [ "$EXTRA" = "cpu" ]; then
-    # The CPU build of torch first: a bare "torch" pulls a multi-GB CUDA build.
-    "$ROOT/opt/yapd/venv/bin/pip" install -q "torch==2.13.0"
+    # torch pinned first: a bare "torch" takes the newest. From public PyPI on x86_64 even
+    # this one is the multi-GB CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cpu
+    # takes the CPU build (as the Makefile's variable does).
+    "$ROOT/opt/yapd/venv/bin/pip" install -q ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==2.13.0"
   fi
   "$ROOT/opt/yapd/venv/bin/pip" install -q "$SRC[$EXTRA]"
 fi
