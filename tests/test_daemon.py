@@ -179,15 +179,38 @@ def test_no_notify_socket_is_a_noop(make_yapd):
     assert d.stop() == 0
 
 
-async def test_sigterm_ends_turns_closes_1001_and_exits_zero(make_yapd):
+async def test_sigterm_lets_the_turn_in_flight_end_refuses_new_ones_closes_1001(make_yapd):
+    # A stop for an upgrade: the reply being spoken ends whole; a new turn is refused.
     d = make_yapd(UNENDING)
-    async with ws_connect(d.url()) as ws:
+    async with ws_connect(d.url()) as ws, ws_connect(d.url()) as other:
         await send(ws, type="start", session_id="s", user_utterance="a long story please", request_id="t1")
         while (await recv(ws))["type"] != "token":
             pass
         d.signal(signal.SIGTERM)
+        await send(other, type="start", session_id="o", user_utterance="hello", request_id="late")
+        refused = await recv(other)
+        assert refused["type"] == "error" and refused["error_code"] == "shutting_down", refused
+        msgs = await until_done(ws)
+        assert msgs[-1]["request_id"] == "t1" and msgs[-1]["cancelled"] is False
+        assert msgs[-2]["type"] == "final" and msgs[-1]["usage"]["completion_tokens"] == 200
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                await recv(ws)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    assert d.proc.wait(30) == 0
+
+
+async def test_sigterm_cancels_what_still_runs_after_drain_timeout(make_yapd):
+    d = make_yapd(UNENDING + "chat_max_out = 1500\n", server={"drain_timeout_s": 0.5})
+    async with ws_connect(d.url()) as ws:
+        await send(ws, type="start", session_id="s", user_utterance="a long story please", request_id="t1")
+        while (await recv(ws))["type"] != "token":
+            pass
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
         msgs = await until_done(ws)
         assert msgs[-1]["request_id"] == "t1" and msgs[-1]["cancelled"] is True
+        assert time.monotonic() - t0 >= 0.4  # not before the drain's time was up
         with pytest.raises(ConnectionClosed) as info:
             while True:
                 await recv(ws)

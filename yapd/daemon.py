@@ -492,10 +492,16 @@ class Daemon:
         timeout = self.cfg.server.drain_timeout_s
         # The stop's longest course, for systemd's TimeoutStopSec (60 s in the unit) not to
         # SIGKILL the engines mid-stop where drain_timeout_s was raised (reloadable): the
-        # AWQ job's end, the drain, 5 s for the connections, each engine's stop, MPS's 10 s.
-        longest = 10 + timeout + 5 + timeout * len(self.rt.engines) + 10
+        # AWQ job's end, the drain, the close-out, 5 s for the connections, each engine's
+        # stop, MPS's 10 s.
+        longest = 10 + 2 * timeout + 5 + timeout * len(self.rt.engines) + 10
         self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(longest * 1e6)}")
         await self.awq_jobs.close()
+        # The turns in flight end as they would (a reply cut mid-sentence is what a stop
+        # for an upgrade must not do); what still runs after drain_timeout_s is cancelled.
+        if not await self.server.drain(timeout):
+            log.warning("drain: %d turns still running after %.1fs; cancelling them",
+                        self.server.turns_in_flight(), timeout)
         try:
             await asyncio.wait_for(self.server.close_all(), timeout)
         except asyncio.TimeoutError:

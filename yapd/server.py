@@ -14,6 +14,7 @@ import dataclasses
 import http
 import json
 import logging
+import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -286,6 +287,19 @@ class YapServer:
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close(close_connections=False)
+
+    def turns_in_flight(self) -> int:
+        return sum(1 for session in self._conns if session.turn_task is not None and not session.turn_task.done())
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no turn runs (True) or ``timeout`` passes (False). New turns are
+        refused meanwhile (shutting_down): a stop lets the replies being spoken end."""
+        deadline = time.monotonic() + timeout
+        while self.turns_in_flight():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)  # nothing tells of a turn's end across sessions
+        return True
 
     async def close_all(self, code: int = protocol.CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
         """End every turn with its done (cancelled), then close every socket."""
