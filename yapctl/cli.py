@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="yapctl", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--socket", metavar="PATH", help="admin socket (default: $YAP_ADMIN_SOCKET, "
-                   "$RUNTIME_DIRECTORY/admin.sock, /run/yapd/admin.sock, $XDG_RUNTIME_DIR/yapd/admin.sock)")
+                   "$RUNTIME_DIRECTORY/admin.sock, /run/yapd/admin.sock, $XDG_RUNTIME_DIR/yapd/admin.sock, "
+                   "/tmp/yapd-<uid>/admin.sock)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for each reply (default 30; a turn's for chat and bench: 60)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
