@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -181,18 +182,19 @@ def test_no_notify_socket_is_a_noop(make_yapd):
 
 async def test_sigterm_lets_the_turn_in_flight_end_refuses_new_ones_closes_1001(make_yapd):
     # A stop for an upgrade: the reply being spoken ends whole; a new turn is refused.
-    d = make_yapd(UNENDING)
+    d = make_yapd(UNENDING + "chat_max_out = 1000\n")  # 1-2 s: still streaming at the signal
     async with ws_connect(d.url()) as ws, ws_connect(d.url()) as other:
         await send(ws, type="start", session_id="s", user_utterance="a long story please", request_id="t1")
         while (await recv(ws))["type"] != "token":
             pass
         d.signal(signal.SIGTERM)
+        await asyncio.to_thread(d.wait_for, "SIGTERM received: draining and stopping")  # the signal is async
         await send(other, type="start", session_id="o", user_utterance="hello", request_id="late")
         refused = await recv(other)
         assert refused["type"] == "error" and refused["error_code"] == "shutting_down", refused
         msgs = await until_done(ws)
         assert msgs[-1]["request_id"] == "t1" and msgs[-1]["cancelled"] is False
-        assert msgs[-2]["type"] == "final" and msgs[-1]["usage"]["completion_tokens"] == 200
+        assert msgs[-2]["type"] == "final" and msgs[-1]["usage"]["completion_tokens"] == 1000
         with pytest.raises(ConnectionClosed) as info:
             while True:
                 await recv(ws)
