@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,6 +237,36 @@ async def test_gpu_turns_cancel_barge_in(gpu_yapd):
         check_turn(await until_done(ws), "b2")
         await send(ws, type="warm_history", history_text="User: hello\n" * 100)
         assert (await recv(ws))["type"] == "warmed"
+
+
+BACKEND_AUTO_THEN_FORK = """
+import os, sys
+from yapd import config
+from yapd.engines import resolve_backend
+cfg = config.load(None, env={})
+assert cfg.chat.backend == "auto"
+assert resolve_backend(cfg.chat, demo=False) == "vllm", "backend auto did not take vLLM on a GPU host"
+pid = os.fork()  # as vLLM forks its EngineCore
+if pid == 0:
+    import torch
+    try:
+        torch.zeros(1, device="cuda")
+        os._exit(0)
+    except Exception as exc:
+        print(exc, flush=True)
+        os._exit(3)
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_gpu_backend_auto_takes_vllm_and_leaves_a_forked_core_its_cuda():
+    """The default config's backend = "auto" decides in yapd's own process, before any
+    EngineCore is forked: asked of CUDA's runtime (torch.cuda.is_available), every forked
+    core failed "Cannot re-initialize CUDA in forked subprocess". In a fresh process: this
+    module's own is_available() has poisoned the pytest process's forks already."""
+    out = subprocess.run([sys.executable, "-c", BACKEND_AUTO_THEN_FORK], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_gpu_sampling_params_are_one_per_role_and_model_and_copied_shallow():
