@@ -249,6 +249,16 @@ async def test_awq_refusal_is_a_notification(tmp_path):
     assert {"cmd": "awq", "action": "rebuild", "target": "both"} in seen
 
 
+async def awq_view_opened(pilot: Any, app: Any) -> AwqScreen:
+    """The dashboard connected, then `a` and its confirmation: the AWQ rebuild's view."""
+    await until(pilot, lambda: app.link == "connected", what="the first status")
+    await pilot.press("a", "y")
+    await until(pilot, lambda: isinstance(app.screen, AwqScreen), what="the progress view")
+    screen = app.screen
+    assert isinstance(screen, AwqScreen)
+    return screen
+
+
 async def test_awq_progress_view(tmp_path):
     sock = tmp_path / "admin.sock"
     events = [{"event": "progress", "role": "chat", "stage": "starting", "message": "quantizing m/chat"},
@@ -258,11 +268,7 @@ async def test_awq_progress_view(tmp_path):
     async with scripted_daemon(sock, lambda: events):
         app = dashboard(sock)
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.link == "connected", what="the first status")
-            await pilot.press("a", "y")
-            await until(pilot, lambda: isinstance(app.screen, AwqScreen), what="the progress view")
-            screen = app.screen
-            assert isinstance(screen, AwqScreen)
+            screen = await awq_view_opened(pilot, app)
             await until(pilot, lambda: screen.outcome is not None, what="the job's end")
             bar = screen.query_one(ProgressBar)
             assert (bar.progress, bar.total) == (4, 4)
@@ -293,10 +299,7 @@ async def test_closing_the_awq_view_mid_job_stops_watching_and_the_dashboard_goe
     async with scripted_daemon(sock, lambda: script):
         app = dashboard(sock)
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.link == "connected", what="the first status")
-            await pilot.press("a", "y")
-            await until(pilot, lambda: isinstance(app.screen, AwqScreen), what="the progress view")
-            state = app.screen.query_one("#awq-state", Static)
+            state = (await awq_view_opened(pilot, app)).query_one("#awq-state", Static)
             await until(pilot, lambda: "layer 4/40" in text(state), what="the job's first lines")
             escape.set()
             await pilot.press("escape")
