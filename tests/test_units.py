@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -1233,3 +1234,14 @@ def test_a_demo_does_not_read_the_services_config_unless_named(tmp_path):
     demo = yapd("--demo", "--check-config")
     assert demo.returncode == 0 and json.loads(demo.stdout)["demo"] is True
     assert yapd("--demo", "--check-config", "--config", str(service)).returncode == 2  # named: read
+
+
+async def test_polled_looks_once_at_least_and_gives_up_at_its_time():
+    from yapd.timeouts import polled
+
+    assert await polled(lambda: True, 0)  # no time given: still looked at
+    t0 = time.monotonic()
+    assert not await polled(lambda: False, 0.15, every=0.05)
+    assert time.monotonic() - t0 >= 0.15
+    seen = iter([False, False, True])
+    assert await polled(lambda: next(seen), 5, every=0.01)

@@ -31,6 +31,7 @@ from yapd.mps import Mps, MpsError
 from yapd.mps import folder_for as mps_folder
 from yapd.runtime import Runtime
 from yapd.server import YapServer, frame_cap
+from yapd.timeouts import polled
 
 log = logging.getLogger("yapd.daemon")
 
@@ -354,12 +355,8 @@ class Daemon:
 
     async def wait_idle(self, roles: list[str], timeout: float) -> bool:
         """Wait until no request runs on ``roles`` (True) or ``timeout`` passes (False)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all((e := self.rt.engines.get(r)) is None or e.in_flight == 0 for r in roles):
-                return True
-            await asyncio.sleep(0.05)
-        return False
+        return await polled(lambda: all((e := self.rt.engines.get(r)) is None or e.in_flight == 0 for r in roles),
+                            timeout)
 
     def _apply_pending(self, roles: list[str]) -> None:
         """A reload's engine keys for the engines restarting: a role's own section, and

@@ -14,7 +14,6 @@ import dataclasses
 import http
 import json
 import logging
-import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,7 +24,7 @@ from websockets.http11 import Request, Response
 from yapd import forking, protocol
 from yapd.runtime import Runtime
 from yapd.session import Session
-from yapd.timeouts import within
+from yapd.timeouts import polled, within
 
 log = logging.getLogger("yapd.server")
 
@@ -294,12 +293,7 @@ class YapServer:
     async def drain(self, timeout: float) -> bool:
         """Wait until no turn runs (True) or ``timeout`` passes (False). New turns are
         refused meanwhile (shutting_down): a stop lets the replies being spoken end."""
-        deadline = time.monotonic() + timeout
-        while self.turns_in_flight():
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.05)  # nothing tells of a turn's end across sessions
-        return True
+        return await polled(lambda: not self.turns_in_flight(), timeout)
 
     async def close_all(self, code: int = protocol.CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
         """End every turn with its done (cancelled), then close every socket."""

@@ -10,7 +10,8 @@ barge-in's cancel of a turn blocked in a slow send, or a closed view's watcher, 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -43,3 +44,15 @@ async def within(aw: Awaitable[T], timeout: float | None) -> T:
         raise
     finally:
         handle.cancel()
+
+
+async def polled(condition: Callable[[], bool], timeout: float, every: float = 0.05) -> bool:
+    """Wait until ``condition()`` holds (True) or ``timeout`` s pass (False), looking every
+    ``every`` s, for states nothing announces (requests, turns across sessions); it is
+    looked at once at least, however little time is given."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(every)
+    return True
