@@ -87,13 +87,13 @@ mps = "{"on" if self.mps else "off"}"
 mps_priority = "{self.mps_priority}"
 [chat]
 model = "{self.models / chat}"
-backend = "vllm"
+backend = "auto"
 load_format = "dummy"
 quantization = "fp8"
 tensor_parallel_size = {self.chat_tp}
 [tool]
 model = "{self.models / tool}"
-backend = "vllm"
+backend = "auto"
 load_format = "dummy"
 [turn]
 concurrent = true

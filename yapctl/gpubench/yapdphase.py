@@ -23,6 +23,9 @@ async def yapd_processes(admin_socket: Path) -> dict[str, int]:
     async with AdminClient(admin_socket) as admin:
         st = await admin.request("status")
     engines = st.get("engines", {})
+    if bad := {role: e.get("backend") for role, e in engines.items() if e.get("backend") != "vllm"}:
+        # backend = "auto", the default a user runs: on this GPU it must have taken vLLM.
+        raise RuntimeError(f"yapd's engines are not on vLLM: {bad}")
     return {"front": st["pid"], **{f"{role}_front": e["host_pid"] for role, e in engines.items() if e.get("host_pid")},
             **{role: e["pid"] for role, e in engines.items() if e.get("pid")}}
 
