@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -1003,6 +1004,21 @@ async def test_a_raw_tool_first_output_keeps_its_own_clock_beside_its_cores_stam
     own, stamp, turn = (level[k]["p50"] for k in ("tool_first_output_ms", "tool_first_token_ms", "tool_first_turn_ms"))
     assert own is not None and stamp is not None and own <= turn and stamp <= turn + 0.01, level
     assert -0.01 <= level["tool_core_to_front_ms"]["p50"] <= turn, level
+
+
+async def test_the_yapd_phase_refuses_engines_that_backend_auto_left_on_the_cpu(make_yapd, tmp_path):
+    """The bench runs yapd on backend = "auto", a user's default: engines that did not take
+    vLLM (a GPU host where auto went wrong) stop its yapd phase instead of timing a CPU
+    engine; backends the run names itself (the CPU tests' "cpu") are as asked."""
+    from yapctl.gpubench.runsetup import Setup
+    from yapctl.gpubench.yapdphase import backends_as_asked
+
+    d = make_yapd("")
+    assert Setup(tmp_path, tmp_path / "w").config().chat.backend == "auto"
+    with pytest.raises(RuntimeError, match=re.escape("backend auto did not take vLLM: {'chat': 'cpu', 'tool': 'cpu'}")):
+        await backends_as_asked(d.admin_socket, Setup(tmp_path, tmp_path / "w"))
+    cpu = Setup(tmp_path, tmp_path / "w", sets=('chat.backend="cpu"', 'tool.backend="cpu"'))
+    assert await backends_as_asked(d.admin_socket, cpu) == {"chat": "cpu", "tool": "cpu"}
 
 
 async def test_a_paired_level_runs_a_raw_round_before_each_yapd_round_with_the_same_turns(make_yapd):

@@ -23,11 +23,21 @@ async def yapd_processes(admin_socket: Path) -> dict[str, int]:
     async with AdminClient(admin_socket) as admin:
         st = await admin.request("status")
     engines = st.get("engines", {})
-    if bad := {role: e.get("backend") for role, e in engines.items() if e.get("backend") != "vllm"}:
-        # backend = "auto", the default a user runs: on this GPU it must have taken vLLM.
-        raise RuntimeError(f"yapd's engines are not on vLLM: {bad}")
     return {"front": st["pid"], **{f"{role}_front": e["host_pid"] for role, e in engines.items() if e.get("host_pid")},
             **{role: e["pid"] for role, e in engines.items() if e.get("pid")}}
+
+
+async def backends_as_asked(admin_socket: Path, s: Setup) -> dict[str, str]:
+    """Each engine's backend, from yapd's status; an error where one the config leaves to
+    "auto" (the default a user runs) did not take vLLM on this GPU."""
+    async with AdminClient(admin_socket) as admin:
+        st = await admin.request("status")
+    got = {role: e.get("backend", "?") for role, e in st.get("engines", {}).items()}
+    cfg = s.config()
+    asked = {"chat": cfg.chat.backend, "tool": cfg.tool.backend}
+    if bad := {role: b for role, b in got.items() if asked.get(role) == "auto" and b != "vllm"}:
+        raise RuntimeError(f"backend auto did not take vLLM: {bad}")
+    return got
 
 
 async def phase_yapd(res: Results, s: Setup) -> None:
@@ -41,6 +51,7 @@ async def phase_yapd(res: Results, s: Setup) -> None:
     res.put("yapd", "step_budgets", step_budgets(log, offset))
     url = f"ws://127.0.0.1:{PORT}/ws"
     admin_socket = cfg.parent / "admin.sock"
+    res.put("yapd", "backends", await backends_as_asked(admin_socket, s))
 
     async def measured(c: int) -> tuple[dict[str, Any], BenchReport]:
         n = turns_for(c, s.rounds)
