@@ -850,6 +850,77 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir, monk
     assert salted_persona(PERSONA, "", 5) == PERSONA
 
 
+@pytest.mark.parametrize(("concurrent", "slow_ack"), [(True, False), (False, False), (True, True)])
+def test_the_tool_decision_goes_out_as_it_settles_and_never_before_the_ack(tmp_path, cache_dir, concurrent, slow_ack):
+    """The toolcall leaves the moment the tool's output settles it, before its request's
+    abort (the stream's close) and the turn's own wake-up, each a wait in a busy event
+    loop; a decision that settles while the ack is still being sent follows the ack."""
+    from transformers import AutoTokenizer
+
+    from yapctl.gpubench.runsetup import Setup
+    from yapd.engines.base import Delta, Engine, EngineHealth
+    from yapd.prompts import PromptCache
+    from yapd.runtime import Runtime
+    from yapd.turn import Turn, TurnInput
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "nemo-12b").symlink_to(cache_dir / "demo" / "chat")
+    (models / "hammer-3b").symlink_to(cache_dir / "demo" / "tool")
+    sent: list[dict[str, Any]] = []
+    at_close: list[list[str]] = []  # what the client had when the tool request was closed
+
+    class Standin(Engine):
+        backend = "test"
+
+        def __init__(self, role: str, path: Path) -> None:
+            self.role, self.model, self._tok = role, str(path), AutoTokenizer.from_pretrained(path)
+
+        @property
+        def tokenizer(self):
+            return self._tok
+
+        async def start(self, alongside: bool = False, child_env=None) -> None: ...
+
+        async def stream(self, prompt_ids, spec, request_id):
+            if self.role == "chat":
+                yield Delta("hi", 1, True, "stop")
+                return
+            try:
+                yield Delta("[]", 1, False, None)  # settles it: no tool
+                await asyncio.Event().wait()  # a request that runs on until aborted
+            finally:
+                at_close.append([m["type"] for m in sent])
+
+        async def abort(self, request_id: str) -> None: ...
+        async def shutdown(self) -> None: ...
+
+        def health(self) -> EngineHealth:
+            return EngineHealth(True, "ready")
+
+        @property
+        def in_flight(self) -> int:
+            return 0
+
+    rt = Runtime(Setup(models, tmp_path).config())
+    rt.cfg.turn.concurrent = concurrent
+    rt.engines = {"chat": Standin("chat", models / "nemo-12b"), "tool": Standin("tool", models / "hammer-3b")}
+
+    async def send(msg: dict[str, Any] | str) -> None:
+        m = msg if isinstance(msg, dict) else json.loads(msg)  # tokens come serialized
+        if slow_ack and m["type"] == "ack":
+            for _ in range(5):  # a client slow to take it: the decision settles meanwhile
+                await asyncio.sleep(0)
+        sent.append(m)
+
+    turn = Turn(rt, TurnInput("r", "s", "hello there", "", "", 1), send,
+                PromptCache(rt.engines["chat"].tokenizer), PromptCache(rt.engines["tool"].tokenizer))
+    asyncio.run(turn.run({"type": "ack"}))
+    assert [m["type"] for m in sent] == ["ack", "toolcall", "token", "final", "done"], sent
+    assert sent[1]["status"] == "no" and turn.tool_ms is not None
+    assert at_close == ([[]] if slow_ack else [["ack", "toolcall"]]), at_close
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_within_times_out_in_the_calling_task_and_lets_cancels_through(monkeypatch, native):
     from yapd.timeouts import within
