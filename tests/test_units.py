@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -741,31 +742,27 @@ def test_gpubench_level_warms_then_runs_each_turn_once_c_at_a_time():
     assert turns_for(1, 3) == 9 and turns_for(1) == 24  # one session: 3 x rounds turns
 
 
-def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir, monkeypatch):
-    """The raw and serve phases must run the very prompts yapd's engines get: a real Turn
-    through recording engines, against the bench's own TurnPrompts."""
+def standin_runtime(tmp_path: Path, cache_dir: Path,
+                    replies: Callable[[str, list[int]], AsyncIterator[Any]]) -> tuple[Any, Any]:
+    """A Runtime on gpubench's config (and its Setup) whose two engines are stand-ins: the
+    demo models' tokenizers under gpubench's model names, each request answered by
+    ``replies(role, prompt_ids)``."""
     from transformers import AutoTokenizer
 
-    from yapctl.bench import turn_utterance
-    from yapctl.gpubench.prompts import HISTORY, PERSONA, UTTERANCE, TurnPrompts
     from yapctl.gpubench.runsetup import Setup
-    from yapd.engines.base import Delta, Engine, EngineHealth
-    from yapd.prompts import PromptCache
+    from yapd.engines.base import Engine, EngineHealth
     from yapd.runtime import Runtime
-    from yapd.turn import Turn, TurnInput
 
     models = tmp_path / "models"
     models.mkdir()
     (models / "nemo-12b").symlink_to(cache_dir / "demo" / "chat")
     (models / "hammer-3b").symlink_to(cache_dir / "demo" / "tool")
-    setup = Setup(models, tmp_path)
-    seen: dict[str, list[int]] = {}
-    order: list[str] = []  # the order the requests went out in
 
-    class Recording(Engine):
+    class StandIn(Engine):
         backend = "test"
 
-        def __init__(self, role: str, path: Path) -> None:
+        def __init__(self, role: str) -> None:
+            path = models / ("nemo-12b" if role == "chat" else "hammer-3b")
             self.role, self.model, self._tok = role, str(path), AutoTokenizer.from_pretrained(path)
 
         @property
@@ -774,10 +771,8 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir, monk
 
         async def start(self, alongside: bool = False, child_env=None) -> None: ...
 
-        async def stream(self, prompt_ids, spec, request_id):
-            seen[self.role] = list(prompt_ids)
-            order.append(self.role)
-            yield Delta("[]" if self.role == "tool" else "hi", 1, True, "stop")
+        def stream(self, prompt_ids, spec, request_id):
+            return replies(self.role, list(prompt_ids))
 
         async def abort(self, request_id: str) -> None: ...
         async def shutdown(self) -> None: ...
@@ -789,8 +784,30 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir, monk
         def in_flight(self) -> int:
             return 0
 
+    setup = Setup(models, tmp_path)
     rt = Runtime(setup.config())
-    rt.engines = {"chat": Recording("chat", models / "nemo-12b"), "tool": Recording("tool", models / "hammer-3b")}
+    rt.engines = {"chat": StandIn("chat"), "tool": StandIn("tool")}
+    return rt, setup
+
+
+def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir, monkeypatch):
+    """The raw and serve phases must run the very prompts yapd's engines get: a real Turn
+    through recording engines, against the bench's own TurnPrompts."""
+    from yapctl.bench import turn_utterance
+    from yapctl.gpubench.prompts import HISTORY, PERSONA, UTTERANCE, TurnPrompts
+    from yapd.engines.base import Delta
+    from yapd.prompts import PromptCache
+    from yapd.turn import Turn, TurnInput
+
+    seen: dict[str, list[int]] = {}
+    order: list[str] = []  # the order the requests went out in
+
+    async def recording(role: str, prompt_ids: list[int]) -> AsyncIterator[Delta]:
+        seen[role] = list(prompt_ids)
+        order.append(role)
+        yield Delta("[]" if role == "tool" else "hi", 1, True, "stop")
+
+    rt, setup = standin_runtime(tmp_path, cache_dir, recording)
     sent: list[object] = []
 
     async def send(msg: object) -> None:
@@ -855,56 +872,25 @@ def test_the_tool_decision_goes_out_as_it_settles_and_never_before_the_ack(tmp_p
     """The toolcall leaves the moment the tool's output settles it, before its request's
     abort (the stream's close) and the turn's own wake-up, each a wait in a busy event
     loop; a decision that settles while the ack is still being sent follows the ack."""
-    from transformers import AutoTokenizer
-
-    from yapctl.gpubench.runsetup import Setup
-    from yapd.engines.base import Delta, Engine, EngineHealth
+    from yapd.engines.base import Delta
     from yapd.prompts import PromptCache
-    from yapd.runtime import Runtime
     from yapd.turn import Turn, TurnInput
 
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "nemo-12b").symlink_to(cache_dir / "demo" / "chat")
-    (models / "hammer-3b").symlink_to(cache_dir / "demo" / "tool")
     sent: list[dict[str, Any]] = []
     at_close: list[list[str]] = []  # what the client had when the tool request was closed
 
-    class Standin(Engine):
-        backend = "test"
+    async def replies(role: str, prompt_ids: list[int]) -> AsyncIterator[Delta]:
+        if role == "chat":
+            yield Delta("hi", 1, True, "stop")
+            return
+        try:
+            yield Delta("[]", 1, False, None)  # settles it: no tool
+            await asyncio.Event().wait()  # a request that runs on until aborted
+        finally:
+            at_close.append([m["type"] for m in sent])
 
-        def __init__(self, role: str, path: Path) -> None:
-            self.role, self.model, self._tok = role, str(path), AutoTokenizer.from_pretrained(path)
-
-        @property
-        def tokenizer(self):
-            return self._tok
-
-        async def start(self, alongside: bool = False, child_env=None) -> None: ...
-
-        async def stream(self, prompt_ids, spec, request_id):
-            if self.role == "chat":
-                yield Delta("hi", 1, True, "stop")
-                return
-            try:
-                yield Delta("[]", 1, False, None)  # settles it: no tool
-                await asyncio.Event().wait()  # a request that runs on until aborted
-            finally:
-                at_close.append([m["type"] for m in sent])
-
-        async def abort(self, request_id: str) -> None: ...
-        async def shutdown(self) -> None: ...
-
-        def health(self) -> EngineHealth:
-            return EngineHealth(True, "ready")
-
-        @property
-        def in_flight(self) -> int:
-            return 0
-
-    rt = Runtime(Setup(models, tmp_path).config())
+    rt, _ = standin_runtime(tmp_path, cache_dir, replies)
     rt.cfg.turn.concurrent = concurrent
-    rt.engines = {"chat": Standin("chat", models / "nemo-12b"), "tool": Standin("tool", models / "hammer-3b")}
 
     async def send(msg: dict[str, Any] | str) -> None:
         m = msg if isinstance(msg, dict) else json.loads(msg)  # tokens come serialized
