@@ -71,7 +71,7 @@ class Turn:
         self.decision: Decision | None = None
         self.state = "starting"
         self.ack_sent = False
-        self.ack_out = False  # its send returned: a toolcall may follow it
+        self.ack_out = asyncio.Event()  # its send returned: the toolcall may follow it
         self.done_sent = False
         self.counted = False  # in yapd_turns_total: each turn once, by its outcome
 
@@ -105,18 +105,18 @@ class Turn:
                     pending = list(self._start_both(tool, chat_stream))
                 self.ack_sent = True
                 await self.send(ack)
-                self.ack_out = True
+                self.ack_out.set()
                 if tool is None:
                     if chat_stream is not None:
                         await self._stream_reply(chat_stream, None)
                 elif chat_stream is None:
-                    await self._send_decision(await self._decide(tool))
+                    await self._decide(tool)
                 elif pending:
                     first, decide = pending
-                    await self._send_decision(await decide)
+                    await decide
                     await self._stream_reply(chat_stream, first)
                 else:
-                    await self._send_decision(await self._decide(tool))
+                    await self._decide(tool)
                     await self._stream_reply(chat_stream, None)
             finally:
                 try:
@@ -200,18 +200,17 @@ class Turn:
                     decision = Decision("no", (), reader.text, "error")
                 else:
                     raise
-            if self.ack_out:
-                # Out as it settles, from here: the request's abort and the turn's wake-up
-                # once this task ends each wait their turn in a busy event loop (H100, 16
-                # sessions: the decision sent 9.7 ms after the tool's first output, p50).
-                await self._send_decision(decision)
+            # Sent as it settles, from here, never before the turn's ack: the request's
+            # abort and the turn's wake-up once this task ends each wait their turn in a
+            # busy event loop (H100, 16 sessions: the decision sent 9.7 ms after the tool's
+            # first output, p50).
+            await self.ack_out.wait()
+            await self._send_decision(decision)
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
         return decision
 
     async def _send_decision(self, decision: Decision) -> None:
-        if self.decision is not None:
-            return  # sent as it settled (_decide)
         self.decision = decision
         self.tool_ms = self._ms()
         self.rt.metrics.tool_decision.observe(self.tool_ms / 1000)
