@@ -609,6 +609,36 @@ async def test_cpu_engines_loading_side_by_side_get_exactly_the_saved_weights(ca
             await e.shutdown()
 
 
+async def test_the_daemon_stops_its_engines_side_by_side(caplog):
+    """Each engine's stop waits here until the other's has begun: stopped one after the
+    other, the first would run past its time. One that fails is logged and the other
+    stops still."""
+    import logging
+
+    from yapd.daemon import Daemon
+
+    begun = {"chat": asyncio.Event(), "tool": asyncio.Event(), "broken": asyncio.Event()}
+
+    class Stopping:
+        def __init__(self, role: str, other: str) -> None:
+            self.role, self.other, self.stopped = role, other, False
+
+        async def shutdown(self) -> None:
+            begun[self.role].set()
+            await begun[self.other].wait()
+            if self.role == "broken":
+                raise RuntimeError("its core would not go")
+            self.stopped = True
+
+    chat, tool, broken = Stopping("chat", "tool"), Stopping("tool", "broken"), Stopping("broken", "chat")
+    with caplog.at_level(logging.INFO, logger="yapd.daemon"):
+        await asyncio.wait_for(Daemon._stop_engines({"chat": chat, "tool": tool, "broken": broken}, timeout=5), 10)
+    assert chat.stopped and tool.stopped
+    text = caplog.text
+    assert "engine broken shutdown: its core would not go" in text
+    assert "engine stopped role=chat seconds=0.0" in text and "engine stopped role=tool seconds=0.0" in text
+
+
 async def test_cpu_engine_shut_down_mid_step_logs_no_failure(cache_dir, caplog):
     # A shutdown unloads the model while a worker thread may be inside a step; that
     # request was aborted first, so what the step then raises is no engine failure.

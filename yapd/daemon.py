@@ -215,8 +215,8 @@ class Daemon:
                 # A plan that no longer fits (another tenant on the GPU, a driver
                 # update): forget it and load the safe way rather than fail the start.
                 log.warning("side-by-side engine start failed (%s); loading one after the other", failed[0])
+                await self._stop_engines(engines, timeout=None, why=" after the failed side-by-side start")
                 for eng in engines.values():
-                    await eng.shutdown()
                     eng.forget_memory_plan()
                 parallel = False
             elif failed:
@@ -228,17 +228,26 @@ class Daemon:
                 await self._start_one(role, eng)
 
     async def _shutdown_engines(self, roles: list[str], timeout: float | None) -> None:
-        for role in roles:
-            eng = self.rt.engines.get(role)
-            if eng is None:
-                continue
-            t0 = time.perf_counter()
-            try:
-                await asyncio.wait_for(eng.shutdown(), timeout)
-            except Exception as exc:
-                log.warning("engine %s shutdown: %s", role, exc)
-            else:
-                log.info("engine stopped role=%s seconds=%.1f", role, time.perf_counter() - t0)
+        engines = {role: eng for role in roles if (eng := self.rt.engines.get(role)) is not None}
+        await self._stop_engines(engines, timeout)
+
+    @classmethod
+    async def _stop_engines(cls, engines: Mapping[str, Any], timeout: float | None, why: str = "") -> None:
+        """Stop ``engines`` side by side: each vLLM engine's stop (its EngineCore's exit)
+        takes 1.5-2 s, and a stop or a restart of both waits for the slower one, not for
+        the sum. A stop that fails or runs past ``timeout`` is logged, not raised: the
+        others stop still."""
+        await asyncio.gather(*(cls._shutdown_one(role, eng, timeout, why) for role, eng in engines.items()))
+
+    @staticmethod
+    async def _shutdown_one(role: str, eng: Any, timeout: float | None, why: str) -> None:
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(eng.shutdown(), timeout)
+        except Exception as exc:
+            log.warning("engine %s shutdown: %s", role, exc)
+        else:
+            log.info("engine stopped%s role=%s seconds=%.1f", why, role, time.perf_counter() - t0)
 
     async def _start_one(self, role: str, eng: Any, alongside: bool = False) -> None:
         t0 = time.perf_counter()
@@ -405,12 +414,9 @@ class Daemon:
                 self.rt.engines.pop(role, None)
             drained = await self.wait_idle(roles, self.cfg.server.drain_timeout_s)
             self.notifier.status(f"restarting engines: {', '.join(roles)}")
-            for role in roles:
-                old = self.rt.engines.pop(role, None)
-                if old is not None:
-                    t0 = time.perf_counter()
-                    await old.shutdown()  # a restart's time: its stop is part of it
-                    log.info("engine stopped for the restart role=%s seconds=%.1f", role, time.perf_counter() - t0)
+            # A restart's time: its stop is part of it.
+            old = {role: eng for role in roles if (eng := self.rt.engines.pop(role, None)) is not None}
+            await self._stop_engines(old, timeout=None, why=" for the restart")
             try:
                 await self._start_engines(roles)
             except EngineError as exc:
@@ -489,9 +495,9 @@ class Daemon:
         timeout = self.cfg.server.drain_timeout_s
         # The stop's longest course, for systemd's TimeoutStopSec (60 s in the unit) not to
         # SIGKILL the engines mid-stop where drain_timeout_s was raised (reloadable): the
-        # AWQ job's end, the drain, the close-out, 5 s for the connections, each engine's
-        # stop, MPS's 10 s.
-        longest = 10 + 2 * timeout + 5 + timeout * len(self.rt.engines) + 10
+        # AWQ job's end, the drain, the close-out, 5 s for the connections, the engines'
+        # stop (side by side), MPS's 10 s.
+        longest = 10 + 2 * timeout + 5 + timeout + 10
         self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(longest * 1e6)}")
         await self.awq_jobs.close()
         # The turns in flight end as they would (a reply cut mid-sentence is what a stop
