@@ -1332,3 +1332,32 @@ async def test_polled_looks_once_at_least_and_gives_up_at_its_time():
     assert time.monotonic() - t0 >= 0.15
     seen = iter([False, False, True])
     assert await polled(lambda: next(seen), 5, every=0.01)
+
+
+def test_the_soaks_rss_check_tells_a_levelling_curve_from_a_leak():
+    """Run K's curve (397 -> 413.5 MiB, flat from 45 s) is an allocator filling its
+    arenas; a leak that crosses the whole-load allowance goes on growing over the second half."""
+    from yapctl.soak import parser, rss_growth, sample_rss
+
+    slack, tail_slack = (lambda a: (a.rss_slack, a.rss_tail_slack))(parser().parse_args([]))
+    kib = 1024
+    levelling = [(t, int(v * kib)) for t, v in [(0, 397.0), (10, 408.8), (20, 410.5), (30, 412.0), (40, 413.0),
+                                                (50, 413.3), (60, 413.3)]]
+    growth, tail = rss_growth(397 * kib, int(413.5 * kib), levelling, 66.0)
+    assert growth == pytest.approx(16.5 / 397) and tail == pytest.approx(1.5 / 397)
+    assert tail < tail_slack
+    leak = [(t, int((397 + 0.4 * t) * kib)) for t in range(0, 61, 10)]  # 0.4 MiB a second, on and on
+    growth, tail = rss_growth(397 * kib, int((397 + 0.4 * 66) * kib), leak, 66.0)
+    assert growth > slack and tail is not None and tail > tail_slack
+    assert rss_growth(397 * kib, 400 * kib, [], 66.0)[1] is None  # no sample by the midpoint: no figure
+
+    async def sampled() -> list[tuple[float, int]]:
+        samples: list[tuple[float, int]] = []
+        task = asyncio.ensure_future(sample_rss(os.getpid(), time.monotonic(), samples, every=0.01))
+        while len(samples) < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return samples
+
+    samples = asyncio.run(sampled())
+    assert [t for t, _ in samples] == sorted(t for t, _ in samples) and all(kib > 1000 for _, kib in samples)

@@ -19,7 +19,9 @@ It drives, at once and for ``--duration`` seconds:
 
 Afterwards it waits for the daemon to settle and checks: no open connection, no engine
 request in flight (/status), the daemon's RSS back within ``--rss-slack`` of the
-figure taken after warm-up, no file-descriptor growth (/proc/PID/fd), every slow reader
+figure taken after warm-up and within ``--rss-tail-slack`` of it over the load's second
+half (sampled each second: a leak goes on growing, an allocator's arenas level off), no
+file-descriptor growth (/proc/PID/fd), every slow reader
 cut off, no protocol violation. It prints the figures and exits 1 when an invariant
 failed.
 """
@@ -588,6 +590,22 @@ async def settled_snapshot(pid: int | None, before: dict[str, Any], fd_slack: in
         await asyncio.sleep(0.2)
 
 
+async def sample_rss(pid: int, t_start: float, samples: list[tuple[float, int]], every: float = 1.0) -> None:
+    """(seconds into the load, RSS KiB) every ``every`` s until cancelled: whether the
+    growth levels off (an allocator's arenas filling) or goes on (a leak)."""
+    while True:
+        with contextlib.suppress(RuntimeError, OSError):
+            samples.append((round(time.monotonic() - t_start, 1), proc_rss_kib(pid)))
+        await asyncio.sleep(every)
+
+
+def rss_growth(before: int, after: int, samples: list[tuple[float, int]], load_s: float) -> tuple[float, float | None]:
+    """RSS growth over the whole load and over its second half, each a fraction of the
+    figure before the load; None for the half when no sample was taken by the midpoint."""
+    mid = [kib for t, kib in samples if t <= load_s / 2]
+    return (after - before) / before, (after - mid[-1]) / before if mid else None
+
+
 async def soak(url: str, key: str, pid: int | None, args: argparse.Namespace) -> dict[str, Any]:
     stats = Stats()
     load = Load(url, key, args, stats)
@@ -609,6 +627,8 @@ async def soak(url: str, key: str, pid: int | None, args: argparse.Namespace) ->
     before = snapshot(pid)
     _, metrics0 = await asyncio.to_thread(http_get, load.base, "/metrics", key)
     t_start = time.monotonic()
+    rss_samples: list[tuple[float, int]] = []
+    sampler = asyncio.create_task(sample_rss(pid, t_start, rss_samples)) if pid is not None else None
 
     # Phase 1: everything at once.
     main_s = args.duration * 0.7
@@ -636,7 +656,12 @@ async def soak(url: str, key: str, pid: int | None, args: argparse.Namespace) ->
         for res in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(res, BaseException):
                 stats.violation(f"{label}: task failed: {type(res).__name__}: {res}")
-    report["load_s"] = round(time.monotonic() - t_start, 1)
+    load_s = time.monotonic() - t_start
+    report["load_s"] = round(load_s, 1)
+    if sampler is not None:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
 
     report["settle_after"] = after_settle = await settle(load, args.settle_timeout)
     after = await settled_snapshot(pid, before, args.fd_slack, args.settle_timeout)
@@ -674,10 +699,15 @@ async def soak(url: str, key: str, pid: int | None, args: argparse.Namespace) ->
     if after_settle["in_flight"] != 0:
         failed.append(f"engine requests in flight {after_settle['in_flight']} after the load")
     if before and after:
-        growth = (after["rss_kib"] - before["rss_kib"]) / before["rss_kib"]
+        growth, tail = rss_growth(before["rss_kib"], after["rss_kib"], rss_samples, load_s)
         report["process"]["rss_growth_pct"] = round(100 * growth, 2)
+        report["process"]["rss_tail_growth_pct"] = None if tail is None else round(100 * tail, 2)
+        report["process"]["rss_mib"] = [(t, round(kib / 1024, 1)) for t, kib in rss_samples]
         if growth > args.rss_slack:
             failed.append(f"RSS grew {100 * growth:.1f}% (> {100 * args.rss_slack:.0f}%)")
+        if tail is not None and tail > args.rss_tail_slack:
+            failed.append(f"RSS grew {100 * tail:.1f}% over the load's second half "
+                          f"(> {100 * args.rss_tail_slack:g}%): still growing")
         if after["fds"] > before["fds"] + args.fd_slack:
             grew = {k: after["fd_kinds"].get(k, 0) - n for k, n in before["fd_kinds"].items()}
             grew.update({k: n for k, n in after["fd_kinds"].items() if k not in before["fd_kinds"]})
@@ -724,7 +754,8 @@ def print_report(rep: dict[str, Any], out: Any = sys.stdout) -> None:
     if p["before"]:
         b, a = p["before"], p["after"]
         print(f"  daemon RSS {b['rss_kib'] / 1024:.1f} -> {a['rss_kib'] / 1024:.1f} MiB "
-              f"({p.get('rss_growth_pct')}%), fds {b['fds']} -> {a['fds']}, threads {b['threads']} -> {a['threads']}",
+              f"({p.get('rss_growth_pct')}%; over the load's second half {p.get('rss_tail_growth_pct')}%), "
+              f"fds {b['fds']} -> {a['fds']}, threads {b['threads']} -> {a['threads']}",
               file=out)
     ef = rep["engine_faults"]
     if ef["turns"]:
@@ -752,6 +783,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cycle-timeout", type=float, default=30.0, help="a cycle not done by then fails")
     p.add_argument("--settle-timeout", type=float, default=30.0)
     p.add_argument("--rss-slack", type=float, default=0.05, help="allowed RSS growth, a fraction (default 0.05)")
+    p.add_argument("--rss-tail-slack", type=float, default=0.01,
+                   help="allowed RSS growth over the load's second half, a fraction of the figure before "
+                        "it (default 0.01): a leak goes on growing, arenas level off")
     p.add_argument("--fd-slack", type=int, default=0, help="allowed growth in open fds (default 0)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--url", help="ws://127.0.0.1:PORT/ws of a running yapd (default: start a demo daemon)")
