@@ -311,6 +311,25 @@ async def test_reload_bad_file_keeps_running_config(make_yapd):
         check_turn(await run_turn(ws))
 
 
+def test_both_engines_stop_side_by_side_at_a_restart_and_a_stop(make_yapd):
+    """Each engine's stop stretched to 0.5 s: at a restart of both and at SIGTERM the
+    second engine's stop begins before the first's ends, in yapd's own log."""
+    d = make_yapd(env={"YAPD_DEBUG_ENGINE_STOP_DELAY_S": "0.5"})
+
+    def overlap(why: str) -> None:
+        lines = [line for line in d.lines if f"engine stopping{why} role=" in line
+                 or f"engine stopped{why} role=" in line]
+        kinds = ["stopping" if "stopping" in line else "stopped" for line in lines[-4:]]
+        assert kinds == ["stopping", "stopping", "stopped", "stopped"], lines
+
+    assert d.admin(cmd="restart", target="both")[-1]["ok"] is True
+    overlap(" for the restart")
+    assert d.stop() == 0
+    d.wait_for("yapd.daemon: stopped")
+    overlap("")
+    assert not [line for line in d.lines if "shutdown:" in line], d.lines[-20:]
+
+
 def test_reload_reports_engine_keys(make_yapd):
     d = make_yapd()
     d.write_config("[chat]\nmax_num_seqs = 8\n[turn]\nchat_max_out = 20\n")

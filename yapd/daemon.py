@@ -242,6 +242,11 @@ class Daemon:
     @staticmethod
     async def _shutdown_one(role: str, eng: Any, timeout: float | None, why: str) -> None:
         t0 = time.perf_counter()
+        log.info("engine stopping%s role=%s", why, role)
+        # Test hook: stretch the stop so tests can see two engines' stops overlap.
+        delay = float(os.environ.get("YAPD_DEBUG_ENGINE_STOP_DELAY_S") or 0)
+        if delay:
+            await asyncio.sleep(delay)
         try:
             await asyncio.wait_for(eng.shutdown(), timeout)
         except Exception as exc:
