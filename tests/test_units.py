@@ -1339,7 +1339,8 @@ def test_the_soaks_rss_check_tells_a_levelling_curve_from_a_leak():
     arenas; a leak that crosses the whole-load allowance goes on growing over the second half."""
     from yapctl.soak import parser, rss_growth, sample_rss
 
-    slack, tail_slack = (lambda a: (a.rss_slack, a.rss_tail_slack))(parser().parse_args([]))
+    args = parser().parse_args([])
+    slack, tail_slack = args.rss_slack, args.rss_tail_slack
     kib = 1024
     levelling = [(t, int(v * kib)) for t, v in [(0, 397.0), (10, 408.8), (20, 410.5), (30, 412.0), (40, 413.0),
                                                 (50, 413.3), (60, 413.3)]]

@@ -71,6 +71,14 @@ def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
+async def _test_delay(var: str) -> None:
+    """A test hook: wait the seconds the environment variable ``var`` names, if any, so a
+    test can watch the daemon mid-way through a step that is otherwise too quick to see."""
+    delay = float(os.environ.get(var) or 0)
+    if delay:
+        await asyncio.sleep(delay)
+
+
 def prepare(cfg: Config) -> Config:
     """Resolve what the config names but does not hold: the demo models' paths."""
     if cfg.demo:
@@ -243,10 +251,7 @@ class Daemon:
     async def _shutdown_one(role: str, eng: Any, timeout: float | None, why: str) -> None:
         t0 = time.perf_counter()
         log.info("engine stopping%s role=%s", why, role)
-        # Test hook: stretch the stop so tests can see two engines' stops overlap.
-        delay = float(os.environ.get("YAPD_DEBUG_ENGINE_STOP_DELAY_S") or 0)
-        if delay:
-            await asyncio.sleep(delay)
+        await _test_delay("YAPD_DEBUG_ENGINE_STOP_DELAY_S")  # tests see two engines' stops overlap
         try:
             await asyncio.wait_for(eng.shutdown(), timeout)
         except Exception as exc:
@@ -257,10 +262,7 @@ class Daemon:
     async def _start_one(self, role: str, eng: Any, alongside: bool = False) -> None:
         t0 = time.perf_counter()
         self.notifier.status(f"loading {role} engine: {eng.model}")
-        # Test hook: stretch the load so tests can see the daemon's state while loading.
-        delay = float(os.environ.get("YAPD_DEBUG_ENGINE_START_DELAY_S") or 0)
-        if delay:
-            await asyncio.sleep(delay)
+        await _test_delay("YAPD_DEBUG_ENGINE_START_DELAY_S")  # tests see the daemon's state while loading
         await eng.start(alongside=alongside, child_env=self.mps.client_env(role))
         log.info("engine started role=%s backend=%s model=%s seconds=%.1f", role, eng.backend, eng.model,
                  time.perf_counter() - t0)
