@@ -95,7 +95,8 @@ class LoadingEngine(Engine):
         core.join()
         return core.exitcode
 
-    def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec, request_id: str) -> AsyncIterator[Delta]:
+    def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec, request_id: str,
+               together: bool = False) -> AsyncIterator[Delta]:
         raise EngineError(f"{self.role} engine is {self._state}")
 
     async def abort(self, request_id: str) -> None:

@@ -25,6 +25,7 @@ import pytest
 from tests.conftest import EngineCores, Yapd, recv, run_turn, send, until_done, ws_connect
 from tests.test_cli import yapctl
 from tests.test_protocol_e2e import check_turn
+from yapctl.bench import per_step
 from yapd.engines.vllm import starting_cores
 from yapd.mps import MPS_CONTROL, PIPE_ENV, PRIORITY_ENV, renumbered_devices
 from yapd.procfs import children, counters
@@ -293,6 +294,46 @@ async def test_gpu_concurrent_sessions(gpu_yapd):
     results = await asyncio.gather(*(one(i) for i in range(12)))
     for msgs in results:
         check_turn(msgs)
+
+
+async def test_gpu_a_burst_leaves_together(gpu_yapd):
+    """turn.send_together (live): a burst's requests held to the end of the loop's pass
+    reach vLLM and come back whole; a turn cancelled at once leaves no request running.
+    Prints how many engine steps the burst's tool requests were scheduled in (the tool
+    engine keeps vLLM's stats: requests scheduled in one step share the step's stamp)."""
+    d = gpu_yapd
+    before = d.config_path.read_text()
+    sessions = 8
+    try:
+        d.config_path.write_text(before.replace("[turn]\n", "[turn]\nsend_together = true\n"))
+        assert d.admin(cmd="reload")[-1]["applied"] == ["turn.send_together"]
+        async with contextlib.AsyncExitStack() as stack:
+            wss = [await stack.enter_async_context(ws_connect(d.url())) for _ in range(sessions)]
+            for rnd in range(3):
+                await asyncio.gather(*(send(ws, type="start", session_id=f"t{i}", request_id=f"r{rnd}",
+                                            user_utterance=f"who was Columbus? {i}") for i, ws in enumerate(wss)))
+                done = await asyncio.gather(*(until_done(ws) for ws in wss))
+                for msgs in done:
+                    check_turn(msgs, f"r{rnd}")
+                # Each first token on one clock (the turn's start, its ack's "now"): one
+                # engine step stamps its outputs alike.
+                firsts = [m[0]["now"] * 1000 + m[-1]["timings"]["engines"]["tool"]["first_token_ms"] for m in done]
+                print(f"round {rnd}: {sessions} turns sent together, tool first tokens per engine step "
+                      f"{per_step(firsts)}")
+            # Started and cancelled in one write: the cancel may come while the turn's
+            # requests are still held.
+            ws = wss[0]
+            await ws.send(json.dumps({"type": "start", "session_id": "t0", "request_id": "gone",
+                                      "user_utterance": "story"}))
+            await ws.send(json.dumps({"type": "cancel"}))
+            msgs = await until_done(ws)
+            assert msgs[-1]["request_id"] == "gone" and msgs[-1]["type"] == "done", msgs
+            check_turn(await run_turn(ws, session_id="t0", user_utterance="again"))
+        st = json.loads(d.http("/status")[1])
+        assert all(st["engines"][role]["in_flight"] == 0 for role in ("chat", "tool")), st["engines"]
+    finally:
+        d.config_path.write_text(before)
+        d.admin(cmd="reload")
 
 
 async def test_gpu_engine_death_detected_and_restart(gpu_yapd):

@@ -801,7 +801,8 @@ def standin_runtime(tmp_path: Path, cache_dir: Path,
 
         async def start(self, alongside: bool = False, child_env=None) -> None: ...
 
-        def stream(self, prompt_ids, spec, request_id):
+        def stream(self, prompt_ids, spec, request_id, together=False):
+            self.together = together  # turn.send_together, as the turn passed it
             return replies(self.role, list(prompt_ids))
 
         async def abort(self, request_id: str) -> None: ...
@@ -862,6 +863,11 @@ def test_gpubench_floor_gets_the_token_ids_yapd_builds(tmp_path, cache_dir, monk
     rt.cfg.turn.request_order = "chat_first"
     run(inp)
     assert order == ["chat", "tool"]
+    assert not rt.engines["chat"].together and not rt.engines["tool"].together
+    rt.cfg.turn.send_together = True  # live: the next turn's requests ask for it
+    run(inp)
+    assert rt.engines["chat"].together and rt.engines["tool"].together
+    rt.cfg.turn.send_together = False
     # tool_first (the default): the tool request leaves first, the prompts stay the same.
     rt.cfg.turn.request_order = "tool_first"
     run(inp)

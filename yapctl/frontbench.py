@@ -75,7 +75,8 @@ class StandInEngine(Engine):
 
         self._tok = await asyncio.to_thread(load_tokenizer, self.model)
 
-    async def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec, request_id: str) -> AsyncIterator[Delta]:
+    async def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec, request_id: str,
+                     together: bool = False) -> AsyncIterator[Delta]:
         self.made.append((request_id, self.role, time.perf_counter()))
         self._in_flight += 1
         try:

@@ -191,6 +191,11 @@ class TurnConfig:
     # 19.8 / 20.26 ms); TTFT p95 at 16 sessions 89.87 -> 80.81 and 103.33 -> 97.32, at 24
     # (run p) 120.03 -> 112.79; at 8 one run each way (62.3 -> 55.48, 56.92 -> 78.23).
     request_order: RequestOrder = "chats_then_tools"
+    # A vLLM engine's requests of turns that start in one event-loop pass leave back to
+    # back at the pass's end instead of one per turn start (yapd.engines.together): an idle
+    # EngineCore steps on the first request to reach it, and the burst's later ones wait
+    # for that step. Not yet measured on a GPU: off.
+    send_together: bool = False
     stream_flush_ms: float = 0.0
     chat_max_out: int = 200
     history_max_tokens: int = 3000

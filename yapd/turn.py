@@ -176,7 +176,7 @@ class Turn:
         reader = DecisionReader([x.name for x in self.cfg.tools])
         # Greedy; no stop string: the reader ends the answer at a blank line itself.
         spec = SamplingSpec(max_tokens=t.tool_max_tokens, temperature=0.0, top_k=1)
-        stream = tool.stream(self._tool_prompt(tool), spec, f"{self.engine_id}:tool")
+        stream = tool.stream(self._tool_prompt(tool), spec, f"{self.engine_id}:tool", t.send_together)
 
         async def read() -> Decision:
             async for delta in stream:
@@ -234,7 +234,7 @@ class Turn:
         spec = SamplingSpec(max_tokens=t.chat_max_out, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
                             repetition_penalty=t.repetition_penalty, ignore_eos=t.ignore_eos,
                             seed=self.inp.seed if t.seeded_sampling else None)
-        stream = chat.stream(prompt.ids, spec, f"{self.engine_id}:chat")
+        stream = chat.stream(prompt.ids, spec, f"{self.engine_id}:chat", t.send_together)
         try:
             async for delta in stream:
                 if self.chat_text_ms is None:

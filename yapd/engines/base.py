@@ -124,7 +124,11 @@ class Engine(abc.ABC):
             raise EngineError(f"{self.role} engine start abandoned after {step}: the daemon is stopping")
 
     @abc.abstractmethod
-    def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec, request_id: str) -> AsyncIterator[Delta]: ...
+    def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec, request_id: str,
+               together: bool = False) -> AsyncIterator[Delta]:
+        """The request's deltas. ``together``: its request may wait for the end of the event
+        loop's pass, to reach the engine with the pass's others (turn.send_together; vLLM
+        engines only, see yapd.engines.together)."""
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None: ...

@@ -117,7 +117,8 @@ class CpuEngine(Engine):
         self._eos = {int(e) for e in eos_ids if e is not None}
 
     async def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec,
-                     request_id: str) -> AsyncIterator[Delta]:
+                     request_id: str, together: bool = False) -> AsyncIterator[Delta]:
+        # together: each request decodes in a thread of its own, there is no step to share
         if self._state != "ready" or self._pool is None:
             raise EngineError(f"{self.role} engine is {self._state}")
         if request_id in self._requests:

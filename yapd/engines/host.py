@@ -110,9 +110,10 @@ class Host:
     def _on_message(self, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == "stream":
-            _, key, rid, prompt_ids, spec = msg
-            # On its way to the engine before this returns, as a turn's request in yapd is.
-            running = start_now(self._stream(key, rid, prompt_ids, spec))
+            _, key, rid, prompt_ids, spec, together = msg
+            # On its way to the engine before this returns, as a turn's request in yapd is
+            # (or, together, with the others this host's pass reads from its pipe).
+            running = start_now(self._stream(key, rid, prompt_ids, spec, together))
             if not running.done():
                 self._streams[key] = running
         elif kind == "abort":
@@ -159,13 +160,14 @@ class Host:
         gcpause.settle()  # as yapd does after its own engines' loads
         self.send("started", engine.model, engine.health())
 
-    async def _stream(self, key: int, rid: str, prompt_ids: Sequence[int], spec: SamplingSpec) -> None:
+    async def _stream(self, key: int, rid: str, prompt_ids: Sequence[int], spec: SamplingSpec,
+                      together: bool) -> None:
         finished = False
         log.debug("request %s: %d prompt tokens, up to %d new", rid, len(prompt_ids), spec.max_tokens)
         try:
             if self._engine is None:
                 raise RuntimeError("the engine host has no engine")
-            async for delta in self._engine.stream(prompt_ids, spec, rid):
+            async for delta in self._engine.stream(prompt_ids, spec, rid, together):
                 self.send("delta", key, delta)
                 finished = delta.finished
             if not finished:

@@ -295,7 +295,7 @@ class HostedEngine(Engine):
     # --- requests ----------------------------------------------------------------------
 
     async def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec,
-                     request_id: str) -> AsyncIterator[Delta]:
+                     request_id: str, together: bool = False) -> AsyncIterator[Delta]:
         if self._state != "ready" or self._pipe is None or (self._remote is not None and not self._remote.ok):
             raise EngineError(f"{self.role} engine is {self.health().state}")
         if request_id in self._keys_of:
@@ -306,7 +306,7 @@ class HostedEngine(Engine):
         done = False
         try:
             try:
-                self._pipe.send("stream", key, request_id, prompt_ids, spec)
+                self._pipe.send("stream", key, request_id, prompt_ids, spec, together)
             except MessageTooLarge as exc:  # never sent: this request's error, the host serves on
                 done = True
                 raise EngineError(f"{self.role} engine: the request is too large to hand to its host: {exc}") \

@@ -29,6 +29,7 @@ from yapd.config import Config, EngineConfig
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineStamps, EngineState, SamplingSpec
 from yapd.engines.memplan import MemoryPlans, Plan, plan_key, side_by_side
 from yapd.engines.memplan import now as memplan_now
+from yapd.engines.together import Together
 from yapd.engines.tokenizer import load_tokenizer
 
 log = logging.getLogger("yapd.engine.vllm")
@@ -189,6 +190,7 @@ class VllmEngine(Engine):
         self._forked_on: forking.LoopForks | None = None  # engines.fork_from_main_thread: this start's
         self.core_forked_by_main = False  # its EngineCore forked by yapd's main thread
         self._ending: asyncio.Task[None] | None = None  # a cancelled start's engine, being shut down
+        self._together: Together[Any] | None = None  # this engine's held sends (turn.send_together)
 
     def settings(self, fetch: bool = False) -> dict[str, Any]:
         """The AsyncEngineArgs this engine starts with (resolved once per start; ``fetch``:
@@ -301,6 +303,7 @@ class VllmEngine(Engine):
                 # Shielded: a cancel here (most of a start's time) must leave vLLM's start
                 # to its end, whose engine _end_cancelled_start then shuts down.
                 self._llm = await asyncio.shield(built)
+                self._together = sends_together(self._llm)
                 log.log(logging.INFO if used == method else logging.WARNING,
                         "EngineCore started by %s role=%s pid=%s", used, self.role, self.engine_pid())
                 interval = self.cfg.engines.core_switch_interval_ms
@@ -490,13 +493,15 @@ class VllmEngine(Engine):
         log.info("memory plan recorded role=%s kv_cache_memory_bytes=%d used=%d", self.role, kv, plan.used)
 
     async def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec,
-                     request_id: str) -> AsyncIterator[Delta]:
+                     request_id: str, together: bool = False) -> AsyncIterator[Delta]:
         if self._state != "ready" or self._llm is None:
             raise EngineError(f"{self.role} engine is {self._state}")
         llm = self._llm
         self._inflight.add(request_id)
         gen = None
         first = True
+        if together and self._together is not None:
+            self._together.hold(request_id)
         try:
             # vLLM checks the sampling settings here: a ValueError is this request's error
             gen = llm.generate(token_prompt(list(prompt_ids)), sampling_params(spec, self.role, self.model),
@@ -519,6 +524,8 @@ class VllmEngine(Engine):
         finally:
             self._inflight.discard(request_id)
             self._aborted.discard(request_id)
+            if self._together is not None:
+                self._together.forget(request_id)  # ended before its request was made
             if gen is not None:
                 await gen.aclose()  # aborts the request in vLLM if it is still running
 
@@ -639,6 +646,36 @@ def sampling_params(spec: SamplingSpec, role: str, model: str = "") -> Any:
         return SamplingParams(**kwargs, skip_clone=True)
     except TypeError:  # a vLLM before skip_clone: it deep-copies
         return SamplingParams(**kwargs)
+
+
+def sends_together(llm: Any) -> Together[Any] | None:
+    """Held sends (yapd.engines.together) on ``llm``'s way to its EngineCore: its client's
+    ``add_request_async``, wrapped on this AsyncLLM alone; None where a vLLM has no such
+    client (its requests then leave as they always did)."""
+    client = getattr(llm, "engine_core", None)
+    send = getattr(client, "add_request_async", None)
+    if client is None or send is None:
+        return None
+    states = getattr(getattr(llm, "output_processor", None), "request_states", None)
+    # AsyncLLM gives its requests internal ids (the caller's id and 8 random characters)
+    # and keeps the caller's in external_req_id; an abort by the caller's id drops the
+    # request's state from the output processor.
+    together: Together[Any] = Together(
+        send, lambda request: getattr(request, "external_req_id", None) or request.request_id,
+        lambda request: states is None or request.request_id in states)
+
+    async def add_request_async(request: Any) -> None:
+        try:
+            await together.send(request)
+        except asyncio.CancelledError:
+            # Cancelled before AsyncLLM.add_request returned, generate() aborts nothing: the
+            # request would stay in the output processor, and, if it left, run in the core.
+            with contextlib.suppress(Exception):
+                await llm.abort(request.request_id, internal=True)
+            raise
+
+    client.add_request_async = add_request_async
+    return together
 
 
 def request_stamps(metrics: Any) -> EngineStamps | None:
