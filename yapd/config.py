@@ -192,9 +192,12 @@ class TurnConfig:
     # (run p) 120.03 -> 112.79; at 8 one run each way (62.3 -> 55.48, 56.92 -> 78.23).
     request_order: RequestOrder = "chats_then_tools"
     # A vLLM engine's requests of turns that start in one event-loop pass leave back to
-    # back at the pass's end instead of one per turn start (yapd.engines.together): an idle
-    # EngineCore steps on the first request to reach it, and the burst's later ones wait
-    # for that step. Not yet measured on a GPU: off.
+    # back at the pass's end instead of one per turn start (yapd.engines.together), meant
+    # for an idle EngineCore to find a whole burst in its queue. Measured on one H100,
+    # on and off taking turns round by round (docs/bench/README.md, runs ah and ai): TTFT
+    # p50 at 16 sessions 4.75 ms behind in one run, 9.7 ahead in the next; the chat
+    # engine took each burst in two steps either way (its core splits a burst however it
+    # arrives). Off.
     send_together: bool = False
     stream_flush_ms: float = 0.0
     chat_max_out: int = 200

@@ -8,6 +8,10 @@ building its prompt before its request leaves, so the burst's requests reach the
 spread over the loop's pass: on the H100 at 16 sessions its first tokens came 5.5 to an
 engine step (docs/bench/README.md, run ag). Held here, the requests of one pass leave back
 to back once the pass is over (the loop's next round), in the order they were asked.
+
+Measured on one H100 (runs ah and ai, docs/bench/README.md): no steady gain, and the chat
+engine took each burst in two steps with its requests held or not; the core's own intake
+splits a burst however it arrives. So turn.send_together is off by default.
 """
 
 from __future__ import annotations
