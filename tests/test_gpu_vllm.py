@@ -299,8 +299,8 @@ async def test_gpu_concurrent_sessions(gpu_yapd):
 async def test_gpu_a_burst_leaves_together(gpu_yapd):
     """turn.send_together (live): a burst's requests held to the end of the loop's pass
     reach vLLM and come back whole; a turn cancelled at once leaves no request running.
-    Prints how many engine steps the burst's tool requests were scheduled in (the tool
-    engine keeps vLLM's stats: requests scheduled in one step share the step's stamp)."""
+    Prints how many of the burst's tool first tokens an engine step made (the tool engine
+    keeps vLLM's stats: one step stamps all its outputs alike)."""
     d = gpu_yapd
     before = d.config_path.read_text()
     sessions = 8
