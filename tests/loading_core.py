@@ -6,7 +6,7 @@ titles its EngineCore, which prints a first line and then "loads" for ten minute
 no signal handler of its own (vLLM's EngineCore sets one only once it is built). With
 LOADING_CORE_GATE set, a start first holds in its thread as vLLM's does while it imports
 and builds its config; with LOADING_CORE_INSPECT, it then runs a child with the command
-line of vLLM's model inspection, for ten minutes. With ``engines.start_method = "spawn"``
+line of vLLM's model inspection, for ten minutes. With the engine's start method "spawn"
 the child is spawned instead and stays untitled, as a spawned EngineCore is while it
 imports torch and vLLM. The start waits for that child and fails when it ends, as vLLM's
 start does when its EngineCore dies. What is real: yapd, its stop, its search for
@@ -52,7 +52,7 @@ class LoadingEngine(Engine):
     def __init__(self, role: str, cfg: Config) -> None:
         self.role = role
         self.model = getattr(cfg, role).model
-        self.method = cfg.engines.start_method
+        self.method = cfg.start_method(role)  # each role its own, as VllmEngine starts
         self._state: EngineState = "stopped"
 
     @property

@@ -677,8 +677,9 @@ def loading_yapd(make_yapd: Any, config: str, **env: str) -> Any:
     return d
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_a_stop_while_vllm_engines_load_ends_their_enginecores(make_yapd, method):
+# Both forked, the default (the chat's forked, the tool's spawned), both spawned.
+@pytest.mark.parametrize("method,tool_method", [("fork", ""), ("fork", "spawn"), ("spawn", "")])
+def test_a_stop_while_vllm_engines_load_ends_their_enginecores(make_yapd, method, tool_method):
     """SIGTERM while two vLLM engines load (stand-ins: tests/loading_core.py, whose
     EngineCores "load" for ten minutes): yapd finds both EngineCores, by their title when
     forked, by multiprocessing's command line when spawned and not yet titled, and ends
@@ -696,6 +697,7 @@ model = "stand-in/chat"
 [tool]
 backend = "vllm"
 model = "stand-in/tool"
+start_method = "{tool_method}"
 ''')
     d.wait_for("stand-in: Initializing a V1 LLM engine", timeout=120, count=2)
     cores = [int(line.split("pid=")[1].split(")")[0]) for line in d.lines if "stand-in: Initializing" in line]

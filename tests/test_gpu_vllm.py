@@ -71,6 +71,10 @@ model = "{MODEL}"
 backend = "vllm"
 gpu_memory_utilization = 0.20
 max_model_len = 4096
+# Not the default ("spawn"): forked as engines.start_method says, so the checks below of
+# forked cores hold for both; test_gpu_a_spawned_tool_core_beside_a_forked_chat_core runs
+# the default.
+start_method = ""
 # vLLM's request stats on for the tool engine only: its turns' done timings then say
 # where its first output's time went, the chat's do not (checked below).
 extra_engine_args = {{ disable_log_stats = false }}
@@ -508,12 +512,12 @@ async def _turns_with_tool_stamps(d: Yapd) -> dict:
 
 
 async def test_gpu_a_spawned_tool_core_beside_a_forked_chat_core(gpu_yapd):
-    """``[tool] start_method = "spawn"``, applied by an engine restart: the chat's core
-    forked, the tool's spawned (each start says so, neither warns; each runs with the
-    module's GIL switch interval, the spawned one through yapd's vLLM plugin), side by side; the
-    tool engine's stamps still come with its first output (a spawned core keeps the
-    engine's arguments). Then back to a forked tool core."""
-    with _engines_restarted_with(gpu_yapd, "[tool]\n", '[tool]\nstart_method = "spawn"\n', "tool.start_method",
+    """``[tool] start_method = "spawn"`` (the default; the module forks both cores), applied
+    by an engine restart: the chat's core forked, the tool's spawned (each start says so,
+    neither warns; each runs with the module's GIL switch interval, the spawned one through
+    yapd's vLLM plugin), side by side; the tool engine's stamps still come with its first
+    output (a spawned core keeps the engine's arguments). Then back to a forked tool core."""
+    with _engines_restarted_with(gpu_yapd, 'start_method = ""', 'start_method = "spawn"', "tool.start_method",
                                  "restart, tool core spawned beside the forked chat core") as lines:
         print("\n".join(x for x in lines if any(m in x for m in (" took ", "EngineCore ", "started by"))))
         log = "\n".join(lines)

@@ -398,17 +398,17 @@ def test_ab_restarts_take_engine_keys_and_alternate_a_b_b_a(tmp_path, capsys):
     from yapctl.gpubench.yapdphase import ab_arms
 
     base = [str(tmp_path / "models"), "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--phases", ""]
-    spawned_tool = 'tool.start_method="spawn"'
+    forked_tool = 'tool.start_method="fork"'  # its default spawns
     with pytest.raises(SystemExit) as exc:  # an engine key needs the engines restarted
-        main([*base, "--ab", spawned_tool])
+        main([*base, "--ab", forked_tool])
     assert exc.value.code == 2 and "--ab-restarts" in capsys.readouterr().err
-    assert main([*base, "--ab", spawned_tool, "--ab-restarts", "2"]) == 0
+    assert main([*base, "--ab", forked_tool, "--ab-restarts", "2"]) == 0
     # the next lease's: three engine keys in B
     assert main([*base, "--ab", "engines.core_switch_interval_ms=0.5", "--ab", "engines.fork_from_main_thread=true",
                  "--ab", "engines.core_steady_heap=true",
                  "--ab-restarts", "2"]) == 0
-    for bad in (["--ab-restarts", "2"], ["--ab", spawned_tool, "--ab-restarts", "2", "--ab-interleave"],
-                ["--ab", spawned_tool, "--ab-restarts", "-1"]):
+    for bad in (["--ab-restarts", "2"], ["--ab", forked_tool, "--ab-restarts", "2", "--ab-interleave"],
+                ["--ab", forked_tool, "--ab-restarts", "-1"]):
         with pytest.raises(SystemExit) as exc:
             main([*base, *bad])
         assert exc.value.code == 2 and "--ab-restarts N" in capsys.readouterr().err
@@ -461,7 +461,7 @@ async def test_an_ab_start_restarts_a_real_yapds_engines_with_an_engine_key(make
     await restart_engines_with(d.config_path, text, [], d.admin_socket, log)  # back as it was
 
 
-@pytest.mark.parametrize("change,key,levels", [('tool.start_method="spawn"', "start_method", [1]),
+@pytest.mark.parametrize("change,key,levels", [('tool.start_method="fork"', "start_method", [1]),
                                                ("engines.core_switch_interval_ms=0.5", "core_switch_interval_ms",
                                                 [1, 2])])
 def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_path, cache_dir, change, key, levels):
@@ -1269,3 +1269,15 @@ def test_a_killed_bench_takes_the_yapd_it_started_with_it(tmp_path, cache_dir):
             signal.pidfd_send_signal(yapd, signal.SIGKILL)
         os.close(yapd)
     assert "SIGTERM received" in log.read_text() and "yapd.daemon: stopped" in log.read_text()
+
+
+def test_report_shows_a_serve_run_of_its_tool_pass_alone() -> None:
+    # `--serve-passes tool` leaves only "cN_with_tool" levels; run al's table came out empty.
+    lvl = {"ttft_ms": {"p50": 80.0, "p95": 122.31}, "ttft_gated_ms": {"p50": 80.5, "p95": 123.0},
+           "tool_ms": {"p50": 48.6, "p95": 93.79}}
+    lines = markdown({"date": "2026-12-06", "machine": "H100", "setup": {},
+                      "serve": {"c16_with_tool": lvl}}).splitlines()
+    assert "| 16 | TTFT held for the tool decision (toolcall before tokens) p50 / p95 ms | - / - | - / - | " \
+           "80.5 / 123 (with tool server) |" in lines
+    assert "| 16 | TTFT, vllm serve beside a tool server, chat alone counted, p50 / p95 ms | - | - | 80 / 122.31 |" \
+        in lines

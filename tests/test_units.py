@@ -122,6 +122,17 @@ def test_bad_env_names_the_variable():
     assert config.load(None, env={"YAP_ENGINE_START_METHOD": "spawn"}).start_method("tool") == "spawn"
 
 
+def test_the_tool_core_spawns_by_default_beside_a_forked_chat_core():
+    """Measured on an H100 (docs/bench/README.md, run aj): the tool's core spawned answers
+    sooner than forked. Its own key keeps it so under a [tool] section and the engines'
+    variable; "" hands it back to engines.start_method."""
+    for cfg in (config.load(None, env={}), config.from_mapping({"tool": {"max_model_len": 4096}}, "t"),
+                config.load(None, env={"YAP_ENGINE_START_METHOD": "fork"})):
+        assert (cfg.start_method("chat"), cfg.start_method("tool")) == ("fork", "spawn")
+    assert config.from_mapping({"tool": {"start_method": ""}}, "t").start_method("tool") == "fork"
+    assert config.from_mapping({"chat": {"max_model_len": 4096}}, "t").chat.start_method == ""
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         config.load(tmp_path / "absent.toml", env={})
@@ -132,6 +143,7 @@ def test_example_config_loads_and_documents_every_key():
     example = root / "config.example.toml"
     cfg = config.load(example, env={})
     assert cfg.tools[0].name == "take_screenshot"
+    assert (cfg.start_method("chat"), cfg.start_method("tool")) == ("fork", "spawn")  # as the defaults
     text = example.read_text()
     import dataclasses
 
@@ -1165,6 +1177,54 @@ def test_first_tokens_per_step_groups_equal_stamps():
     assert per_step([0.0, 0.004, 10.0, 10.003, 9.998, 30.0]) == 2.0
     assert per_step([5.0, 6.0, 7.0]) == 1.0
     assert per_step([]) is None
+
+
+async def test_a_spawned_start_waits_for_its_own_core_not_one_titled_since(monkeypatch: pytest.MonkeyPatch):
+    """Another engine's core, forked a moment before this start and titled by vLLM after
+    it began, is not this start's spawned core: the start's turn ends only at its own.
+    Real processes; a child retitles itself by exec (its pid kept), as setproctitle would
+    (the title joined there: its command line before must not hold it)."""
+    from yapd.engines import vllm
+
+    sleep = "import sys, time; print(flush=True); time.sleep(60)"
+    retitle = ("import os, sys; print(flush=True); sys.stdin.readline(); "
+               f"os.execv(sys.executable, [sys.executable, '-c', {sleep!r}, 'VLLM::' + 'EngineCore'])")
+    forked = subprocess.Popen([sys.executable, "-c", retitle], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    children: list[subprocess.Popen[str]] = [forked]
+    assert forked.stdout is not None and forked.stdin is not None and forked.stdout.readline() == "\n"
+    looks = 0
+    began, looked = asyncio.Event(), asyncio.Event()
+    real = vllm.starting_cores
+    loop = asyncio.get_running_loop()
+
+    def counted(parent: int | None = None) -> set[int]:
+        nonlocal looks
+        found = real(parent)
+        loop.call_soon_threadsafe(began.set)  # a look's done: so is the snapshot before it
+        if forked.pid in found:
+            looks += 1
+            if looks >= 3:
+                loop.call_soon_threadsafe(looked.set)
+        return found
+
+    monkeypatch.setattr(vllm, "starting_cores", counted)
+    start: asyncio.Future[None] = loop.create_future()
+    try:
+        waiting = asyncio.create_task(vllm._until_spawned(lambda: start))
+        await asyncio.wait_for(began.wait(), 30)
+        forked.stdin.write("\n")
+        forked.stdin.flush()
+        seen = asyncio.ensure_future(looked.wait())
+        await asyncio.wait({waiting, seen}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        assert looked.is_set() and not waiting.done()  # it saw the other core titled, and waits on
+        own = subprocess.Popen([sys.executable, "-c", "from multiprocessing.spawn import spawn_main; " + sleep,
+                                "--multiprocessing-fork"], stdout=subprocess.PIPE, text=True)
+        children.append(own)
+        assert await asyncio.wait_for(waiting, 30) is start and not start.done()
+    finally:
+        for p in children:
+            p.kill()
+            p.wait()
 
 
 def test_starting_cores_are_the_children_vllm_titled_enginecore():

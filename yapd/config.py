@@ -96,10 +96,13 @@ class EngineConfig:
     awq_model: str = ""
     # CPU engine only: generations computed at once.
     cpu_workers: int = 4
-    # How this engine's EngineCore starts; "" = engines.start_method. Across the H200 runs
-    # (docs/bench/README.md, run aa) yapd's forked tool core took 14.5-21.1 ms from queue
-    # to first token, its spawned one 11.8-14.5 and raw's 11.3-14.1: the decision every
-    # reply waits for. A spawned tool core beside a forked chat core is the experiment.
+    # How this engine's EngineCore starts; "" = engines.start_method. The tool engine's
+    # default is "spawn" (Config.tool): forked, its core took 20-84 minor faults a turn
+    # (a heap mapped afresh for buffers freed each step, see core_steady_heap) and 27.2 ms
+    # from queue to first token at 8 sessions on an H100, spawned 0.5-1.1 and 16.4 ms, and
+    # TTFT p50 was 1.5 / 1.6 / 12.7 ms sooner at 1 / 8 / 16 sessions (docs/bench/README.md,
+    # run aj; on H200s, run aa: 14.5-21.1 ms forked, 11.8-14.5 spawned). The cost is the
+    # tool's start: restarts to READY 36.7-41.1 s against 20.1 forked (runs aj, ak).
     start_method: RoleStartMethod = ""
     # This engine's front end (vLLM's AsyncLLM: request intake, output processing,
     # detokenizing) in an engine host, a process of its own (yapd/engines/host.py), instead
@@ -292,7 +295,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     engines: EnginesConfig = field(default_factory=EnginesConfig)
     chat: EngineConfig = field(default_factory=lambda: EngineConfig(model=DEFAULT_CHAT_MODEL))
-    tool: EngineConfig = field(default_factory=lambda: EngineConfig(model=DEFAULT_TOOL_MODEL))
+    tool: EngineConfig = field(default_factory=lambda: EngineConfig(model=DEFAULT_TOOL_MODEL, start_method="spawn"))
     turn: TurnConfig = field(default_factory=TurnConfig)
     personas: dict[str, str] = field(default_factory=dict)
     tools: list[ToolSpec] = field(default_factory=lambda: list(DEFAULT_TOOLS))

@@ -292,8 +292,9 @@ def markdown(data: dict[str, Any]) -> str:
     if not latency:  # a start-time-only (or set-up only) run
         lines = [f"# yapd engine start: {data.get('machine')} ({data.get('date')}, vLLM {data.get('vllm')})", "",
                  *run_conditions(data.get("setup", {}))]
-    shown = sorted({int(k[1:]) for sec in LATENCY_SECTIONS for k in data.get(sec, {})
-                    if k[:1] == "c" and k[1:].isdigit()})
+    # A serve run with only its tool pass (`--serve-passes tool`) holds "c8_with_tool" alone.
+    shown = sorted({int(k[1:].removesuffix("_with_tool")) for sec in LATENCY_SECTIONS for k in data.get(sec, {})
+                    if k[:1] == "c" and k[1:].removesuffix("_with_tool").isdigit()})
     for c in shown if latency else ():
         lvl = f"c{c}"
         lines.append(f"| {c} | TTFT p50 / p95 ms | {two('yapd', lvl, 'ttft_ms', 'p50', 'p95')} | "

@@ -746,7 +746,12 @@ async def _until_spawned(begin: Callable[[], asyncio.Future[Any]]) -> asyncio.Fu
     """Start vLLM's start in a worker thread (``begin``; its EngineCore spawned) and
     return once a new EngineCore child of this process exists (seen in /proc: a spawn
     runs no at-fork hook) or the start is done. Returns the start's future."""
-    before = await asyncio.to_thread(starting_cores)  # before the start begins: its core is new
+    # Every child before the start begins, titled or not: another engine's core forked a
+    # moment ago still has this process's command line until vLLM titles it, and counted
+    # new then, it ended this start's turn before its own core was spawned (the tool's
+    # spawn beside a forked chat core: "spawned 0.0 s into vLLM's start" on an H100, its
+    # config then 3.9 s against 0.1 forked, sharing the GIL with both tokenizers' loads).
+    before = set(await asyncio.to_thread(procfs.children, os.getpid()))
 
     async def spawned() -> None:
         while True:  # nothing tells of a new child: /proc is read until it shows one
