@@ -126,7 +126,8 @@ class EnginesConfig:
     # H200s where spawned ones took 46.1-53.3 (runs r, w-z, docs/bench/README.md). "spawn":
     # a fresh interpreter, as `vllm serve` starts its own. One session's TTFT p50 was
     # 19.2-23.8 ms spawned and 20.7-23.1 forked: no call of a step is slower after a fork
-    # (run z's probe), so fork stays.
+    # (run z's probe), so fork stays. An engine's own start_method wins: the tool's is
+    # "spawn" by default (its core answers sooner spawned: EngineConfig.start_method).
     start_method: StartMethod = "fork"
     # A forked EngineCore's own start (model load, compile, CUDA graphs) with automatic
     # garbage collection off until vLLM freezes its heap at the end of it (yapd/gcpause.py).
