@@ -228,8 +228,12 @@ def test_bench_completes_every_session(shared_yapd):
             assert (0 <= s[f"server_{role}_queued_ms"][q] <= s[f"server_{role}_scheduled_ms"][q]
                     <= s[f"server_{role}_first_token_ms"][q] <= s[first][q] + 0.01), s
             assert s[f"server_{role}_cached_tokens"][q] == 0, s  # the CPU engine keeps no prefix cache
-            # ... and per turn, the first token's way from that stamp to the turn.
+            # ... and per turn, the first token's way from that stamp to the turn, and that
+            # way in two: up to the engine's side on yapd's loop taking it, then to the turn.
             assert -0.01 <= s[f"server_{role}_core_to_front_ms"][q] <= s[first][q], s
+            assert s[f"server_{role}_first_token_ms"][q] <= s[f"server_{role}_taken_ms"][q] <= s[first][q] + 0.01, s
+            for part in ("core_to_taken", "taken_to_front"):
+                assert -0.01 <= s[f"server_{role}_{part}_ms"][q] <= s[f"server_{role}_core_to_front_ms"][q] + 0.01, s
     # A turn's first token comes from one engine step; one step makes at most one per session.
     assert all(1 <= s[f"server_{role}_first_tokens_per_step"] <= 3 for role in ("chat", "tool")), s
     # Every completed turn is weighed for the slow tail, and a slow one lies in some burst.

@@ -1069,7 +1069,7 @@ def test_pair_fractions_must_leave_room_for_two_of_each(tmp_path, capsys):
 
 
 def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
-    from yapctl.gpubench.report import CPU_HEAD, FAULT_HEAD, RUNQ_HEAD, WAY_OUT_HEAD, pair_table
+    from yapctl.gpubench.report import CPU_HEAD, FAULT_HEAD, RUNQ_HEAD, SPLIT_HEAD, WAY_OUT_HEAD, pair_table
 
     level = {"yapd": {"ttft_ms": {"p50": 21.0, "p95": 24.0}, "tool_ms": {"p50": 18.0, "p95": 23.0},
                       "server_engine_ttft_ms": {"p50": 19.0}, "server_tool_first_ms": {"p50": 17.5},
@@ -1117,6 +1117,10 @@ def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
     level["raw"]["chat_core_to_front_ms"] = {"p50": 1.75, "p95": None}
     lines = pair_table({"c1": level})
     assert f"| 1 | {WAY_OUT_HEAD} | 2.25, 3.5 / 1.5, 2 | 1.75 / - |" in lines, lines
+    assert not any(SPLIT_HEAD in x for x in lines)
+    level["yapd"].update(server_chat_core_to_taken_ms={"p50": 1.5, "p95": 2.5},
+                         server_chat_taken_to_front_ms={"p50": 0.75, "p95": 1.0})
+    assert f"| 1 | {SPLIT_HEAD} | 1.5 + 0.75 / - + - | - |" in pair_table({"c1": level})
     assert pair_table({}) == []
 
 

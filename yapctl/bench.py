@@ -212,6 +212,12 @@ class BenchReport:
                     firsts.setdefault(role, []).append(now * 1000 + st["first_token_ms"])
                 if isinstance(at := reached.get(role), (int, float)) and "first_token_ms" in st:
                     said.setdefault(f"server_{role}_core_to_front_ms", []).append(at - st["first_token_ms"])
+                    # The same way in two (where the engine stamps it): the core's side, up
+                    # to yapd's side of the engine taking it, and the front end's.
+                    if "taken_ms" in st:
+                        said.setdefault(f"server_{role}_core_to_taken_ms", []).append(
+                            st["taken_ms"] - st["first_token_ms"])
+                        said.setdefault(f"server_{role}_taken_to_front_ms", []).append(at - st["taken_ms"])
         engines: dict[str, Any] = {key: {"p50": pct(xs, 50), "p95": pct(xs, 95)} for key, xs in sorted(said.items())}
         engines.update({f"server_{role}_first_tokens_per_step": per_step(xs) for role, xs in sorted(firsts.items())})
         # The chat prompt as the daemon built it (done.usage): what raw and serve must match.

@@ -54,6 +54,8 @@ def ab_starts_table(starts: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 WAY_OUT_HEAD = ("first token from its EngineCore's stamp to the front end holding it, chat / tool: "
                 "p50, p95 ms")
+SPLIT_HEAD = ("that way in two: the core's side (its output thread, the socket) up to the engine's output "
+              "handler taking it, then the front end's (output processing, the turn waking), chat / tool: p50 ms")
 
 
 STAMP_HEAD = ("queued / scheduled / first token p50 ms (turn's clock); cached prompt tokens p50; "
@@ -95,6 +97,10 @@ def said_rows(figure: Callable[[str, str], Any]) -> list[tuple[str, str, str]]:
         cells = [" / ".join(f"{shown(v)}, {v.get('p95'):g}" if v and v.get("p95") is not None else shown(v)
                             for v in values) for values in way_out.values()]
         rows.append((WAY_OUT_HEAD, cells[0], cells[1]))
+    split = [[figure("yapd", f"server_{role}_{part}_ms") for part in ("core_to_taken", "taken_to_front")]
+             for role in ("chat", "tool")]
+    if any(v is not None for parts in split for v in parts):
+        rows.append((SPLIT_HEAD, " / ".join(" + ".join(map(shown, parts)) for parts in split), "-"))
 
     def by_process(values: dict[str, Any] | None) -> str:
         if not values:

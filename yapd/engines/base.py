@@ -36,12 +36,18 @@ class EngineStamps:
     queued: float
     scheduled: float
     first_token: float
+    # When the engine's front end took that first token from its EngineCore (vLLM: see
+    # yapd.engines.receipts); None where not stamped.
+    taken: float | None = None
 
     def ms_since(self, t0: float) -> dict[str, float]:
         """The stamps as ms after ``t0`` (a time.monotonic()), as done timings name them."""
-        return {"queued_ms": round((self.queued - t0) * 1000, 2),
+        said = {"queued_ms": round((self.queued - t0) * 1000, 2),
                 "scheduled_ms": round((self.scheduled - t0) * 1000, 2),
                 "first_token_ms": round((self.first_token - t0) * 1000, 2)}
+        if self.taken is not None:
+            said["taken_ms"] = round((self.taken - t0) * 1000, 2)
+        return said
 
 
 @dataclass

@@ -45,9 +45,13 @@ class _Request:
     queued: float = field(default_factory=time.monotonic)
     scheduled: float = 0.0
     first_token: float = 0.0
+    # ... and when the stream, on the event loop, took that token from the worker
+    taken: float = 0.0
 
     def stamps(self) -> EngineStamps | None:
-        return EngineStamps(self.queued, self.scheduled, self.first_token) if self.first_token else None
+        if not self.first_token:
+            return None
+        return EngineStamps(self.queued, self.scheduled, self.first_token, self.taken or None)
 
 
 class CpuEngine(Engine):
@@ -144,6 +148,7 @@ class CpuEngine(Engine):
         try:
             while True:
                 item = await req.queue.get()
+                req.taken = req.taken or time.monotonic()
                 if item is _END:
                     finish = "abort" if req.abort.is_set() else "length"
                     yield Delta(self._flush(ids, sent), held, True, finish, len(prompt_ids), cached, stamps())

@@ -29,6 +29,7 @@ from yapd.config import Config, EngineConfig
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineStamps, EngineState, SamplingSpec
 from yapd.engines.memplan import MemoryPlans, Plan, plan_key, side_by_side
 from yapd.engines.memplan import now as memplan_now
+from yapd.engines.receipts import Receipts
 from yapd.engines.together import Together
 from yapd.engines.tokenizer import load_tokenizer
 
@@ -191,6 +192,7 @@ class VllmEngine(Engine):
         self.core_forked_by_main = False  # its EngineCore forked by yapd's main thread
         self._ending: asyncio.Task[None] | None = None  # a cancelled start's engine, being shut down
         self._together: Together[Any] | None = None  # this engine's held sends (turn.send_together)
+        self._receipts: Receipts | None = None  # when its first outputs reached this process (stats on)
 
     def settings(self, fetch: bool = False) -> dict[str, Any]:
         """The AsyncEngineArgs this engine starts with (resolved once per start; ``fetch``:
@@ -303,7 +305,8 @@ class VllmEngine(Engine):
                 # Shielded: a cancel here (most of a start's time) must leave vLLM's start
                 # to its end, whose engine _end_cancelled_start then shuts down.
                 self._llm = await asyncio.shield(built)
-                self._together = sends_together(self._llm)
+                self._receipts = takes_receipts(self._llm)
+                self._together = sends_together(self._llm, self._receipts)
                 log.log(logging.INFO if used == method else logging.WARNING,
                         "EngineCore started by %s role=%s pid=%s", used, self.role, self.engine_pid())
                 interval = self.cfg.engines.core_switch_interval_ms
@@ -512,9 +515,12 @@ class VllmEngine(Engine):
                     # vLLM ends a request it failed (or one its shutdown aborted) as a finished
                     # output: a reply cut short, not one that came to its end.
                     raise EngineError(f"{self.role} engine {ENDED_BY_ENGINE[o.finish_reason]}")
+                stamps = None
+                if first:
+                    taken = self._receipts.first(request_id) if self._receipts is not None else None
+                    stamps = request_stamps(getattr(out, "metrics", None), taken)
                 yield Delta(o.text, len(o.token_ids), out.finished, o.finish_reason,
-                            len(out.prompt_token_ids or ()), out.num_cached_tokens,
-                            request_stamps(getattr(out, "metrics", None)) if first else None)
+                            len(out.prompt_token_ids or ()), out.num_cached_tokens, stamps)
                 first = False
         except (asyncio.CancelledError, GeneratorExit, EngineError):
             raise
@@ -526,6 +532,8 @@ class VllmEngine(Engine):
             self._aborted.discard(request_id)
             if self._together is not None:
                 self._together.forget(request_id)  # ended before its request was made
+            if self._receipts is not None:
+                self._receipts.forget(request_id)
             if gen is not None:
                 await gen.aclose()  # aborts the request in vLLM if it is still running
 
@@ -648,23 +656,28 @@ def sampling_params(spec: SamplingSpec, role: str, model: str = "") -> Any:
         return SamplingParams(**kwargs)
 
 
-def sends_together(llm: Any) -> Together[Any] | None:
+def sends_together(llm: Any, receipts: Receipts | None = None) -> Together[Any] | None:
     """Held sends (yapd.engines.together) on ``llm``'s way to its EngineCore: its client's
     ``add_request_async``, wrapped on this AsyncLLM alone; None where a vLLM has no such
-    client (its requests then leave as they always did)."""
+    client (its requests then leave as they always did). Each request sent is expected
+    in ``receipts`` (see takes_receipts)."""
     client = getattr(llm, "engine_core", None)
     send = getattr(client, "add_request_async", None)
     if client is None or send is None:
         return None
     states = getattr(getattr(llm, "output_processor", None), "request_states", None)
+
     # AsyncLLM gives its requests internal ids (the caller's id and 8 random characters)
     # and keeps the caller's in external_req_id; an abort by the caller's id drops the
     # request's state from the output processor.
-    together: Together[Any] = Together(
-        send, lambda request: getattr(request, "external_req_id", None) or request.request_id,
-        lambda request: states is None or request.request_id in states)
+    def caller(request: Any) -> str:
+        return getattr(request, "external_req_id", None) or request.request_id
+
+    together: Together[Any] = Together(send, caller, lambda request: states is None or request.request_id in states)
 
     async def add_request_async(request: Any) -> None:
+        if receipts is not None:
+            receipts.expect(request.request_id, caller(request))
         try:
             await together.send(request)
         except asyncio.CancelledError:
@@ -678,13 +691,34 @@ def sends_together(llm: Any) -> Together[Any] | None:
     return together
 
 
-def request_stamps(metrics: Any) -> EngineStamps | None:
+def takes_receipts(llm: Any) -> Receipts | None:
+    """Receipts (yapd.engines.receipts) of ``llm``'s first outputs, stamped as its output
+    handler takes each batch from the EngineCore's client (``get_output_async``, wrapped on
+    this AsyncLLM alone); None where it keeps no request stats (nothing to split) or a
+    vLLM has no such client."""
+    client = getattr(llm, "engine_core", None)
+    take = getattr(client, "get_output_async", None)
+    if client is None or take is None or not getattr(llm, "log_stats", False):
+        return None
+    receipts = Receipts()
+
+    async def get_output_async() -> Any:
+        outputs = await take()
+        receipts.took(o.request_id for o in getattr(outputs, "outputs", ()))
+        return outputs
+
+    client.get_output_async = get_output_async
+    return receipts
+
+
+def request_stamps(metrics: Any, taken: float | None = None) -> EngineStamps | None:
     """A first output's engine stamps from vLLM's request stats (``RequestOutput.metrics``,
-    there only while the engine logs stats; its EngineCore stamps with time.monotonic)."""
+    there only while the engine logs stats; its EngineCore stamps with time.monotonic),
+    with ``taken``, when this process's output handler took it from the core."""
     queued = getattr(metrics, "queued_ts", 0.0)
     if not queued:
         return None
-    return EngineStamps(queued, metrics.scheduled_ts, metrics.first_token_ts)
+    return EngineStamps(queued, metrics.scheduled_ts, metrics.first_token_ts, taken)
 
 
 def token_prompt(ids: list[int]) -> Any:
