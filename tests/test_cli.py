@@ -53,6 +53,16 @@ def test_status(shared_yapd):
     assert KEY not in out.stdout and KEY not in json.dumps(js)
 
 
+def test_an_engines_backend_cell_says_how_its_core_started_and_where_its_front_end_runs():
+    from yapctl import fmt
+
+    assert fmt.backend({"backend": "cpu"}) == "cpu"
+    assert fmt.backend({"backend": "vllm", "core_started_by": "fork"}) == "vllm (core forked)"
+    assert fmt.backend({"backend": "vllm", "core_started_by": "spawn", "host_pid": 7}) == \
+        "vllm (core spawned, own process 7)"
+    assert fmt.backend({"backend": "cpu", "host_pid": 7}) == "cpu (own process 7)"
+
+
 async def test_connections_shows_a_live_session(shared_yapd):
     async with ws_connect(shared_yapd.url()) as ws:
         await ws.send(json.dumps({"type": "start", "session_id": "cli-sess", "user_utterance": "hi"}))

@@ -400,6 +400,8 @@ async def test_a_forked_chat_core_and_a_spawned_tool_core_start_side_by_side(mon
     assert sorted(m.split(" pid=")[0] for m in said) == ["EngineCore started by fork role=chat",
                                                          "EngineCore started by spawn role=tool"], said
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+    # ... and its status (yapctl status: "vllm (core forked)")
+    assert [e.health().extra["core_started_by"] for e in (chat, tool)] == ["fork", "spawn"]  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("plugins", [None, "another"])

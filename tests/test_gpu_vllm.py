@@ -535,6 +535,8 @@ async def test_gpu_a_spawned_tool_core_beside_a_forked_chat_core(gpu_yapd):
         assert "EngineCore runs with a GIL switch interval of 0.5 ms (vLLM plugin yapd_core) role=tool" in log
         assert "GIL switch interval 0.5 ms, as yapd asked" in log, log[-4000:]
         assert "EngineCore started by spawn: engines.core_steady_heap is for forked cores role=tool" in log
+        engines = gpu_yapd.admin(cmd="status")[-1]["engines"]
+        assert [engines[r].get("core_started_by") for r in ("chat", "tool")] == ["fork", "spawn"], engines
         timings = await _turns_with_tool_stamps(gpu_yapd)
         print(f"tool engine stamps, spawned core: {timings['engines']['tool']}")
 

@@ -16,7 +16,10 @@ def ago(seconds: float) -> str:
 
 
 def backend(engine: dict[str, Any]) -> str:
-    """An engine's backend as its status says it, and where its front end runs when that
-    is a process of its own (own_process: its engine host's pid)."""
+    """An engine's backend as its status says it, how its EngineCore started (vLLM: forked
+    or spawned) and where its front end runs when that is a process of its own
+    (own_process: its engine host's pid)."""
     name = str(engine.get("backend", ""))
-    return f"{name} (own process {engine['host_pid']})" if engine.get("host_pid") else name
+    how = {"fork": "core forked", "spawn": "core spawned"}.get(str(engine.get("core_started_by")))
+    where = [*([how] if how else []), *([f"own process {engine['host_pid']}"] if engine.get("host_pid") else [])]
+    return f"{name} ({', '.join(where)})" if where else name

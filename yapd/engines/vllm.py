@@ -190,6 +190,7 @@ class VllmEngine(Engine):
         self._forked_with: forking.ChildSettings | None = None  # this start's, once vLLM's start ran
         self._forked_on: forking.LoopForks | None = None  # engines.fork_from_main_thread: this start's
         self.core_forked_by_main = False  # its EngineCore forked by yapd's main thread
+        self.core_started_by: str | None = None  # "fork" or "spawn", as vLLM started its EngineCore
         self._ending: asyncio.Task[None] | None = None  # a cancelled start's engine, being shut down
         self._together: Together[Any] | None = None  # this engine's held sends (turn.send_together)
         self._receipts: Receipts | None = None  # when its first outputs reached this process (stats on)
@@ -246,6 +247,8 @@ class VllmEngine(Engine):
             extra["core_steady_heap"] = True
         if self.core_forked_by_main:
             extra["core_forked_by"] = "main thread"
+        if self.core_started_by:
+            extra["core_started_by"] = self.core_started_by
         return EngineHealth(self._state == "ready", self._state, self._detail, extra)
 
     async def start(self, alongside: bool = False, child_env: Mapping[str, str] | None = None) -> None:
@@ -258,6 +261,7 @@ class VllmEngine(Engine):
         self._kwargs = None  # config may have been reloaded since the last start
         self.child_env, self.core_switch_interval_ms, self._forked_with = {}, None, None
         self.core_steady_heap = self.core_forked_by_main = False
+        self.core_started_by = None
         self._forked_on = None
         env = dict(child_env or {})
         tok: asyncio.Future[Any] | None = None
@@ -307,6 +311,7 @@ class VllmEngine(Engine):
                 self._llm = await asyncio.shield(built)
                 self._receipts = takes_receipts(self._llm)
                 self._together = sends_together(self._llm, self._receipts)
+                self.core_started_by = used
                 log.log(logging.INFO if used == method else logging.WARNING,
                         "EngineCore started by %s role=%s pid=%s", used, self.role, self.engine_pid())
                 interval = self.cfg.engines.core_switch_interval_ms
