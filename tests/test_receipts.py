@@ -91,12 +91,11 @@ def core_batch(request: Any, first_token_ts: float, text: str, done: bool = Fals
 
 
 def engine_on(llm: Llm, monkeypatch: pytest.MonkeyPatch) -> vllm_engine.VllmEngine:
-    """A ready engine on ``llm``, its hooks installed as VllmEngine.start installs them."""
+    """A ready engine on ``llm``, its hooks installed by what VllmEngine.start calls."""
     monkeypatch.setattr(vllm_engine, "sampling_params", lambda *args: None)
     engine = vllm_engine.VllmEngine("chat", config.from_mapping({}, "test"))
     engine._state, engine._llm = "ready", llm
-    engine._receipts = vllm_engine.takes_receipts(llm)
-    engine._together = vllm_engine.sends_together(llm, engine._receipts)
+    engine._hook_client(llm)
     return engine
 
 

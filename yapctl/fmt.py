@@ -20,6 +20,9 @@ def backend(engine: dict[str, Any]) -> str:
     or spawned) and where its front end runs when that is a process of its own
     (own_process: its engine host's pid)."""
     name = str(engine.get("backend", ""))
-    how = {"fork": "core forked", "spawn": "core spawned"}.get(str(engine.get("core_started_by")))
-    where = [*([how] if how else []), *([f"own process {engine['host_pid']}"] if engine.get("host_pid") else [])]
-    return f"{name} ({', '.join(where)})" if where else name
+    notes = []
+    if engine.get("core_started_by") in ("fork", "spawn"):
+        notes.append("core forked" if engine["core_started_by"] == "fork" else "core spawned")
+    if engine.get("host_pid"):
+        notes.append(f"own process {engine['host_pid']}")
+    return f"{name} ({', '.join(notes)})" if notes else name

@@ -309,8 +309,7 @@ class VllmEngine(Engine):
                 # Shielded: a cancel here (most of a start's time) must leave vLLM's start
                 # to its end, whose engine _end_cancelled_start then shuts down.
                 self._llm = await asyncio.shield(built)
-                self._receipts = takes_receipts(self._llm)
-                self._together = sends_together(self._llm, self._receipts)
+                self._hook_client(self._llm)
                 self.core_started_by = used
                 log.log(logging.INFO if used == method else logging.WARNING,
                         "EngineCore started by %s role=%s pid=%s", used, self.role, self.engine_pid())
@@ -480,6 +479,12 @@ class VllmEngine(Engine):
             why = f"yapd's event loop had stopped ({on.here} of {on.here + on.forks} forks)" if on.here else \
                 "no fork of vLLM's start was made in its thread"
             log.warning("EngineCore not forked by yapd's main thread: %s role=%s", why, self.role)
+
+    def _hook_client(self, llm: Any) -> None:
+        """yapd's hooks on ``llm``'s EngineCore client: receipts of its first outputs
+        (request stats on) and the held sends of turn.send_together."""
+        self._receipts = takes_receipts(llm)
+        self._together = sends_together(llm, self._receipts)
 
     def _record_plan(self, before: tuple[int, int] | None, since: float) -> None:
         """After a start with nothing else loading: file vLLM's profiled KV size with
