@@ -306,6 +306,7 @@ def admin_requests(draw: st.DrawFn) -> bytes:
     no real restart, no drain on, no log follow, no AWQ rebuild; and no profile window
     of a second or more (its default is 10 s: a few of them were most of the run)."""
     from yapd.admin import COMMANDS
+    from yapd.loopprofile import MAX_SECONDS as MAX_PROFILE_S
 
     roll = draw(st.integers(0, 9))
     if roll == 0:
@@ -323,8 +324,10 @@ def admin_requests(draw: st.DrawFn) -> bytes:
     if req["cmd"] == "logs":
         req["follow"] = draw(JSON.filter(lambda v: not v))
     if req["cmd"] == "profile":
+        # Short windows, or values the daemon refuses: "seconds": 57 was a 57 s profile,
+        # past the client's 30 s timeout on a loaded machine ("broke the connection").
         req["seconds"] = draw(st.floats(0.01, 0.2) | JSON.filter(
-            lambda v: isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1))
+            lambda v: isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= MAX_PROFILE_S))
     if req["cmd"] == "awq" and req.get("action") == "rebuild":
         req["action"] = "status"
     return json.dumps(req).encode() + b"\n"
