@@ -44,6 +44,26 @@ def test_young_collections_are_counted_as_they_happen(pauses):
     assert p.counts[0] >= 1
 
 
+def test_a_collection_with_no_frames_left_for_the_histogram_is_counted_not_raised(monkeypatch):
+    """A collection can start at the bottom of any deep recursion, where the histogram's code
+    finds the recursion limit: a callback that raised would be printed as an ignored
+    exception, traceback and all (seen in yapd's log under a fuzzer's deep JSON)."""
+    import sys
+
+    def no_frames_left(gen: int, s: float) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    ignored: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    p = GcPauses(observe=no_frames_left)
+    p.install()
+    try:
+        gc.collect()
+    finally:
+        p.uninstall()
+    assert not ignored and p.counts[2] == 1
+
+
 def test_pauses_leave_the_window_as_it_passes():
     p = GcPauses(window_s=0.0)
     p.long.append((0.0, 2, 0.05))

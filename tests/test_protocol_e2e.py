@@ -192,6 +192,8 @@ async def test_warm_persona_and_history(shared_yapd):
 
 @pytest.mark.parametrize("frame,code,needle", [
     ("{not json", "invalid_json", "JSON"),
+    ("[" * 60_000, "invalid_json", "nested more than 100 levels deep"),
+    ('{"type": "ping", "x": ' + "[" * 101 + "]" * 101 + "}", "invalid_json", "nested more than 100"),
     ("[1, 2]", "invalid_message", "object"),
     ('{"session_id": "s"}', "invalid_message", "type"),
     ('{"type": "start", "user_utterance": "hi"}', "invalid_message", "session_id"),

@@ -480,6 +480,11 @@ KNOWN = ["take_screenshot", "get_weather"]
     ('[{"name": "take_screenshot", "arguments": ', "no", [], "malformed"),
     ('[{"arguments": {}}]', "no", [], "malformed"),
     ("[1, 2]", "no", [], "malformed"),
+    # arguments as a JSON string the model nested past the parser's depth, or a number Python
+    # will not convert: malformed, not an exception out of the tool's turn
+    ('[{"name": "get_weather", "arguments": "' + "[" * 3000 + '"}]', "no", [], "malformed"),
+    ('[{"name": "get_weather", "arguments": "' + "7" * 5000 + '"}]', "no", [], "malformed"),
+    ("[" * 3000, "no", [], "malformed"),
 ])
 def test_parse_calls(raw, status, names, reason):
     d = parse_calls(raw, KNOWN)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from yapd import forking
+from yapd import forking, jsonparse
 from yapd.loopprofile import LoopProfiler, ProfileError
 
 if TYPE_CHECKING:
@@ -178,10 +178,9 @@ class AdminServer:
                 if not line.strip():
                     continue
                 try:
-                    req = json.loads(line)
-                except (ValueError, RecursionError):
-                    # JSONDecodeError, UnicodeDecodeError, integers of over 4300 digits, deep nesting.
-                    await _write(writer, {"ok": False, "error": "request is not valid JSON"})
+                    req = jsonparse.loads(line)
+                except ValueError as exc:
+                    await _write(writer, {"ok": False, "error": f"request is not valid JSON: {str(exc)[:200]}"})
                     continue
                 try:
                     if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):

@@ -81,7 +81,13 @@ class GcPauses:
         if took >= LONG_S:
             self.long.append((now, gen, took))
         if self.observe is not None:
-            self.observe(gen, took)
+            try:
+                self.observe(gen, took)
+            except RecursionError:
+                # A collection started at the bottom of someone's deep recursion: no frames
+                # left for the histogram's code. Counted above; raised, it would be printed
+                # as an ignored exception, traceback and all.
+                pass
 
     def snapshot(self, window_s: float | None = None) -> dict[str, Any]:
         """Collections and ms spent in them by generation since install; pauses of LONG_S

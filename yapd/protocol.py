@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from yapd import jsonparse
+
 PROTOCOL_VERSION = 1
 
 # Error codes. The first two end the connection; the rest leave it usable.
@@ -172,9 +174,8 @@ def parse_client_message(frame: str) -> ClientMessage:
     """Validate one text frame. Long history and utterances are accepted here and
     trimmed later with the model's tokenizer; only the frame size limit refuses them."""
     try:
-        obj = json.loads(frame)
-    except (ValueError, RecursionError) as exc:
-        # ValueError besides JSONDecodeError: Python refuses integers of over 4300 digits.
+        obj = jsonparse.loads(frame)
+    except ValueError as exc:
         raise ProtocolError(INVALID_JSON, f"frame is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(INVALID_MESSAGE, f"a message must be a JSON object, got {_json_type(obj)}")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from yapd import jsonparse
 from yapd.config import ToolSpec
 
 log = logging.getLogger("yapd.toolcall")
@@ -100,8 +101,8 @@ def parse_calls(text: str, known: Sequence[str] | None = None) -> Decision:
     malformed and counts as "no"; calls to tools not in ``known`` are dropped."""
     body = _strip_fence(text)
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, RecursionError):
+        data = jsonparse.loads(body)
+    except ValueError:
         return Decision("no", (), text, "malformed")
     if isinstance(data, dict) and "tool_calls" in data:  # Hammer 2.0's object form
         data = data["tool_calls"]
@@ -118,8 +119,8 @@ def parse_calls(text: str, known: Sequence[str] | None = None) -> Decision:
         args = item.get("arguments", item.get("parameters", {}))
         if isinstance(args, str):
             try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
+                args = jsonparse.loads(args)
+            except ValueError:
                 return Decision("no", (), text, "malformed")
         if not isinstance(args, dict):
             return Decision("no", (), text, "malformed")
