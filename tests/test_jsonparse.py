@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -16,7 +17,7 @@ from yapd.jsonparse import MAX_DEPTH, deeper_than, loads
     ('"[[[[{{{{"', 0),  # brackets inside a string
     ('["\\"[[[", 1]', 1),  # an escaped quote does not end the string
     ('["\\\\", [[]]]', 3),  # nor does an escaped backslash hide the quote after it
-    ('"[[[', 3),  # an unterminated string's brackets count: broken JSON either way
+    ('["a", "[[[', 1),  # an unterminated string runs to the end: broken JSON, which the parser refuses
 ])
 def test_nesting_counts_structure_not_strings(text, depth):
     assert not deeper_than(text, depth) and (depth == 0 or deeper_than(text, depth - 1))
@@ -52,3 +53,23 @@ def test_every_refusal_is_a_value_error(raw):
 
 def test_bytes_are_utf8():
     assert loads('{"x": "\u00e9"}'.encode()) == {"x": "\u00e9"}
+
+
+def test_the_scan_is_linear_whatever_the_text_holds():
+    """An unterminated string of escaped quotes once made each quote start a scan to the
+    end (an 80 kB frame held the loop 12.6 s). Each shape here, a MiB long, took hours that
+    way; linear, well under a second. Run apart, so that a regression is a timeout here,
+    not a hung suite."""
+    code = """if True:
+        from yapd.jsonparse import loads
+        n = 1 << 20
+        for text in ('"' + '\\\\"' * (n // 2) + '[' * 101, '"' * n + '[' * 101,
+                     '"\\\\' * (n // 2) + '[' * 101, '[]' * (n // 2)):
+            try:
+                loads(text)
+            except ValueError:
+                pass
+        print("done")
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "done"
