@@ -485,6 +485,14 @@ KNOWN = ["take_screenshot", "get_weather"]
     ('[{"name": "get_weather", "arguments": "' + "[" * 3000 + '"}]', "no", [], "malformed"),
     ('[{"name": "get_weather", "arguments": "' + "7" * 5000 + '"}]', "no", [], "malformed"),
     ("[" * 3000, "no", [], "malformed"),
+    # what Python's parser takes and the client's frame cannot carry: a JS client refuses
+    # Infinity / NaN, UTF-8 has no lone surrogate
+    ('[{"name": "get_weather", "arguments": {"days": Infinity}}]', "no", [], "malformed"),
+    ('[{"name": "get_weather", "arguments": {"days": 1e400}}]', "no", [], "malformed"),
+    ('[{"name": "get_weather", "arguments": "{\\"days\\": NaN}"}]', "no", [], "malformed"),
+    ('[{"name": "get_weather", "arguments": {"city": "\\ud83d"}}]', "no", [], "malformed"),
+    ('[{"name": "get_weather\\udfff", "arguments": {}}]', "no", [], "malformed"),
+    ('[{"name": "get_weather", "arguments": {"city": "\\ud83d\\ude00"}}]', "yes", ["get_weather"], "calls"),
 ])
 def test_parse_calls(raw, status, names, reason):
     d = parse_calls(raw, KNOWN)

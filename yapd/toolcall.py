@@ -122,15 +122,28 @@ def parse_calls(text: str, known: Sequence[str] | None = None) -> Decision:
                 args = jsonparse.loads(args)
             except ValueError:
                 return Decision("no", (), text, "malformed")
-        if not isinstance(args, dict):
+        call = ToolCall(item["name"], args) if isinstance(args, dict) else None
+        if call is None or not _sendable(call):
             return Decision("no", (), text, "malformed")
-        calls.append(ToolCall(item["name"], args))
+        calls.append(call)
     if known is not None:
         kept = [c for c in calls if c.name in known]
         if not kept:
             return Decision("no", (), text, "unknown_tool")
         calls = kept
     return Decision("yes", tuple(calls), text, "calls")
+
+
+def _sendable(call: ToolCall) -> bool:
+    """Whether ``call`` goes to the client as strict JSON text. Python's parser takes what
+    a client's refuses (NaN, Infinity, 1e400 as a float's infinity) and escapes UTF-8
+    cannot carry (a lone surrogate from "\\ud83d"): the first reached a JavaScript client
+    as a toolcall it could not parse, the second failed the whole turn at its send."""
+    try:
+        json.dumps(call.as_json(), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except ValueError:  # UnicodeEncodeError is one
+        return False
+    return True
 
 
 class DecisionReader:
