@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -130,7 +131,7 @@ async def test_raws_turns_send_their_requests_in_the_order_named(order, sent):
         await asyncio.sleep(0)
 
     async def turn(i: int) -> None:
-        tool = tool_request(request(f"tool-{i}"), order)
+        tool = tool_request(functools.partial(request, f"tool-{i}"), order)
         await request(f"chat-{i}")
         await tool
 

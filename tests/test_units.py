@@ -386,6 +386,36 @@ def test_start_now_has_run_the_task_up_to_its_first_wait():
     asyncio.run(main())
 
 
+def test_a_deferred_request_cancelled_before_its_round_is_never_made():
+    """A barge-in one loop round after a start cancels the turn's deferred tool request
+    before its task's first step (Python before 3.12): nothing of it may have been made,
+    or it is a coroutine never awaited, a RuntimeWarning in the journal."""
+    import gc
+    import warnings
+
+    from yapd.turn import after_a_round, start_now
+
+    made: list[str] = []
+
+    async def decide() -> str:
+        made.append("decide")
+        return "no"
+
+    async def main() -> None:
+        task = start_now(after_a_round(decide))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await start_now(after_a_round(decide)) == "no"  # not cancelled: made a round later
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(main())
+        gc.collect()
+    assert made == ["decide"]
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], caught
+
+
 def test_prompt_fits_the_context():
     tok = FakeTok()
     p = build_chat_prompt(PromptCache(tok), ChatLayout.from_tokenizer(tok), "p " * 10,

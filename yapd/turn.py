@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -152,7 +153,7 @@ class Turn:
         first = start_now(_first_delta(chat_stream))
         if order == "chat_first":
             return first, start_now(self._decide(tool))
-        return first, start_now(after_a_round(self._decide(tool)))
+        return first, start_now(after_a_round(functools.partial(self._decide, tool)))
 
     # --- tool decision -------------------------------------------------------------
 
@@ -347,17 +348,16 @@ def start_now(coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.
     return loop.create_task(coro, name=name)
 
 
-async def after_a_round(coro: Coroutine[Any, Any, T]) -> T:
-    """``coro``, begun in the event loop's next round: turns that start in one round
+async def after_a_round(begin: Callable[[], Awaitable[T]]) -> T:
+    """``begin()``, called in the event loop's next round: turns that start in one round
     (a burst of messages read together) send what they send at once before anything
     deferred this way. Run it with :func:`start_now`: an ordinary task would begin a
-    round later already, and this one round after that."""
-    try:
-        await asyncio.sleep(0)
-    except BaseException:
-        coro.close()  # cancelled before it began: it never runs, and says nothing of it
-        raise
-    return await coro
+    round later already, and this one round after that. A callable, not a coroutine: one
+    made beforehand and cancelled with its task before the task's first step (Python
+    before 3.12, no eager tasks: a barge-in one round after a start) was never awaited,
+    and said so in the journal."""
+    await asyncio.sleep(0)
+    return await begin()
 
 
 async def _settle(tasks: list[asyncio.Task[Any]]) -> None:

@@ -155,7 +155,7 @@ class RawEngines:
 
         t0, t0_monotonic = time.perf_counter(), time.monotonic()
         engine_stamps: dict[str, dict[str, float]] = {}
-        tool_task = tool_request(self._tool(i, t0, engine_stamps, t0_monotonic), self.order)
+        tool_task = tool_request(functools.partial(self._tool, i, t0, engine_stamps, t0_monotonic), self.order)
         stamps: list[float] = []  # outputs with text: what a client of yapd or vllm serve sees
         token_stamps: list[float] = []  # every token, text or not (a byte of a character held back)
         async for out in self.chat.generate(token_prompt(self.prompts(i)[0]), self.chat_sp, uuid.uuid4().hex):
@@ -225,7 +225,7 @@ async def phase_rawsplit(res: Results, s: Setup) -> None:
     await phase_raw(res, s, "raw_split", split_tool=True)
 
 
-def tool_request(coro: Coroutine[Any, Any, T], order: str) -> asyncio.Task[T]:
+def tool_request(begin: Callable[[], Coroutine[Any, Any, T]], order: str) -> asyncio.Task[T]:
     """Raw's tool request of a turn, made before its chat request. chats_then_tools
     (every run before run n; "chat_first" in run n's files): it begins in the loop's next
     round, so at N sessions a round's chat requests all leave before its tool requests;
@@ -233,7 +233,7 @@ def tool_request(coro: Coroutine[Any, Any, T], order: str) -> asyncio.Task[T]:
     turn.request_order of the same names sends them the same way."""
     from yapd.turn import after_a_round, start_now
 
-    return start_now(coro) if order == "tool_first" else start_now(after_a_round(coro))
+    return start_now(begin()) if order == "tool_first" else start_now(after_a_round(begin))
 
 
 # How one session's two requests leave, per turn: raw (the tool's in a task that waits for
@@ -269,7 +269,7 @@ async def order_probe(chat: Any, tool: Any, prompts: Callable[[int], tuple[list[
         c = functools.partial(first, chat, chat_ids, chat_sp, t0, False)
         t = functools.partial(first, tool, tool_ids, tool_sp, t0, True)
         if order == "raw":
-            tool_task = tool_request(t(), "chats_then_tools")
+            tool_task = tool_request(t, "chats_then_tools")
             return await c(), await tool_task
         if order == "chat_alone":
             return await c(), None
