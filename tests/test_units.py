@@ -97,6 +97,13 @@ def test_env_overrides_every_original_variable():
     ("[tool]\nmax_num_batched_tokens = 1024\nenable_chunked_prefill = false\n",
      "tool.max_num_batched_tokens: 1024 is below max_model_len (5760) with enable_chunked_prefill = false"),
     ("[chat]\ngpu_memory_utilization = 0.8\n[tool]\ngpu_memory_utilization = 0.3\n", "leaves no room"),
+    ("[server]\nrate_limit_burst = 1" + "0" * 400 + "\n", "server.rate_limit_burst: expected a 64-bit integer"),
+    ("[turn]\nhistory_max_tokens = -9223372036854775809\n", "expected a 64-bit integer"),
+    ("[turn]\nchat_max_out = 6000\n", "turn.chat_max_out: turn.chat_max_out + turn.user_utt_max_tokens = 6350 "
+     "leaves no room for a prompt in chat.max_model_len (5760)"),
+    ("[turn]\ntool_max_tokens = 5000\n[tool]\nmax_model_len = 4096\n", "turn.tool_max_tokens: turn.tool_max_tokens "
+     "+ turn.user_utt_max_tokens + turn.tool_history_tokens = 5606 leaves no room for a prompt in tool.max_model_len "
+     "(4096)"),
     ("[turn]\ndefault_persona_style = 'grumpy'\n", "default_persona_style"),
     ("[[tools]]\ndescription = 'x'\n", "a tool needs a name"),
     ("[server\n", "invalid TOML"),

@@ -407,6 +407,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {type(value).__name__}")
+        # TOML's integers are 64-bit; Python's parser takes any. A 400-digit rate limit
+        # loaded, then failed every connection (OverflowError where it met a float).
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{where}: expected a 64-bit integer, got {str(value)[:24]}...")
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -614,6 +618,17 @@ def validate(cfg: Config) -> None:
     for key in ("history_max_tokens", "tool_history_tokens"):
         if getattr(t, key) < 0:
             raise ConfigError(f"{src}: turn.{key}: must be >= 0")
+    # A prompt holds the utterance (up to its cap) and leaves room for the reply: settings
+    # that cannot fit would load and then fail every turn at the engine.
+    fits = {"chat": ("chat_max_out", t.chat_max_out + t.user_utt_max_tokens),
+            "tool": ("tool_max_tokens", t.tool_max_tokens + t.user_utt_max_tokens + t.tool_history_tokens)}
+    for role, (key, need) in fits.items():
+        room = getattr(cfg, role).max_model_len
+        if cfg.deployed(role) and need >= room:
+            parts = "turn.chat_max_out + turn.user_utt_max_tokens" if role == "chat" else \
+                "turn.tool_max_tokens + turn.user_utt_max_tokens + turn.tool_history_tokens"
+            raise ConfigError(f"{src}: turn.{key}: {parts} = {need} leaves no room for a prompt in "
+                              f"{role}.max_model_len ({room})")
     if t.stream_flush_ms < 0 or t.tool_timeout_s <= 0:
         raise ConfigError(f"{src}: turn.stream_flush_ms must be >= 0 and turn.tool_timeout_s > 0")
     if not 0 <= t.temperature <= 2 or not 0 < t.top_p <= 1:
