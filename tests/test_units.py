@@ -587,6 +587,23 @@ def test_reader_ends_the_answer_at_a_blank_line():
     assert r2.decision is not None and r2.decision.status == "yes"
 
 
+@pytest.mark.parametrize("text,decided", [
+    # a blank line between two calls ends the answer inside its list, in one delta or many
+    ('[{"name": "take_screenshot", "arguments": {}},\n\n{"name": "get_weather", "arguments": {}}]',
+     ("no", "malformed", [])),
+    ('[{"name": "take_screenshot", "arguments": {}},\r\n \t\r\n{"name": "get_weather", "arguments": {}}]',
+     ("no", "malformed", [])),
+    # blank lines before the answer, or after its fence, are not its end
+    ('\n\n[{"name": "take_screenshot", "arguments": {}}]', ("yes", "calls", ["take_screenshot"])),
+    ('```json\n\n[{"name": "take_screenshot", "arguments": {}}]\n```', ("yes", "calls", ["take_screenshot"])),
+])
+@pytest.mark.parametrize("step", [1, 2, 5, 1000])
+def test_reader_decides_the_same_however_the_deltas_cut_the_text(text, decided, step):
+    r, _ = feed_all(text, step)
+    assert r.decision is not None
+    assert (r.decision.status, r.decision.reason, [c.name for c in r.decision.calls]) == decided
+
+
 def test_reader_with_fence_and_incomplete_output():
     r, _ = feed_all('```json\n[{"name": "take_screenshot", "arguments": {}}]\n```')
     assert r.decision is not None and r.decision.status == "yes"

@@ -159,6 +159,7 @@ class DecisionReader:
         self._pos = 0  # scan position in the fence-stripped body
         self._started = False
         self._list = False
+        self._after_newline = False  # only blanks since a newline outside a string
         self._cut: int | None = None  # where the body begins in the stripped text (after a fence)
 
     def _body(self) -> str | None:
@@ -179,14 +180,7 @@ class DecisionReader:
         if self.decision is not None:
             return self.decision
         self.text += delta
-        decision = self._scan()
-        if decision is None and (end := self.text.find("\n\n")) >= 0:
-            # A blank line ends an answer (a single newline may sit inside a JSON list).
-            # Checked here rather than as the engine's stop string: vLLM holds back a stop
-            # string's possible prefix, which delays a one-character first token ("[").
-            self.text = self.text[:end]
-            return self.finish()
-        return decision
+        return self._scan()
 
     def _scan(self) -> Decision | None:
         body = self._body()
@@ -214,6 +208,16 @@ class DecisionReader:
                 elif ch == '"':
                     self._in_string = False
                 continue
+            if ch == "\n" and self._after_newline:
+                # A blank line ends an answer (a single newline may sit inside a JSON list),
+                # where it stands in the text, however the deltas cut it: a blank line
+                # inside the list ended it when read token by token, not when the whole list
+                # came in one delta. Read here rather than as the engine's stop string: vLLM
+                # holds back a stop string's possible prefix, which delays a one-character
+                # first token ("["). Blank lines before the answer are not its end.
+                self.text = self.text[: len(self.text) - len(body) + self._pos - 1].rstrip()
+                return self.finish()
+            self._after_newline = ch == "\n" or (self._after_newline and ch in " \t\r")
             if ch == '"':
                 self._in_string = True
             elif ch in "[{":
