@@ -221,12 +221,40 @@ def test_build_prompt_is_token_exact_and_ordered():
 
 
 def test_history_tokenized_incrementally():
+    """Each turn tokenizes the last turn's last line again with what follows it (that line
+    goes on: "today?" then "\nassistant"), the lines before it are held."""
     tok = FakeTok()
     cache = PromptCache(tok)
-    first = cache.history_ids("a b c", 100)
+    first = cache.history_ids("user: a b c", 100)
+    second = cache.history_ids("user: a b c\nassistant: d e", 100)
     tok.calls.clear()
-    second = cache.history_ids("a b c d e", 100)
-    assert second[: len(first)] == first and tok.calls == [" d e"]
+    third = cache.history_ids("user: a b c\nassistant: d e\nuser: f", 100)
+    assert tok.calls == ["assistant: d e\n", "user: f"]
+    assert third[: len(first)] == first and third[: len(second)] == second
+    assert third == tok.encode("user: a b c\nassistant: d e\nuser: f")
+    tok.calls.clear()
+    assert cache.history_ids("user: a b c\nassistant: d e\nuser: f", 100) == third and tok.calls == []
+    # An edit above the held lines: tokenized whole again
+    assert cache.history_ids("user: A b c\nassistant: d e\nuser: f", 100) == tok.encode("user: A b c\nassistant: "
+                                                                                         "d e\nuser: f")
+
+
+@pytest.mark.parametrize("kind", ["qwen", "gpt2", "sp"])
+def test_a_history_grown_turn_by_turn_has_the_ids_a_new_session_gives_it(kind):
+    """A session's history ids are the whole text's, whatever turns came before: a history
+    that ended "me?" tokenized then, and "?\n" now, gave the same history two ids in two
+    sessions (found with Tekken: '?', '\n' against '?\n'). SentencePiece, which marks
+    every call's start, is held whole and appended to, as before."""
+    from yapd.prompts import tokenizes_by_line
+
+    tok = trained_tokenizer(kind)
+    turns = [line for line in CONVERSATION.splitlines(keepends=True) if line.strip()]
+    grown = PromptCache(tok)
+    for i in range(1, len(turns) + 1):
+        text = "".join(turns[:i]).strip()
+        ids = grown.history_ids(text, 3000)
+        if tokenizes_by_line(tok):
+            assert ids == PromptCache(tok).history_ids(text, 3000) == tok.encode(text, add_special_tokens=False), i
 
 
 def test_second_turn_tokenizes_only_the_utterance():
@@ -296,7 +324,7 @@ def trained_tokenizer(kind: str):
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
     alphabet = pre_tokenizers.ByteLevel.alphabet() if kind != "sp" else []
-    tok.train_from_iterator([CONVERSATION * 3, "the quick brown fox\n\n" * 5],
+    tok.train_from_iterator([CONVERSATION * 3, "the quick brown fox\n\n" * 5, "well\n   \nthen\t\r\n\t\r\n \n" * 5],
                             trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet, show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
@@ -311,7 +339,9 @@ def test_tool_query_tokenized_by_line_gives_the_whole_texts_ids(kind, by_line):
     tok = trained_tokenizer(kind)
     assert tokenizes_by_line(tok) is by_line
     cache = PromptCache(tok)
-    for text in (CONVERSATION, CONVERSATION[7:], "no line break", "\n\nonly\r\n\r\nbreaks\n", ""):
+    # lines of blanks alone: Qwen's split takes the breaks around them as one pre-token
+    blanks = "user: hi there\n   \n\t\r\nassistant: loud and clear!\n \n"
+    for text in (CONVERSATION, CONVERSATION[7:], "no line break", "\n\nonly\r\n\r\nbreaks\n", "", blanks):
         assert cache.encode_lines(text) == tok.encode(text, add_special_tokens=False), text
 
 

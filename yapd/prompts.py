@@ -127,11 +127,13 @@ MAX_CHARS_PER_TOKEN = 16
 APPROX_CHARS_PER_TOKEN = 4
 
 
-# Cut points after each run of line breaks: byte-level BPE pre-tokenizers (GPT-2's,
-# Qwen's, Tekken's) never let a pre-token run on past one, so text cut there tokenizes
-# to the same ids piece by piece as whole.
-_AFTER_LINE_BREAKS = re.compile(r"(?<=[\r\n])(?=[^\r\n])")
-_LINES_PROBE = "user: hi there\n\nassistant:  fine, thanks!\r\n  an indented line \n42 apples\n\n\nok"
+# Cut points after each run of line breaks that a line with text follows: Qwen's and
+# Tekken's pre-tokenizers never let a pre-token run on past such a run, so text cut
+# there tokenizes to the same ids piece by piece as whole. A line of blanks alone is no
+# cut: their "\s*[\r\n]+" takes the breaks around it as one pre-token ("\n   \n").
+_AFTER_LINE_BREAKS = re.compile(r"(?<=[\r\n])(?=[^\S\r\n]*\S)")
+_LINES_PROBE = ("user: hi there\n\nassistant:  fine, thanks!\r\n  an indented line \n   \n\t\r\n"
+                "42 apples\n\n\nok")
 _lines_safe: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 _rust_same: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
@@ -232,7 +234,8 @@ class PromptCache:
         self.encode = encoder(tok)
         self.shared = shared
         self._persona = _Segment(text="\x00unset")
-        self._history = _Segment()
+        self._history = _Segment()  # whole lines of the last history, held for the next
+        self._history_last = _Segment(text="\x00unset")
         self._lines: dict[str, list[int]] = {}
         self._fixed: dict[str, list[int]] = {}
         self._tail: dict[str, list[int]] = {}  # tail_lines' memo: the lines it kept last call
@@ -301,20 +304,36 @@ class PromptCache:
         return self._persona.ids
 
     def history_ids(self, text: str, max_tokens: int, *, exact: bool = True) -> list[int]:
-        """Token ids of ``text``'s tail; only the part appended since the last call is
-        tokenized when ``text`` extends the previous history."""
+        """Token ids of ``text``'s tail; only what the last call did not hold is tokenized
+        when ``text`` extends the previous history. With a tokenizer that tokenizes by line,
+        the last call's whole lines are held and its last line is tokenized again with what
+        follows it: a history ending "today?" goes on "\nassistant: ...", and "?\n" is one
+        token of the whole text. The ids are then the whole text's, whatever the session
+        saw before (the same history in another session hits the same prefix cache)."""
         if max_tokens <= 0 or not text:
             return []
         limit = max_tokens * (MAX_CHARS_PER_TOKEN if exact else APPROX_CHARS_PER_TOKEN)
         if len(text) > limit:
             text = text[-limit:]
+        if text == self._history_last.text:  # the same history as last turn: its prompt's ids
+            return self._history_last.ids
         prev = self._history
-        if prev.text and text.startswith(prev.text):
-            ids = prev.ids + self.encode(text[len(prev.text):]) if len(text) > len(prev.text) else prev.ids
-        else:
-            ids = self.encode(text)
-        self._history = _Segment(text, ids)
-        return ids
+        held = len(prev.text)
+        if not (prev.text and text.startswith(prev.text)):
+            prev, held = _Segment(), 0
+        if not tokenizes_by_line(self.tok):  # SentencePiece: held whole, new text appended
+            ids = prev.ids + self.encode(text[held:]) if len(text) > held else prev.ids
+            self._history = self._history_last = _Segment(text, ids)
+            return ids
+        if held and not _AFTER_LINE_BREAKS.match(text, held):
+            prev, held = _Segment(), 0  # the held lines' last break goes on: no cut there now
+        cut = held
+        for m in _AFTER_LINE_BREAKS.finditer(text, held):
+            cut = m.start()
+        lines = prev.ids + self.encode(text[held:cut]) if cut > held else prev.ids
+        self._history = _Segment(text[:cut], lines)
+        self._history_last = _Segment(text, lines + self.encode(text[cut:]))
+        return self._history_last.ids
 
 
 def clip_text(text: str, max_tokens: int, *, from_end: bool, exact: bool = True) -> str:
