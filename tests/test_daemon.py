@@ -220,6 +220,33 @@ async def test_sigterm_cancels_what_still_runs_after_drain_timeout(make_yapd):
     assert d.proc.wait(30) == 0
 
 
+async def test_a_restart_takes_no_new_turns_and_ends_the_ones_it_cuts(make_yapd):
+    """A restart's drain refuses new turns on the restarting engine (one that kept admitting
+    them never ran dry under steady load), and a turn still streaming when the engine stops
+    ends with its error and done (the CPU engine's cut streams waited for the idle timeout)."""
+    d = make_yapd(UNENDING + "chat_max_out = 1500\n", server={"drain_timeout_s": 0.5})
+    async with ws_connect(d.url()) as a, ws_connect(d.url()) as b:
+        await send(a, type="start", session_id="a", user_utterance="a long story please", request_id="cut")
+        while (await recv(a))["type"] != "token":
+            pass
+        restart = asyncio.ensure_future(asyncio.to_thread(d.admin, cmd="restart", target="chat", timeout=120))
+        while d.http("/healthz", key=None)[0] == 200:  # the restart has begun: its drain answers 503
+            await asyncio.sleep(0.01)
+        await send(b, type="start", session_id="b", user_utterance="hi", request_id="new")
+        refused = await recv(b)
+        assert refused["error_code"] == "engine_unavailable" and refused["request_id"] == "new", refused
+        assert "the chat engine is restarting" in refused["message"], refused
+        msgs = await until_done(a, 60)  # long before the idle timeout
+        err = next(m for m in msgs if m["type"] == "error")
+        assert err["error_code"] == "engine_unavailable" and "stopping or restarting" in err["message"], msgs
+        assert msgs[-1]["request_id"] == "cut" and msgs[-1]["error"] == "engine_unavailable"
+        reply = (await restart)[-1]
+        assert reply["ok"] is True and reply["drained"] is False, reply
+        assert d.http("/healthz", key=None)[0] == 200
+        check_turn(await run_turn(a))
+        check_turn(await run_turn(b))
+
+
 def test_second_signal_exits_at_once(make_yapd):
     d = make_yapd(server={"drain_timeout_s": 30.0})
     # A client in a turn keeps the drain busy; the second signal must not wait for it.

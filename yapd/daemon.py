@@ -419,19 +419,24 @@ class Daemon:
                 log.info("engine no longer deployed, stopping it role=%s", role)
                 await self._shutdown_engines([role], timeout=None)
                 self.rt.engines.pop(role, None)
-            drained = await self.wait_idle(roles, self.cfg.server.drain_timeout_s)
-            self.notifier.status(f"restarting engines: {', '.join(roles)}")
-            # A restart's time: its stop is part of it.
-            old = {role: eng for role in roles if (eng := self.rt.engines.pop(role, None)) is not None}
-            await self._stop_engines(old, timeout=None, why=" for the restart")
+            # From here the roles take no new turns: the ones in flight get the drain's time.
+            self.rt.restarting = set(roles)
             try:
-                await self._start_engines(roles)
-            except EngineError as exc:
-                log.error("engine restart failed: %s", exc)
-                if self._stop.is_set() or all(getattr(self.rt.cfg, s) == v for s, v in ran.items()):
-                    self.notifier.status(f"engine restart failed: {exc}")
-                    return {"ok": False, "error": str(exc), "roles": roles}
-                return await self._roll_back(ran, exc)
+                drained = await self.wait_idle(roles, self.cfg.server.drain_timeout_s)
+                self.notifier.status(f"restarting engines: {', '.join(roles)}")
+                # A restart's time: its stop is part of it.
+                old = {role: eng for role in roles if (eng := self.rt.engines.pop(role, None)) is not None}
+                await self._stop_engines(old, timeout=None, why=" for the restart")
+                try:
+                    await self._start_engines(roles)
+                except EngineError as exc:
+                    log.error("engine restart failed: %s", exc)
+                    if self._stop.is_set() or all(getattr(self.rt.cfg, s) == v for s, v in ran.items()):
+                        self.notifier.status(f"engine restart failed: {exc}")
+                        return {"ok": False, "error": str(exc), "roles": roles}
+                    return await self._roll_back(ran, exc)
+            finally:
+                self.rt.restarting = set()
             self.notifier.status(self._serving_status())
             return {"ok": True, "roles": roles, "drained": drained, **({"stopped": undeployed} if undeployed else {})}
 

@@ -74,6 +74,9 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     stopping: bool = False
+    # Roles whose engines a restart is draining, stopping and starting: no new turns
+    # (a drain that kept admitting them never ran dry under steady load).
+    restarting: set[str] = field(default_factory=set)
     version: str = ""
     # The daemon's MPS state (yapd/mps.py), read when /status is asked.
     mps_status: Callable[[], dict[str, Any]] | None = None
@@ -97,7 +100,7 @@ class Runtime:
     def engines_ready(self) -> bool:
         roles = [r for r in ("chat", "tool") if self.cfg.deployed(r)]
         return bool(roles) and all(
-            (e := self.engines.get(r)) is not None and e.health().ok for r in roles
+            r not in self.restarting and (e := self.engines.get(r)) is not None and e.health().ok for r in roles
         )
 
     def layout(self, engine: Engine) -> ChatLayout:

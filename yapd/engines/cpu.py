@@ -23,6 +23,7 @@ from yapd.engines.tokenizer import load_tokenizer
 log = logging.getLogger("yapd.engine.cpu")
 
 _END = object()
+_STOPPED = object()  # the engine stopped under the request (shutdown)
 # One model load at a time in the process. transformers is not thread-safe here: its lazy
 # module loader breaks when two threads import through it at once, and a load swaps
 # process-wide torch state (default dtype, weight initialisers) while it builds the
@@ -153,6 +154,8 @@ class CpuEngine(Engine):
                     finish = "abort" if req.abort.is_set() else "length"
                     yield Delta(self._flush(ids, sent), held, True, finish, len(prompt_ids), cached, stamps())
                     return
+                if item is _STOPPED:
+                    raise EngineError(f"{self.role} engine aborted the request (stopping or restarting)")
                 if isinstance(item, BaseException):
                     raise EngineError(f"{self.role} engine failed: {item}") from item
                 token_id, is_eos = item
@@ -286,6 +289,10 @@ class CpuEngine(Engine):
         self._state = "stopping"
         for req in list(self._requests.values()):
             req.abort.set()
+            # Ended here, not by its worker: one whose step fails as the model goes, or
+            # one still queued for a worker (cancelled below), would never put its end,
+            # and its turn would wait for it until the connection's idle timeout.
+            req.queue.put_nowait(_STOPPED)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
