@@ -522,6 +522,7 @@ async def test_admin_requests(make_yapd):
     (b'{"cmd": "status", "window_s": "soon"}\n', '"window_s"'),
     (b'{"cmd": "status", "window_s": 0}\n', '"window_s"'),
     (b'{"cmd": "debug", "action": "block_loop"}\n', "unknown command"),
+    (b'{"cmd": "logs", "n": 1, "follow": "false"}\n', '"follow" must be true or false'),  # it followed forever
 ])
 def test_admin_bad_requests(shared_yapd, raw, needle):
     with socket.socket(socket.AF_UNIX) as s:
@@ -534,6 +535,67 @@ def test_admin_bad_requests(shared_yapd, raw, needle):
         s.sendall(b'{"cmd": "ping"}\n')
         assert json.loads(s.makefile("r").readline())["ok"] is True
     assert shared_yapd.http("/healthz", key=None)[0] == 200
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _until(check, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_follower_or_profile_whose_client_hung_up_ends_at_once(shared_yapd):
+    """A log follower whose filter matches nothing, and a profile window, end when their
+    client closes, not at a write that never comes (each Ctrl-C of `yapctl logs -f --level
+    error` on a healthy daemon left a connection, a task and a fed queue behind; an
+    abandoned profile refused the next one for its whole window). A client that only shut
+    its write side, as `nc -U` does at the end of its input, still follows."""
+    d = shared_yapd
+    pid = d.admin(cmd="ping")[-1]["pid"]
+    d.admin(cmd="logs", n=0)  # the daemon's own sockets settled before counting
+    base = _open_fds(pid)
+    followers = []
+    for _ in range(5):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(d.admin_socket))
+        s.sendall(b'{"cmd": "logs", "n": 0, "follow": true, "grep": "zzzz-never-logged"}\n')
+        followers.append(s)
+    assert _until(lambda: _open_fds(pid) >= base + 5)
+    for s in followers:
+        s.close()
+    assert _until(lambda: _open_fds(pid) <= base), (_open_fds(pid), base)  # with no log line written
+    with socket.socket(socket.AF_UNIX) as profiler:
+        profiler.connect(str(d.admin_socket))
+        profiler.sendall(b'{"cmd": "profile", "seconds": 120}\n')
+        assert _until(lambda: "already running" in d.admin(cmd="profile", seconds=0.05)[-1].get("error", ""))
+    assert _until(lambda: d.admin(cmd="profile", seconds=0.05)[-1]["ok"] is True)
+    with socket.socket(socket.AF_UNIX) as half:
+        half.settimeout(20)
+        half.connect(str(d.admin_socket))
+        half.sendall(b'{"cmd": "logs", "n": 0, "follow": true}\n')
+        half.shutdown(socket.SHUT_WR)
+        lines = half.makefile("r")
+        # The follow is registered once its request is read: reload until a line comes.
+        got = threading.Event()
+
+        def reload_until_read() -> None:
+            while not got.wait(0.1):
+                d.admin(cmd="reload")
+
+        reloading = threading.Thread(target=reload_until_read)
+        reloading.start()
+        try:
+            line = json.loads(lines.readline())
+        finally:
+            got.set()
+            reloading.join()
+        assert line["event"] == "log" and "reload" in line["message"], line
 
 
 def as_nobody(path: Path) -> str:

@@ -16,12 +16,14 @@ import json
 import logging
 import os
 import pwd
+import select
 import socket
 import stat
 import struct
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from yapd import forking, jsonparse
 from yapd.loopprofile import LoopProfiler, ProfileError
@@ -29,6 +31,8 @@ from yapd.loopprofile import LoopProfiler, ProfileError
 if TYPE_CHECKING:
     from yapd.config import AdminConfig
     from yapd.daemon import Daemon
+
+T = TypeVar("T")
 
 log = logging.getLogger("yapd.admin")
 
@@ -185,7 +189,7 @@ class AdminServer:
                 try:
                     if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
                         raise AdminError('a request is a JSON object with a "cmd" string')
-                    await self._dispatch(req, writer)
+                    await self._dispatch(req, reader, writer)
                 except AdminError as exc:
                     await _write(writer, {"ok": False, "error": str(exc)})
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -204,7 +208,8 @@ class AdminServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _dispatch(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+    async def _dispatch(self, req: dict[str, Any], reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
         d = self.daemon
         cmd = req["cmd"]
         if cmd == "ping":
@@ -220,7 +225,7 @@ class AdminServer:
         elif cmd == "stats":
             await _write(writer, {"ok": True, **d.rt.recent.snapshot()})
         elif cmd == "logs":
-            await self._logs(req, writer)
+            await self._logs(req, reader, writer)
         elif cmd == "reload":
             await _write(writer, await d.reload())
         elif cmd == "restart":
@@ -243,9 +248,13 @@ class AdminServer:
                     or not isinstance(top, int):
                 raise AdminError('"seconds" must be a number and "top" an integer')
             try:
-                await _write(writer, {"ok": True, **await self.profiler.run(float(seconds), top)})
+                # A client gone mid-window (yapctl profile's Ctrl-C) ends the window: left
+                # running, it kept cProfile's cost on the loop and refused the next profile.
+                profile = await _while_connected(reader, writer, self.profiler.run(float(seconds), top))
             except ProfileError as exc:
                 raise AdminError(str(exc)) from exc
+            if profile is not None:
+                await _write(writer, {"ok": True, **profile})
         elif cmd == "debug" and os.environ.get("YAPD_DEBUG_ADMIN") == "1":
             await _write(writer, await self._debug(req))
         else:
@@ -257,9 +266,11 @@ class AdminServer:
                 "admin_socket": str(self.path), "systemd_status": d.notifier.last_status,
                 "pending_restart_keys": d.pending_keys, "config": d.cfg.source}
 
-    async def _logs(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+    async def _logs(self, req: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         n = req.get("n", 100)
         follow = req.get("follow", False)
+        if not isinstance(follow, bool):
+            raise AdminError('"follow" must be true or false')
         level = req.get("level", "debug")
         grep = req.get("grep")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
@@ -283,10 +294,17 @@ class AdminServer:
                 await _write(writer, {"ok": True, "count": len(lines)})
                 return
             last = lines[-1].seq if lines else 0
-            while True:
-                rec = await queue.get()
-                if rec.seq > last and keep(rec):
-                    await _write(writer, {"event": "log", **rec.as_json()})
+
+            async def forward() -> None:
+                while True:
+                    rec = await queue.get()
+                    if rec.seq > last and keep(rec):
+                        await _write(writer, {"event": "log", **rec.as_json()})
+
+            # Ends when the client hangs up: a follower whose filter matched nothing noticed
+            # only at a write, so each Ctrl-C of `yapctl logs -f --level error` on a healthy
+            # daemon left its connection, task and queue behind (fed every record).
+            await _while_connected(reader, writer, forward())
         finally:
             if queue is not None:
                 ring.unfollow(queue)
@@ -337,6 +355,41 @@ class AdminServer:
         if jobs is None:
             raise AdminError("AWQ jobs are not available in this build")
         await jobs.handle(action, req, lambda msg: _write(writer, msg))
+
+
+async def _while_connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           work: Coroutine[Any, Any, T]) -> T | None:
+    """``work``'s result, or None where the client hung up first (``work`` is then
+    cancelled). For the requests that run on with nothing to write (a log follow, a
+    profile window); what the client sends meanwhile is read and dropped."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_hung_up(reader, writer.get_extra_info("socket")))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the handler cancelled (the admin server closing)
+        task.cancel()
+        gone.cancel()
+        raise
+    gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _hung_up(reader: asyncio.StreamReader, sock: Any) -> None:
+    """Until the client has closed its end. The end of its input alone is not that: a
+    script that sent its request through `nc -U` or socat (which shut their write side at
+    the end of their input) still reads. Only a closed socket sets POLLHUP on a Unix
+    socket's peer; after a half close it is asked each second."""
+    while await reader.read(4096):
+        pass
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLHUP)
+    while not poller.poll(0):  # noqa: ASYNC110 -- no event: the loop stops reading a socket at its EOF
+        await asyncio.sleep(1.0)
 
 
 async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
