@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import KEY, ws_connect
-from yapctl.client import EXIT_DENIED, EXIT_DOWN, EXIT_FAILED, EXIT_OK
+from yapctl.cli import EXIT_PIPE, main
+from yapctl.client import EXIT_DENIED, EXIT_DOWN, EXIT_FAILED, EXIT_OK, AdminClient, AdminError
 
 
 def yapctl(*args: str, sock: Path | None = None, timeout: float = 120,
@@ -86,6 +87,21 @@ def test_logs_last_n_level_and_grep(shared_yapd):
     assert lines and all("engine ready" in line.lower() for line in lines)
     out = yapctl("logs", "-n", "1000", "--level", "warning", "--json", sock=sock)
     assert all(json.loads(line)["level"] in ("warning", "error", "critical") for line in out.stdout.splitlines())
+
+
+def test_a_reader_that_stops_reading_ends_yapctl_quietly(shared_yapd):
+    """`yapctl logs -n 200 | head -1`: the writes after the reader left raised BrokenPipeError,
+    a traceback and exit 1. Now yapctl ends as a program SIGPIPE ends, 141, and says nothing;
+    output still buffered at the end (a table) too, not in the interpreter's last flush."""
+    r, w = os.pipe()
+    os.close(r)  # gone before the first line: the same every run, where `| head -1` is a race
+    try:
+        for args in (["logs", "-n", "200"], ["logs", "-n", "5", "-f", "--json"], ["status"]):
+            out = subprocess.run([sys.executable, "-m", "yapctl", "--socket", str(shared_yapd.admin_socket), *args],
+                                 stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
+            assert (out.returncode, out.stderr) == (EXIT_PIPE, ""), args
+    finally:
+        os.close(w)
 
 
 def test_logs_follow_streams_new_lines(shared_yapd):
@@ -174,6 +190,7 @@ def test_chat_json_is_one_object_a_line_and_the_global_timeout_reaches_turns(sha
         out = yapctl("--timeout", "1", "chat", "hi", "--url", f"ws://127.0.0.1:{silent.getsockname()[1]}/ws",
                      timeout=30)
     assert out.returncode == EXIT_DOWN and "cannot reach yapd" in out.stderr, out.stderr
+    assert "timed out" in out.stderr and "(after 1 s)" in out.stderr, out.stderr
 
 
 async def test_profile_shows_where_the_loop_spends_its_time_while_turns_run(shared_yapd):
@@ -277,6 +294,63 @@ def test_daemon_down(tmp_path):
     assert out.returncode == EXIT_DOWN and "stale socket" in out.stderr
     # The socket from the environment, as an operator's shell would set it.
     assert yapctl("status", env={"YAP_ADMIN_SOCKET": str(stale)}).returncode == EXIT_DOWN
+
+
+def test_a_socket_path_that_is_no_socket_says_so(tmp_path):
+    """A directory or a file given as the socket was called "nothing listens (stale socket)"."""
+    regular = tmp_path / "admin.conf"
+    regular.write_text("")
+    for path, what in ((tmp_path, "a directory"), (regular, "a regular file")):
+        out = yapctl("status", sock=path)
+        assert out.returncode == EXIT_DOWN, out.stderr
+        assert out.stderr.startswith(f"yapctl: {path} is {what}, not a socket"), out.stderr
+
+
+def test_a_daemon_that_does_not_take_the_connection_timed_out_is_not_called_down(tmp_path):
+    """A socket whose accept queue is full, as a daemon's whose loop is stuck: the connect
+    waits out --timeout and says so, exit 1 as any wait for yapd that ran out. It said "yapd
+    went away: Invalid argument", exit 3 (asyncio takes the kernel's "queue full" for a
+    connect in progress and hands back a socket never connected)."""
+    sock = tmp_path / "busy.sock"
+    with socket.socket(socket.AF_UNIX) as server, socket.socket(socket.AF_UNIX) as queued:
+        server.bind(str(sock))
+        server.listen(0)
+        queued.connect(str(sock))  # the one place a backlog of 0 has
+        out = yapctl("--timeout", "1", "status", sock=sock, timeout=30)
+        assert out.returncode == EXIT_FAILED, (out.returncode, out.stderr)
+        assert "timed out" in out.stderr and "within 1 s" in out.stderr and "not running" not in out.stderr
+        server.accept()[0].close()  # room again, taken by nobody: the connect goes in, no reply comes
+        out = yapctl("--timeout", "1", "status", sock=sock, timeout=30)
+        assert out.returncode == EXIT_FAILED and "yapd did not answer within 1 s" in out.stderr, out.stderr
+
+
+async def test_a_connect_timeout_says_it_timed_out(tmp_path):
+    """The timeout's message was "cannot reach yapd at ...: " with no reason (a TimeoutError
+    has no text, and is true), exit 3, as if no daemon ran."""
+    sock = tmp_path / "slow.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(sock))
+        server.listen()
+        with pytest.raises(AdminError) as refused:
+            await AdminClient(sock, timeout=0).connect()
+    assert refused.value.exit_code == EXIT_FAILED
+    assert str(refused.value) == (f"timed out: yapd did not accept a connection on {sock} within 0 s "
+                                  "(it listens, but is busy or stuck)")
+
+
+def test_time_limits_that_are_no_positive_finite_number_are_refused(capsys):
+    """--timeout 0 or nan timed out at once, reported as "not running"; profile's nan too."""
+    for argv, says in ((["--timeout", "0", "status"], "argument --timeout: must be more than 0 seconds, not '0'"),
+                       (["--timeout", "-1", "status"], "argument --timeout: must be more than 0 seconds"),
+                       (["--timeout", "nan", "status"], "argument --timeout: must be a finite number, not 'nan'"),
+                       (["--timeout", "inf", "logs"], "argument --timeout: must be a finite number, not 'inf'"),
+                       (["--timeout", "soon", "status"], "argument --timeout: not a number: 'soon'"),
+                       (["profile", "--seconds", "nan"], "argument --seconds: must be a finite number, not 'nan'"),
+                       (["chat", "hi", "--timeout", "nan"], "argument --timeout: must be a finite number")):
+        with pytest.raises(SystemExit) as exited:
+            main(["--socket", "/nonexistent/admin.sock", *argv])
+        assert exited.value.code == 2, argv
+        assert says in capsys.readouterr().err, argv
 
 
 def _as_nobody(argv: list[str]) -> tuple[int, str]:

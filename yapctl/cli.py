@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -23,16 +25,41 @@ from yapctl.fmt import ago
 EPILOG = """\
 exit codes:
   0  done
-  1  the daemon answered and the operation failed (or a bench/chat turn failed)
+  1  the daemon answered and the operation failed, or it did not answer in time
+     (or a bench/chat turn failed)
   2  bad command line
   3  yapd is not running (no socket, nobody listening, or it went away)
   4  permission denied (add yourself to the daemon's group, or run as root)
+  130  interrupted (Ctrl-C)
+  141  whatever read the output stopped reading it (`yapctl logs | head`), as SIGPIPE would
 
 environment: YAP_ADMIN_SOCKET (default socket), YAP_URL and YAP_API_KEY (chat, bench)
 """
 
 DEFAULT_URL = "ws://127.0.0.1:8000/ws"
 LEVELS = ("debug", "info", "warning", "error", "critical")
+# 128 + SIGPIPE: what a shell reports for `cat` or `git log` killed by a reader that left,
+# so `set -o pipefail` scripts see the same from yapctl; KeyboardInterrupt's 130 is alike.
+EXIT_PIPE = 141
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    # nan and inf would reach asyncio's timers (nan times out at once; profile sends it on)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A time limit: 0 or less would time out before yapd could answer."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH", help="admin socket (default: $YAP_ADMIN_SOCKET, "
                    "$RUNTIME_DIRECTORY/admin.sock, /run/yapd/admin.sock, $XDG_RUNTIME_DIR/yapd/admin.sock, "
                    "/tmp/yapd-<uid>/admin.sock)")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=_seconds, default=None,
                    help="seconds to wait for each reply (default 30; a turn's for chat and bench: 60)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -68,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print progress events as JSON lines")
 
     s = sub.add_parser("profile", help="where the daemon's event loop spends its time (cProfile over a window)")
-    s.add_argument("--seconds", type=float, default=10.0, help="how long to profile (default 10, at most 300)")
+    # Its range is yapd's to say (profile refuses what it will not do); nan it never sees.
+    s.add_argument("--seconds", type=_number, default=10.0, help="how long to profile (default 10, at most 300)")
     s.add_argument("--top", type=int, default=20, help="functions listed (default 20)")
     s.add_argument("--json", action="store_true", help="print the raw JSON reply")
 
@@ -94,11 +122,30 @@ def build_parser() -> argparse.ArgumentParser:
 def _ws_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--url", default=os.environ.get("YAP_URL", DEFAULT_URL), help=f"default $YAP_URL or {DEFAULT_URL}")
     s.add_argument("--key", default=os.environ.get("YAP_API_KEY", ""), help="API key (default $YAP_API_KEY)")
-    s.add_argument("--timeout", type=float, default=None, dest="turn_timeout",
+    s.add_argument("--timeout", type=_seconds, default=None, dest="turn_timeout",
                    help="seconds per turn (default: yapctl's --timeout, else 60)")
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Output still buffered (a table) goes now, where a closed pipe is caught
+            # below, not in the interpreter's last flush (a traceback-like warning, exit 120).
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python ignores SIGPIPE, so writing to a pipe whose reader left (`yapctl logs | head -1`)
+        # raises. The reader has what it wanted: end quietly, with stdout on /dev/null so the
+        # interpreter's own flush at exit has nowhere to fail (the Python docs' "Note on SIGPIPE").
+        with contextlib.suppress(OSError, ValueError):  # a stdout with no descriptor (tests)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return EXIT_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # `yapctl --timeout 5 chat ...` means the turn's too; each has its own default
@@ -256,7 +303,7 @@ async def cmd_drain(args: argparse.Namespace) -> int:
 
 
 async def cmd_profile(args: argparse.Namespace) -> int:
-    async with AdminClient(socket_path(args.socket), timeout=args.seconds + args.timeout) as c:
+    async with AdminClient(socket_path(args.socket), timeout=max(args.seconds, 0) + args.timeout) as c:
         reply = await c.request("profile", seconds=args.seconds, top=args.top)
     if args.json:
         _print_json(reply)
@@ -377,7 +424,11 @@ async def cmd_chat(args: argparse.Namespace) -> int:
         print(f"yapctl: the connection to {args.url} ended: {exc}", file=sys.stderr)
         return EXIT_DOWN
     except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
-        print(f"yapctl: cannot reach yapd at {args.url}: {exc or type(exc).__name__}", file=sys.stderr)
+        # An exception is true whatever its text, and a TimeoutError may have none.
+        timed_out = isinstance(exc, asyncio.TimeoutError)
+        why = str(exc) or ("timed out" if timed_out else type(exc).__name__)
+        print(f"yapctl: cannot reach yapd at {args.url}: {why}{f' (after {timeout:g} s)' if timed_out else ''}",
+              file=sys.stderr)
         return EXIT_DOWN
     if res.error == "timeout":
         print(f"\nyapctl: no done within {timeout:g} s", file=sys.stderr)
@@ -452,4 +503,4 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = 
     "tui": _tui_placeholder,
 }
 
-__all__ = ["EXIT_DENIED", "EXIT_DOWN", "EXIT_FAILED", "EXIT_OK", "build_parser", "main"]
+__all__ = ["EXIT_DENIED", "EXIT_DOWN", "EXIT_FAILED", "EXIT_OK", "EXIT_PIPE", "build_parser", "main"]

@@ -11,6 +11,8 @@ import contextlib
 import grp
 import json
 import os
+import socket
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from yapd.timeouts import within
 
 # Exit codes of yapctl (documented in ``yapctl --help``).
 EXIT_OK = 0
-EXIT_FAILED = 1  # the daemon answered, and the operation failed
+EXIT_FAILED = 1  # the daemon answered, and the operation failed; or it did not answer in time
 EXIT_USAGE = 2  # bad command line (argparse's own code)
 EXIT_DOWN = 3  # no daemon: no socket, nobody listening, or it went away mid-request
 EXIT_DENIED = 4  # the daemon refused us (socket permissions or its peer-uid check)
@@ -67,21 +69,51 @@ class AdminClient:
 
     async def connect(self) -> None:
         try:
-            there = self.path.exists()
+            mode = self.path.stat().st_mode
         except PermissionError:  # its directory is closed to us
             raise AdminError(_group_hint(self.path), EXIT_DENIED) from None
-        if not there:
-            raise AdminError(f"yapd is not running: no socket at {self.path}", EXIT_DOWN)
+        except (FileNotFoundError, NotADirectoryError):
+            raise AdminError(f"yapd is not running: no socket at {self.path}", EXIT_DOWN) from None
+        except OSError as exc:  # a symlink loop, a name too long
+            raise AdminError(f"cannot reach yapd at {self.path}: {exc.strerror or exc}", EXIT_DOWN) from None
+        if not stat.S_ISSOCK(mode):
+            # Connecting to it would be refused, which reads as a stale socket: say what it is.
+            what = {stat.S_IFDIR: "a directory", stat.S_IFREG: "a regular file", stat.S_IFIFO: "a FIFO"}.get(
+                stat.S_IFMT(mode), "a device")
+            raise AdminError(f"{self.path} is {what}, not a socket: --socket or $YAP_ADMIN_SOCKET should name "
+                             "yapd's admin.sock", EXIT_DOWN)
         try:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(self.path), limit=LINE_LIMIT), self.timeout)
+            self._reader, self._writer = await within(self._open(), self.timeout)
         except PermissionError:
             raise AdminError(_group_hint(self.path), EXIT_DENIED) from None
         except (ConnectionRefusedError, FileNotFoundError):
             raise AdminError(f"yapd is not running: nothing listens on {self.path} (stale socket)",
                              EXIT_DOWN) from None
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise AdminError(f"cannot reach yapd at {self.path}: {exc or 'timed out'}", EXIT_DOWN) from None
+        except asyncio.TimeoutError:  # before OSError: it is one, with no text, since Python 3.11
+            # Something listens and does not take us in: a daemon busy or stuck, not a missing one.
+            raise AdminError(f"timed out: yapd did not accept a connection on {self.path} within "
+                             f"{self.timeout:g} s (it listens, but is busy or stuck)", EXIT_FAILED) from None
+        except OSError as exc:
+            raise AdminError(f"cannot reach yapd at {self.path}: {exc}", EXIT_DOWN) from None
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            while True:
+                try:
+                    sock.connect(str(self.path))
+                    break
+                except BlockingIOError:
+                    # Linux: the daemon's accept queue is full (its loop is not getting round
+                    # to it). asyncio's own connect takes this for "in progress" and hands back
+                    # a socket never connected, whose first write fails as "went away": wait
+                    # for room instead, within the timeout.
+                    await asyncio.sleep(0.05)
+            return await asyncio.open_unix_connection(sock=sock, limit=LINE_LIMIT)
+        except BaseException:
+            sock.close()
+            raise
 
     async def close(self) -> None:
         if self._writer is not None:
