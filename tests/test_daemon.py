@@ -276,6 +276,34 @@ async def test_reload_rotates_keys_live_and_keeps_connections(make_yapd):
     assert not any("new_key" in line for line in d.lines)
 
 
+async def test_a_reloads_server_keys_reach_the_connections_already_open(make_yapd):
+    """server.idle_timeout_s, max_frame_bytes and the rate limit are [live]: a reload that
+    tightens them reaches the connections already open (they read the config as it was at
+    their start: a long voice session kept the old limits), the idle wait in progress too."""
+    d = make_yapd(server={"idle_timeout_s": 600.0, "max_frame_bytes": 65536})
+    async with ws_connect(d.url()) as quiet, ws_connect(d.url()) as busy:
+        for ws in (quiet, busy):
+            await send(ws, type="ping")
+            assert (await recv(ws))["type"] == "pong"
+        d.write_config(server={"idle_timeout_s": 2.0, "max_frame_bytes": 2048, "rate_limit_per_s": 0.01,
+                               "rate_limit_burst": 2})
+        reply = d.admin(cmd="reload")[-1]
+        assert {"server.idle_timeout_s", "server.max_frame_bytes", "server.rate_limit_per_s",
+                "server.rate_limit_burst"} <= set(reply["applied"]), reply
+        await busy.send(json.dumps({"type": "ping", "pad": "x" * 5000}))
+        assert (await recv(busy))["error_code"] == "message_too_large"
+        replies = []
+        for _ in range(3):
+            await send(busy, type="ping")
+            replies.append((await recv(busy)).get("error_code"))
+        assert replies == [None, None, "rate_limited"], replies  # the bucket now holds 2
+        # The quiet one's wait began under 600 s; it ends 2 s after it began, not 10 min.
+        err = await recv(quiet, 30)
+        assert err["error_code"] == "idle_timeout" and "no message for 2 s" in err["message"], err
+        with pytest.raises(ConnectionClosed):
+            await recv(quiet, 10)
+
+
 async def test_reload_applies_the_logging_and_admin_keys_it_says_it_applied(make_yapd):
     """What a reload reports as applied is in force: the admin socket's mode, the log
     ring's size, stderr's timestamps; a larger max_frame_bytes than connections read

@@ -356,6 +356,8 @@ class Daemon:
         if self.admin is not None and {"admin.mode", "admin.group"} & set(live):
             self.admin.apply(new.admin)
         self.rt.metrics.max_connections.set(new.max_connections)
+        if any(key.startswith("server.") for key in live):
+            self.server.config_changed()
         if live:
             log.info("reload applied live keys: %s", ", ".join(live))
         if engine:

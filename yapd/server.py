@@ -75,6 +75,9 @@ class YapServer:
         self.hard_cap = frame_cap(rt.cfg.server.max_frame_bytes)
         self._server: Server | None = None
         self._conns: dict[Session, ServerConnection] = {}
+        # Each connection's wait for its next frame: when it began, and its deadline, which
+        # a reload of server.idle_timeout_s moves (Python 3.11+: asyncio.Timeout).
+        self._waits: dict[Session, tuple[float, Any]] = {}
 
     @property
     def port(self) -> int:
@@ -193,12 +196,22 @@ class YapServer:
             rt.metrics.active.set(len(rt.sessions))
             await session.close()
 
-    def _sender(self, ws: ServerConnection) -> Any:
+    def config_changed(self) -> None:
+        """A reload's server keys, for the connections already open too (they read the
+        config as it was at their start: a tighter idle timeout or rate limit reached none
+        of them)."""
         s = self.rt.cfg.server
+        for session in self._conns:
+            session.limiter.retune(s.rate_limit_per_s, s.rate_limit_burst)
+        for since, deadline in self._waits.values():
+            deadline.reschedule(since + s.idle_timeout_s)
+
+    def _sender(self, ws: ServerConnection) -> Any:
         cut = False
 
         async def send(text: str) -> None:
             nonlocal cut
+            s = self.rt.cfg.server  # as it is now: a reload applies to open connections
             transport = ws.transport
             if cut:
                 raise _ClientGone(None, None)
@@ -249,15 +262,15 @@ class YapServer:
         asyncio.get_running_loop().call_later(min(5.0, s.send_timeout_s), transport.abort)
 
     async def _serve(self, ws: ServerConnection, session: Session) -> None:
-        s = self.rt.cfg.server
         while True:
             try:
-                frame = await within(ws.recv(), s.idle_timeout_s)
+                frame = await self._next_frame(ws, session)
             except asyncio.TimeoutError:
-                await session.send(protocol.error(protocol.IDLE_TIMEOUT,
-                                                  f"no message for {s.idle_timeout_s:g} s; closing"))
+                await session.send(protocol.error(
+                    protocol.IDLE_TIMEOUT, f"no message for {self.rt.cfg.server.idle_timeout_s:g} s; closing"))
                 await ws.close(protocol.CLOSE_NORMAL, "idle timeout")
                 return
+            s = self.rt.cfg.server  # read per frame: a reload applies to open connections
             if isinstance(frame, bytes):
                 await session.send(protocol.error(protocol.BINARY_FRAME, "binary frames are not supported; "
                                                   "send JSON text frames"))
@@ -280,6 +293,20 @@ class YapServer:
             except Exception as exc:
                 log.exception("message handling failed remote=%s", session.remote)
                 await session.send(protocol.error(protocol.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
+
+    async def _next_frame(self, ws: ServerConnection, session: Session) -> Any:
+        """The next frame within server.idle_timeout_s; TimeoutError past it. recv() is
+        cancellation-safe (websockets): the deadline's cancel loses no frame."""
+        if not hasattr(asyncio, "timeout"):  # Python 3.10: a reload reaches the next wait
+            return await within(ws.recv(), self.rt.cfg.server.idle_timeout_s)
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        async with asyncio.timeout_at(since + self.rt.cfg.server.idle_timeout_s) as deadline:
+            self._waits[session] = (since, deadline)
+            try:
+                return await ws.recv()
+            finally:
+                del self._waits[session]
 
     # --- shutdown ------------------------------------------------------------------
 

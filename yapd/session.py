@@ -38,6 +38,11 @@ class RateLimiter:
         self.tokens = float(burst)
         self.stamp = time.monotonic()
 
+    def retune(self, rate: float, burst: int) -> None:
+        """New limits (a reload), the bucket kept: a lower burst caps what it holds now."""
+        self.rate, self.burst = rate, float(burst)
+        self.tokens = min(self.tokens, self.burst)
+
     def allow(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
