@@ -485,6 +485,9 @@ async def test_a_restart_after_deploy_changed_stops_the_engine_no_longer_deploye
     assert reply["ok"] is True and reply["roles"] == ["chat"] and reply["stopped"] == ["tool"], reply
     assert json.loads(d.http("/healthz", key=None)[1])["engines"] == {"chat": "ready"}
     assert "tool" not in d.admin(cmd="status")[-1]["engines"]
+    # An engine not deployed is not restarted, and the reply says so (it said ok)
+    reply = d.admin(cmd="restart", target="tool")[-1]
+    assert reply["ok"] is False and "tool not deployed (engines.deploy = 'chat')" in reply["error"], reply
     async with ws_connect(d.url()) as ws:
         msgs = await run_turn(ws)
         assert msgs[-1]["type"] == "done" and not any(m["type"] == "toolcall" for m in msgs)

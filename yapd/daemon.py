@@ -405,7 +405,16 @@ class Daemon:
         async with self._engine_lock:
             ran = {section: copy.deepcopy(getattr(self.rt.cfg, section)) for section in config.ENGINE_SECTIONS}
             self._apply_pending(roles)
-            roles = [r for r in roles if self.cfg.deployed(r)]
+            asked, roles = roles, [r for r in roles if self.cfg.deployed(r)]
+            # Engines no longer deployed ([engines] deploy changed) stop: their GPU share
+            # is what the deployed ones now ask for.
+            undeployed = [r for r in list(self.rt.engines) if not self.cfg.deployed(r)]
+            if not roles and not undeployed:
+                # An engine not deployed: said so, not "ok" with nothing done (a script's
+                # `yapctl restart tool` exited 0 having restarted nothing).
+                self._restore(ran)
+                return {"ok": False, "roles": [], "error": f"{' and '.join(asked)} not deployed (engines.deploy = "
+                        f"{self.cfg.engines.deploy!r}): nothing to restart"}
             try:
                 # Quantize first (awq mode, nothing cached) while the old engines still serve.
                 await self.awq_jobs.ensure_cached(roles)
@@ -414,9 +423,6 @@ class Daemon:
                 # Nothing was stopped: the engines go on as they ran, the reloaded keys pending.
                 self._restore(ran)
                 return {"ok": False, "error": str(exc), "roles": roles}
-            # Engines no longer deployed ([engines] deploy changed) stop: their GPU share
-            # is what the deployed ones now ask for.
-            undeployed = [r for r in list(self.rt.engines) if not self.cfg.deployed(r)]
             for role in undeployed:
                 log.info("engine no longer deployed, stopping it role=%s", role)
                 await self._shutdown_engines([role], timeout=None)
