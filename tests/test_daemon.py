@@ -606,6 +606,16 @@ def test_a_follower_or_profile_whose_client_hung_up_ends_at_once(shared_yapd):
         profiler.sendall(b'{"cmd": "profile", "seconds": 120}\n')
         assert _until(lambda: "already running" in d.admin(cmd="profile", seconds=0.05)[-1].get("error", ""))
     assert _until(lambda: d.admin(cmd="profile", seconds=0.05)[-1]["ok"] is True)
+    # Profiles back to back on one connection: the hang-up watcher of one is out of the
+    # reader before the next request is read (the second failed: "readuntil() called while
+    # another coroutine is already waiting for incoming data")
+    with socket.socket(socket.AF_UNIX) as again:
+        again.settimeout(20)
+        again.connect(str(d.admin_socket))
+        replies = again.makefile("r")
+        for _ in range(5):
+            again.sendall(b'{"cmd": "profile", "seconds": 0.01}\n')
+            assert json.loads(replies.readline())["ok"] is True
     with socket.socket(socket.AF_UNIX) as half:
         half.settimeout(20)
         half.connect(str(d.admin_socket))

@@ -370,12 +370,16 @@ async def _while_connected(reader: asyncio.StreamReader, writer: asyncio.StreamW
         task.cancel()
         gone.cancel()
         raise
+    # Each cancelled task is waited for (asyncio.wait: a cancel of this handler still goes
+    # through): the watcher must be out of the reader before the next request's readline
+    # (one reader at a time: "readuntil() called while another coroutine is already
+    # waiting"), and the work must have run its clean-up (the profiler's hook).
     gone.cancel()
+    await asyncio.wait({gone})
     if task.done():
         return task.result()
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await asyncio.wait({task})
     return None
 
 
