@@ -581,13 +581,14 @@ def _until(check, timeout: float = 20.0) -> bool:
     return True
 
 
-def test_a_follower_or_profile_whose_client_hung_up_ends_at_once(shared_yapd):
+def test_a_follower_or_profile_whose_client_hung_up_ends_at_once(make_yapd):
     """A log follower whose filter matches nothing, and a profile window, end when their
     client closes, not at a write that never comes (each Ctrl-C of `yapctl logs -f --level
     error` on a healthy daemon left a connection, a task and a fed queue behind; an
     abandoned profile refused the next one for its whole window). A client that only shut
-    its write side, as `nc -U` does at the end of its input, still follows."""
-    d = shared_yapd
+    its write side, as `nc -U` does at the end of its input, still follows. A daemon of its
+    own: its open descriptors are counted (a shared one's change with other tests' clients)."""
+    d = make_yapd()
     pid = d.admin(cmd="ping")[-1]["pid"]
     d.admin(cmd="logs", n=0)  # the daemon's own sockets settled before counting
     base = _open_fds(pid)
