@@ -172,9 +172,9 @@ class Session:
             raise protocol.ProtocolError(protocol.SHUTTING_DOWN, "the server is draining; no new turns",
                                          request_id)
         if restarting := sorted(r for r in self.rt.restarting if self.rt.cfg.deployed(r)):
-            raise protocol.ProtocolError(protocol.ENGINE_UNAVAILABLE, f"the {' and '.join(restarting)} engine "
-                                         f"{'is' if len(restarting) == 1 else 'are'} restarting; try again shortly",
-                                         request_id)
+            raise protocol.ProtocolError(protocol.ENGINE_UNAVAILABLE, f"the {' and '.join(restarting)} "
+                                         f"{'engine is' if len(restarting) == 1 else 'engines are'} restarting; "
+                                         "try again shortly", request_id)
         if not self.rt.engines_ready():
             raise protocol.ProtocolError(protocol.ENGINE_UNAVAILABLE, "engines are not ready; try again shortly",
                                          request_id)
