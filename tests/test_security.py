@@ -148,13 +148,14 @@ async def test_keys_absent_from_logs_status_metrics_admin_and_errors(sec_yapd) -
 
 async def test_origin_allow_list(sec_yapd) -> None:
     d = sec_yapd
-    # A listed Origin, and none at all (non-browser clients), are served.
-    for origin in (ORIGIN, None):
+    # A listed Origin, and none at all (non-browser clients), are served; scheme and host
+    # are not case sensitive.
+    for origin in (ORIGIN, None, ORIGIN.upper()):
         async with ws_connect(d.url(), origin=origin) as ws:  # type: ignore[arg-type]
             await send(ws, type="ping")
             assert (await recv(ws))["type"] == "pong"
     # Any other Origin is refused before the upgrade, on every route but /healthz.
-    for origin in ("https://evil.example", "null", ORIGIN + ".evil", ORIGIN.upper()):
+    for origin in ("https://evil.example", "null", ORIGIN + ".evil", ORIGIN + ":8443", "http://app.example"):
         with pytest.raises(InvalidStatus) as info:
             async with ws_connect(d.url(), origin=origin):  # type: ignore[arg-type]
                 pass
@@ -182,8 +183,10 @@ async def test_repeated_auth_or_origin_headers_are_refused_plainly(sec_yapd) -> 
     d = sec_yapd
     before = len(d.lines)
     for headers in (f"X-API-Key: {KEY}\r\nX-API-Key: {KEY}\r\n", f"Authorization: Bearer {KEY}\r\n" * 2):
-        answer = _raw_http(d, f"GET /status HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
-        assert answer.startswith(b"HTTP/1.1 401") and b"authentication_failed" in answer, answer[:200]
+        # ... also beside a valid query key: a header given is the key, never the query's instead
+        for query in ("", f"?api_key={KEY}"):
+            answer = _raw_http(d, f"GET /status{query} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+            assert answer.startswith(b"HTTP/1.1 401") and b"authentication_failed" in answer, answer[:200]
     answer = _raw_http(d, f"GET /status HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nOrigin: {ORIGIN}\r\n"
                           f"Origin: https://evil.example\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 403") and b"origin_not_allowed" in answer, answer[:200]
@@ -207,7 +210,8 @@ async def test_only_get_is_served(sec_yapd) -> None:
         if not PARSES_METHODS:  # websockets before 17 refuses them itself, before yapd sees them
             assert not answer.startswith(b"HTTP/1.1 2"), (method, answer[:200])
             continue
-        assert answer.startswith(b"HTTP/1.1 405") and b"Allow: GET, HEAD" in answer, (method, answer[:200])
+        allow = b"Allow: GET\r\n" if path == b"/ws" else b"Allow: GET, HEAD\r\n"  # no HEAD where it is refused
+        assert answer.startswith(b"HTTP/1.1 405") and allow in answer, (method, answer[:200])
     if not PARSES_METHODS:
         return
     head = _raw_http(d, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -239,7 +243,9 @@ async def test_sessions_per_key_cap(sec_yapd) -> None:
             assert (await recv(ws))["type"] == "pong"
         async with ws_connect(d.url(key=KEY)) as c:
             err = await recv(c)
-            assert err["error_code"] == "server_at_capacity"
+            assert err["error_code"] == "server_at_capacity" and "this API key has 2 connections" in err["message"]
+            # the key's own capacity, not the server's (which had room: "available" misled)
+            assert err["capacity"] == {"active": 2, "max": 2, "available": 0, "at_capacity": True, "per_key": True}
             with pytest.raises(ConnectionClosed) as info:
                 await recv(c)
             assert info.value.rcvd is not None and info.value.rcvd.code == 1013
@@ -247,6 +253,30 @@ async def test_sessions_per_key_cap(sec_yapd) -> None:
         async with ws_connect(d.url(key=KEY2)) as other:
             await send(other, type="ping")
             assert (await recv(other))["type"] == "pong"
+
+
+def test_a_client_that_sends_pings_and_never_reads_is_cut_off(make_yapd) -> None:
+    """websockets answers each ping with a pong written at once, past write_buffer_bytes:
+    a client that sent pings and never read grew the daemon by 3.5 GB in a minute (until
+    its idle timeout). Cut off once its unsent answers pass the limit and the slack."""
+    d = make_yapd(server={"write_buffer_bytes": 4096})
+    flood = socket.socket()
+    flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    flood.settimeout(30)
+    flood.connect(("127.0.0.1", d.port))
+    flood.sendall(f"GET /ws?api_key={KEY} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    assert flood.recv(4096).startswith(b"HTTP/1.1 101")
+    ping = bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125  # masked, as a client's must be
+    sent = 0
+    with pytest.raises(OSError):  # reset by the daemon: the kernel's buffers and the slack, a few MB
+        while sent < 256 << 20:
+            flood.sendall(ping * 512)
+            sent += len(ping) * 512
+    flood.close()
+    assert any("control frames answered and never read" in line for line in d.lines)
+    status = json.loads(d.http("/status")[1])
+    assert status["capacity"]["active"] == 0, status["capacity"]
 
 
 async def test_frame_utterance_history_and_field_limits(sec_yapd) -> None:

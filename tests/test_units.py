@@ -99,6 +99,9 @@ def test_env_overrides_every_original_variable():
     ("[chat]\ngpu_memory_utilization = 0.8\n[tool]\ngpu_memory_utilization = 0.3\n", "leaves no room"),
     ("[server]\nrate_limit_burst = 1" + "0" * 400 + "\n", "server.rate_limit_burst: expected a 64-bit integer"),
     ("[turn]\nhistory_max_tokens = -9223372036854775809\n", "expected a 64-bit integer"),
+    ("[server]\nallowed_origins = ['https://app.example/']\n", "server.allowed_origins[0]: 'https://app.example/' "
+     "is not an origin"),
+    ("[server]\nallowed_origins = ['app.example']\n", "is not an origin"),
     ("[turn]\nchat_max_out = 6000\n", "turn.chat_max_out: turn.chat_max_out + turn.user_utt_max_tokens = 6350 "
      "leaves no room for a prompt in chat.max_model_len (5760)"),
     ("[turn]\ntool_max_tokens = 5000\n[tool]\nmax_model_len = 4096\n", "turn.tool_max_tokens: turn.tool_max_tokens "

@@ -17,6 +17,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
+from urllib.parse import urlsplit
 
 from yapd.paths import default_admin_socket
 
@@ -361,6 +362,20 @@ def keep_restart_keys(new: Config, running: Config, sections: Collection[str] | 
 # --- loading ----------------------------------------------------------------------
 
 
+def origin_of(text: str) -> str | None:
+    """``text`` as an origin, lower case (an Origin header's scheme and host are not case
+    sensitive); None where it is not one (a path, a query, no host)."""
+    try:
+        parts = urlsplit(text.strip())
+        parts.port  # noqa: B018 -- raises on a port that is no number
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc or parts.path or parts.query \
+            or parts.fragment or "@" in parts.netloc:
+        return None
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -582,6 +597,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: server.rate_limit_burst: must be >= 1")
     if s.write_buffer_bytes < 4096:
         raise ConfigError(f"{src}: server.write_buffer_bytes: must be at least 4096")
+    for i, origin in enumerate(s.allowed_origins):
+        if origin_of(origin) != origin.lower():
+            # A browser sends "https://app.example": "https://app.example/" locked every one out.
+            raise ConfigError(f"{src}: server.allowed_origins[{i}]: {origin!r} is not an origin: "
+                              "scheme://host[:port], no path (what a browser sends as its Origin header)")
     for role in ("chat", "tool"):
         e: EngineConfig = getattr(cfg, role)
         if cfg.deployed(role) and not e.model and not cfg.demo:

@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from yapd import forking, protocol
+from yapd.config import origin_of
 from yapd.runtime import Runtime
 from yapd.session import Session
 from yapd.timeouts import polled, within
@@ -33,6 +34,10 @@ class _ClientGone(ConnectionClosed, protocol.ClientGone):
     """ConnectionClosed for this module's handlers, ClientGone for the socket-free session."""
 
 WS_PATHS = ("/ws", "/")
+# Unsent bytes a connection may hold past server.write_buffer_bytes: a send waits at the
+# limit with one frame past it (a final reply's text), the answers to a client's pings
+# (a keepalive every 20 s) come on top; far more than either is a flood.
+CONTROL_SLACK_BYTES = 256 * 1024
 
 
 def _json_response(conn: ServerConnection, status: int, body: Any) -> Response:
@@ -51,13 +56,17 @@ def _header(request: Request, name: str) -> str | None:
 
 
 def request_key(request: Request) -> str | None:
-    """The API key of a request: ``X-API-Key``, ``Authorization: Bearer``, or ``?api_key=``."""
-    key = _header(request, "X-API-Key")
-    if key:
-        return key
-    auth = _header(request, "Authorization") or ""
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
+    """The API key of a request: ``X-API-Key``, ``Authorization: Bearer``, or ``?api_key=``.
+    A header given is the key, or no key where repeated: never the next place instead
+    (two X-API-Key headers and a valid query key let the query key in)."""
+    if request.headers.get_all("X-API-Key"):
+        return _header(request, "X-API-Key") or None
+    if request.headers.get_all("Authorization"):
+        auth = _header(request, "Authorization")
+        if auth is None:
+            return None
+        if auth.lower().startswith("bearer "):
+            return auth[7:].strip()
     values = parse_qs(urlsplit(request.path).query).get("api_key")
     return values[0] if values else None
 
@@ -96,10 +105,34 @@ class YapServer:
             ping_interval=20, ping_timeout=20, close_timeout=5,
             server_header=f"yapd/{self.rt.version}",
             logger=logging.getLogger("yapd.websockets"),
+            create_connection=self._connection_class(s.write_buffer_bytes + CONTROL_SLACK_BYTES),
         )
         for sock in self._server.sockets:
             forking.protect(sock)
         log.info("listening host=%s port=%d", host, self.port)
+
+    def _connection_class(self, most_unsent: int) -> type[ServerConnection]:
+        """websockets answers a client's ping with a pong written at once, with no limit
+        (yapd's own sends wait at write_buffer_bytes, its answers to control frames do
+        not): a client that sent pings and never read grew the daemon by 3.5 GB in a
+        minute, until its idle timeout. A connection whose unsent bytes pass
+        ``most_unsent`` is aborted as it reads, before it reads more."""
+        server = self
+
+        class Connection(ServerConnection):
+            def data_received(self, data: bytes) -> None:
+                super().data_received(data)
+                transport = self.transport
+                if transport.get_write_buffer_size() > most_unsent and not transport.is_closing():
+                    server._drop_flooder(self)
+
+        return Connection
+
+    def _drop_flooder(self, ws: ServerConnection) -> None:
+        log.warning("client cut off: control frames answered and never read remote=%s buffered=%d",
+                    _peer(ws), ws.transport.get_write_buffer_size())
+        self.rt.metrics.connections.labels("slow_client").inc()
+        ws.transport.abort()
 
     # --- HTTP ----------------------------------------------------------------------
 
@@ -111,7 +144,7 @@ class YapServer:
             # Every route is read-only (a body would not be read); an upgrade is a GET.
             refused = _json_response(conn, 405, {"error_code": "method_not_allowed",
                                                  "message": f"{method[:16]} is not served: use GET"})
-            refused.headers["Allow"] = "GET, HEAD"
+            refused.headers["Allow"] = "GET" if path in WS_PATHS else "GET, HEAD"
             return refused
         resp = self._route(conn, request, path)
         if method == "HEAD" and resp is not None:  # a load balancer's check: the GET's answer, no body
@@ -128,7 +161,8 @@ class YapServer:
             return _json_response(conn, 200 if ok else 503, body)
         origins = request.headers.get_all("Origin")
         allowed = rt.cfg.server.allowed_origins
-        if origins and allowed and (len(origins) > 1 or origins[0] not in allowed):  # two: neither is vouched for
+        if origins and allowed and (len(origins) > 1 or origin_of(origins[0]) not in {o.lower() for o in allowed}):
+            # two: neither is vouched for
             rt.metrics.errors.labels(protocol.ORIGIN_NOT_ALLOWED).inc()
             return _json_response(conn, 403, {"error_code": protocol.ORIGIN_NOT_ALLOWED,
                                               "message": "this Origin is not allowed"})
@@ -170,14 +204,23 @@ class YapServer:
         if key is None:
             log.info("auth failed remote=%s", _peer(ws))
             await self._refuse(ws, protocol.CLOSE_POLICY, protocol.error(
-                protocol.AUTHENTICATION_FAILED, "missing or invalid API key (api_key query or X-API-Key header)"))
+                protocol.AUTHENTICATION_FAILED,
+                "missing or invalid API key (X-API-Key header, Authorization: Bearer, or api_key query)"))
             return
         cap = rt.capacity()
         per_key = rt.cfg.server.max_connections_per_key
-        if cap.active >= cap.max or (per_key and rt.sessions_for_key(key) >= per_key) or rt.stopping:
+        if cap.active >= cap.max or rt.stopping:
             await self._refuse(ws, protocol.CLOSE_TRY_AGAIN, protocol.error(
                 protocol.SERVER_AT_CAPACITY, "the server is at capacity; try again shortly",
                 capacity=cap.as_json()))
+            return
+        if per_key and (held := rt.sessions_for_key(key)) >= per_key:
+            # This key's own limit, said as such: the server's capacity beside it said
+            # "available" (a client backing off on it was misled).
+            await self._refuse(ws, protocol.CLOSE_TRY_AGAIN, protocol.error(
+                protocol.SERVER_AT_CAPACITY, f"this API key has {held} connections open, its limit "
+                "(server.max_connections_per_key); close one or try again shortly",
+                capacity={"active": held, "max": per_key, "available": 0, "at_capacity": True, "per_key": True}))
             return
         send = self._sender(ws)
         session = Session(rt, send, remote=_peer(ws), api_key=key)
