@@ -496,3 +496,61 @@ async def test_a_broken_message_closes_the_pipe_with_its_reason(frame):
         pipe.send("stream", "r")
     assert theirs.recv(10) == b""  # our end was closed
     theirs.close()
+
+
+async def test_a_host_hung_in_its_start_fails_the_start(cache_dir, monkeypatch):
+    """A host that stops answering while its engine starts (stopped, or wedged in an
+    import): the start fails within HOST_SILENT_STARTING_S and the host is killed, where
+    yapd's start (or the restart holding the engine lock) waited for ever."""
+    from yapd.engines import hosted
+
+    monkeypatch.setattr(hosted, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(hosted, "HOST_SILENT_STARTING_S", 1.0)
+    cfg = config.load(None, overrides={"demo": True})
+    cfg.engines.cache_dir = str(cache_dir)
+    cfg.chat.own_process = True
+    eng = create_engine("chat", daemon.prepare(cfg))
+    assert isinstance(eng, HostedEngine)
+    start = asyncio.ensure_future(eng.start())
+    while eng.host_pid is None:  # spawned: its start (imports, the model's load) takes seconds
+        await asyncio.sleep(0.005)
+    with stopped(eng.host_pid) as exited:
+        with pytest.raises(EngineError, match="has not answered"):
+            async with asyncio.timeout(30):
+                await start
+        assert eng.health().state == "failed"
+        assert select.select([exited], [], [], 10)[0], "the hung host was not ended"
+
+
+async def test_a_host_gone_while_our_tokenizer_loads_fails_the_start(cache_dir, monkeypatch):
+    """The host's engine started and the host died before yapd's own tokenizer for it had
+    loaded: the start fails, where it went on to call the dead engine ready (/healthz 200
+    and every turn failing until the heartbeat called it hung)."""
+    gate = asyncio.Event()
+    load = HostedEngine._load_tokenizer
+
+    async def slow(self: HostedEngine, name: str, revision: str | None) -> Any:
+        await gate.wait()  # a slow disk, a Hub download
+        return await load(self, name, revision)
+
+    monkeypatch.setattr(HostedEngine, "_load_tokenizer", slow)
+    cfg = config.load(None, overrides={"demo": True})
+    cfg.engines.cache_dir = str(cache_dir)
+    cfg.chat.own_process = True
+    eng = create_engine("chat", daemon.prepare(cfg))
+    assert isinstance(eng, HostedEngine)
+    start = asyncio.ensure_future(eng.start())
+    try:
+        while eng._started is None or not eng._started.done():  # the host said "started"
+            await asyncio.sleep(0.005)
+        assert eng.host_pid is not None
+        os.kill(eng.host_pid, signal.SIGKILL)
+        while eng.health().state != "failed":  # the reaper saw it
+            await asyncio.sleep(0.005)
+        gate.set()
+        with pytest.raises(EngineError, match="exited with code -9"):
+            await start
+        assert eng.health().state == "failed" and not eng.health().ok
+    finally:
+        gate.set()
+        await eng.shutdown()

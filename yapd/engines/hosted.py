@@ -39,6 +39,10 @@ PIPE_GRACE_S = 1.0
 # says so, instead of streams that wait for ever on a host that looks healthy.
 HEARTBEAT_S = 5.0
 HOST_SILENT_S = 20.0
+# ... and one starting its engine, whose loop an import or a load may hold longer: a host
+# stopped or wedged in its start made yapd's start (and the restart holding the engine
+# lock) wait for ever, systemd's start timeout extended and its watchdog fed meanwhile.
+HOST_SILENT_STARTING_S = 90.0
 _END = object()
 
 
@@ -110,7 +114,8 @@ class HostedEngine(Engine):
         self._started.add_done_callback(_retrieved)  # failed by the host's end after a start gave up
         try:
             await self._spawn()
-            assert self._pipe is not None
+            assert self._pipe is not None and self._proc is not None
+            self._heartbeat = asyncio.create_task(self._watch(self._proc))
             self._pipe.send("start", self.factory, self.role, self.cfg, alongside, dict(child_env or {}),
                             logging.getLogger("yapd").getEffectiveLevel())
             self.model = await self._started
@@ -118,6 +123,10 @@ class HostedEngine(Engine):
                 raise EngineError(f"{self.role} engine host named no tokenizer")
             tok = await self._tok_load
             self.go_on("our tokenizer")
+            if self._state != "starting":
+                # The host died (or hung) after its engine started, while our tokenizer
+                # loaded: a start that went on would call the dead engine ready.
+                raise EngineError(f"{self.role} engine: {self._detail}")
         except Exception as exc:
             self._state = "failed"
             self._detail = self._detail or f"start failed: {exc}"
@@ -130,14 +139,12 @@ class HostedEngine(Engine):
         self._tok = tok
         self.start_seconds = round(time.perf_counter() - t0, 1)
         self._state = "ready"
-        assert self._proc is not None
-        self._heartbeat = asyncio.create_task(self._watch(self._proc))
         log.info("engine host ready role=%s pid=%s", self.role, self.host_pid)
 
     async def _watch(self, proc: asyncio.subprocess.Process) -> None:
-        """Ask the serving host to answer, and fail it when it stays silent."""
+        """Ask the host to answer, from its start on, and fail it when it stays silent."""
         self._heard = time.monotonic()
-        while proc is self._proc and self._state == "ready" and self._pipe is not None:
+        while proc is self._proc and self._state in ("starting", "ready") and self._pipe is not None:
             self._tell("ping")
             asleep = time.monotonic()
             await asyncio.sleep(HEARTBEAT_S)
@@ -147,7 +154,9 @@ class HostedEngine(Engine):
                 self._heard = max(self._heard, time.monotonic())
                 continue
             silent = time.monotonic() - self._heard
-            if silent > HOST_SILENT_S and proc is self._proc and self._state == "ready":
+            # A start yapd's stop abandoned is owed an answer as soon as a serving host is.
+            limit = HOST_SILENT_S if self._state == "ready" or self.start_abandoned else HOST_SILENT_STARTING_S
+            if silent > limit and proc is self._proc and self._state in ("starting", "ready"):
                 self._host_gone(proc, f"the engine host has not answered for {silent:.0f} s (hung)")
                 self._kill_host(proc)  # its end shows to the reaper; a restart starts another
                 return
