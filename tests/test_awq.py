@@ -7,6 +7,7 @@ huggingface_hub client against a local stand-in (tests/hub_standin.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -570,11 +572,44 @@ def test_a_quantization_failing_at_a_restart_keeps_the_engine_and_the_keys_pendi
     d.write_config(models)
     d.admin(cmd="reload")
     reply = d.admin(cmd="restart", target="tool", timeout=300)[-1]
-    assert reply["ok"] is False and "cannot make the AWQ cache folder" in reply["error"], reply
+    assert reply["ok"] is False and "cannot write to the AWQ cache folder" in reply["error"], reply
     assert d.http("/healthz", key=None)[0] == 200
     # `awq rebuild --json` prints the failed rebuild's whole reply too (it printed nothing of it)
     out = subprocess.run([sys.executable, "-m", "yapctl", "--socket", str(d.admin_socket), "awq", "rebuild", "tool",
                           "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     final = json.loads(out.stdout.splitlines()[-1])
     assert out.returncode == 1 and final["ok"] is False and final["built"] == {}, (out.stdout, out.stderr)
-    assert "cannot make the AWQ cache folder" in final["error"] and "cannot make" in out.stderr
+    assert "cannot write to the AWQ cache folder" in final["error"] and "cannot write to" in out.stderr
+    # A read-only folder: refused before the quantization, not at its save (after all of the
+    # calibration's GPU time)
+    (cache / "awq").unlink()
+    (cache / "awq").mkdir()
+    with read_only(cache / "awq") as unwritable:
+        if unwritable:
+            before = len(d.lines)
+            reply = d.admin(cmd="restart", target="tool", timeout=300)[-1]
+            assert reply["ok"] is False and "cannot write to the AWQ cache folder" in reply["error"], reply
+            assert not any("AWQ job starting" in line for line in d.lines[before:])
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[bool]:
+    """``folder`` unwritable for this process for the block: its mode for a user, a
+    read-only bind mount of itself for root (whom modes do not stop); False where neither
+    can be had (root without mount rights)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield True
+        finally:
+            folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode == 0
+    if mounted and subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True).returncode:
+        subprocess.run(["umount", str(folder)], check=True)
+        mounted = False
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=True)

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -287,8 +288,12 @@ class AwqJobs:
         out_parent = awq.cache_root(cfg.cache_dir())
         try:
             out_parent.mkdir(parents=True, exist_ok=True)
+            # Written to now, not after the quantization: a read-only folder (a mount, its
+            # owner) was found out at the save, after all of the calibration's GPU time.
+            with tempfile.TemporaryFile(dir=out_parent):
+                pass
         except OSError as exc:  # read-only, full, or a file in its place: this job's error, not the daemon's
-            return {"ok": False, "error": f"cannot make the AWQ cache folder {out_parent}: {exc}"}
+            return {"ok": False, "error": f"cannot write to the AWQ cache folder {out_parent}: {exc}"}
         # Not a client of yapd's MPS daemon: that one is the engines' alone.
         env = {**self.daemon.mps.host_env(), "YAPD_AWQ_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1",
                "TOKENIZERS_PARALLELISM": "false"}
