@@ -568,10 +568,6 @@ def test_admin_bad_requests(shared_yapd, raw, needle):
     assert shared_yapd.http("/healthz", key=None)[0] == 200
 
 
-def _open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def _until(check, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while not check():
@@ -587,21 +583,23 @@ def test_a_follower_or_profile_whose_client_hung_up_ends_at_once(make_yapd):
     error` on a healthy daemon left a connection, a task and a fed queue behind; an
     abandoned profile refused the next one for its whole window). A client that only shut
     its write side, as `nc -U` does at the end of its input, still follows. A daemon of its
-    own: its open descriptors are counted (a shared one's change with other tests' clients)."""
+    own: its admin clients are counted (status's admin_clients, the asking one with them)."""
     d = make_yapd()
-    pid = d.admin(cmd="ping")[-1]["pid"]
-    d.admin(cmd="logs", n=0)  # the daemon's own sockets settled before counting
-    base = _open_fds(pid)
+
+    def clients() -> int:
+        return d.admin(cmd="status")[-1]["admin_clients"] - 1
+
+    assert _until(lambda: clients() == 0)
     followers = []
     for _ in range(5):
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(d.admin_socket))
         s.sendall(b'{"cmd": "logs", "n": 0, "follow": true, "grep": "zzzz-never-logged"}\n')
         followers.append(s)
-    assert _until(lambda: _open_fds(pid) >= base + 5)
+    assert _until(lambda: clients() == 5)
     for s in followers:
         s.close()
-    assert _until(lambda: _open_fds(pid) <= base), (_open_fds(pid), base)  # with no log line written
+    assert _until(lambda: clients() == 0), clients()  # with no log line written
     with socket.socket(socket.AF_UNIX) as profiler:
         profiler.connect(str(d.admin_socket))
         profiler.sendall(b'{"cmd": "profile", "seconds": 120}\n')

@@ -263,7 +263,8 @@ class AdminServer:
     def status(self, window_s: float | None = None) -> dict[str, Any]:
         d = self.daemon
         return {**d.rt.status(window_s), "pid": os.getpid(), "port": d.server.port if d.server._server else None,
-                "admin_socket": str(self.path), "systemd_status": d.notifier.last_status,
+                "admin_socket": str(self.path), "admin_clients": len(self._clients),
+                "systemd_status": d.notifier.last_status,
                 "pending_restart_keys": d.pending_keys, "config": d.cfg.source}
 
     async def _logs(self, req: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
