@@ -304,6 +304,39 @@ async def test_a_reloads_server_keys_reach_the_connections_already_open(make_yap
             await recv(quiet, 10)
 
 
+async def test_a_reloads_persona_styles_reach_the_sessions_already_open(make_yapd):
+    """A reloaded default style reaches the open sessions that never chose one (each
+    copied the old default at its connect), and a session whose chosen style the reload
+    removed speaks, and is told it speaks, the default (its ack kept naming the removed
+    style while the default voice spoke)."""
+    d = make_yapd('[personas]\npirate = "You are a pirate. Speak like one."\n')
+    async with ws_connect(d.url()) as chose, ws_connect(d.url()) as default:
+        assert (await run_turn(chose, persona_style="pirate"))[0]["persona_style"] == "pirate"
+        assert (await run_turn(default))[0]["persona_style"] == "wholesome"
+        d.write_config('[turn]\ndefault_persona_style = "savage"\n')
+        applied = d.admin(cmd="reload")[-1]["applied"]
+        assert {"personas", "turn.default_persona_style"} <= set(applied), applied
+        for ws in (chose, default):
+            ack = (await run_turn(ws))[0]
+            assert ack["persona_style"] == "savage", ack
+        await send(chose, type="set_persona", assistant_gender="male")
+        assert (await recv(chose))["persona_style"] == "savage"
+
+
+async def test_a_reload_whose_turn_limits_fit_only_the_reloaded_engines_is_refused(make_yapd):
+    """turn.chat_max_out applies at the reload, chat.max_model_len at the engine's restart:
+    checked against the running one, a reload raising both is refused (accepted, every
+    turn failed until a restart), and the running config stays."""
+    d = make_yapd()
+    d.write_config("[turn]\nchat_max_out = 6000\n[chat]\nmax_model_len = 8192\n")
+    reply = d.admin(cmd="reload")[-1]
+    assert reply["ok"] is False and "running chat.max_model_len (5760)" in reply["error"], reply
+    st = d.admin(cmd="status")[-1]
+    assert st["pending_restart_keys"] == [], st
+    async with ws_connect(d.url()) as ws:
+        check_turn(await run_turn(ws))
+
+
 async def test_reload_applies_the_logging_and_admin_keys_it_says_it_applied(make_yapd):
     """What a reload reports as applied is in force: the admin socket's mode, the log
     ring's size, stderr's timestamps; a larger max_frame_bytes than connections read

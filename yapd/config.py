@@ -575,6 +575,22 @@ def apply_env(cfg: Config, env: Mapping[str, str]) -> None:
             cfg.tool.quantization = "awq"
 
 
+def check_prompt_room(cfg: Config, running: str = "") -> None:
+    """A prompt holds the utterance (up to its cap) and leaves room for the reply: settings
+    that cannot fit would load and then fail every turn at the engine. ``running``: said of
+    engines whose max_model_len is the one they run with (a reload's engine keys wait)."""
+    t = cfg.turn
+    fits = {"chat": ("chat_max_out", t.chat_max_out + t.user_utt_max_tokens),
+            "tool": ("tool_max_tokens", t.tool_max_tokens + t.user_utt_max_tokens + t.tool_history_tokens)}
+    for role, (key, need) in fits.items():
+        room = getattr(cfg, role).max_model_len
+        if cfg.deployed(role) and need >= room:
+            parts = "turn.chat_max_out + turn.user_utt_max_tokens" if role == "chat" else \
+                "turn.tool_max_tokens + turn.user_utt_max_tokens + turn.tool_history_tokens"
+            raise ConfigError(f"{cfg.source or '<config>'}: turn.{key}: {parts} = {need} leaves no room for a prompt "
+                              f"in {running}{role}.max_model_len ({room})")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
     src = cfg.source
@@ -638,17 +654,7 @@ def validate(cfg: Config) -> None:
     for key in ("history_max_tokens", "tool_history_tokens"):
         if getattr(t, key) < 0:
             raise ConfigError(f"{src}: turn.{key}: must be >= 0")
-    # A prompt holds the utterance (up to its cap) and leaves room for the reply: settings
-    # that cannot fit would load and then fail every turn at the engine.
-    fits = {"chat": ("chat_max_out", t.chat_max_out + t.user_utt_max_tokens),
-            "tool": ("tool_max_tokens", t.tool_max_tokens + t.user_utt_max_tokens + t.tool_history_tokens)}
-    for role, (key, need) in fits.items():
-        room = getattr(cfg, role).max_model_len
-        if cfg.deployed(role) and need >= room:
-            parts = "turn.chat_max_out + turn.user_utt_max_tokens" if role == "chat" else \
-                "turn.tool_max_tokens + turn.user_utt_max_tokens + turn.tool_history_tokens"
-            raise ConfigError(f"{src}: turn.{key}: {parts} = {need} leaves no room for a prompt in "
-                              f"{role}.max_model_len ({room})")
+    check_prompt_room(cfg)
     if t.stream_flush_ms < 0 or t.tool_timeout_s <= 0:
         raise ConfigError(f"{src}: turn.stream_flush_ms must be >= 0 and turn.tool_timeout_s > 0")
     if not 0 <= t.temperature <= 2 or not 0 < t.top_p <= 1:

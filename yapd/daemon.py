@@ -341,6 +341,19 @@ class Daemon:
             live.remove("server.max_frame_bytes")
             restart.append("server.max_frame_bytes")
             new.server.max_frame_bytes = old.server.max_frame_bytes
+        # The [turn] keys apply now, the engines' max_model_len at their restart: checked
+        # against the one running (turn limits beside a raised max_model_len passed the file's
+        # check, then failed every turn until a restart).
+        running = copy.copy(new)
+        for section in config.ENGINE_SECTIONS:
+            setattr(running, section, getattr(old, section))
+        try:
+            config.check_prompt_room(running, "the running ")
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            self._reloaded(f"reload refused, running config kept: {exc}")
+            return {"ok": False, "error": f"{exc}: raise max_model_len and restart the engine first (or restart "
+                    "yapd to apply both)"}
         self._file_cfg = copy.deepcopy(new)
         self._pending_from_file()
         # Engine sections stay as running until an engine restart applies them.

@@ -23,9 +23,11 @@ log = logging.getLogger("yapd.session")
 
 @dataclass
 class PersonaState:
-    style: str
-    gender: str
-    user_identity: str
+    """What the client chose. None: the configured default as it is now (a reload's new
+    default reached only the sessions opened after it, each having copied the old one)."""
+    style: str | None = None
+    gender: str | None = None
+    user_identity: str | None = None
     text_override: str | None = None
 
 
@@ -63,8 +65,7 @@ class Session:
         self.connected_at = time.time()
         self.turns = 0
         self.last_ttft_ms: float | None = None
-        t = rt.cfg.turn
-        self.persona = PersonaState(style_key(t.default_persona_style), t.default_gender, t.default_user_identity)
+        self.persona = PersonaState()
         self.history_text = ""
         self.turn: Turn | None = None
         self.turn_ack: dict[str, Any] = {}  # the ack of self.turn, sent by its task or before its done
@@ -109,7 +110,7 @@ class Session:
     def _apply_persona(self, fields: protocol.PersonaFields, request_id: str | None = None) -> bool:
         """Update the session's persona; raises invalid_persona_style before changing anything."""
         self._check_persona(fields, request_id)
-        before = (self.persona.style, self.persona.gender, self.persona.user_identity, self.persona.text_override)
+        before = (*self._effective(), self.persona.text_override)
         if fields.persona_style is not None:
             self.persona.style = fields.persona_style
         if fields.assistant_gender is not None:
@@ -118,15 +119,24 @@ class Session:
             self.persona.user_identity = fields.user_identity
         if fields.persona_text is not None:
             self.persona.text_override = fields.persona_text.strip() or None
-        after = (self.persona.style, self.persona.gender, self.persona.user_identity, self.persona.text_override)
+        after = (*self._effective(), self.persona.text_override)
         return before != after
+
+    def _effective(self) -> tuple[str, str, str]:
+        """The persona style, gender and user identity in force: the client's, else the
+        configured default. A style a reload removed falls back to the default (the ack
+        kept naming it while the default voice spoke)."""
+        t = self.rt.cfg.turn
+        p = self.persona
+        style = p.style if p.style is not None and p.style in self.rt.styles() else style_key(t.default_persona_style)
+        return (style, p.gender if p.gender is not None else t.default_gender,
+                p.user_identity if p.user_identity is not None else t.default_user_identity)
 
     def persona_text(self) -> str:
         if self.persona.text_override:
             return self.persona.text_override
-        styles = self.rt.styles()
-        style = styles.get(self.persona.style) or styles[style_key(self.rt.cfg.turn.default_persona_style)]
-        return compose_persona(style, self.persona.gender, self.persona.user_identity)
+        style, gender, identity = self._effective()
+        return compose_persona(self.rt.styles()[style], gender, identity)
 
     def _cache(self, role: str, engine: Engine | None) -> PromptCache | None:
         """The session's token cache for an engine; a restarted engine gets a new one."""
@@ -163,8 +173,8 @@ class Session:
             self._spawn(self._warm("history", msg.history_text))
 
     def _persona_json(self) -> dict[str, Any]:
-        return {"persona_style": self.persona.style, "assistant_gender": self.persona.gender,
-                "user_identity": self.persona.user_identity,
+        style, gender, identity = self._effective()
+        return {"persona_style": style, "assistant_gender": gender, "user_identity": identity,
                 "persona_text_override": self.persona.text_override is not None}
 
     def _check_serving(self, request_id: str | None) -> None:
