@@ -398,7 +398,13 @@ async def test_every_turn_is_counted_once_when_its_clients_vanish(make_yapd):
             any(e["in_flight"] for e in json.loads(d.http("/status")[1])["engines"].values()):
         assert time.monotonic() < deadline, "the vanished clients' turns never settled"
         await asyncio.sleep(0.05)
-    assert 30 <= turns_counted(d) - before <= 60  # the acked 30, and those of the rest that began
+    counted = turns_counted(d) - before
+    assert 30 <= counted <= 60  # the acked 30, and those of the rest that began
+    # ... each timed in yapd_turn_seconds and in the recent stats too (only turns that sent
+    # their own done were: a duty cycle read off the histogram left out every barge-in)
+    timed = next(s.value for family in text_string_to_metric_families(d.http("/metrics")[1])
+                 for s in family.samples if s.name == "yapd_turn_seconds_count")
+    assert timed == turns_counted(d) == d.admin(cmd="stats")[-1]["turns"], (timed, counted)
 
 
 async def test_deploy_chat_only(make_yapd):

@@ -309,15 +309,18 @@ class Turn:
         return msg
 
     def count(self, outcome: str) -> None:
-        """The turn's outcome in yapd_turns_total, once whoever ends it first says it."""
+        """The turn's outcome in yapd_turns_total, its time in yapd_turn_seconds and its
+        figures in the recent stats, once, by whoever ends it first: every turn, a
+        cancelled one too (only those that sent their own done were timed, and a duty
+        cycle read off yapd_turn_seconds left out every barge-in)."""
         if not self.counted:
             self.counted = True
             self.rt.metrics.turns.labels(outcome).inc()
+            self.rt.metrics.turn_total.observe(time.perf_counter() - self.t0)
+            self.rt.recent.record(self.ttft_ms, self.tool_ms)
 
     async def _send_done(self, *, cancelled: bool, error: str | None = None) -> None:
         self.done_sent = True
-        self.rt.recent.record(self.ttft_ms, self.tool_ms)
-        self.rt.metrics.turn_total.observe(time.perf_counter() - self.t0)
         self.count("error" if error else "cancelled" if cancelled else "completed")
         await self.send(self.done_message(cancelled=cancelled, error=error))
 
