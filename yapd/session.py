@@ -71,6 +71,7 @@ class Session:
         self.turn_ack: dict[str, Any] = {}  # the ack of self.turn, sent by its task or before its done
         self.turn_task: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._warming: dict[str, asyncio.Task[None]] = {}  # the warm-up in flight of each segment
         self._caches: dict[str, tuple[Any, PromptCache]] = {}
         self.limiter = RateLimiter(rt.cfg.server.rate_limit_per_s, rt.cfg.server.rate_limit_burst)
 
@@ -166,11 +167,11 @@ class Session:
                              **self._persona_json()})
         elif isinstance(msg, protocol.WarmPersona):
             self._apply_persona(msg.persona)
-            self._spawn(self._warm("persona", ""))
+            self._warm_soon("persona", "")
         elif isinstance(msg, protocol.WarmHistory):
             self._apply_persona(msg.persona)
             self.history_text = msg.history_text
-            self._spawn(self._warm("history", msg.history_text))
+            self._warm_soon("history", msg.history_text)
 
     def _persona_json(self) -> dict[str, Any]:
         style, gender, identity = self._effective()
@@ -196,6 +197,7 @@ class Session:
         self._check_serving(request_id)
         # Barge-in: the old turn's done goes out before anything of the new one.
         await self.cancel_turn("barge_in")
+        self._stop_warming()
         self._apply_persona(msg.persona, request_id)
         if self.session_id is None or self.session_id != msg.session_id:
             self.session_id = msg.session_id
@@ -263,10 +265,24 @@ class Session:
 
     # --- warm-up -------------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+    def _warm_soon(self, segment: str, history_text: str) -> None:
+        """A warm-up of ``segment``, superseding the one in flight: a client that warmed on
+        each interim transcript queued every superseded prefill ahead of its own turn (and
+        of other sessions': 40 warms at once, within the rate limit, held another
+        session's TTFT at 2 s on the CPU engine). The superseded one ends unanswered."""
+        self._stop_warming(segment)
+        task = asyncio.create_task(self._warm(segment, history_text))
+        self._warming[segment] = task
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
+
+    def _stop_warming(self, *segments: str) -> None:
+        """End the warm-ups in flight of ``segments`` (all where none is named: a start's
+        own prefill covers them, and a warm still prefilling would compute it twice)."""
+        for segment in segments or list(self._warming):
+            task = self._warming.pop(segment, None)
+            if task is not None:
+                task.cancel()
 
     async def _warm(self, segment: str, history_text: str) -> None:
         """Prefill persona (and history) into the chat engine's prefix cache."""
