@@ -275,13 +275,19 @@ def test_a_non_boolean_own_process_is_a_config_error(make_yapd):
     assert any("tool.own_process: expected true or false" in line for line in d.lines)
 
 
-async def hosted_demo_chat(cache_dir: Path) -> HostedEngine:
-    """The CPU demo chat engine in a real host, started, driven from this process."""
+def demo_chat_host(cache_dir: Path) -> HostedEngine:
+    """The CPU demo chat engine to run in a real host, not started."""
     cfg = config.load(None, overrides={"demo": True})
     cfg.engines.cache_dir = str(cache_dir)
     cfg.chat.own_process = True
     eng = create_engine("chat", daemon.prepare(cfg))
     assert isinstance(eng, HostedEngine)
+    return eng
+
+
+async def hosted_demo_chat(cache_dir: Path) -> HostedEngine:
+    """The CPU demo chat engine in a real host, started, driven from this process."""
+    eng = demo_chat_host(cache_dir)
     await eng.start()
     return eng
 
@@ -506,11 +512,7 @@ async def test_a_host_hung_in_its_start_fails_the_start(cache_dir, monkeypatch):
 
     monkeypatch.setattr(hosted, "HEARTBEAT_S", 0.1)
     monkeypatch.setattr(hosted, "HOST_SILENT_STARTING_S", 1.0)
-    cfg = config.load(None, overrides={"demo": True})
-    cfg.engines.cache_dir = str(cache_dir)
-    cfg.chat.own_process = True
-    eng = create_engine("chat", daemon.prepare(cfg))
-    assert isinstance(eng, HostedEngine)
+    eng = demo_chat_host(cache_dir)
     start = asyncio.ensure_future(eng.start())
     while eng.host_pid is None:  # spawned: its start (imports, the model's load) takes seconds
         await asyncio.sleep(0.005)
@@ -534,11 +536,7 @@ async def test_a_host_gone_while_our_tokenizer_loads_fails_the_start(cache_dir, 
         return await load(self, name, revision)
 
     monkeypatch.setattr(HostedEngine, "_load_tokenizer", slow)
-    cfg = config.load(None, overrides={"demo": True})
-    cfg.engines.cache_dir = str(cache_dir)
-    cfg.chat.own_process = True
-    eng = create_engine("chat", daemon.prepare(cfg))
-    assert isinstance(eng, HostedEngine)
+    eng = demo_chat_host(cache_dir)
     start = asyncio.ensure_future(eng.start())
     try:
         while eng._started is None or not eng._started.done():  # the host said "started"
