@@ -499,6 +499,36 @@ def test_stopping_yapd_mid_rebuild_ends_the_job_and_keeps_the_old_entry(make_yap
     assert entry.stat().st_ino == inode and awq.is_complete(entry)  # the old entry is untouched
 
 
+def test_a_rebuild_cancelled_ends_its_job_and_keeps_the_old_entry(make_yapd, tmp_path, cache_dir, built):
+    """`yapctl awq cancel` ends the running job (it removes its temporary directory) and
+    the rebuild's roles still to come; the cached entry stays, the daemon serves on (a
+    rebuild could be ended only by stopping the daemon)."""
+    cache = daemon_cache(tmp_path, cache_dir)
+    entry = awq.cache_path(cache, str(cache_dir / "demo" / "tool"))
+    shutil.copytree(built[0], entry)
+    inode = entry.stat().st_ino
+    d = make_yapd(TINY_TOML, env={"YAP_CACHE_DIR": str(cache), "YAPD_DEBUG_AWQ_COMMIT_DELAY_S": "60"})
+    none = subprocess.run([sys.executable, "-m", "yapctl", "--socket", str(d.admin_socket), "awq", "cancel"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert none.returncode == 1 and "no AWQ job is running" in none.stderr, none
+    rebuild, rebuilt = _in_thread(d, cmd="awq", action="rebuild", target="tool")
+    deadline = time.monotonic() + 60
+    while not ((job := d.admin(cmd="awq", action="status")[-1]["job"]) or {}).get("stage") == "committing":
+        assert time.monotonic() < deadline, "the rebuild never got to its commit"
+        time.sleep(0.1)
+    out = subprocess.run([sys.executable, "-m", "yapctl", "--socket", str(d.admin_socket), "awq", "cancel"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and "cancelled the AWQ job for the tool model" in out.stdout, out
+    rebuild.join(60)
+    assert rebuilt[-1]["ok"] is False and "cancelled" in rebuilt[-1]["error"], rebuilt[-1]
+    with pytest.raises(ProcessLookupError):
+        os.kill(job["pid"], 0)
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # its temporary directory went
+    assert entry.stat().st_ino == inode and awq.is_complete(entry)
+    assert d.admin(cmd="awq", action="status")[-1]["job"] is None
+    assert d.http("/healthz", key=None)[0] == 200
+
+
 def test_job_paths_are_absolute_whatever_folder_the_job_runs_in(tmp_path, monkeypatch, demo_tool):
     """The job runs in the cache's awq folder: a calibration file, a local model and a
     cache dir given relative to yapd's folder must reach it as absolute paths."""

@@ -87,12 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("target", nargs="?", choices=("chat", "tool", "both"), default="both")
     s = sub.add_parser("drain", help="refuse new turns, /healthz 503 (for a balancer)")
     s.add_argument("--off", action="store_true", help="end draining: accept turns again")
-    s = sub.add_parser("awq", help="AWQ 4-bit models: status, rebuild")
+    s = sub.add_parser("awq", help="AWQ 4-bit models: status, rebuild, cancel")
     awq = s.add_subparsers(dest="awq_action", metavar="ACTION", required=True)
     awq.add_parser("status", help="cached AWQ models and the running job")
     r = awq.add_parser("rebuild", help="quantize again, then switch engines over")
     r.add_argument("target", nargs="?", choices=("chat", "tool", "both"), default="both")
     r.add_argument("--json", action="store_true", help="print progress events as JSON lines")
+    awq.add_parser("cancel", help="end the running quantization (the cached model it would replace stays)")
 
     s = sub.add_parser("profile", help="where the daemon's event loop spends its time (cProfile over a window)")
     # Its range is yapd's to say (profile refuses what it will not do); nan it never sees.
@@ -322,6 +323,11 @@ async def cmd_awq(args: argparse.Namespace) -> int:
     if args.awq_action == "status":
         async with _client(args) as c:
             _print_json(await c.request("awq", action="status"))
+        return EXIT_OK
+    if args.awq_action == "cancel":
+        async with _client(args) as c:
+            reply = await c.request("awq", action="cancel")
+        print(f"cancelled the AWQ job for the {reply['cancelled']} model ({reply['model']})")
         return EXIT_OK
     from rich.progress import (
         BarColumn,

@@ -89,6 +89,7 @@ class AwqJobs:
         self._task: asyncio.Task[None] | None = None
         self._listeners: set[asyncio.Queue[dict[str, Any]]] = set()
         self._terminated: set[int] = set()
+        self._cancelled = False  # the running rebuild was cancelled (yapctl awq cancel)
         self.running: dict[str, Any] | None = None
         self._started = 0.0  # the running job's start, time.monotonic()
         self.last: dict[str, dict[str, Any]] = {}
@@ -104,8 +105,23 @@ class AwqJobs:
             await send({"ok": True, **self.status()})
         elif action == "rebuild":
             await self._rebuild(req, send)
+        elif action == "cancel":
+            await send(await self.cancel())
         else:
-            await send({"ok": False, "error": f"unknown awq action {str(action)[:40]!r} (known: status, rebuild)"})
+            await send({"ok": False, "error": f"unknown awq action {str(action)[:40]!r} "
+                                              "(known: status, rebuild, cancel)"})
+
+    async def cancel(self) -> dict[str, Any]:
+        """End the running job (SIGTERM: it removes its temporary directory; the cache
+        entry it would replace stays), and the rebuild's roles still to come. A rebuild
+        could be ended only by stopping the daemon: an hour of GPU time for a 12B model."""
+        proc, running = self._proc, self.running
+        if proc is None or running is None or proc.returncode is not None:
+            return {"ok": False, "error": "no AWQ job is running"}
+        self._cancelled = True
+        log.warning("AWQ job cancelled by an admin request role=%s pid=%d", running["role"], proc.pid)
+        await self._terminate(proc)
+        return {"ok": True, "cancelled": running["role"], "model": running["model"]}
 
     def status(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -202,8 +218,12 @@ class AwqJobs:
     async def _rebuild_task(self, roles: list[str]) -> None:
         final: dict[str, Any] = {"ok": True, "built": {}, "pushed": {}, "restarted": []}
         errors: list[str] = []
+        self._cancelled = False
         try:
             for role in roles:
+                if self._cancelled:
+                    errors.append(f"{role}: not built (cancelled)")
+                    continue
                 res = await self.build(role)
                 if "path" not in res:
                     errors.append(f"{role}: {res.get('error', 'quantization failed')}")
@@ -304,6 +324,7 @@ class AwqJobs:
             env["HF_ENDPOINT"] = cfg.awq.hub_endpoint
         t0 = time.monotonic()
         self._started = t0
+        self._cancelled = False
         self.running = {"role": role, "model": source, "stage": "starting", "layer": 0, "layers": 0,
                         "elapsed_s": 0.0, "eta_s": None, "message": "starting", "pid": None}
         self._notify_status()
@@ -367,6 +388,8 @@ class AwqJobs:
             return out
         if self._stop.is_set():
             error = "stopped: the daemon is shutting down"
+        elif self._cancelled:
+            error = "cancelled (yapctl awq cancel); the cache entry it would have replaced is kept"
         elif result is not None:
             error = str(result.get("error"))
         else:
