@@ -52,7 +52,14 @@ if [ "$VENV" = 1 ]; then
     # takes the CPU build (as the Makefile's variable does).
     "$ROOT/opt/yapd/venv/bin/pip" install -q ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==2.13.0"
   fi
-  "$ROOT/opt/yapd/venv/bin/pip" install -q "$SRC[$EXTRA]"
+  # From a clean copy: setuptools builds in the source folder, and a build/ left by an
+  # earlier install put modules deleted since back into the new wheel (and, run by root,
+  # left root-owned build output in the checkout).
+  CLEAN=$(mktemp -d)
+  trap 'rm -rf "$CLEAN"' EXIT
+  tar -C "$SRC" --exclude=./build --exclude='./*.egg-info' --exclude=./.git --exclude=./.venv \
+      --exclude=./.devkit --exclude=./.whl --exclude='./.*_cache' -cf - . | tar -C "$CLEAN" -xf -
+  "$ROOT/opt/yapd/venv/bin/pip" install -q "$CLEAN[$EXTRA]"
 fi
 
 cp "$SRC/README.md" "$SRC/config.example.toml" "$ROOT/opt/yapd/share/"

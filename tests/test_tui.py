@@ -369,3 +369,42 @@ def test_cli_opens_the_dashboard(monkeypatch, tmp_path):
 
     assert main(["--socket", str(tmp_path / "x.sock"), "tui"]) == 0
     assert got == [tmp_path / "x.sock"]
+    monkeypatch.delenv("YAP_ADMIN_SOCKET", raising=False)
+    assert main(["tui"]) == 0 and got[-1] is None  # the dashboard looks the default up itself
+
+
+async def test_a_dashboard_with_no_socket_given_finds_the_daemon_that_came_later(make_yapd, monkeypatch, tmp_path):
+    """No --socket: the default is looked up at each connect. A dashboard opened while the
+    service was stopped (systemd removes /run/yapd with it) kept the per-user fallback it
+    found then, "not running" for ever once the service was back."""
+    d = make_yapd()
+    monkeypatch.setenv("YAP_ADMIN_SOCKET", str(tmp_path / "not-yet.sock"))
+    app = Dashboard(None, poll_interval=0.2, first_backoff=0.1, max_backoff=0.5)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.link != "connected" and "not-yet.sock" in text(app.link_bar),
+                    what="the dashboard failing on the first default")
+        monkeypatch.setenv("YAP_ADMIN_SOCKET", str(d.admin_socket))  # the default now names the daemon
+        await until(pilot, lambda: app.link == "connected", what="the daemon found at the default's new place")
+
+
+def test_the_engines_panel_keeps_the_deployed_roles_through_a_restart():
+    """Between a restart's stop of the engines and the new ones, status has no engines: the
+    deployed roles keep their rows, "restarting" (the panel went blank meanwhile)."""
+    from textual.app import App
+
+    from yapctl.tui.widgets import EnginesTable
+
+    class One(App[None]):
+        def compose(self) -> Any:
+            yield EnginesTable(id="t")
+
+    async def main() -> list[list[str]]:
+        app = One()
+        async with app.run_test(size=SIZE):
+            table = app.query_one(EnginesTable)
+            table.show({"deploy": "both", "engines": {}, "models": {"chat": None, "tool": None},
+                        "restarting": ["chat", "tool"]})
+            return rows(table)
+
+    shown = asyncio.run(main())
+    assert [r[:2] for r in shown] == [["chat", "restarting"], ["tool", "restarting"]], shown

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TextIO
 
 from yapctl import fmt
@@ -165,7 +166,8 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "tui":
             from yapctl.tui import run_tui
 
-            return run_tui(socket_path(args.socket))
+            # None: the dashboard looks the default up at each connect (see Dashboard.socket)
+            return run_tui(Path(args.socket) if args.socket else None)
         return asyncio.run(handler(args))
     except AdminError as exc:
         print(f"yapctl: {exc}", file=sys.stderr)

@@ -529,8 +529,8 @@ class Daemon:
         # The stop's longest course, for systemd's TimeoutStopSec (60 s in the unit) not to
         # SIGKILL the engines mid-stop where drain_timeout_s was raised (reloadable): the
         # AWQ job's end, the drain, the close-out, 5 s for the connections, the engines'
-        # stop (side by side), MPS's 10 s.
-        longest = 10 + 2 * timeout + 5 + timeout + 10
+        # stop (side by side), MPS's 20 s (its quit command's 10, then its exit's 10).
+        longest = 10 + 2 * timeout + 5 + timeout + 20
         self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(longest * 1e6)}")
         await self.awq_jobs.close()
         # The turns in flight end as they would (a reply cut mid-sentence is what a stop

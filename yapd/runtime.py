@@ -173,6 +173,7 @@ class Runtime:
             "uptime_s": round(time.time() - self.started_at, 1),
             "ready": self.engines_ready(),
             "draining": self.draining,
+            "restarting": sorted(self.restarting),
             "capacity": self.capacity().as_json(),
             "models": self.models(),
             "engines": {role: e.describe() for role, e in self.engines.items()},

@@ -62,10 +62,17 @@ class Dashboard(App[int]):
         Binding("q", "quit", "Quit"),
     ]
 
+    @property
+    def socket(self) -> Path:
+        """The one given, else the default, looked up at each connect: a dashboard opened
+        while the service was stopped (systemd removes /run/yapd with it) found the
+        per-user fallback and kept it once the service was back."""
+        return self._socket or socket_path(None)
+
     def __init__(self, socket: str | Path | None = None, *, poll_interval: float = 1.0, request_timeout: float = 10.0,
                  first_backoff: float = 0.25, max_backoff: float = 5.0, log_backlog: int = 200) -> None:
         super().__init__()
-        self.socket = Path(socket) if socket else socket_path(None)
+        self._socket = Path(socket) if socket else None
         self.poll_interval = poll_interval
         self.request_timeout = request_timeout
         self.first_backoff, self.max_backoff = first_backoff, max_backoff

@@ -96,10 +96,15 @@ class EnginesTable(DataTable[Any]):
     def show(self, st: dict[str, Any]) -> None:
         engines = st.get("engines") or {}
         models = st.get("models") or {}
+        deploy = st.get("deploy")
+        deployed = {"chat", "tool"} if deploy == "both" else {deploy} if deploy in ("chat", "tool") else set()
+        restarting = set(st.get("restarting") or ())
         self.clear()
-        for role in sorted(set(engines) | {r for r, m in models.items() if m}):
+        # A restart stops the engines before it makes new ones: their rows stay meanwhile
+        # (the panel went blank for as long as vLLM took to stop).
+        for role in sorted(set(engines) | deployed | {r for r, m in models.items() if m}):
             e = engines.get(role) or {}
-            state = str(e.get("state", "absent"))
+            state = str(e.get("state") or ("restarting" if role in restarting else "absent"))
             self.add_row(role, Text(state, STATE_STYLE.get(state, "yellow")), str(e.get("in_flight", "")),
                          short_model(str(e.get("model") or models.get(role) or "")), fmt.backend(e),
                          str(e.get("detail") or ""), key=role)
