@@ -220,6 +220,9 @@ async def test_only_get_is_served(sec_yapd) -> None:
     assert f"Content-Length: {len(got[1].encode())}".encode() in head and got[0] == 200
     head = _raw_http(d, b"HEAD /status HTTP/1.1\r\nHost: x\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 401"), head  # as GET: a key is needed
+    # A path as sent, "//status" too (read as a host and an empty path, it was "no route ")
+    answer = _raw_http(d, f"GET //status?api_key={KEY} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 404") and b"no route //status" in answer, answer[:300]
 
 
 async def test_origin_allow_list_reloads_live(make_yapd) -> None:

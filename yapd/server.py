@@ -137,7 +137,9 @@ class YapServer:
     # --- HTTP ----------------------------------------------------------------------
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
+        # The request target as sent, up to its query: urlsplit reads "//status" as a host
+        # named "status" and an empty path ("no route " answered it).
+        path = request.path.partition("?")[0]
         # websockets before 17 parse GET requests only (its Request has no method)
         method = getattr(request, "method", "GET")
         if method not in ("GET", "HEAD") or (method == "HEAD" and path in WS_PATHS):
