@@ -1528,3 +1528,21 @@ def test_the_soaks_rss_check_tells_a_levelling_curve_from_a_leak():
 
     samples = asyncio.run(sampled())
     assert [t for t, _ in samples] == sorted(t for t, _ in samples) and all(kib > 1000 for _, kib in samples)
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "timeout"), reason="idle deadlines move on reload from Python 3.11")
+async def test_a_reload_passes_over_an_idle_deadline_firing_now():
+    """A connection's idle deadline that fires in the loop round of a reload is past
+    moving: asyncio's reschedule raises on it, which failed the reload."""
+    from yapd.runtime import Runtime
+    from yapd.server import YapServer
+
+    server = YapServer(Runtime(config.load(None, env={})))
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0) as deadline:
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                server._waits[object()] = (0.0, deadline)  # type: ignore[index]
+                server.config_changed()
+                raise

@@ -249,7 +249,8 @@ class YapServer:
         for session in self._conns:
             session.limiter.retune(s.rate_limit_per_s, s.rate_limit_burst)
         for since, deadline in self._waits.values():
-            deadline.reschedule(since + s.idle_timeout_s)
+            if not deadline.expired():  # one firing now is past moving (reschedule raises)
+                deadline.reschedule(since + s.idle_timeout_s)
 
     def _sender(self, ws: ServerConnection) -> Any:
         cut = False
