@@ -8,7 +8,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,7 +98,8 @@ def test_a_reader_that_stops_reading_ends_yapctl_quietly(shared_yapd):
     r, w = os.pipe()
     os.close(r)  # gone before the first line: the same every run, where `| head -1` is a race
     try:
-        for args in (["logs", "-n", "200"], ["logs", "-n", "5", "-f", "--json"], ["status"]):
+        chat = ["chat", "hi", "--url", shared_yapd.url(key=None), "--key", KEY, "--json"]  # said exit 3
+        for args in (["logs", "-n", "200"], ["logs", "-n", "5", "-f", "--json"], ["status"], chat):
             out = subprocess.run([sys.executable, "-m", "yapctl", "--socket", str(shared_yapd.admin_socket), *args],
                                  stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
             assert (out.returncode, out.stderr) == (EXIT_PIPE, ""), args
@@ -174,6 +177,13 @@ def test_chat_errors(shared_yapd):
     assert out.returncode == EXIT_FAILED and "answered HTTP" in out.stderr, (out.returncode, out.stderr)
     out = yapctl("chat", "hi", "--url", "ws://127.0.0.1:9/ws", "--timeout", "5")
     assert out.returncode == EXIT_DOWN and "cannot reach yapd" in out.stderr
+    # A start yapd refuses ends the chat at once, failed (it waited out its 60 s for a done
+    # that never comes, then said "cannot reach yapd", exit 3)
+    out = yapctl("chat", "hi", "--url", shared_yapd.url(key=None), "--key", KEY, "--style", "nosuchstyle",
+                 timeout=30)
+    assert out.returncode == EXIT_FAILED and "invalid_persona_style" in out.stdout + out.stderr, out
+    # -n 0 is a bad command line (2), as the epilog says
+    assert yapctl("bench", "-n", "0", "--url", shared_yapd.url(key=None)).returncode == 2
 
 
 def test_chat_json_is_one_object_a_line_and_the_global_timeout_reaches_turns(shared_yapd):
@@ -224,6 +234,35 @@ def test_bench_against_nothing_counts_every_turn_asked():
     (it said 0/1: one failed result for the connection)."""
     out = yapctl("bench", "-n", "2", "-c", "1", "--url", "ws://127.0.0.1:9/ws", "--timeout", "5")
     assert out.returncode == EXIT_FAILED and out.stdout.startswith("0/2 turns completed"), out.stdout
+
+
+def test_bench_counts_turns_a_daemon_gone_mid_turn_cut_as_closed(make_yapd):
+    """The daemon killed mid-turn: the turn cut is a "closed" error, not a connect failure
+    (its worker died with ConnectionClosed and said "connect"), and the turns asked are all
+    accounted: completed or not."""
+    from tests.conftest import UNENDING
+    from yapctl.bench import BenchConfig, bench
+
+    d = make_yapd(UNENDING + "chat_max_out = 1500\n")
+    cfg = BenchConfig(url=d.url(key=None), key=KEY, n=4, concurrency=1, timeout=60, utterance="a long story",
+                      warmup=False)
+
+    def streaming() -> bool:
+        st = json.loads(d.http("/status")[1])
+        return any(e["in_flight"] for e in st["engines"].values())
+
+    async def run() -> Any:
+        job = asyncio.ensure_future(bench(cfg))
+        deadline = time.monotonic() + 60
+        while not await asyncio.to_thread(streaming):  # the first turn is in the engines
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        d.proc.kill()
+        return await job
+
+    report = asyncio.run(run())
+    s = report.summary()
+    assert s["completed"] == 0 and "closed" in s["errors"] and "connect" not in s["errors"], s
 
 
 def test_bench_completes_every_session(shared_yapd):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 
 def pct(xs: list[float], p: float) -> float | None:
@@ -124,7 +125,9 @@ async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float =
                 on_token(msg["text"])
         elif kind == "error":
             res.error = f"{msg.get('error_code')}: {msg.get('message')}"
-            if msg.get("error_code") in ("authentication_failed", "server_at_capacity"):
+            # Refused before its ack (a bad persona style, rate limited, draining): no done
+            # follows, and waiting for one held `yapctl chat` to its timeout.
+            if res.ack is None or msg.get("error_code") in ("authentication_failed", "server_at_capacity"):
                 return res
         elif kind == "done":
             res.done = msg
@@ -302,7 +305,7 @@ async def bench(cfg: BenchConfig, progress: Callable[[int, int], None] | None = 
                     results.append(res)
                     if progress is not None:
                         progress(len(results), cfg.n)
-                    if res.error and res.error.startswith(("authentication_failed", "server_at_capacity")):
+                    if res.error and res.error.startswith(("authentication_failed", "server_at_capacity", "closed")):
                         return
         except Exception as exc:
             if not ready.is_set():
@@ -329,6 +332,8 @@ async def _timed_turn(ws: ClientConnection, start: dict[str, Any], timeout: floa
         return await run_turn(ws, start, timeout)
     except (asyncio.TimeoutError, OSError) as exc:
         return TurnResult(ok=False, error=f"client: {type(exc).__name__}")
+    except ConnectionClosed as exc:  # the daemon went away mid-turn: not a failure to connect
+        return TurnResult(ok=False, error=f"closed: {exc}")
 
 
 async def lockstep(cfg: BenchConfig, rounds: int, before_round: Callable[[int], Awaitable[None]] | None = None,

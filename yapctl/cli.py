@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from yapctl import fmt
-from yapctl.client import EXIT_DENIED, EXIT_DOWN, EXIT_FAILED, EXIT_OK, AdminClient, AdminError, socket_path
+from yapctl.client import (
+    EXIT_DENIED,
+    EXIT_DOWN,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    AdminClient,
+    AdminError,
+    socket_path,
+)
 from yapctl.fmt import ago
 
 EPILOG = """\
@@ -431,6 +440,8 @@ async def cmd_chat(args: argparse.Namespace) -> int:
             return _refused(exc.rcvd.reason, denied=exc.rcvd.code == CLOSE_POLICY)
         print(f"yapctl: the connection to {args.url} ended: {exc}", file=sys.stderr)
         return EXIT_DOWN
+    except BrokenPipeError:
+        raise  # our stdout closed (`| head`): main() ends quietly, 141
     except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
         # An exception is true whatever its text, and a TimeoutError may have none.
         timed_out = isinstance(exc, asyncio.TimeoutError)
@@ -473,7 +484,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     from yapctl.bench import BenchConfig, bench
 
     if args.n < 1 or args.c < 1:
-        raise AdminError("-n and -c must be at least 1")
+        raise AdminError("-n and -c must be at least 1", EXIT_USAGE)
     cfg = BenchConfig(url=args.url, key=args.key, n=args.n, concurrency=args.c, timeout=args.turn_timeout,
                       utterance=args.utterance, warmup=not args.no_warmup)
     with Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
