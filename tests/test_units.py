@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import os
@@ -786,6 +787,33 @@ async def test_cpu_engine_shut_down_mid_step_logs_no_failure(cache_dir, caplog):
     await asyncio.gather(reader, return_exceptions=True)
     assert any("generation stopped" in r.getMessage() for r in caplog.records)  # the step did fail
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_the_cpu_engine_cuts_a_stop_string_found_across_tokens_before_it(cache_dir):
+    """A stop string whose first characters came with an earlier token: the reply ends
+    before it, as vLLM's does (the CPU engine had sent those characters already: 27 of 30
+    seeded replies ended in the stop's first character). Same seed, same tokens: the
+    reply with the stop is the one without, cut where the stop first begins."""
+    from yapd.engines.base import SamplingSpec
+    from yapd.engines.cpu import CpuEngine
+
+    eng = CpuEngine("chat", str(cache_dir / "demo" / "chat"), workers=1)
+    await eng.start()
+    try:
+        cut = 0
+        for seed in range(12):
+            spec = SamplingSpec(max_tokens=60, temperature=1.0, top_p=1.0, seed=seed)
+            whole = "".join([d.text async for d in eng.stream([5, 6, 7, seed], spec, f"whole-{seed}")])
+            with_stop = dataclasses.replace(spec, stop=("e ",))
+            stopped = "".join([d.text async for d in eng.stream([5, 6, 7, seed], with_stop, f"stop-{seed}")])
+            if "e " in whole:
+                cut += 1
+                assert stopped == whole[:whole.index("e ")], (seed, stopped[-10:], whole[:whole.index("e ") + 2][-10:])
+            else:
+                assert stopped == whole
+        assert cut >= 3  # the seeds do reach the stop string
+    finally:
+        await eng.shutdown()
 
 
 # --- GPU benchmark program (its CPU-side parts) ---------------------------------------

@@ -167,14 +167,19 @@ class CpuEngine(Engine):
                 text = self._tok.decode(ids, skip_special_tokens=True)
                 if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its rest
                     continue
-                new = text[len(sent):]
                 for stop in spec.stop:
                     at = text.find(stop, max(0, len(sent) - len(stop)))
                     if at >= 0:
                         req.abort.set()
                         yield Delta(text[len(sent):at], held, True, "stop", len(prompt_ids), cached, stamps())
                         return
-                sent = text
+                # Text that may be the start of a stop string is held back until the next
+                # token says (as vLLM does): sent, a stop found across two tokens left its
+                # first characters in the reply.
+                keep = len(text) - _stop_prefix(text, spec.stop)
+                if keep <= len(sent):
+                    continue
+                new, sent = text[len(sent):keep], text[:keep]
                 n, held = held, 0
                 yield Delta(new, n, False, None, len(prompt_ids), cached, stamps())
         finally:
@@ -298,6 +303,11 @@ class CpuEngine(Engine):
             self._pool = None
         self._model = None
         self._state = "stopped"
+
+
+def _stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """How many of ``text``'s last characters begin one of ``stops`` (0: none)."""
+    return max((k for stop in stops for k in range(len(stop) - 1, 0, -1) if text.endswith(stop[:k])), default=0)
 
 
 def _swallow(future: Any) -> None:
