@@ -17,6 +17,8 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from yapd.protocol import ENDS_CONNECTION
+
 
 def pct(xs: list[float], p: float) -> float | None:
     if not xs:
@@ -125,9 +127,10 @@ async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float =
                 on_token(msg["text"])
         elif kind == "error":
             res.error = f"{msg.get('error_code')}: {msg.get('message')}"
-            # Refused before its ack (a bad persona style, rate limited, draining): no done
-            # follows, and waiting for one held `yapctl chat` to its timeout.
-            if res.ack is None or msg.get("error_code") in ("authentication_failed", "server_at_capacity"):
+            # Refused before its ack (a refused key or a full server as the connection opens,
+            # a bad persona style, rate limited, draining): no done follows, and waiting for
+            # one held `yapctl chat` to its timeout.
+            if res.ack is None:
                 return res
         elif kind == "done":
             res.done = msg
@@ -305,7 +308,7 @@ async def bench(cfg: BenchConfig, progress: Callable[[int, int], None] | None = 
                     results.append(res)
                     if progress is not None:
                         progress(len(results), cfg.n)
-                    if res.error and res.error.startswith(("authentication_failed", "server_at_capacity", "closed")):
+                    if res.error and res.error.startswith((*ENDS_CONNECTION, "closed")):
                         return
         except Exception as exc:
             if not ready.is_set():

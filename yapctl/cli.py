@@ -411,7 +411,7 @@ async def cmd_chat(args: argparse.Namespace) -> int:
     from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
     from yapctl.bench import run_turn
-    from yapd.protocol import CLOSE_POLICY, CLOSE_TRY_AGAIN
+    from yapd.protocol import CLOSE_POLICY, CLOSE_TRY_AGAIN, ENDS_CONNECTION
 
     def show(msg: dict[str, Any]) -> None:
         if args.json:
@@ -453,7 +453,7 @@ async def cmd_chat(args: argparse.Namespace) -> int:
         print(f"\nyapctl: no done within {timeout:g} s", file=sys.stderr)
         return EXIT_FAILED
     refused = (res.error or "").split(":", 1)[0]
-    if refused in ("authentication_failed", "server_at_capacity"):  # said before the close: same as 1008 / 1013
+    if refused in ENDS_CONNECTION:  # said before the close: same as 1008 / 1013
         return _refused(refused, denied=refused == "authentication_failed")
     stream_ms = (res.total_ms - res.ttft_ms) if res.total_ms is not None and res.ttft_ms is not None else None
     metrics = {"ttfb_ms": _r(res.ttft_ms), "tool_ms": _r(res.tool_ms), "total_ms": _r(res.total_ms),

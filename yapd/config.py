@@ -580,13 +580,12 @@ def check_prompt_room(cfg: Config, running: str = "") -> None:
     that cannot fit would load and then fail every turn at the engine. ``running``: said of
     engines whose max_model_len is the one they run with (a reload's engine keys wait)."""
     t = cfg.turn
-    fits = {"chat": ("chat_max_out", t.chat_max_out + t.user_utt_max_tokens),
-            "tool": ("tool_max_tokens", t.tool_max_tokens + t.user_utt_max_tokens + t.tool_history_tokens)}
-    for role, (key, need) in fits.items():
-        room = getattr(cfg, role).max_model_len
+    fits = {"chat": ("chat_max_out", "user_utt_max_tokens"),
+            "tool": ("tool_max_tokens", "user_utt_max_tokens", "tool_history_tokens")}
+    for role, keys in fits.items():
+        need, room = sum(getattr(t, k) for k in keys), getattr(cfg, role).max_model_len
         if cfg.deployed(role) and need >= room:
-            parts = "turn.chat_max_out + turn.user_utt_max_tokens" if role == "chat" else \
-                "turn.tool_max_tokens + turn.user_utt_max_tokens + turn.tool_history_tokens"
+            key, parts = keys[0], " + ".join(f"turn.{k}" for k in keys)
             raise ConfigError(f"{cfg.source or '<config>'}: turn.{key}: {parts} = {need} leaves no room for a prompt "
                               f"in {running}{role}.max_model_len ({room})")
 

@@ -18,6 +18,8 @@ PROTOCOL_VERSION = 1
 # Error codes. The first two end the connection; the rest leave it usable.
 AUTHENTICATION_FAILED = "authentication_failed"
 SERVER_AT_CAPACITY = "server_at_capacity"
+# The connection-ending two, as clients tell them from the rest.
+ENDS_CONNECTION = (AUTHENTICATION_FAILED, SERVER_AT_CAPACITY)
 INVALID_JSON = "invalid_json"
 INVALID_MESSAGE = "invalid_message"
 UNKNOWN_TYPE = "unknown_type"
