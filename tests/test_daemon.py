@@ -232,6 +232,7 @@ async def test_a_restart_takes_no_new_turns_and_ends_the_ones_it_cuts(make_yapd)
         restart = asyncio.ensure_future(asyncio.to_thread(d.admin, cmd="restart", target="chat", timeout=120))
         while d.http("/healthz", key=None)[0] == 200:  # the restart has begun: its drain answers 503
             await asyncio.sleep(0.01)
+        assert json.loads(d.http("/status")[1])["restarting"] == ["chat"]  # what the dashboard shows meanwhile
         await send(b, type="start", session_id="b", user_utterance="hi", request_id="new")
         refused = await recv(b)
         assert refused["error_code"] == "engine_unavailable" and refused["request_id"] == "new", refused
