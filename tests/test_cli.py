@@ -152,6 +152,19 @@ def test_reload_restart_and_drain(make_yapd):
     assert d.http("/healthz", key=None)[0] == 200
 
 
+def test_a_reloaded_admin_group_that_does_not_exist_is_a_warning_not_applied(make_yapd):
+    """The socket stays the daemon's group's, and yapctl says so: it was reported as
+    applied while nothing had changed."""
+    d = make_yapd()
+    gid = os.stat(d.admin_socket).st_gid
+    d.write_config('[admin]\ngroup = "yap-no-such-group"\n')
+    out = yapctl("reload", sock=d.admin_socket)
+    assert out.returncode == EXIT_OK, out.stderr
+    assert "yapctl: warning: admin.group 'yap-no-such-group' does not exist" in out.stderr, out
+    assert os.stat(d.admin_socket).st_gid == gid
+    d.wait_for("reload: admin.group 'yap-no-such-group' does not exist")
+
+
 def test_chat_prints_ack_tokens_metrics_and_final(shared_yapd):
     out = yapctl("chat", "who was Columbus?", "--url", shared_yapd.url(key=None), "--key", KEY, "--gender", "man")
     assert out.returncode == EXIT_OK, out.stderr

@@ -142,6 +142,12 @@ async def test_restart_binding_confirms_then_restarts_the_engine_and_drain_toggl
                     what="serving again")
         assert (await asyncio.to_thread(d.http, "/healthz", None))[0] == 200
 
+        # A reload that could not apply everything says what, as a warning.
+        d.write_config('[admin]\ngroup = "yap-no-such-group"\n')
+        await pilot.press("r")
+        await until(pilot, lambda: app.activity and "admin.group 'yap-no-such-group' does not exist"
+                    in app.activity[-1], what="the reload's warning")
+
 
 async def test_rides_out_a_daemon_restart(make_yapd):
     d = make_yapd()

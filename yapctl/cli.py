@@ -287,6 +287,8 @@ async def cmd_reload(args: argparse.Namespace) -> int:
         print(f"needs an engine restart (yapctl restart): {', '.join(reply['needs_engine_restart'])}")
     if reply.get("needs_daemon_restart"):
         print(f"needs a daemon restart (systemctl restart yapd): {', '.join(reply['needs_daemon_restart'])}")
+    for warning in reply.get("warnings") or []:
+        print(f"yapctl: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

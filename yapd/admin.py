@@ -52,14 +52,15 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-def admin_gid(group: str) -> int:
-    """The group whose members may use the admin socket: ``group``, else the daemon's."""
+def admin_gid(group: str) -> tuple[int, str | None]:
+    """The group whose members may use the admin socket: ``group``, else the daemon's
+    (with why, where ``group`` was asked for and does not exist)."""
     if group:
         try:
-            return grp.getgrnam(group).gr_gid
+            return grp.getgrnam(group).gr_gid, None
         except KeyError:
-            log.warning("admin.group %r does not exist; using the daemon's group", group)
-    return os.getgid()
+            return os.getgid(), f"admin.group {group!r} does not exist; the socket stays the daemon's group's"
+    return os.getgid(), None
 
 
 class AdminServer:
@@ -71,7 +72,9 @@ class AdminServer:
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[Any]] = set()
         self._closing = False  # close() ends the connected clients
-        self._gid = admin_gid(cfg.group)
+        self._gid, problem = admin_gid(cfg.group)
+        if problem:
+            log.warning("%s", problem)
         self._inode = 0
 
     async def start(self) -> None:
@@ -93,29 +96,39 @@ class AdminServer:
         self._server = await asyncio.start_unix_server(self._client, path=str(path), limit=MAX_REQUEST_BYTES)
         for sock in self._server.sockets:
             forking.protect(sock)
-        self._permit()
+        for problem in self._permit():
+            log.warning("%s", problem)
         self._inode = path.stat().st_ino
         log.info("admin socket listening path=%s", path)
 
-    def _permit(self) -> None:
+    def _permit(self) -> list[str]:
         """The socket file's mode and group: who besides the daemon's user may connect.
         Its directory (0750) goes to the same group where the daemon owns it, so that the
-        group's members can reach the file (systemd makes /run/yapd the daemon's group's)."""
+        group's members can reach the file (systemd makes /run/yapd the daemon's group's).
+        Returns what could not be done: the group's members would not get in."""
         os.chmod(self.path, self.daemon.cfg.admin.mode)
-        if self._gid != os.getgid():
-            # the daemon's user must be in the group (SupplementaryGroups= in the unit)
-            with contextlib.suppress(PermissionError):
-                os.chown(self.path, -1, self._gid)
-            folder = self.path.parent
-            if folder.stat().st_uid == os.getuid():
-                with contextlib.suppress(PermissionError):
-                    os.chown(folder, -1, self._gid)
+        if self._gid == os.getgid():
+            return []
+        folder = self.path.parent
+        targets = [self.path] + ([folder] if folder.stat().st_uid == os.getuid() else [])
+        problems = []
+        for target in targets:
+            try:
+                os.chown(target, -1, self._gid)
+            except PermissionError:
+                # the daemon's user must be in the group (SupplementaryGroups= in the unit)
+                problems.append(f"admin.group: {target} could not be given to group {self._gid} (the daemon's "
+                                "user is not in it: SupplementaryGroups= in the unit)")
+        return problems
 
-    def apply(self, cfg: AdminConfig) -> None:
-        """A reload's admin.mode and admin.group, on the socket file as it is."""
-        self._gid = admin_gid(cfg.group)
+    def apply(self, cfg: AdminConfig) -> list[str]:
+        """A reload's admin.mode and admin.group, on the socket file as it is; what could
+        not be applied."""
+        self._gid, problem = admin_gid(cfg.group)
+        problems = [problem] if problem else []
         with contextlib.suppress(FileNotFoundError):
-            self._permit()
+            problems += self._permit()
+        return problems
 
     async def ensure(self) -> bool:
         """Re-create the socket file if it is gone (an rm, a tmpfiles clean-up): the

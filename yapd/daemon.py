@@ -366,8 +366,9 @@ class Daemon:
             for eng in self.rt.engines.values():  # engine hosts log in processes of their own
                 if isinstance(eng, HostedEngine):
                     eng.set_log_level(logging.getLogger().getEffectiveLevel())
+        warnings: list[str] = []
         if self.admin is not None and {"admin.mode", "admin.group"} & set(live):
-            self.admin.apply(new.admin)
+            warnings += self.admin.apply(new.admin)
         self.rt.metrics.max_connections.set(new.max_connections)
         if any(key.startswith("server.") for key in live):
             self.server.config_changed()
@@ -379,8 +380,11 @@ class Daemon:
             log.warning("reload: these keys need a daemon restart: %s", ", ".join(restart))
         if not (live or engine or restart):
             log.info("reload: no changes")
+        for warning in warnings:
+            log.warning("reload: %s", warning)
         self._reloaded(self._serving_status())
-        return {"ok": True, "applied": live, "needs_engine_restart": engine, "needs_daemon_restart": restart}
+        return {"ok": True, "applied": live, "needs_engine_restart": engine, "needs_daemon_restart": restart,
+                "warnings": warnings}
 
     # --- engine restart and drain ------------------------------------------------------
 

@@ -257,6 +257,9 @@ class Dashboard(App[int]):
         if reply.get("needs_daemon_restart"):
             text += f"; needs a daemon restart: {', '.join(reply['needs_daemon_restart'])}"
             severity = "warning"
+        for warning in reply.get("warnings") or []:
+            text += f"; {warning}"
+            severity = "warning"
         self.say(text, severity)
         self.refresh_soon()
 
