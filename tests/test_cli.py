@@ -161,6 +161,7 @@ def test_a_reloaded_admin_group_that_does_not_exist_is_a_warning_not_applied(mak
     out = yapctl("reload", sock=d.admin_socket)
     assert out.returncode == EXIT_OK, out.stderr
     assert "yapctl: warning: admin.group 'yap-no-such-group' does not exist" in out.stderr, out
+    assert "applied now: nothing" in out.stdout, out
     assert os.stat(d.admin_socket).st_gid == gid
     d.wait_for("reload: admin.group 'yap-no-such-group' does not exist")
 

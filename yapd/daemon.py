@@ -369,6 +369,8 @@ class Daemon:
         warnings: list[str] = []
         if self.admin is not None and {"admin.mode", "admin.group"} & set(live):
             warnings += self.admin.apply(new.admin)
+            if warnings and "admin.group" in live:  # what apply could not do is the group's
+                live.remove("admin.group")
         self.rt.metrics.max_connections.set(new.max_connections)
         if any(key.startswith("server.") for key in live):
             self.server.config_changed()
