@@ -248,6 +248,78 @@ async def test_a_restart_takes_no_new_turns_and_ends_the_ones_it_cuts(make_yapd)
         check_turn(await run_turn(b))
 
 
+def test_an_engine_a_restart_has_stopped_reads_restarting_not_gone(make_yapd):
+    """Between a restart's stop of an engine and its successor's making, /healthz and
+    /status still name the role ("restarting") and yapd_engine_up says 0: an alert on it
+    saw no series at all."""
+    d = make_yapd(env={"YAPD_DEBUG_ENGINE_STOP_DELAY_S": "3"})
+    restart = threading.Thread(target=d.admin, kwargs={"cmd": "restart", "target": "tool", "timeout": 120})
+    restart.start()
+    d.wait_for("engine stopping for the restart role=tool")
+    code, body = d.http("/healthz", key=None)
+    assert code == 503 and json.loads(body)["engines"] == {"chat": "ready", "tool": "restarting"}, body
+    assert json.loads(d.http("/status")[1])["engines"]["tool"]["state"] == "restarting"
+    metrics = d.http("/metrics")[1]
+    assert 'yapd_engine_up{role="tool"} 0.0' in metrics and 'yapd_engine_up{role="chat"} 1.0' in metrics, metrics
+    restart.join(120)
+    assert 'yapd_engine_up{role="tool"} 1.0' in d.http("/metrics")[1]
+
+
+def test_a_sighup_before_the_event_loop_runs_is_a_reload_once_it_does(make_yapd):
+    """SIGHUP's default action ends a process: one that came while yapd prepared (a first
+    demo start builds its models) stopped it for good (systemd counts a SIGHUP death as
+    clean: no Restart=on-failure)."""
+    d = make_yapd(start=False, env={"YAPD_DEBUG_BEFORE_LOOP_DELAY_S": "1"})
+    d.start(wait=False)
+    d.wait_for("waiting before the event loop")
+    d.write_config("[turn]\nchat_max_out = 20\n")  # after the start read the file
+    d.signal(signal.SIGHUP)
+    d.wait_for("yapd.daemon: ready port=")
+    d.wait_for("SIGHUP before the event loop ran: reloading")
+    d.wait_for("reload applied live keys: turn.chat_max_out")
+    assert d.proc.poll() is None
+
+
+async def test_a_reload_while_stopping_is_ignored_and_tells_systemd_nothing(make_yapd, notify):
+    """After STOPPING=1 a SIGHUP (logrotate's, say) sent RELOADING=1 and READY=1 and
+    applied the file mid-drain."""
+    d = make_yapd(UNENDING + "chat_max_out = 1500\n", start=False, env={"NOTIFY_SOCKET": str(notify.path)},
+                  server={"drain_timeout_s": 3.0})
+    d.start()
+    async with ws_connect(d.url()) as ws:
+        await send(ws, type="start", session_id="s", user_utterance="a long story please")
+        while (await recv(ws))["type"] != "token":
+            pass
+        d.signal(signal.SIGTERM)
+        s = notify.wait("STOPPING=1")
+        d.signal(signal.SIGHUP)
+        d.wait_for("reload ignored: yapd is stopping")
+        await until_done(ws, 30)
+    assert d.proc.wait(30) == 0
+    after = notify.texts()[s + 1:]
+    assert not any("RELOADING=1" in m or "READY=1" in m or "STATUS=serving" in m for m in after), after
+
+
+def test_a_stop_during_a_reload_stuck_reading_the_file_still_exits(make_yapd, notify):
+    """The config file on a hung mount (a FIFO with no writer stands in): the reload's
+    read never returns, and the stopped daemon waited for it before exiting (asyncio's
+    executor threads are joined at exit) until systemd's SIGKILL."""
+    d = make_yapd(start=False, env={"NOTIFY_SOCKET": str(notify.path)})
+    d.start()
+    ready = notify.wait("READY=1")
+    real = d.config_path.read_text()
+    d.config_path.unlink()
+    os.mkfifo(d.config_path)
+    try:
+        d.signal(signal.SIGHUP)
+        notify.wait("RELOADING=1", after=ready + 1)  # the read comes next, and blocks
+        d.signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+    finally:
+        d.config_path.unlink()
+        d.config_path.write_text(real)
+
+
 def test_second_signal_exits_at_once(make_yapd):
     d = make_yapd(server={"drain_timeout_s": 30.0})
     # A client in a turn keeps the drain busy; the second signal must not wait for it.

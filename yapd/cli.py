@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGHUP's default action ends the process: one sent before the event loop takes it
+    # (logrotate's, an operator's; a first demo start builds its models meanwhile) would
+    # stop yapd, not reload it. Noted here, reloaded once the loop runs.
+    early_hup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: early_hup.set())
     args = parser().parse_args(argv)
     path = args.config or os.environ.get("YAPD_CONFIG")
     # A demo on a host where the service runs is not that service: its config (0640,
@@ -65,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"yapd: cannot prepare models: {exc}", file=sys.stderr)
         return 1
-    d = daemon.Daemon(cfg, path, overrides)
+    d = daemon.Daemon(cfg, path, overrides, early_hup)
+    if delay := float(os.environ.get("YAPD_DEBUG_BEFORE_LOOP_DELAY_S") or 0):
+        # A test hook: a window before the event loop runs, wide enough to signal into.
+        print("yapd: debug: waiting before the event loop", file=sys.stderr, flush=True)
+        time.sleep(delay)
     return run_loop(d.run(), cfg.server.event_loop)
 
 

@@ -14,10 +14,11 @@ import gc
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sdnotify
 
@@ -32,6 +33,8 @@ from yapd.mps import folder_for as mps_folder
 from yapd.runtime import Runtime
 from yapd.server import YapServer, frame_cap
 from yapd.timeouts import polled
+
+T = TypeVar("T")
 
 log = logging.getLogger("yapd.daemon")
 
@@ -90,15 +93,45 @@ def prepare(cfg: Config) -> Config:
     return cfg
 
 
+async def off_the_exit_path(fn: Callable[[], T]) -> T:
+    """``fn()`` in a daemon thread of its own: unlike asyncio's executor threads, which
+    the interpreter joins at exit, one stuck (a config file on a hung network mount) does
+    not keep a stopped daemon alive until systemd's SIGKILL."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if done.done():  # the waiter gave up (a stop)
+            return
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, exc = fn(), None
+        except BaseException as e:  # handed to the waiter as raised
+            result, exc = None, e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=run, name="yapd-off-exit", daemon=True).start()
+    return await done
+
+
 class Daemon:
-    def __init__(self, cfg: Config, config_path: str | None, overrides: Mapping[str, Any]) -> None:
+    def __init__(self, cfg: Config, config_path: str | None, overrides: Mapping[str, Any],
+                 early_hup: threading.Event | None = None) -> None:
         self.config_path = config_path
         self.overrides = dict(overrides)
+        # Set by a SIGHUP that came before the event loop took the signal (yapd.cli).
+        self._early_hup = early_hup
         self.notifier = Notifier()
         self.ring = logs.setup(cfg.logging)
         self.rt = Runtime(cfg, version=__version__)
         self.rt.metrics.max_connections.set(cfg.max_connections)
-        self.rt.metrics.watch_engines(lambda: {r: e.health().ok for r, e in self.rt.engines.items()})
+        self.rt.metrics.watch_engines(self.rt.engines_up)
         self.server = YapServer(self.rt)
         self.admin: Any = None
         self.pending: Config | None = None  # a reloaded config whose engine keys wait for a restart
@@ -126,6 +159,10 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        if self._early_hup is not None and self._early_hup.is_set():
+            # The file may have changed after it was read for this start.
+            log.info("SIGHUP before the event loop ran: reloading")
+            self._spawn(self.reload())
         s = self.cfg.server
         log.info("yapd %s starting deploy=%s config=%s", __version__, self.cfg.engines.deploy, self.cfg.source)
         for item in uncompiled(engine_packages(self.cfg)):
@@ -280,7 +317,8 @@ class Daemon:
         extra = f"; pending restart for {', '.join(self.pending_keys)}" if self.pending_keys else ""
         if self.awq_jobs.running:
             extra += f"; {self.awq_jobs.summary()}"
-        mode = "draining" if self.rt.draining else "serving"
+        mode = ("stopping" if self.rt.stopping else "starting" if not self._ready
+                else "draining" if self.rt.draining else "serving")
         return f"{mode}: {cap.active}/{cap.max} connections, {engines}{extra}"
 
     async def _status_loop(self) -> None:
@@ -320,6 +358,11 @@ class Daemon:
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config. Live keys apply now; engine keys wait for a restart."""
+        if self.rt.stopping:
+            # STOPPING=1 was said: a RELOADING=1 / READY=1 pair now would tell systemd
+            # otherwise, and keys applied mid-drain serve nobody.
+            log.info("reload ignored: yapd is stopping")
+            return {"ok": False, "error": "yapd is stopping"}
         if self._ready:
             self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
         if self.admin is not None:
@@ -328,7 +371,7 @@ class Daemon:
             except OSError as exc:
                 log.error("admin socket could not be re-created: %s", exc)
         try:
-            new = await asyncio.to_thread(self.load_config)
+            new = await off_the_exit_path(self.load_config)
         except Exception as exc:  # ConfigError above all; whatever else, the running config stays
             log.error("reload failed, keeping the running config: %s", exc,
                       exc_info=not isinstance(exc, (ConfigError, OSError)))

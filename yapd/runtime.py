@@ -97,6 +97,20 @@ class Runtime:
     def engine(self, role: Role) -> Engine | None:
         return self.engines.get(role)
 
+    def _missing(self) -> dict[str, str]:
+        """Deployed roles with no engine object: a restart between stopping the old one
+        and making its successor, or a start that has not made it yet."""
+        return {r: "restarting" if r in self.restarting else "stopped"
+                for r in ("chat", "tool") if self.cfg.deployed(r) and r not in self.engines}
+
+    def engine_states(self) -> dict[str, str]:
+        """Each engine's state, a deployed one without an engine object included (an
+        alert on it must see it down, not gone)."""
+        return {**{r: e.health().state for r, e in self.engines.items()}, **self._missing()}
+
+    def engines_up(self) -> dict[str, bool]:
+        return {**{r: e.health().ok for r, e in self.engines.items()}, **dict.fromkeys(self._missing(), False)}
+
     def engines_ready(self) -> bool:
         roles = [r for r in ("chat", "tool") if self.cfg.deployed(r)]
         return bool(roles) and all(
@@ -176,7 +190,9 @@ class Runtime:
             "restarting": sorted(self.restarting),
             "capacity": self.capacity().as_json(),
             "models": self.models(),
-            "engines": {role: e.describe() for role, e in self.engines.items()},
+            "engines": {**{role: e.describe() for role, e in self.engines.items()},
+                        **{role: {"role": role, "state": state, "ok": False, "in_flight": 0}
+                           for role, state in self._missing().items()}},
             "concurrent_mode": self.cfg.turn.concurrent,
             "mps": self.mps_status() if self.mps_status is not None else None,
             "loop_lag_ms": self.loop_lag.snapshot(window_s),

@@ -158,8 +158,7 @@ class YapServer:
         if path == "/healthz":
             ok = rt.engines_ready() and not rt.stopping and not rt.draining
             state = "stopping" if rt.stopping else "draining" if rt.draining else "ok" if ok else "unavailable"
-            body = {"status": state,
-                    "engines": {r: e.health().state for r, e in rt.engines.items()}}
+            body = {"status": state, "engines": rt.engine_states()}
             return _json_response(conn, 200 if ok else 503, body)
         origins = request.headers.get_all("Origin")
         allowed = rt.cfg.server.allowed_origins
