@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import KEY, ws_connect
 from yapctl.cli import EXIT_PIPE, main
-from yapctl.client import EXIT_DENIED, EXIT_DOWN, EXIT_FAILED, EXIT_OK, AdminClient, AdminError
+from yapctl.client import EXIT_DENIED, EXIT_DOWN, EXIT_FAILED, EXIT_OK, EXIT_USAGE, AdminClient, AdminError
 
 
 def yapctl(*args: str, sock: Path | None = None, timeout: float = 120,
@@ -89,6 +89,8 @@ def test_logs_last_n_level_and_grep(shared_yapd):
     assert lines and all("engine ready" in line.lower() for line in lines)
     out = yapctl("logs", "-n", "1000", "--level", "warning", "--json", sock=sock)
     assert all(json.loads(line)["level"] in ("warning", "error", "critical") for line in out.stdout.splitlines())
+    out = yapctl("logs", "-n", "-1", sock=sock)  # a bad command line, as --help says: 2 (it was 1)
+    assert out.returncode == EXIT_USAGE and "-n must be 0 or more" in out.stderr, out
 
 
 def test_a_reader_that_stops_reading_ends_yapctl_quietly(shared_yapd):
@@ -164,6 +166,21 @@ def test_a_reloaded_admin_group_that_does_not_exist_is_a_warning_not_applied(mak
     assert "applied now: nothing" in out.stdout, out
     assert os.stat(d.admin_socket).st_gid == gid
     d.wait_for("reload: admin.group 'yap-no-such-group' does not exist")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives the socket to another group: needs root")
+def test_a_reload_back_to_the_daemons_group_takes_the_socket_back(make_yapd):
+    """admin.group "users", then "" again: the socket stayed the users' while yapctl said
+    the key was applied (the peer check used the new group all along)."""
+    import grp
+
+    users = grp.getgrnam("users").gr_gid
+    d = make_yapd('[admin]\ngroup = "users"\n')
+    assert os.stat(d.admin_socket).st_gid == users
+    d.write_config("")
+    out = yapctl("reload", sock=d.admin_socket)
+    assert out.returncode == EXIT_OK and "admin.group" in out.stdout, out
+    assert os.stat(d.admin_socket).st_gid == os.getgid()
 
 
 def test_chat_prints_ack_tokens_metrics_and_final(shared_yapd):

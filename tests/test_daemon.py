@@ -591,6 +591,9 @@ async def test_a_restart_after_deploy_changed_stops_the_engine_no_longer_deploye
     assert reply["ok"] is True and reply["roles"] == ["chat"] and reply["stopped"] == ["tool"], reply
     assert json.loads(d.http("/healthz", key=None)[1])["engines"] == {"chat": "ready"}
     assert "tool" not in d.admin(cmd="status")[-1]["engines"]
+    # The cap's default follows the deploy (chat alone: 24); the gauge said 16 until a reload.
+    assert d.admin(cmd="status")[-1]["capacity"]["max"] == 24
+    assert "yapd_max_connections 24.0" in d.http("/metrics")[1]
     # An engine not deployed is not restarted, and the reply says so (it said ok)
     reply = d.admin(cmd="restart", target="tool")[-1]
     assert reply["ok"] is False and "tool not deployed (engines.deploy = 'chat')" in reply["error"], reply

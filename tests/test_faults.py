@@ -207,6 +207,13 @@ async def test_log_file_on_full_disk_daemon_serves_and_stops_cleanly(make_yapd, 
         assert d.http("/healthz", key=None)[0] == 200
         assert d.admin(cmd="logs", n=5)[-1]["ok"] is True  # the in-memory ring still has everything
         assert sum("unwritable" in ln for ln in d.lines) == 1  # said once, not once a line
+        if where == "dev_full":
+            # A reload of a [logging] key closes the file's handler, whose flush fails: the
+            # reload broke off there (no answer, no stderr handler left, no READY=1).
+            d.write_config(f'[logging]\nfile = "{log_file}"\nlevel = "info"\n')
+            reply = d.admin(cmd="reload")[-1]
+            assert reply["ok"] is True and reply["applied"] == ["logging.level"], reply
+            d.wait_for("reload applied live keys: logging.level")  # on stderr still
         if where == "tiny_tmpfs":
             # Space again: file lines resume.
             os.unlink(mnt / "filler")

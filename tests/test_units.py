@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -118,6 +119,23 @@ def test_bad_config_names_file_key_and_reason(tmp_path, text, needle):
     with pytest.raises(ConfigError) as info:
         config.load(path, env={})
     assert needle in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_value_the_checks_refuse_names_where_it_came_from(tmp_path):
+    """A value that parses but fails a check named the file (which said port = 8000, or
+    nothing) where the environment or the command line had set it."""
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\napi_keys = ["k"]\nport = 8000\n')
+    with pytest.raises(ConfigError) as info:
+        config.load(path, env={"YAP_PORT": "99999"})
+    assert str(info.value) == "environment YAP_PORT: server.port: 99999 is not a TCP port (0-65535)"
+    with pytest.raises(ConfigError, match=r"^environment MAX_CONCURRENT_CONNECTIONS: server.max_connections: "):
+        config.load(None, env={"MAX_CONCURRENT_CONNECTIONS": "-1"})
+    with pytest.raises(ConfigError, match=r"^command line: server.port: "):
+        config.load(path, env={}, overrides={"server.port": 70000})
+    path.write_text('[server]\napi_keys = ["k"]\nport = 99999\n')  # the file's own: the file
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: server.port: "):
+        config.load(path, env={})
 
 
 def test_bad_env_names_the_variable():

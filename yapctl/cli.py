@@ -267,7 +267,7 @@ def format_log(rec: dict[str, Any]) -> str:
 
 async def cmd_logs(args: argparse.Namespace) -> int:
     if args.n < 0:
-        raise AdminError("-n must be 0 or more", EXIT_FAILED)
+        raise AdminError("-n must be 0 or more", EXIT_USAGE)
     async with _client(args) as c:
         req: dict[str, Any] = {"n": args.n, "follow": args.follow, "level": args.level}
         if args.grep:

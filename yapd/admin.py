@@ -76,6 +76,7 @@ class AdminServer:
         if problem:
             log.warning("%s", problem)
         self._inode = 0
+        self._given: set[Path] = set()  # the files _permit gave a group
 
     async def start(self) -> None:
         path = self.path
@@ -107,14 +108,18 @@ class AdminServer:
         group's members can reach the file (systemd makes /run/yapd the daemon's group's).
         Returns what could not be done: the group's members would not get in."""
         os.chmod(self.path, self.daemon.cfg.admin.mode)
-        if self._gid == os.getgid():
-            return []
         folder = self.path.parent
-        targets = [self.path] + ([folder] if folder.stat().st_uid == os.getuid() else [])
+        if self._gid != os.getgid():
+            targets = [self.path] + ([folder] if folder.stat().st_uid == os.getuid() else [])
+        else:
+            # Back to the daemon's group (a reload to ""): the socket, and the folder only
+            # where an earlier group was given it here (a folder of the user's stays theirs).
+            targets = [self.path] + ([folder] if folder in self._given else [])
         problems = []
-        for target in targets:
+        for target in (t for t in targets if t.stat().st_gid != self._gid):
             try:
                 os.chown(target, -1, self._gid)
+                self._given.add(target)
             except PermissionError:
                 # the daemon's user must be in the group (SupplementaryGroups= in the unit)
                 problems.append(f"admin.group: {target} could not be given to group {self._gid} (the daemon's "

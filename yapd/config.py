@@ -561,7 +561,10 @@ def _parse_env(name: str, text: str, tp: Any) -> Any:
         raise ConfigError(f"environment {name}: {exc}") from None
 
 
-def apply_env(cfg: Config, env: Mapping[str, str]) -> None:
+def apply_env(cfg: Config, env: Mapping[str, str]) -> dict[str, str]:
+    """The variables of ENV_OVERRIDES that ``env`` sets, on ``cfg``; returns where each key
+    set came from ("environment NAME"), for an error to name it."""
+    origins = {}
     for name, targets in ENV_OVERRIDES.items():
         if name not in env:
             continue
@@ -570,9 +573,12 @@ def apply_env(cfg: Config, env: Mapping[str, str]) -> None:
             tp = typing.get_type_hints(type(obj))[key]
             value = _parse_env(name, env[name], tp)
             setattr(obj, key, _coerce(value, tp, f"environment {name} ({section}.{key})"))
+            origins[f"{section}.{key}"] = f"environment {name}"
         # QUANTIZATION=awq means the original's "awq" mode: both engines 4-bit.
         if name == "QUANTIZATION" and env[name] == "awq":
             cfg.tool.quantization = "awq"
+            origins["tool.quantization"] = f"environment {name}"
+    return origins
 
 
 def check_prompt_room(cfg: Config, running: str = "") -> None:
@@ -719,7 +725,7 @@ def load(
         except ValueError as exc:  # e.g. an integer of over 4300 digits, which Python refuses
             raise ConfigError(f"{p}: invalid TOML: {str(exc)[:200]}") from None
         cfg = from_mapping(data, str(p))
-    apply_env(cfg, env)
+    origins = apply_env(cfg, env)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -730,8 +736,21 @@ def load(
         obj = getattr(cfg, section)
         tp = typing.get_type_hints(type(obj))[key]
         setattr(obj, key, _coerce(value, tp, f"command line ({dotted})"))
-    validate(cfg)
+        origins[dotted] = "command line"
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        raise _from_where_it_came(exc, cfg.source, origins) from None
     return cfg
+
+
+def _from_where_it_came(exc: ConfigError, source: str, origins: Mapping[str, str]) -> ConfigError:
+    """A check's error names the file; where the key it names came from the environment
+    or the command line, that instead (the file may hold another value, or none)."""
+    text = str(exc)
+    head = f"{source}: "
+    key = text[len(head):].split(":", 1)[0] if text.startswith(head) else ""
+    return ConfigError(f"{origins[key]}: {text[len(head):]}") if key in origins else exc
 
 
 def diff_keys(old: Config, new: Config) -> tuple[list[str], list[str], list[str]]:

@@ -130,7 +130,8 @@ class Daemon:
         self.notifier = Notifier()
         self.ring = logs.setup(cfg.logging)
         self.rt = Runtime(cfg, version=__version__)
-        self.rt.metrics.max_connections.set(cfg.max_connections)
+        # As the capacity says it: a restart that changes engines.deploy changes its default.
+        self.rt.metrics.max_connections.set_function(lambda: float(self.rt.cfg.max_connections))
         self.rt.metrics.watch_engines(self.rt.engines_up)
         self.server = YapServer(self.rt)
         self.admin: Any = None
@@ -414,7 +415,6 @@ class Daemon:
             warnings += self.admin.apply(new.admin)
             if warnings and "admin.group" in live:  # what apply could not do is the group's
                 live.remove("admin.group")
-        self.rt.metrics.max_connections.set(new.max_connections)
         if any(key.startswith("server.") for key in live):
             self.server.config_changed()
         if live:

@@ -128,7 +128,12 @@ def setup(cfg: LoggingConfig, ring: RingHandler | None = None) -> RingHandler:
     for h in _ours:
         root.removeHandler(h)
         if not isinstance(h, RingHandler):
-            h.close()
+            try:
+                h.close()
+            except OSError as exc:
+                # A file handler's close flushes: on a full disk it raises, and the reload
+                # that called us stopped half-way with no handler left on stderr.
+                print(f"yapd: closing log handler {h}: {exc}", file=sys.stderr, flush=True)
     _ours.clear()
     ts = cfg.timestamps == "on" or (cfg.timestamps == "auto" and not os.environ.get("JOURNAL_STREAM"))
     stderr = logging.StreamHandler(sys.stderr)
