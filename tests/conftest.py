@@ -165,6 +165,14 @@ async def send(ws: ClientConnection, **msg: Any) -> None:
     await ws.send(json.dumps(msg))
 
 
+def send_in_one_write(ws: ClientConnection, *msgs: dict[str, Any]) -> None:
+    """``msgs`` as frames in one write to the socket: the server reads them in one go, as
+    it does a client's frames sent back to back under load."""
+    for msg in msgs:
+        ws.protocol.send_text(json.dumps(msg).encode())
+    ws.transport.write(b"".join(ws.protocol.data_to_send()))
+
+
 async def run_turn(ws: ClientConnection, timeout: float = 30, **start: Any) -> list[dict[str, Any]]:
     """Send a start and collect that turn's messages up to and including its done."""
     start.setdefault("session_id", "s1")

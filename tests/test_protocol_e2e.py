@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import KEY, recv, run_turn, send, until_done, ws_connect
+from tests.conftest import KEY, recv, run_turn, send, send_in_one_write, until_done, ws_connect
 
 TURN_TYPES = {"ack", "toolcall", "token", "final", "done"}
 
@@ -132,6 +132,17 @@ async def test_barge_in_done_before_new_ack(shared_yapd):
             raise AssertionError(f"expected the first turn's done first: {msgs}")
         check_turn(msgs, "two")
         assert not any(m["request_id"] == "one" for m in msgs)
+
+
+async def test_a_starts_ack_comes_before_the_replies_to_frames_sent_after_it(shared_yapd):
+    """Frames read together: on Python before 3.12 the start's ack went out a loop round
+    later, after the set_persona's ack and the pong of the frames behind it."""
+    async with ws_connect(shared_yapd.url()) as ws:
+        send_in_one_write(ws, {"type": "start", "session_id": "o", "user_utterance": "hi", "request_id": "r1"},
+                          {"type": "set_persona", "persona_style": "savage"}, {"type": "ping"})
+        first = [await recv(ws) for _ in range(3)]
+        assert first[0]["type"] == "ack" and first[0]["for"] == "start" and first[0]["request_id"] == "r1", first
+        await until_done(ws, 30)
 
 
 async def test_barge_in_storm_keeps_order(shared_yapd):

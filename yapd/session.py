@@ -213,8 +213,18 @@ class Session:
                "seed": inp.seed, "now": time.time(), **self._persona_json(), "models": rt.models()}
         self.turn, self.turn_ack = turn, ack
         self.turns += 1
-        # Started at once: the turn's engine requests go out before this returns.
-        self.turn_task = start_now(self._run_turn(turn, ack), name=f"turn-{request_id}")
+        # Started at once (Python 3.12's eager tasks): the turn's engine requests go out
+        # before this returns.
+        self.turn_task = task = start_now(self._run_turn(turn, ack), name=f"turn-{request_id}")
+        if not (turn.ack_out.is_set() or task.done()):
+            # An ordinary task (Python before 3.12) sends its ack a round later: the next
+            # frame read with this one waits for it, or its reply (a set_persona's ack, a
+            # pong) would come first and a client pairing acks in order would pair wrongly.
+            acked = asyncio.ensure_future(turn.ack_out.wait())
+            try:
+                await asyncio.wait([task, acked], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                acked.cancel()
 
     async def _run_turn(self, turn: Turn, ack: dict[str, Any]) -> None:
         try:
