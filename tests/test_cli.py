@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import KEY, ws_connect
+from tests.conftest import KEY, ROOT, ws_connect
 from yapctl.cli import EXIT_PIPE, main
 from yapctl.client import EXIT_DENIED, EXIT_DOWN, EXIT_FAILED, EXIT_OK, EXIT_USAGE, AdminClient, AdminError
 
@@ -217,6 +218,17 @@ def test_chat_errors(shared_yapd):
     assert yapctl("bench", "-n", "0", "--url", shared_yapd.url(key=None)).returncode == 2
 
 
+def test_a_chat_turn_that_outlasts_its_timeout_failed_it_did_not_miss_yapd(make_yapd):
+    """yapd answered (the ack, tokens) but sent no done within --timeout: exit 1 with "no
+    done within", as the help says; it said "cannot reach yapd" and exit 3."""
+    d = make_yapd(env={"YAPD_DEBUG_ADMIN": "1"})
+    # Nothing comes as the time runs out (the chat's step held): the wait itself timed out.
+    assert d.admin(cmd="debug", action="stall_step", role="chat", seconds=5)[-1]["ok"]
+    out = yapctl("chat", "hi", "--url", d.url(key=None), "--key", KEY, "--timeout", "1", timeout=60)
+    assert out.returncode == EXIT_FAILED and "no done within 1 s" in out.stderr, out
+    assert out.stdout.startswith("ack request_id="), out
+
+
 def test_chat_json_is_one_object_a_line_and_the_global_timeout_reaches_turns(shared_yapd):
     out = yapctl("chat", "hi", "--url", shared_yapd.url(key=None), "--key", KEY, "--json")
     assert out.returncode == EXIT_OK, out.stderr
@@ -406,6 +418,56 @@ async def test_a_connect_timeout_says_it_timed_out(tmp_path):
     assert refused.value.exit_code == EXIT_FAILED
     assert str(refused.value) == (f"timed out: yapd did not accept a connection on {sock} within 0 s "
                                   "(it listens, but is busy or stuck)")
+
+
+async def test_a_reply_over_the_line_limit_is_an_error_not_a_traceback(tmp_path):
+    """asyncio's readline raised ValueError past the reader's limit: a traceback from
+    every CLI command and the dashboard closed (WorkerFailed)."""
+    from yapctl.client import LINE_LIMIT
+
+    async def huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b'{"ok": true, "pad": "' + b"x" * LINE_LIMIT + b'"}\n')
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    sock = tmp_path / "huge.sock"
+    server = await asyncio.start_unix_server(huge, path=str(sock))
+    try:
+        async with AdminClient(sock, timeout=30) as c:
+            with pytest.raises(AdminError) as err:
+                await c.request("status")
+    finally:
+        server.close()
+    assert err.value.exit_code == EXIT_FAILED and "longer than 16 MiB" in str(err.value)
+
+
+async def test_awq_progress_text_is_not_read_as_markup(tmp_path):
+    """A model path with "[/x]" in its progress line: rich read it as markup, and the
+    rebuild's progress printed a MarkupError traceback instead of its bar."""
+    lines = [{"event": "progress", "role": "chat", "stage": "calibrating", "message": "m[/x]/chat layer 1/2",
+              "layer": 1, "layers": 2},
+             {"ok": True, "built": {"chat": "/cache/awq/chat"}, "pushed": {}, "restarted": ["chat"]}]
+
+    async def daemon(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        for line in lines:
+            writer.write(json.dumps(line).encode() + b"\n")
+        await writer.drain()
+        writer.close()
+
+    sock = tmp_path / "awq.sock"
+    server = await asyncio.start_unix_server(daemon, path=str(sock))
+    try:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "yapctl", "--socket", str(sock), "awq",
+                                                    "rebuild", "chat", stdout=subprocess.PIPE,
+                                                    stderr=subprocess.PIPE, cwd=str(ROOT))
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        server.close()
+    assert proc.returncode == EXIT_OK and b"Traceback" not in err, err.decode()
+    assert b"m[/x]/chat layer 1/2" in err and b'"built"' in out, (out, err)
 
 
 def test_time_limits_that_are_no_positive_finite_number_are_refused(capsys):

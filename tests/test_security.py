@@ -298,6 +298,13 @@ async def test_frame_utterance_history_and_field_limits(sec_yapd) -> None:
         check_turn(msgs)
         base = (await run_turn(ws, user_utterance="w1", history_text="w2"))[-1]["usage"]["prompt_tokens"]
         assert msgs[-1]["usage"]["prompt_tokens"] <= base + 16 + 64 + 8, (msgs[-1]["usage"], base)
+        # Ids reach operators' terminals (yapctl's tables, the log): no escape sequences.
+        for bad in ("esc\x1b]0;title\x07", "bidi\u202etxt.exe", "nul\x00"):
+            await send(ws, type="start", session_id=bad, user_utterance="hi")
+            err = await recv(ws)
+            assert err["error_code"] == "invalid_message" and "control or invisible" in err["message"], err
+        await send(ws, type="cancel", request_id="r\x1b[31m")
+        assert (await recv(ws))["error_code"] == "invalid_message"
         # Ids are bounded.
         await send(ws, type="start", session_id="s" * 257, user_utterance="hi")
         err = await recv(ws)

@@ -83,6 +83,21 @@ async def test_connection_count_and_latency_follow_clients(shared_yapd):
         assert not any(r[0] == "tui-sess" for r in rows(app.table))
 
 
+async def test_session_ids_show_as_sent_not_as_markup(shared_yapd):
+    """A client's session id "[/]..." closed every dashboard (MarkupError), and "[red]x"
+    showed as a red "x"; a 256-character one pushed the other columns off."""
+    ids = ["[/]closing", "[red]caller", "x" * 256]
+    app = dashboard(shared_yapd.admin_socket)
+    async with contextlib.AsyncExitStack() as stack:
+        for sid in ids:
+            ws = await stack.enter_async_context(ws_connect(shared_yapd.url()))
+            await run_turn(ws, session_id=sid)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: {r[0] for r in rows(app.table)} >= {"[/]closing", "[red]caller",
+                                                                         "x" * 39 + "…"},
+                        what="the sessions' rows as sent")
+
+
 async def test_log_pane_follows_the_log_with_level_filter_and_search(shared_yapd):
     app = dashboard(shared_yapd.admin_socket)
     async with app.run_test(size=SIZE) as pilot:
@@ -267,7 +282,8 @@ async def awq_view_opened(pilot: Any, app: Any) -> AwqScreen:
 
 async def test_awq_progress_view(tmp_path):
     sock = tmp_path / "admin.sock"
-    events = [{"event": "progress", "role": "chat", "stage": "starting", "message": "quantizing m/chat"},
+    # A model path with "[/x]" in it: read as markup, it closed the dashboard (MarkupError).
+    events = [{"event": "progress", "role": "chat", "stage": "starting", "message": "quantizing m[/x]/chat"},
               *({"event": "progress", "role": "chat", "stage": "calibrating", "message": f"layer {i}/4",
                  "layer": i, "layers": 4} for i in range(1, 5)),
               {"ok": True, "built": {"chat": "/cache/awq/chat"}, "pushed": {}, "restarted": ["chat"]}]

@@ -1433,6 +1433,23 @@ def test_slow_turns_are_counted_by_burst():
     assert slow_bursts([], []) is None
 
 
+def test_log_lines_carry_no_terminal_escape_sequences():
+    """A message quoting a client's text or an engine's error kept its ESC bytes: on
+    yapctl logs, journalctl or less they retitled or recoloured the reader's terminal."""
+    import logging
+
+    from yapd.logs import LineFormatter, RingHandler
+
+    msg = "bad id 'a\x1b]0;owned\x07b' and \u202eexe.txt\nsecond line"
+    record = logging.LogRecord("yapd.x", logging.WARNING, "x.py", 1, msg, None, None)
+    line = LineFormatter(False).format(record)
+    assert line == "warning yapd.x: bad id 'a\\x1b]0;owned\\x07b' and \\u202eexe.txt\\nsecond line", line
+    ring = RingHandler(4)
+    ring.emit(record)
+    kept = ring.tail(1)[0].message
+    assert "\x1b" not in kept and "\u202e" not in kept and "\\x1b" in kept and "\n" in kept, kept
+
+
 RING_FORK = r"""
 import asyncio, json, logging, os
 from yapd.logs import RingHandler

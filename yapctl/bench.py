@@ -105,7 +105,12 @@ async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float =
         if left <= 0:
             res.error = "timeout"
             return res
-        msg = json.loads(await asyncio.wait_for(ws.recv(), left))
+        try:
+            frame = await asyncio.wait_for(ws.recv(), left)
+        except asyncio.TimeoutError:  # yapd answered, just not in time: not "cannot reach"
+            res.error = "timeout"
+            return res
+        msg = json.loads(frame)
         now = time.perf_counter()
         kind = msg.get("type")
         if on_message is not None:

@@ -365,7 +365,7 @@ async def cmd_awq(args: argparse.Namespace) -> int:
                 print(f"yapctl: {exc}", file=sys.stderr)
                 return exc.exit_code
             return EXIT_OK
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=_stderr_console(), transient=False) as bar:
             tasks: dict[str, Any] = {}

@@ -149,6 +149,8 @@ class AdminClient:
             raise AdminError(f"yapd did not answer within {timeout:g} s", EXIT_FAILED) from None
         except (ConnectionError, OSError) as exc:
             raise AdminError(f"yapd went away: {exc}", EXIT_DOWN) from None
+        except ValueError:  # asyncio's readline past the reader's limit
+            raise AdminError(f"yapd's reply is longer than {LINE_LIMIT >> 20} MiB", EXIT_FAILED) from None
         if not line:
             raise AdminError("yapd closed the admin connection", EXIT_DOWN)
         try:

@@ -26,3 +26,8 @@ def backend(engine: dict[str, Any]) -> str:
     if engine.get("host_pid"):
         notes.append(f"own process {engine['host_pid']}")
     return f"{name} ({', '.join(notes)})" if notes else name
+
+
+def clip(text: str, most: int) -> str:
+    """``text`` cut to ``most`` characters, the cut marked."""
+    return text if len(text) <= most else text[:most - 1] + "…"

@@ -9,6 +9,7 @@ import functools
 import logging
 import logging.handlers
 import os
+import re
 import sys
 import time
 import weakref
@@ -56,7 +57,7 @@ class RingHandler(logging.Handler):
         except Exception:  # pragma: no cover - a broken format string must not kill logging
             msg = str(record.msg)
         self._seq += 1
-        rec = LogRecord(self._seq, record.created, record.levelname.lower(), record.name, msg)
+        rec = LogRecord(self._seq, record.created, record.levelname.lower(), record.name, visible(msg))
         self.ring.append(rec)
         for loop, queue in list(self._followers):
             try:
@@ -90,16 +91,27 @@ def _offer(queue: asyncio.Queue[LogRecord], rec: LogRecord) -> None:
         queue.put_nowait(rec)
 
 
+# Control and invisible format characters (bidi overrides, zero-widths): written as
+# escapes, a log line cannot carry a terminal's escape sequence (a client's text quoted in
+# an error, an engine's message) to whoever reads it with yapctl, journalctl or less.
+_UNSEEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def visible(text: str) -> str:
+    """``text`` with its control and invisible characters escaped (line breaks and tabs kept)."""
+    return _UNSEEN.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
 class LineFormatter(logging.Formatter):
     def __init__(self, timestamps: bool) -> None:
         super().__init__()
         self.timestamps = timestamps
 
     def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage().replace("\n", "\\n")
+        msg = visible(record.getMessage()).replace("\n", "\\n")
         line = f"{record.levelname.lower()} {record.name}: {msg}"
         if record.exc_info:
-            line += " | " + self.formatException(record.exc_info).replace("\n", "\\n")
+            line += " | " + visible(self.formatException(record.exc_info)).replace("\n", "\\n")
         if self.timestamps:
             t = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
             line = f"{t}.{int(record.msecs):03d} {line}"

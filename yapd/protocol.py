@@ -116,7 +116,9 @@ CLIENT_TYPES = ("start", "cancel", "warm_persona", "warm_history", "set_persona"
 
 def _field(obj: dict[str, Any], name: str, *, required: bool = False, limit: int | None = None,
            allow_int: bool = False) -> str | None:
-    """A string field; ids may come as integers and are turned into strings."""
+    """A string field; ids may come as integers and are turned into strings. An id
+    (``allow_int``) is shown to operators (yapctl's tables, the log): no control or
+    format characters, which would reach their terminals as escape sequences."""
     value = obj.get(name)
     if value is None:
         if required:
@@ -130,6 +132,8 @@ def _field(obj: dict[str, Any], name: str, *, required: bool = False, limit: int
         raise ProtocolError(INVALID_MESSAGE, f"field '{name}' must not be empty")
     if limit is not None and len(value) > limit:
         raise ProtocolError(INVALID_MESSAGE, f"field '{name}' is longer than {limit} characters")
+    if allow_int and not value.isprintable():
+        raise ProtocolError(INVALID_MESSAGE, f"field '{name}' holds control or invisible characters")
     if not value.isascii():
         try:
             value.encode()

@@ -24,6 +24,7 @@ from yapctl.tui.model import LEVELS, LogBook, LogLine, ms, numbers, percentile
 
 LEVEL_STYLE = {"debug": "dim", "info": "green", "warning": "yellow", "error": "bold red",
                "critical": "bold white on red"}
+SESSION_CHARS = 40  # a session id's column at most (ids may be 256 characters)
 STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "stopped": "red", "failed": "bold red"}
 
 
@@ -106,8 +107,8 @@ class EnginesTable(DataTable[Any]):
             e = engines.get(role) or {}
             state = str(e.get("state") or ("restarting" if role in restarting else "absent"))
             self.add_row(role, Text(state, STATE_STYLE.get(state, "yellow")), str(e.get("in_flight", "")),
-                         short_model(str(e.get("model") or models.get(role) or "")), fmt.backend(e),
-                         str(e.get("detail") or ""), key=role)
+                         Text(short_model(str(e.get("model") or models.get(role) or ""))), Text(fmt.backend(e)),
+                         Text(str(e.get("detail") or "")), key=role)
 
 
 def short_model(model: str) -> str:
@@ -156,7 +157,10 @@ class ConnectionsTable(DataTable[Any]):
         self.clear()
         for i, c in enumerate(conns):
             state = str(c.get("state", ""))
-            self.add_row(str(c.get("session_id") or "-"), str(c.get("remote") or "-"),
+            # Text, not str: a DataTable reads a str as markup ("[/]" as a session id closed
+            # the dashboard); a long id is cut, or it pushes every other column off.
+            self.add_row(Text(fmt.clip(str(c.get("session_id") or "-"), SESSION_CHARS)),
+                         Text(str(c.get("remote") or "-")),
                          ago(now - float(c.get("connected_at") or now)), str(c.get("turns", 0)),
                          Text(state, "dim" if state == "idle" else "bold cyan"), ms(c.get("last_ttft_ms")),
                          key=f"{i}:{c.get('session_id')}:{c.get('connected_at')}")
@@ -335,7 +339,7 @@ class AwqScreen(ModalScreen[Outcome]):
             bar.update(total=layers, progress=layer if isinstance(layer, int) else 0)
         text = f"{role}: {msg.get('stage', '')} {msg.get('message', '')}".strip()
         self.query_one("#awq-log", Log).write_line(text)
-        self.query_one("#awq-state", Static).update(text)
+        self.query_one("#awq-state", Static).update(Text(text))  # a model path's "[/x]" is not markup
 
     def _finish(self, msg: dict[str, Any]) -> None:
         built = ", ".join(msg.get("built") or {}) or "nothing"
