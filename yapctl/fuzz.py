@@ -176,7 +176,9 @@ def _check_request_id(frame: str, exc: protocol.ProtocolError) -> None:
     rid = obj.get("request_id")
     if isinstance(rid, bool) or not isinstance(rid, str | int):
         return
-    if len(str(rid)) <= protocol.MAX_ID_CHARS:
+    # An id that is itself refused (too long, control characters, half a character) is not
+    # echoed back.
+    if len(str(rid)) <= protocol.MAX_ID_CHARS and str(rid).isprintable():
         assert exc.request_id == str(rid), (exc.request_id, rid)
 
 

@@ -132,14 +132,14 @@ def _field(obj: dict[str, Any], name: str, *, required: bool = False, limit: int
         raise ProtocolError(INVALID_MESSAGE, f"field '{name}' must not be empty")
     if limit is not None and len(value) > limit:
         raise ProtocolError(INVALID_MESSAGE, f"field '{name}' is longer than {limit} characters")
-    if allow_int and not value.isprintable():
-        raise ProtocolError(INVALID_MESSAGE, f"field '{name}' holds control or invisible characters")
     if not value.isascii():
         try:
             value.encode()
         except UnicodeEncodeError:  # JSON's "\ud83d" alone: half of a character, as a cut JS string leaves
             raise ProtocolError(INVALID_MESSAGE, f"field '{name}' is not valid text: it holds half of a "
                                 "UTF-16 surrogate pair (a character cut in two?)") from None
+    if allow_int and not value.isprintable():
+        raise ProtocolError(INVALID_MESSAGE, f"field '{name}' holds control or invisible characters")
     return value
 
 
