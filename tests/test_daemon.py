@@ -252,7 +252,7 @@ def test_an_engine_a_restart_has_stopped_reads_restarting_not_gone(make_yapd):
     """Between a restart's stop of an engine and its successor's making, /healthz and
     /status still name the role ("restarting") and yapd_engine_up says 0: an alert on it
     saw no series at all."""
-    d = make_yapd(env={"YAPD_DEBUG_ENGINE_STOP_DELAY_S": "3"})
+    d = make_yapd(env={"YAPD_DEBUG_ENGINE_STOP_DELAY_S": "6"})  # three requests' time, on a busy machine too
     restart = threading.Thread(target=d.admin, kwargs={"cmd": "restart", "target": "tool", "timeout": 120})
     restart.start()
     d.wait_for("engine stopping for the restart role=tool")
@@ -269,7 +269,7 @@ def test_a_sighup_before_the_event_loop_runs_is_a_reload_once_it_does(make_yapd)
     """SIGHUP's default action ends a process: one that came while yapd prepared (a first
     demo start builds its models) stopped it for good (systemd counts a SIGHUP death as
     clean: no Restart=on-failure)."""
-    d = make_yapd(start=False, env={"YAPD_DEBUG_BEFORE_LOOP_DELAY_S": "1"})
+    d = make_yapd(start=False, env={"YAPD_DEBUG_BEFORE_LOOP_DELAY_S": "60"})  # until the SIGHUP
     d.start(wait=False)
     d.wait_for("waiting before the event loop")
     d.write_config("[turn]\nchat_max_out = 20\n")  # after the start read the file
@@ -313,11 +313,45 @@ def test_a_stop_during_a_reload_stuck_reading_the_file_still_exits(make_yapd, no
     try:
         d.signal(signal.SIGHUP)
         notify.wait("RELOADING=1", after=ready + 1)  # the read comes next, and blocks
+        # One reload at a time: another asked for meanwhile follows it (a thread a SIGHUP
+        # piled up on the hung mount).
+        reply = d.admin(cmd="reload")[-1]
+        assert reply["ok"] is False and reply["error"] == "a reload is running; another follows it", reply
         d.signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0
     finally:
         d.config_path.unlink()
         d.config_path.write_text(real)
+
+
+async def test_a_reload_whose_read_ends_after_the_stop_began_applies_nothing(make_yapd, notify):
+    """A slow read (the file on a slow mount) that returned mid-drain applied its keys and
+    sent READY=1 after STOPPING=1."""
+    d = make_yapd(UNENDING + "chat_max_out = 1500\n", start=False, env={"NOTIFY_SOCKET": str(notify.path)},
+                  server={"drain_timeout_s": 5.0})
+    d.start()
+    ready = notify.wait("READY=1")
+    text = d.config_path.read_text()
+    d.config_path.unlink()
+    os.mkfifo(d.config_path)
+    try:
+        async with ws_connect(d.url()) as ws:
+            await send(ws, type="start", session_id="s", user_utterance="a long story please")
+            while (await recv(ws))["type"] != "token":
+                pass
+            d.signal(signal.SIGHUP)
+            notify.wait("RELOADING=1", after=ready + 1)
+            d.signal(signal.SIGTERM)
+            stopping = notify.wait("STOPPING=1")
+            with open(d.config_path, "w") as fifo:  # the read returns, the drain still on
+                fifo.write(text.replace("chat_max_out = 1500", "chat_max_out = 20"))
+            d.wait_for("reload ignored: yapd is stopping")
+            await until_done(ws, 30)
+        assert d.proc.wait(30) == 0
+        assert not any("READY=1" in m for m in notify.texts()[stopping:]), notify.texts()
+        assert not any("reload applied" in line for line in d.lines)
+    finally:
+        d.config_path.unlink()
 
 
 def test_second_signal_exits_at_once(make_yapd):

@@ -299,10 +299,14 @@ async def test_frame_utterance_history_and_field_limits(sec_yapd) -> None:
         base = (await run_turn(ws, user_utterance="w1", history_text="w2"))[-1]["usage"]["prompt_tokens"]
         assert msgs[-1]["usage"]["prompt_tokens"] <= base + 16 + 64 + 8, (msgs[-1]["usage"], base)
         # Ids reach operators' terminals (yapctl's tables, the log): no escape sequences.
-        for bad in ("esc\x1b]0;title\x07", "bidi\u202etxt.exe", "nul\x00"):
+        for bad in ("esc\x1b]0;title\x07", "bidi\u202etxt.exe", "nul\x00", "two\nlines"):
             await send(ws, type="start", session_id=bad, user_utterance="hi")
             err = await recv(ws)
-            assert err["error_code"] == "invalid_message" and "control or invisible" in err["message"], err
+            assert err["error_code"] == "invalid_message" and "control characters" in err["message"], err
+        # Ordinary text is no control: a ZWJ emoji, Persian's ZWNJ, a no-break space.
+        family, persian = "\U0001f468\u200d\U0001f469\u200d\U0001f467", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0645"
+        for good in (family, persian, "a\u00a0b"):
+            check_turn(await run_turn(ws, session_id=good, request_id=good))
         await send(ws, type="cancel", request_id="r\x1b[31m")
         assert (await recv(ws))["error_code"] == "invalid_message"
         # Ids are bounded.

@@ -121,6 +121,19 @@ def test_bad_config_names_file_key_and_reason(tmp_path, text, needle):
     assert needle in str(info.value) and str(path) in str(info.value)
 
 
+def test_a_deployed_engine_without_its_engine_object_is_named_not_left_out():
+    """Before the first start makes the engines (an AWQ build, MPS) and while a restart
+    has stopped one: /healthz, /status and yapd_engine_up had no entry for the role."""
+    from yapd.runtime import Runtime
+
+    rt = Runtime(config.load(None, env={}))
+    assert rt.engine_states() == {"chat": "starting", "tool": "starting"}
+    assert rt.engines_up() == {"chat": False, "tool": False}
+    rt.restarting = {"tool"}
+    assert rt.engine_states() == {"chat": "starting", "tool": "restarting"}
+    assert rt.status()["engines"]["tool"] == {"role": "tool", "state": "restarting", "ok": False, "in_flight": 0}
+
+
 def test_a_value_the_checks_refuse_names_where_it_came_from(tmp_path):
     """A value that parses but fails a check named the file (which said port = 8000, or
     nothing) where the environment or the command line had set it."""
@@ -131,6 +144,8 @@ def test_a_value_the_checks_refuse_names_where_it_came_from(tmp_path):
     assert str(info.value) == "environment YAP_PORT: server.port: 99999 is not a TCP port (0-65535)"
     with pytest.raises(ConfigError, match=r"^environment MAX_CONCURRENT_CONNECTIONS: server.max_connections: "):
         config.load(None, env={"MAX_CONCURRENT_CONNECTIONS": "-1"})
+    with pytest.raises(ConfigError, match=r"^environment STREAM_FLUSH_MS: turn.stream_flush_ms must be >= 0"):
+        config.load(path, env={"STREAM_FLUSH_MS": "-5"})
     with pytest.raises(ConfigError, match=r"^command line: server.port: "):
         config.load(path, env={}, overrides={"server.port": 70000})
     path.write_text('[server]\napi_keys = ["k"]\nport = 99999\n')  # the file's own: the file

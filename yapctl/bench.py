@@ -97,6 +97,7 @@ async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float =
     res.sent_at = time.time()
     t0 = time.perf_counter()
     await ws.send(json.dumps(start))
+    rid = start.get("request_id")
     last: float | None = None
     parts: list[str] = []
     deadline = t0 + timeout
@@ -111,6 +112,8 @@ async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float =
             res.error = "timeout"
             return res
         msg = json.loads(frame)
+        if rid is not None and msg.get("request_id") not in (None, rid):
+            continue  # the end of a turn this start barged in on (one that timed out here)
         now = time.perf_counter()
         kind = msg.get("type")
         if on_message is not None:
@@ -305,7 +308,9 @@ async def bench(cfg: BenchConfig, progress: Callable[[int, int], None] | None = 
         try:
             async with _connect(cfg) as ws:
                 if cfg.warmup:
-                    await run_turn(ws, _start(cfg, session, -1), cfg.timeout)
+                    warmup = await run_turn(ws, _start(cfg, session, -1), cfg.timeout)
+                    if not warmup.ok:  # a session that could not finish one turn measures nothing
+                        raise RuntimeError(f"the warm-up turn failed: {warmup.error}")
                 arrived()
                 await ready.wait()
                 for i in counter:

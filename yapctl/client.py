@@ -150,6 +150,8 @@ class AdminClient:
         except (ConnectionError, OSError) as exc:
             raise AdminError(f"yapd went away: {exc}", EXIT_DOWN) from None
         except ValueError:  # asyncio's readline past the reader's limit
+            # The connection is mid-line now: no later read could make sense of it.
+            await self.close()
             raise AdminError(f"yapd's reply is longer than {LINE_LIMIT >> 20} MiB", EXIT_FAILED) from None
         if not line:
             raise AdminError("yapd closed the admin connection", EXIT_DOWN)

@@ -38,7 +38,7 @@ try:
 except ImportError:  # pragma: no cover - the dev extra is not installed
     sys.exit("yapctl.fuzz needs hypothesis: pip install 'yap[dev]'")
 
-from yapd import config, protocol
+from yapd import config, protocol, unseen
 
 # --- strategies: the WebSocket protocol -------------------------------------------
 
@@ -178,7 +178,9 @@ def _check_request_id(frame: str, exc: protocol.ProtocolError) -> None:
         return
     # An id that is itself refused (too long, control characters, half a character) is not
     # echoed back.
-    if len(str(rid)) <= protocol.MAX_ID_CHARS and str(rid).isprintable():
+    text = str(rid)
+    whole = not any("\ud800" <= c <= "\udfff" for c in text)  # no half of a character
+    if len(text) <= protocol.MAX_ID_CHARS and whole and not unseen.ANY.search(text):
         assert exc.request_id == str(rid), (exc.request_id, rid)
 
 

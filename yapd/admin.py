@@ -59,7 +59,7 @@ def admin_gid(group: str) -> tuple[int, str | None]:
         try:
             return grp.getgrnam(group).gr_gid, None
         except KeyError:
-            return os.getgid(), f"admin.group {group!r} does not exist; the socket stays the daemon's group's"
+            return os.getgid(), f"admin.group {group!r} does not exist"
     return os.getgid(), None
 
 
@@ -74,7 +74,7 @@ class AdminServer:
         self._closing = False  # close() ends the connected clients
         self._gid, problem = admin_gid(cfg.group)
         if problem:
-            log.warning("%s", problem)
+            log.warning("%s; the admin socket is the daemon's group's", problem)
         self._inode = 0
         self._given: set[Path] = set()  # the files _permit gave a group
 
@@ -128,12 +128,20 @@ class AdminServer:
 
     def apply(self, cfg: AdminConfig) -> list[str]:
         """A reload's admin.mode and admin.group, on the socket file as it is; what could
-        not be applied."""
-        self._gid, problem = admin_gid(cfg.group)
+        not be applied. A group that cannot be applied changes nothing: the socket keeps
+        the group it had, and the peer check with it (its members are not locked out)."""
+        before = self._gid
+        gid, problem = admin_gid(cfg.group)
         problems = [problem] if problem else []
+        if not problem:
+            self._gid = gid
         with contextlib.suppress(FileNotFoundError):
-            problems += self._permit()
-        return problems
+            failed = self._permit()  # the mode, whatever the group
+            if failed:
+                self._gid = before
+                failed += self._permit()  # back where a part was given (the file, not its folder)
+            problems += failed
+        return ["; ".join(problems) + "; the admin socket keeps its group"] if problems else []
 
     async def ensure(self) -> bool:
         """Re-create the socket file if it is gone (an rm, a tmpfiles clean-up): the

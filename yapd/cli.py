@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -75,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     d = daemon.Daemon(cfg, path, overrides, early_hup)
     if delay := float(os.environ.get("YAPD_DEBUG_BEFORE_LOOP_DELAY_S") or 0):
-        # A test hook: a window before the event loop runs, wide enough to signal into.
+        # A test hook: a window before the event loop runs, open until a SIGHUP comes.
         print("yapd: debug: waiting before the event loop", file=sys.stderr, flush=True)
-        time.sleep(delay)
+        early_hup.wait(delay)
     return run_loop(d.run(), cfg.server.event_loop)
 
 

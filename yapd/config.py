@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -749,7 +750,8 @@ def _from_where_it_came(exc: ConfigError, source: str, origins: Mapping[str, str
     or the command line, that instead (the file may hold another value, or none)."""
     text = str(exc)
     head = f"{source}: "
-    key = text[len(head):].split(":", 1)[0] if text.startswith(head) else ""
+    named = re.match(r"[a-z_]+\.[a-z_]+", text[len(head):]) if text.startswith(head) else None
+    key = named.group() if named else ""
     return ConfigError(f"{origins[key]}: {text[len(head):]}") if key in origins else exc
 
 

@@ -141,6 +141,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self.awq_jobs = AwqJobs(self, self._stop)
         self._signals = 0
+        self._reloading = self._reload_due = False
         self._engine_lock = asyncio.Lock()
         self._ready = False  # READY=1 sent: the first start is over
         self._tasks: list[asyncio.Task[Any]] = []
@@ -358,7 +359,23 @@ class Daemon:
             self.notifier.status(status)
 
     async def reload(self) -> dict[str, Any]:
-        """Re-read the config. Live keys apply now; engine keys wait for a restart."""
+        """Re-read the config. Live keys apply now; engine keys wait for a restart. One at
+        a time: a reload asked for while one runs (a SIGHUP storm, a read stuck on a hung
+        mount) runs once after it, with the file as it is then."""
+        if self._reloading:
+            self._reload_due = True
+            return {"ok": False, "error": "a reload is running; another follows it"}
+        self._reloading = True
+        try:
+            reply = await self._reload()
+            while self._reload_due and not self.rt.stopping:
+                self._reload_due = False
+                reply = await self._reload()
+            return reply
+        finally:
+            self._reloading = self._reload_due = False
+
+    async def _reload(self) -> dict[str, Any]:
         if self.rt.stopping:
             # STOPPING=1 was said: a RELOADING=1 / READY=1 pair now would tell systemd
             # otherwise, and keys applied mid-drain serve nobody.
@@ -378,6 +395,9 @@ class Daemon:
                       exc_info=not isinstance(exc, (ConfigError, OSError)))
             self._reloaded(f"reload failed, running config kept: {exc}")
             return {"ok": False, "error": str(exc)}
+        if self.rt.stopping:  # a stop began while the file was read
+            log.info("reload ignored: yapd is stopping")
+            return {"ok": False, "error": "yapd is stopping"}
         old = self.cfg
         live, engine, restart = config.diff_keys(old, new)
         if "server.max_frame_bytes" in live and frame_cap(new.server.max_frame_bytes) > self.server.hard_cap:
@@ -413,8 +433,11 @@ class Daemon:
         warnings: list[str] = []
         if self.admin is not None and {"admin.mode", "admin.group"} & set(live):
             warnings += self.admin.apply(new.admin)
-            if warnings and "admin.group" in live:  # what apply could not do is the group's
+            if warnings and "admin.group" in live:
+                # What apply could not do is the group's: as it runs, so the next reload
+                # (the group added meanwhile) finds it changed and tries again.
                 live.remove("admin.group")
+                new.admin.group = old.admin.group
         if any(key.startswith("server.") for key in live):
             self.server.config_changed()
         if live:

@@ -9,7 +9,6 @@ import functools
 import logging
 import logging.handlers
 import os
-import re
 import sys
 import time
 import weakref
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from yapd.config import LoggingConfig
+from yapd.unseen import visible
 
 
 @dataclass(frozen=True)
@@ -89,17 +89,6 @@ def _offer(queue: asyncio.Queue[LogRecord], rec: LogRecord) -> None:
     # A follower that cannot keep up loses lines rather than stalling the daemon.
     if not queue.full():
         queue.put_nowait(rec)
-
-
-# Control and invisible format characters (bidi overrides, zero-widths): written as
-# escapes, a log line cannot carry a terminal's escape sequence (a client's text quoted in
-# an error, an engine's message) to whoever reads it with yapctl, journalctl or less.
-_UNSEEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
-
-
-def visible(text: str) -> str:
-    """``text`` with its control and invisible characters escaped (line breaks and tabs kept)."""
-    return _UNSEEN.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 class LineFormatter(logging.Formatter):

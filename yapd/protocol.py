@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from yapd import jsonparse
+from yapd import jsonparse, unseen
 
 PROTOCOL_VERSION = 1
 
@@ -117,8 +117,8 @@ CLIENT_TYPES = ("start", "cancel", "warm_persona", "warm_history", "set_persona"
 def _field(obj: dict[str, Any], name: str, *, required: bool = False, limit: int | None = None,
            allow_int: bool = False) -> str | None:
     """A string field; ids may come as integers and are turned into strings. An id
-    (``allow_int``) is shown to operators (yapctl's tables, the log): no control or
-    format characters, which would reach their terminals as escape sequences."""
+    (``allow_int``) is shown to operators (yapctl's tables, the log): none of the
+    characters of :mod:`yapd.unseen`, which would reach their terminals."""
     value = obj.get(name)
     if value is None:
         if required:
@@ -138,8 +138,9 @@ def _field(obj: dict[str, Any], name: str, *, required: bool = False, limit: int
         except UnicodeEncodeError:  # JSON's "\ud83d" alone: half of a character, as a cut JS string leaves
             raise ProtocolError(INVALID_MESSAGE, f"field '{name}' is not valid text: it holds half of a "
                                 "UTF-16 surrogate pair (a character cut in two?)") from None
-    if allow_int and not value.isprintable():
-        raise ProtocolError(INVALID_MESSAGE, f"field '{name}' holds control or invisible characters")
+    if allow_int and unseen.ANY.search(value):
+        raise ProtocolError(INVALID_MESSAGE, f"field '{name}' holds control characters (an escape sequence, "
+                            "a bidi override, a line break)")
     return value
 
 

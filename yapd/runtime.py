@@ -99,8 +99,9 @@ class Runtime:
 
     def _missing(self) -> dict[str, str]:
         """Deployed roles with no engine object: a restart between stopping the old one
-        and making its successor, or a start that has not made it yet."""
-        return {r: "restarting" if r in self.restarting else "stopped"
+        and making its successor, or the first start before it makes them (an AWQ build,
+        MPS's start)."""
+        return {r: "restarting" if r in self.restarting else "starting"
                 for r in ("chat", "tool") if self.cfg.deployed(r) and r not in self.engines}
 
     def engine_states(self) -> dict[str, str]:
