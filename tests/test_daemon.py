@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -307,10 +309,7 @@ def test_a_stop_during_a_reload_stuck_reading_the_file_still_exits(make_yapd, no
     d = make_yapd(start=False, env={"NOTIFY_SOCKET": str(notify.path)})
     d.start()
     ready = notify.wait("READY=1")
-    real = d.config_path.read_text()
-    d.config_path.unlink()
-    os.mkfifo(d.config_path)
-    try:
+    with config_on_a_hung_mount(d):
         d.signal(signal.SIGHUP)
         notify.wait("RELOADING=1", after=ready + 1)  # the read comes next, and blocks
         # One reload at a time: another asked for meanwhile follows it (a thread a SIGHUP
@@ -319,9 +318,20 @@ def test_a_stop_during_a_reload_stuck_reading_the_file_still_exits(make_yapd, no
         assert reply["ok"] is False and reply["error"] == "a reload is running; another follows it", reply
         d.signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0
+
+
+@contextlib.contextmanager
+def config_on_a_hung_mount(d: Any) -> Iterator[str]:
+    """``d``'s config file a FIFO with no writer, as on a hung mount: a read of it blocks
+    until someone writes it. Yields the file's text; the file is back afterwards."""
+    text = d.config_path.read_text()
+    d.config_path.unlink()
+    os.mkfifo(d.config_path)
+    try:
+        yield text
     finally:
         d.config_path.unlink()
-        d.config_path.write_text(real)
+        d.config_path.write_text(text)
 
 
 async def test_a_reload_whose_read_ends_after_the_stop_began_applies_nothing(make_yapd, notify):
@@ -331,10 +341,7 @@ async def test_a_reload_whose_read_ends_after_the_stop_began_applies_nothing(mak
                   server={"drain_timeout_s": 5.0})
     d.start()
     ready = notify.wait("READY=1")
-    text = d.config_path.read_text()
-    d.config_path.unlink()
-    os.mkfifo(d.config_path)
-    try:
+    with config_on_a_hung_mount(d) as text:
         async with ws_connect(d.url()) as ws:
             await send(ws, type="start", session_id="s", user_utterance="a long story please")
             while (await recv(ws))["type"] != "token":
@@ -350,8 +357,6 @@ async def test_a_reload_whose_read_ends_after_the_stop_began_applies_nothing(mak
         assert d.proc.wait(30) == 0
         assert not any("READY=1" in m for m in notify.texts()[stopping:]), notify.texts()
         assert not any("reload applied" in line for line in d.lines)
-    finally:
-        d.config_path.unlink()
 
 
 def test_second_signal_exits_at_once(make_yapd):
