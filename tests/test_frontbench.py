@@ -28,8 +28,10 @@ def test_frontbench_times_a_real_front_end_with_stand_in_engines(tmp_path, cache
     for s in (one, three):
         # The reply's first token can come no sooner than the stand-in's 30 ms, nor the
         # decision before its 10 ms; both requests were made after the start was sent.
-        assert 30 <= s["ttft_ms"]["p50"] <= s["ttft_ms"]["p95"], s
-        assert 10 <= s["tool_ms"]["p50"] < s["ttft_ms"]["p50"], s
+        # Less 1 ms: uvloop's timers (libuv's) count whole milliseconds, so a stand-in's
+        # sleep may end up to 1 ms early.
+        assert 29 <= s["ttft_ms"]["p50"] <= s["ttft_ms"]["p95"], s
+        assert 9 <= s["tool_ms"]["p50"] < s["ttft_ms"]["p50"], s
         assert 0 < s["chat_request_after_send_ms"]["p50"] < s["ttft_ms"]["p50"] - 29, s
         assert 0 < s["tool_request_after_send_ms"]["p50"] < s["tool_ms"]["p50"] - 9, s
         assert s["outside_turn_ms"]["p50"] >= 0, s
@@ -37,7 +39,8 @@ def test_frontbench_times_a_real_front_end_with_stand_in_engines(tmp_path, cache
         assert 0 < s["inbound_ms"]["p50"] <= s["chat_request_after_send_ms"]["p50"], s
         # The first token leaves after the chat's first text reached the turn, within the
         # turn's own time to it (the stand-in's first output comes 30 ms in), both on
-        # yapd's clock: the client's TTFT can end before yapd's send has returned.
-        assert 0 <= s["text_to_sent_ms"]["p50"] <= s["server_ttft_ms"]["p50"] - 29.9, s
+        # yapd's clock: the client's TTFT can end before yapd's send has returned (less 1
+        # ms as above: a fresh clone's run saw 0.15 against 30.0 - 29.9).
+        assert 0 <= s["text_to_sent_ms"]["p50"] <= s["server_ttft_ms"]["p50"] - 29, s
     assert three["round_requests_span_ms"]["p50"] > 0 and three["per_turn_start_ms"] > 0
     assert "c3: TTFT p50/p95" in capsys.readouterr().out
