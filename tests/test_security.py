@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -280,6 +281,32 @@ def test_a_client_that_sends_pings_and_never_reads_is_cut_off(make_yapd) -> None
     d.wait_for("control frames answered and never read")  # its log line read off the daemon's stderr
     status = json.loads(d.http("/status")[1])
     assert status["capacity"]["active"] == 0, status["capacity"]
+
+
+def test_a_client_that_closes_and_keeps_its_tcp_side_open_frees_its_slot(make_yapd) -> None:
+    """The close handshake done, the client's TCP side left open: websockets enforces its
+    close timeout (5 s here) only on its next send, and the session held its capacity slot
+    until the keepalive ping (20 s). Aborted once the close timeout is up."""
+    d = make_yapd()
+    lingering = socket.socket()
+    lingering.settimeout(30)
+    lingering.connect(("127.0.0.1", d.port))
+    lingering.sendall(f"GET /ws?api_key={KEY} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    assert lingering.recv(4096).startswith(b"HTTP/1.1 101")
+    try:
+        lingering.sendall(bytes([0x88, 0x82]) + b"\0\0\0\0" + (1000).to_bytes(2, "big"))  # close, masked
+        assert lingering.recv(4096).startswith(b"\x88")  # the daemon's close answer
+        assert lingering.recv(4096) == b""  # and its end of the stream; ours stays open
+        # Gone by the close timeout (5 s), well before the keepalive ping's 20 s.
+        for _ in range(120):
+            if json.loads(d.http("/status")[1])["capacity"]["active"] == 0:
+                break
+            time.sleep(0.1)
+        assert json.loads(d.http("/status")[1])["capacity"]["active"] == 0
+    finally:
+        lingering.close()
 
 
 async def test_frame_utterance_history_and_field_limits(sec_yapd) -> None:

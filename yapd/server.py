@@ -120,11 +120,22 @@ class YapServer:
         server = self
 
         class Connection(ServerConnection):
+            _close_due: asyncio.TimerHandle | None = None
+
             def data_received(self, data: bytes) -> None:
                 super().data_received(data)
                 transport = self.transport
                 if transport.get_write_buffer_size() > most_unsent and not transport.is_closing():
                     server._drop_flooder(self)
+                if self.close_deadline is not None and self._close_due is None:
+                    # The client's close answered: websockets enforces close_timeout only on
+                    # its next send (a keepalive ping, up to 20 s on), and a client that
+                    # keeps its TCP side open held its capacity slot until then.
+                    self._close_due = self.loop.call_at(self.close_deadline, self._close_overdue)
+
+            def _close_overdue(self) -> None:
+                if not self.connection_lost_waiter.done():
+                    self.transport.abort()
 
         return Connection
 
