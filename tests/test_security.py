@@ -259,18 +259,26 @@ async def test_sessions_per_key_cap(sec_yapd) -> None:
             assert (await recv(other))["type"] == "pong"
 
 
+def raw_websocket(port: int, receive_buffer: int = 0) -> socket.socket:
+    """A WebSocket connection to yapd on a bare socket, upgraded: frames written by hand
+    (a client misbehaving as no library lets one)."""
+    sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET /ws?api_key={KEY} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    return sock
+
+
 def test_a_client_that_sends_pings_and_never_reads_is_cut_off(make_yapd) -> None:
     """websockets answers each ping with a pong written at once, past write_buffer_bytes:
     a client that sent pings and never read grew the daemon by 3.5 GB in a minute (until
     its idle timeout). Cut off once its unsent answers pass the limit and the slack."""
     d = make_yapd(server={"write_buffer_bytes": 4096})
-    flood = socket.socket()
-    flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    flood.settimeout(30)
-    flood.connect(("127.0.0.1", d.port))
-    flood.sendall(f"GET /ws?api_key={KEY} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-    assert flood.recv(4096).startswith(b"HTTP/1.1 101")
+    flood = raw_websocket(d.port, receive_buffer=4096)
     ping = bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125  # masked, as a client's must be
     sent = 0
     with pytest.raises(OSError):  # reset by the daemon: the kernel's buffers and the slack, a few MB
@@ -288,13 +296,7 @@ def test_a_client_that_closes_and_keeps_its_tcp_side_open_frees_its_slot(make_ya
     close timeout (5 s here) only on its next send, and the session held its capacity slot
     until the keepalive ping (20 s). Aborted once the close timeout is up."""
     d = make_yapd()
-    lingering = socket.socket()
-    lingering.settimeout(30)
-    lingering.connect(("127.0.0.1", d.port))
-    lingering.sendall(f"GET /ws?api_key={KEY} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                      "Sec-WebSocket-Version: 13\r\n\r\n".encode())
-    assert lingering.recv(4096).startswith(b"HTTP/1.1 101")
+    lingering = raw_websocket(d.port)
     try:
         lingering.sendall(bytes([0x88, 0x82]) + b"\0\0\0\0" + (1000).to_bytes(2, "big"))  # close, masked
         assert lingering.recv(4096).startswith(b"\x88")  # the daemon's close answer

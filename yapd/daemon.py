@@ -375,12 +375,18 @@ class Daemon:
         finally:
             self._reloading = self._reload_due = False
 
+    def _stopping_refusal(self) -> dict[str, Any] | None:
+        """A reload's answer once a stop has begun: STOPPING=1 was said, a RELOADING=1 /
+        READY=1 pair now would tell systemd otherwise, and keys applied mid-drain serve
+        nobody. None while serving."""
+        if not self.rt.stopping:
+            return None
+        log.info("reload ignored: yapd is stopping")
+        return {"ok": False, "error": "yapd is stopping"}
+
     async def _reload(self) -> dict[str, Any]:
-        if self.rt.stopping:
-            # STOPPING=1 was said: a RELOADING=1 / READY=1 pair now would tell systemd
-            # otherwise, and keys applied mid-drain serve nobody.
-            log.info("reload ignored: yapd is stopping")
-            return {"ok": False, "error": "yapd is stopping"}
+        if refused := self._stopping_refusal():
+            return refused
         if self._ready:
             self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
         if self.admin is not None:
@@ -395,9 +401,8 @@ class Daemon:
                       exc_info=not isinstance(exc, (ConfigError, OSError)))
             self._reloaded(f"reload failed, running config kept: {exc}")
             return {"ok": False, "error": str(exc)}
-        if self.rt.stopping:  # a stop began while the file was read
-            log.info("reload ignored: yapd is stopping")
-            return {"ok": False, "error": "yapd is stopping"}
+        if refused := self._stopping_refusal():  # a stop began while the file was read
+            return refused
         old = self.cfg
         live, engine, restart = config.diff_keys(old, new)
         if "server.max_frame_bytes" in live and frame_cap(new.server.max_frame_bytes) > self.server.hard_cap:
