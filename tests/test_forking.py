@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -333,12 +334,14 @@ class StandInStarts:
 
 
 class StandInLLM:
-    """What vLLM's AsyncLLM is to a started engine: something to shut down, alive."""
+    """What vLLM's AsyncLLM is to a started engine: something to shut down, alive, with an
+    output processor (where yapd primes each request's detokenizer: yapd/engines/firsttext.py)."""
 
     errored = False
 
     def __init__(self) -> None:
         self.shut_down = False
+        self.output_processor = SimpleNamespace(request_states={}, add_request=lambda *args, **kwargs: None)
 
     def shutdown(self) -> None:
         self.shut_down = True

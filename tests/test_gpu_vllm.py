@@ -620,10 +620,15 @@ async def test_gpu_a_shutdown_ends_the_requests_still_streaming(tmp_path, monkey
     the requests still running first, so a request streaming when its engine stops (a
     restart past its drain time) ends at once with the engine's error, not never. And a
     request vLLM ends itself (that abort) is an error, not a reply cut short passed off as
-    complete. The engine in this process, beside gpu_yapd's (a small share of memory)."""
+    complete. The engine in this process, beside gpu_yapd's (a small share of memory).
+
+    First, on the same engine: each request's detokenizer is primed from its prompt's end
+    (engines.detokenizer_context, yapd/engines/firsttext.py), and a reply's text is the
+    text a stream primed with the whole prompt gives for its tokens."""
     from yapd import config
     from yapd.engines.base import EngineError, SamplingSpec
-    from yapd.engines.vllm import VllmEngine
+    from yapd.engines.firsttext import primed_stream
+    from yapd.engines.vllm import VllmEngine, sampling_params, token_prompt
 
     cache = Path(os.environ.get("YAPD_GPU_CACHE", str(tmp_path)))
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(cache / "vllm"))  # gpu_yapd's compile cache, warm
@@ -635,6 +640,19 @@ async def test_gpu_a_shutdown_ends_the_requests_still_streaming(tmp_path, monkey
     eng = VllmEngine("chat", cfg)
     await eng.start()
     try:
+        llm = eng._llm
+        assert "primes_from_prompt_end" in llm.output_processor.add_request.__qualname__
+        # Characters of several bytes up to the prompt's end, so its last 16 tokens may
+        # begin inside one.
+        prompt = eng.tokenizer("a long prompt " * 200 + "ends with a crab 🦀, café, 日本語 and 👍🏽").input_ids
+        spec = SamplingSpec(max_tokens=64, temperature=0.0, top_k=1)
+        said, ids = [], []
+        async for out in llm.generate(token_prompt(prompt), sampling_params(spec, "chat", eng.model), "first-text"):
+            said.append(out.outputs[0].text)
+            ids.extend(out.outputs[0].token_ids)
+        backend = eng.tokenizer.backend_tokenizer
+        whole = primed_stream(backend, prompt, True, 0)
+        assert "".join(said) == "".join(whole.step(backend, t) or "" for t in ids), (said, ids)
         stream = eng.stream(eng.tokenizer("tell me a long story").input_ids,
                             SamplingSpec(max_tokens=3000, ignore_eos=True), "long")
         assert (await anext(stream)).n_tokens >= 1
@@ -654,3 +672,13 @@ async def test_gpu_a_shutdown_ends_the_requests_still_streaming(tmp_path, monkey
     finally:
         if eng.health().state != "stopped":
             await eng.shutdown()
+
+
+def test_gpu_firsttextbench_runs(capsys):
+    """yapctl.firsttextbench on vLLM's own output processor (no GPU used; vLLM installed
+    only here): both primings give the same text, and the table prints."""
+    from yapctl import firsttextbench
+
+    assert firsttextbench.main([MODEL, "--sessions", "4", "--prompt-tokens", "300", "--rounds", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "the last 16 tokens (yapd)" in out and "the same both ways: True" in out

@@ -94,6 +94,7 @@ def test_env_overrides_every_original_variable():
     ("[engines]\ncore_switch_interval_ms = -1\n", "engines.core_switch_interval_ms: must be 0"),
     ("[engines]\ncore_switch_interval_ms = 500\n", "engines.core_switch_interval_ms: must be 0"),
     ("[engines]\ncore_switch_interval_ms = '1'\n", "engines.core_switch_interval_ms: expected a number"),
+    ("[engines]\ndetokenizer_context = -1\n", "engines.detokenizer_context: must be >= 0 (0: the whole prompt)"),
     ("[engines]\nfork_from_main_thread = 1\n", "engines.fork_from_main_thread: expected true or false, got int"),
     ("[chat]\nmax_num_batched_tokens = -1\n", "chat.max_num_batched_tokens: must be >= 0"),
     ("[tool]\nmax_num_batched_tokens = 1024\nenable_chunked_prefill = false\n",

@@ -183,6 +183,13 @@ class EnginesConfig:
     # 24.77 -> 21.09, decision 21.76 -> 18.63); "tool" was 2.5 / 5.4 ms ahead at 8 / 16
     # sessions and 24.5 ms behind at 24.
     mps_priority: MpsPriority = "equal"
+    # The prompt tokens (its last ones) each vLLM request's detokenizer starts from
+    # (yapd/engines/firsttext.py); 0 = the whole prompt, as vLLM does. vLLM decodes a
+    # request's whole prompt again to give its first token's text, on yapd's event loop:
+    # a step of 16 sessions' first tokens (2,632-token prompts) took 7.07 ms there
+    # against 0.15 ms from the last 16 (yapctl.firsttextbench, this project's CPU
+    # machine); the same text either way.
+    detokenizer_context: int = 16
 
 
 @dataclass
@@ -649,6 +656,8 @@ def validate(cfg: Config) -> None:
     if interval and not MIN_INTERVAL_MS <= interval <= MAX_INTERVAL_MS:
         raise ConfigError(f"{src}: engines.core_switch_interval_ms: must be 0 (Python's own) or in "
                           f"[{MIN_INTERVAL_MS:g}, {MAX_INTERVAL_MS:g}], got {interval}")
+    if cfg.engines.detokenizer_context < 0:
+        raise ConfigError(f"{src}: engines.detokenizer_context: must be >= 0 (0: the whole prompt)")
     if cfg.engines.deploy == "both":
         total = cfg.gpu_fraction("chat") + cfg.gpu_fraction("tool")
         if total > 0.98:

@@ -27,6 +27,7 @@ from typing import Any
 from yapd import awq, forking, gcpause, procfs, vllm_plugin
 from yapd.config import Config, EngineConfig
 from yapd.engines.base import Delta, Engine, EngineError, EngineHealth, EngineStamps, EngineState, SamplingSpec
+from yapd.engines.firsttext import primes_from_prompt_end
 from yapd.engines.memplan import MemoryPlans, Plan, plan_key, side_by_side
 from yapd.engines.memplan import now as memplan_now
 from yapd.engines.receipts import Receipts
@@ -481,10 +482,15 @@ class VllmEngine(Engine):
             log.warning("EngineCore not forked by yapd's main thread: %s role=%s", why, self.role)
 
     def _hook_client(self, llm: Any) -> None:
-        """yapd's hooks on ``llm``'s EngineCore client: receipts of its first outputs
-        (request stats on) and the held sends of turn.send_together."""
+        """yapd's hooks on ``llm``: receipts of its first outputs (request stats on), the
+        held sends of turn.send_together and each request's detokenizer primed from its
+        prompt's end (engines.detokenizer_context)."""
         self._receipts = takes_receipts(llm)
         self._together = sends_together(llm, self._receipts)
+        tokens = self.cfg.engines.detokenizer_context
+        if tokens and not primes_from_prompt_end(llm, tokens):
+            log.warning("this vLLM's output processor is not the one engines.detokenizer_context knows: "
+                        "each first output decodes its whole prompt role=%s", self.role)
 
     def _record_plan(self, before: tuple[int, int] | None, since: float) -> None:
         """After a start with nothing else loading: file vLLM's profiled KV size with

@@ -1,0 +1,214 @@
+"""Each vLLM request's detokenizer primed from its prompt's end (yapd.engines.firsttext):
+the same text as one primed with the whole prompt, for the decoders yapd's models use,
+and the hook on an output processor built as vLLM 0.26's is where yapd wraps it (the real
+one runs on the GPU: tests/test_gpu_vllm.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from yapd.engines.firsttext import primed_stream, primes_from_prompt_end, prompt_end
+
+# Text a prompt or a reply may hold: ASCII words, accents, CJK, emoji with modifiers
+# (four UTF-8 bytes, several tokens each), combining marks, newlines and tabs.
+PIECES = [*"abc xyz.,?!\n\t", "é", "ö", "ß", "日", "本", "語", "🎉", "👍🏽", "\u0301", "—"]
+TEXT = st.lists(st.sampled_from(PIECES), max_size=120).map("".join)
+CORPUS = ["Hello there, how are you doing today? I'm good, thanks for asking.",
+          "The weather is nice; shall we meet at the café at 5 o'clock?",
+          "日本語のテキストも少し。 Emoji too 🎉👍🏽 and accents: naïve, façade, Straße."] * 20
+
+
+def byte_level() -> Any:
+    """Byte-level BPE, as Tekken (Mistral NeMo) and Qwen's (Hammer) tokenizers are."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return tok
+
+
+def metaspace_byte_fallback() -> Any:
+    """SentencePiece-style BPE with byte fallback, as Llama's and Mistral's v1 tokenizers
+    are: a word's leading space is its token's own, a character the vocabulary lacks is
+    spelled in <0xNN> tokens, and the decoder strips the text's first space."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    trained = Tokenizer(models.BPE())
+    trained.normalizer = normalizers.Replace(" ", "▁")
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    trained.train_from_iterator([line.encode("ascii", "ignore").decode() for line in CORPUS], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    vocab = trained.get_vocab()
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+              for m in __import__("json").loads(trained.to_str())["model"]["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return tok
+
+
+TOKENIZERS = {"byte_level": byte_level(), "metaspace_byte_fallback": metaspace_byte_fallback()}
+
+
+def texts(tok: Any, stream: Any, reply: list[int], skip: bool = True) -> list[str]:
+    """Each reply token's text, as vLLM's fast detokenizer steps its stream: a decode whose
+    text no longer starts with what came before (byte fallback, tokens sampled at random)
+    starts the stream over."""
+    from tokenizers.decoders import DecodeStream
+
+    said = []
+    for t in reply:
+        try:
+            text = stream.step(tok, t)
+        except Exception as exc:
+            assert str(exc).startswith("Invalid prefix encountered"), exc
+            stream = DecodeStream(skip_special_tokens=skip)
+            text = stream.step(tok, t)
+        said.append(text or "")
+    return said
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt=TEXT, reply=TEXT, noise=st.lists(st.integers(0, 10**6), max_size=12), skip=st.booleans(),
+       tokens=st.integers(1, 24))
+def test_a_stream_primed_from_the_prompts_end_yields_the_same_text(name: str, prompt: str, reply: str,
+                                                                   noise: list[int], skip: bool, tokens: int) -> None:
+    tok = TOKENIZERS[name]
+    size = tok.get_vocab_size()
+    prompt_ids = [1, *tok.encode(prompt, add_special_tokens=False).ids]
+    # A model's reply: text's tokens, and any token at all (specials, bytes cut from
+    # their character), as sampling from random weights gives.
+    reply_ids = tok.encode(reply, add_special_tokens=False).ids + [n % size for n in noise]
+    whole = texts(tok, primed_stream(tok, prompt_ids, skip, 0), reply_ids, skip)
+    assert texts(tok, primed_stream(tok, prompt_ids, skip, tokens), reply_ids, skip) == whole
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_the_prompts_end_is_taken_from_a_characters_start(name: str) -> None:
+    tok = TOKENIZERS[name]
+    ids = tok.encode("well done 🦀!", add_special_tokens=False).ids
+    # The last cut inside the crab's bytes (a character the corpus lacks, so spelled in
+    # them), and the start of its first byte's token, where the prompt's end moves.
+    inside = [i for i in range(len(ids)) if tok.decode(ids[i:], skip_special_tokens=True).startswith("\ufffd")]
+    assert inside, "the crab's bytes should be cut across tokens"
+    at = min(inside) - 1
+    assert "🦀" in tok.decode(ids[at:]) and "🦀" not in tok.decode(ids[at + 1:])
+    cut_inside = len(ids) - max(inside)
+    assert prompt_end(tok, ids, True, cut_inside) == at
+    assert prompt_end(tok, ids, True, len(ids) - at) == at
+    assert prompt_end(tok, ids, True, 0) == 0 and prompt_end(tok, ids, True, len(ids)) == 0
+    reply = tok.encode("yes", add_special_tokens=False).ids
+    first = texts(tok, primed_stream(tok, ids, True, cut_inside), reply)
+    assert first == texts(tok, primed_stream(tok, ids, True, 0), reply) and "\ufffd" not in "".join(first)
+
+
+def test_a_prompt_holding_a_replacement_character_at_its_cut_is_primed_whole() -> None:
+    tok = TOKENIZERS["byte_level"]
+    ids = tok.encode("well done \ufffd\ufffd\ufffd\ufffd\ufffd!", add_special_tokens=False).ids
+    assert prompt_end(tok, ids, True, 2) == 0
+
+
+class OutputProcessor:
+    """vLLM 0.26's OutputProcessor where yapd hooks it: ``add_request`` makes the request's
+    state, keyed by the request's (internal) id, whose fast detokenizer holds a
+    DecodeStream primed with the whole prompt and its request's skip_special_tokens."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.request_states: dict[str, Any] = {}
+
+    def add_request(self, request: Any, prompt: str | None, parent_req: Any = None, request_index: int = 0,
+                    queue: Any = None) -> None:
+        skip = request.sampling_params.skip_special_tokens
+        detokenizer = SimpleNamespace(skip_special_tokens=skip, tokenizer=self.tok,
+                                      stream=primed_stream(self.tok, request.prompt_token_ids, skip, 0))
+        self.request_states[request.request_id] = SimpleNamespace(detokenizer=detokenizer, queue=queue,
+                                                                  vllms_stream=detokenizer.stream)
+
+
+def request(request_id: str, ids: list[int]) -> Any:
+    return SimpleNamespace(request_id=request_id, prompt_token_ids=ids,
+                           sampling_params=SimpleNamespace(skip_special_tokens=True))
+
+
+def test_the_hook_primes_each_long_prompts_stream_from_its_end_and_leaves_short_ones() -> None:
+    tok = TOKENIZERS["byte_level"]
+    processor = OutputProcessor(tok)
+    assert primes_from_prompt_end(SimpleNamespace(output_processor=processor), 8)
+    long_ids = tok.encode(" ".join(CORPUS[:6])).ids
+    short_ids = long_ids[:8]
+    reply = tok.encode(" and then some more words, with a café ☕").ids
+    processor.add_request(request("long-1", long_ids), None, None, 0, queue="q")
+    processor.add_request(request("short-1", short_ids), None)
+    assert processor.request_states["long-1"].queue == "q"  # the arguments reach vLLM's own
+    long_state, short_state = processor.request_states["long-1"], processor.request_states["short-1"]
+    assert long_state.detokenizer.stream is not long_state.vllms_stream
+    assert short_state.detokenizer.stream is short_state.vllms_stream
+    primed = long_state.detokenizer.stream
+    assert texts(tok, primed, reply) == texts(tok, primed_stream(tok, long_ids, True, 0), reply)
+    assert texts(tok, processor.request_states["short-1"].detokenizer.stream, reply) == \
+        texts(tok, primed_stream(tok, short_ids, True, 0), reply)
+
+
+def test_the_hook_leaves_vllm_as_it_is_when_asked_for_the_whole_prompt_or_not_knowing_it() -> None:
+    processor = OutputProcessor(TOKENIZERS["byte_level"])
+    add = processor.add_request
+    assert not primes_from_prompt_end(SimpleNamespace(output_processor=processor), 0)
+    assert processor.add_request == add
+    assert not primes_from_prompt_end(SimpleNamespace(), 16)
+    assert not primes_from_prompt_end(SimpleNamespace(output_processor=SimpleNamespace(add_request=add)), 16)
+
+
+def test_a_slow_detokenizer_without_a_stream_is_left_alone() -> None:
+    processor = OutputProcessor(TOKENIZERS["byte_level"])
+    slow = SimpleNamespace(prompt_len=3)
+
+    def add_request(request: Any, *args: Any) -> None:
+        processor.request_states[request.request_id] = SimpleNamespace(detokenizer=slow)
+
+    processor.add_request = add_request  # type: ignore[method-assign]
+    assert primes_from_prompt_end(SimpleNamespace(output_processor=processor), 2)
+    processor.add_request(request("r-1", list(range(40))), None)
+    assert processor.request_states["r-1"].detokenizer is slow and not hasattr(slow, "stream")
+
+
+def test_example_config_documents_the_key(tmp_path: Path) -> None:
+    from yapd import config
+
+    text = (Path(__file__).resolve().parents[1] / "config.example.toml").read_text()
+    assert "detokenizer_context = 16" in text
+    assert config.Config().engines.detokenizer_context == 16
+
+
+@pytest.mark.parametrize("context", [16, 0])
+def test_an_engine_primes_as_configured_and_warns_of_a_vllm_it_cannot(context: int, caplog) -> None:
+    """VllmEngine's hooks on a started AsyncLLM: the priming on engines.detokenizer_context's
+    count, a warning where this vLLM has no output processor like 0.26's (every first
+    output then decodes its whole prompt), nothing at all for 0."""
+    from yapd import config
+    from yapd.engines.vllm import VllmEngine
+
+    cfg = config.from_mapping({"engines": {"detokenizer_context": context}}, "test")
+    processor = OutputProcessor(TOKENIZERS["byte_level"])
+    add = processor.add_request
+    VllmEngine("chat", cfg)._hook_client(SimpleNamespace(output_processor=processor))
+    assert (processor.add_request != add) == bool(context)
+    VllmEngine("tool", cfg)._hook_client(SimpleNamespace())
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == (["this vLLM's output processor is not the one engines.detokenizer_context knows: each first "
+                       "output decodes its whole prompt role=tool"] if context else [])
