@@ -134,6 +134,8 @@ class OutputProcessor:
 
     def add_request(self, request: Any, prompt: str | None, parent_req: Any = None, request_index: int = 0,
                     queue: Any = None) -> None:
+        if request.request_id in self.request_states:
+            return  # vLLM: a streaming input's next chunk, queued on the request's state
         skip = request.sampling_params.skip_special_tokens
         detokenizer = SimpleNamespace(skip_special_tokens=skip, tokenizer=self.tok,
                                       stream=primed_stream(self.tok, request.prompt_token_ids, skip, 0))
@@ -160,6 +162,9 @@ def test_the_hook_primes_each_long_prompts_stream_from_its_end_and_leaves_short_
     assert long_state.detokenizer.stream is not long_state.vllms_stream
     assert short_state.detokenizer.stream is short_state.vllms_stream
     primed = long_state.detokenizer.stream
+    # A streaming input's next chunk for a request already there: its stream stays.
+    processor.add_request(request("long-1", long_ids + reply), None)
+    assert long_state.detokenizer.stream is primed
     assert texts(tok, primed, reply) == texts(tok, primed_stream(tok, long_ids, True, 0), reply)
     assert texts(tok, processor.request_states["short-1"].detokenizer.stream, reply) == \
         texts(tok, primed_stream(tok, short_ids, True, 0), reply)

@@ -68,7 +68,12 @@ def primes_from_prompt_end(llm: Any, tokens: int) -> bool:
         return False
 
     def add_request(request: Any, *args: Any, **kwargs: Any) -> None:
+        # A request already there is a streaming input's next chunk (vLLM queues it on the
+        # request's state): its stream has decoded the reply so far and stays.
+        new = request.request_id not in states
         add(request, *args, **kwargs)
+        if not new:
+            return
         detokenizer = getattr(states.get(request.request_id), "detokenizer", None)
         ids = getattr(request, "prompt_token_ids", None)
         tokenizer = getattr(detokenizer, "tokenizer", None)
