@@ -22,12 +22,8 @@ same text.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
-
-log = logging.getLogger("yapd.engine.vllm")
-
 
 # The most tokens a character's bytes are cut into after its first (UTF-8: 4 bytes).
 CHARACTER_TAIL = 3
