@@ -10,10 +10,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from yapd.engines.firsttext import primed_stream, primes_from_prompt_end, prompt_end
+from yapd.engines.firsttext import prime_window, primed_stream, primes_from_prompt_end
+from yapd.prompts import BACK_OFF
 
 # Text a prompt or a reply may hold: ASCII words, accents, CJK, emoji with modifiers
 # (four UTF-8 bytes, several tokens each), combining marks, newlines and tabs.
@@ -84,18 +85,29 @@ def texts(tok: Any, stream: Any, reply: list[int], skip: bool = True) -> list[st
 
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(prompt=TEXT, reply=TEXT, noise=st.lists(st.integers(0, 10**6), max_size=12), skip=st.booleans(),
-       tokens=st.integers(1, 24))
-def test_a_stream_primed_from_the_prompts_end_yields_the_same_text(name: str, prompt: str, reply: str,
-                                                                   noise: list[int], skip: bool, tokens: int) -> None:
+@given(prompt=TEXT, cut=st.integers(0, 6), tail=st.lists(st.integers(0, 10**6), max_size=20), reply=TEXT,
+       noise=st.lists(st.integers(0, 10**6), max_size=12), skip=st.booleans(), tokens=st.integers(1, 24))
+def test_a_stream_primed_from_the_prompts_end_yields_the_reply_vllm_gives(
+        name: str, prompt: str, cut: int, tail: list[int], reply: str, noise: list[int], skip: bool,
+        tokens: int) -> None:
+    """The same text as vLLM's stream primed with the whole prompt, for any prompt: its
+    text's tokens cut anywhere (inside a character too) and any tokens after them
+    (specials, bytes cut from their character), and any reply. Where the prompt's text
+    ends in U+FFFD, the text vLLM's would give had the prompt ended before it (vLLM's
+    own would give the whole prompt's text as the reply's first)."""
     tok = TOKENIZERS[name]
     size = tok.get_vocab_size()
-    prompt_ids = [1, *tok.encode(prompt, add_special_tokens=False).ids]
-    # A model's reply: text's tokens, and any token at all (specials, bytes cut from
-    # their character), as sampling from random weights gives.
+    text_ids = tok.encode(prompt, add_special_tokens=False).ids
+    prompt_ids = [1, *text_ids[:len(text_ids) - cut], *(n % size for n in tail)]
+    # A model's reply: text's tokens, and any token at all, as sampling from random
+    # weights gives.
     reply_ids = tok.encode(reply, add_special_tokens=False).ids + [n % size for n in noise]
-    whole = texts(tok, primed_stream(tok, prompt_ids, skip, 0), reply_ids, skip)
-    assert texts(tok, primed_stream(tok, prompt_ids, skip, tokens), reply_ids, skip) == whole
+    end = len(prompt_ids)
+    while end > 1 and tok.decode(prompt_ids[:end], skip_special_tokens=skip).endswith("\ufffd"):
+        end -= 1
+    assume(len(prompt_ids) - end <= tokens)  # else U+FFFD ends what is left: a run of it
+    vllms = texts(tok, primed_stream(tok, prompt_ids[:end], skip, 0), reply_ids, skip)
+    assert texts(tok, primed_stream(tok, prompt_ids, skip, tokens), reply_ids, skip) == vllms
 
 
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
@@ -109,18 +121,64 @@ def test_the_prompts_end_is_taken_from_a_characters_start(name: str) -> None:
     at = min(inside) - 1
     assert "🦀" in tok.decode(ids[at:]) and "🦀" not in tok.decode(ids[at + 1:])
     cut_inside = len(ids) - max(inside)
-    assert prompt_end(tok, ids, True, cut_inside) == at
-    assert prompt_end(tok, ids, True, len(ids) - at) == at
-    assert prompt_end(tok, ids, True, 0) == 0 and prompt_end(tok, ids, True, len(ids)) == 0
+    n = len(ids)
+    assert prime_window(tok, ids, True, cut_inside) == (at, n)
+    assert prime_window(tok, ids, True, n - at) == (at, n)
+    assert prime_window(tok, ids, True, 0) == (0, n) and prime_window(tok, ids, True, n) == (0, n)
     reply = tok.encode("yes", add_special_tokens=False).ids
     first = texts(tok, primed_stream(tok, ids, True, cut_inside), reply)
     assert first == texts(tok, primed_stream(tok, ids, True, 0), reply) and "\ufffd" not in "".join(first)
 
 
-def test_a_prompt_holding_a_replacement_character_at_its_cut_is_primed_whole() -> None:
+def test_a_window_starts_before_a_replacement_characters_run_at_its_cut() -> None:
+    """U+FFFD itself at the window's start reads as a character cut there: the window
+    starts before it, or at the prompt's start where it is more than BACK_OFF tokens."""
     tok = TOKENIZERS["byte_level"]
     ids = tok.encode("well done \ufffd\ufffd\ufffd\ufffd\ufffd!", add_special_tokens=False).ids
-    assert prompt_end(tok, ids, True, 2) == 0
+    start, end = prime_window(tok, ids, True, 2)
+    assert end == len(ids) and tok.decode(ids[start:]) == " \ufffd\ufffd\ufffd\ufffd\ufffd!"
+    ids = tok.encode("well done " + "\ufffd" * (BACK_OFF + 8) + "!", add_special_tokens=False).ids
+    assert prime_window(tok, ids, True, 2) == (0, len(ids))
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_a_window_of_skipped_special_tokens_is_primed_whole(name: str) -> None:
+    """The last tokens all specials, skipped: primed with them alone the reply's first
+    token would be decoded as the text's start (a metaspace decoder drops its space). The
+    window starts where it holds text, or at the prompt's start where that is more than
+    BACK_OFF tokens further."""
+    tok = TOKENIZERS[name]
+    special = tok.token_to_id("</s>" if name.startswith("metaspace") else "<|im_end|>")
+    text = tok.encode("Hello there, look at this:", add_special_tokens=False).ids
+    ids = text + [special] * 12
+    start, end = prime_window(tok, ids, True, 8)
+    assert end == len(ids) and 0 < start < len(text) and tok.decode(ids[start:end], skip_special_tokens=True)
+    assert prime_window(tok, ids, False, 8) == (len(ids) - 8, len(ids))
+    reply = tok.encode(" Hello there", add_special_tokens=False).ids
+    assert texts(tok, primed_stream(tok, ids, True, 8), reply) == texts(tok, primed_stream(tok, ids, True, 0), reply)
+    ids = text + [special] * (BACK_OFF + 10)
+    assert prime_window(tok, ids, True, 8) == (0, len(ids))
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_a_prompt_whose_text_ends_in_a_broken_character_is_not_given_back_as_the_reply(name: str) -> None:
+    """A prompt cut inside the crab's bytes (and a special token after, skipped): primed
+    with the whole prompt, vLLM's stream gives the prompt's text with the reply's first
+    token; primed without the broken bytes, only the reply's text."""
+    tok = TOKENIZERS[name]
+    special = tok.token_to_id("</s>" if name.startswith("metaspace") else "<|im_end|>")
+    head = tok.encode("You are Ava. The user said: well done", add_special_tokens=False).ids
+    crab = tok.encode(" 🦀", add_special_tokens=False).ids
+    ids = [*head, *crab[:-1], special]
+    assert tok.decode(ids, skip_special_tokens=True).endswith("\ufffd")
+    reply = tok.encode(" Thanks", add_special_tokens=False).ids
+    vllms = texts(tok, primed_stream(tok, ids, True, 0), reply)
+    assert "You are Ava" in vllms[0]
+    _, end = prime_window(tok, ids, True, 16)
+    assert len(head) <= end <= len(ids) - 3 and not tok.decode(ids[:end], skip_special_tokens=True).endswith("\ufffd")
+    ours = texts(tok, primed_stream(tok, ids, True, 16), reply)
+    assert "".join(ours) == "".join(texts(tok, primed_stream(tok, head, True, 0), reply))
+    assert "Ava" not in "".join(ours)
 
 
 class OutputProcessor:

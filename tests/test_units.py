@@ -224,6 +224,46 @@ def test_trim_utterance_keeps_the_start():
     assert trim_utterance(list(range(1000)), 350) == list(range(350))
 
 
+@pytest.mark.parametrize("name", ["byte_level", "metaspace_byte_fallback"])
+def test_trim_utterance_ends_where_a_character_does(name):
+    """Cut at any token of a text of characters spelled in several byte tokens each: the
+    kept text never ends in a character cut short (vLLM's detokenizer would give the
+    whole prompt back as the reply's first text), and gives way by at most 3 tokens."""
+    from tests.test_firsttext import TOKENIZERS
+
+    tok = TOKENIZERS[name]
+
+    def decode(ids):
+        return tok.decode(list(ids), skip_special_tokens=False)
+
+    ids = tok.encode("ok " + "🦀 日本 ü" * 12, add_special_tokens=False).ids
+    cut_inside = 0
+    for m in range(1, len(ids)):
+        kept = trim_utterance(ids, m, decode)
+        assert kept == ids[:len(kept)] and m - 3 <= len(kept) <= m
+        assert not decode(kept).endswith("\ufffd"), (m, decode(kept))
+        cut_inside += decode(ids[:m]).endswith("\ufffd")
+    assert cut_inside > 10  # the cuts this checks fell inside characters
+
+
+def test_a_chat_prompt_cut_inside_a_character_does_not_end_its_text_there():
+    """build_chat_prompt's utterance cut (turn.user_utt_max_tokens), with a template whose
+    tail is a special token (as NeMo's "[/INST]"): the prompt's text, specials skipped as
+    vLLM decodes it, ends in a whole character."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.test_firsttext import TOKENIZERS
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=TOKENIZERS["byte_level"])
+    layout = ChatLayout("", "\nUser: ", "<|im_end|>", False)
+    for extra in range(8):
+        utterance = "x" * extra + " I was at the party 🦀🦀 and it was great ü " * 30
+        prompt = build_chat_prompt(PromptCache(tok), layout, "You are Ava.", "", utterance, history_max_tokens=100,
+                                   history_step=16, utterance_max_tokens=60, max_model_len=4096, max_out=100)
+        assert prompt.ids[-1] == tok.convert_tokens_to_ids("<|im_end|>") and 57 <= prompt.utterance_tokens <= 60
+        assert not tok.decode(prompt.ids, skip_special_tokens=True).endswith("\ufffd"), extra
+
+
 class FakeTok:
     """Whitespace tokenizer: one token per word (to check exact counting)."""
 

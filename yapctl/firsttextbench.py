@@ -29,9 +29,10 @@ from yapctl.gpubench.prompts import text
 
 
 def first_steps(model: str, sessions: int, prompt_tokens: int, rounds: int, context: int) -> tuple[
-        list[float], list[float], list[list[str]]]:
-    """``process_outputs`` times in ms for each round's first-token step and the step after,
-    and the text each request was given, with streams primed from ``context`` tokens (0:
+        list[float], list[float], list[float], list[list[str]]]:
+    """Times in ms for each round's ``add_request`` of its requests (where yapd primes
+    their streams), its first-token step's ``process_outputs`` and the step after's, and
+    the text each request was given, with streams primed from ``context`` tokens (0:
     vLLM's own, the whole prompt)."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams
     from vllm.v1.engine import EngineCoreEvent, EngineCoreEventType, EngineCoreOutput, EngineCoreRequest
@@ -48,11 +49,13 @@ def first_steps(model: str, sessions: int, prompt_tokens: int, rounds: int, cont
     corpus = tokenizer(text(2 * prompt_tokens + 100, 1), add_special_tokens=False).input_ids
     vocab = len(tokenizer)
     rnd = random.Random(0)  # noqa: S311 - a benchmark's replies, no secret
+    adds: list[float] = []
     firsts: list[float] = []
     seconds: list[float] = []
     texts: list[list[str]] = []
     for r in range(rounds):
         queues = []
+        added = 0.0
         for i in range(sessions):
             rid = f"r{r}-{i}"
             start = rnd.randrange(0, len(corpus) - prompt_tokens)
@@ -62,8 +65,11 @@ def first_steps(model: str, sessions: int, prompt_tokens: int, rounds: int, cont
                 sampling_params=params, pooling_params=None, arrival_time=time.time(), lora_request=None,
                 cache_salt=None, data_parallel_rank=None, external_req_id=rid)
             queue = RequestOutputCollector(RequestOutputKind.DELTA, rid)
+            t0 = time.perf_counter()
             processor.add_request(request, None, None, 0, queue)
+            added += time.perf_counter() - t0
             queues.append(queue)
+        adds.append(added * 1000)
         reply = [[rnd.randrange(0, vocab) for _ in range(2)] for _ in range(sessions)]
         now = time.monotonic()
         for step, took in ((0, firsts), (1, seconds)):
@@ -80,7 +86,7 @@ def first_steps(model: str, sessions: int, prompt_tokens: int, rounds: int, cont
                     texts.append([])
                 texts[r * sessions + i].append(out.outputs[0].text if out is not None else "")
         processor.abort_requests([f"r{r}-{i}" for i in range(sessions)], internal=True)
-    return firsts, seconds, texts
+    return adds, firsts, seconds, texts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,12 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--sessions, --prompt-tokens, --rounds and --context must be >= 1")
     print(f"{args.sessions} requests a step, {args.prompt_tokens}-token prompts, {args.rounds} rounds, "
           f"{args.model}")
-    print("| streams primed with | first tokens' step p50 / p95 ms | the next step p50 / p95 ms |")
-    print("| --- | --- | --- |")
+    print("| streams primed with | adding the requests p50 / p95 ms | first tokens' step p50 / p95 ms | "
+          "the next step p50 / p95 ms |")
+    print("| --- | --- | --- | --- |")
     said = []
     for context, name in ((0, "the whole prompt (vLLM)"), (args.context, f"the last {args.context} tokens (yapd)")):
-        firsts, seconds, texts = first_steps(args.model, args.sessions, args.prompt_tokens, args.rounds, context)
-        print(f"| {name} | {pct(firsts, 50)} / {pct(firsts, 95)} | {pct(seconds, 50)} / {pct(seconds, 95)} |")
+        adds, firsts, seconds, texts = first_steps(args.model, args.sessions, args.prompt_tokens, args.rounds,
+                                                   context)
+        print(f"| {name} | {pct(adds, 50)} / {pct(adds, 95)} | {pct(firsts, 50)} / {pct(firsts, 95)} | "
+              f"{pct(seconds, 50)} / {pct(seconds, 95)} |")
         said.append(texts)
     same = said[0] == said[1]
     print(f"every reply's text the same both ways: {same}")

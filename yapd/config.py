@@ -186,9 +186,10 @@ class EnginesConfig:
     # The prompt tokens (its last ones) each vLLM request's detokenizer starts from
     # (yapd/engines/firsttext.py); 0 = the whole prompt, as vLLM does. vLLM decodes a
     # request's whole prompt again to give its first token's text, on yapd's event loop:
-    # a step of 16 sessions' first tokens (2,632-token prompts) took 7.07 ms there
-    # against 0.15 ms from the last 16 (yapctl.firsttextbench, this project's CPU
-    # machine); the same text either way.
+    # a step of 16 sessions' first tokens (2,632-token prompts) took 7.0-7.4 ms there
+    # against 0.15 ms from the last 16, whose window adding the 16 requests took 0.1 ms
+    # more (yapctl.firsttextbench, this project's CPU machine); the same text, but where
+    # the prompt's own text ends in U+FFFD (vLLM then streams the whole prompt back).
     detokenizer_context: int = 16
 
 

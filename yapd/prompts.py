@@ -116,9 +116,50 @@ def trim_history(ids: Sequence[int], max_tokens: int, step: int = 1) -> list[int
     return list(ids[cut:])
 
 
-def trim_utterance(ids: Sequence[int], max_tokens: int) -> list[int]:
-    """The first ``max_tokens`` tokens: what the user said first is what they asked."""
-    return list(ids[:max_tokens])
+# How far back a window of tokens may start to begin where the text does not begin in
+# U+FFFD: a byte-level BPE cuts a character into at most 4 tokens, but a byte-fallback
+# tokenizer (SentencePiece's) spells a run of characters in byte tokens that decode
+# together, all of them U+FFFD if any is cut.
+BACK_OFF = 32
+# The tokens read to see how a text ends.
+END_WINDOW = 8
+
+
+def clean_start(decode: Callable[[Sequence[int]], str], ids: Sequence[int], at: int, end: int,
+                nonempty: bool = False) -> int | None:
+    """The latest start at or before ``at`` from which ``ids[start:end]`` decodes to text
+    that does not begin in U+FFFD (nor is empty, with ``nonempty``): read from there,
+    the window's text is the end of the whole one's. The text's own start (0) is always
+    one. None if none within BACK_OFF."""
+    for start in range(at, max(0, at - BACK_OFF) - 1, -1):
+        said = decode(ids[start:end]) if start else ""
+        if start == 0 or (not said.startswith("\ufffd") and (said or not nonempty)):
+            return start
+    return None
+
+
+def ends_broken(decode: Callable[[Sequence[int]], str], ids: Sequence[int], end: int) -> bool | None:
+    """Whether ``ids[:end]``'s text ends in U+FFFD (a character cut short, or that
+    character), read from its last tokens; None where that cannot be read near the end."""
+    start = clean_start(decode, ids, max(0, end - END_WINDOW), end)
+    return None if start is None else decode(ids[start:end]).endswith("\ufffd")
+
+
+def trim_utterance(ids: Sequence[int], max_tokens: int,
+                   decode: Callable[[Sequence[int]], str] | None = None) -> list[int]:
+    """The first ``max_tokens`` tokens: what the user said first is what they asked. With
+    ``decode`` (the tokenizer's), ending where a character does: a character cut short
+    ends the prompt's text in U+FFFD, which vLLM's detokenizer holds back with the whole
+    prompt until the reply's first token and then streams all of it as that token's text
+    (yapd/engines/firsttext.py)."""
+    end = min(len(ids), max_tokens)
+    if decode is not None and end < len(ids):
+        # A character's bytes are at most 4 tokens: at most 3 give way.
+        for _ in range(3):
+            if end <= 0 or not ends_broken(decode, ids, end):
+                break
+            end -= 1
+    return list(ids[:end])
 
 
 # A token covers at most this many characters of ordinary text; cutting the text to
@@ -296,7 +337,10 @@ class PromptCache:
         ids = self.encode(text)
         if len(ids) <= max_tokens:
             return text
-        return str(self.tok.decode(trim_utterance(ids, max_tokens), skip_special_tokens=False))
+        return str(self.tok.decode(trim_utterance(ids, max_tokens, self.decode), skip_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tok.decode(list(ids), skip_special_tokens=False))
 
     def persona_ids(self, text: str) -> list[int]:
         if text != self._persona.text:
@@ -385,7 +429,7 @@ def build_chat_prompt(
         history_ids = trim_history(raw, history_max_tokens, history_step)
     utt_ids = trim_utterance(
         cache.encode(clip_text(utterance.strip(), utterance_max_tokens, from_end=False, exact=exact)),
-        utterance_max_tokens,
+        utterance_max_tokens, cache.decode,
     )
     middle = cache.encode_fixed(layout.middle)
     tail = cache.encode_fixed(layout.tail)

@@ -6,8 +6,9 @@ whole prompt. The stream's first step decodes that prompt twice (as the text so 
 with the new token) to find the new token's text, for every request of a step's batch
 before any of them reaches its turn. ``yapctl.firsttextbench`` (vLLM 0.26's
 ``OutputProcessor``, NeMo's tokenizer, gpubench's 2,632-token chat prompt, this project's
-CPU machine) times the step bringing 16 such first tokens at 7.07 ms p50, and 0.15 ms
-with each stream primed from the prompt's last 16 tokens. On an H100 at 16 sessions the
+CPU machine) times the step bringing 16 such first tokens at 7.0-7.4 ms p50, and 0.15 ms
+with each stream primed from the prompt's last 16 tokens (finding that window took 0.1 ms
+more in adding the 16 requests). On an H100 at 16 sessions the
 chat's first token took 11.4 ms p50 from the output handler taking it to the turn
 holding it, raw vLLM's as long (runs ap and ar, docs/bench/README.md).
 
@@ -15,9 +16,17 @@ A new token's text depends only on the tokens just before it: a byte-level decod
 the bytes of a character cut across tokens (at most 4), a metaspace decoder's on nothing
 before it (its leading space is the token's own; the decoder's strip of a leading space
 applies to the start of every decode alike). So the stream is primed with the prompt's
-last ``tokens`` instead, taken from a character's start (a stream primed from the middle
-of one would put a replacement character before the first token's text), and yields the
-same text.
+last ``tokens`` instead, and yields the same text, where the window is taken as
+``prime_window`` says: from a character's start (a stream primed from the middle of one
+would put a replacement character before the first token's text), and with text in it
+(a window of skipped special tokens decodes to nothing, and the first token would then
+be decoded as the text's start: a metaspace decoder drops its leading space).
+
+One case differs, on purpose: a prompt whose text ends in U+FFFD (a character cut short,
+or that character itself). A DecodeStream primed with it holds all of its text back and
+gives it with the reply's first token: vLLM then streams the whole prompt (persona and
+history) as the start of the reply. The window leaves those last tokens out, so the
+reply's text is the reply's.
 """
 
 from __future__ import annotations
@@ -25,31 +34,41 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-# The most tokens a character's bytes are cut into after its first (UTF-8: 4 bytes).
-CHARACTER_TAIL = 3
+from yapd.prompts import clean_start, ends_broken
 
 
-def prompt_end(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool, tokens: int) -> int:
-    """Where the last ``tokens`` of ``prompt_ids`` begin, moved back to a character's start
-    (``tokenizer``: a tokenizers.Tokenizer); 0, the whole prompt, for ``tokens`` 0 or where
-    no start is found that near (a prompt holding U+FFFD itself there)."""
-    if tokens <= 0 or len(prompt_ids) <= tokens:
-        return 0
-    start = len(prompt_ids) - tokens
-    for at in range(start, max(0, start - CHARACTER_TAIL) - 1, -1):
-        if not tokenizer.decode(list(prompt_ids[at:]), skip_special_tokens=skip_special_tokens).startswith("\ufffd"):
-            return at
-    return 0
+def prime_window(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool, tokens: int) -> tuple[int, int]:
+    """The prompt tokens ``[start, end)`` to prime a request's DecodeStream with (see the
+    module's text; ``tokenizer``: a tokenizers.Tokenizer): the last ``tokens`` of the
+    prompt, read from where its text begins whole, leaving out the tokens of a text that
+    ends in U+FFFD. ``(0, len(prompt_ids))``, vLLM's own, where that is what it comes
+    to, for ``tokens`` 0, or where no window like that is found near the end."""
+    n = len(prompt_ids)
+    if tokens <= 0:
+        return 0, n
+
+    def decode(ids: Sequence[int]) -> str:
+        return str(tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    end = n
+    while (broken := ends_broken(decode, prompt_ids, end)) is not False:
+        if broken is None or n - end >= tokens:  # unreadable there, or a run of U+FFFD
+            return 0, n
+        end -= 1
+    if end <= tokens:
+        return 0, end
+    start = clean_start(decode, prompt_ids, end - tokens, end, nonempty=True)
+    return (0, end) if start is None else (start, end)
 
 
 def primed_stream(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool, tokens: int) -> Any:
-    """A DecodeStream primed with the last ``tokens`` of ``prompt_ids`` (see prompt_end;
-    the whole prompt for 0). Looked up on the module as vLLM does, so a backend that
-    replaces the class is honoured here too."""
+    """A DecodeStream primed as prime_window says (the whole prompt for ``tokens`` 0).
+    Looked up on the module as vLLM does, so a backend that replaces the class is
+    honoured here too."""
     import tokenizers.decoders
 
-    ids = list(prompt_ids[prompt_end(tokenizer, prompt_ids, skip_special_tokens, tokens):])
-    return tokenizers.decoders.DecodeStream(ids=ids, skip_special_tokens=skip_special_tokens)
+    start, end = prime_window(tokenizer, prompt_ids, skip_special_tokens, tokens)
+    return tokenizers.decoders.DecodeStream(ids=list(prompt_ids[start:end]), skip_special_tokens=skip_special_tokens)
 
 
 def primes_from_prompt_end(llm: Any, tokens: int) -> bool:
@@ -62,6 +81,7 @@ def primes_from_prompt_end(llm: Any, tokens: int) -> bool:
     states = getattr(processor, "request_states", None)
     if tokens <= 0 or processor is None or add is None or not isinstance(states, dict):
         return False
+    import tokenizers.decoders
 
     def add_request(request: Any, *args: Any, **kwargs: Any) -> None:
         # A request already there is a streaming input's next chunk (vLLM queues it on the
@@ -75,11 +95,12 @@ def primes_from_prompt_end(llm: Any, tokens: int) -> bool:
         tokenizer = getattr(detokenizer, "tokenizer", None)
         # Only vLLM's fast detokenizer keeps a DecodeStream (and its tokenizer's Rust
         # side); the slow one already works from a few prompt tokens.
-        if detokenizer is None or tokenizer is None or not hasattr(detokenizer, "stream") or ids is None \
-                or len(ids) <= tokens:
+        if detokenizer is None or tokenizer is None or not hasattr(detokenizer, "stream") or ids is None:
             return
-        detokenizer.stream = primed_stream(tokenizer, ids, bool(getattr(detokenizer, "skip_special_tokens", True)),
-                                           tokens)
+        skip = bool(getattr(detokenizer, "skip_special_tokens", True))
+        start, end = prime_window(tokenizer, ids, skip, tokens)
+        if (start, end) != (0, len(ids)):  # else vLLM's own stream is the same
+            detokenizer.stream = tokenizers.decoders.DecodeStream(ids=list(ids[start:end]), skip_special_tokens=skip)
 
     processor.add_request = add_request
     return True
