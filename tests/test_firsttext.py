@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from yapd.engines.firsttext import prime_window, primed_stream, primes_from_prompt_end
@@ -94,7 +94,8 @@ def test_a_stream_primed_from_the_prompts_end_yields_the_reply_vllm_gives(
     text's tokens cut anywhere (inside a character too) and any tokens after them
     (specials, bytes cut from their character), and any reply. Where the prompt's text
     ends in U+FFFD, the text vLLM's would give had the prompt ended before it (vLLM's
-    own would give the whole prompt's text as the reply's first)."""
+    own would give the whole prompt's text as the reply's first), or, past the window,
+    the reply's own text read alone."""
     tok = TOKENIZERS[name]
     size = tok.get_vocab_size()
     text_ids = tok.encode(prompt, add_special_tokens=False).ids
@@ -105,9 +106,11 @@ def test_a_stream_primed_from_the_prompts_end_yields_the_reply_vllm_gives(
     end = len(prompt_ids)
     while end > 1 and tok.decode(prompt_ids[:end], skip_special_tokens=skip).endswith("\ufffd"):
         end -= 1
-    assume(len(prompt_ids) - end <= tokens)  # else U+FFFD ends what is left: a run of it
-    vllms = texts(tok, primed_stream(tok, prompt_ids[:end], skip, 0), reply_ids, skip)
-    assert texts(tok, primed_stream(tok, prompt_ids, skip, tokens), reply_ids, skip) == vllms
+    ours = texts(tok, primed_stream(tok, prompt_ids, skip, tokens), reply_ids, skip)
+    if len(prompt_ids) - end > tokens:  # a run of U+FFFD longer than the window: the reply read alone
+        assert ours == texts(tok, primed_stream(tok, [], skip, 0), reply_ids, skip)
+    else:
+        assert ours == texts(tok, primed_stream(tok, prompt_ids[:end], skip, 0), reply_ids, skip)
 
 
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
@@ -275,3 +278,32 @@ def test_an_engine_primes_as_configured_and_warns_of_a_vllm_it_cannot(context: i
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warned == (["this vLLM's output processor is not the one engines.detokenizer_context knows: each first "
                        "output decodes its whole prompt role=tool"] if context else [])
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+@pytest.mark.parametrize("specials", [1, 8, 12])
+def test_skipped_special_tokens_after_a_cut_character_do_not_hide_it(name: str, specials: int) -> None:
+    """A character cut short, then more skipped special tokens than the end is read
+    from: the window still leaves the broken end out, and the reply's text is its own."""
+    tok = TOKENIZERS[name]
+    special = tok.token_to_id("</s>" if name.startswith("metaspace") else "<|im_end|>")
+    head = tok.encode("You are Ava. The user says: well done", add_special_tokens=False).ids
+    crab = tok.encode(" 🦀", add_special_tokens=False).ids
+    ids = [*head, *crab[:-1], *[special] * specials]
+    reply = tok.encode(" Thanks", add_special_tokens=False).ids
+    whole = [*head, *crab[:-1]]
+    while tok.decode(whole, skip_special_tokens=True).endswith("\ufffd"):
+        whole.pop()
+    ours = texts(tok, primed_stream(tok, ids, True, 16), reply)
+    assert ours == texts(tok, primed_stream(tok, whole, True, 0), reply) and "Ava" not in "".join(ours)
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_a_run_of_replacement_characters_longer_than_the_window_is_never_streamed_back(name: str) -> None:
+    tok = TOKENIZERS[name]
+    ids = tok.encode("You are Ava. The user says: what is this " + "\ufffd" * 40, add_special_tokens=False).ids
+    assert prime_window(tok, ids, True, 16) == (len(ids), len(ids))
+    reply = tok.encode(" It", add_special_tokens=False).ids
+    ours = texts(tok, primed_stream(tok, ids, True, 16), reply)
+    assert "Ava" not in "".join(ours) and "".join(ours).strip() == "It"
+    assert "Ava" in texts(tok, primed_stream(tok, ids, True, 0), reply)[0]  # vLLM's own

@@ -138,11 +138,16 @@ def clean_start(decode: Callable[[Sequence[int]], str], ids: Sequence[int], at: 
     return None
 
 
-def ends_broken(decode: Callable[[Sequence[int]], str], ids: Sequence[int], end: int) -> bool | None:
+def ends_broken(decode: Callable[[Sequence[int]], str], ids: Sequence[int], end: int) -> bool:
     """Whether ``ids[:end]``'s text ends in U+FFFD (a character cut short, or that
-    character), read from its last tokens; None where that cannot be read near the end."""
-    start = clean_start(decode, ids, max(0, end - END_WINDOW), end)
-    return None if start is None else decode(ids[start:end]).endswith("\ufffd")
+    character), read from its last tokens: from a start where the text begins whole and
+    is not empty (skipped special tokens decode to nothing), or, with none near, from the
+    farthest one looked at (a text's end reads right from any start but from inside a
+    byte-fallback run that is cut)."""
+    start = clean_start(decode, ids, max(0, end - END_WINDOW), end, nonempty=True)
+    if start is None:
+        start = max(0, end - END_WINDOW - BACK_OFF)
+    return decode(ids[start:end]).endswith("\ufffd")
 
 
 def trim_utterance(ids: Sequence[int], max_tokens: int,
@@ -151,13 +156,13 @@ def trim_utterance(ids: Sequence[int], max_tokens: int,
     ``decode`` (the tokenizer's), ending where a character does: a character cut short
     ends the prompt's text in U+FFFD, which vLLM's detokenizer holds back with the whole
     prompt until the reply's first token and then streams all of it as that token's text
-    (yapd/engines/firsttext.py)."""
+    (yapd/engines/firsttext.py). Read from the whole kept text (an utterance is short): a
+    token may hold one character's end and the next one's start, and a byte-fallback run
+    cut anywhere is U+FFFD throughout."""
     end = min(len(ids), max_tokens)
     if decode is not None and end < len(ids):
-        # A character's bytes are at most 4 tokens: at most 3 give way.
-        for _ in range(3):
-            if end <= 0 or not ends_broken(decode, ids, end):
-                break
+        floor = max(0, end - BACK_OFF)
+        while end > floor and decode(ids[:end]).endswith("\ufffd"):
             end -= 1
     return list(ids[:end])
 
@@ -407,6 +412,18 @@ def fit_prefix(persona_ids: list[int], history_ids: list[int], budget: int,
     return persona_ids, history_ids
 
 
+def spoken(utterance: str) -> str:
+    """The utterance as the chat prompt ends with it: without the spaces around it, nor
+    U+FFFD at its end (a speech-to-text's unreadable character, which says nothing): a
+    prompt whose text ends in it is streamed back whole by vLLM as the reply's start
+    (yapd/engines/firsttext.py). Stripped, not matched: a pattern anchored at the end
+    would try every start in a long run of spaces inside the text."""
+    said = utterance.strip()
+    while said.endswith("\ufffd"):
+        said = said.rstrip("\ufffd").rstrip()
+    return said
+
+
 def build_chat_prompt(
     cache: PromptCache,
     layout: ChatLayout,
@@ -428,7 +445,7 @@ def build_chat_prompt(
                                 exact=exact)
         history_ids = trim_history(raw, history_max_tokens, history_step)
     utt_ids = trim_utterance(
-        cache.encode(clip_text(utterance.strip(), utterance_max_tokens, from_end=False, exact=exact)),
+        cache.encode(clip_text(spoken(utterance), utterance_max_tokens, from_end=False, exact=exact)),
         utterance_max_tokens, cache.decode,
     )
     middle = cache.encode_fixed(layout.middle)

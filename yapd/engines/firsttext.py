@@ -7,10 +7,10 @@ with the new token) to find the new token's text, for every request of a step's 
 before any of them reaches its turn. ``yapctl.firsttextbench`` (vLLM 0.26's
 ``OutputProcessor``, NeMo's tokenizer, gpubench's 2,632-token chat prompt, this project's
 CPU machine) times the step bringing 16 such first tokens at 7.0-7.4 ms p50, and 0.15 ms
-with each stream primed from the prompt's last 16 tokens (finding that window took 0.1 ms
-more in adding the 16 requests). On an H100 at 16 sessions the
-chat's first token took 11.4 ms p50 from the output handler taking it to the turn
-holding it, raw vLLM's as long (runs ap and ar, docs/bench/README.md).
+with each stream primed from the prompt's last 16 tokens (finding those windows added
+0.1 ms to adding the 16 requests). On an H100 at 16 sessions the chat's first token took
+11.4 ms p50 from the output handler taking it to the turn holding it, raw vLLM's as long
+(runs ap and ar, docs/bench/README.md).
 
 A new token's text depends only on the tokens just before it: a byte-level decoder's on
 the bytes of a character cut across tokens (at most 4), a metaspace decoder's on nothing
@@ -26,7 +26,9 @@ One case differs, on purpose: a prompt whose text ends in U+FFFD (a character cu
 or that character itself). A DecodeStream primed with it holds all of its text back and
 gives it with the reply's first token: vLLM then streams the whole prompt (persona and
 history) as the start of the reply. The window leaves those last tokens out, so the
-reply's text is the reply's.
+reply's text is the reply's; past ``tokens`` of them, or where the end cannot be read
+near it (inside a cut byte-fallback run), the window is empty and the reply's first
+token is read alone (a metaspace decoder may drop its leading space), never the prompt.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ from yapd.prompts import clean_start, ends_broken
 def prime_window(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool, tokens: int) -> tuple[int, int]:
     """The prompt tokens ``[start, end)`` to prime a request's DecodeStream with (see the
     module's text; ``tokenizer``: a tokenizers.Tokenizer): the last ``tokens`` of the
-    prompt, read from where its text begins whole, leaving out the tokens of a text that
-    ends in U+FFFD. ``(0, len(prompt_ids))``, vLLM's own, where that is what it comes
-    to, for ``tokens`` 0, or where no window like that is found near the end."""
+    prompt, read from where its text begins whole and holds text, leaving out the tokens
+    of a text that ends in U+FFFD. ``(0, len(prompt_ids))``, vLLM's own, for ``tokens``
+    0; ``(0, end)`` where no such start is found near the end. An empty window, never the
+    prompt's text, where more than ``tokens`` end it in U+FFFD or the window's own text
+    still ends so: the reply's first token is then read alone."""
     n = len(prompt_ids)
     if tokens <= 0:
         return 0, n
@@ -51,14 +55,18 @@ def prime_window(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens:
         return str(tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
     end = n
-    while (broken := ends_broken(decode, prompt_ids, end)) is not False:
-        if broken is None or n - end >= tokens:  # unreadable there, or a run of U+FFFD
-            return 0, n
+    while ends_broken(decode, prompt_ids, end):
+        if n - end >= tokens:
+            return n, n
         end -= 1
     if end <= tokens:
         return 0, end
     start = clean_start(decode, prompt_ids, end - tokens, end, nonempty=True)
-    return (0, end) if start is None else (start, end)
+    if start is None:
+        return 0, end
+    if decode(prompt_ids[start:end]).endswith("\ufffd"):  # read inside a byte-fallback run cut before it
+        return n, n
+    return start, end
 
 
 def primed_stream(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool, tokens: int) -> Any:
