@@ -121,33 +121,6 @@ def trim_history(ids: Sequence[int], max_tokens: int, step: int = 1) -> list[int
 # tokenizer (SentencePiece's) spells a run of characters in byte tokens that decode
 # together, all of them U+FFFD if any is cut.
 BACK_OFF = 32
-# The tokens read to see how a text ends.
-END_WINDOW = 8
-
-
-def clean_start(decode: Callable[[Sequence[int]], str], ids: Sequence[int], at: int, end: int,
-                nonempty: bool = False) -> int | None:
-    """The latest start at or before ``at`` from which ``ids[start:end]`` decodes to text
-    that does not begin in U+FFFD (nor is empty, with ``nonempty``): read from there,
-    the window's text is the end of the whole one's. The text's own start (0) is always
-    one. None if none within BACK_OFF."""
-    for start in range(at, max(0, at - BACK_OFF) - 1, -1):
-        said = decode(ids[start:end]) if start else ""
-        if start == 0 or (not said.startswith("\ufffd") and (said or not nonempty)):
-            return start
-    return None
-
-
-def ends_broken(decode: Callable[[Sequence[int]], str], ids: Sequence[int], end: int) -> bool:
-    """Whether ``ids[:end]``'s text ends in U+FFFD (a character cut short, or that
-    character), read from its last tokens: from a start where the text begins whole and
-    is not empty (skipped special tokens decode to nothing), or, with none near, from the
-    farthest one looked at (a text's end reads right from any start but from inside a
-    byte-fallback run that is cut)."""
-    start = clean_start(decode, ids, max(0, end - END_WINDOW), end, nonempty=True)
-    if start is None:
-        start = max(0, end - END_WINDOW - BACK_OFF)
-    return decode(ids[start:end]).endswith("\ufffd")
 
 
 def trim_utterance(ids: Sequence[int], max_tokens: int,

@@ -33,10 +33,35 @@ token is read alone (a metaspace decoder may drop its leading space), never the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from yapd.prompts import clean_start, ends_broken
+from yapd.prompts import BACK_OFF
+
+# The tokens read to see how a text ends.
+END_WINDOW = 8
+
+
+def clean_start(decode: Callable[[Sequence[int]], str], ids: Sequence[int], at: int, end: int,
+                nonempty: bool = False) -> int | None:
+    """The latest start at or before ``at`` from which ``ids[start:end]`` decodes to text
+    that does not begin in U+FFFD (nor is empty, with ``nonempty``): read from there,
+    the window's text is the end of the whole one's. The text's own start (0) is always
+    one. None if none within BACK_OFF."""
+    for start in range(at, max(0, at - BACK_OFF) - 1, -1):
+        said = decode(ids[start:end]) if start else ""
+        if start == 0 or (not said.startswith("\ufffd") and (said or not nonempty)):
+            return start
+    return None
+
+
+def ends_broken(decode: Callable[[Sequence[int]], str], ids: Sequence[int], end: int) -> bool | None:
+    """Whether ``ids[:end]``'s text ends in U+FFFD (a character cut short, or that
+    character), read from its last tokens, from a start where the text begins whole and
+    is not empty (skipped special tokens decode to nothing); None where there is no such
+    start near the end (a long run of U+FFFD, specials, or byte-fallback tokens)."""
+    start = clean_start(decode, ids, max(0, end - END_WINDOW), end, nonempty=True)
+    return None if start is None else decode(ids[start:end]).endswith("\ufffd")
 
 
 def prime_window(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool, tokens: int) -> tuple[int, int]:
@@ -55,10 +80,13 @@ def prime_window(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens:
         return str(tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
     end = n
-    while ends_broken(decode, prompt_ids, end):
+    while broken := ends_broken(decode, prompt_ids, end):
         if n - end >= tokens:
             return n, n
         end -= 1
+    if broken is None:  # no start near the end reads it whole: read it from the farthest one
+        if decode(prompt_ids[max(0, end - END_WINDOW - BACK_OFF):end]).endswith("\ufffd"):
+            return n, n
     if end <= tokens:
         return 0, end
     start = clean_start(decode, prompt_ids, end - tokens, end, nonempty=True)
