@@ -251,6 +251,24 @@ def test_trim_utterance_ends_where_a_character_does(name):
         assert cut_inside > 10  # the cuts this checks fell inside characters
 
 
+def test_the_tool_querys_utterance_cut_ends_where_a_character_does():
+    """PromptCache.first_tokens (the tool prompt's utterance, cut in its own tokens): as
+    text, with no U+FFFD from a character cut short."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.test_firsttext import TOKENIZERS
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=TOKENIZERS["byte_level"])
+    text = "ok " + "🦀 日本 ü" * 12
+    n = len(tok.encode(text, add_special_tokens=False))
+    cut_inside = 0
+    for m in range(1, n):
+        kept = PromptCache(tok).first_tokens(text, m)
+        assert text.startswith(kept) and "\ufffd" not in kept, (m, kept)
+        cut_inside += "\ufffd" in tok.decode(tok.encode(text, add_special_tokens=False)[:m])
+    assert cut_inside > 10
+
+
 def test_a_chat_prompt_cut_inside_a_character_does_not_end_its_text_there():
     """build_chat_prompt's utterance cut (turn.user_utt_max_tokens), with a template whose
     tail is a special token (as NeMo's "[/INST]"): the prompt's text, specials skipped as

@@ -42,15 +42,14 @@ from yapd.prompts import BACK_OFF
 END_WINDOW = 8
 
 
-def clean_start(decode: Callable[[Sequence[int]], str], ids: Sequence[int], at: int, end: int,
-                nonempty: bool = False) -> int | None:
+def clean_start(decode: Callable[[Sequence[int]], str], ids: Sequence[int], at: int, end: int) -> int | None:
     """The latest start at or before ``at`` from which ``ids[start:end]`` decodes to text
-    that does not begin in U+FFFD (nor is empty, with ``nonempty``): read from there,
-    the window's text is the end of the whole one's. The text's own start (0) is always
-    one. None if none within BACK_OFF."""
+    that is not empty (skipped special tokens decode to nothing) and does not begin in
+    U+FFFD: read from there, the window's text is the end of the whole one's. The text's
+    own start (0) is always one. None if none within BACK_OFF."""
     for start in range(at, max(0, at - BACK_OFF) - 1, -1):
         said = decode(ids[start:end]) if start else ""
-        if start == 0 or (not said.startswith("\ufffd") and (said or not nonempty)):
+        if start == 0 or (said and not said.startswith("\ufffd")):
             return start
     return None
 
@@ -60,7 +59,7 @@ def ends_broken(decode: Callable[[Sequence[int]], str], ids: Sequence[int], end:
     character), read from its last tokens, from a start where the text begins whole and
     is not empty (skipped special tokens decode to nothing); None where there is no such
     start near the end (a long run of U+FFFD, specials, or byte-fallback tokens)."""
-    start = clean_start(decode, ids, max(0, end - END_WINDOW), end, nonempty=True)
+    start = clean_start(decode, ids, max(0, end - END_WINDOW), end)
     return None if start is None else decode(ids[start:end]).endswith("\ufffd")
 
 
@@ -84,12 +83,15 @@ def prime_window(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens:
         if n - end >= tokens:
             return n, n
         end -= 1
-    if broken is None:  # no start near the end reads it whole: read it from the farthest one
+    if broken is None:
+        # No start near the end reads it whole (a long run of byte-fallback tokens, of
+        # U+FFFD or of specials): read it from the farthest one, and where that ends in
+        # U+FFFD, read the reply alone rather than walk back over the run.
         if decode(prompt_ids[max(0, end - END_WINDOW - BACK_OFF):end]).endswith("\ufffd"):
             return n, n
     if end <= tokens:
         return 0, end
-    start = clean_start(decode, prompt_ids, end - tokens, end, nonempty=True)
+    start = clean_start(decode, prompt_ids, end - tokens, end)
     if start is None:
         return 0, end
     if decode(prompt_ids[start:end]).endswith("\ufffd"):  # read inside a byte-fallback run cut before it
@@ -97,14 +99,18 @@ def prime_window(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens:
     return start, end
 
 
-def primed_stream(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool, tokens: int) -> Any:
-    """A DecodeStream primed as prime_window says (the whole prompt for ``tokens`` 0).
-    Looked up on the module as vLLM does, so a backend that replaces the class is
-    honoured here too."""
+def decode_stream(ids: Sequence[int], skip_special_tokens: bool) -> Any:
+    """A DecodeStream primed with ``ids``. Looked up on the module as vLLM does, so a
+    backend that replaces the class is honoured here too."""
     import tokenizers.decoders
 
+    return tokenizers.decoders.DecodeStream(ids=list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def primed_stream(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool, tokens: int) -> Any:
+    """A DecodeStream primed as prime_window says (the whole prompt for ``tokens`` 0)."""
     start, end = prime_window(tokenizer, prompt_ids, skip_special_tokens, tokens)
-    return tokenizers.decoders.DecodeStream(ids=list(prompt_ids[start:end]), skip_special_tokens=skip_special_tokens)
+    return decode_stream(prompt_ids[start:end], skip_special_tokens)
 
 
 def primes_from_prompt_end(llm: Any, tokens: int) -> bool:
@@ -117,7 +123,6 @@ def primes_from_prompt_end(llm: Any, tokens: int) -> bool:
     states = getattr(processor, "request_states", None)
     if tokens <= 0 or processor is None or add is None or not isinstance(states, dict):
         return False
-    import tokenizers.decoders
 
     def add_request(request: Any, *args: Any, **kwargs: Any) -> None:
         # A request already there is a streaming input's next chunk (vLLM queues it on the
@@ -136,7 +141,7 @@ def primes_from_prompt_end(llm: Any, tokens: int) -> bool:
         skip = bool(getattr(detokenizer, "skip_special_tokens", True))
         start, end = prime_window(tokenizer, ids, skip, tokens)
         if (start, end) != (0, len(ids)):  # else vLLM's own stream is the same
-            detokenizer.stream = tokenizers.decoders.DecodeStream(ids=list(ids[start:end]), skip_special_tokens=skip)
+            detokenizer.stream = decode_stream(ids[start:end], skip)
 
     processor.add_request = add_request
     return True
