@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.decoding import texts
 from yapd.engines.firsttext import prime_window, primed_stream, primes_from_prompt_end
 from yapd.prompts import BACK_OFF
 
@@ -62,24 +63,6 @@ def metaspace_byte_fallback() -> Any:
 
 
 TOKENIZERS = {"byte_level": byte_level(), "metaspace_byte_fallback": metaspace_byte_fallback()}
-
-
-def texts(tok: Any, stream: Any, reply: list[int], skip: bool = True) -> list[str]:
-    """Each reply token's text, as vLLM's fast detokenizer steps its stream: a decode whose
-    text no longer starts with what came before (byte fallback, tokens sampled at random)
-    starts the stream over."""
-    from tokenizers.decoders import DecodeStream
-
-    said = []
-    for t in reply:
-        try:
-            text = stream.step(tok, t)
-        except Exception as exc:
-            assert str(exc).startswith("Invalid prefix encountered"), exc
-            stream = DecodeStream(skip_special_tokens=skip)
-            text = stream.step(tok, t)
-        said.append(text or "")
-    return said
 
 
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EngineCores, Yapd, recv, run_turn, send, until_done, ws_connect
+from tests.decoding import texts
 from tests.test_cli import yapctl
-from tests.test_firsttext import texts
 from tests.test_protocol_e2e import check_turn
 from yapctl.bench import per_step
 from yapd.engines.vllm import starting_cores
