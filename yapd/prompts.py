@@ -315,7 +315,7 @@ class PromptCache:
         ids = self.encode(text)
         if len(ids) <= max_tokens:
             return text
-        return str(self.tok.decode(trim_utterance(ids, max_tokens, self.decode), skip_special_tokens=False))
+        return self.decode(trim_utterance(ids, max_tokens, self.decode))
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tok.decode(list(ids), skip_special_tokens=False))

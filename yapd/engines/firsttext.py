@@ -42,15 +42,17 @@ from yapd.prompts import BACK_OFF
 END_WINDOW = 8
 
 
-def clean_start(decode: Callable[[Sequence[int]], str], ids: Sequence[int], at: int, end: int) -> int | None:
+def clean_start(decode: Callable[[Sequence[int]], str], ids: Sequence[int], at: int,
+                end: int) -> tuple[int, str] | None:
     """The latest start at or before ``at`` from which ``ids[start:end]`` decodes to text
     that is not empty (skipped special tokens decode to nothing) and does not begin in
-    U+FFFD: read from there, the window's text is the end of the whole one's. The text's
-    own start (0) is always one. None if none within BACK_OFF."""
+    U+FFFD, with that text: read from there, the window's text is the end of the whole
+    one's. The text's own start (0) is always one (reached only within BACK_OFF of
+    ``at``: a short window). None if none within BACK_OFF."""
     for start in range(at, max(0, at - BACK_OFF) - 1, -1):
-        said = decode(ids[start:end]) if start else ""
+        said = decode(ids[start:end])
         if start == 0 or (said and not said.startswith("\ufffd")):
-            return start
+            return start, said
     return None
 
 
@@ -59,8 +61,8 @@ def ends_broken(decode: Callable[[Sequence[int]], str], ids: Sequence[int], end:
     character), read from its last tokens, from a start where the text begins whole and
     is not empty (skipped special tokens decode to nothing); None where there is no such
     start near the end (a long run of U+FFFD, specials, or byte-fallback tokens)."""
-    start = clean_start(decode, ids, max(0, end - END_WINDOW), end)
-    return None if start is None else decode(ids[start:end]).endswith("\ufffd")
+    found = clean_start(decode, ids, max(0, end - END_WINDOW), end)
+    return None if found is None else found[1].endswith("\ufffd")
 
 
 def prime_window(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool, tokens: int) -> tuple[int, int]:
@@ -91,10 +93,11 @@ def prime_window(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens:
             return n, n
     if end <= tokens:
         return 0, end
-    start = clean_start(decode, prompt_ids, end - tokens, end)
-    if start is None:
+    found = clean_start(decode, prompt_ids, end - tokens, end)
+    if found is None:
         return 0, end
-    if decode(prompt_ids[start:end]).endswith("\ufffd"):  # read inside a byte-fallback run cut before it
+    start, said = found
+    if said.endswith("\ufffd"):  # read inside a byte-fallback run cut before it
         return n, n
     return start, end
 
