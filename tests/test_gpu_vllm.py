@@ -624,8 +624,9 @@ async def test_gpu_a_shutdown_ends_the_requests_still_streaming(tmp_path, monkey
     complete. The engine in this process, beside gpu_yapd's (a small share of memory).
 
     First, on the same engine: each request's detokenizer is primed from its prompt's end
-    (engines.detokenizer_context, yapd/engines/firsttext.py), and a reply's text is the
-    text a stream primed with the whole prompt gives for its tokens."""
+    (engines.detokenizer_context, yapd/engines/firsttext.py), a reply's text is the text a
+    stream primed with the whole prompt gives for its tokens, and a prompt whose text ends
+    in a cut character is not streamed back as the reply."""
     from yapd import config
     from yapd.engines.base import EngineError, SamplingSpec
     from yapd.engines.firsttext import primed_stream
@@ -654,6 +655,18 @@ async def test_gpu_a_shutdown_ends_the_requests_still_streaming(tmp_path, monkey
         backend = eng.tokenizer.backend_tokenizer
         whole = texts(backend, primed_stream(backend, prompt, True, 0), ids)  # as vLLM's own stream would
         assert "".join(said) == "".join(whole), (said, ids)
+        # A prompt whose text ends in a character cut short, a special token after it
+        # (skipped, as NeMo's "[/INST]"): vLLM's own stream gives the whole prompt back as
+        # the reply's first text; yapd's gives the reply's own.
+        tok = eng.tokenizer
+        cut = tok(" 𓀀", add_special_tokens=False).input_ids[:-1]
+        broken = [*tok("You are Ava, persona secret. The user says: well done", add_special_tokens=False).input_ids,
+                  *cut, tok.all_special_ids[0]]
+        assert tok.decode(broken, skip_special_tokens=True).endswith("\ufffd")
+        replied = ""
+        async for delta in eng.stream(broken, spec, "broken-end"):
+            replied += delta.text
+        assert "persona secret" not in replied, replied
         stream = eng.stream(eng.tokenizer("tell me a long story").input_ids,
                             SamplingSpec(max_tokens=3000, ignore_eos=True), "long")
         assert (await anext(stream)).n_tokens >= 1
