@@ -1,5 +1,6 @@
-"""The start-up warning about packages that every start compiles from source: real
-packages on disk, a real byte-compile, a real read-only mount (ProtectSystem=strict)."""
+"""Packages that every start would compile from source: the bytecode yapd writes for
+them under its cache dir, and the start-up warning where it cannot. Real packages on
+disk, real interpreters, a real byte-compile, a real read-only mount (ProtectSystem=strict)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from yapd import config
-from yapd.bytecode import engine_packages, uncompiled
+from yapd.bytecode import engine_packages, uncompiled, write_under
 
 
 @pytest.fixture
@@ -84,11 +85,17 @@ def test_the_daemon_checks_the_packages_its_engines_import(deploy, backend, demo
     assert engine_packages(cfg) == expect
 
 
+# An empty pycache prefix stands in for a --no-compile install: the interpreter finds no
+# bytecode for any module, and PYTHONDONTWRITEBYTECODE keeps it from writing any.
+def _no_bytecode(tmp_path: Path) -> dict[str, str]:
+    return {"PYTHONPYCACHEPREFIX": str(tmp_path / "no-pyc"), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
 def test_a_real_yapd_without_loadable_bytecode_says_so_at_start(make_yapd, tmp_path):
-    """A real daemon whose interpreter finds no bytecode it may load (an empty pycache
-    prefix stands in for a --no-compile install) and may write none: its log names each
+    """A real daemon told not to write the bytecode itself (engines.bytecode_cache off)
+    whose interpreter finds none it may load and may write none: its log names each
     package its engines import, with the compileall command, before any engine loads."""
-    d = make_yapd(start=False, env={"PYTHONPYCACHEPREFIX": str(tmp_path / "no-pyc"), "PYTHONDONTWRITEBYTECODE": "1"})
+    d = make_yapd("[engines]\nbytecode_cache = false\n", start=False, env=_no_bytecode(tmp_path))
     d.start(wait=False)
     for package in ("torch", "transformers"):
         line = d.wait_for(f"{package} has no bytecode in ", timeout=60)
@@ -103,3 +110,92 @@ def test_a_real_yapd_without_loadable_bytecode_says_so_at_start(make_yapd, tmp_p
 def test_a_real_yapd_with_its_bytecode_says_nothing(make_yapd):
     d = make_yapd()  # the test venv: pip compiled every package
     assert not any("has no bytecode" in ln for ln in d.lines)
+
+
+@pytest.fixture
+def probe(site, monkeypatch):
+    """``yap_bc_probe`` not imported yet, in a process that may not write bytecode and
+    has no prefix: an image's PYTHONDONTWRITEBYTECODE=1 over a --no-compile install."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    monkeypatch.delitem(sys.modules, "yap_bc_probe", raising=False)
+    return site / "yap_bc_probe" / "__init__.py"
+
+
+def _child_reads(site: Path, env: dict[str, str]) -> str:
+    """What a fresh interpreter that may not write bytecode (as a spawned EngineCore: -B,
+    the environment inherited) finds in the probe."""
+    return subprocess.run([sys.executable, "-B", "-c", "import yap_bc_probe; print(yap_bc_probe.X)"],
+                          env={**env, "PYTHONPATH": str(site)}, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_bytecode_an_install_lacks_is_written_under_the_cache_and_loaded_by_children(probe, site, tmp_path,
+                                                                                    monkeypatch):
+    folder = tmp_path / "cache" / "pycache"
+    redirect = write_under(folder, ["yap_bc_probe"])
+    assert redirect is not None and redirect.folder == folder
+    assert [(m.package, m.why) for m in redirect.missing] == [("yap_bc_probe", "PYTHONDONTWRITEBYTECODE is set")]
+    assert sys.pycache_prefix == os.environ["PYTHONPYCACHEPREFIX"] == str(folder)
+    assert redirect.fresh == ("yap_bc_probe",)  # this start compiles it
+    assert uncompiled(["yap_bc_probe"]) == []  # nothing to warn about: this process writes it
+    importlib.import_module("yap_bc_probe")
+    assert list(folder.rglob("yap_bc_probe/__init__.*.pyc"))
+    assert not (probe.parent / "__pycache__").exists()  # the install's tree stays as it was
+    # Proof that a child loads the bytecode rather than the source: the source changed
+    # under it with its size and time kept, which is all a .pyc is checked against.
+    stat = probe.stat()
+    probe.write_text("X = 2\n")
+    os.utime(probe, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _child_reads(site, dict(os.environ)) == "1"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
+    assert _child_reads(site, env) == "2"  # without the prefix: compiled from source
+    # The next start (the same install, the same cache): nothing left to compile.
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    again = write_under(folder, ["yap_bc_probe"])
+    assert again is not None and again.fresh == ()
+
+
+def test_nothing_is_redirected_where_bytecode_loads_or_may_be_written(probe, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # the first import writes it beside the source
+    assert write_under(tmp_path / "pycache", ["yap_bc_probe"]) is None
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    assert compileall.compile_dir(str(probe.parent), quiet=1)  # pip's own compile
+    assert write_under(tmp_path / "pycache", ["yap_bc_probe", "no_such_package_here"]) is None
+    assert sys.pycache_prefix is None and "PYTHONPYCACHEPREFIX" not in os.environ and sys.dont_write_bytecode
+
+
+def test_a_read_only_bytecode_folder_is_reported(probe, site, tmp_path):
+    """The cache dir itself read-only (a real read-only mount): the redirect writes
+    nothing, and the daemon's warning says where it could not write."""
+    with _read_only_copy(site / "yap_bc_probe", tmp_path / "ro") as ro:
+        assert write_under(ro / "pycache", ["yap_bc_probe"]) is not None
+        [item] = uncompiled(["yap_bc_probe"])
+        assert item.why == "the bytecode folder is read-only"
+
+
+def test_a_real_yapd_writes_the_bytecode_it_lacks_once_and_loads_it_after(make_yapd, cache_dir, tmp_path):
+    """A real daemon on an install without bytecode it may load or write: the first start
+    compiles its engines' packages into <cache_dir>/pycache and says so; the next start,
+    same install and cache, finds it there: nothing to compile, nothing to warn about."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "demo").symlink_to(cache_dir / "demo")  # the suite's demo models
+    env = {**_no_bytecode(tmp_path), "YAP_CACHE_DIR": str(cache)}
+    first = make_yapd(env=env, start=False)
+    first.start(timeout=240)  # every module it imports compiles from source first
+    [line] = [ln for ln in first.lines if "bytecode under " in ln]
+    assert line.endswith(f"bytecode under {cache / 'pycache'} (engines.bytecode_cache): this start compiles "
+                         "torch, transformers from source, later ones load it; the install has none this "
+                         "process may load or write for torch, transformers (PYTHONDONTWRITEBYTECODE is set)")
+    assert not any("has no bytecode" in ln for ln in first.lines)
+    assert first.stop(timeout=60) == 0
+    assert list((cache / "pycache").rglob("torch/__init__.*.pyc"))
+    assert not (tmp_path / "no-pyc").exists()  # the prefix it was given had none, and got none
+
+    second = make_yapd(env=env)
+    [line] = [ln for ln in second.lines if "bytecode under " in ln]
+    assert "(engines.bytecode_cache): loaded, written by a start before this one; " in line
+    assert not any("has no bytecode" in ln for ln in second.lines)

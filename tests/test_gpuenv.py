@@ -245,7 +245,11 @@ def test_start_lines_keep_whether_torch_compiles_aot_artifact_was_used(tmp_path)
             "INFO yapd.engine.vllm: our tokenizer took 2.6 s, after 3.1 s waiting for its turn role=chat",
             # which thread forked each core (engines.fork_from_main_thread)
             "WARNING yapd.engine.vllm: EngineCore not forked by yapd's main thread: yapd's event loop had stopped "
-            "(1 of 1 forks) role=tool"]
+            "(1 of 1 forks) role=tool",
+            # whether its imports loaded bytecode, wrote it or compiled from source each start
+            "INFO yapd.daemon: bytecode under /c/pycache (engines.bytecode_cache): this start compiles torch, "
+            "transformers, vllm from source, later ones load it; the install has none this process may load",
+            "WARNING yapd.daemon: vllm has no bytecode in /site/vllm and this process cannot write it"]
     log = tmp_path / "yapd.log"
     log.write_text("\n".join(["before", *kept, "(EngineCore pid=7) INFO [core.py:1] Waiting for init message"]))
     assert startup_lines(log, len("before\n")) == kept

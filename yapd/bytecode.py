@@ -5,7 +5,10 @@ built with ``PYTHONDONTWRITEBYTECODE=1``) is compiled from source by every proce
 imports it, when Python may not write the result: under that variable, or on a read-only
 install (systemd's ``ProtectSystem=strict``). For vLLM that is seconds of every start
 (measured on a lent H100: importing it took 28 s without its .pyc files, 15 s with them).
-The daemon says so once at start, with the command that fixes it.
+Where it can, the daemon writes that bytecode itself, into its own cache directory
+(``engines.bytecode_cache``, :func:`write_under`): the first start compiles the packages
+from source as before, every later start loads them. Where it cannot, it says so once at
+start, with the command that fixes it.
 """
 
 from __future__ import annotations
@@ -60,12 +63,60 @@ def uncompiled(packages: Iterable[str]) -> list[Uncompiled]:
         folder = package_dir(name)
         if folder is None or not (folder / "__init__.py").exists() or has_bytecode(folder / "__init__.py"):
             continue
-        cache = folder / "__pycache__"
         if sys.dont_write_bytecode:
             why = "PYTHONDONTWRITEBYTECODE is set"
-        elif not os.access(cache if cache.exists() else folder, os.W_OK):
-            why = "its folder is read-only here"
+        elif not _may_write(_cache_path(folder / "__init__.py")):
+            why = "its folder is read-only here" if sys.pycache_prefix is None else "the bytecode folder is read-only"
         else:
             continue  # the first import writes it
         found.append(Uncompiled(name, folder, why))
     return found
+
+
+def _cache_path(source: Path) -> Path:
+    return Path(importlib.util.cache_from_source(str(source)))
+
+
+def _may_write(path: Path) -> bool:
+    """Whether this process could create ``path``: its nearest existing folder is writable
+    (the import system creates the folders between, in a source tree or under a prefix)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """Bytecode written under ``folder`` (sys.pycache_prefix) for the rest of this process
+    and the processes it starts, because ``missing`` had none this process could load or
+    write where the install keeps it. ``fresh``: those with none under ``folder`` either
+    when it was set, which this start compiles from source (a later one loads them)."""
+
+    folder: Path
+    missing: tuple[Uncompiled, ...]
+    fresh: tuple[str, ...]
+
+
+def write_under(folder: Path, packages: Iterable[str]) -> Redirect | None:
+    """Where ``packages`` have no bytecode this process may load or write (an image built
+    with PYTHONDONTWRITEBYTECODE=1 and pip's --no-compile, a read-only install), import
+    every module through a bytecode tree under ``folder`` instead, written as modules are
+    first imported. Call it before the packages are imported.
+
+    It sets sys.pycache_prefix and PYTHONPYCACHEPREFIX, so that processes started from
+    this one (a spawned EngineCore) load the same tree; and lets this process write it
+    whatever PYTHONDONTWRITEBYTECODE says, which a spawned child still obeys (it reads,
+    the daemon and its forked cores write). Under a prefix Python ignores the source
+    tree's own ``__pycache__`` folders, so the first start also compiles the modules that
+    had bytecode there (the standard library, numpy...); every later one loads them all.
+    A PYTHONPYCACHEPREFIX set already is replaced too: its tree had no bytecode for these
+    packages, and this process could not write there. Returns None, changing nothing,
+    when every package has bytecode this process loads or writes itself."""
+    missing = uncompiled(packages)
+    if not missing:
+        return None
+    sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"] = str(folder)
+    sys.dont_write_bytecode = False
+    fresh = tuple(m.package for m in missing if not has_bytecode(m.folder / "__init__.py"))  # under folder now
+    return Redirect(folder, tuple(missing), fresh)

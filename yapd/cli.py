@@ -66,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         shown["awq"]["hf_token"] = "<set>" if cfg.awq.hf_token else ""
         print(json.dumps(shown, indent=2))
         return 0
-    daemon.cache_env(cfg)
+    bytecode = daemon.cache_env(cfg)
     try:
         cfg = daemon.prepare(cfg)
     except Exception as exc:
         print(f"yapd: cannot prepare models: {exc}", file=sys.stderr)
         return 1
-    d = daemon.Daemon(cfg, path, overrides, early_hup)
+    d = daemon.Daemon(cfg, path, overrides, early_hup, bytecode)
     if delay := float(os.environ.get("YAPD_DEBUG_BEFORE_LOOP_DELAY_S") or 0):
         # A test hook: a window before the event loop runs, open until a SIGHUP comes.
         print("yapd: debug: waiting before the event loop", file=sys.stderr, flush=True)

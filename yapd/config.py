@@ -122,6 +122,14 @@ class EnginesConfig:
     deploy: DeployMode = "both"
     # Hugging Face, compile and AWQ caches; "" means $CACHE_DIRECTORY or ~/.cache/yapd.
     cache_dir: str = ""
+    # Where the engines' packages (torch, transformers, vLLM) have no bytecode this
+    # process may load or write (an image with PYTHONDONTWRITEBYTECODE=1 and packages
+    # installed --no-compile, a read-only install), write it under <cache_dir>/pycache
+    # (sys.pycache_prefix) so that only the first start compiles them from source. On a
+    # lent H100 whose image is such, a process restart took 49.8 s to READY importing them
+    # from source (run aw); on another, with them byte-compiled, 33.8 s (run av,
+    # docs/bench/README.md).
+    bytecode_cache: bool = True
     start_in_parallel: bool = True
     # How vLLM starts its EngineCore processes. "fork": ready sooner (no second import of
     # torch and vLLM; yapd's sockets are dropped in the child): warm starts 28.8-36.8 s on
@@ -354,9 +362,10 @@ class Config:
 # Sections whose changes need new engines; everything else applies live.
 ENGINE_SECTIONS = ("engines", "chat", "tool", "awq")
 # Keys that need the listening socket or admin socket recreated: a daemon restart.
-# engines.cache_dir: the caches' environment (HF_HOME, VLLM_CACHE_ROOT, ...) is set once, at start.
+# engines.cache_dir, engines.bytecode_cache: the caches' environment (HF_HOME, VLLM_CACHE_ROOT,
+# PYTHONPYCACHEPREFIX...) is set once, at start.
 RESTART_KEYS = ("server.host", "server.port", "server.event_loop", "server.write_buffer_bytes", "admin.socket",
-                "admin.enabled", "logging.file", "engines.cache_dir")
+                "admin.enabled", "logging.file", "engines.cache_dir", "engines.bytecode_cache")
 
 
 def keep_restart_keys(new: Config, running: Config, sections: Collection[str] | None = None) -> None:

@@ -24,7 +24,7 @@ import sdnotify
 
 from yapd import __version__, config, gcpause, logs
 from yapd.awq.jobs import AwqJobs
-from yapd.bytecode import engine_packages, uncompiled
+from yapd.bytecode import Redirect, engine_packages, uncompiled, write_under
 from yapd.config import Config, ConfigError
 from yapd.engines import EngineError, can_start_together, create_engine
 from yapd.engines.hosted import HostedEngine
@@ -122,8 +122,9 @@ async def off_the_exit_path(fn: Callable[[], T]) -> T:
 
 class Daemon:
     def __init__(self, cfg: Config, config_path: str | None, overrides: Mapping[str, Any],
-                 early_hup: threading.Event | None = None) -> None:
+                 early_hup: threading.Event | None = None, bytecode: Redirect | None = None) -> None:
         self.config_path = config_path
+        self.bytecode = bytecode  # cache_env's: where this process writes the bytecode an install lacks
         self.overrides = dict(overrides)
         # Set by a SIGHUP that came before the event loop took the signal (yapd.cli).
         self._early_hup = early_hup
@@ -167,6 +168,13 @@ class Daemon:
             self._spawn(self.reload())
         s = self.cfg.server
         log.info("yapd %s starting deploy=%s config=%s", __version__, self.cfg.engines.deploy, self.cfg.source)
+        if (bc := self.bytecode) is not None:
+            # What the start's time depends on first: the bench keeps 240 characters of it.
+            log.info("bytecode under %s (engines.bytecode_cache): %s; the install has none this process "
+                     "may load or write for %s (%s)", bc.folder,
+                     f"this start compiles {', '.join(bc.fresh)} from source, later ones load it" if bc.fresh
+                     else "loaded, written by a start before this one",
+                     ", ".join(m.package for m in bc.missing), "; ".join(sorted({m.why for m in bc.missing})))
         for item in uncompiled(engine_packages(self.cfg)):
             log.warning("%s", item.advice())
         self._spawn(self.rt.loop_lag.run(self.rt.metrics.loop_lag.observe))
@@ -640,8 +648,11 @@ CACHE_VARS = {"HF_HOME": "huggingface", "VLLM_CACHE_ROOT": "vllm", "TRITON_CACHE
               "CUDA_CACHE_PATH": "cuda"}
 
 
-def cache_env(cfg: Config) -> None:
-    """Point the caches of CACHE_VARS at the daemon's cache dir unless set already."""
+def cache_env(cfg: Config) -> Redirect | None:
+    """Point the caches of CACHE_VARS at the daemon's cache dir unless set already, and
+    with engines.bytecode_cache, the bytecode its engines' packages lack there too (before
+    anything imports them: yapd/bytecode.py write_under)."""
     root = cfg.cache_dir()
     for var, sub in CACHE_VARS.items():
         os.environ.setdefault(var, str(Path(root) / sub))
+    return write_under(root / "pycache", engine_packages(cfg)) if cfg.engines.bytecode_cache else None

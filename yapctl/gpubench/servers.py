@@ -66,7 +66,9 @@ STARTUP_LINES = re.compile(r"(took|takes|finished in|Compiling a graph|Directly 
                            # what each core got of yapd's settings for it (engines.core_*)
                            r"GIL switch interval|steady heap|keeps malloc's defaults|yapd's main thread|"
                            # whether torch.compile's AOT artifact was saved and loaded (else Dynamo reruns)
-                           r"AOT compil|Compiling model again|Dynamo bytecode transform")
+                           r"AOT compil|Compiling model again|Dynamo bytecode transform|"
+                           # whether the start imported torch and vLLM from bytecode (yapd/bytecode.py)
+                           r"bytecode under |has no bytecode in ")
 
 
 # vLLM's scheduler says its per-step prompt token budget as each engine starts.

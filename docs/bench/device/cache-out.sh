@@ -12,7 +12,9 @@ pack=/tmp/devcache.tar.xz
 if [ "$first" = 0 ] || [ ! -e "$pack" ]; then
   dirs=()
   for d in /tmp/gbwork/cache /tmp/gpucache; do [ -d "$d" ] && dirs+=("${d#/}"); done
-  tar -C / -cf - "${dirs[@]}" | xz -T0 -3 > "$pack"
+  # Not the bytecode yapd writes for the kit's packages (engines.bytecode_cache): a start
+  # writes it again in seconds, and it would fill the parts a call can carry.
+  tar -C / --exclude='*/cache/pycache' --exclude='gpucache/pycache' -cf - "${dirs[@]}" | xz -T0 -3 > "$pack"
   rm -f /tmp/devcache.part.*
   split -b 15M -d -a 2 "$pack" /tmp/devcache.part.
 fi
