@@ -403,6 +403,9 @@ def markdown(data: dict[str, Any]) -> str:
               f"- raw engines start: {data.get('raw', {}).get('start_s')} s; vllm serve start: "
               f"{data.get('serve', {}).get('start_s')} s",
               *(f"- yapd's MPS, in its log: {line}" for line in y.get("mps_lines", [])),
+              # whether the restart imported torch and vLLM from source (run aw) or bytecode
+              *(f"- yapd's restart, its bytecode: {line}" for line in y.get("restart_lines", [])
+                if "bytecode under " in line or "has no bytecode in " in line),
               *step_budget_lines(data), ""]
     sp = data.get("spawn")
     if sp:
