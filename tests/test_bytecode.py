@@ -118,8 +118,11 @@ def probe(site, monkeypatch):
     has no prefix: an image's PYTHONDONTWRITEBYTECODE=1 over a --no-compile install."""
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
     monkeypatch.setattr(sys, "pycache_prefix", None)
-    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
-    monkeypatch.delitem(sys.modules, "yap_bc_probe", raising=False)
+    # Set first so that monkeypatch puts it back as it was: write_under sets it.
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", "")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX")
+    monkeypatch.setitem(sys.modules, "yap_bc_probe", None)
+    del sys.modules["yap_bc_probe"]
     return site / "yap_bc_probe" / "__init__.py"
 
 
