@@ -118,6 +118,7 @@ def probe(site, monkeypatch):
     has no prefix: an image's PYTHONDONTWRITEBYTECODE=1 over a --no-compile install."""
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
     monkeypatch.setattr(sys, "pycache_prefix", None)
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     # Set first so that monkeypatch puts it back as it was: write_under sets it.
     monkeypatch.setenv("PYTHONPYCACHEPREFIX", "")
     monkeypatch.delenv("PYTHONPYCACHEPREFIX")
@@ -126,10 +127,10 @@ def probe(site, monkeypatch):
     return site / "yap_bc_probe" / "__init__.py"
 
 
-def _child_reads(site: Path, env: dict[str, str]) -> str:
-    """What a fresh interpreter that may not write bytecode (as a spawned EngineCore: -B,
-    the environment inherited) finds in the probe."""
-    return subprocess.run([sys.executable, "-B", "-c", "import yap_bc_probe; print(yap_bc_probe.X)"],
+def _child_reads(site: Path, env: dict[str, str], *flags: str) -> str:
+    """What a fresh interpreter with ``flags`` (a spawned EngineCore's: -B), the
+    environment inherited, finds in the probe."""
+    return subprocess.run([sys.executable, *flags, "-c", "import yap_bc_probe; print(yap_bc_probe.X)"],
                           env={**env, "PYTHONPATH": str(site)}, capture_output=True, text=True,
                           check=True).stdout.strip()
 
@@ -141,6 +142,7 @@ def test_bytecode_an_install_lacks_is_written_under_the_cache_and_loaded_by_chil
     assert redirect is not None and redirect.folder == folder
     assert [(m.package, m.why) for m in redirect.missing] == [("yap_bc_probe", "PYTHONDONTWRITEBYTECODE is set")]
     assert sys.pycache_prefix == os.environ["PYTHONPYCACHEPREFIX"] == str(folder)
+    assert "PYTHONDONTWRITEBYTECODE" not in os.environ  # children without -B write there too
     assert redirect.fresh == ("yap_bc_probe",)  # this start compiles it
     assert uncompiled(["yap_bc_probe"]) == []  # nothing to warn about: this process writes it
     importlib.import_module("yap_bc_probe")
@@ -151,14 +153,26 @@ def test_bytecode_an_install_lacks_is_written_under_the_cache_and_loaded_by_chil
     stat = probe.stat()
     probe.write_text("X = 2\n")
     os.utime(probe, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert _child_reads(site, dict(os.environ)) == "1"
+    assert _child_reads(site, dict(os.environ), "-B") == "1"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
-    assert _child_reads(site, env) == "2"  # without the prefix: compiled from source
+    assert _child_reads(site, env, "-B") == "2"  # without the prefix: compiled from source
     # The next start (the same install, the same cache): nothing left to compile.
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
     monkeypatch.setattr(sys, "pycache_prefix", None)
     again = write_under(folder, ["yap_bc_probe"])
     assert again is not None and again.fresh == ()
+
+
+def test_a_child_interpreter_writes_what_it_compiles_under_the_prefix(probe, site, tmp_path):
+    """An engine host is an interpreter of its own, started without -B: what it imports
+    and the daemon did not, it writes into the same tree, not beside the source."""
+    folder = tmp_path / "pycache"
+    assert write_under(folder, ["yap_bc_probe"]) is not None
+    (site / "yap_bc_probe" / "host_only.py").write_text("Y = 1\n")
+    subprocess.run([sys.executable, "-c", "import yap_bc_probe.host_only"], env={**os.environ, "PYTHONPATH": str(site)},
+                   check=True)
+    assert list(folder.rglob("yap_bc_probe/host_only.*.pyc"))
+    assert not (site / "yap_bc_probe" / "__pycache__").exists()
 
 
 def test_nothing_is_redirected_where_bytecode_loads_or_may_be_written(probe, tmp_path, monkeypatch):
@@ -198,7 +212,24 @@ def test_a_real_yapd_writes_the_bytecode_it_lacks_once_and_loads_it_after(make_y
     assert list((cache / "pycache").rglob("torch/__init__.*.pyc"))
     assert not (tmp_path / "no-pyc").exists()  # the prefix it was given had none, and got none
 
+
     second = make_yapd(env=env)
     [line] = [ln for ln in second.lines if "bytecode under " in ln]
     assert "(engines.bytecode_cache): loaded, written by a start before this one; " in line
     assert not any("has no bytecode" in ln for ln in second.lines)
+
+
+def test_engine_hosts_write_the_bytecode_of_what_only_they_import(make_yapd, cache_dir, tmp_path):
+    """Both engines in engine hosts (interpreters of their own): the model code only they
+    import (transformers' Llama and Qwen2 modelling, the demo models' architectures) lands
+    in yapd's tree too, so their next start loads it."""
+    from tests.test_hosted import HOSTED
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "demo").symlink_to(cache_dir / "demo")
+    d = make_yapd(HOSTED, env={**_no_bytecode(tmp_path), "YAP_CACHE_DIR": str(cache)}, start=False)
+    d.start(timeout=240)
+    assert d.stop(timeout=60) == 0
+    for model in ("llama", "qwen2"):
+        assert list((cache / "pycache").rglob(f"transformers/models/{model}/modeling_{model}.*.pyc")), model

@@ -105,9 +105,12 @@ def write_under(folder: Path, packages: Iterable[str]) -> Redirect | None:
     first imported. Call it before the packages are imported.
 
     It sets sys.pycache_prefix and PYTHONPYCACHEPREFIX, so that processes started from
-    this one (a spawned EngineCore) load the same tree; and lets this process write it
-    whatever PYTHONDONTWRITEBYTECODE says, which a spawned child still obeys (it reads,
-    the daemon and its forked cores write). Under a prefix Python ignores the source
+    this one load the same tree, and lets this process and its forked children write it
+    whatever PYTHONDONTWRITEBYTECODE said. It takes that variable out of the environment
+    too, so that an engine host (an interpreter of its own, whose imports the daemon does
+    not share) writes what it compiles there as well, never beside the source; only a
+    child started with ``-B`` (multiprocessing's spawn copies the daemon's interpreter
+    flags: a spawned EngineCore) still only reads it. Under a prefix Python ignores the source
     tree's own ``__pycache__`` folders, so the first start also compiles the modules that
     had bytecode there (the standard library, numpy...); every later one loads them all.
     A PYTHONPYCACHEPREFIX set already is replaced too: its tree had no bytecode for these
@@ -118,5 +121,6 @@ def write_under(folder: Path, packages: Iterable[str]) -> Redirect | None:
         return None
     sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"] = str(folder)
     sys.dont_write_bytecode = False
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     fresh = tuple(m.package for m in missing if not has_bytecode(m.folder / "__init__.py"))  # under folder now
     return Redirect(folder, tuple(missing), fresh)
