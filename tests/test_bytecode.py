@@ -91,6 +91,15 @@ def _no_bytecode(tmp_path: Path) -> dict[str, str]:
     return {"PYTHONPYCACHEPREFIX": str(tmp_path / "no-pyc"), "PYTHONDONTWRITEBYTECODE": "1"}
 
 
+def _own_cache(tmp_path: Path, cache_dir: Path) -> tuple[Path, dict[str, str]]:
+    """A cache dir of the test's own (the suite's demo models linked in) for a daemon on
+    such an install: where its bytecode tree goes, and the daemon's environment."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "demo").symlink_to(cache_dir / "demo")
+    return cache, {**_no_bytecode(tmp_path), "YAP_CACHE_DIR": str(cache)}
+
+
 def test_a_real_yapd_without_loadable_bytecode_says_so_at_start(make_yapd, tmp_path):
     """A real daemon told not to write the bytecode itself (engines.bytecode_cache off)
     whose interpreter finds none it may load and may write none: its log names each
@@ -197,10 +206,7 @@ def test_a_real_yapd_writes_the_bytecode_it_lacks_once_and_loads_it_after(make_y
     """A real daemon on an install without bytecode it may load or write: the first start
     compiles its engines' packages into <cache_dir>/pycache and says so; the next start,
     same install and cache, finds it there: nothing to compile, nothing to warn about."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "demo").symlink_to(cache_dir / "demo")  # the suite's demo models
-    env = {**_no_bytecode(tmp_path), "YAP_CACHE_DIR": str(cache)}
+    cache, env = _own_cache(tmp_path, cache_dir)
     first = make_yapd(env=env, start=False)
     first.start(timeout=240)  # every module it imports compiles from source first
     [line] = [ln for ln in first.lines if "bytecode under " in ln]
@@ -211,7 +217,6 @@ def test_a_real_yapd_writes_the_bytecode_it_lacks_once_and_loads_it_after(make_y
     assert first.stop(timeout=60) == 0
     assert list((cache / "pycache").rglob("torch/__init__.*.pyc"))
     assert not (tmp_path / "no-pyc").exists()  # the prefix it was given had none, and got none
-
 
     second = make_yapd(env=env)
     [line] = [ln for ln in second.lines if "bytecode under " in ln]
@@ -225,10 +230,8 @@ def test_engine_hosts_write_the_bytecode_of_what_only_they_import(make_yapd, cac
     in yapd's tree too, so their next start loads it."""
     from tests.test_hosted import HOSTED
 
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "demo").symlink_to(cache_dir / "demo")
-    d = make_yapd(HOSTED, env={**_no_bytecode(tmp_path), "YAP_CACHE_DIR": str(cache)}, start=False)
+    cache, env = _own_cache(tmp_path, cache_dir)
+    d = make_yapd(HOSTED, env=env, start=False)
     d.start(timeout=240)
     assert d.stop(timeout=60) == 0
     for model in ("llama", "qwen2"):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from yapctl.bench import SLOW_OVER_P50
 from yapctl.gpubench.measure import PROFILE_S
 from yapctl.gpubench.prompts import PROMPT_BEFORE_AF
+from yapctl.gpubench.servers import BYTECODE_LINES
 
 # An engine's stamps of a request (yapd.engines.base.EngineStamps.ms_since), as figures are named.
 STAMP_NAMES = ("queued", "scheduled", "first_token")
@@ -405,7 +407,7 @@ def markdown(data: dict[str, Any]) -> str:
               *(f"- yapd's MPS, in its log: {line}" for line in y.get("mps_lines", [])),
               # whether the restart imported torch and vLLM from source (run aw) or bytecode
               *(f"- yapd's restart, its bytecode: {line}" for line in y.get("restart_lines", [])
-                if "bytecode under " in line or "has no bytecode in " in line),
+                if re.search(BYTECODE_LINES, line)),
               *step_budget_lines(data), ""]
     sp = data.get("spawn")
     if sp:

@@ -58,6 +58,9 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
 
 
 # vLLM's own timing lines: where an engine start's seconds go.
+# yapd's lines on whether a start imported torch and vLLM from bytecode (yapd/bytecode.py):
+# kept with the start's lines, and quoted under the report's table.
+BYTECODE_LINES = r"bytecode under |has no bytecode in "
 STARTUP_LINES = re.compile(r"(took|takes|finished in|Compiling a graph|Directly load|cache)"
                            r".*?[0-9.]+ ?(s|secs|seconds)\b|engine started role=|ready port=|engines load |"
                            r"Overriding VLLM_WORKER|EngineCore started by|EngineCore (forked|spawned)|yapd\.mps:|"
@@ -66,9 +69,7 @@ STARTUP_LINES = re.compile(r"(took|takes|finished in|Compiling a graph|Directly 
                            # what each core got of yapd's settings for it (engines.core_*)
                            r"GIL switch interval|steady heap|keeps malloc's defaults|yapd's main thread|"
                            # whether torch.compile's AOT artifact was saved and loaded (else Dynamo reruns)
-                           r"AOT compil|Compiling model again|Dynamo bytecode transform|"
-                           # whether the start imported torch and vLLM from bytecode (yapd/bytecode.py)
-                           r"bytecode under |has no bytecode in ")
+                           r"AOT compil|Compiling model again|Dynamo bytecode transform|" + BYTECODE_LINES)
 
 
 # vLLM's scheduler says its per-step prompt token budget as each engine starts.
