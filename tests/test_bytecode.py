@@ -193,13 +193,14 @@ def test_nothing_is_redirected_where_bytecode_loads_or_may_be_written(probe, tmp
     assert sys.pycache_prefix is None and "PYTHONPYCACHEPREFIX" not in os.environ and sys.dont_write_bytecode
 
 
-def test_a_read_only_bytecode_folder_is_reported(probe, site, tmp_path):
-    """The cache dir itself read-only (a real read-only mount): the redirect writes
-    nothing, and the daemon's warning says where it could not write."""
+def test_nothing_is_redirected_into_a_read_only_folder(probe, site, tmp_path):
+    """The cache dir itself read-only (a real read-only mount): no redirect, so the
+    warning names the install's own reason and fix, not a tree nothing can be written to."""
     with _read_only_copy(site / "yap_bc_probe", tmp_path / "ro") as ro:
-        assert write_under(ro / "pycache", ["yap_bc_probe"]) is not None
+        assert write_under(ro / "pycache", ["yap_bc_probe"]) is None
+        assert sys.pycache_prefix is None and "PYTHONPYCACHEPREFIX" not in os.environ
         [item] = uncompiled(["yap_bc_probe"])
-        assert item.why == "the bytecode folder is read-only"
+        assert item.why == "PYTHONDONTWRITEBYTECODE is set"
 
 
 def test_a_real_yapd_writes_the_bytecode_it_lacks_once_and_loads_it_after(make_yapd, cache_dir, tmp_path):
@@ -222,6 +223,21 @@ def test_a_real_yapd_writes_the_bytecode_it_lacks_once_and_loads_it_after(make_y
     [line] = [ln for ln in second.lines if "bytecode under " in ln]
     assert "(engines.bytecode_cache): loaded, written by a start before this one; " in line
     assert not any("has no bytecode" in ln for ln in second.lines)
+
+
+def test_a_real_yapd_whose_bytecode_folder_is_read_only_warns_with_the_fix(make_yapd, cache_dir, tmp_path):
+    """<cache_dir>/pycache on a real read-only mount: the daemon promises no tree, and
+    says at start, for each package, that every start compiles it and how to fix that."""
+    cache, env = _own_cache(tmp_path, cache_dir)
+    (tmp_path / "empty").mkdir()
+    with _read_only_copy(tmp_path / "empty", cache / "pycache"):
+        d = make_yapd(env=env, start=False)
+        d.start(wait=False)
+        for package in ("torch", "transformers"):
+            line = d.wait_for(f"{package} has no bytecode in ", timeout=60)
+            assert "(PYTHONDONTWRITEBYTECODE is set)" in line and "-m compileall -q " in line
+        assert d.stop(timeout=180) == 0
+    assert not any("bytecode under " in ln for ln in d.lines)
 
 
 def test_engine_hosts_write_the_bytecode_of_what_only_they_import(make_yapd, cache_dir, tmp_path):

@@ -115,9 +115,11 @@ def write_under(folder: Path, packages: Iterable[str]) -> Redirect | None:
     had bytecode there (the standard library, numpy...); every later one loads them all.
     A PYTHONPYCACHEPREFIX set already is replaced too: its tree had no bytecode for these
     packages, and this process could not write there. Returns None, changing nothing,
-    when every package has bytecode this process loads or writes itself."""
+    when every package has bytecode this process loads or writes itself, or when
+    ``folder`` cannot be written either (the start-up warning then names the install's
+    own reason, with its fix)."""
     missing = uncompiled(packages)
-    if not missing:
+    if not missing or not _may_write(folder / "any.pyc"):
         return None
     sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"] = str(folder)
     sys.dont_write_bytecode = False
