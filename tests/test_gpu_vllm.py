@@ -454,37 +454,68 @@ async def test_gpu_engine_cores_are_forked_and_hold_no_yapd_socket(gpu_yapd):
         check_turn(await run_turn(ws))
 
 
-@contextlib.contextmanager
-def _engines_restarted_with(d: Yapd, old: str, new: str, key: str, what: str) -> Iterator[list[str]]:
-    """The module daemon's config with ``old`` replaced by ``new`` (engine key ``key``),
-    applied by an engine restart (timed, printed as ``what``): yields its log lines since
-    the restart began. Then the config as it was, by a restart again."""
-    before = d.config_path.read_text()
-    assert old in before
-    try:
-        d.config_path.write_text(before.replace(old, new))
-        assert d.admin(cmd="reload")[-1]["needs_engine_restart"] == [key]
-        n = len(d.lines)
-        t0 = time.perf_counter()
-        replies = d.admin(timeout=600, cmd="restart", target="both")
-        print(f"{what} {time.perf_counter() - t0:.1f} s")
-        assert replies[-1]["ok"] is True, replies
-        yield d.lines[n:]
-    finally:
+class EngineVariants:
+    """The module daemon's engines run with one config key changed at a time. A variant
+    leaves its engines running when its test ends and only the file goes back: the next
+    variant's restart, or ``back_to_file``, replaces them. A restart back after each
+    variant cost ~30 s on the H100 (five of them kept the module from one device call)."""
+
+    def __init__(self, d: Yapd) -> None:
+        self.d = d
+        self.running: set[str] = set()  # keys whose running value is not the file's
+
+    @contextlib.contextmanager
+    def restarted_with(self, old: str, new: str, key: str, what: str) -> Iterator[list[str]]:
+        """The config with ``old`` replaced by ``new`` (engine key ``key``), applied by an
+        engine restart (timed, printed as ``what``): yields its log lines since the restart
+        began. Then the file as it was, reloaded; a failed variant is restarted back at once."""
+        d = self.d
+        before = d.config_path.read_text()
+        assert old in before
+        try:
+            d.config_path.write_text(before.replace(old, new))
+            assert set(d.admin(cmd="reload")[-1]["needs_engine_restart"]) == self.running | {key}
+            n = len(d.lines)
+            t0 = time.perf_counter()
+            replies = d.admin(timeout=600, cmd="restart", target="both")
+            print(f"{what} {time.perf_counter() - t0:.1f} s")
+            assert replies[-1]["ok"] is True, replies
+            self.running = {key}
+            yield d.lines[n:]
+        except BaseException:
+            # Whatever runs now, the module's own engines for the tests after this one.
+            d.config_path.write_text(before)
+            d.admin(cmd="reload")
+            self._restart_back()
+            raise
         d.config_path.write_text(before)
-        d.admin(cmd="reload")
-        n = len(d.lines)
-        replies = d.admin(timeout=600, cmd="restart", target="both")
-    assert replies[-1]["ok"] is True, replies
-    assert "EngineCore started by fork role=chat" in _lines_since(d, n)
+        assert d.admin(cmd="reload")[-1]["needs_engine_restart"] == [key]
+
+    def back_to_file(self) -> None:
+        """The engines as the file says (the module's own config), by a restart if a
+        variant still runs."""
+        if self.running:
+            assert set(self.d.admin(cmd="reload")[-1]["needs_engine_restart"]) == self.running
+            self._restart_back()
+
+    def _restart_back(self) -> None:
+        n = len(self.d.lines)
+        replies = self.d.admin(timeout=600, cmd="restart", target="both")
+        assert replies[-1]["ok"] is True, replies
+        assert "EngineCore started by fork role=chat" in _lines_since(self.d, n)
+        self.running = set()
 
 
-async def test_gpu_spawned_engines_start_side_by_side_taking_turns(gpu_yapd):
+@pytest.fixture(scope="module")
+def variants(gpu_yapd):
+    return EngineVariants(gpu_yapd)
+
+
+async def test_gpu_spawned_engines_start_side_by_side_taking_turns(gpu_yapd, variants):
     """engines.start_method = "spawn", applied by an engine restart: both EngineCores
     spawned, side by side, the tool engine's vLLM config only once the chat engine's core
-    exists (its turn; seen in /proc, a spawn runs no at-fork hook); turns work. Then back
-    to fork (an engine restart again)."""
-    with _engines_restarted_with(gpu_yapd, 'start_method = "fork"', 'start_method = "spawn"',
+    exists (its turn; seen in /proc, a spawn runs no at-fork hook); turns work."""
+    with variants.restarted_with('start_method = "fork"', 'start_method = "spawn"',
                                  "engines.start_method", "spawned side-by-side restart") as lines:
         print("\n".join(x for x in lines if any(m in x for m in (" took ", "EngineCore spawned", "started by"))))
         log = "\n".join(lines)
@@ -499,11 +530,11 @@ async def test_gpu_spawned_engines_start_side_by_side_taking_turns(gpu_yapd):
             check_turn(await run_turn(ws))
 
 
-async def test_gpu_cores_start_with_collection_held(gpu_yapd):
+async def test_gpu_cores_start_with_collection_held(gpu_yapd, variants):
     """engines.hold_gc_in_core_start, applied by an engine restart: each forked
     EngineCore turns collection back on when vLLM has frozen its heap (its log line says
-    so, from inside the core: vLLM's step was found), and turns work. Then back off."""
-    with _engines_restarted_with(gpu_yapd, 'start_method = "fork"',
+    so, from inside the core: vLLM's step was found), and turns work."""
+    with variants.restarted_with('start_method = "fork"',
                                  'start_method = "fork"\nhold_gc_in_core_start = true',
                                  "engines.hold_gc_in_core_start", "restart with collection held in the cores") as lines:
         print("\n".join(x for x in lines if " took " in x or "collects again" in x))
@@ -527,13 +558,13 @@ async def _turns_with_tool_stamps(d: Yapd) -> dict:
     return timings
 
 
-async def test_gpu_a_spawned_tool_core_beside_a_forked_chat_core(gpu_yapd):
+async def test_gpu_a_spawned_tool_core_beside_a_forked_chat_core(gpu_yapd, variants):
     """``[tool] start_method = "spawn"`` (the default; the module forks both cores), applied
     by an engine restart: the chat's core forked, the tool's spawned (each start says so,
     neither warns; each runs with the module's GIL switch interval, the spawned one through
     yapd's vLLM plugin), side by side; the tool engine's stamps still come with its first
-    output (a spawned core keeps the engine's arguments). Then back to a forked tool core."""
-    with _engines_restarted_with(gpu_yapd, 'start_method = ""', 'start_method = "spawn"', "tool.start_method",
+    output (a spawned core keeps the engine's arguments)."""
+    with variants.restarted_with('start_method = ""', 'start_method = "spawn"', "tool.start_method",
                                  "restart, tool core spawned beside the forked chat core") as lines:
         print("\n".join(x for x in lines if any(m in x for m in (" took ", "EngineCore ", "started by"))))
         log = "\n".join(lines)
@@ -553,12 +584,12 @@ async def test_gpu_a_spawned_tool_core_beside_a_forked_chat_core(gpu_yapd):
         print(f"tool engine stamps, spawned core: {timings['engines']['tool']}")
 
 
-async def test_gpu_cores_forked_by_yapds_main_thread(gpu_yapd):
+async def test_gpu_cores_forked_by_yapds_main_thread(gpu_yapd, variants):
     """engines.fork_from_main_thread, applied by an engine restart: both EngineCores forked
     by yapd's main thread (each start says so, none warns), with the module's switch
     interval still reaching them through the at-fork hook; turns work. Prints each core's
-    minor faults a turn (/proc), the figure a core's malloc arena shows in. Then back."""
-    with _engines_restarted_with(gpu_yapd, 'start_method = "fork"',
+    minor faults a turn (/proc), the figure a core's malloc arena shows in."""
+    with variants.restarted_with('start_method = "fork"',
                                  'start_method = "fork"\nfork_from_main_thread = true', "engines.fork_from_main_thread",
                                  "restart, cores forked by yapd's main thread") as lines:
         print("\n".join(x for x in lines if " took " in x or "EngineCore " in x))
@@ -581,13 +612,13 @@ async def test_gpu_cores_forked_by_yapds_main_thread(gpu_yapd):
             print(f"{role} core forked by the main thread: {now.since(was).minflt / 5:.1f} minor faults a turn")
 
 
-async def test_gpu_a_tool_engine_in_a_host_of_its_own(gpu_yapd):
+async def test_gpu_a_tool_engine_in_a_host_of_its_own(gpu_yapd, variants):
     """``[tool] own_process = true``, applied by an engine restart: the tool's AsyncLLM in an
     engine host (a child of yapd), its EngineCore forked by the host with the module's core
     settings (the host's log lines reach yapd's), turns with the tool engine's stamps.
     Then the host killed: yapd says the engine failed, the host's EngineCore goes too (it
-    would hold GPU memory), and a restart brings the tool engine back. Then back in process."""
-    with _engines_restarted_with(gpu_yapd, "[tool]\n", "[tool]\nown_process = true\n", "tool.own_process",
+    would hold GPU memory), and a restart brings the tool engine back."""
+    with variants.restarted_with("[tool]\n", "[tool]\nown_process = true\n", "tool.own_process",
                                  "restart, tool engine in a host of its own") as lines:
         print("\n".join(x for x in lines if any(m in x for m in (" took ", "EngineCore ", "engine host"))))
         log = "\n".join(lines)
@@ -611,10 +642,12 @@ async def test_gpu_a_tool_engine_in_a_host_of_its_own(gpu_yapd):
             check_turn(await run_turn(ws))
 
 
-def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd):
-    """Last in the module. Each engine restart above had vLLM SIGTERM a forked
-    EngineCore: none of those reached yapd as its own. Then SIGTERM stops yapd with
-    exit code 0, with its EngineCores gone (vLLM's shutdown SIGTERMs them once more)."""
+def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd, variants):
+    """Last in the module, with the module's own engines back (the variants above leave
+    theirs running). Each engine restart above had vLLM SIGTERM a forked EngineCore: none
+    of those reached yapd as its own. Then SIGTERM stops yapd with exit code 0, with its
+    EngineCores gone (vLLM's shutdown SIGTERMs them once more)."""
+    variants.back_to_file()
     assert not [line for line in gpu_yapd.lines if "received: draining" in line]
     cores = starting_cores(gpu_yapd.proc.pid)
     assert len(cores) == 2, _children(gpu_yapd.proc.pid)
