@@ -458,7 +458,8 @@ class EngineVariants:
     """The module daemon's engines run with one config key changed at a time. A variant
     leaves its engines running when its test ends and only the file goes back: the next
     variant's restart, or ``back_to_file``, replaces them. A restart back after each
-    variant cost ~30 s on the H100 (five of them kept the module from one device call)."""
+    variant cost ~30 s on the H100 (five of them kept the module from one device call);
+    the last variant's engines are the ones the module's stop test stops."""
 
     def __init__(self, d: Yapd) -> None:
         self.d = d
@@ -584,34 +585,6 @@ async def test_gpu_a_spawned_tool_core_beside_a_forked_chat_core(gpu_yapd, varia
         print(f"tool engine stamps, spawned core: {timings['engines']['tool']}")
 
 
-async def test_gpu_cores_forked_by_yapds_main_thread(gpu_yapd, variants):
-    """engines.fork_from_main_thread, applied by an engine restart: both EngineCores forked
-    by yapd's main thread (each start says so, none warns), with the module's switch
-    interval still reaching them through the at-fork hook; turns work. Prints each core's
-    minor faults a turn (/proc), the figure a core's malloc arena shows in."""
-    with variants.restarted_with('start_method = "fork"',
-                                 'start_method = "fork"\nfork_from_main_thread = true', "engines.fork_from_main_thread",
-                                 "restart, cores forked by yapd's main thread") as lines:
-        print("\n".join(x for x in lines if " took " in x or "EngineCore " in x))
-        log = "\n".join(lines)
-        for role in ("chat", "tool"):
-            assert f"EngineCore forked by yapd's main thread role={role}" in log, log[-4000:]
-            assert f"EngineCore runs with a GIL switch interval of 0.5 ms (at its fork) role={role}" in log
-        assert not [x for x in lines if " warning yapd.engine" in x], log[-4000:]
-        engines = gpu_yapd.admin(cmd="status")[-1]["engines"]
-        assert {engines[r].get("core_forked_by") for r in ("chat", "tool")} == {"main thread"}, engines
-        pids = {role: engines[role]["pid"] for role in ("chat", "tool")}
-        async with ws_connect(gpu_yapd.url()) as ws:
-            check_turn(await run_turn(ws))  # the first turn's faults are the warm-up's
-            before = {role: counters(pid) for role, pid in pids.items()}
-            for i in range(5):
-                check_turn(await run_turn(ws, user_utterance=f"who was Columbus? {i}"))
-        for role, pid in pids.items():
-            was, now = before[role], counters(pid)
-            assert was is not None and now is not None
-            print(f"{role} core forked by the main thread: {now.since(was).minflt / 5:.1f} minor faults a turn")
-
-
 async def test_gpu_a_tool_engine_in_a_host_of_its_own(gpu_yapd, variants):
     """``[tool] own_process = true``, applied by an engine restart: the tool's AsyncLLM in an
     engine host (a child of yapd), its EngineCore forked by the host with the module's core
@@ -642,12 +615,44 @@ async def test_gpu_a_tool_engine_in_a_host_of_its_own(gpu_yapd, variants):
             check_turn(await run_turn(ws))
 
 
+async def test_gpu_cores_forked_by_yapds_main_thread(gpu_yapd, variants):
+    """engines.fork_from_main_thread, applied by an engine restart: both EngineCores forked
+    by yapd's main thread (each start says so, none warns), with the module's switch
+    interval still reaching them through the at-fork hook; turns work. Prints each core's
+    minor faults a turn (/proc), the figure a core's malloc arena shows in."""
+    with variants.restarted_with('start_method = "fork"',
+                                 'start_method = "fork"\nfork_from_main_thread = true', "engines.fork_from_main_thread",
+                                 "restart, cores forked by yapd's main thread") as lines:
+        print("\n".join(x for x in lines if " took " in x or "EngineCore " in x))
+        log = "\n".join(lines)
+        for role in ("chat", "tool"):
+            assert f"EngineCore forked by yapd's main thread role={role}" in log, log[-4000:]
+            assert f"EngineCore runs with a GIL switch interval of 0.5 ms (at its fork) role={role}" in log
+        assert not [x for x in lines if " warning yapd.engine" in x], log[-4000:]
+        engines = gpu_yapd.admin(cmd="status")[-1]["engines"]
+        assert {engines[r].get("core_forked_by") for r in ("chat", "tool")} == {"main thread"}, engines
+        pids = {role: engines[role]["pid"] for role in ("chat", "tool")}
+        async with ws_connect(gpu_yapd.url()) as ws:
+            check_turn(await run_turn(ws))  # the first turn's faults are the warm-up's
+            before = {role: counters(pid) for role, pid in pids.items()}
+            for i in range(5):
+                check_turn(await run_turn(ws, user_utterance=f"who was Columbus? {i}"))
+        for role, pid in pids.items():
+            was, now = before[role], counters(pid)
+            assert was is not None and now is not None
+            print(f"{role} core forked by the main thread: {now.since(was).minflt / 5:.1f} minor faults a turn")
+
+
 def test_gpu_a_stop_ends_yapd_and_its_engine_cores_cleanly(gpu_yapd, variants):
-    """Last in the module, with the module's own engines back (the variants above leave
-    theirs running). Each engine restart above had vLLM SIGTERM a forked EngineCore: none
-    of those reached yapd as its own. Then SIGTERM stops yapd with exit code 0, with its
-    EngineCores gone (vLLM's shutdown SIGTERMs them once more)."""
-    variants.back_to_file()
+    """Last in the module, on the engines the variants above left (both cores forked
+    by yapd: the last variant runs no engine host). Each engine restart above had vLLM
+    SIGTERM a forked EngineCore: none of those reached yapd as its own. Then SIGTERM stops
+    yapd with exit code 0, with its EngineCores gone (vLLM's shutdown SIGTERMs them once
+    more)."""
+    # A hosted engine's core is its host's child, not yapd's (the hosted variant last, as
+    # when -k leaves the one after it out): the module's own engines back first.
+    if any(key.endswith(".own_process") for key in variants.running):
+        variants.back_to_file()
     assert not [line for line in gpu_yapd.lines if "received: draining" in line]
     cores = starting_cores(gpu_yapd.proc.pid)
     assert len(cores) == 2, _children(gpu_yapd.proc.pid)
