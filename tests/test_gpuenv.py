@@ -308,6 +308,11 @@ def test_yapds_event_loop_lag_gets_a_row_where_it_was_taken():
                      "c8": {"ttft_ms": {"p50": 1, "p95": 2}}, "cancel": {}}}
     rows = [line for line in markdown(data).splitlines() if "event-loop lag" in line]
     assert rows == ["| 16 | in yapd: event-loop lag p99 / max ms (the last 13.2 s) | 3.5 / 12.25 | - | - |"]
+    # Files since session 43 keep the measured turns' own, without the warm-up round.
+    data["yapd"]["c16"]["loop_lag_turns_ms"] = {"p99_ms": 2.5, "max_ms": 3.25, "window_s": 11.9}
+    rows = [line for line in markdown(data).splitlines() if "event-loop lag" in line]
+    assert rows[1:] == ["| 16 | in yapd: event-loop lag p99 / max ms over the measured turns alone, no warm-up "
+                        "round (the last 11.9 s) | 2.5 / 3.25 | - | - |"]
     assert not any("garbage" in line or "collections /" in line for line in markdown(data).splitlines())
     data["yapd"]["c16"]["gc_pauses"] = {"long_ms": 0.5, "long": 3, "max_ms": 31.5, "max_generation": 2,
                                         "window_s": 13.2}
@@ -478,6 +483,33 @@ async def test_an_ab_start_restarts_a_real_yapds_engines_with_an_engine_key(make
     await restart_engines_with(d.config_path, text, [], d.admin_socket, log)  # back as it was
 
 
+def _demo_models_as_gpubenchs(tmp_path: Path, cache_dir: Path) -> tuple[Path, list[str]]:
+    """The CPU demo models under gpubench's model names, and the --set options that run
+    them on yapd's CPU engine."""
+    import shutil
+
+    models = tmp_path / "models"
+    for name, role in (("nemo-12b", "chat"), ("hammer-3b", "tool")):
+        shutil.copytree(cache_dir / "demo" / role, models / name)
+    return models, [f"--set={role}.{key}={value}" for role in ("chat", "tool")
+                    for key, value in (("backend", '"cpu"'), ("load_format", '"auto"'), ("quantization", '"none"'))]
+
+
+def test_the_yapd_phase_keeps_a_levels_loop_lag_with_and_without_its_warm_up(tmp_path, cache_dir):
+    """A real yapd on the CPU engines: each level's event-loop lag over its whole span
+    (its warm-up round in it, where every session is new) and over its measured turns
+    alone, the second a shorter window inside the first."""
+    models, cpu = _demo_models_as_gpubenchs(tmp_path, cache_dir)
+    out = tmp_path / "out"
+    assert main([str(models), "--out", str(out), "--work", str(tmp_path / "work"), "--name", "t", "--phases", "yapd",
+                 "--levels", "2", "--rounds", "2", "--skip-restart", *cpu]) == 0
+    level = json.loads((out / "t.json").read_text())["yapd"]["c2"]
+    whole, turns = level["loop_lag_ms"], level["loop_lag_turns_ms"]
+    assert 0 < turns["samples"] < whole["samples"] and turns["window_s"] <= whole["window_s"], (whole, turns)
+    assert turns["max_ms"] <= whole["max_ms"]
+    assert "over the measured turns alone, no warm-up round" in (out / "t.md").read_text()
+
+
 @pytest.mark.parametrize("change,key,levels", [('tool.start_method="fork"', "start_method", [1]),
                                                ("engines.core_switch_interval_ms=0.5", "core_switch_interval_ms",
                                                 [1, 2])])
@@ -487,15 +519,9 @@ def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_p
     measured on engines restarted for it, each start measuring every level, the turns of
     each config pooled per level, every start kept in order, the config as it was once the
     last (B) measurement is done."""
-    import shutil
-
     from yapctl.gpubench.runsetup import turns_for
 
-    models = tmp_path / "models"
-    for name, role in (("nemo-12b", "chat"), ("hammer-3b", "tool")):
-        shutil.copytree(cache_dir / "demo" / role, models / name)
-    cpu = [f"--set={role}.{key}={value}" for role in ("chat", "tool")
-           for key, value in (("backend", '"cpu"'), ("load_format", '"auto"'), ("quantization", '"none"'))]
+    models, cpu = _demo_models_as_gpubenchs(tmp_path, cache_dir)
     out, work = tmp_path / "out", tmp_path / "work"
     assert main([str(models), "--out", str(out), "--work", str(work), "--name", "t", "--phases", "yapd",
                  "--levels", ",".join(map(str, levels)), "--rounds", "1", "--skip-restart", *cpu,

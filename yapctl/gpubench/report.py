@@ -376,6 +376,11 @@ def markdown(data: dict[str, Any]) -> str:
                          f"{g('yapd', lvl, 'loop_lag_ms', 'window_s')} s) | "
                          f"{g('yapd', lvl, 'loop_lag_ms', 'p99_ms')} / {g('yapd', lvl, 'loop_lag_ms', 'max_ms')}"
                          " | - | - |")
+        if data.get("yapd", {}).get(lvl, {}).get("loop_lag_turns_ms"):
+            lines.append(f"| {c} | in yapd: event-loop lag p99 / max ms over the measured turns alone, no warm-up "
+                         f"round (the last {g('yapd', lvl, 'loop_lag_turns_ms', 'window_s')} s) | "
+                         f"{g('yapd', lvl, 'loop_lag_turns_ms', 'p99_ms')} / "
+                         f"{g('yapd', lvl, 'loop_lag_turns_ms', 'max_ms')} | - | - |")
         gcp = data.get("yapd", {}).get(lvl, {}).get("gc_pauses")
         if gcp:
             longest = "" if gcp["max_ms"] is None else f", {gcp['max_ms']} ({gcp['max_generation']})"
