@@ -61,12 +61,12 @@ async def phase_yapd(res: Results, s: Setup) -> None:
             rep = await bench(BenchConfig(url=url, key="bench", n=n, concurrency=c, timeout=120,
                                           utterance=UTTERANCE, persona_text=PERSONA, history_text=HISTORY,
                                           persona_salt=level_salt(s)))
+        # The measured turns alone first (no warm-up round, whose sessions are all new), then
+        # the whole level: its window, ending later, holds the first's.
+        turns = (await loop_state(rep.wall_s))["loop_lag_ms"]
         state = await loop_state(time.perf_counter() - t0)
+        state["loop_lag_turns_ms"] = turns
         state["gc_pauses"]["level"] = gc_between(before, state["gc_pauses"])
-        # The measured turns alone, without the warm-up round whose new sessions tokenize
-        # their whole history (runs au-ax: a 65-83 ms lag maximum at 8 sessions only, the one
-        # level whose window held its warm-up).
-        state["loop_lag_turns_ms"] = (await loop_state(rep.wall_s))["loop_lag_ms"]
         # The warm-up turns are in the CPU time too: per turn of the whole level.
         return {**rep.summary(), **state, **figures(n + c)}, rep
 
