@@ -165,7 +165,7 @@ def frozen() -> int:
     :func:`settle`. ``gc.get_freeze_count()`` counts them one by one: 41-45 ms of the event
     loop for the demo's 383k (this project's CPU machine; a vLLM start freezes 1.2M), asked
     by every /status and admin status (yapctl's dashboard: each second), so it is counted
-    where yapd freezes."""
+    once, and then carried on where yapd freezes."""
     if _Frozen.count is None:
         _Frozen.count = gc.get_freeze_count()
     return _Frozen.count
@@ -176,8 +176,12 @@ def settle() -> None:
     for garbage, freeze the rest (it lives as long as the process), and turn automatic
     collection back on if the start had it off."""
     gc.collect()
+    # The count goes on by what this freeze moves (the objects the collection just walked,
+    # gc.get_objects() leaves the frozen out), not by walking the whole frozen heap again
+    # at an engine restart, while the other engine serves.
+    before, moving = frozen(), len(gc.get_objects())
     gc.freeze()
-    _Frozen.count = gc.get_freeze_count()  # beside the collection just made, a small part
+    _Frozen.count = before + moving
     with _StartHold.lock:
         held, _StartHold.held = _StartHold.held, False
     if held:
