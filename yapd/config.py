@@ -130,6 +130,11 @@ class EnginesConfig:
     # from source (run aw); on another, with them byte-compiled, 33.8 s (run av,
     # docs/bench/README.md).
     bytecode_cache: bool = True
+    # Where FlashInfer's sampling kernels are not built under the cache dir (a first
+    # start), build them in a process of their own while the engines load, not in the
+    # first engine's sampler warm-up at the end of its start: a cold start on an H100 waited
+    # 109-114 s there (yapd/engines/samplerjit.py; docs/bench/README.md, run ay).
+    sampler_prebuild: bool = True
     start_in_parallel: bool = True
     # How vLLM starts its EngineCore processes. "fork": ready sooner (no second import of
     # torch and vLLM; yapd's sockets are dropped in the child): warm starts 28.8-36.8 s on

@@ -28,6 +28,7 @@ from yapd.bytecode import Redirect, engine_packages, uncompiled, write_under
 from yapd.config import Config, ConfigError
 from yapd.engines import EngineError, can_start_together, create_engine
 from yapd.engines.hosted import HostedEngine
+from yapd.engines.samplerjit import SamplerBuild, visible_archs
 from yapd.mps import Mps, MpsError
 from yapd.mps import folder_for as mps_folder
 from yapd.runtime import Runtime
@@ -148,6 +149,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self.exit_code = 0
         self.mps = Mps(mps_folder(cfg))
+        self.sampler_build = SamplerBuild()
         self.rt.mps_status = self.mps.status
         self.rt.metrics.mps_active.set_function(lambda: float(self.mps.status()["active"]))
 
@@ -259,6 +261,11 @@ class Daemon:
             self.rt.engines[role] = eng
         if self._stop.is_set():  # stopped while it made ready (an AWQ build, MPS)
             raise EngineError("stopping before the engines loaded")
+        if self.cfg.engines.sampler_prebuild and any(e.backend == "vllm" for e in engines.values()):
+            try:
+                await self.sampler_build.start(os.environ, await asyncio.to_thread(visible_archs))
+            except OSError as exc:  # the engines build it themselves, as without it
+                log.warning("FlashInfer's sampler: could not start its build: %s", exc)
         self.notifier.status(f"loading engines: {', '.join(f'{r}={e.model}' for r, e in engines.items())}")
         parallel = self.cfg.engines.start_in_parallel and await asyncio.to_thread(
             can_start_together, list(engines.values()))
@@ -634,6 +641,7 @@ class Daemon:
         if self.admin is not None:
             await self.admin.close()
         await self._shutdown_engines(list(self.rt.engines), timeout)
+        await self.sampler_build.stop()
         await asyncio.to_thread(self.mps.stop)  # after the engines: their contexts live in its server
         self.rt.gc_pauses.uninstall()
         log.info("stopped")
