@@ -261,7 +261,8 @@ class Daemon:
             self.rt.engines[role] = eng
         if self._stop.is_set():  # stopped while it made ready (an AWQ build, MPS)
             raise EngineError("stopping before the engines loaded")
-        if self.cfg.engines.sampler_prebuild and any(e.backend == "vllm" for e in engines.values()):
+        if (self.cfg.engines.sampler_prebuild and any(e.backend == "vllm" for e in engines.values())
+                and self.sampler_build.wanted(os.environ)):
             try:
                 await self.sampler_build.start(os.environ, await asyncio.to_thread(visible_archs))
             except OSError as exc:  # the engines build it themselves, as without it

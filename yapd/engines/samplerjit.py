@@ -85,15 +85,21 @@ class SamplerBuild:
         self.outcome: str = ""  # the builder's last line, once it has ended
         self._stopping = False
 
+    def wanted(self, env: Mapping[str, str]) -> bool:
+        """Whether a build is to start (the GPUs' architectures aside): cheap, for every
+        engine start, warm ones included."""
+        if self.proc is not None and self.proc.returncode is None:
+            return False
+        base = env.get("FLASHINFER_WORKSPACE_BASE")
+        return bool(base) and env.get("VLLM_USE_FLASHINFER_SAMPLER", "1") != "0" and not built(Path(str(base)))
+
     async def start(self, env: Mapping[str, str], archs: str | None) -> bool:
         """Start the builder unless the kernels are built, a builder runs already, vLLM
         is told not to sample with FlashInfer, or the architectures are unknown. ``env``:
         the engines' environment (yapd's, with cache_env's FLASHINFER_WORKSPACE_BASE)."""
-        if self.proc is not None and self.proc.returncode is None:
+        if not self.wanted(env):
             return False
-        base = env.get("FLASHINFER_WORKSPACE_BASE")
-        if not base or env.get("VLLM_USE_FLASHINFER_SAMPLER", "1") == "0" or built(Path(base)):
-            return False
+        base = env["FLASHINFER_WORKSPACE_BASE"]
         archs = env.get("FLASHINFER_CUDA_ARCH_LIST") or archs
         if not archs:
             log.info("FlashInfer's sampler: the GPUs' architectures unknown, left to the engines' own build")
