@@ -10,12 +10,14 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from tests.test_daemon import STAND_IN_CHAT, loading_yapd
 from yapd.engines.samplerjit import SamplerBuild, built
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,13 +55,42 @@ FAKE_SAMPLING = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture
-def fake(tmp_path):
-    pkg = tmp_path / "fake" / "flashinfer"
+def fake_flashinfer(root: Path) -> Path:
+    """The stand-in package under ``root``: the folder to put on PYTHONPATH."""
+    pkg = root / "fake" / "flashinfer"
     (pkg / "jit").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "jit" / "__init__.py").write_text("")
     (pkg / "jit" / "sampling.py").write_text(FAKE_SAMPLING)
+    return pkg.parent
+
+
+async def compiler_gone(pid: int) -> None:
+    """Until ``pid`` has ended (gone, or a zombie left for a reaper)."""
+    for _ in range(2000):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":
+            return
+        await asyncio.sleep(0.005)
+    pytest.fail(f"the builder's compiler {pid} still runs")
+
+
+async def pid_in(path: Path) -> int:
+    """The stand-in compiler's pid, once the builder has started it (its interpreter's
+    start: a second or so)."""
+    for _ in range(4000):
+        if path.exists() and path.read_text():
+            return int(path.read_text())
+        await asyncio.sleep(0.005)
+    pytest.fail(f"no compiler started ({path})")
+
+
+@pytest.fixture
+def fake(tmp_path):
+    pkg = fake_flashinfer(tmp_path) / "flashinfer"
     base = tmp_path / "cache" / "flashinfer"
     record = tmp_path / "record.json"
 
@@ -125,28 +156,12 @@ async def test_a_stop_ends_the_build_and_its_compilers(fake, caplog):
     caplog.set_level(logging.INFO, logger="yapd.engines.samplerjit")
     b = SamplerBuild()
     assert await b.start(env("hang"), "9.0")
-    nvcc_pid = record.with_name(record.name + ".nvcc")
-    for _ in range(2000):  # the builder's child up (its interpreter's start: a second or so)
-        if nvcc_pid.exists() and nvcc_pid.read_text():
-            break
-        await asyncio.sleep(0.005)
-    pid = int(nvcc_pid.read_text())
+    pid = await pid_in(record.with_name(record.name + ".nvcc"))
     await asyncio.wait_for(b.stop(), 10)
     assert b.proc is not None and b.proc.returncode is not None and b.proc.returncode < 0
     assert not built(base)
     assert "its build stopped with the daemon" in caplog.text
-    # The compiler went with its session (killpg), not only the builder: gone or a zombie
-    # left for a reaper.
-    for _ in range(2000):
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            break
-        if state == "Z":
-            break
-        await asyncio.sleep(0.005)
-    else:
-        pytest.fail(f"the builder's compiler {pid} still runs")
+    await compiler_gone(pid)  # with its session (killpg), not only the builder
     await b.stop()  # ended already: nothing to do
 
 
@@ -158,3 +173,21 @@ def test_the_builder_module_reports_a_missing_flashinfer(tmp_path):
     if out.returncode == 0:
         pytest.skip("flashinfer is installed here")
     assert out.returncode == 1 and out.stdout.strip().splitlines()[-1].startswith("ModuleNotFoundError: "), out
+
+
+async def test_yapd_starting_a_vllm_engine_builds_it_beside_and_its_stop_ends_the_build(make_yapd, tmp_path):
+    """A real yapd whose vLLM chat engine (tests/loading_core.py's stand-in) loads for
+    minutes, on a cache dir with no sampler built: the build starts beside the engine's
+    start; SIGTERM ends the start, then the build and its compiler, and yapd exits 0."""
+    record = tmp_path / "record.json"
+    d = loading_yapd(make_yapd, STAND_IN_CHAT, PYTHONPATH=f"{fake_flashinfer(tmp_path)}{os.pathsep}{ROOT}",
+                     FLASHINFER_WORKSPACE_BASE=str(tmp_path / "fi"), FLASHINFER_CUDA_ARCH_LIST="9.0",
+                     FAKE_FI_MODE="hang", FAKE_FI_RECORD=str(record))
+    d.wait_for("building it beside the engines' start", timeout=120)
+    d.wait_for("stand-in: Initializing a V1 LLM engine", timeout=120)  # the engine loads meanwhile
+    pid = await pid_in(record.with_name(record.name + ".nvcc"))
+    assert json.loads(record.read_text()) == {"CUDA_VISIBLE_DEVICES": "", "FLASHINFER_CUDA_ARCH_LIST": "9.0"}
+    d.signal(signal.SIGTERM)
+    assert d.proc is not None and d.proc.wait(60) == 0, "\n".join(d.lines[-20:])
+    d.wait_for("its build stopped with the daemon", timeout=5)
+    await compiler_gone(pid)
