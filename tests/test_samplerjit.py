@@ -107,8 +107,8 @@ async def test_builds_once_seeing_no_gpu_for_the_gpus_architectures(fake, caplog
     env, base, record = fake
     caplog.set_level(logging.INFO, logger="yapd.engines.samplerjit")
     b = SamplerBuild()
-    assert await b.start(env(), "9.0")
-    assert not await b.start(env(), "9.0")  # one builder at a time
+    assert await b.start(env(), lambda: "9.0")
+    assert not await b.start(env(), lambda: "9.0")  # one builder at a time
     await b.wait()
     assert b.proc is not None and b.proc.returncode == 0
     assert b.outcome.startswith("sampling built in "), b.outcome
@@ -117,14 +117,15 @@ async def test_builds_once_seeing_no_gpu_for_the_gpus_architectures(fake, caplog
     assert built(base) and (base / ".cache/flashinfer/0.6.14/90a/cached_ops/sampling/sampling.so").exists()
     assert "building it beside the engines' start" in caplog.text and "sampling built in" in caplog.text
     record.unlink()
-    assert not await SamplerBuild().start(env(), "9.0")  # built: a warm start starts nothing
+    # Built: a warm start starts nothing, and asks nothing of the GPUs
+    assert not await SamplerBuild().start(env(), lambda: pytest.fail("NVML asked on a warm start"))
     assert not record.exists()
 
 
 async def test_an_arch_list_set_for_yapd_is_the_builders(fake):
     env, base, record = fake
     b = SamplerBuild()
-    assert await b.start(env(FLASHINFER_CUDA_ARCH_LIST="8.0 9.0"), "9.0")
+    assert await b.start(env(FLASHINFER_CUDA_ARCH_LIST="8.0 9.0"), lambda: "9.0")
     await b.wait()
     assert json.loads(record.read_text())["FLASHINFER_CUDA_ARCH_LIST"] == "8.0 9.0"
     assert (base / ".cache/flashinfer/0.6.14/80a_90a/cached_ops/sampling/sampling.so").exists()
@@ -133,16 +134,17 @@ async def test_an_arch_list_set_for_yapd_is_the_builders(fake):
 async def test_nothing_started_where_there_is_nothing_to_build_for(fake):
     env, _, record = fake
     no_base = {k: v for k, v in env().items() if k != "FLASHINFER_WORKSPACE_BASE"}
-    assert not await SamplerBuild().start(no_base, "9.0")
-    assert not await SamplerBuild().start(env(VLLM_USE_FLASHINFER_SAMPLER="0"), "9.0")  # vLLM samples without it
-    assert not await SamplerBuild().start(env(), None)  # NVML could not tell the GPUs: no folder to build into
+    assert not await SamplerBuild().start(no_base, lambda: "9.0")
+    # vLLM samples without it
+    assert not await SamplerBuild().start(env(VLLM_USE_FLASHINFER_SAMPLER="0"), lambda: "9.0")
+    assert not await SamplerBuild().start(env(), lambda: None)  # NVML could not tell the GPUs: no folder to build into
     assert not record.exists()
 
 
 async def test_a_failed_build_is_a_warning_with_its_last_line(fake, caplog):
     env, base, _ = fake
     b = SamplerBuild()
-    assert await b.start(env("fail"), "9.0")
+    assert await b.start(env("fail"), lambda: "9.0")
     await b.wait()
     assert b.proc is not None and b.proc.returncode == 1
     assert b.outcome == "RuntimeError: nvcc fatal   : Unsupported gpu architecture 'compute_90a'"
@@ -155,7 +157,7 @@ async def test_a_stop_ends_the_build_and_its_compilers(fake, caplog):
     env, base, record = fake
     caplog.set_level(logging.INFO, logger="yapd.engines.samplerjit")
     b = SamplerBuild()
-    assert await b.start(env("hang"), "9.0")
+    assert await b.start(env("hang"), lambda: "9.0")
     pid = await pid_in(record.with_name(record.name + ".nvcc"))
     await asyncio.wait_for(b.stop(), 10)
     assert b.proc is not None and b.proc.returncode is not None and b.proc.returncode < 0

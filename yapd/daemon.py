@@ -28,7 +28,7 @@ from yapd.bytecode import Redirect, engine_packages, uncompiled, write_under
 from yapd.config import Config, ConfigError
 from yapd.engines import EngineError, can_start_together, create_engine
 from yapd.engines.hosted import HostedEngine
-from yapd.engines.samplerjit import SamplerBuild, visible_archs
+from yapd.engines.samplerjit import SamplerBuild
 from yapd.mps import Mps, MpsError
 from yapd.mps import folder_for as mps_folder
 from yapd.runtime import Runtime
@@ -261,10 +261,9 @@ class Daemon:
             self.rt.engines[role] = eng
         if self._stop.is_set():  # stopped while it made ready (an AWQ build, MPS)
             raise EngineError("stopping before the engines loaded")
-        if (self.cfg.engines.sampler_prebuild and any(e.backend == "vllm" for e in engines.values())
-                and self.sampler_build.wanted(os.environ)):
+        if self.cfg.engines.sampler_prebuild and any(e.backend == "vllm" for e in engines.values()):
             try:
-                await self.sampler_build.start(os.environ, await asyncio.to_thread(visible_archs))
+                await self.sampler_build.start(os.environ)
             except OSError as exc:  # the engines build it themselves, as without it
                 log.warning("FlashInfer's sampler: could not start its build: %s", exc)
         self.notifier.status(f"loading engines: {', '.join(f'{r}={e.model}' for r, e in engines.items())}")

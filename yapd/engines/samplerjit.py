@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 log = logging.getLogger("yapd.engines.samplerjit")
@@ -54,26 +54,17 @@ def visible_archs() -> str | None:
     where NVML cannot tell."""
     try:
         import torch
-        from vllm.platforms import current_platform
-        from vllm.utils.import_utils import import_pynvml
 
-        count = int(torch.cuda._device_count_nvml())
-        if count <= 0:
-            return None
-        pynvml = import_pynvml()
-        pynvml.nvmlInit()
-        try:
-            caps = set()
-            for i in range(count):
-                handle = pynvml.nvmlDeviceGetHandleByIndex(current_platform.device_id_to_physical_device_id(i))
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-                caps.add(f"{major}.{minor}")
-            return " ".join(sorted(caps))
-        finally:
-            pynvml.nvmlShutdown()
+        from yapd.engines.vllm import gpu_capability
+
+        count = int(torch.cuda._device_count_nvml())  # -1: NVML could not tell
     except Exception as exc:
         log.debug("GPU architectures from NVML: %s", exc)
         return None
+    caps = [gpu_capability(i) for i in range(count)]
+    if not caps or any(c is None for c in caps):
+        return None
+    return " ".join(sorted({f"{c[0]}.{c[1]}" for c in caps if c is not None}))
 
 
 class SamplerBuild:
@@ -85,32 +76,28 @@ class SamplerBuild:
         self.outcome: str = ""  # the builder's last line, once it has ended
         self._stopping = False
 
-    def wanted(self, env: Mapping[str, str]) -> bool:
-        """Whether a build is to start (the GPUs' architectures aside): cheap, for every
-        engine start, warm ones included."""
+    async def start(self, env: Mapping[str, str], archs: Callable[[], str | None] = visible_archs) -> bool:
+        """Start the builder unless the kernels are built, a builder runs already, vLLM
+        is told not to sample with FlashInfer, or the GPUs' architectures are unknown
+        (``archs``, asked off the event loop only where a build is wanted: a warm start
+        globs the cache dir, nothing more). ``env``: the engines' environment (yapd's,
+        with cache_env's FLASHINFER_WORKSPACE_BASE)."""
         if self.proc is not None and self.proc.returncode is None:
             return False
         base = env.get("FLASHINFER_WORKSPACE_BASE")
-        return bool(base) and env.get("VLLM_USE_FLASHINFER_SAMPLER", "1") != "0" and not built(Path(str(base)))
-
-    async def start(self, env: Mapping[str, str], archs: str | None) -> bool:
-        """Start the builder unless the kernels are built, a builder runs already, vLLM
-        is told not to sample with FlashInfer, or the architectures are unknown. ``env``:
-        the engines' environment (yapd's, with cache_env's FLASHINFER_WORKSPACE_BASE)."""
-        if not self.wanted(env):
+        if not base or env.get("VLLM_USE_FLASHINFER_SAMPLER", "1") == "0" or built(Path(base)):
             return False
-        base = env["FLASHINFER_WORKSPACE_BASE"]
-        archs = env.get("FLASHINFER_CUDA_ARCH_LIST") or archs
-        if not archs:
+        gpus = env.get("FLASHINFER_CUDA_ARCH_LIST") or await asyncio.to_thread(archs)
+        if not gpus:
             log.info("FlashInfer's sampler: the GPUs' architectures unknown, left to the engines' own build")
             return False
-        child = {**env, "CUDA_VISIBLE_DEVICES": "", "FLASHINFER_CUDA_ARCH_LIST": archs}
+        child = {**env, "CUDA_VISIBLE_DEVICES": "", "FLASHINFER_CUDA_ARCH_LIST": gpus}
         # A session of its own: a stop ends ninja and its nvcc processes with it.
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "yapd.engines.samplerjit", env=child, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         log.info("FlashInfer's sampler: not built under %s; building it beside the engines' start "
-                 "(pid %d, for %s)", base, self.proc.pid, archs)
+                 "(pid %d, for %s)", base, self.proc.pid, gpus)
         self._watch = asyncio.create_task(self._report(self.proc, time.perf_counter()))
         return True
 

@@ -42,14 +42,14 @@ SHUTDOWN_WAIT_S = 20.0
 MEMORY_SETTLE_S = 10.0
 
 
-def gpu_capability() -> tuple[int, int] | None:
-    """The first visible GPU's compute capability, read through NVML: asking torch would
-    create a CUDA context in this process, which costs GPU memory and forces vLLM to
-    spawn (not fork) its EngineCore processes."""
+def gpu_capability(device_id: int = 0) -> tuple[int, int] | None:
+    """A visible GPU's compute capability (the first's by default), read through NVML:
+    asking torch would create a CUDA context in this process, which costs GPU memory and
+    forces vLLM to spawn (not fork) its EngineCore processes."""
     try:
         from vllm.platforms import current_platform
 
-        cap = current_platform.get_device_capability()
+        cap = current_platform.get_device_capability(device_id)
         return (int(cap.major), int(cap.minor)) if cap is not None else None
     except Exception:  # noqa: S110 - no GPU, no NVML or no vLLM: no capability
         pass
