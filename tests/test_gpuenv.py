@@ -807,7 +807,10 @@ async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch,
         started.append(port)
 
     monkeypatch.setattr(servephase, "TurnPrompts", Prompts)
+    envs: list[dict[str, str]] = []
+
     def serve(kw: dict[str, Any], port: int, log: Path, env: Any) -> object:
+        envs.append(env)
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as f:  # as vLLM's scheduler says it at each start
             f.write(f"INFO [scheduler.py:252] Chunked prefill is enabled with max_num_batched_tokens={port}.\n")
@@ -825,6 +828,12 @@ async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch,
     serve = res.data["serve"]
     tool = "tool" in passes
     assert started == [runsetup.SERVE_PORT, runsetup.SERVE_PORT + 1][:1 + tool]
+    # both servers on yapd's caches: FlashInfer's JIT modules and Triton's kernels too
+    cache = tmp_path / "work" / "cache"
+    for env in envs:
+        assert env["FLASHINFER_WORKSPACE_BASE"] == str(cache / "flashinfer")
+        assert env["TRITON_CACHE_DIR"] == str(cache / "triton")
+        assert env["VLLM_CACHE_ROOT"] == str(cache / "vllm")
     chat_passes = [x for x in passes if x != "tool"]
     assert levels == [c for c in (1, 2) for _ in chat_passes] + [1, 2] * tool, levels
     # each server's budget from its own log, this start's line only

@@ -17,7 +17,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 import sdnotify
@@ -660,7 +659,12 @@ def cache_env(cfg: Config) -> Redirect | None:
     """Point the caches of CACHE_VARS at the daemon's cache dir unless set already, and
     with engines.bytecode_cache, the bytecode its engines' packages lack there too (before
     anything imports them: yapd/bytecode.py write_under)."""
-    root = cfg.cache_dir()
-    for var, sub in CACHE_VARS.items():
-        os.environ.setdefault(var, str(Path(root) / sub))
-    return write_under(root / "pycache", engine_packages(cfg)) if cfg.engines.bytecode_cache else None
+    for var, path in cache_vars(cfg).items():
+        os.environ.setdefault(var, path)
+    return write_under(cfg.cache_dir() / "pycache", engine_packages(cfg)) if cfg.engines.bytecode_cache else None
+
+
+def cache_vars(cfg: Config) -> dict[str, str]:
+    """CACHE_VARS under the daemon's cache dir, for it and for what it runs beside (the
+    benchmark's `vllm serve`, which then builds nothing yapd has built already)."""
+    return {var: str(cfg.cache_dir() / sub) for var, sub in CACHE_VARS.items()}

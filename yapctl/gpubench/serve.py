@@ -99,14 +99,17 @@ def _serve(kw: dict[str, Any], port: int, log: Path, env: dict[str, str]) -> sub
 
 
 async def phase_serve(res: Results, s: Setup) -> None:
+    from yapd.daemon import cache_vars
     from yapd.engines.vllm import engine_kwargs, gpu_capability
     from yapd.toolcall import DecisionReader
 
     tp = TurnPrompts(s)
     tp.all(s.levels, s.rounds)
     log = s.work / "serve.log"
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(s.work / "cache" / "vllm")}
     cfg = s.config()
+    # yapd's caches (compile, Triton, FlashInfer's JIT modules): serve's start then builds
+    # none of what yapd's built, as a user's second start of it wouldn't.
+    env = {**os.environ, **cache_vars(cfg)}
     kw = engine_kwargs("chat", cfg, cfg.chat.model, gpu_capability())
     tool_kw = engine_kwargs("tool", cfg, cfg.tool.model, gpu_capability())
     procs = []
