@@ -28,6 +28,7 @@ from tests.test_cli import yapctl
 from tests.test_protocol_e2e import check_turn
 from yapctl.bench import per_step
 from yapd.engines.memplan import PLAN_FILE
+from yapd.engines.samplerjit import built
 from yapd.engines.vllm import starting_cores
 from yapd.mps import MPS_CONTROL, PIPE_ENV, PRIORITY_ENV, renumbered_devices
 from yapd.procfs import children, counters
@@ -89,10 +90,14 @@ concurrent = true
     # call filled, the file held plans of other tests' engines too.
     plans_file = cache / "vllm" / PLAN_FILE
     plans_file.unlink(missing_ok=True)
+    # FlashInfer's workspace as the daemon's cache_env sets it (gputest.sh may name the
+    # bench's): whether this start is the one that must build the sampler.
+    d.flashinfer = Path(os.environ.get("FLASHINFER_WORKSPACE_BASE") or cache / "flashinfer")  # type: ignore[attr-defined]
+    d.sampler_was_built = built(d.flashinfer)  # type: ignore[attr-defined]
     d.start(timeout=600)
     d.first_plans = json.loads(plans_file.read_text())  # type: ignore[attr-defined]
     # Where the start's time went, in every run's log
-    marks = (" took ", "engine started", "EngineCore forked", "EngineCore spawned")
+    marks = (" took ", "engine started", "EngineCore forked", "EngineCore spawned", "FlashInfer's sampler")
     print("\n".join(x for x in d.lines if any(m in x for m in marks)), flush=True)
     yield d
     d.stop(60)
@@ -274,6 +279,21 @@ if pid == 0:
         os._exit(3)
 sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """
+
+
+def test_gpu_a_cold_start_builds_the_sampler_beside_its_engines(gpu_yapd):
+    """Where no FlashInfer sampling module was built, the start built it in a process of its
+    own as the engines loaded, and the cores' warm-ups used that build (none of their own
+    JIT compile to wait for); a warm start leaves it be."""
+    log = "\n".join(gpu_yapd.lines)
+    assert built(gpu_yapd.flashinfer), "the cores sampled, so the module must be there"
+    if gpu_yapd.sampler_was_built:
+        assert "FlashInfer's sampler: not built" not in log, log[-3000:]
+        return
+    assert "building it beside the engines' start" in log, log[-3000:]
+    m = re.search(r"FlashInfer's sampler: sampling built in ([\d.]+) s \(([\d.]+) s after its start\)", log)
+    assert m, log[-3000:]
+    print(f"sampler built beside the start in {m[1]} s ({m[2]} s after its start)")
 
 
 def test_gpu_backend_auto_takes_vllm_and_leaves_a_forked_core_its_cuda():
