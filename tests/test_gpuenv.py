@@ -28,6 +28,7 @@ from yapctl.gpubench.report import markdown, run_conditions
 from yapctl.gpubench.runsetup import Setup
 from yapctl.gpubench.servers import startup_lines
 from yapd import config
+from yapd.daemon import CACHE_VARS
 
 
 @pytest.fixture
@@ -808,6 +809,9 @@ async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch,
 
     monkeypatch.setattr(servephase, "TurnPrompts", Prompts)
     envs: list[dict[str, str]] = []
+    for var in CACHE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CUDA_CACHE_PATH", str(tmp_path / "set"))  # one set already: yapd's start keeps it too
 
     def serve(kw: dict[str, Any], port: int, log: Path, env: Any) -> object:
         envs.append(env)
@@ -834,6 +838,7 @@ async def test_the_serve_phase_times_the_passes_asked_for(tmp_path, monkeypatch,
         assert env["FLASHINFER_WORKSPACE_BASE"] == str(cache / "flashinfer")
         assert env["TRITON_CACHE_DIR"] == str(cache / "triton")
         assert env["VLLM_CACHE_ROOT"] == str(cache / "vllm")
+        assert env["CUDA_CACHE_PATH"] == str(tmp_path / "set")
     chat_passes = [x for x in passes if x != "tool"]
     assert levels == [c for c in (1, 2) for _ in chat_passes] + [1, 2] * tool, levels
     # each server's budget from its own log, this start's line only

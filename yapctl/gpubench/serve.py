@@ -107,9 +107,10 @@ async def phase_serve(res: Results, s: Setup) -> None:
     tp.all(s.levels, s.rounds)
     log = s.work / "serve.log"
     cfg = s.config()
-    # yapd's caches (compile, Triton, FlashInfer's JIT modules): serve's start then builds
-    # none of what yapd's built, as a user's second start of it wouldn't.
-    env = {**os.environ, **cache_vars(cfg)}
+    # The caches yapd's start used (compile, Triton, FlashInfer's JIT modules; one set in
+    # the environment wins, as in cache_env): serve's start then builds none of what yapd's
+    # built, as a user's second start of it wouldn't.
+    env = {**cache_vars(cfg), **os.environ}
     kw = engine_kwargs("chat", cfg, cfg.chat.model, gpu_capability())
     tool_kw = engine_kwargs("tool", cfg, cfg.tool.model, gpu_capability())
     procs = []
