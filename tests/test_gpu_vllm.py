@@ -27,6 +27,7 @@ from tests.decoding import texts
 from tests.test_cli import yapctl
 from tests.test_protocol_e2e import check_turn
 from yapctl.bench import per_step
+from yapd.daemon import CACHE_VARS
 from yapd.engines.memplan import PLAN_FILE
 from yapd.engines.samplerjit import built
 from yapd.engines.vllm import starting_cores
@@ -92,7 +93,8 @@ concurrent = true
     plans_file.unlink(missing_ok=True)
     # FlashInfer's workspace as the daemon's cache_env sets it (gputest.sh may name the
     # bench's): whether this start is the one that must build the sampler.
-    d.flashinfer = Path(os.environ.get("FLASHINFER_WORKSPACE_BASE") or cache / "flashinfer")  # type: ignore[attr-defined]
+    var = "FLASHINFER_WORKSPACE_BASE"
+    d.flashinfer = Path(os.environ.get(var) or cache / CACHE_VARS[var])  # type: ignore[attr-defined]
     d.sampler_was_built = built(d.flashinfer)  # type: ignore[attr-defined]
     d.start(timeout=600)
     d.first_plans = json.loads(plans_file.read_text())  # type: ignore[attr-defined]
