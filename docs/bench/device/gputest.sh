@@ -23,7 +23,10 @@ log="$OUT/gputest.log"
 # `gputest.sh compile`: only that, at the end of a call with time to spare (after the bench's
 # phases, which measure the install as it came), so the module's call keeps its time.
 [ "$1" = compile ] && { tail -1 "$OUT/bytecode.log" 2>/dev/null; exit 0; }
+# With it, the sampler builder against the kit's real FlashInfer (its JitSpec's API; CPU CI has
+# only a stand-in), a few seconds.
 timeout "${1:-480}" python3 -m pytest -p no:cacheprovider tests/test_gpu_vllm.py -v -s -rA --durations=10 \
+  tests/test_samplerjit.py::test_the_builder_module_drives_flashinfers_own_jit_spec \
   -o timeout=0 "${@:2}" > "$log" 2>&1
 rc=$?
 tail -40 "$log"
