@@ -1693,3 +1693,21 @@ async def test_a_reload_passes_over_an_idle_deadline_firing_now():
                 server._waits[object()] = (0.0, deadline)  # type: ignore[index]
                 server.config_changed()
                 raise
+
+
+def test_gap_tail_counts_the_long_gaps_and_the_table_shows_them():
+    from yapctl.bench import gap_tail
+    from yapctl.gpubench.report import markdown
+
+    # 97 one-step gaps and three of two steps: p99 lands on the long ones
+    gaps = [7.0] * 97 + [15.0, 16.0, 18.0]
+    assert gap_tail(gaps) == {"gaps": 100, "over_ms": 10.5, "long_pct": 3.0, "long_p50": 16.0, "long_p90": 18.0}
+    assert gap_tail([])["long_pct"] is None
+    assert gap_tail([7.0] * 10)["long_pct"] == 0.0 and gap_tail([7.0] * 10)["long_p50"] is None
+    data = {"yapd": {"c16": {"ttft_ms": {"p50": 1.0, "p95": 2.0}, "itl_tail": gap_tail(gaps)}},
+            "raw": {"c16": {"ttft_ms": {"p50": 1.0, "p95": 2.0}}},
+            "serve": {"c16_with_tool": {"itl_tail": gap_tail([7.0] * 99 + [14.0])}}}
+    assert ("| 16 | ITL gaps over 1.5 x its p50 (a step or more missed): share %; their p50 / p90 ms | "
+            "3 % of 100 (over 10.5); 16.0 / 18.0 | - | 1 % of 100 (over 10.5); 14.0 / 14.0 |") in markdown(data)
+    # Files from before it: no such row
+    assert "ITL gaps over" not in markdown({"yapd": {"c16": {"ttft_ms": {"p50": 1.0, "p95": 2.0}}}})

@@ -27,6 +27,25 @@ def pct(xs: list[float], p: float) -> float | None:
     return round(s[min(len(s) - 1, int(p / 100 * len(s)))], 2)
 
 
+# A gap this many times the median is a step or more missed: a token with no text of its
+# own (its text came with the next) or a step that also ran other requests' prefills.
+LONG_GAP = 1.5
+
+
+def gap_tail(gaps: list[float]) -> dict[str, float | int | None]:
+    """The long inter-token gaps (over ``LONG_GAP`` x the median): their share and their
+    own p50 / p90. Where the share is near 1 %, a gap p99 falls on the edge between one
+    step and two, and moves by a step's length with the share: the share says whether two
+    p99s differ by how many long gaps there were or by how long they took."""
+    median = pct(gaps, 50)
+    if median is None:
+        return {"gaps": 0, "over_ms": None, "long_pct": None, "long_p50": None, "long_p90": None}
+    over = LONG_GAP * median
+    long = [g for g in gaps if g > over]
+    return {"gaps": len(gaps), "over_ms": round(over, 2), "long_pct": round(100 * len(long) / len(gaps), 2),
+            "long_p50": pct(long, 50), "long_p90": pct(long, 90)}
+
+
 # vLLM stamps every output of one engine step with one time; an engine's steps are
 # milliseconds apart, the same time seen through two clocks a few microseconds.
 STEP_APART_MS = 0.5
@@ -249,6 +268,7 @@ class BenchReport:
             "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95), "p99": pct(ttft, 99)},
             "tool_ms": {"p50": pct(tool, 50), "p95": pct(tool, 95), "p99": pct(tool, 99)},
             "itl_ms": {"p50": pct(gaps, 50), "p95": pct(gaps, 95), "p99": pct(gaps, 99)},
+            "itl_tail": gap_tail(gaps),
             "total_ms": {"p50": pct(total, 50), "p95": pct(total, 95), "p99": pct(total, 99)},
             "server_engine_ttft_ms": server("engine_ttft_ms"),
             "server_engine_text_ms": server("engine_text_ms"),

@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from yapctl.bench import pct, per_step, slow_bursts
+from yapctl.bench import gap_tail, pct, per_step, slow_bursts
 from yapctl.gpubench.measure import PROFILE_S, PROFILE_TOP, at_level, gaps, profiled, watching
 from yapctl.gpubench.prompts import TurnPrompts
 from yapctl.gpubench.results import Results
@@ -53,6 +53,7 @@ def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
             "ttft_token_ms": q([r.first_token for r in rows if r.first_token is not None]),
             "itl_ms": q([g for r in rows for g in r.gaps], 99),
             "itl_token_ms": q([g for r in rows for g in r.token_gaps], 99),
+            "itl_tail": gap_tail([g for r in rows for g in r.gaps]),
             # on the tool request's own clock (tool_first_token_ms, where the engine keeps
             # request stats, is its core's stamp on the turn's clock; before 2026-12-04 this
             # figure had that name and the stamp overwrote it)

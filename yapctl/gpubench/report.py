@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from yapctl.bench import SLOW_OVER_P50
+from yapctl.bench import LONG_GAP, SLOW_OVER_P50
 from yapctl.gpubench.measure import PROFILE_S
 from yapctl.gpubench.prompts import PROMPT_BEFORE_AF
 from yapctl.gpubench.servers import BYTECODE_LINES
@@ -254,6 +254,13 @@ def pair_table(pair: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def tail_cell(tail: dict[str, Any] | None) -> str:
+    if not tail or tail.get("long_pct") is None:
+        return "-"
+    share = f"{tail['long_pct']:g} % of {tail['gaps']} (over {tail['over_ms']:g})"
+    return f"{share}; {tail['long_p50']} / {tail['long_p90']}"
+
+
 def slow_cell(slow: dict[str, Any] | None) -> str:
     if not slow:
         return "-"
@@ -334,6 +341,12 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {c} | ITL p50 / p99 ms | {two('yapd', lvl, 'itl_ms', 'p50', 'p99')} | "
                      f"{two('raw', lvl, 'itl_ms', 'p50', 'p99')} | {two('serve', lvl, 'itl_ms', 'p50', 'p99')} |")
         lines.append(f"| {c} | ITL per token p50 / p99 ms | - | {two('raw', lvl, 'itl_token_ms', 'p50', 'p99')} | - |")
+        served = f"{lvl}_with_tool" if f"{lvl}_with_tool" in data.get("serve", {}) else lvl
+        tails = [tail_cell(data.get(sec, {}).get(v, {}).get("itl_tail"))
+                 for sec, v in (("yapd", lvl), ("raw", lvl), ("serve", served))]
+        if any(t != "-" for t in tails):
+            lines.append(f"| {c} | ITL gaps over {LONG_GAP:g} x its p50 (a step or more missed): share %; "
+                         f"their p50 / p90 ms | {' | '.join(tails)} |")
         serve_tool = data.get("serve", {}).get(f"{lvl}_with_tool", {}).get("tool_ms")
         own = "tool_first_output_ms" if "tool_first_output_ms" in data.get("raw", {}).get(lvl, {}) else \
             "tool_first_token_ms"  # a file from before the rename (with request stats on: the core's stamp)

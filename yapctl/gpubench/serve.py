@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from yapctl.bench import pct
+from yapctl.bench import gap_tail, pct
 from yapctl.gpubench.measure import at_level, gaps
 from yapctl.gpubench.prompts import TurnPrompts
 from yapctl.gpubench.results import Results
@@ -138,7 +138,7 @@ async def phase_serve(res: Results, s: Setup) -> None:
             ttft = [r[0] for r in rows if r[0] is not None]
             itl = [g for r in rows for g in r[1]]
             return {"turns": len(rows), "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
-                    "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)}}
+                    "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)}, "itl_tail": gap_tail(itl)}
 
         for c in s.levels:
             figures: dict[str, Any] = {}
