@@ -43,4 +43,20 @@ def test_frontbench_times_a_real_front_end_with_stand_in_engines(tmp_path, cache
         # ms as above: a fresh clone's run saw 0.15 against 30.0 - 29.9).
         assert 0 <= s["text_to_sent_ms"]["p50"] <= s["server_ttft_ms"]["p50"] - 29, s
     assert three["round_requests_span_ms"]["p50"] > 0 and three["per_turn_start_ms"] > 0
+    # Every reply's 3 tokens, 2 gaps each, at the client (their lengths are this machine's
+    # load's: a frame held up brings the next one's with it)
+    assert one["itl_tail"]["gaps"] == 2 * 2 and three["itl_tail"]["gaps"] == 6 * 2, three
+    assert three["itl_ms"]["p99"] is not None and three["itl_tail"]["long_pct"] is not None, three
     assert "c3: TTFT p50/p95" in capsys.readouterr().out
+
+
+def test_a_stand_in_engines_outputs_fall_on_its_steps():
+    """Requests made at any time get their outputs at the engine's steps, one grid from its
+    first request on, as an EngineCore's batch."""
+    from yapctl.frontbench import Steps
+
+    steps = Steps(0.01)
+    assert steps.at_or_after(100.0) == 100.0  # the first request sets the grid
+    assert steps.at_or_after(100.004) == pytest.approx(100.01)
+    assert steps.at_or_after(100.02) == pytest.approx(100.02)
+    assert steps.at_or_after(100.0201) == pytest.approx(100.03)

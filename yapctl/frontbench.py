@@ -4,8 +4,9 @@
     python -m yapctl.frontbench --models MODELS --levels 1,8,16 --request-order chats_then_tools
 
 The stand-in engines tokenize nothing and compute nothing: each request's first output
-comes ``--chat-first-ms`` / ``--tool-first-ms`` after it is made, then a token every
-``--itl-ms``. Everything else is yapd's own: the WebSocket server, the session, both
+comes at the engine's first step ``--chat-first-ms`` / ``--tool-first-ms`` after it is
+made, then a token a step, every ``--itl-ms`` (one engine's requests step together, as in
+an EngineCore). Everything else is yapd's own: the WebSocket server, the session, both
 prompts built with the real tokenizers (MODELS holds ``nemo-12b`` and ``hammer-3b``
 folders, as gpubench's do), the turn, the frames. Sessions run in lockstep rounds with
 gpubench's prompts, so a round's starts arrive together, as on the GPU bench.
@@ -14,8 +15,9 @@ It prints, per level: the client's TTFT and tool decision; the part of the TTFT 
 yapd's turn clock; when each turn's requests reached the engines, from its start message
 being sent (the submission delay, what the GPU's engines cannot start before); and how
 far apart one round's first and last requests were (a burst's requests spread over
-``turns x`` yapd's per-turn start work). On the GPU, vLLM's own per-request work comes on
-top. A program that prints figures, not a test: the suite checks it runs.
+``turns x`` yapd's per-turn start work); the client's inter-token gaps (each a step on the
+engine's side: what they hold beyond it is the front end's) and their tail. On the GPU,
+vLLM's own per-request work comes on top. A program that prints figures, not a test: the suite checks it runs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import sys
@@ -34,7 +37,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from yapctl.bench import BenchConfig, lockstep, pct
+from yapctl.bench import BenchConfig, gap_tail, lockstep, pct
 from yapctl.localyapd import LocalYapd
 from yapd.config import Config, RequestOrder, TurnConfig
 from yapd.engines.base import Delta, Engine, EngineHealth, SamplingSpec
@@ -45,8 +48,29 @@ LOG_ENV = "YAPCTL_FRONTBENCH_LOG"  # each stand-in engine writes its requests to
 TIMING_ENV = "YAPCTL_FRONTBENCH_MS"  # "chat_first,tool_first,itl"
 
 
+class Steps:
+    """One stand-in engine's steps, ``every_s`` apart from its first request on: an
+    EngineCore steps once for all its requests in flight, and their outputs reach the front
+    end together, so a step's tokens are due at one time here too (one timer deadline:
+    the event loop wakes their streams in one pass, as vLLM's output handler does)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.t0: float | None = None
+
+    def at_or_after(self, t: float) -> float:
+        """The first step at or after ``t`` (perf_counter)."""
+        if self.t0 is None:
+            self.t0 = t
+        return self.t0 + math.ceil((t - self.t0) / self.every_s - 1e-9) * self.every_s
+
+    @staticmethod
+    async def until(t: float) -> None:
+        await asyncio.sleep(max(0.0, t - time.perf_counter()))
+
+
 class StandInEngine(Engine):
-    """Answers after a fixed time, token by token; notes when each request was made
+    """Answers after a fixed time, then a token a step; notes when each request was made
     (perf_counter: CLOCK_MONOTONIC, comparable with the client's in another process)."""
 
     backend = "standin"
@@ -59,6 +83,7 @@ class StandInEngine(Engine):
         chat_ms, tool_ms, itl_ms = (float(x) / 1000 for x in os.environ.get(TIMING_ENV, "20,16,6").split(","))
         self.first_s = chat_ms if role == "chat" else tool_ms
         self.itl_s = itl_ms
+        self.steps = Steps(itl_ms)
         self._tok: Any = None
         self._in_flight = 0
         self.made: list[tuple[str, str, float]] = []
@@ -77,10 +102,12 @@ class StandInEngine(Engine):
 
     async def stream(self, prompt_ids: Sequence[int], spec: SamplingSpec, request_id: str,
                      together: bool = False) -> AsyncIterator[Delta]:
-        self.made.append((request_id, self.role, time.perf_counter()))
+        made = time.perf_counter()
+        self.made.append((request_id, self.role, made))
         self._in_flight += 1
         try:
-            await asyncio.sleep(self.first_s)
+            due = self.steps.at_or_after(made + self.first_s)
+            await self.steps.until(due)
             if self.role == "tool":  # "no tool": the decision settles at once
                 yield Delta("[]\n\n", 2, True, "stop", len(prompt_ids))
                 return
@@ -88,7 +115,8 @@ class StandInEngine(Engine):
                 last = i == spec.max_tokens - 1
                 yield Delta(" word", 1, last, "length" if last else None, len(prompt_ids))
                 if not last:
-                    await asyncio.sleep(self.itl_s)
+                    due += self.itl_s
+                    await self.steps.until(due)
         finally:
             self._in_flight -= 1
 
@@ -141,7 +169,7 @@ async def level(url: str, c: int, rounds: int, prompts: dict[str, str], fresh: b
                 rows.append({"rid": res.done["request_id"], "round": i, "ttft_ms": res.ttft_ms,
                              "tool_ms": res.tool_ms, "server_ttft_ms": (res.done.get("timings") or {}).get("ttft_ms"),
                              "engine_text_ms": (res.done.get("timings") or {}).get("engine_text_ms"),
-                             "inbound_ms": res.inbound_ms()})
+                             "inbound_ms": res.inbound_ms(), "gaps_ms": res.gaps_ms})
     return {"sent": sent, "rows": rows}
 
 
@@ -170,6 +198,7 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
     text_to_sent = [r["server_ttft_ms"] - r["engine_text_ms"] for r in rows
                     if r["server_ttft_ms"] is not None and r.get("engine_text_ms") is not None]
     inbound = [r["inbound_ms"] for r in rows if r["inbound_ms"] is not None]
+    gaps = [g for r in rows for g in r["gaps_ms"]]
 
     def q(xs: list[float]) -> dict[str, float | None]:
         return {"p50": pct(xs, 50), "p95": pct(xs, 95)}
@@ -178,6 +207,9 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
         "sessions": c, "turns": len(rows),
         "ttft_ms": q(ttft), "server_ttft_ms": q(server_ttft), "tool_ms": q(tool), "outside_turn_ms": q(outside),
         "inbound_ms": q(inbound), "text_to_sent_ms": q(text_to_sent),
+        # Every stand-in token comes on a step: what the client's gaps hold beyond the step is
+        # the front end's (its other sessions' tokens and starts, the frames' way out).
+        "itl_ms": {"p50": pct(gaps, 50), "p99": pct(gaps, 99)}, "itl_tail": gap_tail(gaps),
         "chat_request_after_send_ms": q(delay["chat"]), "tool_request_after_send_ms": q(delay["tool"]),
         "round_requests_span_ms": {"p50": round(statistics.median(spans), 2) if spans else None},
         "per_turn_start_ms": round(statistics.median(spans) / (c - 1), 3) if spans and c > 1 else None,
@@ -271,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['text_to_sent_ms']['p95']}; requests made after the start was sent: chat "
               f"{s['chat_request_after_send_ms']['p50']} / {s['chat_request_after_send_ms']['p95']}, tool "
               f"{s['tool_request_after_send_ms']['p50']} / {s['tool_request_after_send_ms']['p95']}; a round's "
-              f"requests over {s['round_requests_span_ms']['p50']} ms ({s['per_turn_start_ms']} ms a turn)")
+              f"requests over {s['round_requests_span_ms']['p50']} ms ({s['per_turn_start_ms']} ms a turn); "
+              f"ITL p50/p99 {s['itl_ms']['p50']} / {s['itl_ms']['p99']} (a step {args.itl_ms} ms)")
     if profile is not None:
         print("event loop: " + ", ".join(f"{g['package']} {g['share']:.0%}" for g in profile["by_package"][:8]))
     if args.json is not None:
