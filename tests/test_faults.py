@@ -347,7 +347,10 @@ async def test_a_client_gone_while_the_decision_is_awaited_leaves_no_chat_reques
     stalled), the chat's next step stalled too, and the client's TCP connection dropped.
     Both engine requests are aborted at once; the chat's was left suspended (running to
     its end, in flight for a restart's drain) until a garbage collection."""
-    d = make_yapd("[turn]\nconcurrent = true\ntool_timeout_s = 30\n", env=DEBUG)
+    # A reply of 1,000 tokens, end of sequence ignored: one that ended early (the random
+    # model's end token, or 200 tokens on a loaded machine) was over before the chat's
+    # stall below was set, and a clean clone's `make test` saw only the tool's abort.
+    d = make_yapd(STREAMING + "concurrent = true\ntool_timeout_s = 30\n", env=DEBUG)
     assert d.admin(cmd="debug", action="stall_step", role="tool", seconds=60)[-1]["ok"]
     async with ws_connect(d.url()) as ws:
         await send(ws, type="start", session_id="s", user_utterance="what's the weather in Paris?")
