@@ -82,7 +82,6 @@ class StandInEngine(Engine):
         self.model = resolve_model(role, getattr(cfg, role), cfg)
         chat_ms, tool_ms, itl_ms = (float(x) / 1000 for x in os.environ.get(TIMING_ENV, "20,16,6").split(","))
         self.first_s = chat_ms if role == "chat" else tool_ms
-        self.itl_s = itl_ms
         self.steps = Steps(itl_ms)
         self._tok: Any = None
         self._in_flight = 0
@@ -115,7 +114,7 @@ class StandInEngine(Engine):
                 last = i == spec.max_tokens - 1
                 yield Delta(" word", 1, last, "length" if last else None, len(prompt_ids))
                 if not last:
-                    due += self.itl_s
+                    due += self.steps.every_s
                     await self.steps.until(due)
         finally:
             self._in_flight -= 1

@@ -49,11 +49,12 @@ def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
     # What a client of yapd's protocol could at best see on these engines: the reply waits
     # for the tool decision (toolcall comes before any token).
     gated = [max(r.ttft, r.tool_done) for r in rows if r.ttft is not None]
+    text_gaps = [g for r in rows for g in r.gaps]
     return {"turns": len(rows), "ttft_ms": q(ttft), "ttft_gated_ms": q(gated),
             "ttft_token_ms": q([r.first_token for r in rows if r.first_token is not None]),
-            "itl_ms": q([g for r in rows for g in r.gaps], 99),
+            "itl_ms": q(text_gaps, 99),
             "itl_token_ms": q([g for r in rows for g in r.token_gaps], 99),
-            "itl_tail": gap_tail([g for r in rows for g in r.gaps]),
+            "itl_tail": gap_tail(text_gaps),
             # on the tool request's own clock (tool_first_token_ms, where the engine keeps
             # request stats, is its core's stamp on the turn's clock; before 2026-12-04 this
             # figure had that name and the stamp overwrote it)
