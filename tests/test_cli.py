@@ -346,6 +346,7 @@ def test_bench_completes_every_session(shared_yapd):
     for key in ("ttft_ms", "tool_ms", "itl_ms", "total_ms"):
         assert s[key]["p50"] is not None
     assert s["itl_tail"]["gaps"] > 0 and s["itl_tail"]["long_pct"] is not None, s  # the gaps' tail, told apart
+    assert s["itl_starts"]["beside_pct"] is not None, s  # ... and by the other sessions' starts beside them
     # The daemon's own times (done.timings): each turn's decision is sent after the tool
     # engine's first output and reaches the client later still, so their quantiles keep
     # that order too.

@@ -963,6 +963,8 @@ async def test_a_tool_front_end_of_its_own_decides_turns_in_its_process():
         level = raw_level([await raw.turn(1), await raw.turn(2)])
         assert level["turns"] == 2 and level["tool_ms"]["p50"] is not None and level["ttft_gated_ms"]["p50"] is not None
         assert level["tool_queued_ms"]["p50"] is not None  # the child's stamps reached the turn
+        # one gap a turn, the turns one after the other: none beside another's start
+        assert level["itl_starts"]["beside_pct"] == 0.0 and level["itl_starts"]["apart_p99"] is not None, level
         assert raw.processes() == {"front": os.getpid(), "tool_front": tool.pid}  # stand-ins: no EngineCores
     finally:
         tool.shutdown()

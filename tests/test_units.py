@@ -1711,3 +1711,28 @@ def test_gap_tail_counts_the_long_gaps_and_the_table_shows_them():
             "3 % of 100 (over 10.5); 16.0 / 18.0 | - | 1 % of 100 (over 10.5); 14.0 / 14.0 |") in markdown(data)
     # Files from before it: no such row
     assert "ITL gaps over" not in markdown({"yapd": {"c16": {"ttft_ms": {"p50": 1.0, "p95": 2.0}}}})
+
+
+def test_gaps_by_starts_tells_the_gaps_beside_other_turns_starts_and_the_table_shows_them():
+    from yapctl.bench import gaps_by_starts
+    from yapctl.gpubench.report import markdown
+
+    # Turn A streams every 10 ms from t=0.1 s; turn B starts at 0.145 and has its first
+    # text at 0.175: A's gaps ending 0.15..0.18 overlap B's start (one of them long).
+    a = (0.0, [0.1 + 0.01 * i for i in range(5)] + [0.16, 0.18] + [0.19 + 0.01 * i for i in range(10)])
+    b = (0.145, [0.175, 0.185, 0.195])
+    split = gaps_by_starts([a, b])
+    gaps_a = 16
+    # beside B's span (0.145, 0.175): A's (0.14, 0.16], (0.16, 0.18]; B's own gaps come after its first text
+    assert split["beside_pct"] == round(100 * 2 / (gaps_a + 2), 2), split
+    assert split["beside_p99"] == 20.0 and split["apart_p99"] == 10.0, split
+    assert split["long_beside_pct"] == 100.0, split  # both 20 ms gaps are beside it: no long gap apart
+    # A start whose span ends before a gap begins leaves it apart, as does a turn's own start
+    alone = gaps_by_starts([(0.0, [0.1, 0.11, 0.12])])
+    assert alone == {"beside_pct": 0.0, "beside_p99": None, "apart_p99": 10.0, "long_beside_pct": None}
+    assert gaps_by_starts([])["beside_pct"] is None
+    data = {"yapd": {"c16": {"ttft_ms": {"p50": 1.0, "p95": 2.0}, "itl_starts": split}},
+            "raw": {"c16": {"ttft_ms": {"p50": 1.0, "p95": 2.0}, "itl_starts": alone}}}
+    assert ("| 16 | ITL p99 ms apart from / beside other turns' starts (sent to first text); gaps beside them; "
+            "long gaps beside them | 10 / 20; 11.11 %; 100 % | 10 / -; 0 %; - | - |") in markdown(data)
+    assert "beside other turns' starts" not in markdown({"yapd": {"c16": {"ttft_ms": {"p50": 1.0, "p95": 2.0}}}})

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import json
@@ -44,6 +45,38 @@ def gap_tail(gaps: list[float]) -> dict[str, float | int | None]:
     long = [g for g in gaps if g > over]
     return {"gaps": len(gaps), "over_ms": round(over, 2), "long_pct": round(100 * len(long) / len(gaps), 2),
             "long_p50": pct(long, 50), "long_p90": pct(long, 90)}
+
+
+def gaps_by_starts(turns: list[tuple[float, list[float]]]) -> dict[str, float | None]:
+    """Each turn's inter-token gaps split by whether another turn was starting meanwhile:
+    ``turns`` holds (start sent, its text outputs' times), seconds on one clock. A turn
+    starts from its start to its first text: its front end's work and its prefill step(s)
+    happen then, in the loop and the engine step the other sessions' tokens share. A gap
+    is beside a start where it overlaps such a span (a turn's own start ends before its
+    gaps begin). Which of the two holds a level's long gaps says whether a p99 over raw's
+    is the starts' doing (their front-end work, their prefills) or the streaming's own."""
+    spans: list[list[float]] = []  # the starts' spans, merged: start, end, sorted by start
+    for start, stamps in sorted((t for t in turns if t[1]), key=lambda t: t[0]):
+        first = stamps[0]
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], first)
+        else:
+            spans.append([start, first])
+    begins = [s[0] for s in spans]
+    beside: list[float] = []
+    apart: list[float] = []
+    for _, stamps in turns:
+        for a, b in itertools.pairwise(stamps):
+            # the last span to begin before b: the only one (merged, sorted) that can overlap (a, b)
+            i = bisect.bisect_left(begins, b) - 1
+            (beside if i >= 0 and spans[i][1] > a else apart).append((b - a) * 1000)
+    gaps = beside + apart
+    median = pct(gaps, 50)
+    long_beside = sum(g > LONG_GAP * median for g in beside) if median is not None else 0
+    long_all = long_beside + (sum(g > LONG_GAP * median for g in apart) if median is not None else 0)
+    return {"beside_pct": round(100 * len(beside) / len(gaps), 2) if gaps else None,
+            "beside_p99": pct(beside, 99), "apart_p99": pct(apart, 99),
+            "long_beside_pct": round(100 * long_beside / long_all, 2) if long_all else None}
 
 
 # vLLM stamps every output of one engine step with one time; an engine's steps are
@@ -97,6 +130,8 @@ class TurnResult:
     done: dict[str, Any] | None = None
     error: str | None = None
     sent_at: float | None = None  # time.time() as the start was sent: the ack's "now" is on that clock
+    sent_pc: float | None = None  # perf_counter() as the start was sent: the clock of ``stamps``
+    stamps: list[float] = field(default_factory=list)  # perf_counter() as each token frame arrived
 
     def inbound_ms(self) -> float | None:
         """The start's way in: sent -> the daemon's turn begins (its ack's ``now``). Only
@@ -114,7 +149,7 @@ async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float =
     ``on_message`` sees every message as it arrives (``yapctl chat`` prints them)."""
     res = TurnResult(ok=False)
     res.sent_at = time.time()
-    t0 = time.perf_counter()
+    t0 = res.sent_pc = time.perf_counter()
     await ws.send(json.dumps(start))
     rid = start.get("request_id")
     last: float | None = None
@@ -148,6 +183,7 @@ async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float =
             else:
                 res.gaps_ms.append((now - last) * 1000)
             last = now
+            res.stamps.append(now)
             res.chunks += 1
             parts.append(msg["text"])
             if on_token is not None:
@@ -269,6 +305,7 @@ class BenchReport:
             "tool_ms": {"p50": pct(tool, 50), "p95": pct(tool, 95), "p99": pct(tool, 99)},
             "itl_ms": {"p50": pct(gaps, 50), "p95": pct(gaps, 95), "p99": pct(gaps, 99)},
             "itl_tail": gap_tail(gaps),
+            "itl_starts": gaps_by_starts([(r.sent_pc, r.stamps) for r in ok if r.sent_pc is not None]),
             "total_ms": {"p50": pct(total, 50), "p95": pct(total, 95), "p99": pct(total, 99)},
             "server_engine_ttft_ms": server("engine_ttft_ms"),
             "server_engine_text_ms": server("engine_text_ms"),

@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from yapctl.bench import gap_tail, pct, per_step, slow_bursts
+from yapctl.bench import gap_tail, gaps_by_starts, pct, per_step, slow_bursts
 from yapctl.gpubench.measure import PROFILE_S, PROFILE_TOP, at_level, gaps, profiled, watching
 from yapctl.gpubench.prompts import TurnPrompts
 from yapctl.gpubench.results import Results
@@ -38,6 +38,8 @@ class RawTurn:
     # (--set ROLE.extra_engine_args={disable_log_stats=false}), and cached_tokens
     stamps: dict[str, dict[str, float]] = field(default_factory=dict)
     t0_ms: float = 0.0  # the turn's start, time.monotonic() in ms: the stamps' own clock
+    t0_pc: float = 0.0  # the turn's start, time.perf_counter(): the clock of ``text_at``
+    text_at: list[float] = field(default_factory=list)  # perf_counter() of each output with text
 
 
 def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
@@ -55,6 +57,7 @@ def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
             "itl_ms": q(text_gaps, 99),
             "itl_token_ms": q([g for r in rows for g in r.token_gaps], 99),
             "itl_tail": gap_tail(text_gaps),
+            "itl_starts": gaps_by_starts([(r.t0_pc, r.text_at) for r in rows]),
             # on the tool request's own clock (tool_first_token_ms, where the engine keeps
             # request stats, is its core's stamp on the turn's clock; before 2026-12-04 this
             # figure had that name and the stamp overwrote it)
@@ -173,7 +176,7 @@ class RawEngines:
         # character, with nothing to show yet); the first token's time is kept beside it.
         return RawTurn((stamps[0] - t0) * 1000 if stamps else None, gaps(stamps), tool_first, tool_done,
                        gaps(token_stamps), (token_stamps[0] - t0) * 1000 if token_stamps else None,
-                       tool_first_turn, engine_stamps, t0_monotonic * 1000)
+                       tool_first_turn, engine_stamps, t0_monotonic * 1000, t0, stamps)
 
 
 def raw_prompts(s: Setup, cfg: Config) -> TurnPrompts:

@@ -261,6 +261,16 @@ def tail_cell(tail: dict[str, Any] | None) -> str:
     return f"{share}; {tail['long_p50']} / {tail['long_p90']}"
 
 
+def starts_cell(split: dict[str, Any] | None) -> str:
+    if not split or split.get("beside_pct") is None:
+        return "-"
+    def shown(x: float | None, unit: str = "") -> str:
+        return "-" if x is None else f"{x:g}{unit}"
+
+    return (f"{shown(split['apart_p99'])} / {shown(split['beside_p99'])}; {shown(split['beside_pct'], ' %')}; "
+            f"{shown(split['long_beside_pct'], ' %')}")
+
+
 def slow_cell(slow: dict[str, Any] | None) -> str:
     if not slow:
         return "-"
@@ -347,6 +357,10 @@ def markdown(data: dict[str, Any]) -> str:
         if any(t != "-" for t in tails):
             lines.append(f"| {c} | ITL gaps over {LONG_GAP:g} x its p50 (a step or more missed): share %; "
                          f"their p50 / p90 ms | {' | '.join(tails)} |")
+        splits = [starts_cell(data.get(sec, {}).get(lvl, {}).get("itl_starts")) for sec in ("yapd", "raw")]
+        if any(t != "-" for t in splits):
+            lines.append(f"| {c} | ITL p99 ms apart from / beside other turns' starts (sent to first text); "
+                         f"gaps beside them; long gaps beside them | {' | '.join(splits)} | - |")
         serve_tool = data.get("serve", {}).get(f"{lvl}_with_tool", {}).get("tool_ms")
         own = "tool_first_output_ms" if "tool_first_output_ms" in data.get("raw", {}).get(lvl, {}) else \
             "tool_first_token_ms"  # a file from before the rename (with request stats on: the core's stamp)
