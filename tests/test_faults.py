@@ -338,6 +338,11 @@ async def test_a_stalled_tool_engine_times_out_into_no_and_the_reply_goes_on(mak
         d.wait_for("injected stall ended by an abort request=")
         st = json.loads(d.http("/status")[1])
         assert st["engines"]["tool"]["in_flight"] == 0 and st["engines"]["tool"]["ok"] is True
+        # The next turn's decision gets 30 s (live): a 0.5 s one failed on a loaded CI
+        # machine's CPU engine. A step still stalled would outlast it (the stall is 60 s).
+        text = d.config_path.read_text()
+        d.config_path.write_text(text.replace("tool_timeout_s = 0.5", "tool_timeout_s = 30"))
+        assert d.admin(cmd="reload")[-1]["applied"] == ["turn.tool_timeout_s"]
         check_turn(await run_turn(ws, user_utterance="and in Rome?"))
         assert f"{timeouts} 1.0" in d.http("/metrics")[1].splitlines()  # no second timeout
 
