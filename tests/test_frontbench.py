@@ -9,17 +9,20 @@ import pytest
 from yapctl.frontbench import main
 
 
-@pytest.mark.parametrize("hosted,fresh", [("", False), ("tool", False), ("", True)],
-                         ids=["in yapd", "tool engine hosted", "fresh prompts"])
-def test_frontbench_times_a_real_front_end_with_stand_in_engines(tmp_path, cache_dir, capsys, hosted, fresh):
+@pytest.mark.parametrize("hosted,fresh,closed", [("", False, False), ("tool", False, False), ("", True, False),
+                                                ("", False, True)],
+                         ids=["in yapd", "tool engine hosted", "fresh prompts", "closed loop"])
+def test_frontbench_times_a_real_front_end_with_stand_in_engines(tmp_path, cache_dir, capsys, hosted, fresh,
+                                                                 closed):
     """With ``--own-process tool`` the tool's stand-in runs in an engine host of its own
     (its requests counted there: they crossed the pipe); with ``--fresh-prompts`` every
-    turn brings a persona yapd has not tokenized yet."""
+    turn brings a persona yapd has not tokenized yet; with ``--closed-loop`` each session
+    starts its next turn as its last ends (no rounds)."""
     out = tmp_path / "fb.json"
     assert main(["--cache-dir", str(cache_dir), "--levels", "1,3", "--rounds", "2", "--max-out", "3",
                  "--chat-first-ms", "30", "--tool-first-ms", "10", "--itl-ms", "2",
                  "--request-order", "tool_first", "--own-process", hosted, "--json", str(out),
-                 *(["--fresh-prompts"] if fresh else [])]) == 0
+                 *(["--fresh-prompts"] if fresh else []), *(["--closed-loop"] if closed else [])]) == 0
     report = json.loads(out.read_text())
     assert report["setup"]["request_order"] == "tool_first" and report["setup"]["models"] == "demo"
     assert report["setup"]["own_process"] == hosted and report["setup"]["fresh_prompts"] is fresh
@@ -42,11 +45,16 @@ def test_frontbench_times_a_real_front_end_with_stand_in_engines(tmp_path, cache
         # yapd's clock: the client's TTFT can end before yapd's send has returned (less 1
         # ms as above: a fresh clone's run saw 0.15 against 30.0 - 29.9).
         assert 0 <= s["text_to_sent_ms"]["p50"] <= s["server_ttft_ms"]["p50"] - 29, s
-    assert three["round_requests_span_ms"]["p50"] > 0 and three["per_turn_start_ms"] > 0
+    if closed:  # no rounds: no round's requests to spread
+        assert three["round_requests_span_ms"]["p50"] is None and three["per_turn_start_ms"] is None
+    else:
+        assert three["round_requests_span_ms"]["p50"] > 0 and three["per_turn_start_ms"] > 0
     # Every reply's 3 tokens, 2 gaps each, at the client (their lengths are this machine's
     # load's: a frame held up brings the next one's with it)
     assert one["itl_tail"]["gaps"] == 2 * 2 and three["itl_tail"]["gaps"] == 6 * 2, three
     assert three["itl_ms"]["p99"] is not None and three["itl_tail"]["long_pct"] is not None, three
+    # ... told by other turns' starts beside them or not; one session's gaps have none beside
+    assert one["itl_starts"]["beside_pct"] == 0.0 and three["itl_starts"]["beside_pct"] is not None, three
     assert "c3: TTFT p50/p95" in capsys.readouterr().out
 
 

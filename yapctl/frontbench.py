@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from yapctl.bench import BenchConfig, gap_tail, lockstep, pct
+from yapctl.bench import BenchConfig, bench, gap_tail, gaps_by_starts, lockstep, pct
 from yapctl.localyapd import LocalYapd
 from yapd.config import Config, RequestOrder, TurnConfig
 from yapd.engines.base import Delta, Engine, EngineHealth, SamplingSpec
@@ -153,23 +153,34 @@ def stand_in(role: str, cfg: Config) -> Engine:
     return local
 
 
-async def level(url: str, c: int, rounds: int, prompts: dict[str, str], fresh: bool = False) -> dict[str, Any]:
+async def level(url: str, c: int, rounds: int, prompts: dict[str, str], fresh: bool = False,
+                closed: bool = False) -> dict[str, Any]:
     """``rounds`` lockstep rounds of ``c`` sessions (after a warm-up round): each turn's
     send time and what its client saw. ``fresh``: every turn's persona new (salted), so
-    yapd tokenizes each turn's persona and history whole, as at the start of a call."""
+    yapd tokenizes each turn's persona and history whole, as at the start of a call.
+    ``closed``: no rounds; each session starts its next turn as its last one ends, as
+    gpubench's levels run (their sessions drift apart, so starts come while others stream)."""
     sent: dict[str, float] = {}
-    cfg = BenchConfig(url=url, key=KEY, concurrency=c, utterance=prompts["utterance"],
+    cfg = BenchConfig(url=url, key=KEY, n=rounds * c, concurrency=c, utterance=prompts["utterance"],
                       persona_text=prompts["persona"], history_text=prompts["history"],
                       persona_salt=uuid.uuid4().hex[:8] if fresh else "")
+    if closed:
+        rounds_of = [(await bench(cfg)).results]
+        for res in rounds_of[0]:
+            if res.done is not None and res.sent_pc is not None:
+                sent[res.done["request_id"]] = res.sent_pc
+    else:
+        rounds_of = await lockstep(cfg, rounds, sent=sent)
     rows: list[dict[str, Any]] = []
-    for i, results in enumerate(await lockstep(cfg, rounds, sent=sent)):
+    for i, results in enumerate(rounds_of):
         for res in results:
             if res.ok and res.done is not None:
                 rows.append({"rid": res.done["request_id"], "round": i, "ttft_ms": res.ttft_ms,
                              "tool_ms": res.tool_ms, "server_ttft_ms": (res.done.get("timings") or {}).get("ttft_ms"),
                              "engine_text_ms": (res.done.get("timings") or {}).get("engine_text_ms"),
-                             "inbound_ms": res.inbound_ms(), "gaps_ms": res.gaps_ms})
-    return {"sent": sent, "rows": rows}
+                             "inbound_ms": res.inbound_ms(), "gaps_ms": res.gaps_ms,
+                             "sent_pc": res.sent_pc, "stamps": res.stamps})
+    return {"sent": sent, "rows": rows, "closed": closed}
 
 
 def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) -> dict[str, Any]:
@@ -185,7 +196,7 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
         for role in delay:
             if role in at.get(r["rid"], {}):
                 delay[role].append((at[r["rid"]][role] - sent[r["rid"]]) * 1000)
-    for rids in by_round.values():
+    for rids in by_round.values() if not data.get("closed") else ():  # closed: no rounds
         times = [t for rid in rids for t in at.get(rid, {}).values()]
         if len(times) > 1:
             spans.append((max(times) - min(times)) * 1000)
@@ -209,6 +220,7 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
         # Every stand-in token comes on a step: what the client's gaps hold beyond the step is
         # the front end's (its other sessions' tokens and starts, the frames' way out).
         "itl_ms": {"p50": pct(gaps, 50), "p99": pct(gaps, 99)}, "itl_tail": gap_tail(gaps),
+        "itl_starts": gaps_by_starts([(r["sent_pc"], r["stamps"]) for r in rows if r.get("sent_pc") is not None]),
         "chat_request_after_send_ms": q(delay["chat"]), "tool_request_after_send_ms": q(delay["tool"]),
         "round_requests_span_ms": {"p50": round(statistics.median(spans), 2) if spans else None},
         "per_turn_start_ms": round(statistics.median(spans) / (c - 1), 3) if spans and c > 1 else None,
@@ -216,13 +228,14 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
 
 
 async def _measure(d: LocalYapd, levels: Sequence[int], rounds: int, prompts: dict[str, str],
-                   profile_level: int, fresh: bool = False) -> tuple[dict[int, dict[str, Any]], dict[str, Any] | None]:
+                   profile_level: int, fresh: bool = False,
+                   closed: bool = False) -> tuple[dict[int, dict[str, Any]], dict[str, Any] | None]:
     from yapctl.client import AdminClient
 
     url = d.url(key=None)
     out: dict[int, dict[str, Any]] = {}
     for c in levels:
-        out[c] = await level(url, c, rounds, prompts, fresh)
+        out[c] = await level(url, c, rounds, prompts, fresh, closed)
     profile = None
     if profile_level:
         async def window() -> dict[str, Any]:
@@ -232,7 +245,7 @@ async def _measure(d: LocalYapd, levels: Sequence[int], rounds: int, prompts: di
 
         task = asyncio.ensure_future(window())
         while not task.done():
-            await level(url, profile_level, rounds, prompts, fresh)
+            await level(url, profile_level, rounds, prompts, fresh, closed)
         profile = await task
     return out, profile
 
@@ -258,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh-prompts", action="store_true",
                    help="every turn's persona new to yapd (salted per level and turn): each turn's prompts "
                         "tokenized whole, as at the start of a call, not from the session's cached persona")
+    p.add_argument("--closed-loop", action="store_true",
+                   help="no lockstep rounds: each session starts its next turn as its last ends (gpubench's "
+                        "levels), so turns start while others stream")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--cache-dir", type=Path, help="yapd's cache directory (where the demo models are built)")
     args = p.parse_args(argv)
@@ -283,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             raw, profile = asyncio.run(_measure(d, levels, args.rounds, {"persona": PERSONA, "history": HISTORY,
                                                                           "utterance": UTTERANCE}, args.profile_level,
-                                                   args.fresh_prompts))
+                                                   args.fresh_prompts, args.closed_loop))
         finally:
             d.stop()
         made = [(str(r), str(role), float(t)) for role_log in sorted(work.glob(f"{log.name}.*"))
@@ -303,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['chat_request_after_send_ms']['p50']} / {s['chat_request_after_send_ms']['p95']}, tool "
               f"{s['tool_request_after_send_ms']['p50']} / {s['tool_request_after_send_ms']['p95']}; a round's "
               f"requests over {s['round_requests_span_ms']['p50']} ms ({s['per_turn_start_ms']} ms a turn); "
-              f"ITL p50/p99 {s['itl_ms']['p50']} / {s['itl_ms']['p99']} (a step {args.itl_ms} ms)")
+              f"ITL p50/p99 {s['itl_ms']['p50']} / {s['itl_ms']['p99']} (a step {args.itl_ms} ms); "
+              f"its p99 apart from / beside other turns' starts {s['itl_starts']['apart_p99']} / "
+              f"{s['itl_starts']['beside_p99']} ({s['itl_starts']['beside_pct']} % of the gaps beside them)")
     if profile is not None:
         print("event loop: " + ", ".join(f"{g['package']} {g['share']:.0%}" for g in profile["by_package"][:8]))
     if args.json is not None:
