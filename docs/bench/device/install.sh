@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# On the device, the third call (carry .devkit/kit.part.02 and .whl; parts 00 and 01 are
-# in /tmp/k from the first two): vLLM, wheels and models as the kit installs them, then
-# the extra wheels, into /tmp/site; prints what the machine is.
+# On the device, the last call (carry the kit's last part and .whl; the parts before it
+# are in /tmp/k from the calls before, one part a call): vLLM, wheels and models as the
+# kit installs them, then the extra wheels, into /tmp/site; prints what the machine is.
 set -euo pipefail
-cp .devkit/kit.part.02 /tmp/k/
+cp .devkit/kit.part.* /tmp/k/  # what this call carried
 (cd /tmp/k && cat kit.part.* | tar xf - && bash kit/install.sh)
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v WARN || true
 # The project runs from this tree on PYTHONPATH, uninstalled: its vLLM plugin (pyproject's

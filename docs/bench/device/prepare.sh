@@ -9,6 +9,13 @@ grep -qx '/.devkit/' .git/info/exclude 2>/dev/null || printf '/.devkit/\n/.whl/\
 # Compile caches an earlier lease packed (cache-out.sh / cache-in.sh): kept here, not in git
 grep -qx '/.devcache/' .git/info/exclude || printf '/.devcache/\n' >> .git/info/exclude
 [ -f .devkit/kit.part.00 ] || bash ../shared/device/build-kit.sh .devkit
+# A call carries at most 64 MiB with the working tree (~4 MB and growing): the kit's 60 MiB
+# parts left too little room (a call refused, 2026-12-07), so they are cut again at 40 MiB.
+if [ -n "$(find .devkit -name 'kit.part.*' -size +40M)" ]; then
+  tmp=$(mktemp -d)
+  cat .devkit/kit.part.* | split -b 40M -d -a 2 - "$tmp/kit.part."
+  rm .devkit/kit.part.* && mv "$tmp"/kit.part.* .devkit/ && rmdir "$tmp"
+fi
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
   --abi abi3 --abi none --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
