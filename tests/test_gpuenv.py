@@ -359,10 +359,10 @@ def test_raw_levels_count_their_slow_turns_held_for_the_decision():
     from yapctl.gpubench.raw import RawTurn, raw_level
 
     # Two bursts of two turns; the second burst's decisions came late (its chat did not).
-    rows = [RawTurn(ttft=20.0, gaps=[], tool_first=10.0, tool_done=12.0, token_gaps=[], first_token=20.0,
+    rows = [RawTurn(ttft=20.0, tool_first=10.0, tool_done=12.0, token_gaps=[], first_token=20.0,
                     t0_ms=1000.0 + i)
             for i in range(2)]
-    rows += [RawTurn(ttft=20.0, gaps=[], tool_first=10.0, tool_done=70.0, token_gaps=[], first_token=20.0,
+    rows += [RawTurn(ttft=20.0, tool_first=10.0, tool_done=70.0, token_gaps=[], first_token=20.0,
                      t0_ms=2000.0 + i)
              for i in range(2)]
     assert raw_level(rows)["ttft_slow"] == {"over_ms": 90.0, "turns": 0, "of": 4, "bursts": 0, "at_s": []}
@@ -1098,7 +1098,7 @@ async def test_a_paired_level_runs_a_raw_round_before_each_yapd_round_with_the_s
     async def raw_turn(i: int) -> RawTurn:
         raw_at.setdefault(i, time.perf_counter())
         await asyncio.sleep(0)
-        return RawTurn(5.0, [1.0], 2.0, 3.0, [1.0], 4.0, 2.5)
+        return RawTurn(5.0, 2.0, 3.0, [1.0], 4.0, 2.5, text_at=[0.0, 0.001])
 
     c, rounds = 2, 2
     sent: dict[str, float] = {}

@@ -28,6 +28,11 @@ def pct(xs: list[float], p: float) -> float | None:
     return round(s[min(len(s) - 1, int(p / 100 * len(s)))], 2)
 
 
+def gaps(stamps: list[float]) -> list[float]:
+    """The gaps between consecutive times (seconds), in ms."""
+    return [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
+
+
 # A gap this many times the median is a step or more missed: a token with no text of its
 # own (its text came with the next) or a step that also ran other requests' prefills.
 LONG_GAP = 1.5
@@ -121,7 +126,6 @@ class TurnResult:
     ttft_ms: float | None = None
     tool_ms: float | None = None
     total_ms: float | None = None
-    gaps_ms: list[float] = field(default_factory=list)
     chunks: int = 0
     chars: int = 0
     text: str = ""
@@ -132,6 +136,11 @@ class TurnResult:
     sent_at: float | None = None  # time.time() as the start was sent: the ack's "now" is on that clock
     sent_pc: float | None = None  # perf_counter() as the start was sent: the clock of ``stamps``
     stamps: list[float] = field(default_factory=list)  # perf_counter() as each token frame arrived
+
+    @property
+    def gaps_ms(self) -> list[float]:
+        """Between its token frames, as the client saw them."""
+        return gaps(self.stamps)
 
     def inbound_ms(self) -> float | None:
         """The start's way in: sent -> the daemon's turn begins (its ack's ``now``). Only
@@ -152,7 +161,6 @@ async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float =
     t0 = res.sent_pc = time.perf_counter()
     await ws.send(json.dumps(start))
     rid = start.get("request_id")
-    last: float | None = None
     parts: list[str] = []
     deadline = t0 + timeout
     while True:
@@ -178,11 +186,8 @@ async def run_turn(ws: ClientConnection, start: dict[str, Any], timeout: float =
             res.toolcall = msg
             res.tool_ms = (now - t0) * 1000
         elif kind == "token":
-            if last is None:
+            if not res.stamps:
                 res.ttft_ms = (now - t0) * 1000
-            else:
-                res.gaps_ms.append((now - last) * 1000)
-            last = now
             res.stamps.append(now)
             res.chunks += 1
             parts.append(msg["text"])

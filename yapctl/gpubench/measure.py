@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -20,10 +19,6 @@ T = TypeVar("T")
 PROFILE_AFTER_S = 3.0
 PROFILE_S = 10.0
 PROFILE_TOP = 80
-
-
-def gaps(stamps: list[float]) -> list[float]:
-    return [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
 
 
 def gc_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -11,8 +11,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from yapctl.bench import gap_tail, gaps_by_starts, pct, per_step, slow_bursts
-from yapctl.gpubench.measure import PROFILE_S, PROFILE_TOP, at_level, gaps, profiled, watching
+from yapctl.bench import gap_tail, gaps, gaps_by_starts, pct, per_step, slow_bursts
+from yapctl.gpubench.measure import PROFILE_S, PROFILE_TOP, at_level, profiled, watching
 from yapctl.gpubench.prompts import TurnPrompts
 from yapctl.gpubench.results import Results
 from yapctl.gpubench.runsetup import Setup
@@ -27,7 +27,6 @@ class RawTurn:
     """One raw turn's timings (ms from the turn's start, just before its chat request)."""
 
     ttft: float | None  # the first output with text: what a client sees first
-    gaps: list[float]  # between outputs with text
     tool_first: float | None  # the tool's first output, on the tool request's own clock
     tool_done: float  # the decision read, on the tool request's own clock
     token_gaps: list[float]  # between every token, text or not
@@ -40,6 +39,11 @@ class RawTurn:
     t0_ms: float = 0.0  # the turn's start, time.monotonic() in ms: the stamps' own clock
     t0_pc: float = 0.0  # the turn's start, time.perf_counter(): the clock of ``text_at``
     text_at: list[float] = field(default_factory=list)  # perf_counter() of each output with text
+
+    @property
+    def gaps(self) -> list[float]:
+        """Between outputs with text."""
+        return gaps(self.text_at)
 
 
 def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
@@ -174,7 +178,7 @@ class RawEngines:
         tool_first, tool_done, tool_first_turn = await tool_task
         # TTFT as a client counts it: the first text (the first token may be part of a
         # character, with nothing to show yet); the first token's time is kept beside it.
-        return RawTurn((stamps[0] - t0) * 1000 if stamps else None, gaps(stamps), tool_first, tool_done,
+        return RawTurn((stamps[0] - t0) * 1000 if stamps else None, tool_first, tool_done,
                        gaps(token_stamps), (token_stamps[0] - t0) * 1000 if token_stamps else None,
                        tool_first_turn, engine_stamps, t0_monotonic * 1000, t0, stamps)
 

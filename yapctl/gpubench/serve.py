@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from yapctl.bench import gap_tail, pct
-from yapctl.gpubench.measure import at_level, gaps
+from yapctl.bench import gap_tail, gaps, pct
+from yapctl.gpubench.measure import at_level
 from yapctl.gpubench.prompts import TurnPrompts
 from yapctl.gpubench.results import Results
 from yapctl.gpubench.runsetup import SERVE_PORT, Setup
