@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from yapctl.bench import BenchConfig, bench, gap_tail, gaps_by_starts, lockstep, pct
+from yapctl.bench import BenchConfig, bench, gap_tail, gaps, gaps_by_starts, lockstep, pct
 from yapctl.localyapd import LocalYapd
 from yapd.config import Config, RequestOrder, TurnConfig
 from yapd.engines.base import Delta, Engine, EngineHealth, SamplingSpec
@@ -178,8 +178,7 @@ async def level(url: str, c: int, rounds: int, prompts: dict[str, str], fresh: b
                 rows.append({"rid": res.done["request_id"], "round": i, "ttft_ms": res.ttft_ms,
                              "tool_ms": res.tool_ms, "server_ttft_ms": (res.done.get("timings") or {}).get("ttft_ms"),
                              "engine_text_ms": (res.done.get("timings") or {}).get("engine_text_ms"),
-                             "inbound_ms": res.inbound_ms(), "gaps_ms": res.gaps_ms,
-                             "sent_pc": res.sent_pc, "stamps": res.stamps})
+                             "inbound_ms": res.inbound_ms(), "sent_pc": res.sent_pc, "stamps": res.stamps})
     return {"sent": sent, "rows": rows, "closed": closed}
 
 
@@ -208,7 +207,7 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
     text_to_sent = [r["server_ttft_ms"] - r["engine_text_ms"] for r in rows
                     if r["server_ttft_ms"] is not None and r.get("engine_text_ms") is not None]
     inbound = [r["inbound_ms"] for r in rows if r["inbound_ms"] is not None]
-    gaps = [g for r in rows for g in r["gaps_ms"]]
+    between = [g for r in rows for g in gaps(r["stamps"])]
 
     def q(xs: list[float]) -> dict[str, float | None]:
         return {"p50": pct(xs, 50), "p95": pct(xs, 95)}
@@ -219,7 +218,7 @@ def summarize(c: int, data: dict[str, Any], made: list[tuple[str, str, float]]) 
         "inbound_ms": q(inbound), "text_to_sent_ms": q(text_to_sent),
         # Every stand-in token comes on a step: what the client's gaps hold beyond the step is
         # the front end's (its other sessions' tokens and starts, the frames' way out).
-        "itl_ms": {"p50": pct(gaps, 50), "p99": pct(gaps, 99)}, "itl_tail": gap_tail(gaps),
+        "itl_ms": {"p50": pct(between, 50), "p99": pct(between, 99)}, "itl_tail": gap_tail(between),
         "itl_starts": gaps_by_starts([(r["sent_pc"], r["stamps"]) for r in rows if r.get("sent_pc") is not None]),
         "chat_request_after_send_ms": q(delay["chat"]), "tool_request_after_send_ms": q(delay["tool"]),
         "round_requests_span_ms": {"p50": round(statistics.median(spans), 2) if spans else None},
