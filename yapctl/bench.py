@@ -75,11 +75,11 @@ def gaps_by_starts(turns: list[tuple[float, list[float]]]) -> dict[str, float | 
             # the last span to begin before b: the only one (merged, sorted) that can overlap (a, b)
             i = bisect.bisect_left(begins, b) - 1
             (beside if i >= 0 and spans[i][1] > a else apart).append((b - a) * 1000)
-    gaps = beside + apart
-    median = pct(gaps, 50)
+    every = beside + apart
+    median = pct(every, 50)
     long_beside = sum(g > LONG_GAP * median for g in beside) if median is not None else 0
     long_all = long_beside + (sum(g > LONG_GAP * median for g in apart) if median is not None else 0)
-    return {"beside_pct": round(100 * len(beside) / len(gaps), 2) if gaps else None,
+    return {"beside_pct": round(100 * len(beside) / len(every), 2) if every else None,
             "beside_p99": pct(beside, 99), "apart_p99": pct(apart, 99),
             "long_beside_pct": round(100 * long_beside / long_all, 2) if long_all else None}
 

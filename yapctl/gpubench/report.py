@@ -16,6 +16,11 @@ from yapctl.gpubench.servers import BYTECODE_LINES
 STAMP_NAMES = ("queued", "scheduled", "first_token")
 
 
+def num(x: float | None, unit: str = "") -> str:
+    """A figure as the tables show it: "-" where it is missing."""
+    return "-" if x is None else f"{x:g}{unit}"
+
+
 def other_hosts(data: dict[str, Any]) -> list[str]:
     """A warning when the file's phases ran on more than one machine."""
     hosts = {ph: v["host"] for ph, v in data.items() if isinstance(v, dict) and v.get("host")}
@@ -81,8 +86,7 @@ def said_rows(figure: Callable[[str, str], Any]) -> list[tuple[str, str, str]]:
     cell); a row only where either run has its figures.
     ``figure(section, name)``: that level's figure, None where missing."""
     def shown(v: Any) -> str:
-        v = v.get("p50") if isinstance(v, dict) else v
-        return "-" if v is None else f"{v:g}"
+        return num(v.get("p50") if isinstance(v, dict) else v)
 
     rows = []
     for role in ("chat", "tool"):
@@ -222,7 +226,7 @@ def pair_table(pair: dict[str, Any]) -> list[str]:
 
     def two(side: str, lvl: str, metric: str, a: str = "p50", b: str = "p95") -> str:
         v = pair[lvl].get(side, {}).get(metric) or {}
-        return " / ".join("-" if v.get(q) is None else f"{v[q]:g}" for q in (a, b))
+        return " / ".join(num(v.get(q)) for q in (a, b))
 
     frac = pair.get("gpu_memory_utilization", {})
     lines = ["## yapd and raw taking turns round by round (pair phase)", "",
@@ -264,11 +268,8 @@ def tail_cell(tail: dict[str, Any] | None) -> str:
 def starts_cell(split: dict[str, Any] | None) -> str:
     if not split or split.get("beside_pct") is None:
         return "-"
-    def shown(x: float | None, unit: str = "") -> str:
-        return "-" if x is None else f"{x:g}{unit}"
-
-    return (f"{shown(split['apart_p99'])} / {shown(split['beside_p99'])}; {shown(split['beside_pct'], ' %')}; "
-            f"{shown(split['long_beside_pct'], ' %')}")
+    return (f"{num(split['apart_p99'])} / {num(split['beside_p99'])}; {num(split['beside_pct'], ' %')}; "
+            f"{num(split['long_beside_pct'], ' %')}")
 
 
 def slow_cell(slow: dict[str, Any] | None) -> str:
@@ -289,8 +290,7 @@ def slashed(values: Mapping[str, Any], names: Sequence[str]) -> str:
 
 def markdown(data: dict[str, Any]) -> str:
     def g(sec: str, lvl: str, metric: str, q: str) -> str:
-        v = data.get(sec, {}).get(lvl, {}).get(metric, {}).get(q)
-        return "-" if v is None else f"{v:g}"
+        return num(data.get(sec, {}).get(lvl, {}).get(metric, {}).get(q))
 
     # Runs before 2026-11-25 (g) fed `vllm serve` token ids only.
     texts = any(isinstance(v, dict) and v.get("prompt") == "text" for v in data.get("serve", {}).values())
@@ -424,7 +424,7 @@ def markdown(data: dict[str, Any]) -> str:
                   "the orders taking turns; first outputs p50 / p95 ms):", "",
                   "| order | chat first output | tool first output |", "| --- | --- | --- |"]
         for order, v in probe.items():
-            cells = [" / ".join("-" if v[m][q] is None else f"{v[m][q]:g}" for q in ("p50", "p95"))
+            cells = [" / ".join(num(v[m][q]) for q in ("p50", "p95"))
                      for m in ("chat_first_ms", "tool_first_ms")]
             lines.append(f"| {order} | {' | '.join(cells)} |")
     lines += profile_table(data)
