@@ -22,7 +22,8 @@ schedules the tool engine's thread blocks first (its decision gates every reply)
 not the default: measured on one H200 minutes apart (docs/bench, run n, each turn's tool
 request first) it costs one session 3.7 ms (TTFT p50 21.09 ms at equal priority, 24.77
 below normal) for 2.5 / 5.4 ms gained at 8 / 16 sessions (run k, chat request first:
-15.7 ms at 16).
+15.7 ms at 16); on one H100 (runs bc-bf, chat request first) 8 ms gained at 16 sessions,
+3.5-4.4 lost at 8 and 8.5 at 24, nothing at one.
 """
 
 from __future__ import annotations
