@@ -514,16 +514,27 @@ def test_the_yapd_phase_keeps_a_levels_loop_lag_with_and_without_its_warm_up(tmp
 @pytest.mark.parametrize("change,key,levels", [('tool.start_method="fork"', "start_method", [1]),
                                                ("engines.core_switch_interval_ms=0.5", "core_switch_interval_ms",
                                                 [1, 2])])
-def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_path, cache_dir, change, key, levels):
+def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_path, cache_dir, monkeypatch,
+                                                                            change, key, levels):
     """The whole yapd phase of an --ab-restarts run, on a real yapd whose engines are the
     CPU demo models under gpubench's model names (--set backend "cpu"): each config
     measured on engines restarted for it, each start measuring every level, the turns of
-    each config pooled per level, every start kept in order, the config as it was once the
-    last (B) measurement is done."""
+    each config pooled per level, every start kept in order, the cancel measured on A's
+    start, and the config file as it was once the last (B) measurement is done, with no
+    engine restart back to A."""
+    from yapctl.gpubench import yapdphase
     from yapctl.gpubench.runsetup import turns_for
 
     models, cpu = _demo_models_as_gpubenchs(tmp_path, cache_dir)
     out, work = tmp_path / "out", tmp_path / "work"
+    cancelled_under: list[str] = []
+    cancel_latency = yapdphase.cancel_latency
+
+    async def config_at_cancel(*args: Any, **kwargs: Any) -> Any:
+        cancelled_under.append((work / "yapd.toml").read_text())
+        return await cancel_latency(*args, **kwargs)
+
+    monkeypatch.setattr(yapdphase, "cancel_latency", config_at_cancel)
     assert main([str(models), "--out", str(out), "--work", str(work), "--name", "t", "--phases", "yapd",
                  "--levels", ",".join(map(str, levels)), "--rounds", "1", "--skip-restart", *cpu,
                  "--ab", change, "--ab-restarts", "1"]) == 0
@@ -540,10 +551,10 @@ def test_the_yapd_phase_runs_an_ab_with_engine_restarts_on_the_cpu_engines(tmp_p
             pooled = data[section][f"c{c}"]
             assert pooled["turns"] == turns_for(c, 1) and pooled["starts"] == 1, pooled
     assert key not in (work / "yapd.toml").read_text()  # back to A after B
-    # One engine start a measurement, each measuring every level: the first start, A, B,
-    # and A again for what follows.
-    assert (work / "yapd.log").read_text().count("engine started role=tool") == 4
+    # One engine start a measurement, each measuring every level: the first start, A and B.
+    assert (work / "yapd.log").read_text().count("engine started role=tool") == 3
     assert data["yapd"]["cancel"]["cancel_to_done_ms"]["p50"] is not None
+    assert len(cancelled_under) == 1 and key not in cancelled_under[0]  # on A's start
     assert "| 1 | 2 B |" in (out / "t.md").read_text()
 
 

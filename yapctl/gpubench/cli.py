@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --ab: measure every level N times per config (A B B A ...), each time on both "
                         "engines restarted for it (one restart measures every level); --ab may then change engine "
                         "keys (e.g. 'tool.start_method=\"spawn\"'); yapd and yapd_b pool each config's turns, "
-                        "yapd_ab_starts keeps every start's figures")
+                        "yapd_ab_starts keeps every start's figures; the cancel (and --profile-level) run on the "
+                        "first A start, after its levels")
     p.add_argument("--order-probe", action="store_true",
                    help="the raw phase also times one session's two requests in each order they can leave in")
     p.add_argument("--raw-order", choices=("chats_then_tools", "tool_first"), default="chats_then_tools",

@@ -76,12 +76,15 @@ async def phase_yapd(res: Results, s: Setup) -> None:
     async def restarted_levels(levels: Sequence[int]) -> None:
         """Every level measured ab_restarts times per config, A B B A ..., each start of
         both engines (restarted for it) measuring every level: yapd / yapd_b get each
-        config's turns pooled per level, and ab_starts each start's own figures."""
+        config's turns pooled per level, and ab_starts each start's own figures. What is
+        measured once (the cancel, the profile) runs on the first A start, after its
+        levels: as configured, with no engine restart back to A for it at the end, and
+        kept by a call cut at its time limit in the arms after it."""
         pooled: dict[int, dict[str, list[TurnResult]]] = {c: {"a": [], "b": []} for c in levels}
         walls = {c: {"a": 0.0, "b": 0.0} for c in levels}
         starts: dict[int, list[dict[str, Any]]] = {c: [] for c in levels}
         arm = "a"
-        for arm in ab_arms(s.ab_restarts):
+        for i, arm in enumerate(ab_arms(s.ab_restarts)):
             restart_s, lines = await restart_engines_with(cfg, s.config_text(), s.ab if arm == "b" else (),
                                                           admin_socket, log)
             for c in levels:
@@ -96,8 +99,10 @@ async def phase_yapd(res: Results, s: Setup) -> None:
                 res.put("yapd" if arm == "a" else "yapd_b", f"c{c}", {
                     **BenchReport(pooled[c][arm], walls[c][arm], c).summary(),
                     "starts": sum(st["arm"] == arm for st in starts[c])})
-        if arm == "b":  # what follows (the cancel) runs as configured
-            await restart_engines_with(cfg, s.config_text(), (), admin_socket, log)
+            if i == 0:
+                await once()
+        if arm == "b":  # the process restart that follows starts from the file as configured
+            await asyncio.to_thread(cfg.write_text, s.config_text())
 
     async def loop_state(window_s: float | None = None) -> dict[str, Any]:
         # How late yapd's event loop ran (a loop held up by token frames delays both
@@ -107,6 +112,19 @@ async def phase_yapd(res: Results, s: Setup) -> None:
         async with AdminClient(admin_socket) as admin:
             st = await admin.request("status", **({} if window_s is None else {"window_s": window_s}))
         return {"loop_lag_ms": st.get("loop_lag_ms"), "gc_pauses": st.get("gc_pauses")}
+
+    async def once() -> None:
+        """What the phase measures once, after the levels (of the first A start, with
+        --ab-restarts): the loop profile at one level where asked, the cancel."""
+        if s.profile_level:
+            async def profile() -> dict[str, Any]:
+                async with AdminClient(admin_socket, timeout=PROFILE_S + 30) as admin:
+                    return await admin.request("profile", seconds=PROFILE_S, top=PROFILE_TOP)
+
+            res.put("yapd", f"profile_c{s.profile_level}", await profiled(level(s.profile_level), profile))
+        start = {"type": "start", "session_id": "cancel", "user_utterance": UTTERANCE, "persona_text": PERSONA,
+                 "history_text": HISTORY}
+        res.put("yapd", "cancel", await cancel_latency(url, "bench", n=20, start=start))
 
     try:
         if s.ab and s.ab_restarts:  # engine restarts cost tens of seconds each: one a measurement
@@ -124,15 +142,7 @@ async def phase_yapd(res: Results, s: Setup) -> None:
                     await reload_with(cfg, s.config_text(), s.ab, admin_socket)
                     res.put("yapd_b", f"c{c}", await level(c))
                     await reload_with(cfg, s.config_text(), (), admin_socket)
-        if s.profile_level:
-            async def profile() -> dict[str, Any]:
-                async with AdminClient(admin_socket, timeout=PROFILE_S + 30) as admin:
-                    return await admin.request("profile", seconds=PROFILE_S, top=PROFILE_TOP)
-
-            res.put("yapd", f"profile_c{s.profile_level}", await profiled(level(s.profile_level), profile))
-        start = {"type": "start", "session_id": "cancel", "user_utterance": UTTERANCE, "persona_text": PERSONA,
-                 "history_text": HISTORY}
-        res.put("yapd", "cancel", await cancel_latency(url, "bench", n=20, start=start))
+            await once()
     finally:
         stop(proc)
     if s.skip_restart:
