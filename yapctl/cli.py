@@ -254,7 +254,7 @@ async def cmd_connections(args: argparse.Namespace) -> int:
     now = time.time()
     rows = [[str(x.get("session_id") or "-"), str(x.get("remote") or "-"),
              ago(now - float(x.get("connected_at", now))), str(x.get("turns", 0)), str(x.get("state", "")),
-             "-" if x.get("last_ttft_ms") is None else f"{x['last_ttft_ms']:.1f}"] for x in conns]
+             _fmt(x.get("last_ttft_ms"))] for x in conns]
     print(_table(rows, ["SESSION", "PEER", "SINCE", "TURNS", "STATE", "LAST TTFT MS"]))
     print(f"{len(conns)} connection{'s' if len(conns) != 1 else ''}")
     return EXIT_OK
