@@ -377,6 +377,11 @@ def test_bench_completes_every_session(shared_yapd):
                 assert -0.01 <= s[f"server_{role}_{part}_ms"][q] <= s[f"server_{role}_core_to_front_ms"][q] + 0.01, s
     # A turn's first token comes from one engine step; one step makes at most one per session.
     assert all(1 <= s[f"server_{role}_first_tokens_per_step"] <= 3 for role in ("chat", "tool")), s
+    # ... and the steps that made each burst's first tokens, timed from its first start.
+    for role in ("chat", "tool"):
+        b = s[f"server_{role}_burst_steps"]
+        assert 1 <= b["bursts"] <= s["completed"] and 1 <= b["steps"]["p50"] <= b["steps"]["max"] <= 6, b
+        assert 0 < b["first_ms"] <= b["last_ms"]["p50"] <= b["last_ms"]["p95"] < s["ttft_ms"]["p99"], b
     # Every completed turn is weighed for the slow tail, and a slow one lies in some burst.
     slow = s["ttft_slow"]
     # (over twice the median: pct's p50 is the upper middle of an even count)

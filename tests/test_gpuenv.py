@@ -1059,6 +1059,10 @@ async def test_a_raw_turn_counts_the_first_text_the_first_token_and_the_tools_fi
     assert level["tool_core_to_front_ms"] == {"p50": None, "p95": None}
     # Two turns one after the other: each first token from its own step.
     assert level["chat_first_tokens_per_step"] == 1.0 and "tool_first_tokens_per_step" not in level
+    # ... their steps timed from their bursts' first starts (one burst or two), the tool's none.
+    chat = level["chat_burst_steps"]
+    assert chat["bursts"] in (1, 2) and chat["steps"]["max"] == 3 - chat["bursts"], chat
+    assert 0 < chat["first_ms"] <= chat["last_ms"]["p50"] and "tool_burst_steps" not in level, level
 
 
 async def test_a_raw_tool_first_output_keeps_its_own_clock_beside_its_cores_stamp():
@@ -1139,7 +1143,15 @@ def test_pair_fractions_must_leave_room_for_two_of_each(tmp_path, capsys):
 
 
 def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
-    from yapctl.gpubench.report import CPU_HEAD, FAULT_HEAD, RUNQ_HEAD, SPLIT_HEAD, WAY_OUT_HEAD, pair_table
+    from yapctl.gpubench.report import (
+        BURST_HEAD,
+        CPU_HEAD,
+        FAULT_HEAD,
+        RUNQ_HEAD,
+        SPLIT_HEAD,
+        WAY_OUT_HEAD,
+        pair_table,
+    )
 
     level = {"yapd": {"ttft_ms": {"p50": 21.0, "p95": 24.0}, "tool_ms": {"p50": 18.0, "p95": 23.0},
                       "server_engine_ttft_ms": {"p50": 19.0}, "server_tool_first_ms": {"p50": 17.5},
@@ -1158,6 +1170,13 @@ def test_the_pair_table_sets_yapd_beside_raw_level_by_level():
     lines = pair_table({"c1": level})
     assert "| 1 | tool | 0.4 / - / -; -; 2.5 | 0.2 / 0.3 / 9; 448; - |" in lines, lines
     assert not any("| chat |" in x for x in lines)
+    assert not any(BURST_HEAD in x for x in lines)
+    level["yapd"]["server_tool_burst_steps"] = {"bursts": 12, "steps": {"p50": 4, "max": 6}, "first_ms": 14.5,
+                                                "last_ms": {"p50": 52.25, "p95": 80.0},
+                                                "between_ms": {"p50": 11.0, "p95": 19.5}}
+    lines = pair_table({"c1": level})
+    assert f"| 1 | {BURST_HEAD} | chat: - -- tool: 4 (6); 14.5, 52.25 / 80; 11 / 19.5 | - |" in lines, lines
+    del level["yapd"]["server_tool_burst_steps"]
     level["yapd"]["cpu_ms_per_turn"] = {"front": 1.5, "chat": 12.25, "tool": 8.0}
     level["raw"]["cpu_ms_per_turn"] = {"front": 2.0}
     lines = pair_table({"c1": level})

@@ -1409,6 +1409,24 @@ def test_first_tokens_per_step_groups_equal_stamps():
     assert per_step([]) is None
 
 
+def test_burst_steps_time_an_engines_first_token_steps_from_each_bursts_first_start():
+    from yapctl.bench import burst_steps
+
+    # Two bursts of starts (a second apart, each strung over 3 ms). The first: its first
+    # tokens from steps at 10, 22 and 40 ms after its first start (two at 22, one stamp
+    # seen through two clocks); the second: all four from one step at 15.
+    turns = [(0.0, 10.0), (1.0, 22.0), (2.0, 22.004), (3.0, 40.0),
+             (1000.0, 1015.0), (1001.0, 1015.0), (1002.5, 1015.002), (1003.0, 1015.0)]
+    got = burst_steps(turns)
+    assert got == {"bursts": 2, "steps": {"p50": 3, "max": 3}, "first_ms": 15.0,
+                   "last_ms": {"p50": 40.0, "p95": 40.0}, "between_ms": {"p50": 18.0, "p95": 18.0}}, got
+    # One turn alone is a burst of one step; nothing to time between steps.
+    assert burst_steps([(5.0, 9.5)]) == {"bursts": 1, "steps": {"p50": 1, "max": 1}, "first_ms": 4.5,
+                                         "last_ms": {"p50": 4.5, "p95": 4.5},
+                                         "between_ms": {"p50": None, "p95": None}}
+    assert burst_steps([]) is None
+
+
 async def test_a_spawned_start_waits_for_its_own_core_not_one_titled_since(monkeypatch: pytest.MonkeyPatch):
     """Another engine's core, forked a moment before this start and titled by vLLM after
     it began, is not this start's spawned core: the start's turn ends only at its own.

@@ -100,6 +100,39 @@ def per_step(times_ms: list[float]) -> float | None:
     return round(len(s) / steps, 2)
 
 
+def burst_steps(turns: list[tuple[float, float]]) -> dict[str, Any] | None:
+    """How an engine took a burst of starts: ``turns`` holds each turn's (start, its
+    request's first token stamped by the engine), ms on one clock; turns starting less than
+    ``BURST_APART_S`` apart are one burst. Per burst, the engine steps that made first
+    tokens: how many, the first and the last one's time from the burst's first start, and
+    the time between them. At 16 sessions one start of the same code on the same host
+    differs from the next by tens of ms in the tool's first token: more steps say the
+    requests reached the engine strung out, longer ones that its steps ran slower."""
+    if not turns:
+        return None
+    bursts: list[list[tuple[float, float]]] = []
+    for start, first in sorted(turns):
+        if bursts and start - bursts[-1][-1][0] < BURST_APART_S * 1000:
+            bursts[-1].append((start, first))
+        else:
+            bursts.append([(start, first)])
+    counts: list[float] = []
+    firsts: list[float] = []
+    lasts: list[float] = []
+    between: list[float] = []
+    for burst in bursts:
+        t0 = burst[0][0]
+        stamps = sorted(first for _, first in burst)
+        steps = [stamps[0]] + [b for a, b in itertools.pairwise(stamps) if b - a > STEP_APART_MS]
+        counts.append(len(steps))
+        firsts.append(steps[0] - t0)
+        lasts.append(steps[-1] - t0)
+        between += [b - a for a, b in itertools.pairwise(steps)]
+    return {"bursts": len(bursts), "steps": {"p50": pct(counts, 50), "max": max(counts)},
+            "first_ms": pct(firsts, 50), "last_ms": {"p50": pct(lasts, 50), "p95": pct(lasts, 95)},
+            "between_ms": {"p50": pct(between, 50), "p95": pct(between, 95)}}
+
+
 # A level's starts go out in bursts (one per session, all at once); its tail can be one
 # slow burst (every session behind one slow engine step) or slow turns everywhere.
 SLOW_OVER_P50 = 2.0
@@ -274,7 +307,7 @@ class BenchReport:
         # Also, per turn, each first token's way out: from its EngineCore's stamp to the
         # turn holding it (the core's sending thread, the socket, the engine's output handler).
         said: dict[str, list[float]] = {}
-        firsts: dict[str, list[float]] = {}
+        firsts: dict[str, list[tuple[float, float]]] = {}
         for r in ok:
             now = r.ack.get("now") if r.ack else None
             t = (r.done or {}).get("timings", {})
@@ -283,7 +316,7 @@ class BenchReport:
                 for name, value in st.items():
                     said.setdefault(f"server_{role}_{name}", []).append(value)
                 if isinstance(now, (int, float)) and "first_token_ms" in st:
-                    firsts.setdefault(role, []).append(now * 1000 + st["first_token_ms"])
+                    firsts.setdefault(role, []).append((now * 1000, now * 1000 + st["first_token_ms"]))
                 if isinstance(at := reached.get(role), (int, float)) and "first_token_ms" in st:
                     said.setdefault(f"server_{role}_core_to_front_ms", []).append(at - st["first_token_ms"])
                     # The same way in two (where the engine stamps it): the core's side, up
@@ -293,7 +326,9 @@ class BenchReport:
                             st["taken_ms"] - st["first_token_ms"])
                         said.setdefault(f"server_{role}_taken_to_front_ms", []).append(at - st["taken_ms"])
         engines: dict[str, Any] = {key: {"p50": pct(xs, 50), "p95": pct(xs, 95)} for key, xs in sorted(said.items())}
-        engines.update({f"server_{role}_first_tokens_per_step": per_step(xs) for role, xs in sorted(firsts.items())})
+        for role, xs in sorted(firsts.items()):
+            engines[f"server_{role}_first_tokens_per_step"] = per_step([first for _, first in xs])
+            engines[f"server_{role}_burst_steps"] = burst_steps(xs)
         # The chat prompt as the daemon built it (done.usage): what raw and serve must match.
         prompts: list[float] = [n for r in ok
                                 if isinstance(n := ((r.done or {}).get("usage") or {}).get("prompt_tokens"), int)]

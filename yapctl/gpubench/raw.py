@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from yapctl.bench import gap_tail, gaps, gaps_by_starts, pct, per_step, slow_bursts
+from yapctl.bench import burst_steps, gap_tail, gaps, gaps_by_starts, pct, per_step, slow_bursts
 from yapctl.gpubench.measure import PROFILE_S, PROFILE_TOP, at_level, profiled, watching
 from yapctl.gpubench.prompts import TurnPrompts
 from yapctl.gpubench.results import Results
@@ -56,6 +56,13 @@ def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
     # for the tool decision (toolcall comes before any token).
     gated = [max(r.ttft, r.tool_done) for r in rows if r.ttft is not None]
     text_gaps = [g for r in rows for g in r.gaps]
+    # How each engine's first tokens shared its steps: (the turn's start, its first token)
+    steps: dict[str, Any] = {}
+    for role in ("chat", "tool"):
+        if turns := [(r.t0_ms, r.t0_ms + r.stamps[role]["first_token_ms"]) for r in rows
+                     if "first_token_ms" in r.stamps.get(role, {})]:
+            steps[f"{role}_first_tokens_per_step"] = per_step([first for _, first in turns])
+            steps[f"{role}_burst_steps"] = burst_steps(turns)
     return {"turns": len(rows), "ttft_ms": q(ttft), "ttft_gated_ms": q(gated),
             "ttft_token_ms": q([r.first_token for r in rows if r.first_token is not None]),
             "itl_ms": q(text_gaps, 99),
@@ -77,9 +84,7 @@ def raw_level(rows: Sequence[RawTurn]) -> dict[str, Any]:
             **{f"{role}_{name}": q([r.stamps[role][name] for r in rows if name in r.stamps.get(role, {})])
                for role, name in sorted({(role, name) for r in rows for role, said in r.stamps.items()
                                          for name in said})},
-            **{f"{role}_first_tokens_per_step": per_step(xs) for role in ("chat", "tool")
-               if (xs := [r.t0_ms + r.stamps[role]["first_token_ms"] for r in rows
-                          if "first_token_ms" in r.stamps.get(role, {})])},
+            **steps,
             # held for the decision, as yapd's client TTFT is
             "ttft_slow": slow_bursts([r.t0_ms / 1000 for r in rows if r.ttft is not None], gated)}
 

@@ -69,6 +69,20 @@ STAMP_HEAD = ("queued / scheduled / first token p50 ms (turn's clock); cached pr
               "first tokens per engine step")
 
 
+BURST_HEAD = ("a burst of starts, the engine steps that made its first tokens, chat -- tool: how many p50 (max); "
+              "the first step's p50, the last's p50 / p95 ms after the burst's first start; p50 / p95 ms "
+              "between steps")
+
+
+def burst_cell(steps: dict[str, Any] | None) -> str:
+    """One engine's ``burst_steps`` figures as BURST_HEAD gives them."""
+    if not steps:
+        return "-"
+    last, between = steps["last_ms"], steps["between_ms"]
+    return (f"{num(steps['steps']['p50'])} ({num(steps['steps']['max'])}); {num(steps['first_ms'])}, "
+            f"{num(last['p50'])} / {num(last['p95'])}; {num(between['p50'])} / {num(between['p95'])}")
+
+
 CPU_HEAD = "CPU ms per turn: front end / chat EngineCore / tool EngineCore"
 RUNQ_HEAD = ("ms per turn ready to run but waiting for a CPU: front end / chat EngineCore / tool EngineCore; "
              "the machine's CPUs busy / stolen by its host, %")
@@ -103,6 +117,12 @@ def said_rows(figure: Callable[[str, str], Any]) -> list[tuple[str, str, str]]:
         cells = [" / ".join(f"{shown(v)}, {v.get('p95'):g}" if v and v.get("p95") is not None else shown(v)
                             for v in values) for values in way_out.values()]
         rows.append((WAY_OUT_HEAD, cells[0], cells[1]))
+    bursts = {section: [figure(section, f"{prefix}{role}_burst_steps") for role in ("chat", "tool")]
+              for section, prefix in (("yapd", "server_"), ("raw", ""))}
+    if any(b for roles in bursts.values() for b in roles):
+        cells = [" -- ".join(f"{role}: {burst_cell(b)}" for role, b in zip(("chat", "tool"), roles, strict=True))
+                 if any(roles) else "-" for roles in bursts.values()]
+        rows.append((BURST_HEAD, cells[0], cells[1]))
     split = [[figure("yapd", f"server_{role}_{part}_ms") for part in ("core_to_taken", "taken_to_front")]
              for role in ("chat", "tool")]
     if any(v is not None for parts in split for v in parts):
