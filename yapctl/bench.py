@@ -89,15 +89,20 @@ def gaps_by_starts(turns: list[tuple[float, list[float]]]) -> dict[str, float | 
 STEP_APART_MS = 0.5
 
 
+def step_times(times_ms: list[float]) -> list[float]:
+    """The engine steps among these first tokens' stamps (ms, one clock): each step's time,
+    in order, stamps less than ``STEP_APART_MS`` apart taken as one step's."""
+    s = sorted(times_ms)
+    return s[:1] + [b for a, b in itertools.pairwise(s) if b - a > STEP_APART_MS]
+
+
 def per_step(times_ms: list[float]) -> float | None:
     """How many of these first tokens (times in ms, one clock) an engine step made, on
     average: 8 when a burst of 8 requests had its first tokens from one step, 1 when each
     had its own."""
     if not times_ms:
         return None
-    s = sorted(times_ms)
-    steps = 1 + sum(1 for a, b in itertools.pairwise(s) if b - a > STEP_APART_MS)
-    return round(len(s) / steps, 2)
+    return round(len(times_ms) / len(step_times(times_ms)), 2)
 
 
 def burst_steps(turns: list[tuple[float, float]]) -> dict[str, Any] | None:
@@ -122,8 +127,7 @@ def burst_steps(turns: list[tuple[float, float]]) -> dict[str, Any] | None:
     between: list[float] = []
     for burst in bursts:
         t0 = burst[0][0]
-        stamps = sorted(first for _, first in burst)
-        steps = [stamps[0]] + [b for a, b in itertools.pairwise(stamps) if b - a > STEP_APART_MS]
+        steps = step_times([first for _, first in burst])
         counts.append(len(steps))
         firsts.append(steps[0] - t0)
         lasts.append(steps[-1] - t0)
