@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import KEY, ROOT, ws_connect
+from yapctl.bench import STEP_APART_MS
 from yapctl.cli import EXIT_PIPE, main
 from yapctl.client import EXIT_DENIED, EXIT_DOWN, EXIT_FAILED, EXIT_OK, EXIT_USAGE, AdminClient, AdminError
 
@@ -381,7 +382,10 @@ def test_bench_completes_every_session(shared_yapd):
     for role in ("chat", "tool"):
         b = s[f"server_{role}_burst_steps"]
         assert 1 <= b["bursts"] <= s["completed"] and 1 <= b["steps"]["p50"] <= b["steps"]["max"] <= 6, b
-        assert 0 < b["first_ms"] <= b["last_ms"]["p50"] <= b["last_ms"]["p95"] < s["ttft_ms"]["p99"], b
+        # (a burst's starts need not leave together here: its last step can come later after
+        # the burst's first start than any one turn's TTFT, but within the level)
+        assert 0 < b["first_ms"] <= b["last_ms"]["p50"] <= b["last_ms"]["p95"] < 1000 * s["wall_s"], b
+        assert b["between_ms"]["p50"] is None or b["between_ms"]["p50"] > STEP_APART_MS, b
     # Every completed turn is weighed for the slow tail, and a slow one lies in some burst.
     slow = s["ttft_slow"]
     # (over twice the median: pct's p50 is the upper middle of an even count)
